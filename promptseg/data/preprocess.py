@@ -1,0 +1,107 @@
+"""Intensity normalisation and resizing to the model's input convention (DESIGN.md section 2).
+
+Model inputs are (C, R, R) float32 in [0, 1] with C = 3 (grayscale replicated); masks are (R, R).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from promptseg.errors import InputError
+
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (-160.0, 240.0),
+    "lung": (-1350.0, 150.0),
+    "bone": (-450.0, 1050.0),
+    "brain": (0.0, 80.0),
+}
+
+
+def normalize_intensity(
+    image: np.ndarray,
+    source: str | None = None,
+    window: str | tuple[float, float] | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> np.ndarray:
+    """Scale an image of any shape to float32 in [0, 1].
+
+    CT images take a window (a preset name from CT_WINDOWS or (low, high) in HU); everything else is
+    clipped to the 0.5-99.5 percentiles of the image and rescaled. A constant image maps to zeros.
+    Raises InputError (naming `source`) on non-finite intensities.
+    """
+    data = np.asarray(image)
+    if data.dtype == bool:
+        data = data.astype(np.float32)
+    data = data.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(data)):
+        raise InputError(source, "image contains non-finite intensities (NaN or Inf)")
+    if window is not None:
+        low, high = CT_WINDOWS[window] if isinstance(window, str) else window
+    else:
+        low, high = (float(v) for v in np.percentile(data, percentiles))
+    if high <= low:
+        return np.zeros_like(data, dtype=np.float32)
+    return np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def to_channels_first(image: np.ndarray, channels: int, source: str | None = None) -> np.ndarray:
+    """(H, W) or (H, W, C) or (C, H, W) with C in {1, 3, 4} -> (channels, H, W).
+
+    Grayscale is replicated to 3 channels; RGB becomes luminance for a 1-channel model; an alpha
+    channel is dropped. Any other layout raises InputError naming `source`.
+    """
+    if image.ndim == 2:
+        planes = image[None]
+    elif image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3):
+        planes = np.moveaxis(image, -1, 0)
+    elif image.ndim == 3 and image.shape[0] in (1, 3, 4):
+        planes = image
+    else:
+        raise InputError(source, f"expected a 2D image with 1, 3 or 4 channels, got shape {image.shape}")
+    if planes.shape[0] == 4:
+        planes = planes[:3]
+    if planes.shape[0] == channels:
+        return planes
+    if channels == 3 and planes.shape[0] == 1:
+        return np.repeat(planes, 3, axis=0)
+    if channels == 1 and planes.shape[0] == 3:
+        return (0.299 * planes[0] + 0.587 * planes[1] + 0.114 * planes[2])[None].astype(planes.dtype)
+    raise InputError(source, f"cannot convert {planes.shape[0]} channels to {channels}")
+
+
+def resize_image(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (..., C, H, W) float images to `size` (antialiased when shrinking)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(image.shape[-2:]) == size:
+        return image
+    lead = image.shape[:-3]
+    flat = image.reshape(-1, *image.shape[-3:]).float()
+    shrinking = size[0] < flat.shape[-2] or size[1] < flat.shape[-1]
+    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def resize_mask(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize (..., H, W) binary or soft masks to `size` with area-faithful bilinear weights.
+
+    Returns float32 in [0, 1]; threshold at 0.5 for a binary mask.
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(mask.shape[-2:]) == size:
+        return mask.float()
+    lead = mask.shape[:-2]
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    shrinking = size[0] < flat.shape[-2] or size[1] < flat.shape[-1]
+    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return out.reshape(*lead, *size).clamp_(0.0, 1.0)
+
+
+def prepare_image(
+    image: np.ndarray, resolution: int, channels: int = 3, source: str | None = None, normalize: bool = True
+) -> torch.Tensor:
+    """A raw 2D image (H, W[, C]) -> model input (channels, R, R) float32 in [0, 1]."""
+    planes = to_channels_first(np.asarray(image), channels, source)
+    if normalize:
+        planes = normalize_intensity(planes, source)
+    return resize_image(torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32)), resolution)

@@ -1,0 +1,60 @@
+"""A bounded, thread-safe, content-keyed cache of encoded prompt sets."""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from promptseg.model import PromptEncoding
+
+
+def content_key(*tensors: torch.Tensor, extra: str = "") -> str:
+    """A SHA-256 over the bytes, shapes and dtypes of `tensors` plus `extra`."""
+    digest = hashlib.sha256(extra.encode())
+    for tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class PromptCache:
+    """Least-recently-used map from content keys to PromptEncodings, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, PromptEncoding] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_create(self, key: str, create: Callable[[], PromptEncoding]) -> PromptEncoding:
+        """The cached encoding for `key`, computing and storing it with `create` on a miss."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+        encoding = create()
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = encoding
+            self._entries.move_to_end(key)
+            self._evict()
+        return encoding
+
+    def _evict(self) -> None:
+        total = sum(e.nbytes() for e in self._entries.values())
+        while len(self._entries) > 1 and total > self.max_bytes:
+            _, oldest = self._entries.popitem(last=False)
+            total -= oldest.nbytes()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

@@ -1,0 +1,101 @@
+"""Validation and preparation of user prompts (image + mask, or image + click / box / scribble)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from promptseg.data.io import read_image, read_label
+from promptseg.data.preprocess import prepare_image, resize_mask
+from promptseg.data.prompts import PROMPT_TYPES, rasterize_box, rasterize_clicks
+from promptseg.errors import InputError
+
+ArrayOrPath = np.ndarray | str
+
+
+@dataclass
+class Prompt:
+    """One prompt: an image (H, W[, C]) and how it is annotated.
+
+    kind is "mask" (mask: (H, W) label map or binary mask), "click" (points: [(x, y), ...] pixels),
+    "box" (box: (x0, y0, x1, y1) pixels) or "scribble" (mask: (H, W) scribble strokes).
+    """
+
+    image: ArrayOrPath
+    kind: str = "mask"
+    mask: ArrayOrPath | None = None
+    points: Sequence[tuple[float, float]] | None = None
+    box: tuple[float, float, float, float] | None = None
+    name: str | None = None
+
+
+def load_2d(value: ArrayOrPath, is_label: bool, what: str) -> tuple[np.ndarray, str]:
+    """An array or path -> (2D array (H, W[, C]), a name for messages); volumes are refused."""
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        data = read_label(value) if is_label else read_image(value)
+        array, source = data.array, data.path
+        if data.is_volume and not (array.ndim == 3 and 1 in array.shape):
+            raise InputError(source, f"a prompt {what} must be 2D, got a volume of shape {array.shape}")
+        array = np.squeeze(array) if data.is_volume else array
+        return array, source
+    return np.asarray(value), what
+
+
+def select_label(mask: np.ndarray, label: int | None, source: str) -> np.ndarray:
+    """(H, W) label map -> (H, W) float32 binary mask of `label` (any non-zero value when None)."""
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise InputError(source, f"mask must be 2D, got shape {mask.shape}")
+    if not np.all(np.isfinite(mask)):
+        raise InputError(source, "mask contains non-finite values")
+    if label is None:
+        return (mask > 0).astype(np.float32)
+    if not np.any(mask == label):
+        present = sorted(int(v) for v in np.unique(mask) if v != 0)
+        raise InputError(source, f"requested label {label} is absent from the mask (labels present: {present})")
+    return (mask == label).astype(np.float32)
+
+
+def prepare_prompt(
+    prompt: Prompt, resolution: int, channels: int, label: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A Prompt -> (image (C, R, R), prompt map (R, R), prompt type id)."""
+    if prompt.kind not in ("mask", "click", "box", "scribble"):
+        raise InputError(prompt.name, f"unknown prompt kind {prompt.kind!r}")
+    image, image_source = load_2d(prompt.image, is_label=False, what=prompt.name or "prompt image")
+    size = image.shape[:2]
+    if prompt.kind in ("mask", "scribble"):
+        if prompt.mask is None:
+            raise InputError(image_source, f"a {prompt.kind} prompt needs a mask")
+        mask, mask_source = load_2d(prompt.mask, is_label=True, what=f"{prompt.name or 'prompt'} mask")
+        if mask.shape[:2] != size:
+            raise InputError(mask_source, f"mask shape {mask.shape[:2]} differs from image shape {size} ({image_source})")
+        binary = torch.from_numpy(select_label(mask, label if prompt.kind == "mask" else None, mask_source))
+        if not bool(binary.any()):
+            warnings.warn(f"{mask_source}: empty prompt mask", stacklevel=3)
+    elif prompt.kind == "click":
+        if not prompt.points:
+            raise InputError(image_source, "a click prompt needs at least one point")
+        binary = rasterize_clicks(prompt.points, size)
+    else:
+        if prompt.box is None:
+            raise InputError(image_source, "a box prompt needs (x0, y0, x1, y1)")
+        binary = rasterize_box(prompt.box, size)
+    if prompt.kind in ("click", "box") and not bool(binary.any()):
+        raise InputError(image_source, f"the {prompt.kind} lies outside the image of size {size[1]}x{size[0]}")
+    prepared = prepare_image(image, resolution, channels, source=image_source)
+    return prepared, resize_mask(binary, resolution), PROMPT_TYPES[prompt.kind]
+
+
+def as_prompts(images: Sequence[ArrayOrPath] | np.ndarray, masks: Sequence[ArrayOrPath] | np.ndarray | None) -> list[Prompt]:
+    """Pair mask-prompt images with their masks (lists, or stacked (K, H, W[, C]) arrays)."""
+    if masks is None:
+        raise InputError(None, "mask prompts need masks; pass Prompt objects for clicks, boxes or scribbles")
+    images, masks = list(images), list(masks)
+    if len(images) != len(masks):
+        raise InputError(None, f"{len(images)} prompt images but {len(masks)} masks")
+    return [Prompt(image=i, mask=m, kind="mask", name=i if isinstance(i, str) else f"prompt {n}") for n, (i, m) in enumerate(zip(images, masks))]

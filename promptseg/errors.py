@@ -1,0 +1,25 @@
+"""Errors that PromptSeg reports to users as one line naming the offending input."""
+from __future__ import annotations
+
+import os
+
+
+class PromptSegError(Exception):
+    """Base class of every error PromptSeg reports to a user as one line."""
+
+
+class InputError(PromptSegError):
+    """Bad user input: the message names the input (file path or argument) and the problem.
+
+    >>> str(InputError("scan.nii.gz", "4D input is not supported"))
+    'scan.nii.gz: 4D input is not supported'
+    """
+
+    def __init__(self, source: str | os.PathLike | None, problem: str) -> None:
+        self.source = None if source is None else os.fspath(source)
+        self.problem = problem
+        super().__init__(problem if self.source is None else f"{self.source}: {problem}")
+
+
+class CheckpointError(PromptSegError):
+    """A checkpoint that cannot be loaded (missing, corrupt, pickle-bearing, or of another configuration)."""

@@ -1,0 +1,69 @@
+"""Attention kernels behind one contract (DESIGN.md section 3).
+
+`cross_attention(q, k, v, key_lengths=None, bias=None, backend=...)`:
+q (B, H, Nq, D); k, v (G, H, Nk, D) with B a multiple of G (query b uses group b // (B // G));
+key_lengths (G,) int or None; bias additive, broadcastable to (G, H, Nq, Nk).
+Returns (B, H, Nq, D) in q's dtype, differentiable in q, k, v.
+"""
+from __future__ import annotations
+
+import torch
+
+from promptseg.kernels.reference import reference_cross_attention
+from promptseg.kernels.sdpa import sdpa_cross_attention
+
+BACKENDS = ("reference", "sdpa", "triton")
+
+
+def triton_available() -> tuple[bool, str]:
+    """Whether the Triton backend can run here, and if not, why (one line)."""
+    try:
+        from promptseg.kernels import triton_attention  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        return False, f"triton backend unavailable: {exc}"
+    return triton_attention.is_available()
+
+
+def default_backend(device: torch.device | str) -> str:
+    """The backend used when none is named: Triton on CUDA when it works, otherwise SDPA."""
+    if torch.device(device).type == "cuda" and triton_available()[0]:
+        return "triton"
+    return "sdpa"
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None) -> None:
+    """Raise ValueError when the tensors break the attention contract."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-D q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"heads/dim of q {tuple(q.shape)} and k {tuple(k.shape)} differ")
+    if q.shape[0] % k.shape[0] != 0:
+        raise ValueError(f"batch {q.shape[0]} is not a multiple of key groups {k.shape[0]}")
+    if key_lengths is not None and tuple(key_lengths.shape) != (k.shape[0],):
+        raise ValueError(f"key_lengths must have shape ({k.shape[0]},), got {tuple(key_lengths.shape)}")
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Query-to-prompt attention with shared key groups; see the module docstring for shapes."""
+    check_shapes(q, k, v, key_lengths)
+    if backend == "reference":
+        return reference_cross_attention(q, k, v, key_lengths, bias)
+    if backend == "sdpa":
+        return sdpa_cross_attention(q, k, v, key_lengths, bias)
+    if backend == "triton":
+        ok, why = triton_available()
+        if not ok:
+            raise RuntimeError(why)
+        from promptseg.kernels.triton_attention import triton_cross_attention
+
+        return triton_cross_attention(q, k, v, key_lengths, bias)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,196 @@
+"""Weights and training checkpoints: safetensors plus JSON only, never pickle.
+
+Model weights: one .safetensors file whose metadata holds the model config ("promptseg_config").
+Training checkpoints in a run directory: `step-N.safetensors` (model + optimizer tensors) and
+`step-N.json` (step, configs, optimizer hyper-parameters); `latest.json` names the newest complete
+checkpoint and is replaced atomically last, so a write cut off part-way never damages the previous one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, safe_open
+
+from promptseg.errors import CheckpointError
+from promptseg.model import ModelConfig, PromptSegNet
+
+CONFIG_KEY = "promptseg_config"
+
+
+def _atomic_replace(path: Path, write) -> None:
+    """Write through `write(tmp_path)` to a temporary file beside `path`, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _atomic_replace(path, write)
+
+
+def save_weights(model: PromptSegNet, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write the model's weights (optionally cast, e.g. to float16) with its config as metadata."""
+    tensors = {
+        name: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()).contiguous().cpu()
+        for name, t in model.state_dict().items()
+    }
+    tensors = _unshare(tensors)
+    metadata = {CONFIG_KEY: model.config.to_json(), "format": "promptseg-weights-v1"}
+    _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name per storage (the encoder and blocks are shared by two sub-modules)."""
+    seen: dict[tuple[int, int], str] = {}
+    unique = {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen[key] = name
+        unique[name] = tensor
+    return unique
+
+
+def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read (config, state dict) from a weights file; CheckpointError names the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({str(exc).splitlines()[0]})") from None
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(f"{path}: no PromptSeg config in the checkpoint metadata")
+    try:
+        config = ModelConfig.from_json(metadata[CONFIG_KEY])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: invalid model config ({exc})") from None
+    return config, tensors
+
+
+def load_state(model: PromptSegNet, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Load a state dict whose names and shapes must match `model` exactly (shared weights allowed)."""
+    expected = model.state_dict()
+    missing_names = [n for n in expected if n not in tensors]
+    shared_names = {n for n in missing_names if _alias_of(n, tensors) is not None}
+    missing = [n for n in missing_names if n not in shared_names]
+    unexpected = [n for n in tensors if n not in expected]
+    wrong = [n for n in tensors if n in expected and tensors[n].shape != expected[n].shape]
+    if missing or unexpected or wrong:
+        detail = (missing or unexpected or wrong)[0]
+        raise CheckpointError(
+            f"{source}: checkpoint of another configuration ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} mis-shaped tensors, e.g. {detail})"
+        )
+    full = dict(tensors)
+    for name in shared_names:
+        full[name] = tensors[_alias_of(name, tensors)]
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(full[name].to(tensor.dtype))
+
+
+def _alias_of(name: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Sub-modules share the encoder and attention blocks: map e.g. 'prompt_encoder.encoder.x' to 'encoder.x'."""
+    for prefix in ("prompt_encoder.", "query_decoder."):
+        if name.startswith(prefix) and name[len(prefix):] in tensors:
+            return name[len(prefix):]
+    return None
+
+
+def load_model(path: str | os.PathLike, expected: ModelConfig | None = None) -> PromptSegNet:
+    """Build a PromptSegNet from a weights file (float32); `expected` rejects other configurations."""
+    config, tensors = read_weights(path)
+    if expected is not None and expected != config:
+        raise CheckpointError(f"{path}: checkpoint of another configuration (expected {expected}, found {config})")
+    model = PromptSegNet(config)
+    load_state(model, tensors, path)
+    return model.eval()
+
+
+def save_training_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: PromptSegNet,
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+    keep: int = 3,
+) -> Path:
+    """Write step-N.safetensors + step-N.json, then point latest.json at them; keep the newest `keep`."""
+    run_dir = Path(run_dir)
+    tensors = {f"model.{n}": t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    tensors = _unshare(tensors)
+    optim_state = optimizer.state_dict()
+    for index, state in optim_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.detach().contiguous().cpu()
+    weights_path = run_dir / f"step-{step}.safetensors"
+    _atomic_replace(weights_path, lambda tmp: save_file(tensors, tmp, metadata={CONFIG_KEY: model.config.to_json()}))
+    meta = {
+        "step": step,
+        "model_config": model.config.to_dict(),
+        "param_groups": optim_state["param_groups"],
+        "optim_scalars": {
+            str(i): {k: v for k, v in s.items() if not torch.is_tensor(v)} for i, s in optim_state["state"].items()
+        },
+        **info,
+    }
+    _write_json(run_dir / f"step-{step}.json", meta)
+    _write_json(run_dir / "latest.json", {"step": step, "weights": weights_path.name, "meta": f"step-{step}.json"})
+    old = sorted(run_dir.glob("step-*.json"), key=lambda p: int(p.stem.split("-")[1]))[:-keep]
+    for meta_path in old:
+        meta_path.unlink(missing_ok=True)
+        meta_path.with_suffix(".safetensors").unlink(missing_ok=True)
+    return weights_path
+
+
+def load_training_checkpoint(
+    run_dir: str | os.PathLike, model: PromptSegNet, optimizer: torch.optim.Optimizer
+) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint of `run_dir` into model and optimizer; its JSON, or None."""
+    run_dir = Path(run_dir)
+    latest = run_dir / "latest.json"
+    if not latest.is_file():
+        return None
+    pointer = json.loads(latest.read_text())
+    meta = json.loads((run_dir / pointer["meta"]).read_text())
+    weights_path = run_dir / pointer["weights"]
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights_path}: unreadable checkpoint ({exc})") from None
+    model_tensors = {n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")}
+    load_state(model, model_tensors, weights_path)
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    for index, scalars in meta.get("optim_scalars", {}).items():
+        state.setdefault(int(index), {}).update(scalars)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta

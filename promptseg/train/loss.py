@@ -1,0 +1,30 @@
+"""Segmentation loss: binary cross-entropy plus soft Dice."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Per-image soft Dice of probs, targets (B, H, W) in [0, 1]. Returns (B,)."""
+    dims = tuple(range(1, probs.dim()))
+    intersection = (probs * targets).sum(dims)
+    total = probs.sum(dims) + targets.sum(dims)
+    return (2 * intersection + eps) / (total + eps)
+
+
+def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """Mean BCE + dice_weight * (1 - soft Dice) over logits, targets (B, H, W)."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    dice = soft_dice(torch.sigmoid(logits), targets).mean()
+    return bce + dice_weight * (1.0 - dice)
+
+
+def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice of binary masks pred, target (B, H, W) bool; 1 when both are empty. Returns (B,) float."""
+    dims = tuple(range(1, pred.dim()))
+    pred, target = pred.bool(), target.bool()
+    intersection = (pred & target).sum(dims).float()
+    total = pred.sum(dims).float() + target.sum(dims).float()
+    return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))

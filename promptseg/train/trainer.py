@@ -1,0 +1,185 @@
+"""The training loop: episodic CE + Dice training, single process or torchrun/DDP."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from promptseg.data.episodes import EpisodeBatch, EpisodeSampler, fixed_episodes
+from promptseg.data.tasks import ArrayTask
+from promptseg.model import PromptSegNet
+from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint, save_weights
+from promptseg.train.config import TrainConfig
+from promptseg.train.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown
+from promptseg.train.loss import hard_dice, segmentation_loss
+from promptseg.train.schedule import learning_rate
+
+
+def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA devices that support it; full precision elsewhere."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_to(batch: EpisodeBatch, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """EpisodeBatch -> (prompt images, maps, types, queries (E*Q, C, R, R), targets (E*Q, R, R)) on device."""
+    return (
+        batch.prompt_images.to(device),
+        batch.prompt_maps.to(device),
+        batch.prompt_types.to(device),
+        batch.query_images.flatten(0, 1).to(device),
+        batch.query_masks.flatten(0, 1).to(device),
+    )
+
+
+@torch.no_grad()
+def validation_dice(model: PromptSegNet, tasks: Sequence[ArrayTask], shots: int, episodes: int, device: torch.device) -> dict[str, float]:
+    """Mean Dice (0-100) of thresholded predictions over fixed episodes of each task."""
+    was_training = model.training
+    model.eval()
+    scores = {}
+    for task in tasks:
+        values = []
+        for episode in fixed_episodes(task, shots=shots, queries=4, count=episodes, seed=0):
+            logits = model(
+                episode.prompt_images[None].to(device),
+                episode.prompt_maps[None].to(device),
+                episode.prompt_types[None].to(device),
+                episode.query_images.to(device),
+            )
+            values.append(hard_dice(logits > 0, episode.query_masks.to(device) > 0.5).mean().item())
+        scores[task.name] = 100.0 * float(np.mean(values))
+    model.train(was_training)
+    return scores
+
+
+class Trainer:
+    """Owns the model, optimizer and sampler of one run and steps through it."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        tasks: Sequence[ArrayTask],
+        out_dir: str | Path,
+        val_tasks: Sequence[ArrayTask] = (),
+        context: DistributedContext | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.val_tasks = list(val_tasks)
+        self.context = context or init_distributed()
+        self.progress = progress and self.context.is_main
+        torch.manual_seed(config.seed)
+        self.model = PromptSegNet(config.model_config()).to(self.context.device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.network: torch.nn.Module = self.model
+        if self.context.world_size > 1:
+            ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+            self.network = DistributedDataParallel(self.model, device_ids=ids)
+        self.sampler = EpisodeSampler(
+            list(tasks),
+            resolution=self.model.config.resolution,
+            shots=tuple(config.shots),
+            queries=config.queries,
+            synthetic_fraction=config.synthetic_fraction,
+            sparse_fraction=config.sparse_fraction,
+            task_augment=config.task_augment,
+            image_augment=config.image_augment,
+            seed=config.seed,
+        )
+        self.step = 0
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint in out_dir; False when there is none."""
+        meta = load_training_checkpoint(self.out_dir, self.model, self.optimizer)
+        if meta is None:
+            return False
+        self.step = int(meta["step"])
+        return True
+
+    def train_step(self, step: int) -> float:
+        """One optimisation step on the episodes of `step` (a pure function of seed, step and rank)."""
+        config, context = self.config, self.context
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio)
+        batch = self.sampler.sample_batch(step * context.world_size + context.rank, config.episodes_per_step)
+        images, maps, types, queries, targets = batch_to(batch, context.device)
+        with autocast_for(context.device, config.mixed_precision):
+            logits = self.network(images, maps, types, queries)
+        loss = segmentation_loss(logits, targets, config.dice_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        return float(all_reduce_mean(loss.detach(), context))
+
+    def save(self) -> None:
+        if self.context.is_main:
+            info = {"train_config": self.config.to_dict()}
+            save_training_checkpoint(self.out_dir, self.step, self.model, self.optimizer, info)
+        barrier(self.context)
+
+    def log(self, record: dict) -> None:
+        if self.context.is_main:
+            with open(self.out_dir / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def run(self) -> dict:
+        """Train until config.steps; checkpoints, validation and a final weights file in out_dir."""
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.context.is_main:
+            (self.out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        episodes_done, started, last_loss = 0, time.perf_counter(), float("nan")
+        while self.step < config.steps:
+            last_loss = self.train_step(self.step)
+            self.step += 1
+            episodes_done += config.episodes_per_step * self.context.world_size
+            rate = episodes_done / max(time.perf_counter() - started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", eps=f"{rate:.1f}")
+            record = {"step": self.step, "loss": last_loss, "lr": self.optimizer.param_groups[0]["lr"], "episodes_per_s": rate}
+            if self.val_tasks and (self.step % config.val_every == 0 or self.step == config.steps):
+                scores = validation_dice(self.model, self.val_tasks, config.val_shots, config.val_episodes, self.context.device)
+                record["val_dice"] = scores
+                record["val_dice_mean"] = float(np.mean(list(scores.values())))
+                bar.write(f"step {self.step}: validation Dice {record['val_dice_mean']:.1f}")
+            self.log(record)
+            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                self.save()
+        bar.close()
+        if self.context.is_main:
+            save_weights(self.model, self.out_dir / "final.safetensors")
+        return {"step": self.step, "loss": last_loss}
+
+
+def train(
+    config: TrainConfig,
+    tasks: Sequence[ArrayTask],
+    out_dir: str | Path,
+    val_tasks: Sequence[ArrayTask] = (),
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) training; returns the final step and loss."""
+    context = init_distributed(device)
+    try:
+        trainer = Trainer(config, tasks, out_dir, val_tasks, context, progress)
+        if resume:
+            trainer.resume()
+        return trainer.run()
+    finally:
+        shutdown(context)

@@ -1,0 +1,30 @@
+"""PromptSeg: universal medical image segmentation by visual prompts."""
+from setuptools import find_packages, setup
+
+setup(
+    name="promptseg",
+    version="0.1.0",
+    description="Universal medical image segmentation by visual prompts: a few annotated examples in, masks out",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["promptseg", "promptseg.*"]),
+    package_data={"promptseg": ["weights/*.safetensors", "weights/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "nibabel>=5.0",
+        "pillow>=10.0",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "scipy>=1.10",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "gpu": ["tensorrt>=10.0"],
+    },
+    entry_points={"console_scripts": ["promptseg=promptseg.cli:main"]},
+)
