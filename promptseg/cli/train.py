@@ -1,0 +1,63 @@
+"""`promptseg train`: episodic training on dataset folders and synthetic tasks (torchrun for DDP)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from promptseg.data.index import build_tasks
+from promptseg.data.layouts import find_datasets
+from promptseg.errors import InputError
+from promptseg.train.config import TrainConfig
+from promptseg.train.trainer import train
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model on dataset folders and synthetic tasks",
+        description="Episodic training with CE + Dice, AdamW, warm-up + cosine schedule. "
+        "Run under `torchrun --nproc_per_node N` for several processes (DDP).",
+    )
+    parser.add_argument("--data", nargs="+", default=[], metavar="DIR",
+                        help="dataset folders (nnU-Net v2 or images/ + labels/), or folders of them; "
+                        "omit to train on synthetic tasks only")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="dataset names to hold out")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoints, log.jsonl, final.safetensors")
+    parser.add_argument("--config", metavar="FILE", help="training recipe (YAML or JSON); see configs/")
+    parser.add_argument("--val-data", nargs="+", default=[], metavar="DIR", help="dataset folders scored every val_every steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
+    parser.add_argument("--steps", type=int, help="override the number of steps")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def dataset_folders(roots: list[str], exclude: list[str]) -> list[str]:
+    """Expand folders of datasets and drop the excluded dataset names."""
+    folders = [str(f) for root in roots for f in find_datasets(root)]
+    missing = set(exclude) - {os.path.basename(f) for f in folders}
+    if missing:
+        raise InputError("--exclude", f"no dataset named {', '.join(sorted(missing))} under --data")
+    return [f for f in folders if os.path.basename(f) not in exclude]
+
+
+def run(args: argparse.Namespace) -> int:
+    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    if args.steps is not None:
+        if args.steps < 1:
+            raise InputError("--steps", f"must be positive, got {args.steps}")
+        config = dataclasses.replace(config, steps=args.steps)
+    resolution = config.model_config().resolution
+    progress = not args.no_progress and int(os.environ.get("RANK", "0")) == 0
+    folders = dataset_folders(args.data, args.exclude)
+    tasks = build_tasks(folders, resolution, axis=config.axis, progress=progress) if folders else []
+    if not tasks:
+        config = dataclasses.replace(config, synthetic_fraction=1.0)
+        if progress:
+            print("no real tasks given: training on synthetic tasks only")
+    val_tasks = build_tasks(dataset_folders(args.val_data, []), resolution, axis=config.axis) if args.val_data else []
+    result = train(config, tasks, args.out, val_tasks, resume=args.resume, device=args.device, progress=progress)
+    if progress:
+        print(f"trained to step {result['step']} (last loss {result['loss']:.4f}); weights: {os.path.join(args.out, 'final.safetensors')}")
+    return 0
