@@ -1,0 +1,275 @@
+"""Reading and writing single images and volumes (DESIGN.md section 4).
+
+Supported inputs: NIfTI (.nii, .nii.gz), PNG, TIFF, BMP, JPEG and NumPy (.npy, .npz). Every failure to
+read an input is reported as one InputError line naming the file; outputs are written atomically.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from promptseg.errors import InputError
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+PILLOW_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+NUMPY_EXTENSIONS = (".npy", ".npz")
+SUPPORTED_EXTENSIONS = NIFTI_EXTENSIONS + PILLOW_EXTENSIONS + NUMPY_EXTENSIONS
+
+
+@dataclass
+class ImageData:
+    """One image or volume as stored on disk.
+
+    array: 2D images (H, W) or (H, W, C); volumes (X, Y, Z) in stored voxel order.
+    affine/header: the NIfTI geometry (4x4 voxel-to-world) and header; None for other formats.
+    """
+
+    array: np.ndarray
+    is_volume: bool
+    affine: np.ndarray | None
+    header: Any | None
+    path: str
+
+
+def file_extension(path: str | os.PathLike) -> str:
+    """The lower-case extension of `path`, treating ".nii.gz" as one extension ("" when none)."""
+    name = os.path.basename(os.fspath(path)).lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return os.path.splitext(name)[1]
+
+
+def strip_extension(name: str) -> str:
+    """`name` without its (possibly double, ".nii.gz") extension."""
+    ext = file_extension(name)
+    return name[: len(name) - len(ext)] if ext else name
+
+
+def read_image(path: str | os.PathLike) -> ImageData:
+    """Read one image or volume; see ImageData for the array layout. Raises InputError on bad input."""
+    return _read(os.fspath(path), label=False)
+
+
+def read_label(path: str | os.PathLike) -> ImageData:
+    """Read an integer label map: (H, W) for 2D, (X, Y, Z) for 3D.
+
+    Float maps holding integer values are cast to the smallest unsigned integer type that fits; a
+    grayscale-looking RGB(A) map (identical channels) is reduced to one channel. Raises InputError
+    "label map must hold integers" for fractional or non-finite values, and on negative values.
+    """
+    path = os.fspath(path)
+    data = _read(path, label=True)
+    array = data.array
+    if not data.is_volume and array.ndim == 3:
+        if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(array.shape[-1], 3))):
+            raise InputError(path, f"label map must have one channel, got shape {array.shape}")
+        array = array[..., 0]
+    data.array = _as_label_values(array, path)
+    return data
+
+
+def _as_label_values(array: np.ndarray, path: str) -> np.ndarray:
+    """Validate that `array` holds non-negative integers; return it in an unsigned integer type."""
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputError(path, "label map must hold integers (found NaN or Inf)")
+        fractional = array[array != np.round(array)]
+        if fractional.size:
+            raise InputError(path, f"label map must hold integers (found {fractional.flat[0]:g})")
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise InputError(path, f"label map must hold integers (found data type {array.dtype})")
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    if low < 0:
+        raise InputError(path, f"label map must hold non-negative integers (found {low:g})")
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if high <= np.iinfo(dtype).max:
+            return array.astype(dtype, copy=False)
+    return array.astype(np.uint64, copy=False)
+
+
+def _read(path: str, label: bool) -> ImageData:
+    """Dispatch on the extension, load fully inside one try, and check the resulting shape."""
+    ext = file_extension(path)
+    if ext not in SUPPORTED_EXTENSIONS:
+        raise InputError(path, f"unsupported file type '{ext or os.path.basename(path)}'")
+    if not os.path.isfile(path):
+        problem = "is a folder, expected a file" if os.path.isdir(path) else "file not found"
+        raise InputError(path, problem)
+    try:
+        if ext in NIFTI_EXTENSIONS:
+            array, affine, header = _load_nifti(path)
+        elif ext in PILLOW_EXTENSIONS:
+            array, affine, header = _load_pillow(path, label), None, None
+        else:
+            array, affine, header = _load_numpy(path, ext, label), None, None
+    except InputError:
+        raise
+    except Exception as exc:  # any library failure on a corrupt or truncated file becomes one line
+        raise InputError(path, f"unreadable or corrupt image ({_short_reason(exc)})") from None
+    if array.dtype.kind not in "biuf":
+        raise InputError(path, f"unreadable or corrupt image (unsupported data type {array.dtype})")
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim > 3:
+        raise InputError(path, f"{array.ndim}D input is not supported (shape {array.shape})")
+    if array.ndim < 2:
+        raise InputError(path, f"expected a 2D image or a 3D volume, got shape {array.shape}")
+    if array.size == 0:
+        raise InputError(path, "image is empty")
+    is_volume = array.ndim == 3 and (affine is not None or array.shape[-1] not in (1, 3, 4))
+    return ImageData(array=array, is_volume=is_volume, affine=affine, header=header, path=path)
+
+
+def _short_reason(exc: BaseException) -> str:
+    """`ExcType: first line of the message`, at most 120 characters."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Load a NIfTI file fully (so truncated gzip streams fail here); returns (array, affine, header)."""
+    image = nib.load(path)
+    array = np.asarray(image.dataobj)
+    return array, np.asarray(image.affine, dtype=np.float64), image.header.copy()
+
+
+def _load_pillow(path: str, label: bool) -> np.ndarray:
+    """Decode a 2D image with Pillow: (H, W) for L/I;16/I/F/1 modes, (H, W, 3|4) for colour.
+
+    Palette (P) images give their palette indices for label maps and their colours for images.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if getattr(image, "n_frames", 1) > 1:
+            raise InputError(path, f"multi-page images are not supported ({image.n_frames} pages)")
+        mode = image.mode
+        if mode == "P" and not label:
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        elif mode == "PA":
+            image = image.convert("RGBA")
+        elif mode == "LA":
+            image = image.convert("L")
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            image = image.convert("RGB")
+        elif mode == "1":
+            return np.asarray(image, dtype=np.uint8)
+        array = np.asarray(image)
+    if array.dtype.byteorder == ">":  # I;16B and friends
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _load_numpy(path: str, ext: str, label: bool) -> np.ndarray:
+    """Load a .npy array, or from an .npz the array "label"/"image" (by role) or else the first one."""
+    if ext == ".npy":
+        return np.load(path, allow_pickle=False)
+    with np.load(path, allow_pickle=False) as archive:
+        keys = list(archive.files)
+        if not keys:
+            raise InputError(path, "image is empty (the archive holds no arrays)")
+        preferred = ("label", "image") if label else ("image", "label")
+        key = next((k for k in preferred if k in keys), keys[0])
+        return np.asarray(archive[key])
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], overwrite: bool = False) -> None:
+    """Call `writer(temporary_path)` then move the result onto `path` in one step.
+
+    The temporary file lives in the same folder and keeps `path`'s extension (writers such as
+    nibabel choose the format from it). If `writer` raises, the temporary file is removed and the
+    exception propagates: `path` is never left half-written. An existing `path` is refused unless
+    `overwrite`. Missing parent folders are created.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(path, "output path is a folder, expected a file name")
+    if os.path.exists(path) and not overwrite:
+        raise InputError(path, "output exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(
+        dir=folder, prefix=f".{strip_extension(os.path.basename(path))}.", suffix=file_extension(path)
+    )
+    os.close(fd)
+    try:
+        writer(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def write_nifti_like(
+    path: str | os.PathLike, array: np.ndarray, reference: ImageData, overwrite: bool = False
+) -> None:
+    """Write `array` (same spatial shape as `reference.array`) as NIfTI in the reference's space.
+
+    Bool and integer arrays (label maps) are stored as uint8 (uint16 when values exceed 255), float
+    arrays (probabilities) as float32. The reference's affine and header are kept (intensity scaling
+    reset); a non-NIfTI reference gets an identity affine and a fresh header.
+    """
+    array = np.asarray(array)
+    if array.shape != reference.array.shape[: array.ndim] or array.ndim not in (2, 3):
+        raise ValueError(f"array shape {array.shape} does not match reference shape {reference.array.shape}")
+    if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
+        dtype = np.uint8 if array.size == 0 or (array.min() >= 0 and array.max() <= 255) else np.uint16
+        if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint16).max):
+            raise ValueError("label values must lie in 0..65535")
+    elif np.issubdtype(array.dtype, np.floating):
+        dtype = np.float32
+    else:
+        raise ValueError(f"cannot write data type {array.dtype} as NIfTI")
+    data = array.astype(dtype)
+    if reference.header is not None and reference.affine is not None:
+        header = reference.header.copy()
+        header.set_data_dtype(dtype)
+        header.set_slope_inter(None, None)
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        image = image_class(data, reference.affine, header=header)
+    else:
+        image = nib.Nifti1Image(data, np.eye(4))
+        image.header.set_data_dtype(dtype)
+    atomic_write(path, lambda temporary: nib.save(image, temporary), overwrite=overwrite)
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = False) -> None:
+    """Write a uint8 image, (H, W) grayscale or (H, W, 3|4) RGB(A), as PNG (atomically)."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"write_png needs uint8 data, got {array.dtype}")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ValueError(f"write_png needs (H, W) or (H, W, 3|4), got shape {array.shape}")
+    image = Image.fromarray(np.ascontiguousarray(array))
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG"), overwrite=overwrite)
+
+
+def _check_axis(axis: int) -> None:
+    if axis not in (0, 1, 2):
+        raise InputError("axis", f"must be 0, 1 or 2, got {axis}")
+
+
+def slice_volume(volume: np.ndarray, axis: int) -> np.ndarray:
+    """(X, Y, Z) volume -> (S, H, W) view of its slices along `axis` (S = volume.shape[axis])."""
+    _check_axis(axis)
+    if volume.ndim != 3:
+        raise InputError(None, f"expected a 3D volume, got shape {volume.shape}")
+    return np.moveaxis(volume, axis, 0)
+
+
+def stack_slices(slices: np.ndarray, axis: int) -> np.ndarray:
+    """(S, H, W) slices -> the volume they were cut from along `axis` (inverse of slice_volume)."""
+    _check_axis(axis)
+    if slices.ndim != 3:
+        raise InputError(None, f"expected (S, H, W) slices, got shape {slices.shape}")
+    return np.moveaxis(slices, 0, axis)

@@ -1,0 +1,15 @@
+"""Evaluation: baselines, model predictor and the few-shot Dice report (DESIGN.md section 6)."""
+from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline, Predictor, SmallUNet
+from promptseg.eval.evaluate import CellScore, EvalReport, episode_dice, evaluate
+
+__all__ = [
+    "CellScore",
+    "EvalReport",
+    "FineTunedUNetBaseline",
+    "ModelPredictor",
+    "NearestPromptBaseline",
+    "Predictor",
+    "SmallUNet",
+    "episode_dice",
+    "evaluate",
+]

@@ -1,0 +1,186 @@
+"""Few-shot evaluation: Dice of several predictors on identical fixed episodes (DESIGN.md section 6).
+
+For every task and K, `fixed_episodes` is built once and every predictor sees the same episodes,
+so the rows of the report are directly comparable (and per-episode scores are paired).
+Dice is on a 0-100 scale: hard Dice of probabilities > 0.5 against the mask, 100 when both are empty,
+averaged over the queries of an episode; a (method, task, K) cell reports the mean and the sample
+standard deviation (ddof = 1; 0 for a single episode) over episodes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from promptseg.data.episodes import Episode, fixed_episodes
+from promptseg.data.tasks import ArrayTask
+from promptseg.eval.baselines import Predictor
+from promptseg.train.loss import hard_dice
+
+
+def episode_dice(probs: torch.Tensor, masks: torch.Tensor) -> float:
+    """Mean over queries of the hard Dice (0-100) of probs (Q, R, R) > 0.5 against masks (Q, R, R)."""
+    if probs.shape != masks.shape:
+        raise ValueError(f"prediction shape {tuple(probs.shape)} does not match the masks {tuple(masks.shape)}")
+    return 100.0 * float(hard_dice(probs > 0.5, masks > 0.5).mean())
+
+
+@dataclass
+class CellScore:
+    """Per-episode Dice (0-100) of one method on one task at one K."""
+
+    dice: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.dice))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.dice, ddof=1)) if len(self.dice) > 1 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "episodes": len(self.dice), "dice": self.dice}
+
+
+@dataclass
+class EvalReport:
+    """Scores keyed scores[method][(group, task)][K]; skipped (task, K) pairs are listed in `skipped`."""
+
+    methods: list[str]
+    shots: list[int]
+    tasks: list[tuple[str, str]]  # (group, task name), in evaluation order
+    settings: dict[str, Any]
+    scores: dict[str, dict[tuple[str, str], dict[int, CellScore]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # prediction time per method
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def mean_over_tasks(self, method: str, shots: int) -> tuple[float, float, int] | None:
+        """(mean, std over tasks, number of tasks) of the per-task means at K = shots; None when none ran."""
+        means = [cells[shots].mean for cells in self.scores[method].values() if shots in cells]
+        if not means:
+            return None
+        return float(np.mean(means)), float(np.std(means, ddof=1)) if len(means) > 1 else 0.0, len(means)
+
+    def episodes_run(self, method: str) -> int:
+        return sum(len(cell.dice) for cells in self.scores[method].values() for cell in cells.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """{"settings", "skipped", "methods": {method: {"tasks": [{"group", "task", "shots": {"K": cell}}],
+        "mean_over_tasks": {"K": {"mean", "std", "tasks"}}, "seconds_per_episode"}}} (K as strings)."""
+        methods = {}
+        for method in self.methods:
+            rows = [
+                {"group": group, "task": name, "shots": {str(k): cell.to_json() for k, cell in cells.items()}}
+                for (group, name), cells in self.scores[method].items()
+            ]
+            summary = {}
+            for k in self.shots:
+                overall = self.mean_over_tasks(method, k)
+                if overall is not None:
+                    summary[str(k)] = {"mean": overall[0], "std": overall[1], "tasks": overall[2]}
+            runs = self.episodes_run(method)
+            methods[method] = {
+                "tasks": rows,
+                "mean_over_tasks": summary,
+                "seconds_per_episode": self.seconds.get(method, 0.0) / runs if runs else None,
+            }
+        return {"settings": self.settings, "skipped": self.skipped, "methods": methods}
+
+    def to_markdown(self) -> str:
+        """A summary table (method x K, mean over tasks) and, per method, a task x K table of mean ± std."""
+        header = "| {} | " + " | ".join(f"K={k}" for k in self.shots) + " |"
+        rule = "|---|" + "---:|" * len(self.shots)
+        lines = [f"Dice (0-100); {self.settings['episodes']} episodes, {self.settings['queries']} queries each, "
+                 f"seed {self.settings['seed']}.", "", "Mean over tasks (number of tasks):", "", header.format("method"), rule]
+        for method in self.methods:
+            cells = [self.mean_over_tasks(method, k) for k in self.shots]
+            lines.append(f"| {method} | " + " | ".join("–" if c is None else f"{c[0]:.1f} ({c[2]})" for c in cells) + " |")
+        for method in self.methods:
+            lines += ["", f"{method} (mean ± std over episodes):", "", header.format("task"), rule]
+            for group, name in self.tasks:
+                cells = self.scores[method].get((group, name), {})
+                values = ["–" if k not in cells else f"{cells[k].mean:.1f} ± {cells[k].std:.1f}" for k in self.shots]
+                lines.append(f"| {name} | " + " | ".join(values) + " |")
+        if self.skipped:
+            lines += ["", "Skipped:"] + [f"- {s['task']} K={s['shots']}: {s['reason']}" for s in self.skipped]
+        return "\n".join(lines) + "\n"
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write `to_json()` to `path` atomically (temporary file beside it, then os.replace)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.to_json(), handle, indent=2)
+                handle.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def evaluate(
+    predictors: Mapping[str, Predictor],
+    tasks: Sequence[ArrayTask],
+    shots: Sequence[int],
+    episodes: int,
+    queries: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> EvalReport:
+    """Score every predictor on `episodes` fixed episodes per task and K (the same episodes for all).
+
+    A task with fewer than K + 1 non-empty examples is skipped at that K, with a note in `skipped`.
+    Predictors return (Q, R, R) probabilities; see the module docstring for the Dice convention.
+    """
+    report = EvalReport(
+        methods=list(predictors),
+        shots=list(shots),
+        tasks=[(task.group, task.name) for task in tasks],
+        settings={"episodes": episodes, "queries": queries, "seed": seed, "shots": list(shots),
+                  "methods": list(predictors), "tasks": len(tasks)},
+        scores={method: {} for method in predictors},
+        seconds={method: 0.0 for method in predictors},
+    )
+    runnable = [(task, k) for task in tasks for k in shots if len(task.nonempty()) >= k + 1]
+    bar = tqdm(total=len(runnable) * episodes * len(predictors), desc="eval", unit="episode", disable=not progress)
+    for task in tasks:
+        available = len(task.nonempty())
+        for k in shots:
+            if available < k + 1:
+                report.skipped.append({
+                    "group": task.group, "task": task.name, "shots": k,
+                    "reason": f"{available} non-empty examples, need at least {k + 1}",
+                })
+                continue
+            bar.set_postfix_str(f"{task.name} K={k}")
+            drawn = fixed_episodes(task, shots=k, queries=queries, count=episodes, seed=seed)
+            for method, predictor in predictors.items():
+                dice, elapsed = _run(predictor, drawn, bar)
+                report.scores[method].setdefault((task.group, task.name), {})[k] = CellScore(dice)
+                report.seconds[method] += elapsed
+    bar.close()
+    return report
+
+
+def _run(predictor: Predictor, drawn: Sequence[Episode], bar: tqdm) -> tuple[list[float], float]:
+    """Per-episode Dice of `predictor` on `drawn` and its total prediction time (s); advances the bar."""
+    dice, elapsed = [], 0.0
+    for episode in drawn:
+        start = time.perf_counter()
+        probs = predictor.predict(episode)
+        elapsed += time.perf_counter() - start
+        dice.append(episode_dice(probs.float().cpu(), episode.query_masks.float().cpu()))
+        bar.update(1)
+    return dice, elapsed

@@ -1,0 +1,63 @@
+"""Triton backend of `promptseg.kernels.cross_attention` (FlashAttention-2 style, shared key groups).
+
+q (B, H, Nq, D); k, v (G, H, Nk, D) with B % G == 0: query b reads key group b // (B // G) in place.
+key_lengths (G,) int or None: keys at index >= key_lengths[g] are ignored (length 0 gives zero rows).
+bias additive, broadcastable to (G, H, Nq, Nk), or None (it gets no gradient). D <= 128; fp16, bf16
+or fp32. The forward is `triton_forward`, the backward `triton_backward`, the autograd custom op
+`triton_op`. Kernels run on CUDA, or on the CPU when TRITON_INTERPRET=1 was set before import.
+"""
+from __future__ import annotations
+
+import torch
+
+from promptseg.kernels.triton_forward import INTERPRET, MAX_HEAD_DIM
+from promptseg.kernels.triton_op import cross_attention_fwd
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when the kernels can run here (a CUDA device, or the Triton interpreter); else (False, reason)."""
+    if INTERPRET or torch.cuda.is_available():
+        return True, ""
+    return False, "triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 set before promptseg imports triton)"
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise ValueError / RuntimeError for inputs the kernels do not handle (shapes are checked by the dispatcher)."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[-1]} exceeds the kernels' maximum {MAX_HEAD_DIM}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v live on different devices: {q.device}, {k.device}, {v.device}")
+    if INTERPRET:
+        if q.device.type != "cpu":
+            raise RuntimeError("TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors only")
+        if q.dtype == torch.bfloat16:
+            raise RuntimeError("the Triton interpreter does not support bfloat16; use float16 or float32")
+    elif q.device.type != "cuda":
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device}")
+    if bias is not None:
+        groups, heads, num_queries, num_keys = k.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        target = (groups, heads, num_queries, num_keys)
+        if bias.dim() > 4 or not all(s in (1, t) for s, t in zip(bias.shape[::-1], target[::-1])):
+            raise ValueError(f"bias {tuple(bias.shape)} does not broadcast to (G, H, Nq, Nk) = {target}")
+
+
+def triton_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """softmax(q kᵀ · D^-0.5 + bias) v over the valid keys of each query's group.
+
+    Returns (B, H, Nq, D) in q's dtype, differentiable in q, k, v. `deterministic=False` lets the
+    backward add dk / dv of the B / G queries sharing a group with atomics (faster, not bit-stable).
+    """
+    check_inputs(q, k, v, bias)
+    out, _ = cross_attention_fwd(q, k, v, key_lengths, bias, deterministic)
+    return out

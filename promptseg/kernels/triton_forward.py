@@ -1,0 +1,208 @@
+"""Triton forward kernel of query-to-prompt cross-attention, plus the launch helpers it shares
+with the backward kernels.
+
+Shapes (the contract of `promptseg.kernels`): q (B, H, Nq, D); k, v (G, H, Nk, D) with B % G == 0,
+query b reading key group b // (B // G) in place (keys are never copied per query);
+key_lengths (G,) int or None; bias additive and broadcastable to (G, H, Nq, Nk) or None.
+The forward returns out (B, H, Nq, D) in q's dtype and the natural-log log-sum-exp of each
+score row, lse (B, H, Nq) float32, which is +inf for a row that has no valid key.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+# True when this module's kernels were built for the CPU interpreter (decided by triton.jit at import).
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+LOG2E: float = math.log2(math.e)
+MAX_HEAD_DIM = 128
+# The one tile (BLOCK_M = BLOCK_N) used under the interpreter: larger tiles mean fewer emulated programs.
+INTERPRET_TILE = 32
+
+
+def is_hopper() -> bool:
+    """Whether the current CUDA device has compute capability 9.x (H100/H200)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+Tile = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+
+
+def tile_configs(gpu_tiles: list[Tile], hopper_tiles: list[Tile]) -> list[triton.Config]:
+    """Autotuning space from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples.
+
+    Under the interpreter a single INTERPRET_TILE tile is used: autotuning there would only multiply
+    the (slow, numpy-emulated) launches; test shapes of a few dozen rows still cross block tails.
+    """
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": INTERPRET_TILE, "BLOCK_N": INTERPRET_TILE}, num_warps=1, num_stages=1)]
+    tiles = gpu_tiles + (hopper_tiles if is_hopper() else [])
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+def head_block(head_dim: int) -> int:
+    """Power-of-two block covering the head dimension D (at least 16, the smallest tl.dot size)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 products for fp32 inputs (parity with PyTorch), default otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@contextlib.contextmanager
+def on_device(tensor: torch.Tensor) -> Iterator[None]:
+    """Make the tensor's CUDA device current while kernels launch (no-op for CPU/interpreter)."""
+    if tensor.is_cuda:
+        with torch.cuda.device(tensor.device):
+            yield
+    else:
+        yield
+
+
+def bias_view(
+    bias: torch.Tensor | None, groups: int, heads: int, num_queries: int, num_keys: int
+) -> tuple[torch.Tensor | None, tuple[int, int, int, int]]:
+    """The bias as a (G, H, Nq, Nk) view (stride 0 on broadcast dims) and its strides; (None, zeros) without bias."""
+    if bias is None:
+        return None, (0, 0, 0, 0)
+    full = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(groups, heads, num_queries, num_keys)
+    return full, tuple(full.stride())
+
+
+def lengths_view(key_lengths: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """key_lengths (G,) as int32 on the kernels' device, or None."""
+    if key_lengths is None:
+        return None
+    return key_lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
+@triton.jit
+def block_scores(q, kt, bias_ptrs, rows, cols, key_ok, N_Q, qk_scale,
+                 stride_bn, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores of a query tile q (BLOCK_M, BLOCK_D) against a transposed key tile kt (BLOCK_D, BLOCK_N).
+
+    Returns (BLOCK_M, BLOCK_N) fp32 (q kᵀ · scale + bias) · log2(e), i.e. in the log2 domain
+    (qk_scale = scale · log2(e)), with -inf where key_ok is False. bias_ptrs (BLOCK_M, 1) point at
+    key 0 of each query row's bias; rows / cols are the absolute query / key indices of the tile.
+    """
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        b = tl.load(bias_ptrs + cols[None, :] * stride_bn, mask=(rows[:, None] < N_Q) & key_ok[None, :], other=0.0)
+        s += b.to(tl.float32) * 1.4426950408889634
+    return tl.where(key_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def valid_key_count(Lengths, g, N_K, HAS_LENGTHS: tl.constexpr):
+    """Number of valid keys of group g: min(max(key_lengths[g], 0), N_K), or N_K without lengths."""
+    n_end = N_K
+    if HAS_LENGTHS:
+        n_end = tl.minimum(tl.maximum(tl.load(Lengths + g), 0), N_K)
+    return n_end
+
+
+FORWARD_CONFIGS = tile_configs(
+    gpu_tiles=[(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2)],
+    hopper_tiles=[(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3)],
+)
+
+
+@triton.autotune(configs=FORWARD_CONFIGS, key=["N_Q", "N_K", "HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"])
+@triton.jit
+def _forward_kernel(
+    Q, K, V, Bias, Lengths, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kg, stride_kh, stride_kn, stride_kd,
+    stride_vg, stride_vh, stride_vn, stride_vd,
+    stride_bg, stride_bh, stride_bm, stride_bn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, queries_per_group, qk_scale,
+    N_Q, N_K, HEAD_DIM,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (b, h); online softmax over the valid keys of group b // QPG."""
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    g = b // queries_per_group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N_Q
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = K + g.to(tl.int64) * stride_kg + h.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
+    v_ptrs = V + g.to(tl.int64) * stride_vg + h.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    bias_ptrs = Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + offs_m[:, None] * stride_bm
+    n_end = valid_key_count(Lengths, g, N_K, HAS_LENGTHS)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, n_end, BLOCK_N):
+        cols = start_n + offs_n
+        key_ok = cols < n_end
+        kt = tl.load(k_ptrs + cols[None, :] * stride_kn, mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+        s = block_scores(q, kt, bias_ptrs, offs_m, cols, key_ok, N_Q, qk_scale, stride_bn, HAS_BIAS, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row whose scores so far are all -inf (bias -inf) keeps a finite reference so exp2 gives 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        v = tl.load(v_ptrs + cols[:, None] * stride_vn, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel (absent bias / key_lengths are passed as never-read placeholder pointers).
+
+    q (B, H, Nq, D); k, v (G, H, Nk, D); key_lengths (G,) or None; bias broadcastable to (G, H, Nq, Nk) or None.
+    Returns out (B, H, Nq, D) contiguous in q's dtype and lse (B, H, Nq) float32 (+inf on rows without valid keys).
+    """
+    batch, heads, num_queries, head_dim = q.shape
+    groups, _, num_keys, _ = k.shape
+    out = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
+    full_bias, bias_strides = bias_view(bias, groups, heads, num_queries, num_keys)
+    lengths = lengths_view(key_lengths, q.device)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads
+
+    with on_device(q):
+        _forward_kernel[grid](
+            q, k, v, q if full_bias is None else full_bias, lse if lengths is None else lengths, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
+            heads, batch // groups, head_dim ** -0.5 * LOG2E,
+            num_queries, num_keys, head_dim,
+            HAS_BIAS=full_bias is not None, HAS_LENGTHS=lengths is not None,
+            DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=head_block(head_dim),
+        )
+    return out, lse
