@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from promptseg.kernels import cross_attention
 from promptseg.model import ModelConfig, PromptSegNet, count_parameters
 
 TINY = ModelConfig(resolution=32, widths=(8, 16, 32, 32), blocks_per_stage=1, attention_depth=1, head_dim=16)
@@ -108,3 +109,11 @@ def test_gradients_reach_the_prompt_side(model: PromptSegNet) -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
     model.zero_grad(set_to_none=True)
+
+def test_reference_gives_zero_rows_and_gradients_for_an_empty_group() -> None:
+    q = torch.randn(2, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 5, 4, dtype=torch.float64, requires_grad=True)
+    out = cross_attention(q, k, k, key_lengths=torch.tensor([0, 5]), backend="reference")
+    out.sum().backward()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()

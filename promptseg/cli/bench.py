@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"device": args.device, "attention_backend": args.attention_backend, "max_batch": args.max_batch}
     seg = Segmenter.from_checkpoint(args.checkpoint, **kwargs) if args.checkpoint else Segmenter.from_pretrained(**kwargs)
     rows = []
-    print(f"| device | slices | K | batch | cached s | re-encoded s | speed-up |\n|---|---|---|---|---|---|---|")
+    print("| device | slices | K | batch | cached s | re-encoded s | speed-up |\n|---|---|---|---|---|---|---|")
     for shots in args.shots:
         timing = time_volume(seg, args.slices, seg.resolution, shots, repeats=args.repeats)
         rows.append(timing.as_dict())

@@ -38,7 +38,7 @@ def load_2d(value: ArrayOrPath, is_label: bool, what: str) -> tuple[np.ndarray, 
         data = read_label(value) if is_label else read_image(value)
         array, source = data.array, data.path
         if data.is_volume and not (array.ndim == 3 and 1 in array.shape):
-            raise InputError(source, f"a prompt {what} must be 2D, got a volume of shape {array.shape}")
+            raise InputError(source, f"{what} must be 2D, got a volume of shape {array.shape}")
         array = np.squeeze(array) if data.is_volume else array
         return array, source
     return np.asarray(value), what

@@ -65,7 +65,8 @@ def reference_cross_attention(
     total_bias = key_padding_bias(key_lengths, bias, groups, k.shape[2], compute_dtype, q.device)
     if total_bias is not None:
         scores = scores + expand_groups(total_bias, batch)
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no valid key
+    # Rows with no valid key give zeros (and zero gradients) instead of a softmax over only -inf.
+    has_key = torch.isfinite(scores).any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
     out = torch.matmul(probs, expand_groups(v.to(compute_dtype), batch))
     return out.to(q.dtype)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptseg.data.prompts import PROMPT_TYPES
-from promptseg.model.attention import PromptBottleneck, QueryPromptBlock
+from promptseg.model.attention import PromptBottleneck
 from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder
 from promptseg.model.layers import sincos_position_encoding
