@@ -23,14 +23,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(n, t, h * d)
 
 
-class AttentionBackendMixin:
-    """Holds the name of the attention backend; None means the device default."""
-
-    backend: str = "sdpa"
-
-
-class Attention(nn.Module, AttentionBackendMixin):
+class Attention(nn.Module):
     """Multi-head attention whose keys/values may be precomputed (the prompt cache).
+
+    `backend` names the `cross_attention` backend (set for the whole model by
+    PromptSegNet.set_attention_backend).
 
     `project_keys` maps context tokens (G, Nk, C) to k, v (G, H, Nk, D); `forward` attends queries
     x (B, Nq, C) with B a multiple of G to them and returns (B, Nq, C).
@@ -39,6 +36,7 @@ class Attention(nn.Module, AttentionBackendMixin):
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.backend = "sdpa"
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)

@@ -39,6 +39,7 @@ class TrainConfig:
     val_shots: int = 4
     axis: int = 2
     seed: int = 0
+    attention_backend: str | None = None  # None: Triton on CUDA when available, else SDPA
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)

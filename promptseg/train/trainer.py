@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from promptseg.data.episodes import EpisodeBatch, EpisodeSampler, fixed_episodes
 from promptseg.data.tasks import ArrayTask
+from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
 from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint, save_weights
 from promptseg.train.config import TrainConfig
@@ -80,6 +81,7 @@ class Trainer:
         self.progress = progress and self.context.is_main
         torch.manual_seed(config.seed)
         self.model = PromptSegNet(config.model_config()).to(self.context.device)
+        self.model.set_attention_backend(config.attention_backend or default_backend(self.context.device))
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.network: torch.nn.Module = self.model
