@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from promptseg.train.checkpoint import load_model
+from promptseg.train.checkpoint import load_model, load_run_model
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import Trainer, train
 
@@ -43,6 +43,7 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:
     train(dataclasses.replace(config, steps=3), [], resumed, device="cpu", progress=False)
     (resumed / "final.safetensors").unlink()
     trainer = Trainer(config, [], resumed, progress=False)
+    assert load_run_model(resumed).config == config.model_config()
     assert trainer.resume() and trainer.step == 3
     trainer.run()
     straight_losses = [r["loss"] for r in read_log(straight)]

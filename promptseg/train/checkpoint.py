@@ -30,6 +30,7 @@ def _atomic_replace(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -51,9 +52,8 @@ def save_weights(model: PromptSegNet, path: str | os.PathLike, dtype: torch.dtyp
     """Write the model's weights (optionally cast, e.g. to float16) with its config as metadata."""
     tensors = {
         name: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()).contiguous().cpu()
-        for name, t in model.state_dict().items()
+        for name, t in _unshare(model.state_dict()).items()
     }
-    tensors = _unshare(tensors)
     metadata = {CONFIG_KEY: model.config.to_json(), "format": "promptseg-weights-v1"}
     _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -194,3 +194,16 @@ def load_training_checkpoint(
         state.setdefault(int(index), {}).update(scalars)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta
+
+
+def load_run_model(run_dir: str | os.PathLike) -> PromptSegNet:
+    """The model of the newest complete training checkpoint in `run_dir` (no optimizer needed)."""
+    run_dir = Path(run_dir)
+    latest = run_dir / "latest.json"
+    if not latest.is_file():
+        raise CheckpointError(f"{run_dir}: no training checkpoint (latest.json missing)")
+    weights_path = run_dir / json.loads(latest.read_text())["weights"]
+    config, tensors = read_weights(weights_path)
+    model = PromptSegNet(config)
+    load_state(model, {n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")}, weights_path)
+    return model.eval()
