@@ -7,7 +7,7 @@ import json
 import torch
 
 from promptseg.engine.benchmark import time_volume
-from promptseg.engine.segmenter import Segmenter
+from promptseg.cli.common import load_segmenter
 from promptseg.errors import InputError
 
 
@@ -31,8 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.slices < 1 or args.repeats < 1:
         raise InputError("--slices/--repeats", "must be positive")
-    kwargs = {"device": args.device, "attention_backend": args.attention_backend, "max_batch": args.max_batch}
-    seg = Segmenter.from_checkpoint(args.checkpoint, **kwargs) if args.checkpoint else Segmenter.from_pretrained(**kwargs)
+    seg = load_segmenter(args.checkpoint, args.device, args.max_batch, args.attention_backend)
     rows = []
     print("| device | slices | K | batch | cached s | re-encoded s | speed-up |\n|---|---|---|---|---|---|---|")
     for shots in args.shots:

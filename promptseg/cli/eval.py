@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
+from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
 from promptseg.data.index import build_tasks
 from promptseg.engine.segmenter import packaged_weights_path
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--shots", f"each K must lie in 1..64, got {args.shots}")
     if args.episodes < 1:
         raise InputError("--episodes", f"must be positive, got {args.episodes}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model = load_model(args.checkpoint or packaged_weights_path()).to(device)
     tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, progress=not args.no_progress)
     if not tasks:

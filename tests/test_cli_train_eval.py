@@ -1,0 +1,64 @@
+"""CLI end to end for train, eval and bench on generated data (tiny configuration)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401  (pytest fixture)
+
+from promptseg.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def disk_dataset(tmp_path: Path) -> Path:
+    """A simple-layout dataset of 8 noisy disks with dataset.json naming label 1."""
+    root = tmp_path / "disks"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        image, mask = disk_example(rng, (40, 48))
+        write_png(root / "images" / f"case{index}.png", image)
+        write_png(root / "labels" / f"case{index}.png", mask)
+    (root / "dataset.json").write_text(json.dumps({"name": "disks", "labels": {"background": 0, "disk": 1}}))
+    return root
+
+
+def test_train_on_a_dataset_folder_then_resume(tmp_path: Path, disk_dataset: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--data", str(disk_dataset), "--config", str(REPO / "configs" / "tiny_test.yaml"),
+            "--out", str(run), "--steps", "2", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    assert main(args[:-4] + ["4", "--no-progress", "--device", "cpu", "--resume", "--val-data", str(disk_dataset)]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert (run / "final.safetensors").is_file()
+
+
+def test_eval_writes_comparable_rows(tmp_path: Path, disk_dataset: Path, tiny_checkpoint: Path, capsys) -> None:  # noqa: F811
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--data", str(disk_dataset), "--shots", "1", "2", "--episodes", "2", "--queries", "2",
+                 "--checkpoint", str(tiny_checkpoint), "--unet-steps", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report["methods"]) == {"promptseg", "nearest_prompt", "finetuned_unet"}
+    for method in report["methods"].values():
+        assert set(method["mean_over_tasks"]) == {"1", "2"}
+    assert "disks/disk" in capsys.readouterr().out
+
+
+def test_bench_prints_cached_and_reencoded_times(tiny_checkpoint: Path, capsys) -> None:  # noqa: F811
+    code = main(["bench", "--checkpoint", str(tiny_checkpoint), "--slices", "4", "--shots", "2",
+                 "--max-batch", "2", "--repeats", "1", "--device", "cpu"])
+    assert code == 0
+    assert "| cpu | 4 | 2 | 2 |" in capsys.readouterr().out
+
+
+def test_train_refuses_an_unknown_held_out_dataset(tmp_path: Path, disk_dataset: Path, capsys) -> None:
+    code = main(["train", "--data", str(disk_dataset), "--exclude", "nope", "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "--exclude: no dataset named nope" in capsys.readouterr().err
