@@ -60,3 +60,12 @@ def test_phantom_volume_label_on_middle_slices() -> None:
     areas = (label > 0).reshape(24, -1).sum(axis=1).astype(float)
     middle = areas[9:15]
     assert np.abs(np.diff(middle)).max() < 0.5 * middle.max()  # changes smoothly across slices
+
+
+def test_volume_task_holds_slices_with_and_without_the_target() -> None:
+    from promptseg.data.synthetic import synthetic_volume_task
+
+    task = synthetic_volume_task(np.random.default_rng(4), resolution=32, depth=16)
+    assert task.images.shape == (16, 3, 32, 32) and task.masks.shape == (16, 32, 32)
+    present = task.masks.reshape(16, -1).any(axis=1)
+    assert present.any() and not present.all()

@@ -16,10 +16,11 @@ import torch
 from promptseg.data.augment import TaskAugmentation, augment_examples
 from promptseg.data.preprocess import resize_image, resize_mask
 from promptseg.data.prompts import PROMPT_TYPES, SPARSE_KINDS, sparse_prompt_map
-from promptseg.data.synthetic import synthetic_task
+from promptseg.data.synthetic import synthetic_task, synthetic_volume_task
 from promptseg.data.tasks import ArrayTask
 
 CHANNELS = 3  # model input channels (grayscale replicated), DESIGN.md section 2
+VOLUME_QUERY_NONEMPTY_FRACTION = 0.6  # phantom-volume queries: 40 % may lack the target
 
 
 @dataclass
@@ -84,11 +85,17 @@ def load_examples(
 
 
 def _draw_examples(
-    task: ArrayTask, prompts: int, queries: int, nonempty_fraction: float, rng: np.random.Generator
+    task: ArrayTask,
+    prompts: int,
+    queries: int,
+    nonempty_fraction: float,
+    rng: np.random.Generator,
+    query_nonempty_fraction: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of `prompts` prompts and `queries` queries, all distinct when the task is big enough.
 
-    Each slot asks for a non-empty mask with probability `nonempty_fraction` (any example otherwise).
+    Each slot asks for a non-empty mask with probability `nonempty_fraction` (any example otherwise);
+    query slots use `query_nonempty_fraction` instead when it is given.
     Queries are drawn first; when distinct examples run out, prompts repeat examples (avoiding the
     queries where possible) and queries repeat as a last resort.
     """
@@ -97,7 +104,9 @@ def _draw_examples(
     orders = {True: rng.permutation(nonempty) if len(nonempty) else rng.permutation(size), False: rng.permutation(size)}
     cursor = {True: 0, False: 0}
     used = np.zeros(size, dtype=bool)
-    wants = rng.random(queries + prompts) < nonempty_fraction
+    draws = rng.random(queries + prompts)
+    query_fraction = nonempty_fraction if query_nonempty_fraction is None else query_nonempty_fraction
+    wants = np.concatenate([draws[:queries] < query_fraction, draws[queries:] < nonempty_fraction])
     chosen = np.empty(queries + prompts, dtype=np.int64)
     for slot, want in enumerate(wants):
         pick = -1
@@ -140,6 +149,7 @@ class EpisodeSampler:
         image_augment: bool = True,
         nonempty_fraction: float = 0.9,
         seed: int = 0,
+        volume_fraction: float = 0.0,
     ) -> None:
         if not 1 <= shots[0] <= shots[1]:
             raise ValueError(f"shots must satisfy 1 <= low <= high, got {shots}")
@@ -153,6 +163,7 @@ class EpisodeSampler:
         self.image_augment = image_augment
         self.nonempty_fraction = nonempty_fraction
         self.seed = seed
+        self.volume_fraction = volume_fraction
         self.channels = CHANNELS
         self.groups: dict[str, list[int]] = {}
         for index, task in enumerate(self.tasks):
@@ -167,6 +178,8 @@ class EpisodeSampler:
     def choose_task(self, rng: np.random.Generator, examples: int) -> ArrayTask:
         """A real task (uniform over groups, then within the group) or a fresh synthetic task."""
         if not self.tasks or rng.random() < self.synthetic_fraction:
+            if rng.random() < self.volume_fraction:
+                return synthetic_volume_task(rng, self.resolution, channels=self.channels)
             return synthetic_task(rng, self.resolution, examples, self.channels)
         members = list(self.groups.values())[int(rng.integers(len(self.groups)))]
         return self.tasks[members[int(rng.integers(len(members)))]]
@@ -174,7 +187,9 @@ class EpisodeSampler:
     def sample_episode(self, rng: np.random.Generator, shots: int) -> Episode:
         """One augmented episode with `shots` prompts and `queries` queries."""
         task = self.choose_task(rng, shots + self.queries)
-        prompts, queries = _draw_examples(task, shots, self.queries, self.nonempty_fraction, rng)
+        # Volume tasks ask for more queries without the target, as whole-volume inference meets them.
+        query_nonempty = VOLUME_QUERY_NONEMPTY_FRACTION if task.group == "synthetic_volume" else None
+        prompts, queries = _draw_examples(task, shots, self.queries, self.nonempty_fraction, rng, query_nonempty)
         images, masks = load_examples(task, np.concatenate([prompts, queries]), self.resolution, self.channels)
         if self.task_augment:
             images, masks = self.augmentation(images, masks, rng)

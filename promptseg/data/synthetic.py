@@ -384,3 +384,16 @@ def phantom_volume(
     volume = gaussian_blur(volume[:, None], 0.6)[:, 0] + 0.02 * torch.randn(shape, generator=gen)
     label = organ.to(torch.uint8) + lesion.to(torch.uint8)
     return volume.clamp(0.0, 1.0).numpy(), label.numpy()
+
+
+def synthetic_volume_task(rng: np.random.Generator, resolution: int, depth: int = 32, channels: int = 3) -> ArrayTask:
+    """A task made of the axis-0 slices of a fresh phantom_volume, empty slices included.
+
+    The target is the organ (with its lesion) or the lesion alone, so the model sees volumes in which
+    the structure appears, grows, shrinks and is absent. Returns an ArrayTask of `depth` examples,
+    images (depth, channels, R, R) float32, group "synthetic_volume".
+    """
+    volume, labels = phantom_volume(rng, (depth, resolution, resolution))
+    target = labels > 0 if rng.random() < 0.7 else labels == 2
+    images = np.repeat(volume[:, None], channels, axis=1).astype(np.float32)
+    return ArrayTask("synthetic/volume", "synthetic_volume", images, target)

@@ -23,6 +23,7 @@ class TrainConfig:
     shots: tuple[int, int] = (1, 16)
     queries: int = 4
     synthetic_fraction: float = 0.3
+    volume_fraction: float = 0.0  # share of synthetic tasks built from phantom-volume slices
     sparse_fraction: float = 0.15
     task_augment: bool = True
     image_augment: bool = True

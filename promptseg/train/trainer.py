@@ -98,6 +98,7 @@ class Trainer:
             task_augment=config.task_augment,
             image_augment=config.image_augment,
             seed=config.seed,
+            volume_fraction=config.volume_fraction,
         )
         self.step = 0
 
