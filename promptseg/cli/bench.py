@@ -8,6 +8,7 @@ import torch
 
 from promptseg.engine.benchmark import time_volume
 from promptseg.cli.common import load_segmenter
+from promptseg.data.io import write_text
 from promptseg.errors import InputError
 
 
@@ -40,8 +41,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {timing.device} | {timing.slices} | {shots} | {timing.batch} | {timing.cached_s:.3f} | "
               f"{timing.reencoded_s:.3f} | {timing.speedup:.2f}x |")
     if args.out:
-        from promptseg.data.io import atomic_write
-
-        text = json.dumps({"torch": torch.__version__, "results": rows}, indent=2)
-        atomic_write(args.out, lambda tmp: open(tmp, "w").write(text), overwrite=True)
+        write_text(args.out, json.dumps({"torch": torch.__version__, "results": rows}, indent=2), overwrite=True)
     return 0

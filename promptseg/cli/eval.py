@@ -6,6 +6,7 @@ import argparse
 from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
 from promptseg.data.index import build_tasks
+from promptseg.data.io import write_text
 from promptseg.engine.segmenter import packaged_weights_path
 from promptseg.errors import InputError
 from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
@@ -55,8 +56,5 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         report.write(args.out)
     if args.markdown:
-        from promptseg.data.io import atomic_write
-
-        text = report.to_markdown()
-        atomic_write(args.markdown, lambda tmp: open(tmp, "w").write(text), overwrite=True)
+        write_text(args.markdown, report.to_markdown(), overwrite=True)
     return 0

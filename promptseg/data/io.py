@@ -273,3 +273,13 @@ def stack_slices(slices: np.ndarray, axis: int) -> np.ndarray:
     if slices.ndim != 3:
         raise InputError(None, f"expected (S, H, W) slices, got shape {slices.shape}")
     return np.moveaxis(slices, 0, axis)
+
+
+def write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+
+    def writer(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(path, writer, overwrite=overwrite)
