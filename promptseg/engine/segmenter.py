@@ -154,10 +154,9 @@ class Segmenter:
         items = [load_2d(q, is_label=False, what=f"query {n}") for n, q in enumerate(queries)]
         if not items:
             raise InputError(None, "no query images given")
-        results = []
-        for array, source in items:
-            prepared = prepare_image(array, self.resolution, self.channels, source=source)
-            results.append(self._to_probabilities(self._logits(prepared[None], prompts), array.shape[:2])[0])
+        prepared = torch.stack([prepare_image(a, self.resolution, self.channels, source=s) for a, s in items])
+        logits = self._logits(prepared, prompts)  # all queries decoded together, max_batch at a time
+        results = [self._to_probabilities(l[None], array.shape[:2])[0] for l, (array, _) in zip(logits, items)]
         if len({r.shape for r in results}) == 1:
             return np.stack(results)
         return results

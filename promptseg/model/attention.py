@@ -90,8 +90,9 @@ class QueryPromptBlock(nn.Module):
         prompt_v: torch.Tensor,
         key_lengths: torch.Tensor | None,
     ) -> torch.Tensor:
-        h = self.norm_self(x) + pos
-        k, v = self.self_attention.project_keys(h, self.norm_self(x))
+        normed = self.norm_self(x)
+        h = normed + pos
+        k, v = self.self_attention.project_keys(h, normed)
         x = x + self.self_attention(h, k, v)
         x = x + self.cross_attention(self.norm_cross(x) + pos, prompt_k, prompt_v, key_lengths)
         return x + self.mlp(self.norm_mlp(x))
