@@ -1,0 +1,65 @@
+"""The interface every inference backend implements.
+
+A backend turns prepared prompts into a reusable prompt state once, then decodes any number of
+query batches against it. The Segmenter does preprocessing, caching, batching and resizing, so a
+backend only runs the two graphs:
+
+    encode(images (1, K, C, R, R), maps (1, K, R, R), types (1, K) int64) -> state (has .nbytes())
+    decode(queries (B, C, R, R), state) -> logits (B, R, R) float32 on the CPU
+
+Inputs arrive as float32 / int64 CPU tensors; the backend moves them where it runs.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from promptseg.model import PromptSegNet
+
+
+class PromptState(Protocol):
+    """What a backend keeps for one encoded prompt set; the prompt cache bounds it by nbytes()."""
+
+    def nbytes(self) -> int: ...
+
+
+@dataclass
+class FlatPromptState:
+    """A prompt encoding as the flat tensors of promptseg.export.graphs.encoding_names (any array type)."""
+
+    tensors: tuple[Any, ...]
+
+    def nbytes(self) -> int:
+        return int(sum(t.nbytes if hasattr(t, "nbytes") and not isinstance(t, torch.Tensor)
+                       else t.numel() * t.element_size() for t in self.tensors))
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run here; the message says why in one line."""
+
+
+class InferenceBackend(ABC):
+    """Runs a PromptSegNet's prompt encoder and query decoder on one device."""
+
+    name: str = ""
+
+    def __init__(self, model: PromptSegNet, device: torch.device) -> None:
+        self.model = model
+        self.config = model.config
+        self.device = device
+
+    @classmethod
+    def availability(cls, device: torch.device) -> tuple[bool, str]:
+        """(True, "") when the backend can run on `device`, else (False, one-line reason)."""
+        return True, ""
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> PromptState:
+        """(1, K, C, R, R), (1, K, R, R), (1, K) -> the prompt state decode() consumes."""
+
+    @abstractmethod
+    def decode(self, queries: torch.Tensor, state: PromptState) -> torch.Tensor:
+        """(B, C, R, R) float32 -> (B, R, R) float32 CPU logits."""

@@ -1,0 +1,85 @@
+"""The model as two exportable graphs: prompt encoder and query decoder.
+
+A PromptEncoding is a nested list of tensors; exporters and runtimes need a flat tuple with
+stable names. With one prompt set (G = 1) and every prompt valid, key_lengths is None and the
+encoding is fully described by its keys and values, so:
+
+    PromptEncoderGraph:  prompt_images (1, K, C, R, R), prompt_maps (1, K, R, R), prompt_types (1, K) int64
+                         -> keys_s{i}_b{j}, values_s{i}_b{j}: (1, H, K * n_i, D) each
+    QueryDecoderGraph:   queries (B, C, R, R), keys_s{i}_b{j}, values_s{i}_b{j}, ... -> logits (B, R, R)
+
+where i runs over attention stages, j over the blocks of a stage and n_i is the number of tokens
+one prompt contributes at stage i. Both are dynamic in K; the decoder is dynamic in B.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from promptseg.model import ModelConfig, PromptEncoding, PromptSegNet
+
+PROMPT_INPUT_NAMES = ("prompt_images", "prompt_maps", "prompt_types")
+QUERY_INPUT_NAME = "queries"
+LOGITS_NAME = "logits"
+
+
+def encoding_names(config: ModelConfig) -> list[str]:
+    """Names of the flattened PromptEncoding tensors, keys then values, stage-major."""
+    names = []
+    for kind in ("keys", "values"):
+        for stage in range(len(config.attention_stages)):
+            names.extend(f"{kind}_s{stage}_b{block}" for block in range(config.attention_depth))
+    return names
+
+
+def flatten_encoding(encoding: PromptEncoding) -> tuple[torch.Tensor, ...]:
+    """PromptEncoding -> tuple ordered as `encoding_names`; only full, single-set encodings."""
+    if any(n is not None for n in encoding.key_lengths):
+        raise ValueError("only encodings without key_lengths (every prompt valid) can be flattened")
+    return tuple(t for stage in encoding.keys for t in stage) + tuple(t for stage in encoding.values for t in stage)
+
+
+def unflatten_encoding(tensors: Sequence[torch.Tensor], config: ModelConfig) -> PromptEncoding:
+    """Inverse of `flatten_encoding` for a model with `config`."""
+    stages, depth = len(config.attention_stages), config.attention_depth
+    if len(tensors) != 2 * stages * depth:
+        raise ValueError(f"expected {2 * stages * depth} encoding tensors, got {len(tensors)}")
+    half = stages * depth
+    keys = [list(tensors[s * depth : (s + 1) * depth]) for s in range(stages)]
+    values = [list(tensors[half + s * depth : half + (s + 1) * depth]) for s in range(stages)]
+    return PromptEncoding(keys, values, [None] * stages)
+
+
+class PromptEncoderGraph(nn.Module):
+    """(1, K, C, R, R) images, (1, K, R, R) maps, (1, K) types -> flat encoding tuple."""
+
+    def __init__(self, model: PromptSegNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_images: torch.Tensor, prompt_maps: torch.Tensor, prompt_types: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return flatten_encoding(self.model.prompt_encoder(prompt_images, prompt_maps, prompt_types))
+
+
+class QueryDecoderGraph(nn.Module):
+    """(B, C, R, R) queries + flat encoding tensors -> (B, R, R) logits."""
+
+    def __init__(self, model: PromptSegNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, queries: torch.Tensor, *encoding: torch.Tensor) -> torch.Tensor:
+        return self.model.query_decoder(queries, unflatten_encoding(encoding, self.model.config))
+
+
+def example_inputs(config: ModelConfig, shots: int = 2, batch: int = 2) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Random float32 example inputs for tracing: ((images, maps, types), queries)."""
+    r, c = config.resolution, config.in_channels
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(1, shots, c, r, r, generator=generator)
+    maps = (torch.rand(1, shots, r, r, generator=generator) > 0.5).float()
+    types = torch.ones(1, shots, dtype=torch.long)
+    queries = torch.rand(batch, c, r, r, generator=generator)
+    return (images, maps, types), queries
