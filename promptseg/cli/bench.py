@@ -7,7 +7,7 @@ import json
 import torch
 
 from promptseg.engine.benchmark import time_volume
-from promptseg.cli.common import load_segmenter
+from promptseg.cli.common import add_backend_argument, load_segmenter
 from promptseg.data.io import write_text
 from promptseg.errors import InputError
 
@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N")
-    parser.add_argument("--attention-backend", help="reference, sdpa or triton")
+    add_backend_argument(parser)
     parser.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
     parser.set_defaults(func=run)
 
@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.slices < 1 or args.repeats < 1:
         raise InputError("--slices/--repeats", "must be positive")
-    seg = load_segmenter(args.checkpoint, args.device, args.max_batch, args.attention_backend)
+    seg = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend)
     rows = []
     print("| device | slices | K | batch | cached s | re-encoded s | speed-up |\n|---|---|---|---|---|---|---|")
     for shots in args.shots:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
+from promptseg.engine.backends import ENGINE_BACKENDS, BackendUnavailable, backend_availability
 from promptseg.engine.segmenter import Segmenter, packaged_weights_path
 from promptseg.errors import CheckpointError, InputError
-from promptseg.kernels import BACKENDS, triton_available
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,22 +35,36 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """--backend NAME, one of the engine backends."""
+    parser.add_argument("--backend", choices=ENGINE_BACKENDS, metavar="NAME",
+                        help=f"inference backend: {', '.join(ENGINE_BACKENDS)} (default: triton on CUDA, else torch)")
+
+
 def load_segmenter(
-    checkpoint: str | None, device: str | None, max_batch: int = 16, attention_backend: str | None = None
+    checkpoint: str | None,
+    device: str | None,
+    max_batch: int = 16,
+    backend: str | None = None,
+    backend_options: dict[str, Any] | None = None,
 ) -> Segmenter:
-    """A Segmenter from `checkpoint`, or from the packaged weights when None (with a clear error if absent)."""
-    if attention_backend is not None and attention_backend not in BACKENDS:
-        raise InputError("--attention-backend", f"unknown backend {attention_backend!r}; choose one of {', '.join(BACKENDS)}")
-    if attention_backend == "triton":
-        available, reason = triton_available()
-        if not available:
-            raise InputError("--attention-backend", reason)
+    """A Segmenter from `checkpoint`, or from the packaged weights when None (with a clear error if absent).
+
+    An unknown or unavailable backend is an InputError naming --backend with the reason.
+    """
     resolved = resolve_device(device)
-    options = {"device": resolved, "max_batch": max_batch, "attention_backend": attention_backend}
-    if checkpoint is not None:
-        return Segmenter.from_checkpoint(checkpoint, **options)
-    if not packaged_weights_path().is_file():
+    if backend is not None:
+        ok, why = backend_availability(backend, resolved)
+        if not ok:
+            raise InputError("--backend", why)
+    options = {"device": resolved, "max_batch": max_batch, "backend": backend, "backend_options": backend_options}
+    if checkpoint is None and not packaged_weights_path().is_file():
         raise CheckpointError(
             f"packaged weights not found at {packaged_weights_path()}; reinstall promptseg or pass --checkpoint FILE"
         )
-    return Segmenter.from_pretrained(**options)
+    try:
+        if checkpoint is not None:
+            return Segmenter.from_checkpoint(checkpoint, **options)
+        return Segmenter.from_pretrained(**options)
+    except BackendUnavailable as exc:
+        raise InputError("--backend", str(exc)) from None

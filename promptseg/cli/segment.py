@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from promptseg.cli.common import add_model_arguments, load_segmenter
+from promptseg.cli.common import add_backend_argument, add_model_arguments, load_segmenter
 from promptseg.data.io import (
     NIFTI_EXTENSIONS,
     ImageData,
@@ -33,7 +33,6 @@ from promptseg.engine.overlay import RED, montage, overlay
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, Segmenter
 from promptseg.errors import InputError
-from promptseg.kernels import BACKENDS
 
 SPARSE_DEST = "sparse_prompts"
 
@@ -82,8 +81,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_model_arguments(parser)
     parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="slices per forward pass (default 16)")
-    parser.add_argument("--attention-backend", choices=BACKENDS, metavar="NAME",
-                        help=f"attention kernels: {', '.join(BACKENDS)} (default: triton on CUDA, else sdpa)")
+    add_backend_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run, **{SPARSE_DEST: None})
 
@@ -224,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
     jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite)
-    segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.attention_backend)
+    segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend)
     encoded = encode(segmenter, prompts, args.label)
     for job in jobs:
         validate_query(read_image(job.path), segmenter)

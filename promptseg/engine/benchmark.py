@@ -13,9 +13,10 @@ from promptseg.engine.segmenter import Segmenter
 
 @dataclass
 class VolumeTiming:
-    """Seconds to segment one (S, H, W) volume at K prompts, best of `repeats` runs."""
+    """Seconds to segment one (S, H, W) volume at K prompts on one backend, best of `repeats` runs."""
 
     device: str
+    backend: str
     slices: int
     size: int
     shots: int
@@ -40,24 +41,24 @@ def time_volume(segmenter: Segmenter, slices: int, size: int, shots: int, repeat
     """Segment a random (slices, size, size) volume at K = shots prompts, two ways:
 
     cached: prompts encoded once, every batch of max_batch slices decoded against the encoding;
-    re-encoded: the full forward (prompt encoding included) for every batch, as an engine without
-    a prompt cache would do.
+    re-encoded: the prompts encoded again for every batch, as an engine without a prompt cache would do.
     """
     rng = np.random.default_rng(seed)
-    model, device, res, channels = segmenter.model, segmenter.device, segmenter.resolution, segmenter.channels
+    backend, device, res, channels = segmenter.backend, segmenter.device, segmenter.resolution, segmenter.channels
     volume = torch.from_numpy(rng.random((slices, channels, res, res), dtype=np.float32))
-    images = torch.from_numpy(rng.random((1, shots, channels, res, res), dtype=np.float32)).to(device)
-    maps = torch.from_numpy((rng.random((1, shots, res, res)) > 0.5).astype(np.float32)).to(device)
-    types = torch.full((1, shots), PROMPT_TYPES["mask"], dtype=torch.long, device=device)
+    images = torch.from_numpy(rng.random((1, shots, channels, res, res), dtype=np.float32))
+    maps = torch.from_numpy((rng.random((1, shots, res, res)) > 0.5).astype(np.float32))
+    types = torch.full((1, shots), PROMPT_TYPES["mask"], dtype=torch.long)
+    batch = segmenter.max_batch
 
     def cached() -> None:
-        encoding = model.encode_prompts(images, maps, types)
-        for start in range(0, slices, segmenter.max_batch):
-            model.decode(volume[start : start + segmenter.max_batch].to(device), encoding)
+        state = backend.encode(images, maps, types)
+        for start in range(0, slices, batch):
+            backend.decode(volume[start : start + batch], state)
 
     def reencoded() -> None:
-        for start in range(0, slices, segmenter.max_batch):
-            model(images, maps, types, volume[start : start + segmenter.max_batch].to(device))
+        for start in range(0, slices, batch):
+            backend.decode(volume[start : start + batch], backend.encode(images, maps, types))
 
     def best(run) -> float:
         times = []
@@ -72,4 +73,4 @@ def time_volume(segmenter: Segmenter, slices: int, size: int, shots: int, repeat
         return min(times)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return VolumeTiming(name, slices, size, shots, segmenter.max_batch, best(cached), best(reencoded))
+    return VolumeTiming(name, backend.name, slices, size, shots, batch, best(cached), best(reencoded))

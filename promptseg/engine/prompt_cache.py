@@ -4,11 +4,10 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from promptseg.model import PromptEncoding
 
 
 def content_key(*tensors: torch.Tensor, extra: str = "") -> str:
@@ -22,16 +21,16 @@ def content_key(*tensors: torch.Tensor, extra: str = "") -> str:
 
 
 class PromptCache:
-    """Least-recently-used map from content keys to PromptEncodings, bounded in bytes."""
+    """Least-recently-used map from content keys to encoded prompt states (anything with nbytes()), bounded in bytes."""
 
     def __init__(self, max_bytes: int = 512 * 2**20) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, PromptEncoding] = OrderedDict()
+        self._entries: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get_or_create(self, key: str, create: Callable[[], PromptEncoding]) -> PromptEncoding:
+    def get_or_create(self, key: str, create: Callable[[], Any]) -> Any:
         """The cached encoding for `key`, computing and storing it with `create` on a miss."""
         with self._lock:
             if key in self._entries:

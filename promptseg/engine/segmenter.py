@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 from promptseg.data.io import ImageData, read_image, slice_volume, stack_slices
 from promptseg.data.preprocess import prepare_image
+from promptseg.engine.backends import PromptState, create_backend
 from promptseg.engine.prompt_cache import PromptCache, content_key
 from promptseg.engine.prompts_input import ArrayOrPath, Prompt, as_prompts, load_2d, prepare_prompt
 from promptseg.errors import InputError
 from promptseg.kernels import default_backend
-from promptseg.model import PromptEncoding, PromptSegNet
+from promptseg.model import PromptSegNet
 from promptseg.train.checkpoint import load_model
 
 DEFAULT_WEIGHTS = "promptseg_default.safetensors"
@@ -38,7 +39,7 @@ def packaged_weights_path() -> Path:
 class EncodedPrompts:
     """A prompt set encoded once and reusable for any number of queries."""
 
-    encoding: PromptEncoding
+    encoding: PromptState  # a PromptEncoding for the PyTorch backends; backend-specific otherwise
     num_prompts: int
     key: str
 
@@ -70,17 +71,27 @@ class Segmenter:
         self,
         model: PromptSegNet,
         device: str | torch.device | None = None,
-        attention_backend: str | None = None,
+        backend: str | None = None,
+        backend_options: dict[str, Any] | None = None,
         max_batch: int = 16,
         cache_bytes: int = 512 * 2**20,
     ) -> None:
+        """backend: one of ENGINE_BACKENDS (None: triton on CUDA when it works, else torch);
+        backend_options go to the backend's constructor (e.g. model_dir for onnxruntime).
+        Raises BackendUnavailable with a one-line reason when the backend cannot run here."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-        self.model.set_attention_backend(attention_backend or default_backend(self.device))
         if max_batch < 1:
             raise InputError("--max-batch", f"must be at least 1, got {max_batch}")
+        if backend is None:
+            backend = "triton" if default_backend(self.device) == "triton" else "torch"
+        self.model = model.eval()
+        self.backend = create_backend(backend, model, self.device, **(backend_options or {}))
         self.max_batch = max_batch
         self.cache = PromptCache(cache_bytes)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
 
     @property
     def resolution(self) -> int:
@@ -121,23 +132,15 @@ class Segmenter:
         prompt_images = torch.stack([p[0] for p in prepared])[None]
         prompt_maps = torch.stack([p[1] for p in prepared])[None]
         prompt_types = torch.tensor([[p[2] for p in prepared]], dtype=torch.long)
-        key = content_key(prompt_images, prompt_maps, prompt_types, extra=self.model.attention_backend)
-
-        def create() -> PromptEncoding:
-            with torch.inference_mode():
-                return self.model.encode_prompts(
-                    prompt_images.to(self.device), prompt_maps.to(self.device), prompt_types.to(self.device)
-                )
-
-        return EncodedPrompts(self.cache.get_or_create(key, create), len(prompts), key)
+        key = content_key(prompt_images, prompt_maps, prompt_types, extra=f"{self.backend.name}:{id(self.backend)}")
+        state = self.cache.get_or_create(key, lambda: self.backend.encode(prompt_images, prompt_maps, prompt_types))
+        return EncodedPrompts(state, len(prompts), key)
 
     def _logits(self, batch: torch.Tensor, prompts: EncodedPrompts) -> torch.Tensor:
         """(N, C, R, R) prepared queries -> (N, R, R) float32 logits, in chunks of max_batch."""
         outputs = []
-        with torch.inference_mode():
-            for start in range(0, batch.shape[0], self.max_batch):
-                chunk = batch[start : start + self.max_batch].to(self.device)
-                outputs.append(self.model.decode(chunk, prompts.encoding).float().cpu())
+        for start in range(0, batch.shape[0], self.max_batch):
+            outputs.append(self.backend.decode(batch[start : start + self.max_batch], prompts.encoding))
         return torch.cat(outputs)
 
     @staticmethod
