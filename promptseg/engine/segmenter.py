@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from promptseg.data.preprocess import prepare_image
 from promptseg.engine.backends import PromptState, create_backend
 from promptseg.engine.prompt_cache import PromptCache, content_key
 from promptseg.engine.prompts_input import ArrayOrPath, Prompt, as_prompts, load_2d, prepare_prompt
-from promptseg.errors import InputError
+from promptseg.errors import InputError, PromptSegError
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
 from promptseg.train.checkpoint import load_model
@@ -62,6 +62,26 @@ class VolumeResult:
     @property
     def affine(self) -> np.ndarray | None:
         return self.source.affine
+
+
+@dataclass
+class LabelResult:
+    """Several labels of one query, each segmented with its own prompts.
+
+    labels: the L label values; probabilities: (L, *spatial) float32 in [0, 1], in `labels` order.
+    """
+
+    labels: tuple[int, ...]
+    probabilities: np.ndarray
+    threshold: float = 0.5
+
+    @property
+    def label_map(self) -> np.ndarray:
+        """(*spatial) integer map: at each pixel the most probable label above the threshold, else 0."""
+        best = self.probabilities.argmax(axis=0)
+        values = np.asarray(self.labels)[best]
+        dtype = np.uint8 if max(self.labels) < 256 else np.int32
+        return np.where(self.probabilities.max(axis=0) > self.threshold, values, 0).astype(dtype)
 
 
 class Segmenter:
@@ -137,11 +157,32 @@ class Segmenter:
         return EncodedPrompts(state, len(prompts), key)
 
     def _logits(self, batch: torch.Tensor, prompts: EncodedPrompts) -> torch.Tensor:
-        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits, in chunks of max_batch."""
+        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits, in chunks of max_batch.
+
+        On an out-of-memory error a chunk is halved and retried, and max_batch stays at the size
+        that worked, so later chunks do not fail again.
+        """
         outputs = []
-        for start in range(0, batch.shape[0], self.max_batch):
-            outputs.append(self.backend.decode(batch[start : start + self.max_batch], prompts.encoding))
+        start = 0
+        while start < batch.shape[0]:
+            chunk = batch[start : start + self.max_batch]
+            try:
+                outputs.append(self.backend.decode(chunk, prompts.encoding))
+            except torch.OutOfMemoryError:
+                if chunk.shape[0] == 1:
+                    raise PromptSegError(
+                        f"{self.device}: out of memory decoding a single query with the {self.backend.name} backend"
+                    ) from None
+                self.max_batch = chunk.shape[0] // 2
+                self._release_cached_memory()
+                continue
+            start += chunk.shape[0]
         return torch.cat(outputs)
+
+    def _release_cached_memory(self) -> None:
+        """Give the CUDA caching allocator's free blocks back before a retry."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @staticmethod
     def _to_probabilities(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -175,17 +216,83 @@ class Segmenter:
 
         volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's grid.
         """
-        data = volume if isinstance(volume, ImageData) else (
-            read_image(volume) if isinstance(volume, (str, os.PathLike)) else ImageData(np.asarray(volume), True, None, None, "volume")
-        )
+        data = as_volume(volume)
+        return VolumeResult(self._volume_probabilities(data, [prompts], axis)[0], data, axis)
+
+    def _volume_probabilities(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int) -> np.ndarray:
+        """(X, Y, Z) volume -> (L, X, Y, Z) float32 probabilities, one per prompt set.
+
+        Peak memory beyond the output is one batch of prepared slices and its logits, whatever the depth.
+        """
         array = data.array
         if array.ndim != 3 or (not data.is_volume and array.shape[-1] in (3, 4)):
             raise InputError(data.path, f"expected a 3D volume, got shape {array.shape}")
         if not np.all(np.isfinite(array)):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
         slices = slice_volume(array, axis)
-        out = np.empty(slices.shape, dtype=np.float32)
+        out = np.empty((len(prompt_sets),) + slices.shape, dtype=np.float32)
         for start, batch in self.iter_volume_batches(slices, data.path):
-            logits = self._logits(batch, prompts)
-            out[start : start + batch.shape[0]] = self._to_probabilities(logits, slices.shape[1:])
-        return VolumeResult(stack_slices(out, axis), data, axis)
+            for index, prompts in enumerate(prompt_sets):
+                logits = self._logits(batch, prompts)
+                out[index, start : start + batch.shape[0]] = self._to_probabilities(logits, slices.shape[1:])
+        return np.stack([stack_slices(o, axis) for o in out])
+
+    def encode_labels(
+        self,
+        images: Sequence[ArrayOrPath] | np.ndarray,
+        label_maps: Sequence[ArrayOrPath] | np.ndarray,
+        labels: Sequence[int] | None = None,
+    ) -> dict[int, EncodedPrompts]:
+        """Encode one prompt set per label from K prompt images and their (H, W) label maps.
+
+        labels: the label values to segment (default: every non-zero value in the label maps). A
+        prompt whose map lacks a label counts as an example without that structure; each label must
+        appear in at least one map.
+        """
+        loaded_images = [load_2d(image, is_label=False, what=f"prompt {n}") for n, image in enumerate(images)]
+        loaded_maps = [load_2d(m, is_label=True, what=f"prompt {n} label map") for n, m in enumerate(label_maps)]
+        if len(loaded_images) != len(loaded_maps):
+            raise InputError(None, f"{len(loaded_images)} prompt images but {len(loaded_maps)} label maps")
+        present = sorted({int(v) for m, _ in loaded_maps for v in np.unique(m) if v != 0})
+        chosen = present if labels is None else [int(l) for l in labels]
+        if not chosen:
+            raise InputError(loaded_maps[0][1] if loaded_maps else None, "the label maps contain no foreground label")
+        for label in chosen:
+            if label not in present:
+                raise InputError(None, f"label {label} appears in none of the prompt label maps (labels present: {present})")
+        return {
+            label: self.encode_prompts(
+                [Prompt(image=a, kind="mask", mask=(m == label).astype(np.uint8), name=src)
+                 for (a, src), (m, _) in zip(loaded_images, loaded_maps)]
+            )
+            for label in chosen
+        }
+
+    def segment_labels(
+        self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: Mapping[int, EncodedPrompts], threshold: float = 0.5
+    ) -> list[LabelResult]:
+        """Segment several labels of 2D queries, each label with its own prompts: one LabelResult per query."""
+        if not prompts:
+            raise InputError(None, "no labels to segment")
+        per_label = [self.segment(queries, p) for p in prompts.values()]
+        labels = tuple(prompts)
+        return [LabelResult(labels, np.stack([probs[n] for probs in per_label]), threshold)
+                for n in range(len(per_label[0]))]
+
+    def segment_volume_labels(
+        self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2, threshold: float = 0.5
+    ) -> LabelResult:
+        """Segment several labels of a 3D volume in one streamed pass; probabilities (L, X, Y, Z)."""
+        if not prompts:
+            raise InputError(None, "no labels to segment")
+        data = as_volume(volume)
+        return LabelResult(tuple(prompts), self._volume_probabilities(data, list(prompts.values()), axis), threshold)
+
+
+def as_volume(volume: ArrayOrPath | ImageData) -> ImageData:
+    """A NIfTI path, an ImageData or an (X, Y, Z) array -> ImageData."""
+    if isinstance(volume, ImageData):
+        return volume
+    if isinstance(volume, (str, os.PathLike)):
+        return read_image(volume)
+    return ImageData(np.asarray(volume), True, None, None, "volume")
