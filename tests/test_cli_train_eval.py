@@ -62,3 +62,21 @@ def test_train_refuses_an_unknown_held_out_dataset(tmp_path: Path, disk_dataset:
     code = main(["train", "--data", str(disk_dataset), "--exclude", "nope", "--out", str(tmp_path / "r")])
     assert code == 2
     assert "--exclude: no dataset named nope" in capsys.readouterr().err
+
+
+def test_eval_merges_methods_scored_separately(tmp_path: Path, disk_dataset: Path, tiny_checkpoint: Path, capsys) -> None:  # noqa: F811
+    """Baselines scored once and merged give the same cells as one run of every method."""
+    common = ["eval", "--data", str(disk_dataset), "--shots", "1", "--episodes", "2", "--queries", "2",
+              "--checkpoint", str(tiny_checkpoint), "--unet-steps", "2", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "all.json")]) == 0
+    assert main(common + ["--methods", "nearest_prompt", "finetuned_unet", "--out", str(tmp_path / "base.json")]) == 0
+    assert main(common + ["--methods", "promptseg", "--merge", str(tmp_path / "base.json"), "--out", str(tmp_path / "merged.json")]) == 0
+    full, merged = (json.loads((tmp_path / name).read_text())["methods"] for name in ("all.json", "merged.json"))
+    assert list(merged) == ["promptseg", "nearest_prompt", "finetuned_unet"]
+    for method in full:
+        assert [row["shots"]["1"]["dice"] for row in merged[method]["tasks"]] == [row["shots"]["1"]["dice"] for row in full[method]["tasks"]]
+    capsys.readouterr()
+    other_shots = ["eval", "--data", str(disk_dataset), "--shots", "2", "--episodes", "2", "--queries", "2",
+                   "--checkpoint", str(tiny_checkpoint), "--no-progress", "--methods", "promptseg"]
+    assert main(other_shots + ["--merge", str(tmp_path / "base.json")]) == 2
+    assert "base.json: was evaluated with shots=[1], this run uses [2]" in capsys.readouterr().err

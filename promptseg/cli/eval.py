@@ -10,8 +10,11 @@ from promptseg.data.io import write_text
 from promptseg.engine.segmenter import packaged_weights_path
 from promptseg.errors import InputError
 from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
-from promptseg.eval.evaluate import evaluate
+from promptseg.eval.evaluate import EvalReport, evaluate
 from promptseg.train.checkpoint import load_model
+
+
+METHODS = ("promptseg", "nearest_prompt", "finetuned_unet")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
-    parser.add_argument("--no-baselines", action="store_true", help="score the model only")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="NAME",
+                        help=f"methods to score: {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="FILE.json",
+                        help="add the methods of earlier reports of the same episodes (same --episodes, --queries, "
+                        "--seed, --shots and data), e.g. baselines scored once")
     parser.add_argument("--unet-steps", type=int, default=60, help="fine-tuning budget of the U-Net baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -46,12 +53,20 @@ def run(args: argparse.Namespace) -> int:
     tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, progress=not args.no_progress)
     if not tasks:
         raise InputError(" ".join(args.data), "no task with enough annotated examples")
-    predictors = {"promptseg": ModelPredictor(model, device)}
-    if not args.no_baselines:
-        predictors["nearest_prompt"] = NearestPromptBaseline()
-        predictors["finetuned_unet"] = FineTunedUNetBaseline(steps=args.unet_steps, seed=args.seed)
+    earlier = [(path, EvalReport.load(path)) for path in args.merge]
+    makers = {
+        "promptseg": lambda: ModelPredictor(model, device),
+        "nearest_prompt": NearestPromptBaseline,
+        "finetuned_unet": lambda: FineTunedUNetBaseline(steps=args.unet_steps, seed=args.seed),
+    }
+    planned = {"episodes": args.episodes, "queries": args.queries, "seed": args.seed, "shots": list(args.shots)}
+    for path, other in earlier:
+        other.check_same_episodes(planned, [(task.group, task.name) for task in tasks], path)
+    predictors = {name: makers[name]() for name in args.methods}
     report = evaluate(predictors, tasks, args.shots, args.episodes, queries=args.queries, seed=args.seed,
                       progress=not args.no_progress)
+    for path, other in earlier:
+        report = report.merged(other, path)
     print(report.to_markdown())
     if args.out:
         report.write(args.out)

@@ -29,9 +29,9 @@ from promptseg.data.io import (
     write_png,
 )
 from promptseg.data.preprocess import prepare_image
-from promptseg.engine.overlay import RED, montage, overlay
+from promptseg.engine.overlay import LABEL_COLOURS, montage, overlay
 from promptseg.engine.prompts_input import Prompt
-from promptseg.engine.segmenter import EncodedPrompts, Segmenter
+from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.errors import InputError
 
 SPARSE_DEST = "sparse_prompts"
@@ -60,8 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prompts = parser.add_argument_group("prompts (at least one; up to the model's limit, 64 by default)")
     prompts.add_argument("--prompt", action="append", nargs=2, default=[], metavar=("IMAGE", "MASK"),
                          help="a prompt image and its mask or label map (repeatable)")
-    prompts.add_argument("--label", type=int, metavar="N",
-                         help="segment label N of the prompt label maps (default: any non-zero value)")
+    prompts.add_argument("--label", type=int, nargs="+", metavar="N",
+                         help="segment label N of the prompt label maps (default: any non-zero value); several "
+                         "labels give one label map per query (<name>_mask holds the label values) and, with "
+                         "--save-probabilities, one probability file per label")
     prompts.add_argument("--prompt-image", action=_InOrder, dest=SPARSE_DEST, metavar="IMAGE",
                          help="a prompt image annotated by the --click, --box and --scribble options after it (repeatable)")
     prompts.add_argument("--click", action=_InOrder, dest=SPARSE_DEST, nargs=2, type=float, metavar=("X", "Y"),
@@ -126,8 +128,13 @@ class QueryJob:
     outputs: dict[str, str]
 
 
-def plan_outputs(queries: Sequence[str], out_dir: str, probabilities: bool, overlay_png: bool, overwrite: bool) -> list[QueryJob]:
-    """Output paths of every query; InputError on clashing names or (without overwrite) existing files."""
+def plan_outputs(
+    queries: Sequence[str], out_dir: str, probabilities: bool, overlay_png: bool, overwrite: bool,
+    labels: Sequence[int] = (),
+) -> list[QueryJob]:
+    """Output paths of every query; InputError on clashing names or (without overwrite) existing files.
+
+    With several labels, probabilities go to one file per label (kind prob_label{N})."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(out_dir, "--out must be a folder, found a file")
     jobs: list[QueryJob] = []
@@ -140,7 +147,8 @@ def plan_outputs(queries: Sequence[str], out_dir: str, probabilities: bool, over
         nifti = file_extension(path) in NIFTI_EXTENSIONS
         extensions = {"mask": ".nii.gz" if nifti else ".png"}
         if probabilities:
-            extensions["prob"] = ".nii.gz" if nifti else ".npy"
+            kinds = [f"prob_label{label}" for label in labels] if len(labels) > 1 else ["prob"]
+            extensions.update({kind: ".nii.gz" if nifti else ".npy" for kind in kinds})
         if overlay_png:
             extensions["overlay"] = ".png"
         outputs = {kind: os.path.join(out_dir, f"{name}_{kind}{ext}") for kind, ext in extensions.items()}
@@ -151,12 +159,22 @@ def plan_outputs(queries: Sequence[str], out_dir: str, probabilities: bool, over
     return jobs
 
 
-def encode(segmenter: Segmenter, prompts: list[Prompt], label: int | None) -> EncodedPrompts:
-    """Encode the prompts; problems of the prompt set as a whole are reported against --prompt."""
-    if label is not None and label < 1:
-        raise InputError("--label", f"must be a positive label value, got {label}")
+def encode(segmenter: Segmenter, prompts: list[Prompt], labels: Sequence[int] | None) -> dict[int, EncodedPrompts]:
+    """Encode the prompts, one set per label (key 1 when no --label is given: any non-zero value).
+
+    Problems of the prompt set as a whole are reported against --prompt."""
+    for label in labels or []:
+        if label < 1:
+            raise InputError("--label", f"must be a positive label value, got {label}")
+    if labels is not None and len(set(labels)) != len(labels):
+        raise InputError("--label", f"repeated label values: {' '.join(map(str, labels))}")
     try:
-        return segmenter.encode_prompts(prompts, label=label)
+        if labels is not None and len(labels) > 1:
+            if any(p.kind != "mask" for p in prompts):
+                raise InputError("--label", "several labels need --prompt IMAGE LABEL_MAP pairs only (no clicks, boxes or scribbles)")
+            return segmenter.encode_labels([p.image for p in prompts], [p.mask for p in prompts], labels)
+        label = labels[0] if labels else None
+        return {label or 1: segmenter.encode_prompts(prompts, label=label)}
     except InputError as error:
         if error.source is None:
             raise InputError("--prompt", error.problem) from None
@@ -177,31 +195,42 @@ def validate_query(data: ImageData, segmenter: Segmenter) -> None:
         prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
 
 
-def predict(data: ImageData, segmenter: Segmenter, prompts: EncodedPrompts, axis: int) -> np.ndarray:
-    """Foreground probabilities in the query's own grid: (H, W) for images, (X, Y, Z) for volumes."""
+def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int, threshold: float) -> LabelResult:
+    """Per-label probabilities in the query's own grid: (L, H, W) for images, (L, X, Y, Z) for volumes."""
     if is_volume(data):
-        return segmenter.segment_volume(data, prompts, axis=axis).probabilities
-    return segmenter.segment([data.array], prompts)[0]
+        return segmenter.segment_volume_labels(data, prompts, axis=axis, threshold=threshold)
+    return segmenter.segment_labels([data.array], prompts, threshold=threshold)[0]
 
 
-def render_outputs(job: QueryJob, data: ImageData, probabilities: np.ndarray, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
-    """kind -> a function writing that output (all arrays computed up front, so writing cannot fail on them)."""
-    mask = probabilities > args.threshold
+def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    """kind -> a function writing that output (all arrays computed up front, so writing cannot fail on them).
+
+    One label: the mask is 0/255 (PNG) or 0/1 (NIfTI); several labels: the label map itself."""
     overwrite = args.overwrite
+    several = len(result.labels) > 1
+    mask = result.label_map if several else (result.probabilities[0] > args.threshold).astype(np.uint8) * (1 if job.nifti else 255)
     writers: dict[str, Callable[[], None]] = {}
     if job.nifti:
-        writers["mask"] = lambda: write_nifti_like(job.outputs["mask"], mask.astype(np.uint8), data, overwrite)
+        writers["mask"] = lambda: write_nifti_like(job.outputs["mask"], mask, data, overwrite)
     else:
-        writers["mask"] = lambda: write_png(job.outputs["mask"], mask.astype(np.uint8) * 255, overwrite)
-    if "prob" in job.outputs:
-        if job.nifti:
-            writers["prob"] = lambda: write_nifti_like(job.outputs["prob"], probabilities, data, overwrite)
-        else:
-            writers["prob"] = lambda: atomic_write(job.outputs["prob"], lambda tmp: np.save(tmp, probabilities), overwrite)
+        writers["mask"] = lambda: write_png(job.outputs["mask"], mask, overwrite)
+    for index, label in enumerate(result.labels):
+        kind = f"prob_label{label}" if several else "prob"
+        if kind in job.outputs:
+            writers[kind] = probability_writer(job.outputs[kind], result.probabilities[index], data, job.nifti, overwrite)
     if "overlay" in job.outputs:
-        picture = montage(data.array, [(mask, RED)], args.axis) if is_volume(data) else overlay(data.array, [(mask, RED)])
+        label_map = result.label_map
+        contours = [(label_map == label, LABEL_COLOURS[n % len(LABEL_COLOURS)]) for n, label in enumerate(result.labels)]
+        picture = montage(data.array, contours, args.axis) if is_volume(data) else overlay(data.array, contours)
         writers["overlay"] = lambda: write_png(job.outputs["overlay"], picture, overwrite)
     return writers
+
+
+def probability_writer(path: str, probabilities: np.ndarray, data: ImageData, nifti: bool, overwrite: bool) -> Callable[[], None]:
+    """A function writing one label's float32 probabilities as NIfTI (in the query's space) or .npy."""
+    if nifti:
+        return lambda: write_nifti_like(path, probabilities, data, overwrite)
+    return lambda: atomic_write(path, lambda tmp: np.save(tmp, probabilities), overwrite)
 
 
 def write_all(job: QueryJob, writers: dict[str, Callable[[], None]]) -> None:
@@ -221,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = collect_prompts(args.prompt, getattr(args, SPARSE_DEST))
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
-    jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite)
+    jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or ())
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend)
     encoded = encode(segmenter, prompts, args.label)
     for job in jobs:
@@ -229,8 +258,8 @@ def run(args: argparse.Namespace) -> int:
     progress = tqdm(jobs, desc="segment", unit="query", file=sys.stderr, disable=True if args.no_progress else None)
     for job in progress:
         data = read_image(job.path)
-        probabilities = predict(data, segmenter, encoded, args.axis)
-        write_all(job, render_outputs(job, data, probabilities, args))
+        result = predict(data, segmenter, encoded, args.axis, args.threshold)
+        write_all(job, render_outputs(job, data, result, args))
     print(f"segmented {len(jobs)} {'query' if len(jobs) == 1 else 'queries'} with {len(prompts)} "
           f"prompt{'s' if len(prompts) != 1 else ''}; wrote {', '.join(sorted({k for j in jobs for k in j.outputs}))} "
           f"files to {args.out}")

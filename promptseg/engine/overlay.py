@@ -16,6 +16,7 @@ from promptseg.data.preprocess import normalize_intensity, to_channels_first
 Colour = tuple[int, int, int]
 RED: Colour = (255, 40, 40)
 GREEN: Colour = (40, 220, 40)
+LABEL_COLOURS: tuple[Colour, ...] = (RED, GREEN, (60, 120, 255), (255, 200, 0), (220, 60, 220), (0, 210, 210))
 Contour = tuple[np.ndarray, Colour]  # (mask (H, W) bool, colour)
 
 

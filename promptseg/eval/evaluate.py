@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from promptseg.data.episodes import Episode, fixed_episodes
 from promptseg.data.tasks import ArrayTask
+from promptseg.errors import InputError
 from promptseg.eval.baselines import Predictor
 from promptseg.train.loss import hard_dice
 
@@ -114,6 +115,58 @@ class EvalReport:
         if self.skipped:
             lines += ["", "Skipped:"] + [f"- {s['task']} K={s['shots']}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "EvalReport":
+        """Inverse of `to_json` (per-method seconds are rebuilt from seconds_per_episode)."""
+        settings = dict(data["settings"])
+        methods = list(data["methods"])
+        scores: dict[str, dict[tuple[str, str], dict[int, CellScore]]] = {}
+        seconds: dict[str, float] = {}
+        tasks: list[tuple[str, str]] = []
+        for method, body in data["methods"].items():
+            scores[method] = {
+                (row["group"], row["task"]): {int(k): CellScore(list(cell["dice"])) for k, cell in row["shots"].items()}
+                for row in body["tasks"]
+            }
+            tasks += [key for key in scores[method] if key not in tasks]
+            runs = sum(len(c.dice) for cells in scores[method].values() for c in cells.values())
+            seconds[method] = (body.get("seconds_per_episode") or 0.0) * runs
+        return cls(methods, list(settings["shots"]), tasks, settings, scores, seconds, list(data.get("skipped", [])))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EvalReport":
+        """Read a report written by `write`; InputError naming the file when it is not one."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise InputError(path, "file not found") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(path, f"not a promptseg eval report ({type(exc).__name__}: {exc})") from None
+
+    def check_same_episodes(self, settings: Mapping[str, Any], tasks: Sequence[tuple[str, str]], source: str | os.PathLike | None) -> None:
+        """InputError naming `source` unless this report used the episodes that `settings` and `tasks` describe."""
+        for key in ("episodes", "queries", "seed", "shots"):
+            if self.settings.get(key) != settings.get(key):
+                raise InputError(source, f"was evaluated with {key}={self.settings.get(key)}, this run uses {settings.get(key)}")
+        if set(self.tasks) != set(tasks):
+            raise InputError(source, "was evaluated on other tasks than this run")
+
+    def merged(self, other: "EvalReport", source: str | os.PathLike | None = None) -> "EvalReport":
+        """This report plus the methods of `other`, which must come from the same episodes.
+
+        Episodes, queries, seed and shots must match (the tasks must too), so that every method was
+        scored on identical prompt draws; InputError naming `source` otherwise.
+        """
+        other.check_same_episodes(self.settings, self.tasks, source)
+        extra = [m for m in other.methods if m not in self.methods]
+        settings = {**self.settings, "methods": self.methods + extra}
+        return EvalReport(
+            self.methods + extra, self.shots, self.tasks, settings,
+            {**self.scores, **{m: other.scores[m] for m in extra}},
+            {**self.seconds, **{m: other.seconds.get(m, 0.0) for m in extra}},
+            self.skipped,
+        )
 
     def write(self, path: str | os.PathLike) -> None:
         """Write `to_json()` to `path` atomically (temporary file beside it, then os.replace)."""
