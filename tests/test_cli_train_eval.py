@@ -70,7 +70,9 @@ def test_eval_merges_methods_scored_separately(tmp_path: Path, disk_dataset: Pat
               "--checkpoint", str(tiny_checkpoint), "--unet-steps", "2", "--no-progress"]
     assert main(common + ["--out", str(tmp_path / "all.json")]) == 0
     assert main(common + ["--methods", "nearest_prompt", "finetuned_unet", "--out", str(tmp_path / "base.json")]) == 0
-    assert main(common + ["--methods", "promptseg", "--merge", str(tmp_path / "base.json"), "--out", str(tmp_path / "merged.json")]) == 0
+    assert main(common + ["--methods", "promptseg", "--merge", str(tmp_path / "base.json"), "--out", str(tmp_path / "merged.json"),
+                          "--plot", str(tmp_path / "dice.png")]) == 0
+    assert (tmp_path / "dice.png").stat().st_size > 0
     full, merged = (json.loads((tmp_path / name).read_text())["methods"] for name in ("all.json", "merged.json"))
     assert list(merged) == ["promptseg", "nearest_prompt", "finetuned_unet"]
     for method in full:

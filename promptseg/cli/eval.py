@@ -11,6 +11,7 @@ from promptseg.engine.segmenter import packaged_weights_path
 from promptseg.errors import InputError
 from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
 from promptseg.eval.evaluate import EvalReport, evaluate
+from promptseg.eval.plot import plot_dice_against_k
 from promptseg.train.checkpoint import load_model
 
 
@@ -31,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw mean Dice over tasks against K, one line per method")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="NAME",
                         help=f"methods to score: {', '.join(METHODS)} (default: all)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="FILE.json",
@@ -72,4 +74,7 @@ def run(args: argparse.Namespace) -> int:
         report.write(args.out)
     if args.markdown:
         write_text(args.markdown, report.to_markdown(), overwrite=True)
+    if args.plot:
+        names = ", ".join(sorted({group for group, _ in report.tasks}))
+        plot_dice_against_k(report, args.plot, f"mean Dice over tasks against K ({names})")
     return 0
