@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
         written = export_aoti(model.to(resolve_device(args.device or "cpu")), args.out, overwrite=args.overwrite)
     else:
         from promptseg.export.onnx_export import export_onnx
-        from promptseg.export.tensorrt_build import build_engines
+        from promptseg.export.tensorrt_build import build_engines, require_tensorrt_gpu
 
+        require_tensorrt_gpu()  # before writing any ONNX file
         onnx_dir = os.path.join(args.out, "onnx")
         export_onnx(model, onnx_dir, overwrite=args.overwrite)
         written = build_engines(

@@ -1,0 +1,435 @@
+"""TensorRT 10 engines built from the two exported ONNX graphs (see promptseg.export.graphs).
+
+    build_engines(onnx_dir, out_dir) -> out_dir/prompt_encoder.plan, out_dir/query_decoder.plan,
+                                        out_dir/promptseg_tensorrt.json (the sidecar)
+
+Each engine has one optimisation profile. The prompt encoder's inputs are dynamic in the prompt
+count K; the query decoder's in the query batch B and, through its encoding inputs
+(1, H_i, K * n_i, D), in K as well, where n_i = (R / 2 ** (s_i + 1)) ** 2 prompt tokens come from
+one prompt at attention stage s_i (SharedEncoder: widths[s] has stride 2 ** (s + 1); with a prompt
+bottleneck every stage has bottleneck_tokens tokens whatever K is).
+
+Plans are tied to the GPU model and the TensorRT version that built them; the sidecar records
+both with the model config, so a loader can refuse a mismatch with a clear message.
+`tensorrt` is imported only inside the functions that need it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from promptseg.errors import InputError, PromptSegError
+from promptseg.export.graphs import LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, encoding_names
+from promptseg.model import ModelConfig
+
+ROLES = ("prompt_encoder", "query_decoder")
+SIDECAR_NAME = "promptseg_tensorrt.json"
+SIDECAR_FORMAT = "promptseg-tensorrt"
+SIDECAR_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "bf16")
+ONNX_CONFIG_KEY = "model_config"
+ONNX_SHARED_KEYS = ("model_config", "weights_sha256", "dtype")
+MIN_TENSORRT_MAJOR = 10
+DEFAULT_OPT_PROMPTS = 4
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+
+
+class ShapeRange(NamedTuple):
+    """The min / opt / max shapes of one input in an optimisation profile."""
+
+    min: Shape
+    opt: Shape
+    max: Shape
+
+
+class SizeRange(NamedTuple):
+    """min <= opt <= max of one dynamic size (the batch B or the prompt count K)."""
+
+    min: int
+    opt: int
+    max: int
+
+
+def onnx_path(onnx_dir: str | os.PathLike, role: str) -> Path:
+    """Where export_onnx writes graph `role` ("prompt_encoder" or "query_decoder")."""
+    return Path(onnx_dir) / f"{role}.onnx"
+
+
+def plan_path(engine_dir: str | os.PathLike, role: str) -> Path:
+    """Where build_engines writes the engine of graph `role`."""
+    return Path(engine_dir) / f"{role}.plan"
+
+
+# --- profile shapes (pure; no tensorrt needed) ------------------------------------------------
+
+
+def encoding_tokens(config: ModelConfig, stage_index: int, prompts: int) -> int:
+    """Prompt tokens at attention stage config.attention_stages[stage_index] for `prompts` prompts.
+
+    K * (R / 2 ** (s + 1)) ** 2 (one token per feature-map cell of each prompt), or
+    bottleneck_tokens when the model compresses the prompt tokens into learned latents.
+    """
+    if config.bottleneck_tokens > 0:
+        return config.bottleneck_tokens
+    side = config.resolution // 2 ** (config.attention_stages[stage_index] + 1)
+    return prompts * side * side
+
+
+def encoding_shape(config: ModelConfig, stage_index: int, prompts: int) -> Shape:
+    """(1, H, T, D) of every keys/values tensor of stage `stage_index`: H heads of head_dim D."""
+    width = config.widths[config.attention_stages[stage_index]]
+    return 1, width // config.head_dim, encoding_tokens(config, stage_index, prompts), config.head_dim
+
+
+def encoder_input_shapes(config: ModelConfig, prompts: int) -> dict[str, Shape]:
+    """Prompt-encoder inputs for K = `prompts`: images (1, K, C, R, R), maps (1, K, R, R), types (1, K)."""
+    r, c = config.resolution, config.in_channels
+    images, maps, types = PROMPT_INPUT_NAMES
+    return {images: (1, prompts, c, r, r), maps: (1, prompts, r, r), types: (1, prompts)}
+
+
+def decoder_input_shapes(config: ModelConfig, batch: int, prompts: int) -> dict[str, Shape]:
+    """Query-decoder inputs: queries (B, C, R, R) and each encoding tensor (1, H, T, D) for K = `prompts`."""
+    r, c = config.resolution, config.in_channels
+    shapes: dict[str, Shape] = {QUERY_INPUT_NAME: (batch, c, r, r)}
+    per_kind = len(config.attention_stages) * config.attention_depth  # encoding_names: keys, then values
+    for index, name in enumerate(encoding_names(config)):
+        shapes[name] = encoding_shape(config, index % per_kind // config.attention_depth, prompts)
+    return shapes
+
+
+def profile_shapes(config: ModelConfig, batch: Sequence[int], prompts: Sequence[int]) -> dict[str, ShapeRange]:
+    """min/opt/max shapes of every input of both graphs, by input name.
+
+    batch and prompts are (min, opt, max) query batch sizes B and prompt counts K.
+    """
+    batch, prompts = SizeRange(*batch), SizeRange(*prompts)
+    per_level = [
+        {**encoder_input_shapes(config, k), **decoder_input_shapes(config, b, k)} for b, k in zip(batch, prompts)
+    ]
+    return {name: ShapeRange(*(level[name] for level in per_level)) for name in per_level[0]}
+
+
+def size_range(name: str, maximum: int, optimum: int | None, default_opt: int) -> SizeRange:
+    """SizeRange(1, opt, max) for the argument `name`; InputError when not 1 <= opt <= max."""
+    opt = min(default_opt, maximum) if optimum is None else optimum
+    if maximum < 1:
+        raise InputError(f"max_{name}", f"must be at least 1, got {maximum}")
+    if not 1 <= opt <= maximum:
+        raise InputError(f"opt_{name}", f"must lie in 1..{maximum} (max_{name}), got {opt}")
+    return SizeRange(1, opt, maximum)
+
+
+# --- tensorrt -------------------------------------------------------------------------------
+
+
+def tensorrt_module() -> tuple[ModuleType | None, str]:
+    """(tensorrt, "") when TensorRT 10 or newer imports, else (None, one-line reason)."""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as exc:
+        return None, f"cannot import tensorrt ({_one_line(str(exc))})"
+    major = int(str(tensorrt.__version__).split(".")[0])
+    if major < MIN_TENSORRT_MAJOR:
+        return None, f"found TensorRT {tensorrt.__version__}, need {MIN_TENSORRT_MAJOR} or newer"
+    return tensorrt, ""
+
+
+def import_tensorrt() -> ModuleType:
+    """The tensorrt module (TensorRT 10 or newer); PromptSegError saying why when it cannot be used."""
+    trt, why = tensorrt_module()
+    if trt is None:
+        raise PromptSegError(_missing(why))
+    return trt
+
+
+def _missing(reason: str) -> str:
+    return f"tensorrt export needs the tensorrt package (TensorRT 10) and a CUDA GPU: {reason}"
+
+
+@functools.cache
+def tensorrt_logger() -> Any:
+    """The one process-wide TensorRT logger: warnings and errors go to Python logging, errors are kept.
+
+    TensorRT expects a single logger per process (builder and runtime alike); `last_errors`
+    holds the most recent error messages for one-line reports.
+    """
+    trt = import_tensorrt()
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.last_errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                self.last_errors = (self.last_errors + [msg])[-5:]
+                log.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT: %s", msg)
+
+    return RecordingLogger()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _parser_error(error: Any) -> str:
+    """One IParserError as 'description (node N name: Operator)'."""
+    where = " ".join(part for part in (str(error.node_name() or ""), str(error.node_operator() or "")) if part)
+    return f"{_one_line(error.desc())} (node {error.node()}{': ' + where if where else ''})"
+
+
+def _parse_onnx(trt: ModuleType, builder: Any, path: Path) -> tuple[Any, Any]:
+    """ONNX file -> (INetworkDefinition, the OnnxParser that owns its weights until the build).
+
+    InputError naming the file, with every parser error on one line, when the graph does not parse.
+    """
+    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    parser = trt.OnnxParser(network, tensorrt_logger())
+    if not parser.parse_from_file(str(path)):
+        details = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
+        raise InputError(path, f"TensorRT's ONNX parser failed: {details or 'no details given'}")
+    return network, parser
+
+
+def _network_inputs(network: Any) -> dict[str, Shape]:
+    """name -> shape (-1 for dynamic dimensions) of every network input."""
+    return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+
+
+def _network_profile(path: Path, inputs: dict[str, Shape], shapes: dict[str, ShapeRange]) -> dict[str, ShapeRange]:
+    """The profile entries of a network's inputs, checked against the ONNX graph's static dimensions."""
+    profile = {}
+    for name, declared in inputs.items():
+        if name not in shapes:
+            raise InputError(path, f"unexpected graph input {name!r}; expected some of {', '.join(shapes)}")
+        for level in shapes[name]:
+            if len(level) != len(declared) or any(d not in (-1, w) for d, w in zip(declared, level)):
+                raise InputError(path, f"input {name!r} has shape {declared} but the model config implies {level}")
+        profile[name] = shapes[name]
+    return profile
+
+
+def _builder_config(trt: ModuleType, builder: Any, precision: str, workspace_gib: float, cache: bytes) -> Any:
+    """IBuilderConfig with the precision flags, the workspace limit and a timing cache loaded from `cache`.
+
+    fp32 also turns TF32 off, so an fp32 engine matches the eager float32 model closely.
+    """
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    else:
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    timing_cache = config.create_timing_cache(cache)
+    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        raise PromptSegError("TensorRT rejected the timing cache (built by another TensorRT version or GPU?)")
+    return config
+
+
+def _build_plan(
+    trt: ModuleType, path: Path, shapes: dict[str, ShapeRange], precision: str, workspace_gib: float, cache: bytes
+) -> tuple[bytes, bytes, dict[str, ShapeRange]]:
+    """One ONNX graph -> (serialized engine, updated timing cache, the profile used)."""
+    builder = trt.Builder(tensorrt_logger())
+    network, parser = _parse_onnx(trt, builder, path)
+    declared = _network_inputs(network)
+    profile_entries = _network_profile(path, declared, shapes)
+    config = _builder_config(trt, builder, precision, workspace_gib, cache)
+    profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile_entries.items():
+        if -1 in declared[name]:
+            profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(profile)
+    tensorrt_logger().last_errors = []
+    serialized = builder.build_serialized_network(network, config)
+    del parser  # kept alive until here: the network refers to weights the parser owns
+    if serialized is None:
+        reason = "; ".join(_one_line(m) for m in tensorrt_logger().last_errors) or "no error message"
+        raise PromptSegError(f"{path}: TensorRT could not build an engine: {reason}")
+    return bytes(memoryview(serialized)), bytes(memoryview(config.get_timing_cache().serialize())), profile_entries
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_graph_metadata(sources: dict[str, Path]) -> tuple[ModelConfig, dict[str, str]]:
+    """(model config, metadata) that export_onnx wrote into both graphs (needs the onnx package).
+
+    InputError naming the file when a graph holds another role, or the two graphs come from
+    different model configurations or weights.
+    """
+    try:
+        from promptseg.export.onnx_export import read_onnx_metadata
+    except ImportError as exc:
+        raise PromptSegError(f"reading the ONNX graphs' metadata needs the onnx package: {exc}") from None
+    found = {}
+    for role, path in sources.items():
+        found[role] = read_onnx_metadata(path)
+        if found[role]["graph_role"] != role:
+            raise InputError(path, f"holds the {found[role]['graph_role']} graph, expected the {role}")
+    encoder, decoder = found["prompt_encoder"], found["query_decoder"]
+    for key in ONNX_SHARED_KEYS:
+        if encoder[key] != decoder[key]:
+            raise InputError(sources["query_decoder"], f"differs from the prompt encoder's export in {key}")
+    return ModelConfig.from_json(encoder[ONNX_CONFIG_KEY]), encoder
+
+
+def read_sidecar(engine_dir: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar JSON of an engine folder; InputError naming the file when missing or unreadable."""
+    path = Path(engine_dir) / SIDECAR_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "not found; build the engines with promptseg export --format tensorrt") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"unreadable TensorRT sidecar: {_one_line(str(exc))}") from None
+    if (data.get("format"), data.get("version")) != (SIDECAR_FORMAT, SIDECAR_VERSION):
+        found = f"format {data.get('format')!r} version {data.get('version')!r}"
+        raise InputError(path, f"not a {SIDECAR_FORMAT} version {SIDECAR_VERSION} sidecar ({found})")
+    return data
+
+
+def gpu_description() -> dict[str, str]:
+    """Name and compute capability ("9.0") of the current CUDA GPU, which a plan is built for."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def _sidecar(
+    config: ModelConfig, metadata: dict[str, str], precision: str, version: str,
+    profiles: dict[str, dict[str, ShapeRange]], batch: SizeRange, prompts: SizeRange, cache_loaded: int,
+) -> dict[str, Any]:
+    """Everything a loader checks before using the plans (JSON-ready)."""
+    return {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "tensorrt_version": version,
+        **gpu_description(),
+        "precision": precision,
+        "resolution": config.resolution,
+        "in_channels": config.in_channels,
+        "config": json.loads(config.to_json()),
+        "weights_sha256": metadata["weights_sha256"],
+        "onnx_dtype": metadata["dtype"],
+        "batch": batch._asdict(),
+        "prompts": prompts._asdict(),
+        "profiles": {
+            role: {name: {k: list(v) for k, v in shape._asdict().items()} for name, shape in entries.items()}
+            for role, entries in profiles.items()
+        },
+        "engines": {role: plan_path("", role).name for role in ROLES},
+        "outputs": {"prompt_encoder": encoding_names(config), "query_decoder": [LOGITS_NAME]},
+        "timing_cache_bytes_loaded": cache_loaded,
+    }
+
+
+def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise InputError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def build_engines(
+    onnx_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_batch: int = 16,
+    max_prompts: int = 16,
+    opt_batch: int | None = None,
+    opt_prompts: int | None = None,
+    precision: str = "fp16",
+    timing_cache: str | os.PathLike | None = None,
+    workspace_gib: float = 4.0,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Build prompt_encoder.plan and query_decoder.plan from onnx_dir's two graphs into out_dir.
+
+    Profiles: K in 1..max_prompts (optimised for opt_prompts, default min(4, max_prompts)) and
+    B in 1..max_batch (optimised for opt_batch, default max_batch: the Segmenter sends full
+    chunks of max_batch queries, which must therefore be <= the engine's max_batch).
+    precision: "fp32" (TF32 off), "fp16" or "bf16" (TensorRT may run layers in that type; inputs
+    and outputs stay float32). timing_cache: a file read when present and rewritten after the
+    builds, which makes rebuilds on the same GPU and TensorRT version much faster.
+    The model config and weights digest come from the graphs' metadata (needs the onnx package).
+    Returns {"prompt_encoder": plan, "query_decoder": plan, "sidecar": json[, "timing_cache": file]}.
+    """
+    if precision not in PRECISIONS:
+        raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    sources = {role: onnx_path(onnx_dir, role) for role in ROLES}
+    for path in sources.values():
+        if not path.is_file():
+            raise InputError(path, "ONNX graph not found; export it first (promptseg export --format onnx)")
+    config, metadata = read_graph_metadata(sources)
+    batch = size_range("batch", max_batch, opt_batch, max_batch)
+    prompts = size_range("prompts", max_prompts, opt_prompts, DEFAULT_OPT_PROMPTS)
+    if prompts.max > config.max_prompts:
+        raise InputError("max_prompts", f"{prompts.max} exceeds the model's limit of {config.max_prompts} prompts")
+    out = Path(out_dir)
+    written = {role: plan_path(out, role) for role in ROLES} | {"sidecar": out / SIDECAR_NAME}
+    _refuse_existing(list(written.values()), overwrite)
+    trt = require_tensorrt_gpu()
+
+    cache_path = None if timing_cache is None else Path(timing_cache)
+    cache = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache_loaded = len(cache)
+    shapes = profile_shapes(config, batch, prompts)
+    plans, profiles = {}, {}
+    for role, source in sources.items():
+        plans[role], cache, profiles[role] = _build_plan(trt, source, shapes, precision, workspace_gib, cache)
+    for role, plan in plans.items():
+        write_atomic(written[role], plan)
+    sidecar = _sidecar(config, metadata, precision, trt.__version__, profiles, batch, prompts, cache_loaded)
+    write_atomic(written["sidecar"], (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    if cache_path is not None:
+        write_atomic(cache_path, cache)
+        written["timing_cache"] = cache_path
+    return written
+
+
+def require_tensorrt_gpu() -> ModuleType:
+    """import_tensorrt(), plus a check that PyTorch sees a CUDA GPU for the builder to time kernels on."""
+    trt = import_tensorrt()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PromptSegError(_missing("no CUDA GPU is visible (torch.cuda.is_available() is False)"))
+    return trt
+
+
+__all__: list[str] = [
+    "PRECISIONS", "ROLES", "SIDECAR_NAME", "require_tensorrt_gpu", "ShapeRange", "SizeRange", "build_engines", "decoder_input_shapes",
+    "encoder_input_shapes", "encoding_shape", "encoding_tokens", "gpu_description", "import_tensorrt", "onnx_path", "plan_path",
+    "profile_shapes", "read_graph_metadata", "read_sidecar", "tensorrt_logger", "tensorrt_module", "write_atomic",
+]
