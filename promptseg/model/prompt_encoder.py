@@ -105,7 +105,10 @@ class PromptEncoder(nn.Module):
         )
         all_keys, all_values, all_lengths = [], [], []
         for index, stage in enumerate(self.config.attention_stages):
-            key_features, value_features = both[stage].chunk(2)
+            # Slices rather than chunk(2): torch.export cannot prove chunk's output count constant
+            # in K and would specialise the exported graphs to the example K.
+            count = flat_images.shape[0]
+            key_features, value_features = both[stage][:count], both[stage][count:]
             keys, values = self.tokenizers[index](key_features, value_features, flat_maps, groups)
             tokens_per_prompt = keys.shape[1] // shots
             lengths = None if num_prompts is None else num_prompts.to(keys.device) * tokens_per_prompt
