@@ -13,6 +13,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import HeaderDataError
 from PIL import Image
 
 from promptseg.errors import InputError
@@ -90,6 +91,8 @@ def _as_label_values(array: np.ndarray, path: str) -> np.ndarray:
     low, high = (array.min(), array.max()) if array.size else (0, 0)
     if low < 0:
         raise InputError(path, f"label map must hold non-negative integers (found {low:g})")
+    if high > np.iinfo(np.uint64).max:  # only floats get here
+        raise InputError(path, f"label map values must fit 64-bit integers (found {high:g})")
     for dtype in (np.uint8, np.uint16, np.uint32):
         if high <= np.iinfo(dtype).max:
             return array.astype(dtype, copy=False)
@@ -115,18 +118,28 @@ def _read(path: str, label: bool) -> ImageData:
         raise
     except Exception as exc:  # any library failure on a corrupt or truncated file becomes one line
         raise InputError(path, f"unreadable or corrupt image ({_short_reason(exc)})") from None
+    array = check_image_array(array, path)
+    is_volume = array.ndim == 3 and (affine is not None or array.shape[-1] not in (1, 3, 4))
+    return ImageData(array=array, is_volume=is_volume, affine=affine, header=header, path=path)
+
+
+def check_image_array(array: np.ndarray, source: str | None) -> np.ndarray:
+    """Validate an image or volume array (from a file or a caller); raise InputError naming `source`.
+
+    Accepts bool, integer and real floating data of 2 or 3 dimensions (a trailing axis of length 1
+    after three is dropped) with at least one element; returns the (possibly squeezed) array.
+    """
     if array.dtype.kind not in "biuf":
-        raise InputError(path, f"unreadable or corrupt image (unsupported data type {array.dtype})")
+        raise InputError(source, f"unreadable or corrupt image (unsupported data type {array.dtype})")
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim > 3:
-        raise InputError(path, f"{array.ndim}D input is not supported (shape {array.shape})")
+        raise InputError(source, f"{array.ndim}D input is not supported (shape {array.shape})")
     if array.ndim < 2:
-        raise InputError(path, f"expected a 2D image or a 3D volume, got shape {array.shape}")
+        raise InputError(source, f"expected a 2D image or a 3D volume, got shape {array.shape}")
     if array.size == 0:
-        raise InputError(path, "image is empty")
-    is_volume = array.ndim == 3 and (affine is not None or array.shape[-1] not in (1, 3, 4))
-    return ImageData(array=array, is_volume=is_volume, affine=affine, header=header, path=path)
+        raise InputError(source, f"image is empty (shape {array.shape})")
+    return array
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -136,9 +149,25 @@ def _short_reason(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+# Deflate cannot compress better than 1032:1, so a .nii.gz of n bytes holds at most about 1032 n bytes.
+_DEFLATE_MAX_RATIO = 1032
+
+
 def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Load a NIfTI file fully (so truncated gzip streams fail here); returns (array, affine, header)."""
+    """Load a NIfTI file fully (so truncated gzip streams fail here); returns (array, affine, header).
+
+    A header claiming more voxel data than the file can hold (a corrupt or hostile size field) is
+    refused before any buffer of that size is allocated.
+    """
     image = nib.load(path)
+    claimed = int(np.prod(image.shape, dtype=np.float64) * image.get_data_dtype().itemsize)
+    stored = os.path.getsize(path)
+    capacity = stored * _DEFLATE_MAX_RATIO if path.lower().endswith(".gz") else stored
+    if claimed > capacity:
+        raise InputError(
+            path, f"unreadable or corrupt image (truncated: the header claims {claimed} bytes of voxel data, "
+            f"the file can hold at most {capacity})"
+        )
     array = np.asarray(image.dataobj)
     return array, np.asarray(image.affine, dtype=np.float64), image.header.copy()
 
@@ -182,13 +211,24 @@ def _load_numpy(path: str, ext: str, label: bool) -> np.ndarray:
         return np.asarray(archive[key])
 
 
+def _default_file_mode() -> int:
+    """The mode open() gives new files under this process's umask (read once, at import)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], overwrite: bool = False) -> None:
     """Call `writer(temporary_path)` then move the result onto `path` in one step.
 
     The temporary file lives in the same folder and keeps `path`'s extension (writers such as
     nibabel choose the format from it). If `writer` raises, the temporary file is removed and the
     exception propagates: `path` is never left half-written. An existing `path` is refused unless
-    `overwrite`. Missing parent folders are created.
+    `overwrite`. Missing parent folders are created. A failure of the file system (disk full, no
+    permission) is an InputError naming `path`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -196,18 +236,45 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], overwri
     if os.path.exists(path) and not overwrite:
         raise InputError(path, "output exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(
-        dir=folder, prefix=f".{strip_extension(os.path.basename(path))}.", suffix=file_extension(path)
-    )
-    os.close(fd)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(
+            dir=folder, prefix=f".{strip_extension(os.path.basename(path))}.", suffix=file_extension(path)
+        )
+        os.close(fd)
+    except OSError as exc:
+        raise InputError(path, f"cannot write output ({_short_reason(exc)})") from None
     try:
         writer(temporary)
-        os.replace(temporary, path)
-    except BaseException:
+        os.chmod(temporary, _FILE_MODE)  # mkstemp makes owner-only files; outputs get the usual mode
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            _create_exclusively(temporary, path)
+    except FileExistsError:
+        os.remove(temporary)
+        raise InputError(path, "output exists (created while writing); pass --overwrite to replace it") from None
+    except BaseException as exc:
         if os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(exc, OSError):
+            raise InputError(path, f"cannot write output ({_short_reason(exc)})") from None
         raise
+
+
+def _create_exclusively(temporary: str, path: str) -> None:
+    """Move `temporary` to `path` in one step unless `path` exists by now (FileExistsError): a file
+    another process wrote meanwhile is never replaced. Where hard links are unsupported, rename."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.exists(path):
+            raise FileExistsError(path) from None
+        os.replace(temporary, path)
+    else:
+        os.remove(temporary)
 
 
 def write_nifti_like(
@@ -217,7 +284,8 @@ def write_nifti_like(
 
     Bool and integer arrays (label maps) are stored as uint8 (uint16 when values exceed 255), float
     arrays (probabilities) as float32. The reference's affine and header are kept (intensity scaling
-    reset); a non-NIfTI reference gets an identity affine and a fresh header.
+    reset), also an affine nibabel cannot turn into a qform (singular or non-finite), which is written
+    back as stored in the reference header; a non-NIfTI reference gets an identity affine and a fresh header.
     """
     array = np.asarray(array)
     if array.shape != reference.array.shape[: array.ndim] or array.ndim not in (2, 3):
@@ -236,7 +304,10 @@ def write_nifti_like(
         header.set_data_dtype(dtype)
         header.set_slope_inter(None, None)
         image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-        image = image_class(data, reference.affine, header=header)
+        try:
+            image = image_class(data, reference.affine, header=header)
+        except HeaderDataError:  # an affine with no qform (singular, non-finite): keep the stored header's geometry
+            image = image_class(data, None, header=header)
     else:
         image = nib.Nifti1Image(data, np.eye(4))
         image.header.set_data_dtype(dtype)

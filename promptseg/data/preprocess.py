@@ -18,6 +18,17 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
+def all_finite(array: np.ndarray, chunk_elements: int = 1 << 20) -> bool:
+    """Whether every value of `array` is finite, checked a slab at a time (memory independent of size)."""
+    if array.dtype.kind not in "fc":
+        return True
+    if array.ndim == 0:
+        return bool(np.isfinite(array))
+    per_row = max(1, array[:1].size)
+    step = max(1, chunk_elements // per_row)  # slabs along the first axis are views of any array
+    return all(bool(np.isfinite(array[start : start + step]).all()) for start in range(0, array.shape[0], step))
+
+
 def normalize_intensity(
     image: np.ndarray,
     source: str | None = None,
@@ -28,34 +39,55 @@ def normalize_intensity(
 
     CT images take a window (a preset name from CT_WINDOWS or (low, high) in HU); everything else is
     clipped to the 0.5-99.5 percentiles of the image and rescaled. A constant image maps to zeros.
-    Raises InputError (naming `source`) on non-finite intensities.
+    Any intensities within the float64 range work (the arithmetic is float64, pre-scaled when
+    differences could overflow). Raises InputError (naming `source`) on non-finite intensities.
     """
-    data = np.asarray(image)
-    if data.dtype == bool:
-        data = data.astype(np.float32)
-    data = data.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(data)):
-        raise InputError(source, "image contains non-finite intensities (NaN or Inf)")
+    data = np.asarray(image).astype(np.float64)
+    if not all_finite(data):
+        raise InputError(source, "image contains non-finite intensities (NaN or Inf, or beyond the float64 range)")
     if window is not None:
         low, high = CT_WINDOWS[window] if isinstance(window, str) else window
     else:
+        magnitude = float(np.abs(data).max()) if data.size else 0.0
+        if magnitude > 1e300:  # percentile interpolation and differences would overflow float64
+            data /= magnitude
         low, high = (float(v) for v in np.percentile(data, percentiles))
     if high <= low:
-        return np.zeros_like(data, dtype=np.float32)
+        return np.zeros(data.shape, dtype=np.float32)
     return np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
+def image_layout(image: np.ndarray) -> str:
+    """The layout of a 2D image array: "hw", "hwc" (C in 1, 3, 4) or "chw" (C in 1, 3, 4); "" for none.
+
+    Channels-last wins when both ends could be channels (a 1- or 3-pixel-high RGB image is (H, W, 3)).
+    """
+    if image.ndim == 2:
+        return "hw"
+    if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
+        return "hwc"
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4):
+        return "chw"
+    return ""
+
+
+def channels_last(image: np.ndarray) -> np.ndarray:
+    """A (C, H, W) image as an (H, W, C) view; other layouts unchanged."""
+    return np.moveaxis(image, 0, -1) if image_layout(image) == "chw" else image
+
+
 def to_channels_first(image: np.ndarray, channels: int, source: str | None = None) -> np.ndarray:
-    """(H, W) or (H, W, C) or (C, H, W) with C in {1, 3, 4} -> (channels, H, W).
+    """(H, W) or (H, W, C) or (C, H, W) with C in {1, 3, 4} -> (channels, H, W) (see image_layout).
 
     Grayscale is replicated to 3 channels; RGB becomes luminance for a 1-channel model; an alpha
     channel is dropped. Any other layout raises InputError naming `source`.
     """
-    if image.ndim == 2:
+    layout = image_layout(image)
+    if layout == "hw":
         planes = image[None]
-    elif image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3):
+    elif layout == "hwc":
         planes = np.moveaxis(image, -1, 0)
-    elif image.ndim == 3 and image.shape[0] in (1, 3, 4):
+    elif layout == "chw":
         planes = image
     else:
         raise InputError(source, f"expected a 2D image with 1, 3 or 4 channels, got shape {image.shape}")

@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from promptseg.data.io import read_image, read_label
-from promptseg.data.preprocess import prepare_image, resize_mask
+from promptseg.data.io import check_image_array, read_image, read_label
+from promptseg.data.preprocess import channels_last, prepare_image, resize_mask
 from promptseg.data.prompts import PROMPT_TYPES, rasterize_box, rasterize_clicks
 from promptseg.errors import InputError
 
@@ -33,20 +33,26 @@ class Prompt:
 
 
 def load_2d(value: ArrayOrPath, is_label: bool, what: str) -> tuple[np.ndarray, str]:
-    """An array or path -> (2D array (H, W[, C]), a name for messages); volumes are refused."""
+    """An array or path -> (2D array (H, W[, C]) channels-last, a name for messages).
+
+    Volumes, empty arrays and data types other than bool, integer and real float are refused with an
+    InputError naming the file (or `what` for an array).
+    """
     if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
         data = read_label(value) if is_label else read_image(value)
         array, source = data.array, data.path
         if data.is_volume and not (array.ndim == 3 and 1 in array.shape):
             raise InputError(source, f"{what} must be 2D, got a volume of shape {array.shape}")
-        array = np.squeeze(array) if data.is_volume else array
-        return array, source
-    return np.asarray(value), what
+        if data.is_volume:  # an (X, Y, 1) NIfTI slice: drop the last length-1 axis, keep both in-plane axes
+            array = np.squeeze(array, axis=max(axis for axis, n in enumerate(array.shape) if n == 1))
+    else:
+        array, source = check_image_array(np.asarray(value), what), what
+    return channels_last(array), source
 
 
 def select_label(mask: np.ndarray, label: int | None, source: str) -> np.ndarray:
     """(H, W) label map -> (H, W) float32 binary mask of `label` (any non-zero value when None)."""
-    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+    if mask.ndim == 3 and mask.shape[-1] in (1, 3, 4):
         mask = mask[..., 0]
     if mask.ndim != 2:
         raise InputError(source, f"mask must be 2D, got shape {mask.shape}")
@@ -58,6 +64,19 @@ def select_label(mask: np.ndarray, label: int | None, source: str) -> np.ndarray
         present = sorted(int(v) for v in np.unique(mask) if v != 0)
         raise InputError(source, f"requested label {label} is absent from the mask (labels present: {present})")
     return (mask == label).astype(np.float32)
+
+
+def coordinates(values: object, source: str, what: str, width: int) -> np.ndarray:
+    """Pixel coordinates -> (n, width) float64 array; InputError naming `source` unless finite numbers."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(source, f"{what} must be numbers, got {values!r}") from None
+    if array.size == 0 or array.size % width or array.ndim > 2 or (array.ndim == 2 and array.shape[1] != width):
+        raise InputError(source, f"{what} must be groups of {width} numbers, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise InputError(source, f"{what} must be finite numbers, got {array.reshape(-1, width).tolist()}")
+    return array.reshape(-1, width)
 
 
 def prepare_prompt(
@@ -78,13 +97,16 @@ def prepare_prompt(
         if not bool(binary.any()):
             warnings.warn(f"{mask_source}: empty prompt mask", stacklevel=3)
     elif prompt.kind == "click":
-        if not prompt.points:
+        if prompt.points is None or len(prompt.points) == 0:
             raise InputError(image_source, "a click prompt needs at least one point")
-        binary = rasterize_clicks(prompt.points, size)
+        binary = rasterize_clicks(coordinates(prompt.points, image_source, "click points (x, y)", 2), size)
     else:
         if prompt.box is None:
             raise InputError(image_source, "a box prompt needs (x0, y0, x1, y1)")
-        binary = rasterize_box(prompt.box, size)
+        box = coordinates(prompt.box, image_source, "box (x0, y0, x1, y1)", 4)
+        if box.shape[0] != 1:
+            raise InputError(image_source, f"a box prompt needs one (x0, y0, x1, y1), got {box.shape[0]} boxes")
+        binary = rasterize_box(tuple(box[0]), size)
     if prompt.kind in ("click", "box") and not bool(binary.any()):
         raise InputError(image_source, f"the {prompt.kind} lies outside the image of size {size[1]}x{size[0]}")
     prepared = prepare_image(image, resolution, channels, source=image_source)

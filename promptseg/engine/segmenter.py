@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from promptseg.data.io import ImageData, read_image, slice_volume, stack_slices
-from promptseg.data.preprocess import prepare_image
+from promptseg.data.io import ImageData, check_image_array, read_image, slice_volume
+from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.backends import PromptState, create_backend
 from promptseg.engine.prompt_cache import PromptCache, content_key
 from promptseg.engine.prompts_input import ArrayOrPath, Prompt, as_prompts, load_2d, prepare_prompt
@@ -227,15 +227,16 @@ class Segmenter:
         array = data.array
         if array.ndim != 3 or (not data.is_volume and array.shape[-1] in (3, 4)):
             raise InputError(data.path, f"expected a 3D volume, got shape {array.shape}")
-        if not np.all(np.isfinite(array)):
+        if not all_finite(array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
         slices = slice_volume(array, axis)
-        out = np.empty((len(prompt_sets),) + slices.shape, dtype=np.float32)
+        out = np.empty((len(prompt_sets),) + array.shape, dtype=np.float32)
+        out_slices = [slice_volume(o, axis) for o in out]  # views: batches land in place, no whole-volume copy
         for start, batch in self.iter_volume_batches(slices, data.path):
             for index, prompts in enumerate(prompt_sets):
                 logits = self._logits(batch, prompts)
-                out[index, start : start + batch.shape[0]] = self._to_probabilities(logits, slices.shape[1:])
-        return np.stack([stack_slices(o, axis) for o in out])
+                out_slices[index][start : start + batch.shape[0]] = self._to_probabilities(logits, slices.shape[1:])
+        return out
 
     def encode_labels(
         self,
@@ -295,4 +296,4 @@ def as_volume(volume: ArrayOrPath | ImageData) -> ImageData:
         return volume
     if isinstance(volume, (str, os.PathLike)):
         return read_image(volume)
-    return ImageData(np.asarray(volume), True, None, None, "volume")
+    return ImageData(check_image_array(np.asarray(volume), "volume"), True, None, None, "volume")

@@ -24,26 +24,37 @@ CONFIG_KEY = "promptseg_config"
 
 
 def _atomic_replace(path: Path, write) -> None:
-    """Write through `write(tmp_path)` to a temporary file beside `path`, then rename over it."""
+    """Write through `write(tmp_path)` to a temporary file beside `path`, flush it to disk, then rename
+    over `path` (and flush the folder), so `path` is always either the old or the complete new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if os.name == "posix":  # folders cannot be opened for fsync elsewhere
+        _fsync(path.parent)
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
 
     _atomic_replace(path, write)
 
@@ -168,41 +179,67 @@ def save_training_checkpoint(
     return weights_path
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; CheckpointError naming the file when it is missing or not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: unreadable checkpoint file (expected a JSON object)")
+    return data
+
+
+def _latest_files(run_dir: Path) -> tuple[Path, Path]:
+    """(weights, meta) paths named by run_dir/latest.json; CheckpointError when it is damaged."""
+    latest = run_dir / "latest.json"
+    pointer = _read_json(latest)
+    names = [pointer.get("weights"), pointer.get("meta")]
+    if not all(isinstance(name, str) and name and Path(name).name == name for name in names):
+        raise CheckpointError(f"{latest}: damaged pointer (weights and meta must name files in {run_dir})")
+    return run_dir / names[0], run_dir / names[1]
+
+
 def load_training_checkpoint(
     run_dir: str | os.PathLike, model: PromptSegNet, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any] | None:
-    """Restore the newest complete checkpoint of `run_dir` into model and optimizer; its JSON, or None."""
+    """Restore the newest complete checkpoint of `run_dir` into model and optimizer; its JSON, or None.
+
+    Raises CheckpointError (one line naming the file) on a damaged or pickle-bearing checkpoint.
+    """
     run_dir = Path(run_dir)
-    latest = run_dir / "latest.json"
-    if not latest.is_file():
+    if not (run_dir / "latest.json").is_file():
         return None
-    pointer = json.loads(latest.read_text())
-    meta = json.loads((run_dir / pointer["meta"]).read_text())
-    weights_path = run_dir / pointer["weights"]
+    weights_path, meta_path = _latest_files(run_dir)
+    meta = _read_json(meta_path)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights_path}: unreadable checkpoint ({exc})") from None
+        raise CheckpointError(f"{weights_path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     model_tensors = {n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")}
     load_state(model, model_tensors, weights_path)
     state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = tensor
-    for index, scalars in meta.get("optim_scalars", {}).items():
-        state.setdefault(int(index), {}).update(scalars)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    try:
+        for name, tensor in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = tensor
+        for index, scalars in meta.get("optim_scalars", {}).items():
+            state.setdefault(int(index), {}).update(scalars)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        int(meta["step"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        reason = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{meta_path}: step or optimizer state does not fit this run ({type(exc).__name__}: {reason})") from None
     return meta
 
 
 def load_run_model(run_dir: str | os.PathLike) -> PromptSegNet:
     """The model of the newest complete training checkpoint in `run_dir` (no optimizer needed)."""
     run_dir = Path(run_dir)
-    latest = run_dir / "latest.json"
-    if not latest.is_file():
+    if not (run_dir / "latest.json").is_file():
         raise CheckpointError(f"{run_dir}: no training checkpoint (latest.json missing)")
-    weights_path = run_dir / json.loads(latest.read_text())["weights"]
+    weights_path, _ = _latest_files(run_dir)
     config, tensors = read_weights(weights_path)
     model = PromptSegNet(config)
     load_state(model, {n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")}, weights_path)

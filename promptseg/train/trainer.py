@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from promptseg.data.episodes import EpisodeBatch, EpisodeSampler, fixed_episodes
+from promptseg.data.io import write_text
 from promptseg.data.tasks import ArrayTask
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
@@ -108,7 +109,25 @@ class Trainer:
         if meta is None:
             return False
         self.step = int(meta["step"])
+        if self.context.is_main:
+            self.trim_log(self.step)
         return True
+
+    def trim_log(self, step: int) -> None:
+        """Drop log.jsonl records after `step` (steps a crashed run did past its last checkpoint, and a
+        line cut off part-way), so the resumed run continues one consistent log."""
+        path = self.out_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        write_text(path, "".join(kept), overwrite=True)
 
     def train_step(self, step: int) -> float:
         """One optimisation step on the episodes of `step` (a pure function of seed, step and rank)."""
