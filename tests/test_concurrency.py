@@ -97,7 +97,7 @@ def test_prompt_cache_is_consistent_under_concurrent_encoding(tiny_checkpoint: P
         encodings = list(pool.map(encode, range(16)))
     cache = segmenter.cache
     assert cache.hits + cache.misses == 16
-    assert 1 <= cache.misses <= THREADS  # only calls racing before the first insert can miss
+    assert cache.misses == 1  # threads racing for the same missing set wait for one encoding
     assert len(cache) == 1 and len({e.key for e in encodings}) == 1
     query = examples["queries"][0]
     expected = segmenter.segment([query], encodings[0])

@@ -27,23 +27,40 @@ class PromptCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._pending: dict[str, threading.Lock] = {}
         self.hits = 0
         self.misses = 0
 
     def get_or_create(self, key: str, create: Callable[[], Any]) -> Any:
-        """The cached encoding for `key`, computing and storing it with `create` on a miss."""
+        """The cached state for `key`, computing and storing it with `create` on a miss.
+
+        Threads asking for the same missing key wait for one computation instead of repeating it.
+        """
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return self._entries[key]
-        encoding = create()
-        with self._lock:
-            self.misses += 1
-            self._entries[key] = encoding
-            self._entries.move_to_end(key)
-            self._evict()
-        return encoding
+            key_lock = self._pending.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._entries:  # computed by another thread while this one waited
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return self._entries[key]
+            try:
+                state = create()
+            except BaseException:
+                with self._lock:
+                    self._pending.pop(key, None)
+                raise
+            with self._lock:
+                self.misses += 1
+                self._entries[key] = state
+                self._entries.move_to_end(key)
+                self._pending.pop(key, None)
+                self._evict()
+            return state
 
     def _evict(self) -> None:
         total = sum(e.nbytes() for e in self._entries.values())
