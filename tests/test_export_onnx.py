@@ -298,3 +298,26 @@ def test_availability_gives_one_line_reasons(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     ok, why = OnnxRuntimeBackend.availability(torch.device("cpu"))
     assert not ok and why.startswith("onnxruntime backend unavailable:") and "\n" not in why
+
+
+def test_cli_segment_with_exported_graphs_matches_torch(tiny_checkpoint: Path, onnx_dir: Path, tmp_path: Path,  # noqa: F811
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`promptseg segment --backend onnxruntime --export-dir DIR` writes the same probabilities as --backend torch."""
+    from PIL import Image
+
+    from promptseg.cli import main
+
+    rng = np.random.default_rng(11)
+    image = (rng.random((40, 40)) * 255).astype(np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:25, 12:30] = 255
+    Image.fromarray(image).save(tmp_path / "p.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    common = ["segment", "--prompt", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "--query", str(tmp_path / "p.png"),
+              "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--save-probabilities", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "torch"), "--backend", "torch"]) == 0
+    assert main(common + ["--out", str(tmp_path / "ort"), "--backend", "onnxruntime", "--export-dir", str(onnx_dir)]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "ort" / "p_prob.npy"), np.load(tmp_path / "torch" / "p_prob.npy"), atol=1e-5)
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "bad"), "--backend", "torch", "--export-dir", str(onnx_dir)]) == 2
+    assert "--export-dir: only --backend onnxruntime or tensorrt" in capsys.readouterr().err

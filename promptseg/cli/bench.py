@@ -7,7 +7,7 @@ import json
 import torch
 
 from promptseg.engine.benchmark import time_volume
-from promptseg.cli.common import add_backend_argument, load_segmenter
+from promptseg.cli.common import add_backend_argument, backend_options, load_segmenter
 from promptseg.data.io import write_text
 from promptseg.errors import InputError
 
@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.slices < 1 or args.repeats < 1:
         raise InputError("--slices/--repeats", "must be positive")
-    seg = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend)
+    seg = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend, backend_options(args.backend, args.export_dir))
     rows = []
     print("| device | slices | K | batch | cached s | re-encoded s | speed-up |\n|---|---|---|---|---|---|---|")
     for shots in args.shots:

@@ -39,6 +39,19 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     """--backend NAME, one of the engine backends."""
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, metavar="NAME",
                         help=f"inference backend: {', '.join(ENGINE_BACKENDS)} (default: triton on CUDA, else torch)")
+    parser.add_argument("--export-dir", metavar="DIR",
+                        help="files written by `promptseg export` for --backend onnxruntime (--format onnx) or tensorrt "
+                        "(--format tensorrt); without it they are exported on the fly")
+
+
+def backend_options(backend: str | None, export_dir: str | None) -> dict[str, Any] | None:
+    """Constructor options of `backend` for --export-dir; InputError when the backend takes no exported files."""
+    if export_dir is None:
+        return None
+    keys = {"onnxruntime": "model_dir", "tensorrt": "engine_dir"}
+    if backend not in keys:
+        raise InputError("--export-dir", "only --backend onnxruntime or tensorrt use exported files")
+    return {keys[backend]: export_dir}
 
 
 def load_segmenter(

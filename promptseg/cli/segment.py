@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from promptseg.cli.common import add_backend_argument, add_model_arguments, load_segmenter
+from promptseg.cli.common import add_backend_argument, backend_options, add_model_arguments, load_segmenter
 from promptseg.data.io import (
     NIFTI_EXTENSIONS,
     ImageData,
@@ -28,7 +28,7 @@ from promptseg.data.io import (
     write_nifti_like,
     write_png,
 )
-from promptseg.data.preprocess import prepare_image
+from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.overlay import LABEL_COLOURS, montage, overlay
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
@@ -189,7 +189,7 @@ def is_volume(data: ImageData) -> bool:
 def validate_query(data: ImageData, segmenter: Segmenter) -> None:
     """Raise InputError naming the file if the query cannot be segmented (channels, non-finite values)."""
     if is_volume(data):
-        if not np.all(np.isfinite(data.array)):
+        if not all_finite(data.array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
     else:
         prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
     jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or ())
-    segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend)
+    segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend, backend_options(args.backend, args.export_dir))
     encoded = encode(segmenter, prompts, args.label)
     for job in jobs:
         validate_query(read_image(job.path), segmenter)
