@@ -145,3 +145,25 @@ def test_episode_dice_conventions() -> None:
     assert episode_dice(torch.ones(2, 4, 4), masks) == pytest.approx(50.0 * (2 * 8 / 24))
     with pytest.raises(ValueError):
         episode_dice(torch.ones(1, 4, 4), masks)
+
+
+def test_merging_reports_unions_methods_and_tasks() -> None:
+    from promptseg.errors import InputError
+    from promptseg.eval.evaluate import CellScore, EvalReport
+
+    settings = {"episodes": 1, "queries": 1, "seed": 0, "shots": [1]}
+
+    def report(method: str, task: str, dice: float) -> EvalReport:
+        return EvalReport([method], [1], [("g", task)], dict(settings), {method: {("g", task): {1: CellScore([dice])}}}, {method: 1.0})
+
+    merged = report("a", "t1", 10.0).merged(report("b", "t1", 20.0)).merged(report("b", "t2", 30.0))
+    assert merged.methods == ["a", "b"] and merged.tasks == [("g", "t1"), ("g", "t2")]
+    assert merged.scores["b"][("g", "t2")][1].dice == [30.0] and merged.seconds["b"] == 2.0
+    assert merged.mean_over_tasks("b", 1)[0] == 25.0
+    with pytest.raises(InputError, match="x.json: scores a on t1 again"):
+        merged.merged(report("a", "t1", 10.0), "x.json")
+    other = report("c", "t1", 1.0)
+    other.settings["seed"] = 3
+    with pytest.raises(InputError, match="y.json: was evaluated with seed=3"):
+        merged.merged(other, "y.json")
+    assert EvalReport.from_json(merged.to_json()).scores == merged.scores

@@ -36,8 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="NAME",
                         help=f"methods to score: {', '.join(METHODS)} (default: all)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="FILE.json",
-                        help="add the methods of earlier reports of the same episodes (same --episodes, --queries, "
-                        "--seed, --shots and data), e.g. baselines scored once")
+                        help="add the methods and tasks of earlier reports drawn with the same --episodes, --queries, "
+                        "--seed and --shots (e.g. baselines scored once, or datasets scored in parallel)")
     parser.add_argument("--unet-steps", type=int, default=60, help="fine-tuning budget of the U-Net baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     }
     planned = {"episodes": args.episodes, "queries": args.queries, "seed": args.seed, "shots": list(args.shots)}
     for path, other in earlier:
-        other.check_same_episodes(planned, [(task.group, task.name) for task in tasks], path)
+        other.check_same_episodes(planned, path)
     predictors = {name: makers[name]() for name in args.methods}
     report = evaluate(predictors, tasks, args.shots, args.episodes, queries=args.queries, seed=args.seed,
                       progress=not args.no_progress)

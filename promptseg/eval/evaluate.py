@@ -144,29 +144,32 @@ class EvalReport:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(path, f"not a promptseg eval report ({type(exc).__name__}: {exc})") from None
 
-    def check_same_episodes(self, settings: Mapping[str, Any], tasks: Sequence[tuple[str, str]], source: str | os.PathLike | None) -> None:
-        """InputError naming `source` unless this report used the episodes that `settings` and `tasks` describe."""
+    def check_same_episodes(self, settings: Mapping[str, Any], source: str | os.PathLike | None) -> None:
+        """InputError naming `source` unless this report drew its episodes as `settings` describe
+        (same episodes, queries, seed and shots: then a task's episodes are identical in both)."""
         for key in ("episodes", "queries", "seed", "shots"):
             if self.settings.get(key) != settings.get(key):
                 raise InputError(source, f"was evaluated with {key}={self.settings.get(key)}, this run uses {settings.get(key)}")
-        if set(self.tasks) != set(tasks):
-            raise InputError(source, "was evaluated on other tasks than this run")
 
     def merged(self, other: "EvalReport", source: str | os.PathLike | None = None) -> "EvalReport":
-        """This report plus the methods of `other`, which must come from the same episodes.
+        """The union of two reports of the same episode settings: other methods, other tasks or both.
 
-        Episodes, queries, seed and shots must match (the tasks must too), so that every method was
-        scored on identical prompt draws; InputError naming `source` otherwise.
+        InputError naming `source` when the settings differ or both reports scored the same method
+        on the same task (the cells would be ambiguous).
         """
-        other.check_same_episodes(self.settings, self.tasks, source)
-        extra = [m for m in other.methods if m not in self.methods]
-        settings = {**self.settings, "methods": self.methods + extra}
-        return EvalReport(
-            self.methods + extra, self.shots, self.tasks, settings,
-            {**self.scores, **{m: other.scores[m] for m in extra}},
-            {**self.seconds, **{m: other.seconds.get(m, 0.0) for m in extra}},
-            self.skipped,
-        )
+        other.check_same_episodes(self.settings, source)
+        methods = self.methods + [m for m in other.methods if m not in self.methods]
+        tasks = self.tasks + [t for t in other.tasks if t not in self.tasks]
+        scores = {m: dict(self.scores.get(m, {})) for m in methods}
+        for method, cells in other.scores.items():
+            for task, by_shots in cells.items():
+                if task in scores[method]:
+                    raise InputError(source, f"scores {method} on {task[1]} again; merge reports of different methods or tasks")
+                scores[method][task] = by_shots
+        seconds = {m: self.seconds.get(m, 0.0) + other.seconds.get(m, 0.0) for m in methods}
+        settings = {**self.settings, "methods": methods, "tasks": len(tasks)}
+        skipped = self.skipped + [s for s in other.skipped if s not in self.skipped]
+        return EvalReport(methods, self.shots, tasks, settings, scores, seconds, skipped)
 
     def write(self, path: str | os.PathLike) -> None:
         """Write `to_json()` to `path` atomically (temporary file beside it, then os.replace)."""
