@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import disk_example, tiny_checkpoint  # noqa: F401 (fixture)
+from helpers import disk_example, single_torch_thread, tiny_checkpoint  # noqa: F401 (fixture)
 from promptseg.engine.segmenter import Segmenter
 
 IN_PLANE = (32, 32)
@@ -25,10 +24,8 @@ SLACK_BYTES = 256 * 2**10
 @pytest.fixture(scope="module")
 def segmenter(tiny_checkpoint: Path) -> Iterator[Segmenter]:  # noqa: F811
     """The tiny model on one thread: memory does not depend on it, and 2 busy cores run it faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=16)
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=16)
 
 
 def ct_volume(depth: int, axis: int) -> np.ndarray:

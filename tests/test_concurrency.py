@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import disk_example, tiny_checkpoint  # noqa: F401 (fixture)
+from helpers import disk_example, single_torch_thread, tiny_checkpoint  # noqa: F401 (fixture)
 from promptseg.engine.segmenter import EncodedPrompts, Segmenter
 
 THREADS = 4
@@ -22,10 +21,8 @@ THREADS = 4
 def one_intra_op_thread() -> Iterator[None]:
     """One torch thread per Python thread: on 2 busy cores, intra-op threads on top of 4 Python threads
     make each call orders of magnitude slower, and the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from promptseg.cli import main
 from promptseg.train.checkpoint import load_run_model
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import Trainer
+from helpers import single_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig.load(REPO / "configs" / "tiny_test.yaml")
@@ -47,10 +48,8 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Train in this process on one thread, like the OMP_NUM_THREADS=1 subprocesses (same arithmetic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -16,7 +16,7 @@ import onnxruntime
 import pytest
 import torch
 
-from helpers import TINY_CONFIG, tiny_checkpoint  # noqa: F401  (tiny_checkpoint is a fixture)
+from helpers import TINY_CONFIG, single_torch_thread, tiny_checkpoint  # noqa: F401  (tiny_checkpoint is a fixture)
 from promptseg import Prompt, Segmenter
 from promptseg.engine.backends import backend_availability, create_backend
 from promptseg.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -44,10 +44,8 @@ BATCHES = (1, 5)
 def one_thread() -> Iterator[None]:
     """One intra-op thread for torch (and so for the backend): on a shared, busy CPU, OpenMP
     threads that wait for each other at every op make the tiny model's eager runs 10-100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
+from helpers import disk_example, single_torch_thread, tiny_checkpoint, write_png  # noqa: F401 (fixture)
 from promptseg.cli import main
 from promptseg.data.io import read_image, read_label
 from promptseg.engine.prompts_input import Prompt
@@ -238,10 +237,8 @@ def files(draw: st.DrawFn, folder: Path) -> FileCase:
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """Intra-op threads only slow the tiny model down on 2 busy cores; results do not depend on them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -195,15 +195,24 @@ class Segmenter:
 
         Returns (N, H, W) float32 probabilities when all queries share one size, else a list of (H, W).
         """
+        prepared, sizes = self._prepare_queries(queries)
+        results = self._query_probabilities(prepared, sizes, prompts)
+        if len(set(sizes)) == 1:
+            return np.stack(results)
+        return results
+
+    def _prepare_queries(self, queries: Sequence[ArrayOrPath] | np.ndarray) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Read and prepare 2D queries once: (N, C, R, R) tensor and each query's own (H, W)."""
         items = [load_2d(q, is_label=False, what=f"query {n}") for n, q in enumerate(queries)]
         if not items:
             raise InputError(None, "no query images given")
         prepared = torch.stack([prepare_image(a, self.resolution, self.channels, source=s) for a, s in items])
-        logits = self._logits(prepared, prompts)  # all queries decoded together, max_batch at a time
-        results = [self._to_probabilities(l[None], array.shape[:2])[0] for l, (array, _) in zip(logits, items)]
-        if len({r.shape for r in results}) == 1:
-            return np.stack(results)
-        return results
+        return prepared, [array.shape[:2] for array, _ in items]
+
+    def _query_probabilities(self, prepared: torch.Tensor, sizes: Sequence[tuple[int, int]], prompts: EncodedPrompts) -> list[np.ndarray]:
+        """(N, C, R, R) prepared queries -> N (H, W) probability maps, decoded max_batch at a time."""
+        logits = self._logits(prepared, prompts)
+        return [self._to_probabilities(l[None], size)[0] for l, size in zip(logits, sizes)]
 
     def iter_volume_batches(self, slices: np.ndarray, source: str) -> Iterator[tuple[int, torch.Tensor]]:
         """(S, H, W) slices -> (start index, (n, C, R, R) prepared batch), max_batch slices at a time."""
@@ -275,10 +284,11 @@ class Segmenter:
         """Segment several labels of 2D queries, each label with its own prompts: one LabelResult per query."""
         if not prompts:
             raise InputError(None, "no labels to segment")
-        per_label = [self.segment(queries, p) for p in prompts.values()]
+        prepared, sizes = self._prepare_queries(queries)  # read and prepared once for every label
+        per_label = [self._query_probabilities(prepared, sizes, p) for p in prompts.values()]
         labels = tuple(prompts)
         return [LabelResult(labels, np.stack([probs[n] for probs in per_label]), threshold)
-                for n in range(len(per_label[0]))]
+                for n in range(len(sizes))]
 
     def segment_volume_labels(
         self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2, threshold: float = 0.5
