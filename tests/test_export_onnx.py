@@ -5,6 +5,7 @@ passing for K in {1, 3, 8} and B in {1, 5} shows that the prompt and batch axes 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -133,7 +134,9 @@ def test_metadata_is_present_and_describes_the_model(onnx_dir: Path, model: Prom
         assert ModelConfig.from_json(metadata["model_config"]) == TINY_CONFIG
         assert metadata["dtype"] == "float32"
         assert metadata["weights_sha256"] == onnx_export.weights_sha256(model)
-        assert metadata["encoding_names"] == '["keys_s0_b0", "keys_s1_b0", "values_s0_b0", "values_s1_b0"]'
+        assert metadata["encoding_names"] == json.dumps(
+            ["keys_s0_b0", "keys_s0_propagation", "keys_s1_b0", "keys_s1_propagation",
+             "values_s0_b0", "values_s0_propagation", "values_s1_b0", "values_s1_propagation"])
 
 
 @pytest.mark.parametrize("shots", SHOTS)

@@ -120,8 +120,8 @@ def export_programs(model: PromptSegNet, device: torch.device) -> tuple[Exported
     with torch.no_grad():
         encoding = PromptEncoderGraph(model)(images, maps, types)
     stage_dims = [None if n is None else n * prompts for n in tokens_per_prompt(config)]
-    depth = config.attention_depth
-    # encoding_names order: keys of every stage and block, then values in the same order.
+    depth = len(config.encoding_entries)
+    # encoding_names order: keys of every stage and entry, then values in the same order.
     token_dims = [stage_dims[i // depth] for i in range(len(stage_dims) * depth)] * 2
     decoder = torch.export.export(
         QueryDecoderGraph(model),

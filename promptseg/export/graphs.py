@@ -5,11 +5,12 @@ stable names. With one prompt set (G = 1) and every prompt valid, key_lengths is
 encoding is fully described by its keys and values, so:
 
     PromptEncoderGraph:  prompt_images (1, K, C, R, R), prompt_maps (1, K, R, R), prompt_types (1, K) int64
-                         -> keys_s{i}_b{j}, values_s{i}_b{j}: (1, H, K * n_i, D) each
-    QueryDecoderGraph:   queries (B, C, R, R), keys_s{i}_b{j}, values_s{i}_b{j}, ... -> logits (B, R, R)
+                         -> keys_s{i}_{e}, values_s{i}_{e}: (1, H, K * n_i, D) each
+    QueryDecoderGraph:   queries (B, C, R, R), keys_s{i}_{e}, values_s{i}_{e}, ... -> logits (B, R, R)
 
-where i runs over attention stages, j over the blocks of a stage and n_i is the number of tokens
-one prompt contributes at stage i. Both are dynamic in K; the decoder is dynamic in B.
+where i runs over attention stages, e over the entries of a stage (ModelConfig.encoding_entries:
+blocks b0, b1, ..., then `propagation` for models with label propagation) and n_i is the number
+of tokens one prompt contributes at stage i. Both are dynamic in K; the decoder is dynamic in B.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def encoding_names(config: ModelConfig) -> list[str]:
     names = []
     for kind in ("keys", "values"):
         for stage in range(len(config.attention_stages)):
-            names.extend(f"{kind}_s{stage}_b{block}" for block in range(config.attention_depth))
+            names.extend(f"{kind}_s{stage}_{entry}" for entry in config.encoding_entries)
     return names
 
 
@@ -43,7 +44,7 @@ def flatten_encoding(encoding: PromptEncoding) -> tuple[torch.Tensor, ...]:
 
 def unflatten_encoding(tensors: Sequence[torch.Tensor], config: ModelConfig) -> PromptEncoding:
     """Inverse of `flatten_encoding` for a model with `config`."""
-    stages, depth = len(config.attention_stages), config.attention_depth
+    stages, depth = len(config.attention_stages), len(config.encoding_entries)
     if len(tensors) != 2 * stages * depth:
         raise ValueError(f"expected {2 * stages * depth} encoding tensors, got {len(tensors)}")
     half = stages * depth

@@ -3,7 +3,7 @@
     export_onnx(model, DIR) -> {"prompt_encoder": DIR/prompt_encoder.onnx, "query_decoder": DIR/query_decoder.onnx}
 
     prompt_encoder.onnx  prompt_images (1, K, C, R, R), prompt_maps (1, K, R, R), prompt_types (1, K) int64
-                         -> keys_s{i}_b{j}, values_s{i}_b{j}: (1, H, K * n_i, D)
+                         -> keys_s{i}_{e}, values_s{i}_{e}: (1, H, K * n_i, D)
     query_decoder.onnx   queries (B, C, R, R) + those tensors -> logits (B, R, R)
 
 K (axis name "prompts"), B ("batch") and the decoder's token axes ("tokens_s{i}") are dynamic, so

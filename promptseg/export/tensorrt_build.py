@@ -102,9 +102,10 @@ def decoder_input_shapes(config: ModelConfig, batch: int, prompts: int) -> dict[
     """Query-decoder inputs: queries (B, C, R, R) and each encoding tensor (1, H, T, D) for K = `prompts`."""
     r, c = config.resolution, config.in_channels
     shapes: dict[str, Shape] = {QUERY_INPUT_NAME: (batch, c, r, r)}
-    per_kind = len(config.attention_stages) * config.attention_depth  # encoding_names: keys, then values
+    entries = len(config.encoding_entries)
+    per_kind = len(config.attention_stages) * entries  # encoding_names: keys, then values
     for index, name in enumerate(encoding_names(config)):
-        shapes[name] = encoding_shape(config, index % per_kind // config.attention_depth, prompts)
+        shapes[name] = encoding_shape(config, index % per_kind // entries, prompts)
     return shapes
 
 

@@ -12,7 +12,9 @@ class ModelConfig:
     """Hyper-parameters of PromptSegNet.
 
     widths[i] is the channel count at stride 2 ** (i + 1); `attention_stages` index into widths and
-    mark the strides where query tokens cross-attend to prompt tokens.
+    mark the strides where query tokens cross-attend to prompt tokens. `label_propagation` adds,
+    at each attention stage, a label-propagation prior (promptseg.model.propagation) that feeds the
+    decoder and, from the first attention stage, the output logits.
     """
 
     resolution: int = 128
@@ -24,6 +26,7 @@ class ModelConfig:
     head_dim: int = 32
     mlp_ratio: float = 2.0
     bottleneck_tokens: int = 0
+    label_propagation: bool = False
     max_prompts: int = 64
     num_prompt_types: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
@@ -33,11 +36,19 @@ class ModelConfig:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {2 ** len(self.widths)}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.label_propagation and self.bottleneck_tokens > 0:
+            raise ValueError("label_propagation needs every prompt token; it cannot be combined with bottleneck_tokens")
         for stage in self.attention_stages:
             if not 0 <= stage < len(self.widths):
                 raise ValueError(f"attention stage {stage} outside 0..{len(self.widths) - 1}")
             if self.widths[stage] % self.head_dim != 0:
                 raise ValueError(f"width {self.widths[stage]} is not a multiple of head_dim {self.head_dim}")
+
+    @property
+    def encoding_entries(self) -> tuple[str, ...]:
+        """Names of the cached (k, v) pairs of one attention stage: its blocks, then the propagation."""
+        blocks = tuple(f"b{block}" for block in range(self.attention_depth))
+        return blocks + (("propagation",) if self.label_propagation else ())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ from promptseg.model.attention import Attention, QueryPromptBlock
 from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder
 from promptseg.model.prompt_encoder import PromptEncoder, PromptEncoding
+from promptseg.model.propagation import LabelPropagation
 from promptseg.model.query_decoder import QueryDecoder
 
 
@@ -30,10 +31,14 @@ class PromptSegNet(nn.Module):
             )
             for s in self.config.attention_stages
         )
+        propagations = nn.ModuleList(
+            LabelPropagation(self.config.widths[s], self.config.head_dim) for s in self.config.attention_stages
+        ) if self.config.label_propagation else None
         self.encoder = encoder
         self.blocks = blocks
-        self.prompt_encoder = PromptEncoder(self.config, encoder, blocks)
-        self.query_decoder = QueryDecoder(self.config, encoder, blocks)
+        self.propagations = propagations
+        self.prompt_encoder = PromptEncoder(self.config, encoder, blocks, propagations)
+        self.query_decoder = QueryDecoder(self.config, encoder, blocks, propagations)
         self.set_attention_backend("sdpa")
 
     @property
@@ -46,7 +51,7 @@ class PromptSegNet(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self._attention_backend = backend
         for module in self.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, (Attention, LabelPropagation)):
                 module.backend = backend
         return self
 

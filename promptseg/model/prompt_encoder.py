@@ -18,7 +18,9 @@ from promptseg.model.layers import sincos_position_encoding
 class PromptEncoding:
     """Everything the query decoder needs from a batch of G prompt sets.
 
-    keys[s][b], values[s][b]: (G, H, Nk_s, D) for attention stage s and block b;
+    keys[s][e], values[s][e]: (G, H, Nk_s, D) for attention stage s and entry e, where the entries
+    are the stage's blocks followed, with label propagation, by the propagation pair
+    (ModelConfig.encoding_entries);
     key_lengths[s]: (G,) long valid keys per group, or None when every group is full.
     """
 
@@ -51,7 +53,8 @@ class PromptTokenizer(nn.Module):
     key_features (G*K, C, h, w) come from the image alone (as a query would be encoded), so keys
     compare like with like; value_features (G*K, C, h, w) come from image + prompt map, and the
     map pooled to the stage grid is embedded into the values explicitly.
-    Returns keys, values (G, K*h*w, C).
+    Returns keys, values (G, K*h*w, C) and the pooled map, i.e. the label fraction of every
+    token, (G*K, h*w).
     """
 
     def __init__(self, dim: int) -> None:
@@ -62,25 +65,32 @@ class PromptTokenizer(nn.Module):
 
     def forward(
         self, key_features: torch.Tensor, value_features: torch.Tensor, maps: torch.Tensor, groups: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, c, h, w = key_features.shape
         pos = sincos_position_encoding(h, w, c, key_features.device, key_features.dtype)
         pooled = F.adaptive_avg_pool2d(maps.unsqueeze(1).to(value_features.dtype), (h, w))
         keys = self.key_norm(key_features.flatten(2).transpose(1, 2)) + pos
         values = self.value_norm(value_features.flatten(2).transpose(1, 2))
         values = values + self.map_embedding(pooled.flatten(2).transpose(1, 2) * 2.0 - 1.0)
-        return keys.reshape(groups, -1, c), values.reshape(groups, -1, c)
+        return keys.reshape(groups, -1, c), values.reshape(groups, -1, c), pooled.flatten(1)
 
 
 class PromptEncoder(nn.Module):
     """(G, K, C, R, R) images, (G, K, R, R) maps, (G, K) types, optional (G,) prompt counts
     -> PromptEncoding for the blocks of `blocks` (the query decoder's attention blocks)."""
 
-    def __init__(self, config: ModelConfig, encoder: SharedEncoder, blocks: nn.ModuleList) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        encoder: SharedEncoder,
+        blocks: nn.ModuleList,
+        propagations: nn.ModuleList | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.encoder = encoder
         self.blocks = blocks  # shared with the query decoder: ModuleList of per-stage ModuleLists
+        self.propagations = propagations  # shared with the query decoder: one LabelPropagation per stage
         self.tokenizers = nn.ModuleList(PromptTokenizer(config.widths[s]) for s in config.attention_stages)
         self.bottlenecks = nn.ModuleList(
             PromptBottleneck(config.widths[s], config.head_dim, config.bottleneck_tokens, config.mlp_ratio)
@@ -109,14 +119,19 @@ class PromptEncoder(nn.Module):
             # in K and would specialise the exported graphs to the example K.
             count = flat_images.shape[0]
             key_features, value_features = both[stage][:count], both[stage][count:]
-            keys, values = self.tokenizers[index](key_features, value_features, flat_maps, groups)
+            keys, values, label_fractions = self.tokenizers[index](key_features, value_features, flat_maps, groups)
             tokens_per_prompt = keys.shape[1] // shots
             lengths = None if num_prompts is None else num_prompts.to(keys.device) * tokens_per_prompt
             if self.bottlenecks is not None:
                 keys = values = self.bottlenecks[index](keys, values, lengths)
                 lengths = None
-            stage_k, stage_v = zip(*(block.prompt_keys(keys, values) for block in self.blocks[index]))
-            all_keys.append(list(stage_k))
-            all_values.append(list(stage_v))
+            pairs = [block.prompt_keys(keys, values) for block in self.blocks[index]]
+            if self.propagations is not None:
+                _, c, h, w = key_features.shape
+                pos = sincos_position_encoding(h, w, c, key_features.device, key_features.dtype)
+                tokens = key_features.flatten(2).transpose(1, 2)
+                pairs.append(self.propagations[index].prompt_keys(tokens, pos, label_fractions, groups))
+            all_keys.append([k for k, _ in pairs])
+            all_values.append([v for _, v in pairs])
             all_lengths.append(lengths)
         return PromptEncoding(all_keys, all_values, all_lengths)

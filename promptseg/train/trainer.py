@@ -63,6 +63,16 @@ def validation_dice(model: PromptSegNet, tasks: Sequence[ArrayTask], shots: int,
     return scores
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices and kernels only, none on biases, norm scales and
+    scalars such as the propagation temperature and the prior gain."""
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 class Trainer:
     """Owns the model, optimizer and sampler of one run and steps through it."""
 
@@ -84,7 +94,7 @@ class Trainer:
         self.model = PromptSegNet(config.model_config()).to(self.context.device)
         self.model.set_attention_backend(config.attention_backend or default_backend(self.context.device))
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(decay_groups(self.model, config.weight_decay), lr=config.lr)
         self.network: torch.nn.Module = self.model
         if self.context.world_size > 1:
             ids = [self.context.device.index] if self.context.device.type == "cuda" else None

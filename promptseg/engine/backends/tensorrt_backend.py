@@ -1,7 +1,7 @@
 """`tensorrt` backend: the two exported graphs as TensorRT 10 engines on a CUDA GPU.
 
     encode(images (1, K, C, R, R), maps (1, K, R, R), types (1, K)) -> FlatPromptState of CUDA tensors
-        keys_s{i}_b{j}, values_s{i}_b{j}: (1, H, K * n_i, D), in encoding_names order
+        keys_s{i}_{e}, values_s{i}_{e}: (1, H, K * n_i, D), in encoding_names order
     decode(queries (B, C, R, R), state) -> (B, R, R) float32 CPU logits
 
 Engines come from `engine_dir` (promptseg export --format tensorrt; the sidecar is checked against

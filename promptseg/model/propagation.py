@@ -1,0 +1,75 @@
+"""Label propagation: each query token takes the prompt label of the prompt tokens it resembles.
+
+A non-parametric prior in the spirit of nearest-neighbour label transfer, built into the model so
+that the prompts steer the prediction from the first training step. Query and prompt image tokens
+are normalised, shifted by the 2D positional encoding and projected by one shared matrix into H
+heads; cosine similarity times a learned temperature is softmax-normalised over all prompt tokens
+of the group, and the values are the fraction of prompt label inside each prompt token. Head h
+thus returns a probability map p_h in [0, 1] for every query token.
+
+The prompt side (k, v) depends only on the prompts and is cached with the rest of the
+PromptEncoding; the value tensor carries the label fraction in channel 0 and zeros elsewhere so
+that it has the shape of the attention contract (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptseg.kernels import cross_attention
+from promptseg.model.attention import split_heads
+
+
+class LabelPropagation(nn.Module):
+    """Attention of query tokens to prompt tokens whose values are the prompt label fractions.
+
+    dim C tokens, H = C / head_dim heads of width D = head_dim.
+    """
+
+    def __init__(self, dim: int, head_dim: int, temperature: float = 150.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.backend = "sdpa"
+        self.norm = nn.LayerNorm(dim)
+        self.projection = nn.Linear(dim, dim, bias=False)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+
+    def embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (N, T, C), pos (T, C) -> unit vectors (N, H, T, D)."""
+        return F.normalize(split_heads(self.projection(self.norm(tokens) + pos), self.head_dim), dim=-1)
+
+    def prompt_keys(
+        self, tokens: torch.Tensor, pos: torch.Tensor, label_fractions: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt image tokens (G*K, T, C), pos (T, C), label fractions (G*K, T) in [0, 1]
+        -> k, v (G, H, K*T, D); v holds the label fraction in channel 0."""
+        k = self.embed(tokens, pos)
+        n, heads, t, d = k.shape
+        k = k.reshape(groups, n // groups, heads, t, d).transpose(1, 2).reshape(groups, heads, -1, d)
+        labels = label_fractions.to(k.dtype).reshape(groups, 1, -1, 1).expand(-1, heads, -1, 1)
+        v = F.pad(labels, (0, d - 1))
+        return k, v
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        prompt_k: torch.Tensor,
+        prompt_v: torch.Tensor,
+        key_lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Query tokens (B, T, C), pos (T, C), cached k, v (G, H, Nk, D) -> probabilities (B, H, T)."""
+        q = self.embed(tokens, pos)
+        # cross_attention scales by 1/sqrt(D); undo that so the logits are temperature * cosine.
+        q = q * (self.log_temperature.exp() * math.sqrt(self.head_dim))
+        out = cross_attention(q, prompt_k, prompt_v, key_lengths=key_lengths, backend=self.backend)
+        return out[..., 0].clamp(0.0, 1.0)
+
+
+def probability_logit(p: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Probabilities in [0, 1] -> logits, clamped to [logit(eps), logit(1 - eps)]."""
+    p = p.clamp(eps, 1.0 - eps)
+    return torch.log(p) - torch.log1p(-p)
