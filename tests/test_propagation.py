@@ -86,8 +86,8 @@ def test_propagation_refuses_the_bottleneck() -> None:
 
 
 def test_encoding_entries_name_the_cached_pairs() -> None:
-    assert ModelConfig(attention_depth=2).encoding_entries == ("b0", "b1")
-    assert ModelConfig(attention_depth=2, label_propagation=True).encoding_entries == ("b0", "b1", "propagation")
+    assert ModelConfig(attention_depth=2, label_propagation=False).encoding_entries == ("b0", "b1")
+    assert ModelConfig(attention_depth=2).encoding_entries == ("b0", "b1", "propagation")
 
 
 def test_weight_decay_spares_scalars_biases_and_norms() -> None:

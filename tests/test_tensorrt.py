@@ -58,7 +58,7 @@ MAX_BATCH, MAX_PROMPTS = 8, 8
 @pytest.mark.parametrize(
     "config",
     [TINY_CONFIG, ModelConfig(), ModelConfig(resolution=32, widths=(8, 16, 32, 32), head_dim=16, attention_depth=1,
-                                             blocks_per_stage=1, bottleneck_tokens=4)],
+                                             blocks_per_stage=1, bottleneck_tokens=4, label_propagation=False)],
     ids=["tiny", "default", "tiny-bottleneck"],
 )
 def test_profile_shapes_match_the_eager_graphs(config: ModelConfig) -> None:

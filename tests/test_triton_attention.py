@@ -200,7 +200,8 @@ def test_model_with_triton_backend_matches_reference_and_trains() -> None:
     from promptseg.model import ModelConfig, PromptSegNet
     from promptseg.train.loss import segmentation_loss
 
-    config = ModelConfig(resolution=32, widths=(8, 16, 32, 32), blocks_per_stage=1, attention_depth=1, head_dim=16)
+    config = ModelConfig(resolution=32, widths=(8, 16, 32, 32), blocks_per_stage=1, attention_depth=1, head_dim=16,
+                         label_propagation=True)
     torch.manual_seed(0)
     model = PromptSegNet(config)
     g = torch.Generator().manual_seed(11)
@@ -213,7 +214,9 @@ def test_model_with_triton_backend_matches_reference_and_trains() -> None:
         model.set_attention_backend(backend)
         logits = model(images, maps, types, queries, num_prompts=torch.tensor([3, 2]))
         segmentation_loss(logits, targets).backward()
-        grad = model.blocks[0][0].cross_attention.k_proj.weight.grad.clone()
-        results[backend] = (logits.detach(), grad)
+        grads = (model.blocks[0][0].cross_attention.k_proj.weight.grad.clone(),
+                 model.propagations[0].projection.weight.grad.clone())
+        results[backend] = (logits.detach(), *grads)
     torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=ATOL[torch.float32] * 10, rtol=0)
-    torch.testing.assert_close(results["triton"][1], results["reference"][1], atol=ATOL[torch.float32] * 10, rtol=1e-3)
+    for triton_grad, reference_grad in zip(results["triton"][1:], results["reference"][1:]):
+        torch.testing.assert_close(triton_grad, reference_grad, atol=ATOL[torch.float32] * 10, rtol=1e-3)

@@ -26,7 +26,7 @@ class ModelConfig:
     head_dim: int = 32
     mlp_ratio: float = 2.0
     bottleneck_tokens: int = 0
-    label_propagation: bool = False
+    label_propagation: bool = True
     max_prompts: int = 64
     num_prompt_types: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
@@ -37,7 +37,7 @@ class ModelConfig:
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.label_propagation and self.bottleneck_tokens > 0:
-            raise ValueError("label_propagation needs every prompt token; it cannot be combined with bottleneck_tokens")
+            raise ValueError("label_propagation needs every prompt token; set label_propagation to false to use bottleneck_tokens")
         for stage in self.attention_stages:
             if not 0 <= stage < len(self.widths):
                 raise ValueError(f"attention stage {stage} outside 0..{len(self.widths) - 1}")
