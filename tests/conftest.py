@@ -1,10 +1,16 @@
-"""Test-session setup: Triton kernels run under the interpreter when no CUDA GPU is present."""
+"""Test-session setup: Triton kernels run under the interpreter when no CUDA GPU is present, and
+Hypothesis draws the same examples on every run when PROMPTSEG_HYPOTHESIS_PROFILE=ci (set by
+.ci/run) so that CI results are reproducible; developers' runs keep exploring new examples."""
 from __future__ import annotations
 
 import os
 import pathlib
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("PROMPTSEG_HYPOTHESIS_PROFILE", "default"))
 
 try:
     import torch

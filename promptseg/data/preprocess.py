@@ -42,7 +42,8 @@ def normalize_intensity(
     Any intensities within the float64 range work (the arithmetic is float64, pre-scaled when
     differences could overflow). Raises InputError (naming `source`) on non-finite intensities.
     """
-    data = np.asarray(image).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # values float64 cannot hold become inf/NaN, refused below
+        data = np.asarray(image).astype(np.float64)
     if not all_finite(data):
         raise InputError(source, "image contains non-finite intensities (NaN or Inf, or beyond the float64 range)")
     if window is not None:
