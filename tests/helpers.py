@@ -1,8 +1,6 @@
 """Shared test helpers: a tiny random-initialised checkpoint and small generated images and volumes."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -16,18 +14,6 @@ from promptseg.train.checkpoint import save_weights
 
 TINY_CONFIG = ModelConfig(resolution=32, widths=(8, 16, 32, 32), head_dim=16, attention_depth=1, blocks_per_stage=1,
                           label_propagation=True)
-
-
-@contextmanager
-def single_torch_thread() -> Iterator[None]:
-    """Run torch ops on one intra-op thread, restoring the previous count afterwards. On 2 busy cores
-    intra-op threads only slow the tiny model down, and its CPU results do not depend on them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import disk_example, single_torch_thread, tiny_checkpoint  # noqa: F401 (fixture)
+from helpers import disk_example, tiny_checkpoint  # noqa: F401 (fixture)
+from promptseg.torch_threads import single_torch_thread
 from promptseg.engine.segmenter import Segmenter
 
 IN_PLANE = (32, 32)
@@ -46,14 +47,16 @@ def extra_peak(run: Callable[[], np.ndarray]) -> int:
     return peak - result.nbytes
 
 
+def extra_peaks(depths: tuple[int, ...], axis: int, segment: Callable[[np.ndarray], np.ndarray]) -> dict[int, int]:
+    """`extra_peak` of segment(volume) for a CT volume of each depth along `axis` (built before measuring)."""
+    return {depth: extra_peak(lambda volume=ct_volume(depth, axis): segment(volume)) for depth in depths}
+
+
 def test_segment_volume_extra_memory_does_not_grow_with_depth(segmenter: Segmenter) -> None:
     """1024 slices along axis 2 need no more extra memory than 128 (x 1.5 + 256 KiB); the output is 4 MiB at 1024."""
     image, mask = disk_example(np.random.default_rng(0), IN_PLANE)
     prompts = segmenter.encode_prompts([image], [mask])
-    extras = {}
-    for depth in (128, 1024):
-        volume = ct_volume(depth, 2)
-        extras[depth] = extra_peak(lambda: segmenter.segment_volume(volume, prompts, axis=2).probabilities)
+    extras = extra_peaks((128, 1024), 2, lambda volume: segmenter.segment_volume(volume, prompts, axis=2).probabilities)
     assert extras[1024] <= 1.5 * extras[128] + SLACK_BYTES, extras
 
 
@@ -64,8 +67,5 @@ def test_several_labels_share_the_bound(segmenter: Segmenter) -> None:
     label_map = disk.copy()
     label_map[2:8, 2:8] = 2
     prompts = segmenter.encode_labels([image], [label_map])
-    extras = {}
-    for depth in (64, 512):
-        volume = ct_volume(depth, 1)
-        extras[depth] = extra_peak(lambda: segmenter.segment_volume_labels(volume, prompts, axis=1).probabilities)
+    extras = extra_peaks((64, 512), 1, lambda volume: segmenter.segment_volume_labels(volume, prompts, axis=1).probabilities)
     assert extras[512] <= 1.5 * extras[64] + SLACK_BYTES, extras

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import disk_example, single_torch_thread, tiny_checkpoint  # noqa: F401 (fixture)
+from helpers import disk_example, tiny_checkpoint  # noqa: F401 (fixture)
+from promptseg.torch_threads import single_torch_thread
 from promptseg.engine.segmenter import EncodedPrompts, Segmenter
 
 THREADS = 4

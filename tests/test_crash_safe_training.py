@@ -22,7 +22,7 @@ from promptseg.cli import main
 from promptseg.train.checkpoint import load_run_model
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import Trainer
-from helpers import single_torch_thread
+from promptseg.torch_threads import single_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig.load(REPO / "configs" / "tiny_test.yaml")

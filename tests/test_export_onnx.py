@@ -17,7 +17,8 @@ import onnxruntime
 import pytest
 import torch
 
-from helpers import TINY_CONFIG, single_torch_thread, tiny_checkpoint  # noqa: F401  (tiny_checkpoint is a fixture)
+from helpers import TINY_CONFIG, tiny_checkpoint  # noqa: F401  (tiny_checkpoint is a fixture)
+from promptseg.torch_threads import single_torch_thread
 from promptseg import Prompt, Segmenter
 from promptseg.engine.backends import backend_availability, create_backend
 from promptseg.engine.backends.onnxruntime_backend import OnnxRuntimeBackend

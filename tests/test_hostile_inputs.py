@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers import disk_example, single_torch_thread, tiny_checkpoint, write_png  # noqa: F401 (fixture)
+from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
+from promptseg.torch_threads import single_torch_thread
 from promptseg.cli import main
 from promptseg.data.io import read_image, read_label
 from promptseg.engine.prompts_input import Prompt

@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from promptseg.data.io import read_image, read_label, slice_volume
 from promptseg.data.layouts import Case, DatasetInfo, find_datasets, open_dataset
+from promptseg.torch_threads import single_torch_thread
 from promptseg.data.preprocess import normalize_intensity, resize_image, to_channels_first
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import InputError
@@ -43,7 +43,7 @@ def load_examples(
     """
     cases = [case for case in dataset.cases if case.label_path is not None][:max_cases]
     workers = max(1, torch.get_num_threads())
-    with _single_threaded_torch(), ThreadPoolExecutor(max_workers=workers) as pool:
+    with single_torch_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(
             pool.map(lambda case: _case_examples(case, resolution, channels, axis, max_empty_fraction), cases)
         )
@@ -57,17 +57,6 @@ def load_examples(
             np.zeros(0, dtype=str),
         )
     return np.concatenate(images), np.concatenate(labels), np.concatenate(case_ids)
-
-
-@contextmanager
-def _single_threaded_torch() -> Iterator[None]:
-    """Run torch operations on one intra-op thread inside the block (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _case_examples(

@@ -52,7 +52,8 @@ class PromptTokenizer(nn.Module):
 
     key_features (G*K, C, h, w) come from the image alone (as a query would be encoded), so keys
     compare like with like; value_features (G*K, C, h, w) come from image + prompt map, and the
-    map pooled to the stage grid is embedded into the values explicitly.
+    map pooled to the stage grid is embedded into the values explicitly; pos (h*w, C) is the
+    stage's positional encoding, added to the keys.
     Returns keys, values (G, K*h*w, C) and the pooled map, i.e. the label fraction of every
     token, (G*K, h*w).
     """
@@ -64,10 +65,14 @@ class PromptTokenizer(nn.Module):
         self.map_embedding = nn.Linear(1, dim)
 
     def forward(
-        self, key_features: torch.Tensor, value_features: torch.Tensor, maps: torch.Tensor, groups: int
+        self,
+        key_features: torch.Tensor,
+        value_features: torch.Tensor,
+        maps: torch.Tensor,
+        pos: torch.Tensor,
+        groups: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, c, h, w = key_features.shape
-        pos = sincos_position_encoding(h, w, c, key_features.device, key_features.dtype)
         pooled = F.adaptive_avg_pool2d(maps.unsqueeze(1).to(value_features.dtype), (h, w))
         keys = self.key_norm(key_features.flatten(2).transpose(1, 2)) + pos
         values = self.value_norm(value_features.flatten(2).transpose(1, 2))
@@ -119,7 +124,9 @@ class PromptEncoder(nn.Module):
             # in K and would specialise the exported graphs to the example K.
             count = flat_images.shape[0]
             key_features, value_features = both[stage][:count], both[stage][count:]
-            keys, values, label_fractions = self.tokenizers[index](key_features, value_features, flat_maps, groups)
+            _, c, h, w = key_features.shape
+            pos = sincos_position_encoding(h, w, c, key_features.device, key_features.dtype)
+            keys, values, label_fractions = self.tokenizers[index](key_features, value_features, flat_maps, pos, groups)
             tokens_per_prompt = keys.shape[1] // shots
             lengths = None if num_prompts is None else num_prompts.to(keys.device) * tokens_per_prompt
             if self.bottlenecks is not None:
@@ -127,8 +134,6 @@ class PromptEncoder(nn.Module):
                 lengths = None
             pairs = [block.prompt_keys(keys, values) for block in self.blocks[index]]
             if self.propagations is not None:
-                _, c, h, w = key_features.shape
-                pos = sincos_position_encoding(h, w, c, key_features.device, key_features.dtype)
                 tokens = key_features.flatten(2).transpose(1, 2)
                 pairs.append(self.propagations[index].prompt_keys(tokens, pos, label_fractions, groups))
             all_keys.append([k for k, _ in pairs])
