@@ -174,7 +174,8 @@ def test_onnx_export_feeds_the_builder(tiny_checkpoint: Path, tmp_path: Path) ->
     """build_engines finds export_onnx's files and reads the config and weights digest from their
     metadata; the graphs' input names and static dimensions agree with the profile shapes."""
     onnx_export = pytest.importorskip("promptseg.export.onnx_export", reason="the ONNX exporter needs onnx")
-    from promptseg.export.tensorrt_build import ROLES, onnx_path, read_graph_metadata
+    from promptseg.export.graphs import GRAPH_ROLES as ROLES, graph_path as onnx_path
+    from promptseg.export.tensorrt_build import read_graph_metadata
 
     model = load_model(tiny_checkpoint)
     written = onnx_export.export_onnx(model, tmp_path)

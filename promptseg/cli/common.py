@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from promptseg.engine.backends import ENGINE_BACKENDS, BackendUnavailable, backend_availability
+from promptseg.engine.backends import ENGINE_BACKENDS, BackendUnavailable, backend_availability, backend_class
 from promptseg.engine.segmenter import Segmenter, packaged_weights_path
 from promptseg.errors import CheckpointError, InputError
 
@@ -48,10 +48,20 @@ def backend_options(backend: str | None, export_dir: str | None) -> dict[str, An
     """Constructor options of `backend` for --export-dir; InputError when the backend takes no exported files."""
     if export_dir is None:
         return None
-    keys = {"onnxruntime": "model_dir", "tensorrt": "engine_dir"}
-    if backend not in keys:
+    option = export_dir_option(backend)
+    if option is None:
         raise InputError("--export-dir", "only --backend onnxruntime or tensorrt use exported files")
-    return {keys[backend]: export_dir}
+    return {option: export_dir}
+
+
+def export_dir_option(backend: str | None) -> str | None:
+    """The constructor keyword through which `backend` takes exported files, or None (also for no backend)."""
+    if backend is None:
+        return None
+    try:
+        return backend_class(backend).export_dir_option
+    except BackendUnavailable as exc:
+        raise InputError("--backend", str(exc)) from None
 
 
 def load_segmenter(

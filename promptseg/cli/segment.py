@@ -208,7 +208,8 @@ def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: ar
     One label: the mask is 0/255 (PNG) or 0/1 (NIfTI); several labels: the label map itself."""
     overwrite = args.overwrite
     several = len(result.labels) > 1
-    mask = result.label_map if several else (result.probabilities[0] > args.threshold).astype(np.uint8) * (1 if job.nifti else 255)
+    label_map = result.label_map if several or "overlay" in job.outputs else None  # an argmax over every label
+    mask = label_map if several else (result.probabilities[0] > args.threshold).astype(np.uint8) * (1 if job.nifti else 255)
     writers: dict[str, Callable[[], None]] = {}
     if job.nifti:
         writers["mask"] = lambda: write_nifti_like(job.outputs["mask"], mask, data, overwrite)
@@ -219,7 +220,6 @@ def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: ar
         if kind in job.outputs:
             writers[kind] = probability_writer(job.outputs[kind], result.probabilities[index], data, job.nifti, overwrite)
     if "overlay" in job.outputs:
-        label_map = result.label_map
         contours = [(label_map == label, LABEL_COLOURS[n % len(LABEL_COLOURS)]) for n, label in enumerate(result.labels)]
         picture = montage(data.array, contours, args.axis) if is_volume(data) else overlay(data.array, contours)
         writers["overlay"] = lambda: write_png(job.outputs["overlay"], picture, overwrite)

@@ -152,7 +152,7 @@ class Segmenter:
         prompt_images = torch.stack([p[0] for p in prepared])[None]
         prompt_maps = torch.stack([p[1] for p in prepared])[None]
         prompt_types = torch.tensor([[p[2] for p in prepared]], dtype=torch.long)
-        key = content_key(prompt_images, prompt_maps, prompt_types, extra=f"{self.backend.name}:{id(self.backend)}")
+        key = content_key(prompt_images, prompt_maps, prompt_types, extra=self.backend.name)
         state = self.cache.get_or_create(key, lambda: self.backend.encode(prompt_images, prompt_maps, prompt_types))
         return EncodedPrompts(state, len(prompts), key)
 

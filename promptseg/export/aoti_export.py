@@ -46,7 +46,9 @@ from promptseg.export.graphs import (
     PromptEncoderGraph,
     QueryDecoderGraph,
     encoding_names,
+    encoding_stages,
     example_inputs,
+    tokens_per_prompt,
 )
 from promptseg.model import ModelConfig, PromptSegNet
 
@@ -100,13 +102,6 @@ def check_compiler() -> None:
         raise PromptSegError(f"AOTInductor export needs a C++ compiler (install g++ or set CXX): {exc}") from None
 
 
-def tokens_per_prompt(config: ModelConfig) -> list[int | None]:
-    """n_i, the encoding tokens one prompt adds at each attention stage; None where the count is fixed."""
-    if config.bottleneck_tokens > 0:
-        return [None] * len(config.attention_stages)
-    return [(config.resolution // 2 ** (stage + 1)) ** 2 for stage in config.attention_stages]
-
-
 def export_programs(model: PromptSegNet, device: torch.device) -> tuple[ExportedProgram, ExportedProgram]:
     """torch.export both graphs of a float32 eval-mode `model` with dynamic K (and B for the decoder)."""
     config = model.config
@@ -120,9 +115,7 @@ def export_programs(model: PromptSegNet, device: torch.device) -> tuple[Exported
     with torch.no_grad():
         encoding = PromptEncoderGraph(model)(images, maps, types)
     stage_dims = [None if n is None else n * prompts for n in tokens_per_prompt(config)]
-    depth = len(config.encoding_entries)
-    # encoding_names order: keys of every stage and entry, then values in the same order.
-    token_dims = [stage_dims[i // depth] for i in range(len(stage_dims) * depth)] * 2
+    token_dims = [stage_dims[stage] for stage in encoding_stages(config)]
     decoder = torch.export.export(
         QueryDecoderGraph(model),
         (queries, *encoding),

@@ -14,7 +14,10 @@ of tokens one prompt contributes at stage i. Both are dynamic in K; the decoder 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,15 +27,44 @@ from promptseg.model import ModelConfig, PromptEncoding, PromptSegNet
 PROMPT_INPUT_NAMES = ("prompt_images", "prompt_maps", "prompt_types")
 QUERY_INPUT_NAME = "queries"
 LOGITS_NAME = "logits"
+GRAPH_ROLES = ("prompt_encoder", "query_decoder")
+ENCODING_KINDS = ("keys", "values")
+
+
+def graph_path(folder: str | os.PathLike, role: str) -> Path:
+    """Where export_onnx writes (and runtimes look for) the graph `role`: folder/role.onnx."""
+    return Path(folder) / f"{role}.onnx"
+
+
+def graph_paths(folder: str | os.PathLike) -> dict[str, Path]:
+    """`graph_path` of both graphs: {role: folder/role.onnx} in GRAPH_ROLES order."""
+    return {role: graph_path(folder, role) for role in GRAPH_ROLES}
 
 
 def encoding_names(config: ModelConfig) -> list[str]:
     """Names of the flattened PromptEncoding tensors, keys then values, stage-major."""
-    names = []
-    for kind in ("keys", "values"):
-        for stage in range(len(config.attention_stages)):
-            names.extend(f"{kind}_s{stage}_{entry}" for entry in config.encoding_entries)
-    return names
+    stages = range(len(config.attention_stages))
+    return [f"{kind}_s{s}_{entry}" for kind in ENCODING_KINDS for s in stages for entry in config.encoding_entries]
+
+
+def encoding_stages(config: ModelConfig) -> list[int]:
+    """Attention-stage index i (into config.attention_stages) of each tensor, in `encoding_names` order."""
+    stages = range(len(config.attention_stages))
+    return [s for _kind in ENCODING_KINDS for s in stages for _entry in config.encoding_entries]
+
+
+def tokens_per_prompt(config: ModelConfig) -> list[int | None]:
+    """n_i per attention-stage index i: the encoding tokens one prompt adds, (R / 2 ** (s_i + 1)) ** 2
+    for stage s_i of stride 2 ** (s_i + 1); None with a prompt bottleneck, whose count is fixed
+    (bottleneck_tokens) whatever K is."""
+    if config.bottleneck_tokens > 0:
+        return [None] * len(config.attention_stages)
+    return [(config.resolution // 2 ** (stage + 1)) ** 2 for stage in config.attention_stages]
+
+
+def config_differences(exported: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Sorted keys whose values differ between two model configs as JSON dicts (missing keys count)."""
+    return sorted(key for key in exported.keys() | current.keys() if exported.get(key) != current.get(key))
 
 
 def flatten_encoding(encoding: PromptEncoding) -> tuple[torch.Tensor, ...]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.metadata
 import json
 import os
 import tempfile
@@ -40,25 +39,20 @@ import onnx
 import torch
 from torch.export import Dim
 
+import promptseg
 from promptseg.errors import InputError
 from promptseg.export.graphs import (
-    LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, PromptEncoderGraph, QueryDecoderGraph, encoding_names,
-    example_inputs,
+    GRAPH_ROLES, LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, PromptEncoderGraph, QueryDecoderGraph,
+    config_differences, encoding_names, encoding_stages, example_inputs, graph_paths,
 )
-from promptseg.model import PromptSegNet
+from promptseg.model import ModelConfig, PromptSegNet
 
 DEFAULT_OPSET = 20
-GRAPH_ROLES = ("prompt_encoder", "query_decoder")
 EXPORT_DTYPES = (torch.float32, torch.float16)
 REQUIRED_METADATA = (
     "promptseg_version", "graph_role", "resolution", "in_channels", "model_config", "weights_sha256", "dtype", "encoding_names",
 )
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes; a larger model would need external data files
-
-
-def graph_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Where export_onnx writes (and runtimes look for) each graph: {role: out_dir/role.onnx}."""
-    return {role: Path(out_dir) / f"{role}.onnx" for role in GRAPH_ROLES}
 
 
 def export_onnx(
@@ -106,7 +100,7 @@ def export_protos(model: PromptSegNet, opset: int, dtype: torch.dtype) -> dict[s
     names = encoding_names(config)
     shots = Dim("prompts", min=1, max=config.max_prompts)
     tokens = [Dim(f"tokens_s{stage}", min=1) for stage in range(len(config.attention_stages))]
-    token_axes = tuple({2: tokens[stage_of(name)]} for name in names)
+    token_axes = tuple({2: tokens[stage]} for stage in encoding_stages(config))
     encoder = trace(
         PromptEncoderGraph(traced).eval(), prompts, list(PROMPT_INPUT_NAMES), names,
         dynamic_shapes={name: {1: shots} for name in PROMPT_INPUT_NAMES}, opset=opset,
@@ -117,14 +111,18 @@ def export_protos(model: PromptSegNet, opset: int, dtype: torch.dtype) -> dict[s
     )
     require_dynamic(encoder, {name: 1 for name in PROMPT_INPUT_NAMES})
     require_dynamic(decoder, {QUERY_INPUT_NAME: 0, **{name: 2 for name in names}})
-    protos = {"prompt_encoder": encoder, "query_decoder": decoder}
+    protos = dict(zip(GRAPH_ROLES, (encoder, decoder)))
+    digest = weights_sha256(model)
     for role, proto in protos.items():
-        onnx.helper.set_model_props(proto, graph_metadata(model, role, dtype))
+        onnx.helper.set_model_props(proto, graph_metadata(model, role, dtype, digest))
     return protos
 
 
-def graph_metadata(model: PromptSegNet, role: str, dtype: torch.dtype) -> dict[str, str]:
-    """The metadata_props written into the `role` graph of `model` (all values are strings)."""
+def graph_metadata(model: PromptSegNet, role: str, dtype: torch.dtype, weights_digest: str | None = None) -> dict[str, str]:
+    """The metadata_props written into the `role` graph of `model` (all values are strings).
+
+    weights_digest: weights_sha256(model) when the caller has it already (computed here otherwise).
+    """
     config = model.config
     return {
         "promptseg_version": promptseg_version(),
@@ -132,7 +130,7 @@ def graph_metadata(model: PromptSegNet, role: str, dtype: torch.dtype) -> dict[s
         "resolution": str(config.resolution),
         "in_channels": str(config.in_channels),
         "model_config": config.to_json(),
-        "weights_sha256": weights_sha256(model),
+        "weights_sha256": weights_digest or weights_sha256(model),
         "dtype": str(dtype).removeprefix("torch."),
         "encoding_names": json.dumps(encoding_names(config)),
     }
@@ -147,11 +145,13 @@ def weights_sha256(model: PromptSegNet) -> str:
     return digest.hexdigest()
 
 
-def check_graph_metadata(metadata: Mapping[str, str], path: str | os.PathLike, role: str, model: PromptSegNet) -> None:
-    """InputError naming `path` unless its metadata describes the `role` graph of this very model."""
+def check_graph_metadata(
+    metadata: Mapping[str, str], path: str | os.PathLike, role: str, config: ModelConfig, weights_digest: str
+) -> None:
+    """InputError naming `path` unless its metadata describes the `role` graph of the model with
+    `config` and weights_sha256 `weights_digest`."""
     if metadata.get("graph_role") != role:
         raise InputError(path, f"holds the {metadata.get('graph_role')} graph, expected the {role}")
-    config = model.config
     for key, expected in (("resolution", config.resolution), ("in_channels", config.in_channels)):
         if metadata.get(key) != str(expected):
             raise InputError(path, f"was exported for {key} {metadata.get(key)}, but the model has {key} {expected}")
@@ -159,15 +159,16 @@ def check_graph_metadata(metadata: Mapping[str, str], path: str | os.PathLike, r
         exported, current = json.loads(metadata["model_config"]), json.loads(config.to_json())
     except (KeyError, ValueError):
         raise InputError(path, "has no readable model_config in its metadata") from None
-    differing = sorted(key for key in exported.keys() | current.keys() if exported.get(key) != current.get(key))
+    differing = config_differences(exported, current)
     if differing:
         raise InputError(path, f"was exported for another model configuration (differs in {', '.join(differing)})")
-    if metadata.get("weights_sha256") != weights_sha256(model):
+    if metadata.get("weights_sha256") != weights_digest:
         raise InputError(path, "was exported from other weights than this model's; export it again")
 
 
 def stage_of(name: str) -> int:
-    """Attention stage of an encoding tensor name: "keys_s1_b0" -> 1."""
+    """Attention-stage index parsed from an encoding tensor name ("keys_s1_b0" -> 1); the exporter
+    itself uses graphs.encoding_stages, this reads a name back (tests check axis names with it)."""
     return int(name.split("_")[1][1:])
 
 
@@ -239,13 +240,5 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def promptseg_version() -> str:
-    """promptseg.__version__, else the installed distribution's version, else "unknown"."""
-    import promptseg
-
-    version = getattr(promptseg, "__version__", None)
-    if version:
-        return str(version)
-    try:
-        return importlib.metadata.version("promptseg")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    """The promptseg version written into the graphs' metadata."""
+    return promptseg.__version__

@@ -5,9 +5,9 @@
 
 Each engine has one optimisation profile. The prompt encoder's inputs are dynamic in the prompt
 count K; the query decoder's in the query batch B and, through its encoding inputs
-(1, H_i, K * n_i, D), in K as well, where n_i = (R / 2 ** (s_i + 1)) ** 2 prompt tokens come from
-one prompt at attention stage s_i (SharedEncoder: widths[s] has stride 2 ** (s + 1); with a prompt
-bottleneck every stage has bottleneck_tokens tokens whatever K is).
+(1, H_i, K * n_i, D), in K as well, where n_i prompt tokens come from one prompt at attention
+stage i (graphs.tokens_per_prompt; with a prompt bottleneck every stage has bottleneck_tokens
+tokens whatever K is).
 
 Plans are tied to the GPU model and the TensorRT version that built them; the sidecar records
 both with the model config, so a loader can refuse a mismatch with a clear message.
@@ -19,17 +19,19 @@ import functools
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from promptseg.data.io import atomic_write
 from promptseg.errors import InputError, PromptSegError
-from promptseg.export.graphs import LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, encoding_names
+from promptseg.export.graphs import (
+    GRAPH_ROLES, LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, encoding_names, encoding_stages, graph_paths,
+    tokens_per_prompt,
+)
 from promptseg.model import ModelConfig
 
-ROLES = ("prompt_encoder", "query_decoder")
 SIDECAR_NAME = "promptseg_tensorrt.json"
 SIDECAR_FORMAT = "promptseg-tensorrt"
 SIDECAR_VERSION = 1
@@ -60,11 +62,6 @@ class SizeRange(NamedTuple):
     max: int
 
 
-def onnx_path(onnx_dir: str | os.PathLike, role: str) -> Path:
-    """Where export_onnx writes graph `role` ("prompt_encoder" or "query_decoder")."""
-    return Path(onnx_dir) / f"{role}.onnx"
-
-
 def plan_path(engine_dir: str | os.PathLike, role: str) -> Path:
     """Where build_engines writes the engine of graph `role`."""
     return Path(engine_dir) / f"{role}.plan"
@@ -74,15 +71,10 @@ def plan_path(engine_dir: str | os.PathLike, role: str) -> Path:
 
 
 def encoding_tokens(config: ModelConfig, stage_index: int, prompts: int) -> int:
-    """Prompt tokens at attention stage config.attention_stages[stage_index] for `prompts` prompts.
-
-    K * (R / 2 ** (s + 1)) ** 2 (one token per feature-map cell of each prompt), or
-    bottleneck_tokens when the model compresses the prompt tokens into learned latents.
-    """
-    if config.bottleneck_tokens > 0:
-        return config.bottleneck_tokens
-    side = config.resolution // 2 ** (config.attention_stages[stage_index] + 1)
-    return prompts * side * side
+    """Prompt tokens at attention stage config.attention_stages[stage_index] for K = `prompts`:
+    K * n_i (graphs.tokens_per_prompt), or bottleneck_tokens for a model with a prompt bottleneck."""
+    per_prompt = tokens_per_prompt(config)[stage_index]
+    return config.bottleneck_tokens if per_prompt is None else prompts * per_prompt
 
 
 def encoding_shape(config: ModelConfig, stage_index: int, prompts: int) -> Shape:
@@ -102,10 +94,8 @@ def decoder_input_shapes(config: ModelConfig, batch: int, prompts: int) -> dict[
     """Query-decoder inputs: queries (B, C, R, R) and each encoding tensor (1, H, T, D) for K = `prompts`."""
     r, c = config.resolution, config.in_channels
     shapes: dict[str, Shape] = {QUERY_INPUT_NAME: (batch, c, r, r)}
-    entries = len(config.encoding_entries)
-    per_kind = len(config.attention_stages) * entries  # encoding_names: keys, then values
-    for index, name in enumerate(encoding_names(config)):
-        shapes[name] = encoding_shape(config, index % per_kind // entries, prompts)
+    for name, stage in zip(encoding_names(config), encoding_stages(config)):
+        shapes[name] = encoding_shape(config, stage, prompts)
     return shapes
 
 
@@ -266,21 +256,13 @@ def _build_plan(
 # --- files ------------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def bytes_writer(data: bytes) -> Callable[[str], None]:
+    """A writer for promptseg.data.io.atomic_write that stores `data` in the temporary file it is given."""
+
+    def write(temporary: str) -> None:
+        Path(temporary).write_bytes(data)
+
+    return write
 
 
 def read_graph_metadata(sources: dict[str, Path]) -> tuple[ModelConfig, dict[str, str]]:
@@ -350,7 +332,7 @@ def _sidecar(
             role: {name: {k: list(v) for k, v in shape._asdict().items()} for name, shape in entries.items()}
             for role, entries in profiles.items()
         },
-        "engines": {role: plan_path("", role).name for role in ROLES},
+        "engines": {role: plan_path("", role).name for role in GRAPH_ROLES},
         "outputs": {"prompt_encoder": encoding_names(config), "query_decoder": [LOGITS_NAME]},
         "timing_cache_bytes_loaded": cache_loaded,
     }
@@ -388,7 +370,7 @@ def build_engines(
     """
     if precision not in PRECISIONS:
         raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    sources = {role: onnx_path(onnx_dir, role) for role in ROLES}
+    sources = graph_paths(onnx_dir)
     for path in sources.values():
         if not path.is_file():
             raise InputError(path, "ONNX graph not found; export it first (promptseg export --format onnx)")
@@ -398,7 +380,7 @@ def build_engines(
     if prompts.max > config.max_prompts:
         raise InputError("max_prompts", f"{prompts.max} exceeds the model's limit of {config.max_prompts} prompts")
     out = Path(out_dir)
-    written = {role: plan_path(out, role) for role in ROLES} | {"sidecar": out / SIDECAR_NAME}
+    written = {role: plan_path(out, role) for role in GRAPH_ROLES} | {"sidecar": out / SIDECAR_NAME}
     _refuse_existing(list(written.values()), overwrite)
     trt = require_tensorrt_gpu()
 
@@ -410,11 +392,12 @@ def build_engines(
     for role, source in sources.items():
         plans[role], cache, profiles[role] = _build_plan(trt, source, shapes, precision, workspace_gib, cache)
     for role, plan in plans.items():
-        write_atomic(written[role], plan)
+        atomic_write(written[role], bytes_writer(plan), overwrite)
     sidecar = _sidecar(config, metadata, precision, trt.__version__, profiles, batch, prompts, cache_loaded)
-    write_atomic(written["sidecar"], (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    sidecar_text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
+    atomic_write(written["sidecar"], bytes_writer(sidecar_text.encode()), overwrite)
     if cache_path is not None:
-        write_atomic(cache_path, cache)
+        atomic_write(cache_path, bytes_writer(cache), overwrite=True)  # rewritten after every build by design
         written["timing_cache"] = cache_path
     return written
 
@@ -430,7 +413,7 @@ def require_tensorrt_gpu() -> ModuleType:
 
 
 __all__: list[str] = [
-    "PRECISIONS", "ROLES", "SIDECAR_NAME", "require_tensorrt_gpu", "ShapeRange", "SizeRange", "build_engines", "decoder_input_shapes",
-    "encoder_input_shapes", "encoding_shape", "encoding_tokens", "gpu_description", "import_tensorrt", "onnx_path", "plan_path",
-    "profile_shapes", "read_graph_metadata", "read_sidecar", "tensorrt_logger", "tensorrt_module", "write_atomic",
+    "PRECISIONS", "SIDECAR_NAME", "require_tensorrt_gpu", "ShapeRange", "SizeRange", "build_engines", "decoder_input_shapes",
+    "encoder_input_shapes", "encoding_shape", "encoding_tokens", "gpu_description", "import_tensorrt", "plan_path",
+    "profile_shapes", "read_graph_metadata", "read_sidecar", "tensorrt_logger", "tensorrt_module",
 ]

@@ -33,8 +33,8 @@ class FlatPromptState:
     tensors: tuple[Any, ...]
 
     def nbytes(self) -> int:
-        return int(sum(t.nbytes if hasattr(t, "nbytes") and not isinstance(t, torch.Tensor)
-                       else t.numel() * t.element_size() for t in self.tensors))
+        """Bytes held by the tensors (torch tensors and numpy arrays both report .nbytes)."""
+        return sum(t.nbytes for t in self.tensors)
 
 
 class BackendUnavailable(RuntimeError):
@@ -45,6 +45,7 @@ class InferenceBackend(ABC):
     """Runs a PromptSegNet's prompt encoder and query decoder on one device."""
 
     name: str = ""
+    export_dir_option: str | None = None  # constructor keyword taking a `promptseg export` folder, if any
 
     def __init__(self, model: PromptSegNet, device: torch.device) -> None:
         self.model = model

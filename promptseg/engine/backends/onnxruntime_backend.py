@@ -12,6 +12,7 @@ the prompt state cross the host boundary on every call, so the state stays numpy
 """
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -23,7 +24,9 @@ import torch
 
 from promptseg.engine.backends.base import BackendUnavailable, FlatPromptState, InferenceBackend
 from promptseg.errors import InputError
-from promptseg.export.graphs import LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, encoding_names
+from promptseg.export.graphs import (
+    GRAPH_ROLES, LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, encoding_names, graph_paths,
+)
 from promptseg.model import PromptSegNet
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -38,6 +41,7 @@ class OnnxRuntimeBackend(InferenceBackend):
     """
 
     name = "onnxruntime"
+    export_dir_option = "model_dir"
 
     def __init__(
         self,
@@ -58,11 +62,12 @@ class OnnxRuntimeBackend(InferenceBackend):
                 self.encoder, self.decoder = self._load(export_onnx(model, folder))
         else:
             self.encoder, self.decoder = self._load(checked_graphs(model_dir, model))
+        self.encoder_types, self.decoder_types = input_types(self.encoder), input_types(self.decoder)
 
     @classmethod
     def availability(cls, device: torch.device) -> tuple[bool, str]:
         try:
-            import onnx  # noqa: F401  (reads and checks the graphs' metadata)
+            importlib.import_module("onnx")  # reads and checks the graphs' metadata
             import onnxruntime
         except ImportError as exc:
             return False, f"onnxruntime backend unavailable: {exc} (pip install 'promptseg[export]')"
@@ -78,7 +83,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3  # errors only; optimiser notes would reach the user's terminal
         sessions = []
-        for role in ("prompt_encoder", "query_decoder"):
+        for role in GRAPH_ROLES:
             try:
                 sessions.append(onnxruntime.InferenceSession(str(paths[role]), options, providers=self.providers))
             except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented types
@@ -87,23 +92,24 @@ class OnnxRuntimeBackend(InferenceBackend):
 
     def encode(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> FlatPromptState:
         """(1, K, C, R, R), (1, K, R, R), (1, K) -> FlatPromptState of (1, H, K * n_i, D) numpy arrays."""
-        feeds = session_feeds(self.encoder, dict(zip(PROMPT_INPUT_NAMES, (images, maps, types))))
+        feeds = session_feeds(self.encoder_types, dict(zip(PROMPT_INPUT_NAMES, (images, maps, types))))
         return FlatPromptState(tuple(self.encoder.run(self.names, feeds)))
 
     def decode(self, queries: torch.Tensor, state: FlatPromptState) -> torch.Tensor:
         """(B, C, R, R) + encode()'s state -> (B, R, R) float32 CPU logits."""
-        feeds = session_feeds(self.decoder, {QUERY_INPUT_NAME: queries, **dict(zip(self.names, state.tensors))})
+        feeds = session_feeds(self.decoder_types, {QUERY_INPUT_NAME: queries, **dict(zip(self.names, state.tensors))})
         (logits,) = self.decoder.run([LOGITS_NAME], feeds)
         return torch.from_numpy(logits).float()
 
 
 def checked_graphs(model_dir: str | os.PathLike, model: PromptSegNet) -> dict[str, Path]:
     """{role: path} of the graphs in `model_dir` after checking their metadata against `model` (InputError)."""
-    from promptseg.export.onnx_export import check_graph_metadata, graph_paths, read_onnx_metadata
+    from promptseg.export.onnx_export import check_graph_metadata, read_onnx_metadata, weights_sha256
 
     paths = graph_paths(model_dir)
+    digest = weights_sha256(model)
     for role, path in paths.items():
-        check_graph_metadata(read_onnx_metadata(path), path, role, model)
+        check_graph_metadata(read_onnx_metadata(path), path, role, model.config, digest)
     return paths
 
 
@@ -131,11 +137,16 @@ def default_providers(device: torch.device) -> list[str | tuple[str, dict[str, A
     return ["CPUExecutionProvider"]
 
 
-def session_feeds(session: Any, values: dict[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
-    """Inputs as contiguous numpy arrays in the element types the session's graph declares."""
+def input_types(session: Any) -> dict[str, type[np.generic]]:
+    """{input name: numpy element type} the session's graph declares, in its input order."""
+    return {spec.name: _NUMPY_TYPES[spec.type] for spec in session.get_inputs()}
+
+
+def session_feeds(types: dict[str, type[np.generic]], values: dict[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs as contiguous numpy arrays in the element `types` (from input_types) of a session's inputs."""
     feeds = {}
-    for spec in session.get_inputs():
-        value = values[spec.name]
+    for name, dtype in types.items():
+        value = values[name]
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-        feeds[spec.name] = np.ascontiguousarray(array, dtype=_NUMPY_TYPES[spec.type])
+        feeds[name] = np.ascontiguousarray(array, dtype=dtype)
     return feeds

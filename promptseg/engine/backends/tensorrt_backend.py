@@ -25,9 +25,11 @@ import torch
 
 from promptseg.engine.backends.base import FlatPromptState, InferenceBackend
 from promptseg.errors import InputError, PromptSegError
-from promptseg.export.graphs import LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, encoding_names
+from promptseg.export.graphs import (
+    GRAPH_ROLES, LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, config_differences, encoding_names,
+)
 from promptseg.export.tensorrt_build import (
-    PRECISIONS, ROLES, SIDECAR_NAME, ShapeRange, build_engines, gpu_description, import_tensorrt, plan_path,
+    PRECISIONS, SIDECAR_NAME, ShapeRange, build_engines, gpu_description, import_tensorrt, plan_path,
     read_sidecar, tensorrt_logger, tensorrt_module,
 )
 from promptseg.model import PromptSegNet
@@ -146,9 +148,8 @@ def check_sidecar(sidecar: dict[str, Any], model: PromptSegNet, precision: str |
     weights, by this TensorRT version, for this GPU's compute capability (and `precision` when given)."""
     from promptseg.export.onnx_export import weights_sha256
 
-    built_for, expected = sidecar.get("config", {}), json.loads(model.config.to_json())
-    if built_for != expected:
-        differing = sorted(k for k in expected.keys() | built_for.keys() if built_for.get(k) != expected.get(k))
+    differing = config_differences(sidecar.get("config", {}), json.loads(model.config.to_json()))
+    if differing:
         raise InputError(path, f"engines were built for another model configuration (differs in {', '.join(differing)})")
     if sidecar.get("weights_sha256") != weights_sha256(model):
         raise InputError(path, "engines were built from other weights than this model's; rebuild them")
@@ -166,7 +167,7 @@ def check_sidecar(sidecar: dict[str, Any], model: PromptSegNet, precision: str |
 def read_plans(engine_dir: Path) -> dict[str, bytes]:
     """role -> serialised engine from an engine folder; InputError naming a missing plan."""
     plans = {}
-    for role in ROLES:
+    for role in GRAPH_ROLES:
         path = plan_path(engine_dir, role)
         if not path.is_file():
             raise InputError(path, "TensorRT engine not found; build it with promptseg export --format tensorrt")
@@ -195,6 +196,7 @@ class TensorRTBackend(InferenceBackend):
     """
 
     name = "tensorrt"
+    export_dir_option = "engine_dir"
 
     def __init__(
         self, model: PromptSegNet, device: torch.device, engine_dir: str | os.PathLike | None = None,
@@ -205,14 +207,14 @@ class TensorRTBackend(InferenceBackend):
             raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if engine_dir is None:
             self.sidecar, plans = build_in_temp_dir(model, precision or "fp16", build_options)
-            sources = {role: f"{role} engine (built for this backend)" for role in ROLES}
+            sources = {role: f"{role} engine (built for this backend)" for role in GRAPH_ROLES}
         else:
             if build_options:
                 raise ValueError(f"build options ({', '.join(sorted(build_options))}) only apply without engine_dir")
             self.sidecar = read_sidecar(engine_dir)
             check_sidecar(self.sidecar, model, precision, Path(engine_dir) / SIDECAR_NAME)
             plans = read_plans(Path(engine_dir))
-            sources = {role: str(plan_path(engine_dir, role)) for role in ROLES}
+            sources = {role: str(plan_path(engine_dir, role)) for role in GRAPH_ROLES}
         self.encoder = EngineRunner(plans["prompt_encoder"], self.device, sources["prompt_encoder"])
         self.decoder = EngineRunner(plans["query_decoder"], self.device, sources["query_decoder"])
         self.encoding_names = encoding_names(self.config)
