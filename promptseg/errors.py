@@ -23,3 +23,16 @@ class InputError(PromptSegError):
 
 class CheckpointError(PromptSegError):
     """A checkpoint that cannot be loaded (missing, corrupt, pickle-bearing, or of another configuration)."""
+
+
+def short_reason(exc: BaseException) -> str:
+    """`ExcType: first line of the message` (just `ExcType` for an empty message), at most 120 characters.
+
+    >>> short_reason(OSError("No space left on device\\nmore detail"))
+    'OSError: No space left on device'
+    >>> short_reason(KeyError())
+    'KeyError'
+    """
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -22,16 +22,14 @@ import json
 import platform
 import re
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from promptseg.data.prompts import PROMPT_TYPES
 from promptseg.engine.backends import ENGINE_BACKENDS, InferenceBackend, backend_availability, create_backend
-from promptseg.engine.benchmark import time_volume
+from promptseg.engine.benchmark import random_prompts, run_seconds, time_volume
 from promptseg.engine.segmenter import Segmenter, packaged_weights_path
 from promptseg.model import PromptSegNet
 from promptseg.train.checkpoint import load_model
@@ -48,18 +46,7 @@ def device_name(device: torch.device) -> str:
 
 def median_seconds(run: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Median wall time of `run` over `repeats` calls after `warmup` untimed calls (synchronised on CUDA)."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(run_seconds(run, device, repeats, warmup))
 
 
 def model_at(resolution: int) -> PromptSegNet:
@@ -72,21 +59,14 @@ def model_at(resolution: int) -> PromptSegNet:
     return PromptSegNet(config).eval()
 
 
-def random_prompts(config, shots: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(1, K, C, R, R) images, (1, K, R, R) binary maps, (1, K) mask types."""
-    r, c = config.resolution, config.in_channels
-    images = torch.from_numpy(rng.random((1, shots, c, r, r), dtype=np.float32))
-    maps = torch.from_numpy((rng.random((1, shots, r, r)) > 0.5).astype(np.float32))
-    return images, maps, torch.full((1, shots), PROMPT_TYPES["mask"], dtype=torch.long)
-
-
 def bench_backend(backend: InferenceBackend, args: argparse.Namespace, rng: np.random.Generator) -> list[dict]:
     """Latency and throughput rows of one backend at one resolution, for every K."""
     config, device = backend.config, backend.device
     rows = []
     for shots in args.shots:
-        state = backend.encode(*random_prompts(config, shots, rng))
-        encode_s = median_seconds(lambda: backend.encode(*random_prompts(config, shots, rng)), device, args.repeats, 1)
+        prompts = random_prompts(config, shots, rng)
+        state = backend.encode(*prompts)
+        encode_s = median_seconds(lambda: backend.encode(*prompts), device, args.repeats, 1)
         rows.append({"kind": "encode", "shots": shots, "batch": 0, "seconds": encode_s})
         for batch in args.batches:
             queries = torch.from_numpy(rng.random((batch, config.in_channels, config.resolution, config.resolution), dtype=np.float32))

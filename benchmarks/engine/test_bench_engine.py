@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench_engine import model_at, random_prompts
+from bench_engine import model_at
 from promptseg.engine.backends import ENGINE_BACKENDS, backend_availability, create_backend
+from promptseg.engine.benchmark import random_prompts, synchronize
 from promptseg.engine.segmenter import Segmenter
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -20,8 +21,7 @@ def synchronized(run):
     """`run` followed by a device synchronisation, so that the timer sees finished work."""
     def call():
         result = run()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize(DEVICE)
+        synchronize(DEVICE)
         return result
     return call
 

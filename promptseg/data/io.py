@@ -16,7 +16,7 @@ import numpy as np
 from nibabel.spatialimages import HeaderDataError
 from PIL import Image
 
-from promptseg.errors import InputError
+from promptseg.errors import InputError, short_reason
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 PILLOW_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
@@ -117,7 +117,7 @@ def _read(path: str, label: bool) -> ImageData:
     except InputError:
         raise
     except Exception as exc:  # any library failure on a corrupt or truncated file becomes one line
-        raise InputError(path, f"unreadable or corrupt image ({_short_reason(exc)})") from None
+        raise InputError(path, f"unreadable or corrupt image ({short_reason(exc)})") from None
     array = check_image_array(array, path)
     is_volume = array.ndim == 3 and (affine is not None or array.shape[-1] not in (1, 3, 4))
     return ImageData(array=array, is_volume=is_volume, affine=affine, header=header, path=path)
@@ -140,13 +140,6 @@ def check_image_array(array: np.ndarray, source: str | None) -> np.ndarray:
     if array.size == 0:
         raise InputError(source, f"image is empty (shape {array.shape})")
     return array
-
-
-def _short_reason(exc: BaseException) -> str:
-    """`ExcType: first line of the message`, at most 120 characters."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 # Deflate cannot compress better than 1032:1, so a .nii.gz of n bytes holds at most about 1032 n bytes.
@@ -222,44 +215,64 @@ _FILE_MODE = _default_file_mode()
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], overwrite: bool = False) -> None:
-    """Call `writer(temporary_path)` then move the result onto `path` in one step.
+    """Call `writer(temporary_path)` then move the result onto `path` in one step (see atomic_write_unchecked).
 
-    The temporary file lives in the same folder and keeps `path`'s extension (writers such as
-    nibabel choose the format from it). If `writer` raises, the temporary file is removed and the
-    exception propagates: `path` is never left half-written. An existing `path` is refused unless
-    `overwrite`. Missing parent folders are created. A failure of the file system (disk full, no
-    permission) is an InputError naming `path`.
+    If `writer` raises, the temporary file is removed and the exception propagates: `path` is never
+    left half-written. An existing `path` is refused unless `overwrite`. Missing parent folders are
+    created. A failure of the file system (disk full, no permission) is an InputError naming `path`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(path, "output path is a folder, expected a file name")
     if os.path.exists(path) and not overwrite:
         raise InputError(path, "output exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(
-            dir=folder, prefix=f".{strip_extension(os.path.basename(path))}.", suffix=file_extension(path)
-        )
-        os.close(fd)
+        atomic_write_unchecked(path, writer, overwrite)
     except OSError as exc:
-        raise InputError(path, f"cannot write output ({_short_reason(exc)})") from None
+        if isinstance(exc, FileExistsError) and os.path.exists(path):  # another process created it meanwhile
+            raise InputError(path, "output exists (created while writing); pass --overwrite to replace it") from None
+        raise InputError(path, f"cannot write output ({short_reason(exc)})") from None
+
+
+def atomic_write_unchecked(path: str | os.PathLike, writer: Callable[[str], None], overwrite: bool) -> None:
+    """atomic_write without its checks and messages: file-system failures propagate as OSError.
+
+    `writer(temporary_path)` fills a temporary file in `path`'s folder (created when missing) that keeps
+    `path`'s extension (writers such as nibabel choose the format from it). The file gets the mode the
+    umask gives, is flushed to the disk, then moved onto `path` (replacing it if `overwrite`, else
+    FileExistsError when `path` exists by then), and the folder is flushed: `path` is always absent,
+    the old file or the complete new one. On any failure the temporary file is removed.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(
+        dir=folder, prefix=f".{strip_extension(os.path.basename(path))}.", suffix=file_extension(path)
+    )
+    os.close(fd)
     try:
         writer(temporary)
         os.chmod(temporary, _FILE_MODE)  # mkstemp makes owner-only files; outputs get the usual mode
+        _fsync(temporary)
         if overwrite:
             os.replace(temporary, path)
         else:
             _create_exclusively(temporary, path)
-    except FileExistsError:
-        os.remove(temporary)
-        raise InputError(path, "output exists (created while writing); pass --overwrite to replace it") from None
-    except BaseException as exc:
+    except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
-        if isinstance(exc, OSError):
-            raise InputError(path, f"cannot write output ({_short_reason(exc)})") from None
         raise
+    if os.name == "posix":  # folders cannot be opened for fsync elsewhere
+        _fsync(folder)
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's or a folder's contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_exclusively(temporary: str, path: str) -> None:

@@ -44,12 +44,13 @@ def normalize_intensity(
     """
     with np.errstate(invalid="ignore", over="ignore"):  # values float64 cannot hold become inf/NaN, refused below
         data = np.asarray(image).astype(np.float64)
-    if not all_finite(data):
+    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)  # NaN and Inf propagate
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise InputError(source, "image contains non-finite intensities (NaN or Inf, or beyond the float64 range)")
     if window is not None:
         low, high = CT_WINDOWS[window] if isinstance(window, str) else window
     else:
-        magnitude = float(np.abs(data).max()) if data.size else 0.0
+        magnitude = max(-lo, hi)
         if magnitude > 1e300:  # percentile interpolation and differences would overflow float64
             data /= magnitude
         low, high = (float(v) for v in np.percentile(data, percentiles))

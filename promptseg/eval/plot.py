@@ -1,17 +1,16 @@
 """Line charts as PNG with Pillow: Dice against K for an eval report, and a training loss curve."""
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from promptseg.data.io import atomic_write
-from promptseg.errors import InputError
+from promptseg.data.io import write_png
+from promptseg.errors import InputError, short_reason
 from promptseg.eval.evaluate import EvalReport
+from promptseg.train.training_log import read_log_records
 
 SIZE = (720, 440)
 MARGIN = (70, 40, 190, 60)  # left, top, right, bottom
@@ -63,11 +62,6 @@ def line_chart(series: Series, title: str, x_label: str, y_label: str, y_range: 
     return image
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write `image` atomically (replacing an earlier chart)."""
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), overwrite=True)
-
-
 def plot_dice_against_k(report: EvalReport, path: str | os.PathLike, title: str) -> None:
     """Mean Dice over tasks against K, one line per method."""
     series = {}
@@ -75,15 +69,17 @@ def plot_dice_against_k(report: EvalReport, path: str | os.PathLike, title: str)
         points = [(k, report.mean_over_tasks(method, k)) for k in report.shots]
         points = [(k, cell[0]) for k, cell in points if cell is not None]
         series[method] = ([k for k, _ in points], [d for _, d in points])
-    save_png(line_chart(series, title, "prompts K (log scale)", "Dice", (0.0, 100.0), report.shots, log_x=True), path)
+    chart = line_chart(series, title, "prompts K (log scale)", "Dice", (0.0, 100.0), report.shots, log_x=True)
+    write_png(path, np.asarray(chart), overwrite=True)
 
 
 def read_training_log(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, losses) from a run's log.jsonl; InputError naming the file when it holds no steps."""
+    """(steps, losses), each (N,), from a run's log.jsonl (lines cut off by a crash skipped); InputError
+    naming the file when it cannot be read or holds no steps."""
     try:
-        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable training log ({exc})") from None
+        records = read_log_records(path)
+    except OSError as exc:
+        raise InputError(path, f"unreadable training log ({short_reason(exc)})") from None
     steps = [r for r in records if "loss" in r and "step" in r]
     if not steps:
         raise InputError(path, "no training steps logged")
@@ -107,4 +103,5 @@ def plot_training_curves(logs: Mapping[str, str | os.PathLike], path: str | os.P
         series[name] = (steps[::every], smooth(losses, window)[::every])
     last = max(int(steps[-1]) for steps, _ in series.values())
     ticks = np.linspace(0, last, 6).round(-2 if last >= 1000 else 0)
-    save_png(line_chart(series, f"training loss (moving average over {window} steps)", "step", "loss", x_ticks=ticks), path)
+    chart = line_chart(series, f"training loss (moving average over {window} steps)", "step", "loss", x_ticks=ticks)
+    write_png(path, np.asarray(chart), overwrite=True)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from promptseg.kernels import BACKENDS
-from promptseg.model.attention import Attention, QueryPromptBlock
+from promptseg.model.attention import QueryPromptBlock
 from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder
 from promptseg.model.prompt_encoder import PromptEncoder, PromptEncoding
@@ -46,12 +46,13 @@ class PromptSegNet(nn.Module):
         return self._attention_backend
 
     def set_attention_backend(self, backend: str) -> "PromptSegNet":
-        """Route every attention call through `backend` (reference, sdpa or triton)."""
+        """Route every attention call through `backend` (reference, sdpa or triton): sets the string
+        attribute `backend` of every sub-module that has one (Attention, LabelPropagation, ...)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self._attention_backend = backend
         for module in self.modules():
-            if isinstance(module, (Attention, LabelPropagation)):
+            if isinstance(getattr(module, "backend", None), str):
                 module.backend = backend
         return self
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +17,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
-from promptseg.errors import CheckpointError
+from promptseg.data.io import atomic_write_unchecked
+from promptseg.errors import CheckpointError, short_reason
 from promptseg.model import ModelConfig, PromptSegNet
 
 CONFIG_KEY = "promptseg_config"
 
 
-def _atomic_replace(path: Path, write) -> None:
-    """Write through `write(tmp_path)` to a temporary file beside `path`, flush it to disk, then rename
-    over `path` (and flush the folder), so `path` is always either the old or the complete new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if os.name == "posix":  # folders cannot be opened for fsync elsewhere
-        _fsync(path.parent)
-
-
-def _fsync(path: str | Path) -> None:
-    """Flush a file's or a folder's contents to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _atomic_replace(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(tmp_path)` and move the flushed result over `path` (io.atomic_write_unchecked),
+    so `path` is always either the old or the complete new file. A failing file system raises OSError
+    (a training run stops with it, its previous checkpoint intact)."""
+    atomic_write_unchecked(path, write, overwrite=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -92,7 +72,7 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: not a safetensors checkpoint ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({short_reason(exc)})") from None
     if CONFIG_KEY not in metadata:
         raise CheckpointError(f"{path}: no PromptSeg config in the checkpoint metadata")
     try:
@@ -184,7 +164,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint file ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({short_reason(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: unreadable checkpoint file (expected a JSON object)")
     return data
@@ -215,7 +195,7 @@ def load_training_checkpoint(
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights_path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{weights_path}: unreadable checkpoint ({short_reason(exc)})") from None
     model_tensors = {n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")}
     load_state(model, model_tensors, weights_path)
     state: dict[int, dict[str, Any]] = {}
@@ -229,8 +209,7 @@ def load_training_checkpoint(
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         int(meta["step"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        reason = (str(exc).splitlines() or [""])[0]
-        raise CheckpointError(f"{meta_path}: step or optimizer state does not fit this run ({type(exc).__name__}: {reason})") from None
+        raise CheckpointError(f"{meta_path}: step or optimizer state does not fit this run ({short_reason(exc)})") from None
     return meta
 
 

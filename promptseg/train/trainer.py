@@ -22,6 +22,7 @@ from promptseg.train.config import TrainConfig
 from promptseg.train.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown
 from promptseg.train.loss import hard_dice, segmentation_loss
 from promptseg.train.schedule import learning_rate
+from promptseg.train.training_log import read_log_records
 
 
 def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -129,15 +130,8 @@ class Trainer:
         path = self.out_dir / "log.jsonl"
         if not path.is_file():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                kept.append(line + "\n")
-        write_text(path, "".join(kept), overwrite=True)
+        kept = [r for r in read_log_records(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept), overwrite=True)
 
     def train_step(self, step: int) -> float:
         """One optimisation step on the episodes of `step` (a pure function of seed, step and rank)."""
