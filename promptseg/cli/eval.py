@@ -26,9 +26,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "for the model, a nearest-prompt label copy and a small U-Net fine-tuned on the K prompts.",
     )
     parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="dataset folders, or folders of them")
+    parser.add_argument("--cases", choices=("all", "held", "train"), default="all",
+                        help="score every case (held-out datasets), or only the fixed 20%% case split that "
+                        "`promptseg train` leaves out ('held': fit on unseen cases of training datasets)")
+    parser.add_argument("--cache", metavar="DIR", help="packed dataset cache (as for promptseg train)")
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], metavar="K")
     parser.add_argument("--episodes", type=int, default=20, metavar="N", help="prompt draws per task and K")
     parser.add_argument("--queries", type=int, default=4, help="queries per episode")
+    parser.add_argument("--prompt-kind", choices=("mask", "click", "box", "scribble"), default="mask",
+                        help="prompt every episode with its masks (default) or with one click, box or scribble "
+                        "per prompt image, drawn from the mask")
+    parser.add_argument("--query-prompts", action="store_true",
+                        help="score the prompted images themselves (interactive use) instead of other queries")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
@@ -52,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--episodes", f"must be positive, got {args.episodes}")
     device = resolve_device(args.device)
     model = load_model(args.checkpoint or packaged_weights_path()).to(device)
-    tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, progress=not args.no_progress)
+    tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, progress=not args.no_progress,
+                        cache_dir=args.cache, cases=args.cases)
     if not tasks:
         raise InputError(" ".join(args.data), "no task with enough annotated examples")
     earlier = [(path, EvalReport.load(path)) for path in args.merge]
@@ -61,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
         "nearest_prompt": NearestPromptBaseline,
         "finetuned_unet": lambda: FineTunedUNetBaseline(steps=args.unet_steps, seed=args.seed),
     }
-    planned = {"episodes": args.episodes, "queries": args.queries, "seed": args.seed, "shots": list(args.shots)}
+    planned = {"episodes": args.episodes, "queries": args.queries, "seed": args.seed, "shots": list(args.shots),
+               "prompt_kind": args.prompt_kind, "query_prompts": args.query_prompts}
     for path, other in earlier:
         other.check_same_episodes(planned, path)
     predictors = {name: makers[name]() for name in args.methods}
     report = evaluate(predictors, tasks, args.shots, args.episodes, queries=args.queries, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, prompt_kind=args.prompt_kind, query_prompts=args.query_prompts)
     for path, other in earlier:
         report = report.merged(other, path)
     print(report.to_markdown())

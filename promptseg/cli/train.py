@@ -7,6 +7,7 @@ import os
 
 from promptseg.data.index import build_tasks
 from promptseg.data.layouts import find_datasets
+from promptseg.data.packed import find_packs, is_pack, pack_dataset_name
 from promptseg.errors import InputError
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import train
@@ -27,6 +28,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", metavar="FILE", help="training recipe (YAML or JSON); see configs/")
     parser.add_argument("--val-data", nargs="+", default=[], metavar="DIR", help="dataset folders scored every val_every steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
+    parser.add_argument("--init", metavar="WEIGHTS",
+                        help="warm-start from a weights file of the same model config (a new optimizer); "
+                        "its compute record carries over into the new weights")
+    parser.add_argument("--cases", choices=("all", "train"), default="train",
+                        help="train on every case, or (default) leave out the fixed 20%% case split that "
+                        "`promptseg eval --cases held` scores fit on")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="packed dataset cache: decode each dataset once into DIR and memory-map it on "
+                        "later runs (repacked when the source files change); --data may also name pack folders")
     parser.add_argument("--steps", type=int, help="override the number of steps")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -34,12 +44,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def dataset_folders(roots: list[str], exclude: list[str]) -> list[str]:
-    """Expand folders of datasets and drop the excluded dataset names."""
-    folders = [str(f) for root in roots for f in find_datasets(root)]
-    missing = set(exclude) - {os.path.basename(f) for f in folders}
+    """Expand folders of datasets (or of pack folders) and drop the excluded dataset names."""
+    folders = [str(f) for root in roots for f in (find_packs(root) or find_datasets(root))]
+    names = {f: pack_dataset_name(f) if is_pack(f) else os.path.basename(f) for f in folders}
+    missing = set(exclude) - set(names.values())
     if missing:
         raise InputError("--exclude", f"no dataset named {', '.join(sorted(missing))} under --data")
-    return [f for f in folders if os.path.basename(f) not in exclude]
+    return [f for f in folders if names[f] not in exclude]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
     resolution = config.model_config().resolution
     progress = not args.no_progress and int(os.environ.get("RANK", "0")) == 0
     folders = dataset_folders(args.data, args.exclude)
-    tasks = build_tasks(folders, resolution, axis=config.axis, progress=progress) if folders else []
+    tasks = build_tasks(folders, resolution, axis=config.axis, progress=progress, cache_dir=args.cache, cases=args.cases) if folders else []
     if not tasks:
         config = dataclasses.replace(config, synthetic_fraction=1.0)
         if progress:
             print("no real tasks given: training on synthetic tasks only")
-    val_tasks = build_tasks(dataset_folders(args.val_data, []), resolution, axis=config.axis) if args.val_data else []
-    result = train(config, tasks, args.out, val_tasks, resume=args.resume, device=args.device, progress=progress)
+    val_tasks = build_tasks(dataset_folders(args.val_data, []), resolution, axis=config.axis, cache_dir=args.cache) if args.val_data else []
+    if args.init and args.resume:
+        raise InputError("--init", "cannot be combined with --resume (a resumed run continues its own weights)")
+    result = train(config, tasks, args.out, val_tasks, resume=args.resume, device=args.device, progress=progress, init=args.init)
     if progress:
         print(f"trained to step {result['step']} (last loss {result['loss']:.4f}); weights: {os.path.join(args.out, 'final.safetensors')}")
     return 0

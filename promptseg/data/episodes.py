@@ -129,12 +129,15 @@ def _draw_examples(
 class EpisodeSampler:
     """Random training episodes from real tasks and fresh synthetic ones.
 
-    Real tasks are chosen uniformly over groups (datasets), then uniformly within the group; with
-    probability `synthetic_fraction` (always when `tasks` is empty) an episode uses a new synthetic
-    task instead. K is drawn log-uniformly in `shots` (inclusive) once per batch; Q = `queries`.
+    Real tasks are drawn with probabilities `task_weights` (see `base_task_weights`: uniform over
+    groups (datasets), then uniformly over the group's tasks, i.e. its labels, unless the trainer
+    reweights them by hardness); with probability `synthetic_fraction` (always when `tasks` is empty)
+    an episode uses a new synthetic task instead. K is drawn log-uniformly in `shots` (inclusive) once per batch; Q = `queries`.
     Each episode gets one task augmentation (all its images alike) and per-image augmentation; with
     probability `sparse_fraction` every prompt map becomes a click, box or scribble (kind drawn per
-    prompt) derived from the augmented mask.
+    prompt) derived from the augmented mask, and with probability `self_query_fraction` such an
+    episode's first query is its first prompt image itself (interactive use: segment the image that
+    was clicked).
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class EpisodeSampler:
         nonempty_fraction: float = 0.9,
         seed: int = 0,
         volume_fraction: float = 0.0,
+        self_query_fraction: float = 0.0,
     ) -> None:
         if not 1 <= shots[0] <= shots[1]:
             raise ValueError(f"shots must satisfy 1 <= low <= high, got {shots}")
@@ -164,11 +168,17 @@ class EpisodeSampler:
         self.nonempty_fraction = nonempty_fraction
         self.seed = seed
         self.volume_fraction = volume_fraction
+        self.self_query_fraction = self_query_fraction
         self.channels = CHANNELS
-        self.groups: dict[str, list[int]] = {}
-        for index, task in enumerate(self.tasks):
-            self.groups.setdefault(task.group, []).append(index)
+        self.task_weights = base_task_weights(self.tasks)
         self.augmentation = TaskAugmentation()
+
+    def set_task_weights(self, weights: np.ndarray) -> None:
+        """Draw real tasks with probabilities proportional to `weights` (len(tasks),), all >= 0."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (len(self.tasks),) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"task weights must be {len(self.tasks)} finite non-negative numbers with a positive sum")
+        self.task_weights = weights / weights.sum()
 
     def sample_shots(self, rng: np.random.Generator) -> int:
         """K log-uniform over the integers in `shots`."""
@@ -176,13 +186,12 @@ class EpisodeSampler:
         return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
 
     def choose_task(self, rng: np.random.Generator, examples: int) -> ArrayTask:
-        """A real task (uniform over groups, then within the group) or a fresh synthetic task."""
+        """A real task (drawn by `task_weights`) or a fresh synthetic task."""
         if not self.tasks or rng.random() < self.synthetic_fraction:
             if rng.random() < self.volume_fraction:
                 return synthetic_volume_task(rng, self.resolution, channels=self.channels)
             return synthetic_task(rng, self.resolution, examples, self.channels)
-        members = list(self.groups.values())[int(rng.integers(len(self.groups)))]
-        return self.tasks[members[int(rng.integers(len(members)))]]
+        return self.tasks[int(rng.choice(len(self.tasks), p=self.task_weights))]
 
     def sample_episode(self, rng: np.random.Generator, shots: int) -> Episode:
         """One augmented episode with `shots` prompts and `queries` queries."""
@@ -190,6 +199,9 @@ class EpisodeSampler:
         # Volume tasks ask for more queries without the target, as whole-volume inference meets them.
         query_nonempty = VOLUME_QUERY_NONEMPTY_FRACTION if task.group == "synthetic_volume" else None
         prompts, queries = _draw_examples(task, shots, self.queries, self.nonempty_fraction, rng, query_nonempty)
+        sparse = rng.random() < self.sparse_fraction
+        if sparse and rng.random() < self.self_query_fraction:
+            queries[0] = prompts[0]
         images, masks = load_examples(task, np.concatenate([prompts, queries]), self.resolution, self.channels)
         if self.task_augment:
             images, masks = self.augmentation(images, masks, rng)
@@ -197,7 +209,7 @@ class EpisodeSampler:
             images, masks = augment_examples(images, masks, rng)
         maps = masks[:shots]
         types = torch.full((shots,), PROMPT_TYPES["mask"], dtype=torch.int64)
-        if rng.random() < self.sparse_fraction:
+        if sparse:
             kinds = rng.choice(SPARSE_KINDS, size=shots)
             maps = torch.stack([sparse_prompt_map(m, str(kind), rng) for m, kind in zip(maps, kinds)])
             types = torch.tensor([PROMPT_TYPES[str(kind)] for kind in kinds], dtype=torch.int64)
@@ -210,14 +222,39 @@ class EpisodeSampler:
         return EpisodeBatch.stack([self.sample_episode(rng, shots) for _ in range(episodes)])
 
 
-def fixed_episodes(task: ArrayTask, shots: int, queries: int, count: int, seed: int) -> list[Episode]:
+def base_task_weights(tasks: Sequence[ArrayTask]) -> np.ndarray:
+    """(len(tasks),) probabilities: each group (dataset) alike, each task (label) of a group alike,
+    so a dataset with one thin label gets the same share as one with eight organs."""
+    if not tasks:
+        return np.zeros(0)
+    groups: dict[str, int] = {}
+    for task in tasks:
+        groups[task.group] = groups.get(task.group, 0) + 1
+    weights = np.array([1.0 / groups[task.group] for task in tasks])
+    return weights / weights.sum()
+
+
+def fixed_episodes(
+    task: ArrayTask,
+    shots: int,
+    queries: int,
+    count: int,
+    seed: int,
+    prompt_kind: str = "mask",
+    query_prompts: bool = False,
+) -> list[Episode]:
     """`count` deterministic, unaugmented evaluation episodes of `task` at its own resolution.
 
     Queries and prompts are non-empty examples; queries walk through one random permutation of them
     (so successive episodes query different examples, wrapping around when exhausted), Q = min(queries,
     non-empty examples - 1); prompts are drawn among the other non-empty examples (with replacement
-    only when fewer than `shots` remain). Raises ValueError when the task has < 2 non-empty examples.
+    only when fewer than `shots` remain). `prompt_kind` "click", "box" or "scribble" turns every prompt
+    mask into that sparse prompt (drawn from the episode's seed); `query_prompts` makes the queries the
+    prompt images themselves (Q = K: how well the model segments the image it was prompted on).
+    Raises ValueError when the task has < 2 non-empty examples.
     """
+    if prompt_kind != "mask" and prompt_kind not in SPARSE_KINDS:
+        raise ValueError(f"unknown prompt kind {prompt_kind!r}; expected mask or one of {SPARSE_KINDS}")
     nonempty = task.nonempty()
     if len(nonempty) < 2:
         raise ValueError(f"task {task.name}: fixed episodes need at least 2 non-empty examples, got {len(nonempty)}")
@@ -230,7 +267,13 @@ def fixed_episodes(task: ArrayTask, shots: int, queries: int, count: int, seed: 
         query = order[(index * q + np.arange(q)) % len(order)]
         candidates = np.setdiff1d(nonempty, query)
         prompt = rng.choice(candidates, size=shots, replace=len(candidates) < shots)
+        if query_prompts:
+            query = prompt
         images, masks = load_examples(task, np.concatenate([prompt, query]), resolution, CHANNELS)
-        types = torch.full((shots,), PROMPT_TYPES["mask"], dtype=torch.int64)
-        out.append(Episode(images[:shots], masks[:shots], types, images[shots:], masks[shots:], task.name))
+        maps = masks[:shots]
+        types = torch.full((shots,), PROMPT_TYPES[prompt_kind], dtype=torch.int64)
+        if prompt_kind != "mask":
+            prompt_rng = np.random.default_rng([seed, index])
+            maps = torch.stack([sparse_prompt_map(m, prompt_kind, prompt_rng) for m in maps])
+        out.append(Episode(images[:shots], maps, types, images[shots:], masks[shots:], task.name))
     return out

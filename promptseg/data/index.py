@@ -4,6 +4,7 @@ Each non-zero label value of a dataset is one task; 3D cases contribute their sl
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -17,10 +18,14 @@ import torch.nn.functional as F
 
 from promptseg.data.io import read_image, read_label, slice_volume
 from promptseg.data.layouts import Case, DatasetInfo, find_datasets, open_dataset
+from promptseg.data.packed import PackedExamples, cached_examples, find_packs, read_pack
 from promptseg.torch_threads import single_torch_thread
 from promptseg.data.preprocess import normalize_intensity, resize_image, to_channels_first
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import InputError
+
+HELD_CASE_FRACTION = 0.2  # share of each dataset's cases kept out of training to measure fit
+CASE_SETS = ("all", "train", "held")
 
 
 def load_examples(
@@ -119,32 +124,96 @@ def build_tasks(
     min_examples: int = 2,
     progress: bool = False,
     max_cases: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cases: str = "all",
+    held_fraction: float = HELD_CASE_FRACTION,
 ) -> list[ArrayTask]:
     """One ArrayTask per (dataset, non-zero label value) with at least `min_examples` non-empty masks.
 
-    Each root is a dataset folder or a folder of dataset folders. Task names are "<dataset>/<label
-    name>" (label names from dataset.json, else "label_<value>"), the group is the dataset name; the
-    tasks of one dataset share its (N, channels, R, R) uint8 image array and case_ids, with masks
-    (N, R, R) bool = labels == value. `progress` prints one line per dataset to stderr.
+    Each root is a dataset folder or a folder of dataset folders, or a pack folder or a folder of
+    them (promptseg.data.packed; used as they are, without their source). Task names are
+    "<dataset>/<label name>" (label names from dataset.json, else "label_<value>"), the group is the
+    dataset name; the tasks of one dataset share its (N, c, R, R) uint8 image array (c = channels,
+    or 1 for grey data read from a pack) and case_ids, with masks (N, R, R) bool = labels == value.
+    With `cache_dir`, dataset folders are decoded once into pack folders there and memory-mapped
+    afterwards. `cases` keeps "all" cases, only the "train" cases or only the "held" cases of the
+    fixed case split (`held_cases`, `held_fraction` of each dataset's cases), so that fit can be
+    measured on cases a run never trained on. `progress` prints one line per dataset to stderr.
     """
+    if cases not in CASE_SETS:
+        raise ValueError(f"cases must be one of {', '.join(CASE_SETS)}, got {cases!r}")
     tasks: list[ArrayTask] = []
-    for root in [folder for given in roots for folder in find_datasets(Path(given))]:
-        start = time.perf_counter()
-        dataset = open_dataset(root)
-        images, labels, case_ids = load_examples(dataset, resolution, channels, axis, max_cases=max_cases)
-        added = 0
-        for value in np.unique(labels):
-            if value == 0:
-                continue
-            masks = labels == value
-            if int(masks.reshape(len(masks), -1).any(axis=1).sum()) < min_examples:
-                continue
-            name = dataset.labels.get(int(value), f"label_{int(value)}")
-            tasks.append(ArrayTask(f"{dataset.name}/{name}", dataset.name, images, masks, case_ids))
-            added += 1
-        if progress:
-            print(
-                f"{dataset.name}: {len(images)} examples, {added} tasks ({time.perf_counter() - start:.1f}s)",
-                file=sys.stderr,
+    for given in roots:
+        packs = find_packs(given)
+        sources = packs or find_datasets(Path(given))
+        for root in sources:
+            start = time.perf_counter()
+            examples = _pack_examples(root, resolution) if packs else _dataset_examples(
+                root, resolution, channels, axis, max_cases, cache_dir
             )
+            if cases != "all":
+                examples = _select_cases(examples, cases, held_fraction)
+            added = _add_tasks(tasks, examples, min_examples)
+            if progress:
+                print(
+                    f"{examples.name}: {len(examples.images)} examples, {added} tasks ({time.perf_counter() - start:.1f}s)",
+                    file=sys.stderr,
+                )
     return tasks
+
+
+def held_cases(dataset: str, case_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """(N,) bool: the examples whose case is in the held-out part of the fixed case split.
+
+    A case is held out when the SHA-1 of "<dataset>/<case>", read as a number in [0, 1), is below
+    `fraction`: stable across runs, machines, dataset order and added cases.
+    """
+    names = np.unique(case_ids)
+    held = {name for name in names if _unit_hash(f"{dataset}/{name}") < fraction}
+    return np.array([name in held for name in case_ids], dtype=bool)
+
+
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2.0**64
+
+
+def _select_cases(examples: PackedExamples, cases: str, fraction: float) -> PackedExamples:
+    held = held_cases(examples.name, examples.case_ids, fraction)
+    keep = held if cases == "held" else ~held
+    return PackedExamples(
+        examples.name, examples.labels, np.asarray(examples.images[keep]), np.asarray(examples.label_maps[keep]),
+        examples.case_ids[keep],
+    )
+
+
+def _pack_examples(folder: Path, resolution: int) -> PackedExamples:
+    packed = read_pack(folder, resolution=resolution)
+    if packed is None:
+        raise InputError(folder, f"unreadable pack folder, or packed at another resolution than {resolution}")
+    return packed
+
+
+def _dataset_examples(
+    root: Path, resolution: int, channels: int, axis: int, max_cases: int | None, cache_dir: str | os.PathLike | None
+) -> PackedExamples:
+    dataset = open_dataset(root)
+    build = lambda: load_examples(dataset, resolution, channels, axis, max_cases=max_cases)  # noqa: E731
+    if cache_dir is not None and max_cases is None:
+        return cached_examples(cache_dir, dataset, resolution, axis, channels, build)
+    images, labels, case_ids = build()
+    return PackedExamples(dataset.name, dataset.labels, images, labels, case_ids)
+
+
+def _add_tasks(tasks: list[ArrayTask], examples: PackedExamples, min_examples: int) -> int:
+    """Append one task per usable label value of `examples`; returns how many were added."""
+    added = 0
+    for value in np.unique(examples.label_maps):
+        if value == 0:
+            continue
+        masks = np.asarray(examples.label_maps == value)
+        if int(masks.reshape(len(masks), -1).any(axis=1).sum()) < min_examples:
+            continue
+        name = examples.labels.get(int(value), f"label_{int(value)}")
+        tasks.append(ArrayTask(f"{examples.name}/{name}", examples.name, examples.images, masks, examples.case_ids))
+        added += 1
+    return added

@@ -101,7 +101,9 @@ class EvalReport:
         """A summary table (method x K, mean over tasks) and, per method, a task x K table of mean ± std."""
         header = "| {} | " + " | ".join(f"K={k}" for k in self.shots) + " |"
         rule = "|---|" + "---:|" * len(self.shots)
-        lines = [f"Dice (0-100); {self.settings['episodes']} episodes, {self.settings['queries']} queries each, "
+        kind = self.settings.get("prompt_kind", "mask")
+        scored = "the prompted images themselves" if self.settings.get("query_prompts") else f"{self.settings['queries']} queries each"
+        lines = [f"Dice (0-100); {self.settings['episodes']} episodes, {scored}, {kind} prompts, "
                  f"seed {self.settings['seed']}.", "", "Mean over tasks (number of tasks):", "", header.format("method"), rule]
         for method in self.methods:
             cells = [self.mean_over_tasks(method, k) for k in self.shots]
@@ -147,8 +149,9 @@ class EvalReport:
     def check_same_episodes(self, settings: Mapping[str, Any], source: str | os.PathLike | None) -> None:
         """InputError naming `source` unless this report drew its episodes as `settings` describe
         (same episodes, queries, seed and shots: then a task's episodes are identical in both)."""
-        for key in ("episodes", "queries", "seed", "shots"):
-            if self.settings.get(key) != settings.get(key):
+        defaults = {"prompt_kind": "mask", "query_prompts": False}  # reports written before these settings
+        for key in ("episodes", "queries", "seed", "shots", "prompt_kind", "query_prompts"):
+            if self.settings.get(key, defaults.get(key)) != settings.get(key, defaults.get(key)):
                 raise InputError(source, f"was evaluated with {key}={self.settings.get(key)}, this run uses {settings.get(key)}")
 
     def merged(self, other: "EvalReport", source: str | os.PathLike | None = None) -> "EvalReport":
@@ -194,18 +197,23 @@ def evaluate(
     queries: int = 4,
     seed: int = 0,
     progress: bool = True,
+    prompt_kind: str = "mask",
+    query_prompts: bool = False,
 ) -> EvalReport:
     """Score every predictor on `episodes` fixed episodes per task and K (the same episodes for all).
 
     A task with fewer than K + 1 non-empty examples is skipped at that K, with a note in `skipped`.
     Predictors return (Q, R, R) probabilities; see the module docstring for the Dice convention.
+    `prompt_kind` and `query_prompts` are passed to `fixed_episodes` (sparse prompts; scoring the
+    prompted images themselves) and recorded in the settings.
     """
     report = EvalReport(
         methods=list(predictors),
         shots=list(shots),
         tasks=[(task.group, task.name) for task in tasks],
         settings={"episodes": episodes, "queries": queries, "seed": seed, "shots": list(shots),
-                  "methods": list(predictors), "tasks": len(tasks)},
+                  "methods": list(predictors), "tasks": len(tasks), "prompt_kind": prompt_kind,
+                  "query_prompts": query_prompts},
         scores={method: {} for method in predictors},
         seconds={method: 0.0 for method in predictors},
     )
@@ -221,7 +229,8 @@ def evaluate(
                 })
                 continue
             bar.set_postfix_str(f"{task.name} K={k}")
-            drawn = fixed_episodes(task, shots=k, queries=queries, count=episodes, seed=seed)
+            drawn = fixed_episodes(task, shots=k, queries=queries, count=episodes, seed=seed,
+                                   prompt_kind=prompt_kind, query_prompts=query_prompts)
             for method, predictor in predictors.items():
                 dice, elapsed = _run(predictor, drawn, bar)
                 report.scores[method].setdefault((task.group, task.name), {})[k] = CellScore(dice)

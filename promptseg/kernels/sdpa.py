@@ -18,8 +18,14 @@ def sdpa_cross_attention(
     """Same contract as `reference_cross_attention`, computed by SDPA.
 
     SDPA has no notion of shared key groups, so k and v (G, H, Nk, D) are expanded to B
-    (a view when G == 1) and ragged key_lengths become an additive -inf mask.
+    (a view when G == 1) and ragged key_lengths become an additive -inf mask. On the CPU, half
+    inputs (bf16 autocast training) are computed in float32: there SDPA's float32 flash kernel is
+    faster than its bf16 one, forward and backward (benchmarks/train/README.md).
     """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out = sdpa_cross_attention(q.float(), k.float(), v.float(), key_lengths, bias, scale)
+        return out.to(q.dtype)
     batch, groups = q.shape[0], k.shape[0]
     total_bias = key_padding_bias(key_lengths, bias, groups, k.shape[2], q.dtype, q.device)
     if groups == 1:

@@ -26,7 +26,8 @@ from promptseg.model.attention import split_heads
 class LabelPropagation(nn.Module):
     """Attention of query tokens to prompt tokens whose values are the prompt label fractions.
 
-    dim C tokens, H = C / head_dim heads of width D = head_dim.
+    dim C tokens, H = C / head_dim heads of width D = head_dim. Under autocast (bf16 training) the
+    layer runs in float32: its logits reach +-150, where bf16 keeps less than one unit of resolution.
     """
 
     def __init__(self, dim: int, head_dim: int, temperature: float = 150.0) -> None:
@@ -41,11 +42,20 @@ class LabelPropagation(nn.Module):
         """tokens (N, T, C), pos (T, C) -> unit vectors (N, H, T, D)."""
         return F.normalize(split_heads(self.projection(self.norm(tokens) + pos), self.head_dim), dim=-1)
 
+
     def prompt_keys(
         self, tokens: torch.Tensor, pos: torch.Tensor, label_fractions: torch.Tensor, groups: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt image tokens (G*K, T, C), pos (T, C), label fractions (G*K, T) in [0, 1]
-        -> k, v (G, H, K*T, D); v holds the label fraction in channel 0."""
+        -> k, v (G, H, K*T, D) float32 under autocast; v holds the label fraction in channel 0."""
+        if torch.is_autocast_enabled(tokens.device.type):  # bf16 training: the prior stays float32
+            with torch.autocast(tokens.device.type, enabled=False):
+                return self._prompt_keys(tokens.float(), pos.float(), label_fractions.float(), groups)
+        return self._prompt_keys(tokens, pos, label_fractions, groups)
+
+    def _prompt_keys(
+        self, tokens: torch.Tensor, pos: torch.Tensor, label_fractions: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.embed(tokens, pos)
         n, heads, t, d = k.shape
         k = k.reshape(groups, n // groups, heads, t, d).transpose(1, 2).reshape(groups, heads, -1, d)
@@ -61,7 +71,21 @@ class LabelPropagation(nn.Module):
         prompt_v: torch.Tensor,
         key_lengths: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Query tokens (B, T, C), pos (T, C), cached k, v (G, H, Nk, D) -> probabilities (B, H, T)."""
+        """Query tokens (B, T, C), pos (T, C), cached k, v (G, H, Nk, D) -> probabilities (B, H, T)
+        (float32 under autocast)."""
+        if torch.is_autocast_enabled(tokens.device.type):  # bf16 training: the prior stays float32
+            with torch.autocast(tokens.device.type, enabled=False):
+                return self._forward(tokens.float(), pos.float(), prompt_k.float(), prompt_v.float(), key_lengths)
+        return self._forward(tokens, pos, prompt_k, prompt_v, key_lengths)
+
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        prompt_k: torch.Tensor,
+        prompt_v: torch.Tensor,
+        key_lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
         q = self.embed(tokens, pos)
         # cross_attention scales by 1/sqrt(D); undo that so the logits are temperature * cosine.
         q = q * (self.log_temperature.exp() * math.sqrt(self.head_dim))

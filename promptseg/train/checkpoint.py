@@ -22,6 +22,7 @@ from promptseg.errors import CheckpointError, short_reason
 from promptseg.model import ModelConfig, PromptSegNet
 
 CONFIG_KEY = "promptseg_config"
+TRAINING_KEY = "promptseg_training"  # cumulative compute behind the weights (episodes, core-hours, runs)
 
 
 def _atomic_replace(path: Path, write: Callable[[str], None]) -> None:
@@ -39,13 +40,21 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     _atomic_replace(path, write)
 
 
-def save_weights(model: PromptSegNet, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Write the model's weights (optionally cast, e.g. to float16) with its config as metadata."""
+def save_weights(
+    model: PromptSegNet,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    training: dict[str, Any] | None = None,
+) -> None:
+    """Write the model's weights (optionally cast, e.g. to float16) with its config as metadata, and
+    `training` (the cumulative compute record, JSON) when given."""
     tensors = {
         name: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()).contiguous().cpu()
         for name, t in _unshare(model.state_dict()).items()
     }
     metadata = {CONFIG_KEY: model.config.to_json(), "format": "promptseg-weights-v1"}
+    if training is not None:
+        metadata[TRAINING_KEY] = json.dumps(training, sort_keys=True)
     _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -80,6 +89,17 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: invalid model config ({exc})") from None
     return config, tensors
+
+
+def read_training_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The compute record in a weights file's metadata ({} when it has none or it is unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(TRAINING_KEY)
+        record = json.loads(text) if text else {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def load_state(model: PromptSegNet, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:

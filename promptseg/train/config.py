@@ -25,6 +25,7 @@ class TrainConfig:
     synthetic_fraction: float = 0.3
     volume_fraction: float = 0.0  # share of synthetic tasks built from phantom-volume slices
     sparse_fraction: float = 0.15
+    self_query_fraction: float = 0.0  # share of sparse episodes whose first query is the prompted image
     task_augment: bool = True
     image_augment: bool = True
     lr: float = 1e-3
@@ -33,7 +34,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     dice_weight: float = 1.0
-    mixed_precision: bool = True
+    mixed_precision: bool = True  # bf16 autocast on CUDA with bf16 and on CPUs with AVX512-BF16 or AMX
+    loader_workers: int = 0  # processes preparing episode batches ahead of the model (0: in the training process)
+    hardness_mix: float = 0.5  # share of task draws weighted by running loss (promptseg.train.task_balance)
     checkpoint_every: int = 200
     val_every: int = 200
     val_episodes: int = 4

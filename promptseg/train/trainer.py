@@ -17,18 +17,42 @@ from promptseg.data.io import write_text
 from promptseg.data.tasks import ArrayTask
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint, save_weights
+from promptseg.data.episodes import base_task_weights
+from promptseg.errors import CheckpointError
+from promptseg.train.checkpoint import (
+    load_state,
+    load_training_checkpoint,
+    read_training_record,
+    read_weights,
+    save_training_checkpoint,
+    save_weights,
+)
 from promptseg.train.config import TrainConfig
 from promptseg.train.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown
-from promptseg.train.loss import hard_dice, segmentation_loss
+from promptseg.train.loss import hard_dice, segmentation_losses
+from promptseg.train.prefetch import StepBatches, step_batches
+from promptseg.train.task_balance import TaskHardness
 from promptseg.train.schedule import learning_rate
 from promptseg.train.training_log import read_log_records
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def bf16_autocast_available(device: torch.device) -> bool:
+    """Whether `autocast_for` runs bf16 on `device` (CUDA with bf16, or a CPU with native bf16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
 def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA devices that support it; full precision elsewhere."""
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast where `bf16_autocast_available`; full precision elsewhere (or when not enabled).
+    The label-propagation prior always runs in float32 (its logits reach +-150)."""
+    if enabled and bf16_autocast_available(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -85,6 +109,7 @@ class Trainer:
         val_tasks: Sequence[ArrayTask] = (),
         context: DistributedContext | None = None,
         progress: bool = True,
+        init: str | Path | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
@@ -95,6 +120,11 @@ class Trainer:
         self.model = PromptSegNet(config.model_config()).to(self.context.device)
         self.model.set_attention_backend(config.attention_backend or default_backend(self.context.device))
         self.model.train()
+        # Compute behind the weights: what the --init weights carried, plus this run (resume keeps it).
+        self.prior_compute = {"episodes": 0, "core_hours": 0.0, "runs": []}
+        if init is not None:
+            self.warm_start(init)
+        self.run_compute = {"episodes": 0, "core_hours": 0.0, "device": self.device_name()}
         self.optimizer = torch.optim.AdamW(decay_groups(self.model, config.weight_decay), lr=config.lr)
         self.network: torch.nn.Module = self.model
         if self.context.world_size > 1:
@@ -111,8 +141,42 @@ class Trainer:
             image_augment=config.image_augment,
             seed=config.seed,
             volume_fraction=config.volume_fraction,
+            self_query_fraction=config.self_query_fraction,
         )
+        self.hardness = TaskHardness()
+        self.task_names = [task.name for task in tasks]
+        self.base_weights = base_task_weights(list(tasks))
         self.step = 0
+
+    def device_name(self) -> str:
+        device = self.context.device
+        if device.type == "cuda":
+            return torch.cuda.get_device_name(device)
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    def warm_start(self, path: str | Path) -> None:
+        """Start from the weights file `path` (same model config; the optimizer starts afresh)."""
+        config, tensors = read_weights(path)
+        if config != self.model.config:
+            raise CheckpointError(f"{path}: --init weights have another model config than the recipe ({config})")
+        load_state(self.model, tensors, path)
+        record = read_training_record(path)
+        if record:
+            self.prior_compute = {
+                "episodes": int(record.get("episodes", 0)),
+                "core_hours": float(record.get("core_hours", 0.0)),
+                "runs": list(record.get("runs", [])),
+            }
+
+    def training_record(self) -> dict:
+        """Cumulative compute behind the current weights: episodes, core-hours (wall time x threads
+        and loader workers), and one entry per run."""
+        run = {**self.run_compute, "steps": self.step}
+        return {
+            "episodes": self.prior_compute["episodes"] + self.run_compute["episodes"],
+            "core_hours": round(self.prior_compute["core_hours"] + self.run_compute["core_hours"], 4),
+            "runs": [*self.prior_compute["runs"], run],
+        }
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in out_dir; False when there is none."""
@@ -120,6 +184,11 @@ class Trainer:
         if meta is None:
             return False
         self.step = int(meta["step"])
+        self.hardness.load_state(meta.get("task_hardness", {}))
+        compute = meta.get("compute")
+        if isinstance(compute, dict):
+            self.prior_compute = compute.get("prior", self.prior_compute)
+            self.run_compute = compute.get("run", self.run_compute)
         if self.context.is_main:
             self.trim_log(self.step)
         return True
@@ -133,26 +202,41 @@ class Trainer:
         kept = [r for r in read_log_records(path) if isinstance(r.get("step"), int) and r["step"] <= step]
         write_text(path, "".join(json.dumps(r) + "\n" for r in kept), overwrite=True)
 
-    def train_step(self, step: int) -> float:
-        """One optimisation step on the episodes of `step` (a pure function of seed, step and rank)."""
+    def train_step(self, step: int, batch: EpisodeBatch | None = None) -> float:
+        """One optimisation step on `batch`, the episodes of `step` (a pure function of seed, step,
+        rank and the task weights; sampled here when not given)."""
         config, context = self.config, self.context
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio)
-        batch = self.sampler.sample_batch(step * context.world_size + context.rank, config.episodes_per_step)
+        if batch is None:
+            batch = StepBatches(self.sampler, config.episodes_per_step, context.rank, context.world_size)[step]
         images, maps, types, queries, targets = batch_to(batch, context.device)
         with autocast_for(context.device, config.mixed_precision):
             logits = self.network(images, maps, types, queries)
-        loss = segmentation_loss(logits, targets, config.dice_weight)
+        losses = segmentation_losses(logits, targets, config.dice_weight)
+        loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
+        episode_losses = losses.detach().reshape(len(batch.tasks), -1).mean(1).tolist()
+        self.hardness.update(batch.tasks, episode_losses)
         return float(all_reduce_mean(loss.detach(), context))
+
+    def refresh_task_weights(self) -> None:
+        """Task probabilities from the running losses (promptseg.train.task_balance); called at
+        checkpoint boundaries only, so the episodes of a step depend on the last checkpoint alone."""
+        if self.task_names and self.config.hardness_mix > 0:
+            self.sampler.set_task_weights(self.hardness.weights(self.task_names, self.base_weights, self.config.hardness_mix))
 
     def save(self) -> None:
         if self.context.is_main:
-            info = {"train_config": self.config.to_dict()}
+            info = {
+                "train_config": self.config.to_dict(),
+                "task_hardness": self.hardness.state(),
+                "compute": {"prior": self.prior_compute, "run": self.run_compute},
+            }
             save_training_checkpoint(self.out_dir, self.step, self.model, self.optimizer, info)
         barrier(self.context)
 
@@ -169,10 +253,19 @@ class Trainer:
             (self.out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         episodes_done, started, last_loss = 0, time.perf_counter(), float("nan")
+        cores = (torch.get_num_threads() + config.loader_workers) * self.context.world_size
+        batches = StepBatches(self.sampler, config.episodes_per_step, self.context.rank, self.context.world_size)
         while self.step < config.steps:
-            last_loss = self.train_step(self.step)
+            if self.step % config.checkpoint_every == 0 or episodes_done == 0:
+                self.refresh_task_weights()
+                segment_end = min(config.steps, (self.step // config.checkpoint_every + 1) * config.checkpoint_every)
+                segment = step_batches(batches, self.step, segment_end, config.loader_workers)
+            step_started = time.perf_counter()
+            last_loss = self.train_step(self.step, next(segment))
             self.step += 1
             episodes_done += config.episodes_per_step * self.context.world_size
+            self.run_compute["episodes"] += config.episodes_per_step * self.context.world_size
+            self.run_compute["core_hours"] += (time.perf_counter() - step_started) * cores / 3600.0
             rate = episodes_done / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", eps=f"{rate:.1f}")
@@ -187,7 +280,7 @@ class Trainer:
                 self.save()
         bar.close()
         if self.context.is_main:
-            save_weights(self.model, self.out_dir / "final.safetensors")
+            save_weights(self.model, self.out_dir / "final.safetensors", training=self.training_record())
         return {"step": self.step, "loss": last_loss}
 
 
@@ -199,11 +292,13 @@ def train(
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> dict:
-    """Run (or resume) training; returns the final step and loss."""
+    """Run (or resume) training, optionally warm-started from the weights file `init`; returns the
+    final step and loss."""
     context = init_distributed(device)
     try:
-        trainer = Trainer(config, tasks, out_dir, val_tasks, context, progress)
+        trainer = Trainer(config, tasks, out_dir, val_tasks, context, progress, init)
         if resume:
             trainer.resume()
         return trainer.run()
