@@ -19,12 +19,12 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "scipy>=1.10",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.4; platform_system == 'Linux'",  # 3.4 introduced triton.knobs, read by promptseg.kernels
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
-        "gpu": ["tensorrt>=10.0"],
+        "gpu": ["tensorrt>=10.0,<12"],  # export/tensorrt_build.py handles 10 (precision flags) and 11 (strong typing)
     },
     entry_points={"console_scripts": ["promptseg=promptseg.cli:main"]},
 )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,89 @@ def test_out_of_memory_at_batch_one_is_a_clear_error(segmenter: Segmenter, monke
     monkeypatch.setattr(segmenter.backend, "decode", always)
     with pytest.raises(PromptSegError, match="out of memory decoding a single query"):
         segmenter.segment([image], prompts)
+
+
+def test_out_of_memory_frees_the_failed_batch_before_emptying_the_cache(
+    segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is emptied only once the failed call's tensors are unreachable: inside the except
+    block the error's traceback still holds the frames that reference them."""
+    image, mask = disk_example(np.random.default_rng(8), (32, 32))
+    prompts = segmenter.encode_prompts([image], [mask])
+    decode = segmenter.backend.decode
+    failed: list[weakref.ref] = []
+    alive_at_release: list[bool] = []
+
+    def limited(batch: torch.Tensor, state: object) -> torch.Tensor:
+        if batch.shape[0] > 1:
+            activations = torch.empty(1024)  # stands in for the failed batch's intermediate tensors
+            failed.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return decode(batch, state)
+
+    monkeypatch.setattr(segmenter.backend, "decode", limited)
+    monkeypatch.setattr(segmenter, "_release_cached_memory", lambda: alive_at_release.append(failed[-1]() is not None))
+    assert segmenter.segment(np.stack([image] * 3), prompts).shape == (3, 32, 32)
+    assert alive_at_release and not any(alive_at_release)
+
+
+def test_out_of_memory_while_encoding_prompts(segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory error encoding prompts empties the prompt cache (encodings hold device memory)
+    and retries once; a second one is a one-line PromptSegError."""
+    rng = np.random.default_rng(9)
+    (image, mask), (other, other_mask) = disk_example(rng, (32, 32)), disk_example(rng, (32, 32))
+    segmenter.encode_prompts([image], [mask])
+    assert len(segmenter.cache) == 1
+    encode = segmenter.backend.encode
+    calls: list[int] = []
+
+    def once(images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> object:
+        calls.append(images.shape[1])
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return encode(images, maps, types)
+
+    monkeypatch.setattr(segmenter.backend, "encode", once)
+    prompts = segmenter.encode_prompts([other, image], [other_mask, mask])
+    assert calls == [2, 2] and prompts.num_prompts == 2 and len(segmenter.cache) == 1  # the old entry was dropped
+
+    def always(images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> object:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(segmenter.backend, "encode", always)
+    with pytest.raises(PromptSegError, match="out of memory encoding 1 prompts with the torch backend") as caught:
+        segmenter.encode_prompts([other], [other_mask])
+    assert "\n" not in str(caught.value)
+
+
+def test_max_batch_is_lowered_to_the_backend_limit(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A backend with a batch limit (a TensorRT engine's max_batch; here a torch backend given one)
+    lowers a larger Segmenter max_batch to it, with a warning, and no decode call exceeds it."""
+    import promptseg.engine.segmenter as segmenter_module
+
+    create = segmenter_module.create_backend
+    sizes: list[int] = []
+
+    def limited_backend(*args: object, **kwargs: object) -> object:
+        backend = create(*args, **kwargs)
+        backend.max_batch = 3
+        decode = backend.decode
+
+        def recording(batch: torch.Tensor, state: object) -> torch.Tensor:
+            sizes.append(batch.shape[0])
+            return decode(batch, state)
+
+        backend.decode = recording
+        return backend
+
+    monkeypatch.setattr(segmenter_module, "create_backend", limited_backend)
+    with pytest.warns(UserWarning, match="max_batch 8 exceeds the torch backend's limit of 3 queries; using 3"):
+        segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=8)
+    assert segmenter.max_batch == 3
+    image, mask = disk_example(np.random.default_rng(10), (32, 32))
+    segmenter.segment(np.stack([image] * 7), segmenter.encode_prompts([image], [mask]))
+    assert sizes == [3, 3, 1]
+    assert Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=2).max_batch == 2
 
 
 def test_multi_label_matches_per_label_calls(segmenter: Segmenter) -> None:

@@ -1,9 +1,11 @@
 """TensorRT export and backend.
 
 Everywhere: the optimisation-profile shapes against the eager graphs, argument checks, the sidecar
-checks, availability reasons and the error when tensorrt cannot be used. With the tensorrt package
-(TensorRT 10) and a CUDA GPU: engines built from a tiny model's ONNX export, their parity with the
-eager float32 model, the timing cache and the sidecar.
+checks, availability reasons, the error when tensorrt cannot be used, and the TensorRT version
+guard (10: precision flags, 11: strongly typed builds from an ONNX export of the engine's dtype,
+others refused) against stand-in tensorrt modules. With the tensorrt package (TensorRT 10 or 11)
+and a CUDA GPU: engines built from a tiny model's ONNX export, their parity with the eager float32
+model, the timing cache and the sidecar.
 
 Tolerances (max |logit error| over all pixels, logits of the tiny model span about -1.7..1.9):
   fp32  1e-3: TF32 is off in fp32 engines, so only summation order and TensorRT's fused kernels
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,7 +35,8 @@ from promptseg.export.graphs import (
     PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, PromptEncoderGraph, QueryDecoderGraph, encoding_names, example_inputs,
 )
 from promptseg.export.tensorrt_build import (
-    SIDECAR_NAME, build_engines, profile_shapes, read_sidecar, tensorrt_module,
+    SIDECAR_NAME, _builder_config, build_engines, import_tensorrt, onnx_dtype_for, profile_shapes, read_sidecar,
+    strongly_typed, tensorrt_module,
 )
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.train.checkpoint import load_model
@@ -39,7 +44,7 @@ from tests.helpers import TINY_CONFIG, disk_example, tiny_checkpoint  # noqa: F4
 
 _TRT, _TRT_WHY = tensorrt_module()
 if _TRT is None:
-    _SKIP_REASON = f"needs the tensorrt package (TensorRT 10): {_TRT_WHY}"
+    _SKIP_REASON = f"needs the tensorrt package (TensorRT 10 or 11): {_TRT_WHY}"
 elif not torch.cuda.is_available():
     _SKIP_REASON = "needs a CUDA GPU: torch.cuda.is_available() is False"
 else:
@@ -131,7 +136,7 @@ def test_build_engines_without_tensorrt_says_why(fake_onnx_dir: Path) -> None:
     with pytest.raises(PromptSegError) as caught:
         build_engines(fake_onnx_dir, fake_onnx_dir / "out")
     message = str(caught.value)
-    assert message.startswith("tensorrt export needs the tensorrt package (TensorRT 10) and a CUDA GPU: ")
+    assert message.startswith("tensorrt export needs the tensorrt package (TensorRT 10 or 11) and a CUDA GPU: ")
     assert "\n" not in message and not (fake_onnx_dir / "out").exists()
 
 
@@ -197,6 +202,98 @@ def test_onnx_export_feeds_the_builder(tiny_checkpoint: Path, tmp_path: Path) ->
         read_graph_metadata(swapped)
 
 
+# --- the TensorRT version guard, against stand-in tensorrt modules (CPU) ---------------------
+
+
+def stand_in_tensorrt(version: str) -> ModuleType:
+    """A module object named tensorrt with `version` and the builder-flag enum of that major release:
+    FP16 and BF16 exist up to TensorRT 10 and were removed in 11 (getattr raises AttributeError)."""
+    module = ModuleType("tensorrt")
+    module.__version__ = version
+    flags = {"TF32": "TF32"} if version.startswith("11") else {"TF32": "TF32", "FP16": "FP16", "BF16": "BF16"}
+    module.BuilderFlag = SimpleNamespace(**flags)
+    module.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+    return module
+
+
+class RecordingBuilderConfig:
+    """Stands in for IBuilderConfig: records the flags set and cleared."""
+
+    def __init__(self) -> None:
+        self.set_flags: list[str] = []
+        self.cleared_flags: list[str] = []
+
+    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+        assert pool == "WORKSPACE" and size > 0
+
+    def set_flag(self, flag: str) -> None:
+        self.set_flags.append(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.cleared_flags.append(flag)
+
+    def create_timing_cache(self, data: bytes) -> object:
+        return object()
+
+    def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [("10.0.1", True), ("10.13.3.9", True), ("11.4.0.9", True), ("9.3.0", False), ("12.0.0", False), ("rc", False)],
+)
+def test_tensorrt_version_guard(monkeypatch: pytest.MonkeyPatch, version: str, supported: bool) -> None:
+    """TensorRT 10 and 11 are used; any other version (or an unreadable one) is refused in one line."""
+    stand_in = stand_in_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
+    trt, why = tensorrt_module()
+    if supported:
+        assert trt is stand_in and why == "" and import_tensorrt() is stand_in
+        return
+    assert trt is None and version in why and "10 and 11" in why and "\n" not in why
+    with pytest.raises(PromptSegError) as caught:
+        import_tensorrt()
+    assert "\n" not in str(caught.value) and version in str(caught.value)
+    assert not TensorRTBackend.availability(torch.device("cuda"))[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_builder_flags_follow_the_tensorrt_version(precision: str) -> None:
+    """TensorRT 10 sets the FP16 / BF16 flag; TensorRT 11, which removed them, sets none (strong
+    typing takes the graph's types); fp32 turns TF32 off in both."""
+    builder = SimpleNamespace(create_builder_config=RecordingBuilderConfig)
+    ten = _builder_config(stand_in_tensorrt("10.13.0"), builder, precision, 1.0, b"")
+    eleven = _builder_config(stand_in_tensorrt("11.4.0"), builder, precision, 1.0, b"")
+    expected_ten = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"]}[precision]
+    assert ten.set_flags == expected_ten and eleven.set_flags == []
+    assert ten.cleared_flags == eleven.cleared_flags == (["TF32"] if precision == "fp32" else [])
+
+
+def test_onnx_dtype_for_each_tensorrt_version() -> None:
+    """The export an engine is built from: float32 on TensorRT 10; the engine's dtype on 11, bf16 refused."""
+    ten, eleven = stand_in_tensorrt("10.13.0"), stand_in_tensorrt("11.4.0")
+    assert not strongly_typed(ten) and strongly_typed(eleven)
+    assert [onnx_dtype_for(p, ten) for p in ("fp32", "fp16", "bf16")] == ["float32"] * 3
+    assert [onnx_dtype_for(p, eleven) for p in ("fp32", "fp16")] == ["float32", "float16"]
+    with pytest.raises(PromptSegError, match="bf16 engines need TensorRT 10") as caught:
+        onnx_dtype_for("bf16", eleven)
+    assert "\n" not in str(caught.value)
+
+
+def test_tensorrt_11_refuses_a_graph_of_another_dtype(fake_onnx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On TensorRT 11 an fp16 build from the float32 export is refused in one line naming the graph,
+    before any builder call, and bf16 is refused outright; nothing is written."""
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt("11.4.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(InputError, match="prompt_encoder.onnx: is a float32 graph.*fp16 engine needs a float16") as caught:
+        build_engines(fake_onnx_dir, fake_onnx_dir / "out", precision="fp16")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(PromptSegError, match="bf16 engines need TensorRT 10"):
+        build_engines(fake_onnx_dir, fake_onnx_dir / "out", precision="bf16")
+    assert not (fake_onnx_dir / "out").exists()
+
+
 # --- TensorRT on a CUDA GPU ------------------------------------------------------------------
 
 
@@ -215,7 +312,10 @@ def dice(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def engines(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:  # noqa: F811
-    """ONNX of the tiny model, then fp32 and fp16 engines sharing one timing cache (built once)."""
+    """ONNX of the tiny model, then fp32 and fp16 engines sharing one timing cache (built once).
+
+    Each engine is built from an export in onnx_dtype_for(precision): float32 for both on TensorRT
+    10, a float16 export for the fp16 engine on TensorRT 11 (root/onnx-float16)."""
     if _SKIP_REASON:
         pytest.skip(_SKIP_REASON)
     from promptseg.export.onnx_export import export_onnx
@@ -226,8 +326,12 @@ def engines(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     cache = root / "timing.cache"
     result: dict[str, object] = {"model": model, "root": root, "cache": cache}
     for precision in ("fp32", "fp16"):
+        dtype = onnx_dtype_for(precision, _TRT)
+        onnx_dir = root / "onnx" if dtype == "float32" else root / f"onnx-{dtype}"
+        if not onnx_dir.exists():
+            export_onnx(model, onnx_dir, dtype=getattr(torch, dtype))
         started = time.perf_counter()
-        build_engines(root / "onnx", root / precision, max_batch=MAX_BATCH, max_prompts=MAX_PROMPTS, opt_batch=5,
+        build_engines(onnx_dir, root / precision, max_batch=MAX_BATCH, max_prompts=MAX_PROMPTS, opt_batch=5,
                       precision=precision, timing_cache=cache)
         result[f"{precision}_seconds"] = time.perf_counter() - started
         result[f"{precision}_cache_bytes"] = cache.stat().st_size
@@ -257,6 +361,21 @@ def test_engines_match_the_eager_model(engines: dict, precision: str, shots: int
 
 
 @needs_tensorrt
+def test_engine_io_types_follow_the_tensorrt_version(engines: dict) -> None:
+    """The runner reads the engines' I/O types from TensorRT: float32 inputs and logits on TensorRT 10
+    (flags lower only inner layers); on 11 the fp16 engine keeps the float16 graph's types, and the
+    backend still returns float32 logits."""
+    backend = TensorRTBackend(engines["model"], torch.device("cuda"), engine_dir=engines["root"] / "fp16")
+    expected = getattr(torch, onnx_dtype_for("fp16", _TRT))
+    assert backend.encoder.dtypes[PROMPT_INPUT_NAMES[0]] == expected
+    assert backend.decoder.dtypes[QUERY_INPUT_NAME] == expected
+    images, maps, types, queries = disk_inputs(2, 3, seed=4)
+    state = backend.encode(images, maps, types)
+    assert all(t.dtype == expected for t in state.tensors)
+    assert backend.decode(queries, state).dtype == torch.float32
+
+
+@needs_tensorrt
 def test_timing_cache_is_written_and_reused(engines: dict) -> None:
     first = read_sidecar(engines["root"] / "fp32")
     second = read_sidecar(engines["root"] / "fp16")
@@ -281,7 +400,8 @@ def test_sidecar_describes_the_engines(engines: dict) -> None:
     assert sidecar["precision"] == "fp16" and sidecar["tensorrt_version"] == _TRT.__version__
     assert (sidecar["resolution"], sidecar["in_channels"]) == (config.resolution, config.in_channels)
     assert ModelConfig.from_dict(sidecar["config"]) == config
-    assert sidecar["weights_sha256"] == weights_sha256(engines["model"]) and sidecar["onnx_dtype"] == "float32"
+    assert sidecar["weights_sha256"] == weights_sha256(engines["model"])
+    assert sidecar["onnx_dtype"] == onnx_dtype_for("fp16", _TRT)  # float16 on TensorRT 11, float32 on 10
     shapes = profile_shapes(config, (1, 5, MAX_BATCH), (1, 4, MAX_PROMPTS))
     assert set(sidecar["profiles"]["prompt_encoder"]) == set(PROMPT_INPUT_NAMES)
     assert set(sidecar["profiles"]["query_decoder"]) == {QUERY_INPUT_NAME, *encoding_names(config)}

@@ -3,9 +3,14 @@
 Without CUDA the kernels run on the CPU through the Triton interpreter (TRITON_INTERPRET=1 must be
 set before triton / promptseg are imported, hence the environment line above the imports) on small
 shapes in fp32 and fp16. With CUDA they run natively on larger shapes and also in bf16.
-Every case checks the output and dq, dk, dv against `reference_cross_attention(compute_dtype=float64)`.
+Every case checks the output and dq, dk, dv against `reference_cross_attention(compute_dtype=float64)`;
+the small-key-count cases check errors relative to max|reference|, so a wrong tail tile cannot hide
+under an absolute tolerance. Also here: the launch grids stay within CUDA's per-axis limits, the
+backend refuses a device it cannot run on, and the Triton version check.
 """
 import os
+import types
+from pathlib import Path
 
 import torch
 
@@ -31,6 +36,8 @@ RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # the interpreter tile (32) with ragged tails.
 NQ, NK = (1037, 2053) if CUDA else (37, 53)
 TILE = 32
+# Bounds on max|error| / max|reference| for the small-key-count cases, per input dtype.
+RELATIVE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def make_inputs(
@@ -111,6 +118,33 @@ def test_bias_with_lengths(dtype: torch.dtype, bias_shape: str) -> None:
     bias = torch.randn([sizes[s] for s in bias_shape.split(",")], generator=gen).to(DEVICE)
     lengths = torch.tensor([NK - 5, TILE + 3], device=DEVICE)
     assert_parity(dtype, q, k, v, grad, key_lengths=lengths, bias=bias)
+
+
+def assert_relative_parity(
+    dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
+    key_lengths: torch.Tensor | None = None,
+) -> None:
+    """max|triton - reference| <= RELATIVE[dtype] · max|reference| for the output and dq, dk, dv.
+
+    A reference that is exactly zero (dq and dk for a single key, where the softmax is constant) is
+    measured on the scale of the N(0, 1) inputs instead.
+    """
+    actual = triton_grads(q, k, v, grad, key_lengths, None)
+    expected = reference_grads(q, k, v, grad, key_lengths, None)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        error = float((a.double() - e).abs().max()) / (float(e.abs().max()) or 1.0)
+        assert error <= RELATIVE[dtype], f"{name}: max error {error:.2e} of max|reference|"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_keys", [1, 37, 65, 129])
+def test_small_and_awkward_key_counts(dtype: torch.dtype, num_keys: int) -> None:
+    """Key counts where the last tile is a large share of all keys (one key; 37 = 32 + 5; one past
+    64 and 128), with shared groups (B / G = 3), against max|reference|; lengths ending one key short."""
+    q, k, v, grad = make_inputs(12, 6, 2, 2, 19, num_keys, 32, dtype)
+    assert_relative_parity(dtype, q, k, v, grad)
+    lengths = torch.tensor([num_keys, max(num_keys - 1, 1)], device=DEVICE)
+    assert_relative_parity(dtype, q, k, v, grad, key_lengths=lengths)
 
 
 @pytest.mark.parametrize("head_dim", [128, 40])
@@ -195,28 +229,123 @@ def test_rejects_unsupported_inputs() -> None:
         triton_attention.triton_cross_attention(wide, wide, wide)
 
 
-def test_model_with_triton_backend_matches_reference_and_trains() -> None:
-    """PromptSegNet routed through the Triton kernels: same logits and gradients as the reference."""
+def test_model_with_triton_backend_matches_reference_and_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PromptSegNet routed through the Triton kernels: same logits and gradients as the reference.
+
+    On a GPU the model and inputs live on CUDA, with cuDNN's TF32 off so both runs are float32 throughout."""
     from promptseg.model import ModelConfig, PromptSegNet
     from promptseg.train.loss import segmentation_loss
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
     config = ModelConfig(resolution=32, widths=(8, 16, 32, 32), blocks_per_stage=1, attention_depth=1, head_dim=16,
                          label_propagation=True)
     torch.manual_seed(0)
-    model = PromptSegNet(config)
+    model = PromptSegNet(config).to(DEVICE)  # the kernels take CUDA tensors on a GPU, CPU ones under the interpreter
     g = torch.Generator().manual_seed(11)
     images, maps = torch.rand(2, 3, 3, 32, 32, generator=g), (torch.rand(2, 3, 32, 32, generator=g) > 0.5).float()
     types, queries = torch.ones(2, 3, dtype=torch.long), torch.rand(4, 3, 32, 32, generator=g)
     targets = (torch.rand(4, 32, 32, generator=g) > 0.5).float()
+    images, maps, types, queries, targets = (t.to(DEVICE) for t in (images, maps, types, queries, targets))
+    num_prompts = torch.tensor([3, 2], device=DEVICE)
     results = {}
     for backend in ("reference", "triton"):
         model.zero_grad(set_to_none=True)
         model.set_attention_backend(backend)
-        logits = model(images, maps, types, queries, num_prompts=torch.tensor([3, 2]))
+        logits = model(images, maps, types, queries, num_prompts=num_prompts)
         segmentation_loss(logits, targets).backward()
         grads = (model.blocks[0][0].cross_attention.k_proj.weight.grad.clone(),
                  model.propagations[0].projection.weight.grad.clone())
         results[backend] = (logits.detach(), *grads)
+        assert logits.device.type == torch.device(DEVICE).type
     torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=ATOL[torch.float32] * 10, rtol=0)
     for triton_grad, reference_grad in zip(results["triton"][1:], results["reference"][1:]):
         torch.testing.assert_close(triton_grad, reference_grad, atol=ATOL[torch.float32] * 10, rtol=1e-3)
+
+
+class RecordingLaunch:
+    """Stands in for a Triton kernel: records the grid of each launch (a callable grid evaluated at the
+    smallest tile, 16, which gives the most programs) instead of running anything."""
+
+    def __init__(self) -> None:
+        self.grids: list[tuple[int, ...]] = []
+
+    def __getitem__(self, grid: object) -> object:
+        def launch(*args: object, **kwargs: object) -> None:
+            self.grids.append(tuple(grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid))
+
+        return launch
+
+
+def test_launch_grids_fit_cuda_limits_beyond_65535_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """B · H = G · H = 70,000 (more than grid axes 1 and 2 hold): every launch keeps axes 1 and 2
+    within 65,535 and axis 0 within 2**31 - 1, with one program per (row, tile) on axis 0."""
+    from promptseg.kernels import triton_backward, triton_forward
+
+    kernels = {name: RecordingLaunch() for name in ("_forward_kernel", "_delta_kernel", "_dq_kernel", "_dkdv_kernel")}
+    monkeypatch.setattr(triton_forward, "_forward_kernel", kernels["_forward_kernel"])
+    for name in ("_delta_kernel", "_dq_kernel", "_dkdv_kernel"):
+        monkeypatch.setattr(triton_backward, name, kernels[name])
+    rows, num_queries, num_keys = 70_000, 20, 3
+    q = torch.zeros(rows, 1, num_queries, 16, device=DEVICE)
+    k = v = torch.zeros(rows, 1, num_keys, 16, device=DEVICE)
+    out, lse = triton_forward.attention_forward(q, k, v, None, None)
+    triton_backward.attention_backward(out, q, k, v, out, lse, None, None)
+    query_tiles, key_tiles = -(-num_queries // 16), -(-num_keys // 16)
+    expected = {"_forward_kernel": rows * query_tiles, "_dq_kernel": rows * query_tiles,
+                "_delta_kernel": rows * -(-num_queries // triton_backward.DELTA_BLOCK_M), "_dkdv_kernel": rows * key_tiles}
+    for name, kernel in kernels.items():
+        (grid,) = kernel.grids
+        assert grid[0] == expected[name] and grid[0] <= 2**31 - 1, (name, grid)
+        assert all(size <= 65_535 for size in grid[1:]), (name, grid)
+
+
+def test_backend_refuses_a_device_it_cannot_run_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With CUDA present and no interpreter, a CPU device is refused in one line by the inference
+    backend, by set_attention_backend and by training; under the interpreter a CUDA device is refused."""
+    import dataclasses
+
+    from promptseg.engine.backends import backend_availability
+    from promptseg.errors import PromptSegError
+    from promptseg.kernels import default_backend
+    from promptseg.model import ModelConfig, PromptSegNet
+    from promptseg.train.config import TrainConfig
+    from promptseg.train.trainer import train
+
+    monkeypatch.setattr(triton_attention, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ok, why = backend_availability("triton", "cpu")
+    assert not ok and "not cpu" in why and "\n" not in why
+    assert backend_availability("triton", "cuda") == (True, "") and default_backend("cpu") == "sdpa"
+    model = PromptSegNet(ModelConfig(resolution=32, widths=(8, 16, 32, 32), head_dim=16, attention_depth=1,
+                                     blocks_per_stage=1))
+    with pytest.raises(PromptSegError, match="attention backend 'triton' cannot run on cpu") as caught:
+        model.set_attention_backend("triton")
+    assert "\n" not in str(caught.value) and model.attention_backend == "sdpa"
+    tiny = TrainConfig.load(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml")
+    with pytest.raises(PromptSegError, match="attention backend 'triton' cannot run on cpu"):
+        train(dataclasses.replace(tiny, attention_backend="triton", steps=1), [], tmp_path, device="cpu", progress=False)
+
+    monkeypatch.setattr(triton_attention, "INTERPRET", True)
+    assert backend_availability("triton", "cpu") == (True, "")
+    ok, why = backend_availability("triton", "cuda")
+    assert not ok and "TRITON_INTERPRET=1" in why
+    assert model.set_attention_backend("triton").attention_backend == "triton"
+
+
+@pytest.mark.parametrize(
+    ("version", "knobs", "ok"),
+    [("3.4.0", True, True), ("3.9.1+git1234", True, True), ("4.0.0", True, True), ("3.3.1", False, False),
+     ("3.0.0", False, False), ("3.4.0", False, False)],
+)
+def test_triton_version_check(version: str, knobs: bool, ok: bool) -> None:
+    """The import-time check names the floor (3.4, which introduced triton.knobs) in one line."""
+    from promptseg.kernels.triton_forward import check_triton_version
+
+    stand_in = types.SimpleNamespace(__version__=version, **({"knobs": object()} if knobs else {}))
+    if ok:
+        check_triton_version(stand_in)
+        return
+    with pytest.raises(ImportError, match=r"need triton>=3\.4 \(for triton\.knobs\), found triton " + version) as caught:
+        check_triton_version(stand_in)
+    assert "\n" not in str(caught.value)

@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export", help="export the model to ONNX, TensorRT engines or AOTInductor packages",
         description="Export the prompt encoder and the query decoder as two graphs, dynamic in the number of "
-        "prompts K and the query batch B: ONNX (for ONNX Runtime and TensorRT), TensorRT 10 engines (needs the "
+        "prompts K and the query batch B: ONNX (for ONNX Runtime and TensorRT), TensorRT 10 or 11 engines (needs the "
         "tensorrt package and a CUDA GPU) or AOTInductor .pt2 packages (for C++; see examples/cpp).",
     )
     parser.add_argument("--format", choices=["onnx", "tensorrt", "aoti"], required=True)
@@ -49,12 +49,19 @@ def run(args: argparse.Namespace) -> int:
 
         written = export_aoti(model.to(resolve_device(args.device or "cpu")), args.out, overwrite=args.overwrite)
     else:
-        from promptseg.export.onnx_export import export_onnx
-        from promptseg.export.tensorrt_build import build_engines, require_tensorrt_gpu
+        import torch
 
-        require_tensorrt_gpu()  # before writing any ONNX file
+        from promptseg.export.onnx_export import export_onnx
+        from promptseg.export.tensorrt_build import (
+            build_engines,
+            onnx_dtype_for,
+            require_tensorrt_gpu,
+        )
+
+        trt = require_tensorrt_gpu()  # before writing any ONNX file
+        dtype = getattr(torch, onnx_dtype_for(args.precision, trt))  # float16 for fp16 on TensorRT 11
         onnx_dir = os.path.join(args.out, "onnx")
-        export_onnx(model, onnx_dir, overwrite=args.overwrite)
+        export_onnx(model, onnx_dir, dtype=dtype, overwrite=args.overwrite)
         written = build_engines(
             onnx_dir, args.out, max_batch=args.max_batch, max_prompts=min(args.max_prompts, model.config.max_prompts),
             precision=args.precision, timing_cache=args.timing_cache, overwrite=args.overwrite,

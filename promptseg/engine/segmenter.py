@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -98,6 +100,8 @@ class Segmenter:
     ) -> None:
         """backend: one of ENGINE_BACKENDS (None: triton on CUDA when it works, else torch);
         backend_options go to the backend's constructor (e.g. model_dir for onnxruntime).
+        max_batch: queries per decode call, lowered (with a warning) to the backend's own limit
+        when it has one (a TensorRT engine's max_batch).
         Raises BackendUnavailable with a one-line reason when the backend cannot run here."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if max_batch < 1:
@@ -106,6 +110,14 @@ class Segmenter:
             backend = "triton" if default_backend(self.device) == "triton" else "torch"
         self.model = model.eval()
         self.backend = create_backend(backend, model, self.device, **(backend_options or {}))
+        limit = self.backend.max_batch
+        if limit is not None and max_batch > limit:
+            warnings.warn(
+                f"max_batch {max_batch} exceeds the {self.backend.name} backend's limit of {limit} queries; "
+                f"using {limit}",
+                stacklevel=2,
+            )
+            max_batch = limit
         self.max_batch = max_batch
         self.cache = PromptCache(cache_bytes)
 
@@ -153,35 +165,60 @@ class Segmenter:
         prompt_maps = torch.stack([p[1] for p in prepared])[None]
         prompt_types = torch.tensor([[p[2] for p in prepared]], dtype=torch.long)
         key = content_key(prompt_images, prompt_maps, prompt_types, extra=self.backend.name)
-        state = self.cache.get_or_create(key, lambda: self.backend.encode(prompt_images, prompt_maps, prompt_types))
+        state = self.cache.get_or_create(key, lambda: self._encode(prompt_images, prompt_maps, prompt_types))
         return EncodedPrompts(state, len(prompts), key)
+
+    def _encode(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> PromptState:
+        """backend.encode; after an out-of-memory error the prompt cache (whose encodings hold device
+        memory) is emptied and the encoding retried once, then PromptSegError (one line).
+
+        The K prompts are encoded in one call: the prompt encoder may mix them (a prompt bottleneck),
+        so they cannot be split into smaller chunks.
+        """
+        for attempt in range(2):
+            try:
+                return self.backend.encode(images, maps, types)
+            except torch.OutOfMemoryError:
+                pass  # handled below, after the exception (and the frames holding its tensors) is gone
+            if attempt == 0:
+                self.cache.clear()
+                self._release_cached_memory()
+        raise PromptSegError(
+            f"{self.device}: out of memory encoding {images.shape[1]} prompts with the {self.backend.name} backend, "
+            "even with the prompt cache emptied; use fewer prompts"
+        )
 
     def _logits(self, batch: torch.Tensor, prompts: EncodedPrompts) -> torch.Tensor:
         """(N, C, R, R) prepared queries -> (N, R, R) float32 logits, in chunks of max_batch.
 
         On an out-of-memory error a chunk is halved and retried, and max_batch stays at the size
-        that worked, so later chunks do not fail again.
+        that worked, so later chunks do not fail again. The cached memory is released only after
+        the except block, once the error and the failed call's tensors it references are gone.
         """
         outputs = []
         start = 0
         while start < batch.shape[0]:
             chunk = batch[start : start + self.max_batch]
             try:
-                outputs.append(self.backend.decode(chunk, prompts.encoding))
+                logits = self.backend.decode(chunk, prompts.encoding)
             except torch.OutOfMemoryError:
+                logits = None  # handled below: past the except block the error no longer holds the call's frames
+            if logits is None:
                 if chunk.shape[0] == 1:
                     raise PromptSegError(
                         f"{self.device}: out of memory decoding a single query with the {self.backend.name} backend"
-                    ) from None
+                    )
                 self.max_batch = chunk.shape[0] // 2
                 self._release_cached_memory()
                 continue
+            outputs.append(logits)
             start += chunk.shape[0]
         return torch.cat(outputs)
 
     def _release_cached_memory(self) -> None:
-        """Give the CUDA caching allocator's free blocks back before a retry."""
+        """Collect unreachable tensors, then give the CUDA caching allocator's free blocks back before a retry."""
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
 
     @staticmethod

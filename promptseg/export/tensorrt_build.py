@@ -1,4 +1,4 @@
-"""TensorRT 10 engines built from the two exported ONNX graphs (see promptseg.export.graphs).
+"""TensorRT 10 and 11 engines built from the two exported ONNX graphs (see promptseg.export.graphs).
 
     build_engines(onnx_dir, out_dir) -> out_dir/prompt_encoder.plan, out_dir/query_decoder.plan,
                                         out_dir/promptseg_tensorrt.json (the sidecar)
@@ -8,6 +8,11 @@ count K; the query decoder's in the query batch B and, through its encoding inpu
 (1, H_i, K * n_i, D), in K as well, where n_i prompt tokens come from one prompt at attention
 stage i (graphs.tokens_per_prompt; with a prompt bottleneck every stage has bottleneck_tokens
 tokens whatever K is).
+
+Precision: TensorRT 10 lowers an fp32 graph to fp16 / bf16 by builder flags. TensorRT 11 removed
+those flags and builds every network strongly typed, its types taken from the graph, so there an
+fp16 engine is built from an fp16 ONNX export (`onnx_dtype_for`) and bf16 is refused (the ONNX
+export has no bfloat16). Other major versions are refused in one line (`tensorrt_module`).
 
 Plans are tied to the GPU model and the TensorRT version that built them; the sidecar records
 both with the model config, so a loader can refuse a mismatch with a clear message.
@@ -19,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +45,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 ONNX_CONFIG_KEY = "model_config"
 ONNX_SHARED_KEYS = ("model_config", "weights_sha256", "dtype")
 MIN_TENSORRT_MAJOR = 10
+MAX_TENSORRT_MAJOR = 11  # the newest major release whose API this module is written against
+STRONGLY_TYPED_MAJOR = 11  # from here on the precision builder flags are gone: every network is strongly typed
 DEFAULT_OPT_PROMPTS = 4
 
 log = logging.getLogger(__name__)
@@ -124,20 +132,28 @@ def size_range(name: str, maximum: int, optimum: int | None, default_opt: int) -
 # --- tensorrt -------------------------------------------------------------------------------
 
 
+def tensorrt_major(trt: ModuleType) -> int | None:
+    """The major version of a tensorrt module (11 for "11.4.0.9"), or None when __version__ does not start with one."""
+    match = re.match(r"\s*(\d+)(\.|$)", str(getattr(trt, "__version__", "")))
+    return int(match[1]) if match else None
+
+
 def tensorrt_module() -> tuple[ModuleType | None, str]:
-    """(tensorrt, "") when TensorRT 10 or newer imports, else (None, one-line reason)."""
+    """(tensorrt, "") when TensorRT 10 or 11 imports, else (None, one-line reason)."""
     try:
         import tensorrt
     except (ImportError, OSError) as exc:
         return None, f"cannot import tensorrt ({_one_line(str(exc))})"
-    major = int(str(tensorrt.__version__).split(".")[0])
-    if major < MIN_TENSORRT_MAJOR:
-        return None, f"found TensorRT {tensorrt.__version__}, need {MIN_TENSORRT_MAJOR} or newer"
+    major = tensorrt_major(tensorrt)
+    if major is None or not MIN_TENSORRT_MAJOR <= major <= MAX_TENSORRT_MAJOR:
+        found = _one_line(str(getattr(tensorrt, "__version__", "of unknown version")))
+        supported = f"TensorRT {MIN_TENSORRT_MAJOR} and {MAX_TENSORRT_MAJOR}"
+        return None, f"found TensorRT {found}, but promptseg supports {supported} only"
     return tensorrt, ""
 
 
 def import_tensorrt() -> ModuleType:
-    """The tensorrt module (TensorRT 10 or newer); PromptSegError saying why when it cannot be used."""
+    """The tensorrt module (TensorRT 10 or 11); PromptSegError saying why when it cannot be used."""
     trt, why = tensorrt_module()
     if trt is None:
         raise PromptSegError(_missing(why))
@@ -145,7 +161,31 @@ def import_tensorrt() -> ModuleType:
 
 
 def _missing(reason: str) -> str:
-    return f"tensorrt export needs the tensorrt package (TensorRT 10) and a CUDA GPU: {reason}"
+    return f"tensorrt export needs the tensorrt package (TensorRT 10 or 11) and a CUDA GPU: {reason}"
+
+
+def strongly_typed(trt: ModuleType) -> bool:
+    """Whether this TensorRT builds every network strongly typed (11 on), so precision comes from the graph."""
+    major = tensorrt_major(trt)
+    return major is not None and major >= STRONGLY_TYPED_MAJOR
+
+
+def onnx_dtype_for(precision: str, trt: ModuleType) -> str:
+    """The float dtype ("float32" or "float16") of the ONNX export that a `precision` engine is built from.
+
+    TensorRT 10 lowers a float32 graph itself (builder flags). TensorRT 11 keeps the graph's types,
+    so fp16 needs a float16 export; bf16 raises PromptSegError (one line): export_onnx has no bfloat16.
+    """
+    if precision not in PRECISIONS:
+        raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not strongly_typed(trt) or precision == "fp32":
+        return "float32"
+    if precision == "bf16":
+        raise PromptSegError(
+            f"bf16 engines need TensorRT 10: TensorRT {trt.__version__} builds strongly typed networks only, "
+            "and the ONNX export has no bfloat16; use precision fp16 or fp32"
+        )
+    return "float16"
 
 
 @functools.cache
@@ -187,7 +227,7 @@ def _parse_onnx(trt: ModuleType, builder: Any, path: Path) -> tuple[Any, Any]:
 
     InputError naming the file, with every parser error on one line, when the graph does not parse.
     """
-    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    network = builder.create_network(0)  # always explicit-batch; TensorRT 11 makes every network strongly typed
     parser = trt.OnnxParser(network, tensorrt_logger())
     if not parser.parse_from_file(str(path)):
         details = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
@@ -216,13 +256,17 @@ def _network_profile(path: Path, inputs: dict[str, Shape], shapes: dict[str, Sha
 def _builder_config(trt: ModuleType, builder: Any, precision: str, workspace_gib: float, cache: bytes) -> Any:
     """IBuilderConfig with the precision flags, the workspace limit and a timing cache loaded from `cache`.
 
-    fp32 also turns TF32 off, so an fp32 engine matches the eager float32 model closely.
+    TensorRT 10: fp16 / bf16 set the FP16 / BF16 flag. TensorRT 11 has no such flags (the graph's
+    types decide; build_engines checks them). fp32 also turns TF32 off, so an fp32 engine matches
+    the eager float32 model closely.
     """
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     if precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)
-    else:
+        tf32 = getattr(trt.BuilderFlag, "TF32", None)
+        if tf32 is not None:
+            config.clear_flag(tf32)
+    elif not strongly_typed(trt):
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
     timing_cache = config.create_timing_cache(cache)
     if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
@@ -362,8 +406,10 @@ def build_engines(
     Profiles: K in 1..max_prompts (optimised for opt_prompts, default min(4, max_prompts)) and
     B in 1..max_batch (optimised for opt_batch, default max_batch: the Segmenter sends full
     chunks of max_batch queries, which must therefore be <= the engine's max_batch).
-    precision: "fp32" (TF32 off), "fp16" or "bf16" (TensorRT may run layers in that type; inputs
-    and outputs stay float32). timing_cache: a file read when present and rewritten after the
+    precision: "fp32" (TF32 off), "fp16" or "bf16". TensorRT 10 may run layers in that type, inputs
+    and outputs stay float32; TensorRT 11 needs graphs exported in onnx_dtype_for(precision) (fp16:
+    float16 graphs, whose inputs and outputs are float16 too; bf16 is refused) and raises InputError
+    naming the graph otherwise. timing_cache: a file read when present and rewritten after the
     builds, which makes rebuilds on the same GPU and TensorRT version much faster.
     The model config and weights digest come from the graphs' metadata (needs the onnx package).
     Returns {"prompt_encoder": plan, "query_decoder": plan, "sidecar": json[, "timing_cache": file]}.
@@ -383,6 +429,7 @@ def build_engines(
     written = {role: plan_path(out, role) for role in GRAPH_ROLES} | {"sidecar": out / SIDECAR_NAME}
     _refuse_existing(list(written.values()), overwrite)
     trt = require_tensorrt_gpu()
+    check_onnx_dtype(trt, precision, metadata.get("dtype"), sources["prompt_encoder"])
 
     cache_path = None if timing_cache is None else Path(timing_cache)
     cache = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
@@ -402,6 +449,17 @@ def build_engines(
     return written
 
 
+def check_onnx_dtype(trt: ModuleType, precision: str, found: str | None, path: Path) -> None:
+    """InputError naming the graph when a strongly typed TensorRT (11) cannot build a `precision` engine
+    from graphs of dtype `found`; PromptSegError for bf16 there. TensorRT 10 takes any export."""
+    expected = onnx_dtype_for(precision, trt)
+    if strongly_typed(trt) and found != expected:
+        raise InputError(
+            path, f"is a {found} graph, but TensorRT {trt.__version__} builds strongly typed engines whose "
+            f"precision comes from the graph: a {precision} engine needs a {expected} ONNX export"
+        )
+
+
 def require_tensorrt_gpu() -> ModuleType:
     """import_tensorrt(), plus a check that PyTorch sees a CUDA GPU for the builder to time kernels on."""
     trt = import_tensorrt()
@@ -413,7 +471,8 @@ def require_tensorrt_gpu() -> ModuleType:
 
 
 __all__: list[str] = [
-    "PRECISIONS", "SIDECAR_NAME", "require_tensorrt_gpu", "ShapeRange", "SizeRange", "build_engines", "decoder_input_shapes",
-    "encoder_input_shapes", "encoding_shape", "encoding_tokens", "gpu_description", "import_tensorrt", "plan_path",
-    "profile_shapes", "read_graph_metadata", "read_sidecar", "tensorrt_logger", "tensorrt_module",
+    "PRECISIONS", "SIDECAR_NAME", "ShapeRange", "SizeRange", "build_engines", "check_onnx_dtype", "decoder_input_shapes",
+    "encoder_input_shapes", "encoding_shape", "encoding_tokens", "gpu_description", "import_tensorrt", "onnx_dtype_for",
+    "plan_path", "profile_shapes", "read_graph_metadata", "read_sidecar", "require_tensorrt_gpu", "strongly_typed",
+    "tensorrt_logger", "tensorrt_major", "tensorrt_module",
 ]

@@ -9,24 +9,37 @@ from __future__ import annotations
 
 import torch
 
+from promptseg.errors import PromptSegError
 from promptseg.kernels.reference import reference_cross_attention
 from promptseg.kernels.sdpa import sdpa_cross_attention
 
 BACKENDS = ("reference", "sdpa", "triton")
 
 
-def triton_available() -> tuple[bool, str]:
-    """Whether the Triton backend can run here, and if not, why (one line)."""
+def triton_available(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether the Triton backend can run here (on `device` when given), and if not, why (one line)."""
     try:
         from promptseg.kernels import triton_attention  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the installation
         return False, f"triton backend unavailable: {exc}"
-    return triton_attention.is_available()
+    return triton_attention.is_available(device)
+
+
+def check_backend_device(backend: str, device: torch.device | str) -> None:
+    """PromptSegError (one line) when attention `backend` cannot run on tensors of `device`.
+
+    Only the Triton kernels are tied to a device kind (CUDA, or the CPU under TRITON_INTERPRET=1);
+    the reference and SDPA backends run anywhere.
+    """
+    if backend == "triton":
+        ok, why = triton_available(device)
+        if not ok:
+            raise PromptSegError(f"attention backend 'triton' cannot run on {torch.device(device)}: {why}")
 
 
 def default_backend(device: torch.device | str) -> str:
     """The backend used when none is named: Triton on CUDA when it works, otherwise SDPA."""
-    if torch.device(device).type == "cuda" and triton_available()[0]:
+    if torch.device(device).type == "cuda" and triton_available(device)[0]:
         return "triton"
     return "sdpa"
 

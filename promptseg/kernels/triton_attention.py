@@ -16,11 +16,27 @@ from promptseg.kernels.triton_op import cross_attention_fwd
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def is_available() -> tuple[bool, str]:
-    """(True, "") when the kernels can run here (a CUDA device, or the Triton interpreter); else (False, reason)."""
-    if INTERPRET or torch.cuda.is_available():
-        return True, ""
-    return False, "triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 set before promptseg imports triton)"
+def is_available(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """(True, "") when the kernels can run here, else (False, one-line reason).
+
+    Without `device`: whether they run anywhere in this process (a CUDA GPU, or the Triton interpreter).
+    With `device`: whether they run on tensors of that device: CPU devices under the interpreter
+    (TRITON_INTERPRET=1 set before promptseg imports triton), CUDA devices otherwise.
+    """
+    if device is None:
+        if INTERPRET or torch.cuda.is_available():
+            return True, ""
+        return False, "triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 set before promptseg imports triton)"
+    kind = torch.device(device).type
+    if INTERPRET:
+        if kind == "cpu":
+            return True, ""
+        return False, f"triton backend runs on the CPU only under TRITON_INTERPRET=1, not on {kind}"
+    if kind != "cuda":
+        return False, f"triton backend runs on CUDA devices, not {kind} (TRITON_INTERPRET=1 runs it on the CPU)"
+    if not torch.cuda.is_available():
+        return False, "triton backend needs a CUDA GPU, and PyTorch sees none"
+    return True, ""
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:

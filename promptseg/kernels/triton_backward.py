@@ -23,10 +23,13 @@ import triton.language as tl
 from promptseg.kernels.triton_forward import (
     INTERPRET,
     LOG2E,
+    MAX_GRID_AXIS12,
     bias_view,
-    dot_precision,
-    head_block,
     block_scores,
+    dot_precision,
+    flat_grid,
+    flat_program,
+    head_block,
     lengths_view,
     on_device,
     tile_configs,
@@ -56,9 +59,12 @@ def _delta_kernel(
     num_heads, N_Q, HEAD_DIM,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta[b, h, m] = Σ_d dO[b, h, m, d] · O[b, h, m, d] in fp32; Delta is contiguous (B, H, Nq)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_bh = tl.program_id(1)
+    """delta[b, h, m] = Σ_d dO[b, h, m, d] · O[b, h, m, d] in fp32; Delta is contiguous (B, H, Nq).
+
+    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H).
+    """
+    pid_bh, start_m = flat_program(N_Q, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     offs_d = tl.arange(0, BLOCK_D)
@@ -86,9 +92,11 @@ def _dq_kernel(
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program: dq of BLOCK_M query rows of one (b, h), looping over the valid keys of its group."""
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    """One program: dq of BLOCK_M query rows of one (b, h), looping over the valid keys of its group.
+
+    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H).
+    """
+    pid_bh, start_m = flat_program(N_Q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     g = b // queries_per_group
@@ -145,14 +153,14 @@ def _dkdv_kernel(
 ):
     """One program: the dk, dv contributions to BLOCK_N keys of one (g, h) from one split of its queries.
 
-    Split s = program_id(2) covers queries g · QPG + s · queries_per_split onwards (QPG = B / G, the
+    Launched on flat_grid(cdiv(N_K, BLOCK_N), G · H) extended by the splits on axis 1.
+    Split s = program_id(1) covers queries g · QPG + s · queries_per_split onwards (QPG = B / G, the
     last split may be shorter). ATOMIC False: stores into slice s of dK / dV (stride_dks apart; a
     single split passes the (G, H, Nk, D) gradients themselves). ATOMIC True: atomically adds into
     fp32 (G, H, Nk, D) buffers. dK and dV share the strides stride_dk*. Key tiles at or past
     key_lengths[g] skip the query loop (and store zeros).
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    pid_gh = tl.program_id(1)
+    pid_gh, start_n = flat_program(N_K, BLOCK_N)
     g = pid_gh // num_heads
     h = pid_gh % num_heads
     offs_m = tl.arange(0, BLOCK_M)
@@ -170,7 +178,7 @@ def _dkdv_kernel(
     kt = tl.trans(k)
     vt = tl.trans(v)
     bias_base = Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh
-    split = tl.program_id(2)
+    split = tl.program_id(1)
     first_query = g * queries_per_group + split * queries_per_split
     num_queries = tl.minimum(queries_per_split, queries_per_group - split * queries_per_split)
     # No query work at all for a key tile that lies entirely past the group's length.
@@ -216,11 +224,11 @@ def query_splits(num_keys: int, groups_heads: int, queries_per_group: int, devic
     """How many splits to cut the B / G queries of a group into for the dk/dv kernel.
 
     Enough that (key tiles of SPLIT_REFERENCE_BLOCK_N) x (G · H) x splits reaches about two waves of
-    the GPU (8 programs under the interpreter), never more than B / G.
+    the GPU (8 programs under the interpreter), never more than B / G nor than grid axis 1 holds.
     """
     target = 8 if device.type != "cuda" else 2 * torch.cuda.get_device_properties(device).multi_processor_count
     programs = triton.cdiv(num_keys, SPLIT_REFERENCE_BLOCK_N) * groups_heads
-    return max(1, min(queries_per_group, triton.cdiv(target, programs)))
+    return max(1, min(queries_per_group, triton.cdiv(target, programs), MAX_GRID_AXIS12))
 
 
 def attention_backward(
@@ -274,14 +282,14 @@ def attention_backward(
     split_stride = dk.stride(0) if dk.dim() == 5 else 0
     grad_strides = dk.stride()[-4:]
 
-    def dq_grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads
+    def dq_grid(meta: dict) -> tuple[int]:
+        return flat_grid(triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads)
 
-    def dkdv_grid(meta: dict) -> tuple[int, int, int]:
-        return triton.cdiv(num_keys, meta["BLOCK_N"]), groups * heads, splits
+    def dkdv_grid(meta: dict) -> tuple[int, int]:
+        return flat_grid(triton.cdiv(num_keys, meta["BLOCK_N"]), groups * heads) + (splits,)
 
     with on_device(q):
-        _delta_kernel[(triton.cdiv(num_queries, DELTA_BLOCK_M), batch * heads)](
+        _delta_kernel[flat_grid(triton.cdiv(num_queries, DELTA_BLOCK_M), batch * heads)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(),
             heads, num_queries, head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M,
         )

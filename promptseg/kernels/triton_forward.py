@@ -11,12 +11,32 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
+# triton.knobs (read below) first shipped in Triton 3.4 (it replaced the environment-variable reads of 3.3).
+MIN_TRITON_VERSION = (3, 4)
+# CUDA's limit on grid axis 0; axes 1 and 2 stop at 65,535, so every launch here puts its large
+# product of tiles and (batch, head) rows on axis 0 (see flat_grid).
+MAX_GRID_AXIS0 = 2**31 - 1
+MAX_GRID_AXIS12 = 65_535
+
+
+def check_triton_version(module: object) -> None:
+    """ImportError (one line) unless `module` (triton) is release MIN_TRITON_VERSION or newer and has triton.knobs."""
+    version = str(getattr(module, "__version__", "unknown"))
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    found = (int(parts[1]), int(parts[2])) if parts else (0, 0)
+    if found < MIN_TRITON_VERSION or not hasattr(module, "knobs"):
+        need = ".".join(map(str, MIN_TRITON_VERSION))
+        raise ImportError(f"promptseg's Triton kernels need triton>={need} (for triton.knobs), found triton {version}")
+
+
+check_triton_version(triton)
 # True when this module's kernels were built for the CPU interpreter (decided by triton.jit at import).
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 LOG2E: float = math.log2(math.e)
@@ -82,6 +102,27 @@ def lengths_view(key_lengths: torch.Tensor | None, device: torch.device) -> torc
     return key_lengths.to(device=device, dtype=torch.int32).contiguous()
 
 
+def flat_grid(tiles: int, rows: int) -> tuple[int]:
+    """A 1-D launch grid of `tiles` programs for each of `rows` rows (B·H or G·H), tile index fastest.
+
+    Everything sits on axis 0 (up to 2**31 - 1 programs) rather than rows on axis 1, where CUDA stops
+    at 65,535; the order of programs is that of a (tiles, rows) grid, so neighbouring programs still
+    share one (b, h) and its keys. ValueError when even axis 0 cannot hold them.
+    """
+    programs = tiles * rows
+    if programs > MAX_GRID_AXIS0:
+        raise ValueError(f"{tiles} tiles x {rows} (batch, head) rows = {programs} programs exceed CUDA's grid limit")
+    return (programs,)
+
+
+@triton.jit
+def flat_program(N, BLOCK: tl.constexpr):
+    """(row, first index) of this program in a flat_grid of cdiv(N, BLOCK) tiles per row."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(N, BLOCK)
+    return pid // tiles, (pid % tiles) * BLOCK
+
+
 @triton.jit
 def block_scores(q, kt, bias_ptrs, rows, cols, key_ok, N_Q, qk_scale,
                  stride_bn, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -127,9 +168,11 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (b, h); online softmax over the valid keys of group b // QPG."""
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    """One program: BLOCK_M query rows of one (b, h); online softmax over the valid keys of group b // QPG.
+
+    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H).
+    """
+    pid_bh, start_m = flat_program(N_Q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     g = b // queries_per_group
@@ -193,8 +236,8 @@ def attention_forward(
     full_bias, bias_strides = bias_view(bias, groups, heads, num_queries, num_keys)
     lengths = lengths_view(key_lengths, q.device)
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads
+    def grid(meta: dict) -> tuple[int]:
+        return flat_grid(triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads)
 
     with on_device(q):
         _forward_kernel[grid](

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from promptseg.kernels import BACKENDS
+from promptseg.kernels import BACKENDS, check_backend_device
 from promptseg.model.attention import QueryPromptBlock
 from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder
@@ -47,9 +47,15 @@ class PromptSegNet(nn.Module):
 
     def set_attention_backend(self, backend: str) -> "PromptSegNet":
         """Route every attention call through `backend` (reference, sdpa or triton): sets the string
-        attribute `backend` of every sub-module that has one (Attention, LabelPropagation, ...)."""
+        attribute `backend` of every sub-module that has one (Attention, LabelPropagation, ...).
+
+        Raises PromptSegError (one line) when the backend cannot run where the model's parameters
+        live (triton on a CPU model without TRITON_INTERPRET=1, or on a CUDA model under it): move
+        the model to its device first.
+        """
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend_device(backend, next(self.parameters()).device)
         self._attention_backend = backend
         for module in self.modules():
             if isinstance(getattr(module, "backend", None), str):

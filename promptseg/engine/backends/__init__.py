@@ -4,7 +4,7 @@
     triton       eager PyTorch, fused Triton attention kernels (CUDA)
     compile      torch.compile of the query decoder (Inductor; CUDA graphs on GPU)
     onnxruntime  the exported ONNX graphs in ONNX Runtime (CPU; CUDA provider where installed)
-    tensorrt     TensorRT 10 engines built from the ONNX graphs (CUDA + the tensorrt package)
+    tensorrt     TensorRT 10 or 11 engines built from the ONNX graphs (CUDA + the tensorrt package)
 """
 from __future__ import annotations
 

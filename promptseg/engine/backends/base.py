@@ -46,6 +46,7 @@ class InferenceBackend(ABC):
 
     name: str = ""
     export_dir_option: str | None = None  # constructor keyword taking a `promptseg export` folder, if any
+    max_batch: int | None = None  # the largest query batch decode() accepts (a TensorRT profile's); None: any
 
     def __init__(self, model: PromptSegNet, device: torch.device) -> None:
         self.model = model

@@ -1,4 +1,4 @@
-"""`tensorrt` backend: the two exported graphs as TensorRT 10 engines on a CUDA GPU.
+"""`tensorrt` backend: the two exported graphs as TensorRT 10 or 11 engines on a CUDA GPU.
 
     encode(images (1, K, C, R, R), maps (1, K, R, R), types (1, K)) -> FlatPromptState of CUDA tensors
         keys_s{i}_{e}, values_s{i}_{e}: (1, H, K * n_i, D), in encoding_names order
@@ -7,8 +7,8 @@
 Engines come from `engine_dir` (promptseg export --format tensorrt; the sidecar is checked against
 the model's config and weights, the TensorRT version and the GPU), or are built once, at
 construction, from the model's ONNX export in a temporary folder. Each engine has one optimisation profile: K must not exceed its
-max_prompts and B its max_batch (ValueError otherwise), so a Segmenter using this backend needs
-max_batch <= backend.max_batch. Buffers are PyTorch CUDA tensors (no pycuda); each engine runs on
+max_prompts and B its max_batch (ValueError otherwise); a Segmenter lowers its own max_batch to
+backend.max_batch. Buffers are PyTorch CUDA tensors (no pycuda); each engine runs on
 a private CUDA stream made current for the call, ordered after the caller's stream and before its
 later work. An execution context runs one call at a time: use one backend per thread.
 """
@@ -29,7 +29,7 @@ from promptseg.export.graphs import (
     GRAPH_ROLES, LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, config_differences, encoding_names,
 )
 from promptseg.export.tensorrt_build import (
-    PRECISIONS, SIDECAR_NAME, ShapeRange, build_engines, gpu_description, import_tensorrt, plan_path,
+    PRECISIONS, SIDECAR_NAME, ShapeRange, build_engines, gpu_description, import_tensorrt, onnx_dtype_for, plan_path,
     read_sidecar, tensorrt_logger, tensorrt_module,
 )
 from promptseg.model import PromptSegNet
@@ -176,18 +176,20 @@ def read_plans(engine_dir: Path) -> dict[str, bytes]:
 
 
 def build_in_temp_dir(model: PromptSegNet, precision: str, build_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Export the model to ONNX and build both engines in a temporary folder -> (sidecar, plans)."""
+    """Export the model to ONNX (in the dtype this TensorRT builds a `precision` engine from) and build
+    both engines in a temporary folder -> (sidecar, plans)."""
     from promptseg.export.onnx_export import export_onnx
 
+    dtype = getattr(torch, onnx_dtype_for(precision, import_tensorrt()))
     with tempfile.TemporaryDirectory(prefix="promptseg-tensorrt-") as tmp:
         onnx_dir = Path(tmp) / "onnx"
-        export_onnx(model, onnx_dir)
+        export_onnx(model, onnx_dir, dtype=dtype)
         build_engines(onnx_dir, tmp, precision=precision, **build_options)
         return read_sidecar(tmp), read_plans(Path(tmp))
 
 
 class TensorRTBackend(InferenceBackend):
-    """TensorRT 10 engines of the prompt encoder and query decoder on one CUDA device.
+    """TensorRT 10 or 11 engines of the prompt encoder and query decoder on one CUDA device.
 
     engine_dir: a folder from `promptseg export --format tensorrt` (plans + promptseg_tensorrt.json);
     without it the engines are built once here (build_options go to build_engines: max_batch,
@@ -223,10 +225,10 @@ class TensorRTBackend(InferenceBackend):
 
     @classmethod
     def availability(cls, device: torch.device) -> tuple[bool, str]:
-        """Needs TensorRT 10 (the tensorrt package), a CUDA GPU and a cuda device."""
+        """Needs TensorRT 10 or 11 (the tensorrt package), a CUDA GPU and a cuda device."""
         trt, why = tensorrt_module()
         if trt is None:
-            return False, f"tensorrt backend needs the tensorrt package (TensorRT 10): {why}"
+            return False, f"tensorrt backend needs the tensorrt package (TensorRT 10 or 11): {why}"
         if not torch.cuda.is_available():
             return False, "tensorrt backend needs a CUDA GPU, and PyTorch sees none"
         if torch.device(device).type != "cuda":

@@ -35,7 +35,8 @@ class TritonBackend(TorchBackend):
 
     @classmethod
     def availability(cls, device: torch.device) -> tuple[bool, str]:
-        return triton_available()
+        """Whether the kernels run on `device`: CUDA devices, or the CPU under TRITON_INTERPRET=1."""
+        return triton_available(device)
 
 
 class ReferenceBackend(TorchBackend):
