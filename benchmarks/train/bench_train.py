@@ -99,8 +99,8 @@ def synchronize(device: torch.device) -> None:
 
 def markdown(rows: list[dict], header: dict) -> str:
     lines = [
-        f"Training throughput: {header['recipe']}, {header['steps']} timed steps after {header['warmup']} warm-up "
-        f"steps, {header['device']}, torch {header['torch']}, {header['date']}.",
+        (f"Training throughput: {header['recipe']}, {header['steps']} timed steps after {header['warmup']} warm-up "
+        f"steps, {header['device']}, torch {header['torch']}, {header['date']}."),
         "",
         f"Command: `{header['command']}`",
         "",

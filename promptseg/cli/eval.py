@@ -7,6 +7,7 @@ from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
 from promptseg.data.index import build_tasks
 from promptseg.data.io import write_text
+from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
 from promptseg.engine.segmenter import packaged_weights_path
 from promptseg.errors import InputError
 from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
@@ -38,6 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "per prompt image, drawn from the mask")
     parser.add_argument("--query-prompts", action="store_true",
                         help="score the prompted images themselves (interactive use) instead of other queries")
+    parser.add_argument("--adapt", type=int, default=0, metavar="STEPS",
+                        help="test-time adaptation: fit the model's normalisation scales and output head to each "
+                        "episode's prompts for STEPS leave-one-out steps first (reported as promptseg_adaptSTEPS; "
+                        f"0..{MAX_ADAPT_STEPS}, default 0: off)")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
@@ -57,6 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if any(k < 1 or k > 64 for k in args.shots):
         raise InputError("--shots", f"each K must lie in 1..64, got {args.shots}")
+    if not 0 <= args.adapt <= MAX_ADAPT_STEPS:
+        raise InputError("--adapt", f"must lie in 0..{MAX_ADAPT_STEPS}, got {args.adapt}")
     if args.episodes < 1:
         raise InputError("--episodes", f"must be positive, got {args.episodes}")
     device = resolve_device(args.device)
@@ -66,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if not tasks:
         raise InputError(" ".join(args.data), "no task with enough annotated examples")
     earlier = [(path, EvalReport.load(path)) for path in args.merge]
+    adaptation = Adaptation(args.adapt, seed=args.seed) if args.adapt else None
     makers = {
-        "promptseg": lambda: ModelPredictor(model, device),
+        "promptseg": lambda: ModelPredictor(model, device, adaptation),
         "nearest_prompt": NearestPromptBaseline,
         "finetuned_unet": lambda: FineTunedUNetBaseline(steps=args.unet_steps, seed=args.seed),
     }
@@ -75,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                "prompt_kind": args.prompt_kind, "query_prompts": args.query_prompts}
     for path, other in earlier:
         other.check_same_episodes(planned, path)
-    predictors = {name: makers[name]() for name in args.methods}
+    label = {"promptseg": f"promptseg_adapt{args.adapt}"} if args.adapt else {}
+    predictors = {label.get(name, name): makers[name]() for name in args.methods}
     report = evaluate(predictors, tasks, args.shots, args.episodes, queries=args.queries, seed=args.seed,
                       progress=not args.no_progress, prompt_kind=args.prompt_kind, query_prompts=args.query_prompts)
     for path, other in earlier:

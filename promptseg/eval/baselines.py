@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptseg.data.episodes import Episode
+from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
 from promptseg.model import PromptSegNet
 from promptseg.train.loss import segmentation_loss
 
@@ -186,14 +187,16 @@ class ModelPredictor:
     """A PromptSegNet as a predictor: all queries of an episode in one forward pass.
 
     Episodes at another resolution than the model's are resized to it (prompt maps re-binarised at
-    0.5) and the logits are resized back before the sigmoid.
+    0.5) and the logits are resized back before the sigmoid. With `adaptation`, a copy of the model
+    is first adapted to the episode's prompts (promptseg.engine.adaptation); the model itself
+    never changes.
     """
 
-    def __init__(self, model: PromptSegNet, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: PromptSegNet, device: torch.device | str = "cpu", adaptation: Adaptation | None = None) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.adaptation = adaptation
 
-    @torch.inference_mode()
     def predict(self, episode: Episode) -> torch.Tensor:
         """-> (Q, R, R) float32 probabilities (sigmoid of the logits)."""
         queries = _tensor(episode.query_images)
@@ -201,10 +204,14 @@ class ModelPredictor:
         images = _resize(_tensor(episode.prompt_images), work)
         maps = (_resize(_tensor(episode.prompt_maps)[:, None], work)[:, 0] > 0.5).float()
         types = episode.prompt_types.long()
-        logits = self.model(
-            images[None].to(self.device),
-            maps[None].to(self.device),
-            types[None].to(self.device),
-            _resize(queries, work).to(self.device),
-        )
+        model = self.model
+        if self.adaptation is not None and self.adaptation.steps > 0:
+            model = adapt_to_prompts(model, images, maps, types, self.adaptation)
+        with torch.inference_mode():
+            logits = model(
+                images[None].to(self.device),
+                maps[None].to(self.device),
+                types[None].to(self.device),
+                _resize(queries, work).to(self.device),
+            )
         return torch.sigmoid(_resize(logits.float().cpu()[:, None], size)[:, 0])

@@ -72,6 +72,14 @@ class EvalReport:
             return None
         return float(np.mean(means)), float(np.std(means, ddof=1)) if len(means) > 1 else 0.0, len(means)
 
+    def dataset_means(self, method: str, shots: int) -> dict[str, float]:
+        """{dataset (group): mean over its tasks of the per-task mean Dice at K = shots}, in task order."""
+        by_group: dict[str, list[float]] = {}
+        for (group, _), cells in self.scores[method].items():
+            if shots in cells:
+                by_group.setdefault(group, []).append(cells[shots].mean)
+        return {group: float(np.mean(values)) for group, values in by_group.items()}
+
     def episodes_run(self, method: str) -> int:
         return sum(len(cell.dice) for cells in self.scores[method].values() for cell in cells.values())
 
@@ -108,6 +116,7 @@ class EvalReport:
         for method in self.methods:
             cells = [self.mean_over_tasks(method, k) for k in self.shots]
             lines.append(f"| {method} | " + " | ".join("–" if c is None else f"{c[0]:.1f} ({c[2]})" for c in cells) + " |")
+        lines += self._dataset_table()
         for method in self.methods:
             lines += ["", f"{method} (mean ± std over episodes):", "", header.format("task"), rule]
             for group, name in self.tasks:
@@ -117,6 +126,21 @@ class EvalReport:
         if self.skipped:
             lines += ["", "Skipped:"] + [f"- {s['task']} K={s['shots']}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines) + "\n"
+
+    def _dataset_table(self) -> list[str]:
+        """Per dataset (mean over its labels) and K, the methods' Dice side by side, then the mean
+        over datasets (each dataset weighted alike)."""
+        means = {m: {k: self.dataset_means(m, k) for k in self.shots} for m in self.methods}
+        groups = list(dict.fromkeys(group for group, _ in self.tasks))
+        lines = ["", f"Per dataset, mean over its labels ({' / '.join(self.methods)}):", "",
+                 "| dataset | " + " | ".join(f"K={k}" for k in self.shots) + " |", "|---|" + "---:|" * len(self.shots)]
+        rows = [(g, [[means[m][k].get(g) for m in self.methods] for k in self.shots]) for g in groups]
+        overall = [[float(np.mean(list(means[m][k].values()))) if means[m][k] else None for m in self.methods]
+                   for k in self.shots]
+        for name, cells in [*rows, ("**mean over datasets**", overall)]:
+            text = [" / ".join("–" if v is None else f"{v:.1f}" for v in cell) for cell in cells]
+            lines.append(f"| {name} | " + " | ".join(text) + " |")
+        return lines
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "EvalReport":
