@@ -74,3 +74,20 @@ def test_bad_adaptation_settings_are_refused(capsys) -> None:
         Adaptation(steps=-1)
     assert main(["eval", "--data", ".", "--adapt", "-2"]) == 2
     assert "--adapt" in capsys.readouterr().err
+    assert main(["eval", "--data", ".", "--ensemble", "0"]) == 2
+    assert "--ensemble" in capsys.readouterr().err
+
+
+def test_an_ensemble_of_one_is_the_plain_prediction_and_flips_average(model: PromptSegNet) -> None:
+    from promptseg.eval.baselines import flip_ensemble
+
+    images, maps, types = prompt_set(3)
+    queries = images[:2]
+    with torch.no_grad():
+        plain = torch.sigmoid(model(images[None], maps[None], types[None], queries))
+        torch.testing.assert_close(flip_ensemble(model, images, maps, types, queries, 1), plain, rtol=0, atol=1e-6)
+        flipped = torch.sigmoid(model(images.flip(-1)[None], maps.flip(-1)[None], types[None], queries.flip(-1))).flip(-1)
+        torch.testing.assert_close(flip_ensemble(model, images, maps, types, queries, 2), (plain + flipped) / 2,
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="1..4"):
+        flip_ensemble(model, images, maps, types, queries, 5)

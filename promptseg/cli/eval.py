@@ -10,7 +10,7 @@ from promptseg.data.io import write_text
 from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
 from promptseg.engine.segmenter import packaged_weights_path
 from promptseg.errors import InputError
-from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
+from promptseg.eval.baselines import MAX_ENSEMBLE, FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
 from promptseg.eval.evaluate import EvalReport, evaluate
 from promptseg.eval.plot import plot_dice_against_k
 from promptseg.train.checkpoint import load_model
@@ -43,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="test-time adaptation: fit the model's normalisation scales and output head to each "
                         "episode's prompts for STEPS leave-one-out steps first (reported as promptseg_adaptSTEPS; "
                         f"0..{MAX_ADAPT_STEPS}, default 0: off)")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="N",
+                        help=f"average the model over N flips of each episode (1..{MAX_ENSEMBLE}, default 1: off; "
+                        "reported as promptseg_ensN)")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--shots", f"each K must lie in 1..64, got {args.shots}")
     if not 0 <= args.adapt <= MAX_ADAPT_STEPS:
         raise InputError("--adapt", f"must lie in 0..{MAX_ADAPT_STEPS}, got {args.adapt}")
+    if not 1 <= args.ensemble <= MAX_ENSEMBLE:
+        raise InputError("--ensemble", f"must lie in 1..{MAX_ENSEMBLE}, got {args.ensemble}")
     if args.episodes < 1:
         raise InputError("--episodes", f"must be positive, got {args.episodes}")
     device = resolve_device(args.device)
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     earlier = [(path, EvalReport.load(path)) for path in args.merge]
     adaptation = Adaptation(args.adapt, seed=args.seed) if args.adapt else None
     makers = {
-        "promptseg": lambda: ModelPredictor(model, device, adaptation),
+        "promptseg": lambda: ModelPredictor(model, device, adaptation, args.ensemble),
         "nearest_prompt": NearestPromptBaseline,
         "finetuned_unet": lambda: FineTunedUNetBaseline(steps=args.unet_steps, seed=args.seed),
     }
@@ -83,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                "prompt_kind": args.prompt_kind, "query_prompts": args.query_prompts}
     for path, other in earlier:
         other.check_same_episodes(planned, path)
-    label = {"promptseg": f"promptseg_adapt{args.adapt}"} if args.adapt else {}
+    suffix = (f"_adapt{args.adapt}" if args.adapt else "") + (f"_ens{args.ensemble}" if args.ensemble > 1 else "")
+    label = {"promptseg": f"promptseg{suffix}"}
     predictors = {label.get(name, name): makers[name]() for name in args.methods}
     report = evaluate(predictors, tasks, args.shots, args.episodes, queries=args.queries, seed=args.seed,
                       progress=not args.no_progress, prompt_kind=args.prompt_kind, query_prompts=args.query_prompts)

@@ -183,19 +183,54 @@ class FineTunedUNetBaseline:
         return torch.sigmoid(_resize(logits[:, None], size)[:, 0])
 
 
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both
+MAX_ENSEMBLE = len(FLIPS)
+
+
+def flip_ensemble(
+    model: PromptSegNet, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, queries: torch.Tensor, members: int
+) -> torch.Tensor:
+    """Mean foreground probability (Q, R, R) over `members` (1..4) flips of the whole episode.
+
+    Member m flips the prompt images, maps and queries alike by FLIPS[m] and its prediction back;
+    the members run as one batch of `members` prompt groups (G = members, B = members * Q).
+    images (K, C, R, R), maps (K, R, R), types (K,), queries (Q, C, R, R).
+    """
+    if not 1 <= members <= MAX_ENSEMBLE:
+        raise ValueError(f"ensemble members must lie in 1..{MAX_ENSEMBLE}, got {members}")
+    flips = FLIPS[:members]
+    flip = lambda x, dims: x.flip(dims) if dims else x  # noqa: E731
+    logits = model(
+        torch.stack([flip(images, dims) for dims in flips]),
+        torch.stack([flip(maps, dims) for dims in flips]),
+        types[None].expand(members, -1),
+        torch.cat([flip(queries, dims) for dims in flips]),
+    )
+    per_member = torch.sigmoid(logits.float()).reshape(members, queries.shape[0], *logits.shape[1:])
+    return torch.stack([flip(p, dims) for p, dims in zip(per_member, flips)]).mean(0)
+
+
 class ModelPredictor:
     """A PromptSegNet as a predictor: all queries of an episode in one forward pass.
 
     Episodes at another resolution than the model's are resized to it (prompt maps re-binarised at
-    0.5) and the logits are resized back before the sigmoid. With `adaptation`, a copy of the model
-    is first adapted to the episode's prompts (promptseg.engine.adaptation); the model itself
-    never changes.
+    0.5) and the probabilities are resized back. With `adaptation`, a copy of the model is first
+    adapted to the episode's prompts (promptseg.engine.adaptation; the model itself never changes);
+    with `ensemble` > 1, the probabilities are averaged over that many flips of the episode
+    (`flip_ensemble`).
     """
 
-    def __init__(self, model: PromptSegNet, device: torch.device | str = "cpu", adaptation: Adaptation | None = None) -> None:
+    def __init__(
+        self,
+        model: PromptSegNet,
+        device: torch.device | str = "cpu",
+        adaptation: Adaptation | None = None,
+        ensemble: int = 1,
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.adaptation = adaptation
+        self.ensemble = ensemble
 
     def predict(self, episode: Episode) -> torch.Tensor:
         """-> (Q, R, R) float32 probabilities (sigmoid of the logits)."""
@@ -208,10 +243,12 @@ class ModelPredictor:
         if self.adaptation is not None and self.adaptation.steps > 0:
             model = adapt_to_prompts(model, images, maps, types, self.adaptation)
         with torch.inference_mode():
-            logits = model(
-                images[None].to(self.device),
-                maps[None].to(self.device),
-                types[None].to(self.device),
+            probs = flip_ensemble(
+                model,
+                images.to(self.device),
+                maps.to(self.device),
+                types.to(self.device),
                 _resize(queries, work).to(self.device),
+                self.ensemble,
             )
-        return torch.sigmoid(_resize(logits.float().cpu()[:, None], size)[:, 0])
+        return _resize(probs.float().cpu()[:, None], size)[:, 0].clamp(0.0, 1.0)
