@@ -82,3 +82,16 @@ def test_eval_merges_methods_scored_separately(tmp_path: Path, disk_dataset: Pat
                    "--checkpoint", str(tiny_checkpoint), "--no-progress", "--methods", "promptseg"]
     assert main(other_shots + ["--merge", str(tmp_path / "base.json")]) == 2
     assert "base.json: was evaluated with shots=[1], this run uses [2]" in capsys.readouterr().err
+
+
+def test_train_refuses_a_folder_holding_an_earlier_run(tmp_path: Path, disk_dataset: Path, capsys) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--data", str(disk_dataset), "--config", str(REPO / "configs" / "tiny_test.yaml"),
+            "--out", str(run), "--steps", "2", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    before = (run / "log.jsonl").read_text()
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err and (run / "log.jsonl").read_text() == before
+    assert main(args + ["--overwrite"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 
 from promptseg.data.index import build_tasks
 from promptseg.data.layouts import find_datasets
@@ -28,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", metavar="FILE", help="training recipe (YAML or JSON); see configs/")
     parser.add_argument("--val-data", nargs="+", default=[], metavar="DIR", help="dataset folders scored every val_every steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a RUN_DIR that holds an earlier run (its checkpoints, log and weights are deleted)")
     parser.add_argument("--init", metavar="WEIGHTS",
                         help="warm-start from a weights file of the same model config (a new optimizer); "
                         "its compute record carries over into the new weights")
@@ -53,7 +56,21 @@ def dataset_folders(roots: list[str], exclude: list[str]) -> list[str]:
     return [f for f in folders if names[f] not in exclude]
 
 
+RUN_FILES = ("latest.json", "log.jsonl", "final.safetensors", "train_config.json", "step-*.json", "step-*.safetensors")
+
+
+def earlier_run_files(out: str) -> list[Path]:
+    """The files of an earlier run in `out` (none when the folder is new or empty of runs)."""
+    folder = Path(out)
+    return sorted(p for pattern in RUN_FILES for p in folder.glob(pattern)) if folder.is_dir() else []
+
+
 def run(args: argparse.Namespace) -> int:
+    earlier = earlier_run_files(args.out)
+    if earlier and not (args.resume or args.overwrite):
+        raise InputError(args.out, "holds an earlier run; pass --resume to continue it or --overwrite to start afresh")
+    if args.resume and args.overwrite:
+        raise InputError("--overwrite", "cannot be combined with --resume")
     config = TrainConfig.load(args.config) if args.config else TrainConfig()
     if args.steps is not None:
         if args.steps < 1:
@@ -70,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
     val_tasks = build_tasks(dataset_folders(args.val_data, []), resolution, axis=config.axis, cache_dir=args.cache) if args.val_data else []
     if args.init and args.resume:
         raise InputError("--init", "cannot be combined with --resume (a resumed run continues its own weights)")
+    if args.overwrite:
+        for path in earlier:
+            path.unlink()
     result = train(config, tasks, args.out, val_tasks, resume=args.resume, device=args.device, progress=progress, init=args.init)
-    if progress:
+    if int(os.environ.get("RANK", "0")) == 0:  # where the run went, with or without --no-progress
         print(f"trained to step {result['step']} (last loss {result['loss']:.4f}); weights: {os.path.join(args.out, 'final.safetensors')}")
     return 0
