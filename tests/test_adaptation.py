@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CONFIG
+from helpers import TINY_CONFIG, tiny_checkpoint  # noqa: F401  (pytest fixture)
 
 from promptseg.cli import main
 from promptseg.data.synthetic import synthetic_task
@@ -91,3 +91,58 @@ def test_an_ensemble_of_one_is_the_plain_prediction_and_flips_average(model: Pro
                                    rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="1..4"):
         flip_ensemble(model, images, maps, types, queries, 5)
+
+
+def segmenter_pair(model: PromptSegNet, **options) -> tuple:
+    from promptseg import Segmenter
+
+    return Segmenter(model, device="cpu"), Segmenter(model, device="cpu", **options)
+
+
+def test_segmenter_ensemble_averages_flipped_predictions(model: PromptSegNet) -> None:
+    rng = np.random.default_rng(0)
+    size = TINY_CONFIG.resolution  # at the model's own size no resizing separates the two averages
+    image, query = rng.random((size, size)).astype(np.float32), rng.random((size, size)).astype(np.float32)
+    mask = np.zeros((size, size), np.uint8)
+    mask[10:25, 8:30] = 1
+    plain, ensemble = segmenter_pair(model, ensemble=2)
+    expected = (plain.segment([query], plain.encode_prompts([image], [mask]))
+                + plain.segment([query[:, ::-1].copy()], plain.encode_prompts([image[:, ::-1].copy()], [mask[:, ::-1].copy()]))[:, :, ::-1]) / 2
+    got = ensemble.segment([query], ensemble.encode_prompts([image], [mask]))
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    with pytest.raises(Exception, match="--ensemble"):
+        segmenter_pair(model, ensemble=5)
+
+
+def test_segmenter_adapts_once_per_prompt_set_and_keeps_its_model(model: PromptSegNet) -> None:
+    images, maps, _ = prompt_set(3)
+    as_arrays = [i.permute(1, 2, 0).numpy() for i in images]
+    masks = [m.numpy().astype(np.uint8) for m in maps]
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    plain, adapted = segmenter_pair(model, adaptation=Adaptation(steps=10, lr=0.05))
+    first = adapted.encode_prompts(as_arrays, masks)
+    misses = adapted.cache.misses
+    again = adapted.encode_prompts(as_arrays, masks)
+    assert adapted.cache.misses == misses and again.backend is first.backend  # adapted once, then cached
+    volume = np.stack(as_arrays, axis=2)[..., 0]
+    adapted_probs = adapted.segment_volume(volume, first).probabilities
+    plain_probs = plain.segment_volume(volume, plain.encode_prompts(as_arrays, masks)).probabilities
+    assert not np.allclose(adapted_probs, plain_probs, atol=1e-4)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+
+
+def test_segment_cli_with_ensemble_and_adaptation(tmp_path, tiny_checkpoint, capsys) -> None:  # noqa: F811
+    from helpers import disk_example, write_png
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(3):
+        image, mask = disk_example(rng, (40, 48))
+        paths.append((write_png(tmp_path / f"i{index}.png", image), write_png(tmp_path / f"m{index}.png", mask)))
+    common = ["segment", "--prompt", str(paths[0][0]), str(paths[0][1]), "--prompt", str(paths[1][0]), str(paths[1][1]),
+              "--query", str(paths[2][0]), "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "bad"), "--ensemble", "9"]) == 2
+    assert "--ensemble" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(common + ["--out", str(tmp_path / "out"), "--ensemble", "2", "--adapt", "3"]) == 0
+    assert (tmp_path / "out" / "i2_mask.png").is_file()

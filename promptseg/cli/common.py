@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from promptseg.engine.backends import ENGINE_BACKENDS, BackendUnavailable, backend_availability, backend_class
+from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
 from promptseg.engine.segmenter import Segmenter, packaged_weights_path
 from promptseg.errors import CheckpointError, InputError
 
@@ -70,8 +71,11 @@ def load_segmenter(
     max_batch: int = 16,
     backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
+    ensemble: int = 1,
+    adapt: int = 0,
 ) -> Segmenter:
-    """A Segmenter from `checkpoint`, or from the packaged weights when None (with a clear error if absent).
+    """A Segmenter from `checkpoint`, or from the packaged weights when None (with a clear error if absent),
+    averaging `ensemble` flips and adapting to each prompt set for `adapt` steps (0: off).
 
     An unknown or unavailable backend is an InputError naming --backend with the reason.
     """
@@ -80,7 +84,10 @@ def load_segmenter(
         ok, why = backend_availability(backend, resolved)
         if not ok:
             raise InputError("--backend", why)
-    options = {"device": resolved, "max_batch": max_batch, "backend": backend, "backend_options": backend_options}
+    if not 0 <= adapt <= MAX_ADAPT_STEPS:
+        raise InputError("--adapt", f"must lie in 0..{MAX_ADAPT_STEPS}, got {adapt}")
+    options = {"device": resolved, "max_batch": max_batch, "backend": backend, "backend_options": backend_options,
+               "ensemble": ensemble, "adaptation": Adaptation(adapt) if adapt else None}
     if checkpoint is None and not packaged_weights_path().is_file():
         raise CheckpointError(
             f"packaged weights not found at {packaged_weights_path()}; reinstall promptseg or pass --checkpoint FILE"

@@ -82,6 +82,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="also write <name>_overlay.png: the contour on the image, or a montage of up to 16 slices")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_model_arguments(parser)
+    parser.add_argument("--ensemble", type=int, default=1, metavar="N",
+                        help="average over N flips of prompts and queries (1..4, default 1: off)")
+    parser.add_argument("--adapt", type=int, default=0, metavar="STEPS",
+                        help="adapt a copy of the model to the prompts first: STEPS leave-one-out steps on its "
+                        "normalisation scales and output head (PyTorch backends; default 0: off)")
     parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="slices per forward pass (default 16)")
     add_backend_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -251,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
     jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or ())
-    segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend, backend_options(args.backend, args.export_dir))
+    segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
+                               backend_options(args.backend, args.export_dir), args.ensemble, args.adapt)
     encoded = encode(segmenter, prompts, args.label)
     for job in jobs:
         validate_query(read_image(job.path), segmenter)

@@ -21,15 +21,19 @@ import torch.nn.functional as F
 
 from promptseg.data.io import ImageData, check_image_array, read_image, slice_volume
 from promptseg.data.preprocess import all_finite, prepare_image
-from promptseg.engine.backends import PromptState, create_backend
+from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
+from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
 from promptseg.engine.prompt_cache import PromptCache, content_key
 from promptseg.engine.prompts_input import ArrayOrPath, Prompt, as_prompts, load_2d, prepare_prompt
 from promptseg.errors import InputError, PromptSegError
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
+from promptseg.model.propagation import probability_logit
 from promptseg.train.checkpoint import load_model
 
 DEFAULT_WEIGHTS = "promptseg_default.safetensors"
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # ensemble members: none, left-right, up-down, both
+ADAPTABLE_BACKENDS = ("torch", "triton", "compile", "reference")  # backends that run a PyTorch model copy
 
 
 def packaged_weights_path() -> Path:
@@ -39,11 +43,29 @@ def packaged_weights_path() -> Path:
 
 @dataclass
 class EncodedPrompts:
-    """A prompt set encoded once and reusable for any number of queries."""
+    """A prompt set encoded once and reusable for any number of queries.
+
+    encoding: the prompt set as given; flipped: (flip dims, encoding of the flipped prompt set) of
+    the further ensemble members; backend: the backend of a model adapted to these prompts
+    (test-time adaptation), None for the Segmenter's own.
+    """
 
     encoding: PromptState  # a PromptEncoding for the PyTorch backends; backend-specific otherwise
     num_prompts: int
     key: str
+    flipped: tuple[tuple[tuple[int, ...], PromptState], ...] = ()
+    backend: InferenceBackend | None = None
+
+
+@dataclass
+class AdaptedModel:
+    """A backend on a copy of the model adapted to one prompt set, held in the prompt cache."""
+
+    backend: InferenceBackend
+    parameter_bytes: int
+
+    def nbytes(self) -> int:
+        return self.parameter_bytes
 
 
 @dataclass
@@ -97,19 +119,32 @@ class Segmenter:
         backend_options: dict[str, Any] | None = None,
         max_batch: int = 16,
         cache_bytes: int = 512 * 2**20,
+        ensemble: int = 1,
+        adaptation: Adaptation | None = None,
     ) -> None:
         """backend: one of ENGINE_BACKENDS (None: triton on CUDA when it works, else torch);
         backend_options go to the backend's constructor (e.g. model_dir for onnxruntime).
         max_batch: queries per decode call, lowered (with a warning) to the backend's own limit
         when it has one (a TensorRT engine's max_batch).
+        ensemble: average the prediction over this many flips of prompts and queries (1..4; each
+        flipped prompt set is encoded once and cached). adaptation: adapt a copy of the model to
+        every prompt set before use (promptseg.engine.adaptation; PyTorch backends only; cached
+        with the prompt set, so a volume adapts once).
         Raises BackendUnavailable with a one-line reason when the backend cannot run here."""
+        if not 1 <= ensemble <= len(FLIPS):
+            raise InputError("--ensemble", f"must lie in 1..{len(FLIPS)}, got {ensemble}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if max_batch < 1:
             raise InputError("--max-batch", f"must be at least 1, got {max_batch}")
         if backend is None:
             backend = "triton" if default_backend(self.device) == "triton" else "torch"
         self.model = model.eval()
-        self.backend = create_backend(backend, model, self.device, **(backend_options or {}))
+        self.backend_options = dict(backend_options or {})
+        self.backend = create_backend(backend, model, self.device, **self.backend_options)
+        if adaptation is not None and adaptation.steps > 0 and self.backend.name not in ADAPTABLE_BACKENDS:
+            raise InputError("--adapt", f"needs a PyTorch backend ({', '.join(ADAPTABLE_BACKENDS)}), not {self.backend.name}")
+        self.ensemble = ensemble
+        self.adaptation = adaptation if adaptation is not None and adaptation.steps > 0 else None
         limit = self.backend.max_batch
         if limit is not None and max_batch > limit:
             warnings.warn(
@@ -165,10 +200,30 @@ class Segmenter:
         prompt_maps = torch.stack([p[1] for p in prepared])[None]
         prompt_types = torch.tensor([[p[2] for p in prepared]], dtype=torch.long)
         key = content_key(prompt_images, prompt_maps, prompt_types, extra=self.backend.name)
-        state = self.cache.get_or_create(key, lambda: self._encode(prompt_images, prompt_maps, prompt_types))
-        return EncodedPrompts(state, len(prompts), key)
+        backend = None
+        if self.adaptation is not None:
+            adapted_key = f"{key}:adapted:{self.adaptation}"
+            backend = self.cache.get_or_create(
+                adapted_key, lambda: self._adapted(prompt_images[0], prompt_maps[0], prompt_types[0])
+            ).backend
+            key = f"{adapted_key}:encoding"
+        members = []
+        for dims in FLIPS[: self.ensemble]:
+            images, maps = (prompt_images.flip(dims), prompt_maps.flip(dims)) if dims else (prompt_images, prompt_maps)
+            member_key = f"{key}:flip{dims}" if dims else key
+            encode = lambda i=images, m=maps: self._encode(i, m, prompt_types, backend or self.backend)  # noqa: E731
+            members.append((dims, self.cache.get_or_create(member_key, encode)))
+        return EncodedPrompts(members[0][1], len(prompts), key, tuple(members[1:]), backend)
 
-    def _encode(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> PromptState:
+    def _adapted(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> AdaptedModel:
+        """A backend (same kind and options) on a copy of the model adapted to one prompt set."""
+        model = adapt_to_prompts(self.model, images, maps, types, self.adaptation)
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        return AdaptedModel(create_backend(self.backend.name, model, self.device, **self.backend_options), size)
+
+    def _encode(
+        self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, backend: InferenceBackend
+    ) -> PromptState:
         """backend.encode; after an out-of-memory error the prompt cache (whose encodings hold device
         memory) is emptied and the encoding retried once, then PromptSegError (one line).
 
@@ -177,7 +232,7 @@ class Segmenter:
         """
         for attempt in range(2):
             try:
-                return self.backend.encode(images, maps, types)
+                return backend.encode(images, maps, types)
             except torch.OutOfMemoryError:
                 pass  # handled below, after the exception (and the frames holding its tensors) is gone
             if attempt == 0:
@@ -189,7 +244,20 @@ class Segmenter:
         )
 
     def _logits(self, batch: torch.Tensor, prompts: EncodedPrompts) -> torch.Tensor:
-        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits, in chunks of max_batch.
+        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits; for an ensemble, the logit of
+        the mean probability over the members (each member's queries flipped like its prompts and
+        its prediction flipped back)."""
+        backend = prompts.backend or self.backend
+        logits = self._decode(batch, prompts.encoding, backend)
+        if not prompts.flipped:
+            return logits
+        probabilities = torch.sigmoid(logits.float())
+        for dims, state in prompts.flipped:
+            probabilities += torch.sigmoid(self._decode(batch.flip(dims), state, backend).float()).flip(dims)
+        return probability_logit(probabilities / (1 + len(prompts.flipped)), eps=1e-6)
+
+    def _decode(self, batch: torch.Tensor, state: PromptState, backend: InferenceBackend) -> torch.Tensor:
+        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits from `backend`, in chunks of max_batch.
 
         On an out-of-memory error a chunk is halved and retried, and max_batch stays at the size
         that worked, so later chunks do not fail again. The cached memory is released only after
@@ -200,13 +268,13 @@ class Segmenter:
         while start < batch.shape[0]:
             chunk = batch[start : start + self.max_batch]
             try:
-                logits = self.backend.decode(chunk, prompts.encoding)
+                logits = backend.decode(chunk, state)
             except torch.OutOfMemoryError:
                 logits = None  # handled below: past the except block the error no longer holds the call's frames
             if logits is None:
                 if chunk.shape[0] == 1:
                     raise PromptSegError(
-                        f"{self.device}: out of memory decoding a single query with the {self.backend.name} backend"
+                        f"{self.device}: out of memory decoding a single query with the {backend.name} backend"
                     )
                 self.max_batch = chunk.shape[0] // 2
                 self._release_cached_memory()

@@ -19,6 +19,7 @@ from torch import nn
 
 from promptseg.data.episodes import Episode
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
+from promptseg.engine.segmenter import FLIPS
 from promptseg.model import PromptSegNet
 from promptseg.train.loss import segmentation_loss
 
@@ -183,7 +184,6 @@ class FineTunedUNetBaseline:
         return torch.sigmoid(_resize(logits[:, None], size)[:, 0])
 
 
-FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both
 MAX_ENSEMBLE = len(FLIPS)
 
 
