@@ -28,6 +28,7 @@ from promptseg.train.checkpoint import (
     read_training_record,
     save_weights,
 )
+from promptseg.train.trainer import checkpoint_compute_record
 from promptseg.train.training_log import read_log_records
 
 # Fractions of --budget-s by which the parts before training end (time one leaves goes to the next),
@@ -173,16 +174,6 @@ def latest_step(run_dir: Path) -> int | None:
         return None
 
 
-def cumulative_record(meta: dict[str, Any]) -> dict[str, Any]:
-    """The compute record of a checkpoint's weights, from its step-N.json (as Trainer.training_record)."""
-    compute = meta.get("compute", {})
-    prior = compute.get("prior", {"episodes": 0, "core_hours": 0.0, "runs": []})
-    run = compute.get("run", {"episodes": 0, "core_hours": 0.0})
-    return {"episodes": prior["episodes"] + run["episodes"],
-            "core_hours": round(prior["core_hours"] + run["core_hours"], 4),
-            "runs": [*prior["runs"], {**run, "steps": int(meta["step"])}]}
-
-
 def export_weights(run_dir: Path, destination: Path) -> str:
     """Save the run's final weights, else its newest checkpoint's model, as fp16 weights with their
     compute record; returns which it was. CheckpointError when the run left neither."""
@@ -192,7 +183,7 @@ def export_weights(run_dir: Path, destination: Path) -> str:
     else:
         model = load_run_model(run_dir)
         pointer = json.loads((run_dir / "latest.json").read_text())
-        record, source = cumulative_record(json.loads((run_dir / pointer["meta"]).read_text())), pointer["weights"]
+        record, source = checkpoint_compute_record(json.loads((run_dir / pointer["meta"]).read_text())), pointer["weights"]
     save_weights(model, destination, dtype=torch.float16, training=record)
     return source
 

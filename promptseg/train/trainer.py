@@ -98,6 +98,25 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def compute_record(prior: dict, run: dict, steps: int) -> dict:
+    """Cumulative compute behind a run's weights: episodes and core-hours (wall time x threads and
+    loader workers) of the --init weights (`prior`, with their runs) plus this run's, and one entry
+    per run. `prior` and `run` are what checkpoints store under "compute"."""
+    return {
+        "episodes": prior["episodes"] + run["episodes"],
+        "core_hours": prior["core_hours"] + run["core_hours"],
+        "runs": [*prior["runs"], {**run, "steps": steps}],
+    }
+
+
+def checkpoint_compute_record(meta: dict) -> dict:
+    """`compute_record` of a training checkpoint's JSON (step-N.json)."""
+    compute = meta.get("compute", {})
+    prior = compute.get("prior", {"episodes": 0, "core_hours": 0.0, "runs": []})
+    run = compute.get("run", {"episodes": 0, "core_hours": 0.0})
+    return compute_record(prior, run, int(meta["step"]))
+
+
 class Trainer:
     """Owns the model, optimizer and sampler of one run and steps through it."""
 
@@ -169,14 +188,8 @@ class Trainer:
             }
 
     def training_record(self) -> dict:
-        """Cumulative compute behind the current weights: episodes, core-hours (wall time x threads
-        and loader workers), and one entry per run."""
-        run = {**self.run_compute, "steps": self.step}
-        return {
-            "episodes": self.prior_compute["episodes"] + self.run_compute["episodes"],
-            "core_hours": round(self.prior_compute["core_hours"] + self.run_compute["core_hours"], 4),
-            "runs": [*self.prior_compute["runs"], run],
-        }
+        """Cumulative compute behind the current weights (see `compute_record`)."""
+        return compute_record(self.prior_compute, self.run_compute, self.step)
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in out_dir; False when there is none."""
