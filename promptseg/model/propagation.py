@@ -14,6 +14,8 @@ that it has the shape of the attention contract (DESIGN.md section 3).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,16 @@ from torch import nn
 
 from promptseg.kernels import cross_attention
 from promptseg.model.attention import split_heads
+
+
+def float32_under_autocast(function: Callable[..., Any], *tensors: torch.Tensor, **rest: Any) -> Any:
+    """function(*tensors, **rest); while autocast is on for the tensors' device (bf16 training), with
+    autocast switched off and the tensors in float32, so the prior keeps its precision."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return function(*tensors, **rest)
+    with torch.autocast(device_type, enabled=False):
+        return function(*(t.float() for t in tensors), **rest)
 
 
 class LabelPropagation(nn.Module):
@@ -48,10 +60,7 @@ class LabelPropagation(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt image tokens (G*K, T, C), pos (T, C), label fractions (G*K, T) in [0, 1]
         -> k, v (G, H, K*T, D) float32 under autocast; v holds the label fraction in channel 0."""
-        if torch.is_autocast_enabled(tokens.device.type):  # bf16 training: the prior stays float32
-            with torch.autocast(tokens.device.type, enabled=False):
-                return self._prompt_keys(tokens.float(), pos.float(), label_fractions.float(), groups)
-        return self._prompt_keys(tokens, pos, label_fractions, groups)
+        return float32_under_autocast(self._prompt_keys, tokens, pos, label_fractions, groups=groups)
 
     def _prompt_keys(
         self, tokens: torch.Tensor, pos: torch.Tensor, label_fractions: torch.Tensor, groups: int
@@ -73,10 +82,7 @@ class LabelPropagation(nn.Module):
     ) -> torch.Tensor:
         """Query tokens (B, T, C), pos (T, C), cached k, v (G, H, Nk, D) -> probabilities (B, H, T)
         (float32 under autocast)."""
-        if torch.is_autocast_enabled(tokens.device.type):  # bf16 training: the prior stays float32
-            with torch.autocast(tokens.device.type, enabled=False):
-                return self._forward(tokens.float(), pos.float(), prompt_k.float(), prompt_v.float(), key_lengths)
-        return self._forward(tokens, pos, prompt_k, prompt_v, key_lengths)
+        return float32_under_autocast(self._forward, tokens, pos, prompt_k, prompt_v, key_lengths=key_lengths)
 
     def _forward(
         self,
