@@ -12,7 +12,7 @@ import torch
 from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401  (pytest fixture)
 
 from promptseg.cli import main
-from promptseg.data.episodes import EpisodeSampler, base_task_weights, fixed_episodes
+from promptseg.data.episodes import EpisodeSampler, base_task_weights, fixed_episodes, load_examples
 from promptseg.data.index import build_tasks, held_cases
 from promptseg.data.packed import find_packs
 from promptseg.data.tasks import ArrayTask
@@ -92,6 +92,25 @@ def test_case_split_is_disjoint_complete_and_stable(datasets: Path) -> None:
     assert 20 <= split.sum() <= 60
     np.testing.assert_array_equal(split, held_cases("any", ids, 0.2))
     np.testing.assert_array_equal(split[:50], held_cases("any", ids[:50], 0.2))  # independent of other cases
+
+
+def test_held_queries_are_prompted_from_training_cases(datasets: Path) -> None:
+    """cases="held-queries": every case is kept, episodes query only held cases and prompt only
+    from training cases."""
+    tasks = build_tasks([datasets], 32, cases="held-queries", held_fraction=0.3, min_examples=1)
+    assert tasks
+    for task in tasks:
+        held = held_cases(task.group, task.case_ids, 0.3)
+        np.testing.assert_array_equal(task.query_examples, held)
+        held_images = load_examples(task, np.flatnonzero(held), 32, 3)[0]
+        train_images = load_examples(task, np.flatnonzero(~held), 32, 3)[0]
+
+        def among(image: torch.Tensor, pool: torch.Tensor) -> bool:
+            return bool((pool - image).abs().flatten(1).amax(dim=1).eq(0).any())
+
+        for episode in fixed_episodes(task, shots=3, queries=2, count=3, seed=0):
+            assert all(among(image, held_images) and not among(image, train_images) for image in episode.query_images)
+            assert all(among(image, train_images) and not among(image, held_images) for image in episode.prompt_images)
 
 
 def test_base_weights_balance_datasets_then_labels() -> None:

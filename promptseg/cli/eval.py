@@ -5,7 +5,7 @@ import argparse
 
 from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
-from promptseg.data.index import build_tasks
+from promptseg.data.index import CASE_SETS, build_tasks
 from promptseg.data.io import write_text
 from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
 from promptseg.engine.segmenter import packaged_weights_path
@@ -27,9 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "for the model, a nearest-prompt label copy and a small U-Net fine-tuned on the K prompts.",
     )
     parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="dataset folders, or folders of them")
-    parser.add_argument("--cases", choices=("all", "held", "train"), default="all",
+    parser.add_argument("--cases", choices=CASE_SETS, default="all",
                         help="score every case (held-out datasets), or only the fixed 20%% case split that "
-                        "`promptseg train` leaves out ('held': fit on unseen cases of training datasets)")
+                        "`promptseg train` leaves out ('held': fit on unseen cases of training datasets; "
+                        "'held-queries': those cases queried, prompted from the training cases) (default all)")
     parser.add_argument("--cache", metavar="DIR", help="packed dataset cache (as for promptseg train)")
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], metavar="K")
     parser.add_argument("--episodes", type=int, default=20, metavar="N", help="prompt draws per task and K")

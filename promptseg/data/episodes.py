@@ -248,7 +248,8 @@ def fixed_episodes(
     Queries and prompts are non-empty examples; queries walk through one random permutation of them
     (so successive episodes query different examples, wrapping around when exhausted), Q = min(queries,
     non-empty examples - 1); prompts are drawn among the other non-empty examples (with replacement
-    only when fewer than `shots` remain). `prompt_kind` "click", "box" or "scribble" turns every prompt
+    only when fewer than `shots` remain). With `task.query_examples`, queries come from the marked
+    examples and prompts from the others. `prompt_kind` "click", "box" or "scribble" turns every prompt
     mask into that sparse prompt (drawn from the episode's seed); `query_prompts` makes the queries the
     prompt images themselves (Q = K: how well the model segments the image it was prompted on).
     Raises ValueError when the task has < 2 non-empty examples.
@@ -259,13 +260,17 @@ def fixed_episodes(
     if len(nonempty) < 2:
         raise ValueError(f"task {task.name}: fixed episodes need at least 2 non-empty examples, got {len(nonempty)}")
     rng = np.random.default_rng(seed)
-    order = rng.permutation(nonempty)
-    q = min(queries, len(nonempty) - 1)
+    pool = nonempty if task.query_examples is None else nonempty[task.query_examples[nonempty]]
+    prompt_pool = nonempty if task.query_examples is None else nonempty[~task.query_examples[nonempty]]
+    if len(pool) == 0 or len(prompt_pool) == 0:
+        raise ValueError(f"task {task.name}: fixed episodes need a non-empty query and prompt example")
+    order = rng.permutation(pool)
+    q = min(queries, len(nonempty) - 1, len(pool))
     resolution = task.images.shape[-1]
     out = []
     for index in range(count):
         query = order[(index * q + np.arange(q)) % len(order)]
-        candidates = np.setdiff1d(nonempty, query)
+        candidates = np.setdiff1d(prompt_pool, query)
         prompt = rng.choice(candidates, size=shots, replace=len(candidates) < shots)
         if query_prompts:
             query = prompt

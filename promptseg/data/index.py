@@ -25,7 +25,7 @@ from promptseg.data.tasks import ArrayTask
 from promptseg.errors import InputError
 
 HELD_CASE_FRACTION = 0.2  # share of each dataset's cases kept out of training to measure fit
-CASE_SETS = ("all", "train", "held")
+CASE_SETS = ("all", "train", "held", "held-queries")
 
 
 def load_examples(
@@ -138,7 +138,8 @@ def build_tasks(
     With `cache_dir`, dataset folders are decoded once into pack folders there and memory-mapped
     afterwards. `cases` keeps "all" cases, only the "train" cases or only the "held" cases of the
     fixed case split (`held_cases`, `held_fraction` of each dataset's cases), so that fit can be
-    measured on cases a run never trained on. `progress` prints one line per dataset to stderr.
+    measured on cases a run never trained on; "held-queries" keeps all cases and marks the held ones
+    as the only queries (ArrayTask.query_examples), so that they are prompted from training cases. `progress` prints one line per dataset to stderr.
     """
     if cases not in CASE_SETS:
         raise ValueError(f"cases must be one of {', '.join(CASE_SETS)}, got {cases!r}")
@@ -151,9 +152,10 @@ def build_tasks(
             examples = _pack_examples(root, resolution) if packs else _dataset_examples(
                 root, resolution, channels, axis, max_cases, cache_dir
             )
-            if cases != "all":
+            queries = held_cases(examples.name, examples.case_ids, held_fraction) if cases == "held-queries" else None
+            if cases in ("train", "held"):
                 examples = _select_cases(examples, cases, held_fraction)
-            added = _add_tasks(tasks, examples, min_examples)
+            added = _add_tasks(tasks, examples, min_examples, queries)
             if progress:
                 print(
                     f"{examples.name}: {len(examples.images)} examples, {added} tasks ({time.perf_counter() - start:.1f}s)",
@@ -204,16 +206,24 @@ def _dataset_examples(
     return PackedExamples(dataset.name, dataset.labels, images, labels, case_ids)
 
 
-def _add_tasks(tasks: list[ArrayTask], examples: PackedExamples, min_examples: int) -> int:
-    """Append one task per usable label value of `examples`; returns how many were added."""
+def _add_tasks(
+    tasks: list[ArrayTask], examples: PackedExamples, min_examples: int, queries: np.ndarray | None = None
+) -> int:
+    """Append one task per usable label value of `examples`; returns how many were added. With
+    `queries` (N,) bool (the query examples), a task also needs a non-empty query and prompt."""
     added = 0
     for value in np.unique(examples.label_maps):
         if value == 0:
             continue
         masks = np.asarray(examples.label_maps == value)
-        if int(masks.reshape(len(masks), -1).any(axis=1).sum()) < min_examples:
+        filled = masks.reshape(len(masks), -1).any(axis=1)
+        if int(filled.sum()) < min_examples:
+            continue
+        if queries is not None and not ((filled & queries).any() and (filled & ~queries).any()):
             continue
         name = examples.labels.get(int(value), f"label_{int(value)}")
-        tasks.append(ArrayTask(f"{examples.name}/{name}", examples.name, examples.images, masks, examples.case_ids))
+        tasks.append(
+            ArrayTask(f"{examples.name}/{name}", examples.name, examples.images, masks, examples.case_ids, queries)
+        )
         added += 1
     return added
