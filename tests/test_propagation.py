@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import TINY_CONFIG, disk_example
+
+from promptseg.data.prompts import PROMPT_TYPES
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.layers import sincos_position_encoding
-from promptseg.model.propagation import LabelPropagation, probability_logit
+from promptseg.model.propagation import (
+    LabelPropagation,
+    probability_logit,
+    propagation_labels,
+)
 from promptseg.train.trainer import decay_groups
 
 
@@ -71,6 +76,21 @@ def test_untrained_model_transfers_the_prompt_label_to_an_identical_query() -> N
     assert dice(target, target) > 0.8
     inverse = 1.0 - target
     assert dice(inverse, inverse) > 0.8
+
+
+def test_propagation_labels_leave_what_a_click_or_scribble_does_not_touch_unknown() -> None:
+    """Mask and box maps give each token its label fraction; click and scribble maps give 1 on the
+    tokens they touch and 0.5 (unknown) on the others, on fresh random maps."""
+    rng = np.random.default_rng()
+    maps = torch.from_numpy((rng.random((4, 16, 16)) < 0.05).astype(np.float32))
+    types = torch.tensor([PROMPT_TYPES[name] for name in ("mask", "box", "click", "scribble")])
+    labels = propagation_labels(maps, types, (4, 4))
+    cells = maps.reshape(4, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(4, 16, 16)  # (N, token, pixel)
+    fraction = cells.double().mean(dim=-1)
+    touched = cells.amax(dim=-1).double()
+    assert labels.shape == (4, 16)
+    torch.testing.assert_close(labels[:2].double(), fraction[:2])
+    torch.testing.assert_close(labels[2:].double(), 0.5 + 0.5 * touched[2:])
 
 
 def test_probability_logit_is_finite_and_inverts_sigmoid() -> None:

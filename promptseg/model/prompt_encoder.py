@@ -12,6 +12,7 @@ from promptseg.model.attention import PromptBottleneck
 from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder
 from promptseg.model.layers import sincos_position_encoding
+from promptseg.model.propagation import propagation_labels
 
 
 @dataclass
@@ -32,7 +33,7 @@ class PromptEncoding:
     def groups(self) -> int:
         return self.keys[0][0].shape[0]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PromptEncoding":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEncoding:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
@@ -54,8 +55,7 @@ class PromptTokenizer(nn.Module):
     compare like with like; value_features (G*K, C, h, w) come from image + prompt map, and the
     map pooled to the stage grid is embedded into the values explicitly; pos (h*w, C) is the
     stage's positional encoding, added to the keys.
-    Returns keys, values (G, K*h*w, C) and the pooled map, i.e. the label fraction of every
-    token, (G*K, h*w).
+    Returns keys, values (G, K*h*w, C).
     """
 
     def __init__(self, dim: int) -> None:
@@ -71,13 +71,13 @@ class PromptTokenizer(nn.Module):
         maps: torch.Tensor,
         pos: torch.Tensor,
         groups: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, c, h, w = key_features.shape
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, c, h, w = key_features.shape
         pooled = F.adaptive_avg_pool2d(maps.unsqueeze(1).to(value_features.dtype), (h, w))
         keys = self.key_norm(key_features.flatten(2).transpose(1, 2)) + pos
         values = self.value_norm(value_features.flatten(2).transpose(1, 2))
         values = values + self.map_embedding(pooled.flatten(2).transpose(1, 2) * 2.0 - 1.0)
-        return keys.reshape(groups, -1, c), values.reshape(groups, -1, c), pooled.flatten(1)
+        return keys.reshape(groups, -1, c), values.reshape(groups, -1, c)
 
 
 class PromptEncoder(nn.Module):
@@ -126,7 +126,7 @@ class PromptEncoder(nn.Module):
             key_features, value_features = both[stage][:count], both[stage][count:]
             _, c, h, w = key_features.shape
             pos = sincos_position_encoding(h, w, c, key_features.device, key_features.dtype)
-            keys, values, label_fractions = self.tokenizers[index](key_features, value_features, flat_maps, pos, groups)
+            keys, values = self.tokenizers[index](key_features, value_features, flat_maps, pos, groups)
             tokens_per_prompt = keys.shape[1] // shots
             lengths = None if num_prompts is None else num_prompts.to(keys.device) * tokens_per_prompt
             if self.bottlenecks is not None:
@@ -135,7 +135,8 @@ class PromptEncoder(nn.Module):
             pairs = [block.prompt_keys(keys, values) for block in self.blocks[index]]
             if self.propagations is not None:
                 tokens = key_features.flatten(2).transpose(1, 2)
-                pairs.append(self.propagations[index].prompt_keys(tokens, pos, label_fractions, groups))
+                labels = propagation_labels(flat_maps.to(tokens.dtype), types.flatten(), (h, w))
+                pairs.append(self.propagations[index].prompt_keys(tokens, pos, labels, groups))
             all_keys.append([k for k, _ in pairs])
             all_values.append([v for _, v in pairs])
             all_lengths.append(lengths)

@@ -7,6 +7,12 @@ heads; cosine similarity times a learned temperature is softmax-normalised over 
 of the group, and the values are the fraction of prompt label inside each prompt token. Head h
 thus returns a probability map p_h in [0, 1] for every query token.
 
+A mask or box prompt labels every prompt token: its value is the token's label fraction (a box
+says that nothing outside it is target). A click or scribble labels only the tokens it touches,
+and says nothing about the rest, so those tokens carry 1 where the prompt touches them and the
+uninformative 0.5 elsewhere (`propagation_labels`): a query token that resembles none of the
+clicked tokens gets a neutral prior instead of a confident "background".
+
 The prompt side (k, v) depends only on the prompts and is cached with the rest of the
 PromptEncoding; the value tensor carries the label fraction in channel 0 and zeros elsewhere so
 that it has the shape of the attention contract (DESIGN.md section 3).
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptseg.data.prompts import PROMPT_TYPES
 from promptseg.kernels import cross_attention
 from promptseg.model.attention import split_heads
 
@@ -33,6 +40,26 @@ def float32_under_autocast(function: Callable[..., Any], *tensors: torch.Tensor,
         return function(*tensors, **rest)
     with torch.autocast(device_type, enabled=False):
         return function(*(t.float() for t in tensors), **rest)
+
+
+PARTIAL_LABEL_TYPES: tuple[str, ...] = ("click", "scribble")
+
+
+def propagation_labels(maps: torch.Tensor, types: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Prompt maps (N, R, R) in [0, 1], prompt types (N,) long -> per-token labels (N, h*w) in [0, 1]
+    on the (h, w) = `size` token grid (R a multiple of h and w).
+
+    Mask and box prompts: the fraction of the token's pixels inside the map. Clicks and scribbles
+    (PARTIAL_LABEL_TYPES): 1 where the map touches the token, 0.5 (unknown) elsewhere.
+    """
+    stride = (maps.shape[-2] // size[0], maps.shape[-1] // size[1])
+    maps = maps.unsqueeze(1)
+    fraction = F.avg_pool2d(maps, stride).flatten(1)
+    touched = F.max_pool2d(maps, stride).flatten(1)
+    partial = torch.zeros_like(types, dtype=torch.bool)
+    for name in PARTIAL_LABEL_TYPES:
+        partial = partial | (types == PROMPT_TYPES[name])
+    return torch.where(partial[:, None], 0.5 + 0.5 * touched, fraction)
 
 
 class LabelPropagation(nn.Module):
@@ -56,19 +83,20 @@ class LabelPropagation(nn.Module):
 
 
     def prompt_keys(
-        self, tokens: torch.Tensor, pos: torch.Tensor, label_fractions: torch.Tensor, groups: int
+        self, tokens: torch.Tensor, pos: torch.Tensor, token_labels: torch.Tensor, groups: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt image tokens (G*K, T, C), pos (T, C), label fractions (G*K, T) in [0, 1]
-        -> k, v (G, H, K*T, D) float32 under autocast; v holds the label fraction in channel 0."""
-        return float32_under_autocast(self._prompt_keys, tokens, pos, label_fractions, groups=groups)
+        """Prompt image tokens (G*K, T, C), pos (T, C), per-token labels (G*K, T) in [0, 1]
+        (`propagation_labels`) -> k, v (G, H, K*T, D) float32 under autocast; v holds the label
+        in channel 0."""
+        return float32_under_autocast(self._prompt_keys, tokens, pos, token_labels, groups=groups)
 
     def _prompt_keys(
-        self, tokens: torch.Tensor, pos: torch.Tensor, label_fractions: torch.Tensor, groups: int
+        self, tokens: torch.Tensor, pos: torch.Tensor, token_labels: torch.Tensor, groups: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.embed(tokens, pos)
         n, heads, t, d = k.shape
         k = k.reshape(groups, n // groups, heads, t, d).transpose(1, 2).reshape(groups, heads, -1, d)
-        labels = label_fractions.to(k.dtype).reshape(groups, 1, -1, 1).expand(-1, heads, -1, 1)
+        labels = token_labels.to(k.dtype).reshape(groups, 1, -1, 1).expand(-1, heads, -1, 1)
         v = F.pad(labels, (0, d - 1))
         return k, v
 
