@@ -183,6 +183,57 @@ def test_deterministic_backward_is_bit_identical() -> None:
     assert_parity(dtype, *inputs, key_lengths=lengths, deterministic=False)
 
 
+def test_autotuning_keys_on_length_buckets_and_prunes_oversized_tiles() -> None:
+    """Prompt counts in one power-of-two bucket share one autotuning key; tiles wider than the
+    bucket are pruned (the smallest survives when none fits); the fixed tile is the first kept."""
+    import triton
+
+    from promptseg.kernels.triton_forward import fixed_config, prune_tiles, shape_bucket
+
+    assert [shape_bucket(n) for n in (0, 1, 5, 64, 65, 3 * 256, 16 * 256)] == [1, 1, 8, 64, 128, 1024, 4096]
+    tiles = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in
+             [(128, 128, 8), (64, 64, 4), (32, 64, 4), (128, 32, 4), (16, 16, 2)]]
+
+    def kept(rows: int, cols: int) -> list[tuple[int, int]]:
+        pruned = prune_tiles(tiles, {"N_Q_BUCKET": rows, "N_K_BUCKET": cols})
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in pruned]
+
+    assert kept(1024, 4096) == [(128, 128), (64, 64), (32, 64), (128, 32), (16, 16)]
+    assert kept(64, 4096) == [(64, 64), (32, 64), (16, 16)]
+    assert kept(8, 32) == [(16, 16)]
+    assert kept(1, 1) == [(16, 16)]
+    assert prune_tiles(tiles[:2], {"N_Q_BUCKET": 1, "N_K_BUCKET": 1})[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert fixed_config(tiles, 40, 3000).kwargs == {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def test_fixed_tiles_give_bit_identical_gradients_across_processes(tmp_path: Path) -> None:
+    """With PROMPTSEG_TRITON_AUTOTUNE=0 (fixed tiles) the deterministic backward gives the same bits
+    in two separate processes (on a GPU the autotuned tiles may differ between processes)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "grads.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "if not torch.cuda.is_available(): os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from promptseg.kernels.triton_attention import triton_cross_attention\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        f"q = torch.randn(6, 1, {NQ}, 32, generator=g).to(dev).requires_grad_()\n"
+        f"k, v = (torch.randn(2, 1, {NK}, 32, generator=g).to(dev).requires_grad_() for _ in range(2))\n"
+        "triton_cross_attention(q, k, v).square().sum().backward()\n"
+        "torch.save([t.grad.cpu() for t in (q, k, v)], sys.argv[1])\n"
+    )
+    environment = {**os.environ, "PROMPTSEG_TRITON_AUTOTUNE": "0"}
+    runs = []
+    for index in range(2):
+        path = tmp_path / f"grads{index}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env=environment, timeout=600)
+        runs.append(torch.load(path))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
 def test_torch_compile_and_export() -> None:
     """The custom op traces under torch.compile (fullgraph, aot_eager) and torch.export."""
     dtype = torch.float32
@@ -283,9 +334,14 @@ def test_launch_grids_fit_cuda_limits_beyond_65535_rows(monkeypatch: pytest.Monk
     from promptseg.kernels import triton_backward, triton_forward
 
     kernels = {name: RecordingLaunch() for name in ("_forward_kernel", "_delta_kernel", "_dq_kernel", "_dkdv_kernel")}
-    monkeypatch.setattr(triton_forward, "_forward_kernel", kernels["_forward_kernel"])
-    for name in ("_delta_kernel", "_dq_kernel", "_dkdv_kernel"):
-        monkeypatch.setattr(triton_backward, name, kernels[name])
+
+    def recorded(name: str, real: triton_forward.TiledKernel) -> triton_forward.TiledKernel:
+        return triton_forward.TiledKernel(kernels[name], kernels[name], real.configs)
+
+    monkeypatch.setattr(triton_forward, "FORWARD_KERNEL", recorded("_forward_kernel", triton_forward.FORWARD_KERNEL))
+    monkeypatch.setattr(triton_backward, "_delta_kernel", kernels["_delta_kernel"])
+    monkeypatch.setattr(triton_backward, "DQ_KERNEL", recorded("_dq_kernel", triton_backward.DQ_KERNEL))
+    monkeypatch.setattr(triton_backward, "DKDV_KERNEL", recorded("_dkdv_kernel", triton_backward.DKDV_KERNEL))
     rows, num_queries, num_keys = 70_000, 20, 3
     q = torch.zeros(rows, 1, num_queries, 16, device=DEVICE)
     k = v = torch.zeros(rows, 1, num_keys, 16, device=DEVICE)

@@ -26,6 +26,7 @@ from promptseg.kernels.triton_forward import (
     MAX_GRID_AXIS12,
     bias_view,
     block_scores,
+    buckets,
     dot_precision,
     flat_grid,
     flat_program,
@@ -33,6 +34,7 @@ from promptseg.kernels.triton_forward import (
     lengths_view,
     on_device,
     tile_configs,
+    tiled_kernel,
     valid_key_count,
 )
 
@@ -77,7 +79,6 @@ def _delta_kernel(
     tl.store(Delta + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["N_Q", "N_K", "HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"])
 @triton.jit
 def _dq_kernel(
     Q, K, V, Bias, Lengths, dOut, Lse, Delta, dQ,
@@ -88,13 +89,13 @@ def _dq_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     num_heads, queries_per_group, qk_scale, sm_scale,
-    N_Q, N_K, HEAD_DIM,
+    N_Q, N_K, HEAD_DIM, N_Q_BUCKET, N_K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: dq of BLOCK_M query rows of one (b, h), looping over the valid keys of its group.
 
-    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H).
+    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H). N_Q_BUCKET, N_K_BUCKET only key the autotuning.
     """
     pid_bh, start_m = flat_program(N_Q, BLOCK_M)
     b = pid_bh // num_heads
@@ -134,9 +135,6 @@ def _dq_kernel(
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(dQ.dtype.element_ty), mask=tile_ok)
 
 
-@triton.autotune(configs=DKDV_CONFIGS,
-                 key=["N_Q", "N_K", "HEAD_DIM", "queries_per_split", "HAS_BIAS", "HAS_LENGTHS", "ATOMIC"],
-                 reset_to_zero=["dK", "dV"])
 @triton.jit
 def _dkdv_kernel(
     Q, K, V, Bias, Lengths, dOut, Lse, Delta, dK, dV,
@@ -147,7 +145,7 @@ def _dkdv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dks, stride_dkg, stride_dkh, stride_dkn, stride_dkd,
     num_heads, queries_per_group, queries_per_split, qk_scale, sm_scale,
-    N_Q, N_K, HEAD_DIM,
+    N_Q, N_K, HEAD_DIM, N_Q_BUCKET, N_K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -158,7 +156,7 @@ def _dkdv_kernel(
     last split may be shorter). ATOMIC False: stores into slice s of dK / dV (stride_dks apart; a
     single split passes the (G, H, Nk, D) gradients themselves). ATOMIC True: atomically adds into
     fp32 (G, H, Nk, D) buffers. dK and dV share the strides stride_dk*. Key tiles at or past
-    key_lengths[g] skip the query loop (and store zeros).
+    key_lengths[g] skip the query loop (and store zeros). N_Q_BUCKET, N_K_BUCKET only key the autotuning.
     """
     pid_gh, start_n = flat_program(N_K, BLOCK_N)
     g = pid_gh // num_heads
@@ -220,13 +218,30 @@ def _dkdv_kernel(
         tl.store(dV + out_offs, dv.to(dV.dtype.element_ty), mask=out_mask)
 
 
-def query_splits(num_keys: int, groups_heads: int, queries_per_group: int, device: torch.device) -> int:
+DQ_KERNEL = tiled_kernel(_dq_kernel, DQ_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"])
+DKDV_KERNEL = tiled_kernel(_dkdv_kernel, DKDV_CONFIGS,
+                           key=["HEAD_DIM", "queries_per_split", "HAS_BIAS", "HAS_LENGTHS", "ATOMIC"],
+                           reset_to_zero=["dK", "dV"])
+# Programs the deterministic dk/dv launch aims for, whatever the GPU: its split count, and so the
+# grouping of its partial sums, must not depend on the device's SM count (about two waves of an H100).
+DETERMINISTIC_SPLIT_TARGET = 256
+
+
+def query_splits(
+    num_keys: int, groups_heads: int, queries_per_group: int, device: torch.device, deterministic: bool = True
+) -> int:
     """How many splits to cut the B / G queries of a group into for the dk/dv kernel.
 
     Enough that (key tiles of SPLIT_REFERENCE_BLOCK_N) x (G · H) x splits reaches about two waves of
-    the GPU (8 programs under the interpreter), never more than B / G nor than grid axis 1 holds.
+    the GPU (DETERMINISTIC_SPLIT_TARGET programs in deterministic mode, 8 under the interpreter),
+    never more than B / G nor than grid axis 1 holds.
     """
-    target = 8 if device.type != "cuda" else 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type != "cuda":
+        target = 8
+    elif deterministic:
+        target = DETERMINISTIC_SPLIT_TARGET
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     programs = triton.cdiv(num_keys, SPLIT_REFERENCE_BLOCK_N) * groups_heads
     return max(1, min(queries_per_group, triton.cdiv(target, programs), MAX_GRID_AXIS12))
 
@@ -248,6 +263,11 @@ def attention_backward(
     `attention_forward`; key_lengths, bias as in the forward. Returns contiguous dq (B, H, Nq, D),
     dk and dv (G, H, Nk, D) in the dtypes of q, k, v. `deterministic=False` adds the query splits'
     dk / dv with atomics instead of storing per-split partials that a deterministic reduction sums.
+
+    Deterministic results are bit-identical for the same inputs, tiles and Triton build. The split
+    count does not depend on the GPU; the tiles come from autotuning (timing-based, so they may
+    differ between processes) unless PROMPTSEG_TRITON_AUTOTUNE=0 fixes them (`fixed_config`): set it
+    for gradients that are bit-identical across processes and machines.
     """
     batch, heads, num_queries, head_dim = q.shape
     groups, _, num_keys, _ = k.shape
@@ -265,7 +285,7 @@ def attention_backward(
 
     delta = torch.empty_like(lse)
     dq = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
-    splits = query_splits(num_keys, groups * heads, queries_per_group, q.device)
+    splits = query_splits(num_keys, groups * heads, queries_per_group, q.device, deterministic)
     queries_per_split = triton.cdiv(queries_per_group, splits)
     splits = triton.cdiv(queries_per_group, queries_per_split)  # no empty split
     atomic = not deterministic and splits > 1
@@ -293,17 +313,19 @@ def attention_backward(
             out, grad_out, delta, *out.stride(), *grad_out.stride(),
             heads, num_queries, head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M,
         )
-        _dq_kernel[dq_grid](
+        DQ_KERNEL.launch(
+            dq_grid, num_queries, num_keys,
             q, k, v, bias_arg, lengths_arg, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dq.stride(),
             heads, queries_per_group, sm_scale * LOG2E, sm_scale,
-            num_queries, num_keys, head_dim, **common,
+            num_queries, num_keys, head_dim, *buckets(num_queries, num_keys), **common,
         )
-        _dkdv_kernel[dkdv_grid](
+        DKDV_KERNEL.launch(
+            dkdv_grid, num_queries, num_keys,
             q, k, v, bias_arg, lengths_arg, grad_out, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), split_stride, *grad_strides,
             heads, queries_per_group, queries_per_split, sm_scale * LOG2E, sm_scale,
-            num_queries, num_keys, head_dim, ATOMIC=atomic, **common,
+            num_queries, num_keys, head_dim, *buckets(num_queries, num_keys), ATOMIC=atomic, **common,
         )
     if dk.dim() == 5:  # per-split partials; torch's reduction over dim 0 is deterministic
         dk, dv = dk.sum(0), dv.sum(0)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -63,6 +66,68 @@ def tile_configs(gpu_tiles: list[Tile], hopper_tiles: list[Tile]) -> list[triton
         return [triton.Config({"BLOCK_M": INTERPRET_TILE, "BLOCK_N": INTERPRET_TILE}, num_warps=1, num_stages=1)]
     tiles = gpu_tiles + (hopper_tiles if is_hopper() else [])
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+# PROMPTSEG_TRITON_AUTOTUNE=0: every launch takes the fixed heuristic tile (`fixed_config`) instead of
+# benchmarking the tiles on first use: no tuning latency, and the same tiles in every process.
+AUTOTUNE_ENV = "PROMPTSEG_TRITON_AUTOTUNE"
+
+
+def autotuning_enabled() -> bool:
+    """Whether launches autotune their tiles (unset or anything but "0" in PROMPTSEG_TRITON_AUTOTUNE)."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
+
+
+def shape_bucket(length: int) -> int:
+    """Autotuning key of a query or key count: the next power of two (1 for 0). Every prompt count
+    K in one bucket reuses one tuned tile instead of re-benchmarking the tiles for each K."""
+    return triton.next_power_of_2(max(int(length), 1))
+
+
+def prune_tiles(configs: list[triton.Config], named_args: dict[str, Any], **_: Any) -> list[triton.Config]:
+    """Autotuner early_config_prune: the tiles no larger than the bucketed query count (BLOCK_M)
+    and key count (BLOCK_N) need (16 at least), in their listed order; the smallest tile when none fits."""
+    rows, cols = max(16, named_args["N_Q_BUCKET"]), max(16, named_args["N_K_BUCKET"])
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
+
+
+def fixed_config(configs: list[triton.Config], num_queries: int, num_keys: int) -> triton.Config:
+    """The heuristic tile used without autotuning: the first listed tile that `prune_tiles` keeps."""
+    return prune_tiles(configs, {"N_Q_BUCKET": shape_bucket(num_queries), "N_K_BUCKET": shape_bucket(num_keys)})[0]
+
+
+@dataclass(frozen=True)
+class TiledKernel:
+    """A jitted kernel with its tile space: launched autotuned (key on the bucketed lengths, tiles
+    pruned by shape) or, with autotuning off, with `fixed_config`."""
+
+    raw: Any  # triton.JITFunction
+    tuned: Any  # triton.runtime.Autotuner over `raw`
+    configs: list[triton.Config]
+
+    def launch(self, grid: Callable[[dict], tuple[int, ...]], num_queries: int, num_keys: int,
+               *args: Any, **kwargs: Any) -> None:
+        """Run on `grid` with positional `args` ending in N_Q_BUCKET, N_K_BUCKET (callers append
+        `buckets(num_queries, num_keys)`) and constexpr `kwargs`."""
+        if autotuning_enabled():
+            self.tuned[grid](*args, **kwargs)
+            return
+        config = fixed_config(self.configs, num_queries, num_keys)
+        self.raw[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def tiled_kernel(raw: Any, configs: list[triton.Config], key: list[str], **autotune: Any) -> TiledKernel:
+    """TiledKernel of jitted `raw` over `configs`; `key` names its other autotuning arguments
+    (N_Q_BUCKET and N_K_BUCKET are always part of the key)."""
+    tuned = triton.autotune(configs=configs, key=["N_Q_BUCKET", "N_K_BUCKET", *key],
+                            prune_configs_by={"early_config_prune": prune_tiles}, **autotune)(raw)
+    return TiledKernel(raw, tuned, configs)
+
+
+def buckets(num_queries: int, num_keys: int) -> tuple[int, int]:
+    """(N_Q_BUCKET, N_K_BUCKET) launch arguments."""
+    return shape_bucket(num_queries), shape_bucket(num_keys)
 
 
 def head_block(head_dim: int) -> int:
@@ -154,7 +219,6 @@ FORWARD_CONFIGS = tile_configs(
 )
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=["N_Q", "N_K", "HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"])
 @triton.jit
 def _forward_kernel(
     Q, K, V, Bias, Lengths, Out, Lse,
@@ -164,13 +228,13 @@ def _forward_kernel(
     stride_bg, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, queries_per_group, qk_scale,
-    N_Q, N_K, HEAD_DIM,
+    N_Q, N_K, HEAD_DIM, N_Q_BUCKET, N_K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (b, h); online softmax over the valid keys of group b // QPG.
 
-    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H).
+    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H). N_Q_BUCKET, N_K_BUCKET only key the autotuning.
     """
     pid_bh, start_m = flat_program(N_Q, BLOCK_M)
     b = pid_bh // num_heads
@@ -217,6 +281,9 @@ def _forward_kernel(
     tl.store(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
 
+FORWARD_KERNEL = tiled_kernel(_forward_kernel, FORWARD_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"])
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -240,11 +307,12 @@ def attention_forward(
         return flat_grid(triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads)
 
     with on_device(q):
-        _forward_kernel[grid](
+        FORWARD_KERNEL.launch(
+            grid, num_queries, num_keys,
             q, k, v, q if full_bias is None else full_bias, lse if lengths is None else lengths, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
             heads, batch // groups, head_dim ** -0.5 * LOG2E,
-            num_queries, num_keys, head_dim,
+            num_queries, num_keys, head_dim, *buckets(num_queries, num_keys),
             HAS_BIAS=full_bias is not None, HAS_LENGTHS=lengths is not None,
             DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=head_block(head_dim),
         )
