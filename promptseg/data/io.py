@@ -103,6 +103,10 @@ def _read(path: str, label: bool) -> ImageData:
     """Dispatch on the extension, load fully inside one try, and check the resulting shape."""
     ext = file_extension(path)
     if ext not in SUPPORTED_EXTENSIONS:
+        from promptseg.data import dicom  # here: promptseg.data.dicom imports this module
+
+        if dicom.is_dicom_input(path):  # a series folder, a .dcm file or a file with the DICOM magic bytes
+            return dicom.read_dicom(path)
         raise InputError(path, f"unsupported file type '{ext or os.path.basename(path)}'")
     if not os.path.isfile(path):
         problem = "is a folder, expected a file" if os.path.isdir(path) else "file not found"

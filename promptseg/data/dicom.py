@@ -1,0 +1,391 @@
+"""DICOM input: a folder holding one series of single-frame images, or one multi-frame file (issue 19).
+
+The volume keeps the engine's NIfTI convention (io.ImageData): the array is (X, Y, Z) with X the
+column index of a DICOM frame (along ImageOrientationPatient's row direction), Y its row index and Z
+the slices sorted by their position along the slice normal; the affine maps (i, j, k, 1) to RAS+
+world millimetres like nibabel's, i.e. DICOM's LPS patient coordinates with x and y negated. Stored
+values go through the modality transform (RescaleSlope/RescaleIntercept, or a Modality LUT) and are
+returned as float32.
+
+Every problem with a series (several series in the folder, missing or duplicated slices, uneven
+spacing, mixed sizes or orientations, a compressed transfer syntax without a decoder, no pixel
+data) is one InputError naming the folder or file. pydicom is needed only here, and is imported
+when a DICOM input is read: without it the error names the extra to install.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from promptseg.data.io import ImageData, check_claimed_size, check_image_array
+from promptseg.errors import InputError, short_reason
+
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+DICOM_EXTRA = "pip install 'promptseg[dicom]'"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+ORIENTATION_TOLERANCE = 1e-4  # direction cosines that differ by more are "mixed orientations"
+SPACING_TOLERANCE = 0.01  # slice gaps may differ by this fraction of the typical gap (as highdicom's rtol)
+SPACING_FLOOR_MM = 1e-3  # and at least by this much, for positions rounded in their decimal strings
+
+
+def _pydicom(source: str) -> Any:
+    """The pydicom module, or an InputError naming `source` and the extra that installs it."""
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError(source, f"reading DICOM needs pydicom, which is not installed: {DICOM_EXTRA}") from None
+    return pydicom
+
+
+def has_dicom_magic(path: str) -> bool:
+    """Whether the file `path` starts with the DICOM preamble and "DICM" (Part 10 files)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_input(path: str | os.PathLike) -> bool:
+    """Whether `path` is read as DICOM: a folder, a .dcm/.dicom file, or a file with the DICOM magic bytes.
+
+    Decided without pydicom, so that a DICOM input without the extra installed is recognised and refused."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return True
+    return path.lower().endswith(DICOM_EXTENSIONS) or (os.path.isfile(path) and has_dicom_magic(path))
+
+
+@dataclass
+class DicomSource:
+    """Where a DICOM volume came from, for writing results that reference it (DICOM-SEG).
+
+    datasets: the source instances' headers (no pixel data); a series gives one per slice in the
+    volume's Z order, a multi-frame file one. frame_order: for a multi-frame file, the Z index of each
+    of its frames in file order (None for a series)."""
+
+    path: str
+    series_uid: str
+    datasets: list[Any]
+    frame_order: list[int] | None = None
+
+    @property
+    def multiframe(self) -> bool:
+        return self.frame_order is not None
+
+
+@dataclass
+class DicomImage(ImageData):
+    """An ImageData read from DICOM: array (X, Y, Z) float32, RAS+ affine, a NIfTI header carrying the
+    same geometry (so NIfTI outputs are written in the source's space) and the DICOM source."""
+
+    dicom: DicomSource | None = field(default=None)
+
+
+@dataclass
+class _Frame:
+    """One 2D frame of a series or a multi-frame file, with its geometry in LPS millimetres.
+
+    position: (3,) ImagePositionPatient; orientation: (6,) row then column direction cosines;
+    spacing: (row spacing, column spacing) = PixelSpacing; shape: (rows, columns)."""
+
+    file: str
+    index: int | None  # frame number (0-based) within a multi-frame file; None for a single-frame file
+    position: np.ndarray
+    orientation: np.ndarray
+    spacing: tuple[float, float]
+    shape: tuple[int, int]
+    rescale: tuple[float, float] | None  # (slope, intercept) of a multi-frame file's frame; None: the dataset's
+
+
+def read_dicom(path: str | os.PathLike, series: str | None = None) -> DicomImage:
+    """Read a DICOM series folder (one series, or `series` by SeriesInstanceUID) or a multi-frame file.
+
+    Returns a DicomImage: array (X, Y, Z) float32 after the modality transform, affine RAS+ (4, 4).
+    Raises InputError, one line naming the folder or file, for any problem with the series."""
+    path = os.fspath(path)
+    pydicom = _pydicom(path)
+    if not os.path.exists(path):
+        raise InputError(path, "file or folder not found")
+    headers = _headers(path, pydicom)
+    datasets = _one_series(path, headers, series)
+    multiframe = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    if multiframe and len(datasets) > 1:
+        raise InputError(path, f"series {datasets[0].SeriesInstanceUID} mixes {len(multiframe)} multi-frame and "
+                         f"{len(datasets) - len(multiframe)} single-frame files; pass one multi-frame file")
+    for ds in datasets:
+        _check_decodable(ds, pydicom)
+    frames = _multiframe_frames(datasets[0]) if multiframe else [_single_frame(ds) for ds in datasets]
+    order, step = _slice_order(path, frames)
+    sorted_frames = [frames[n] for n in order]
+    shape = (*reversed(sorted_frames[0].shape), len(frames))  # (X, Y, Z) = (columns, rows, slices)
+    bits = int(datasets[0].get("BitsAllocated", 16) or 16)
+    stored = sum(os.path.getsize(ds.filename) for ds in datasets)
+    compressed = datasets[0].file_meta.TransferSyntaxUID.is_compressed
+    check_claimed_size(path, shape, max(1, bits // 8), stored * (1032 if compressed else 1), what="voxels")
+    array = _pixels(datasets, sorted_frames, multiframe=bool(multiframe), pydicom=pydicom)
+    affine = LPS_TO_RAS @ _lps_affine(sorted_frames[0], step)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm")
+    if multiframe:
+        frame_order = [0] * len(frames)
+        for z, n in enumerate(order):
+            frame_order[n] = z
+        source = DicomSource(path, str(datasets[0].SeriesInstanceUID), datasets, frame_order)
+    else:
+        source = DicomSource(path, str(datasets[0].SeriesInstanceUID), [datasets[n] for n in order])
+    array = check_image_array(array, path)
+    return DicomImage(array=array, is_volume=True, affine=affine, header=header, path=path, dicom=source)
+
+
+def _headers(path: str, pydicom: Any) -> list[Any]:
+    """The headers (no pixel data) of the DICOM files at `path`: the file itself, or every file in the
+    folder and its subfolders that parses as DICOM (other files and DICOMDIR indexes are skipped)."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                       if not name.startswith("."))
+    headers = []
+    for file in files:
+        try:
+            ds = pydicom.dcmread(file, stop_before_pixels=True, force=file == path)
+        except (pydicom.errors.InvalidDicomError, EOFError) as exc:
+            if file == path:
+                raise InputError(path, f"not a readable DICOM file ({short_reason(exc)})") from None
+            continue
+        except Exception as exc:  # noqa: BLE001 (a truncated or corrupt file is one line naming it)
+            raise InputError(file, f"unreadable DICOM file ({short_reason(exc)})") from None
+        if ds.get("SOPClassUID") == "1.2.840.10008.1.3.10":  # Media Storage Directory (DICOMDIR)
+            continue
+        headers.append(ds)
+    if not headers:
+        raise InputError(path, "no DICOM files in this folder")
+    return headers
+
+
+def _one_series(path: str, headers: Sequence[Any], series: str | None) -> list[Any]:
+    """The image instances of the one series at `path` (or of `series`); InputError when there are
+    none or several."""
+    images = [ds for ds in headers if "Rows" in ds and "Columns" in ds]
+    if not images:
+        kinds = sorted({str(ds.get("Modality", "?")) for ds in headers})
+        raise InputError(path, f"no pixel data: the DICOM files hold no images (modality {', '.join(kinds)})")
+    groups: dict[str, list[Any]] = {}
+    for ds in images:
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    if series is not None:
+        if series not in groups:
+            raise InputError(path, f"no series {series} here; series present: {_describe(groups)}")
+        return groups[series]
+    if len(groups) > 1:
+        raise InputError(path, f"holds {len(groups)} series, pass one series' folder or choose one by UID: "
+                         f"{_describe(groups)}")
+    return next(iter(groups.values()))
+
+
+def _describe(groups: dict[str, list[Any]]) -> str:
+    """'UID (CT 'description', N files); ...' for every series."""
+    parts = []
+    for uid, members in groups.items():
+        first = members[0]
+        description = str(first.get("SeriesDescription", "") or "")
+        label = f"{first.get('Modality', '?')}" + (f" '{description}'" if description else "")
+        parts.append(f"{uid or '(no SeriesInstanceUID)'} ({label}, {len(members)} file{'s' if len(members) != 1 else ''})")
+    return "; ".join(parts)
+
+
+def _check_decodable(ds: Any, pydicom: Any) -> None:
+    """InputError naming the file when its transfer syntax is compressed and no installed plugin decodes it."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
+    if syntax is None or not syntax.is_compressed:
+        return
+    try:
+        available = pydicom.pixels.get_decoder(syntax).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise InputError(ds.filename, f"compressed transfer syntax {syntax.name} ({syntax}) and no decoder for it is "
+                         "installed (see pydicom's pixel data handlers: pylibjpeg, gdcm)")
+
+
+def _required(ds: Any, keyword: str, file: str, count: int) -> list[float]:
+    """The `count` numbers of attribute `keyword` of `ds`; InputError naming `file` when absent or malformed."""
+    value = ds.get(keyword)
+    try:
+        numbers = [float(v) for v in (value if isinstance(value, Sequence) and not isinstance(value, str) else [value])]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != count or not np.all(np.isfinite(numbers)):
+        problem = "lacks" if value is None else "has a malformed"
+        raise InputError(file, f"{problem} {keyword} (needed to place the slices in space)")
+    return numbers
+
+
+def _single_frame(ds: Any) -> _Frame:
+    """The geometry of a single-frame image file."""
+    file = str(ds.filename)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise InputError(file, f"colour DICOM images ({ds.get('PhotometricInterpretation', '?')}) are not supported")
+    return _Frame(file, None, np.array(_required(ds, "ImagePositionPatient", file, 3)),
+                  np.array(_required(ds, "ImageOrientationPatient", file, 6)),
+                  tuple(_required(ds, "PixelSpacing", file, 2)), (rows, columns), None)  # type: ignore[arg-type]
+
+
+def _group(ds: Any, frame: Any, keyword: str) -> Any | None:
+    """The first item of functional group sequence `keyword` for one frame: its own, else the shared one."""
+    for groups in (frame, ds.get("SharedFunctionalGroupsSequence", [None])[0]):
+        if groups is not None and keyword in groups and len(groups[keyword].value):
+            return groups[keyword].value[0]
+    return None
+
+
+def _multiframe_frames(ds: Any) -> list[_Frame]:
+    """The geometry of each frame of an enhanced multi-frame file, from its functional groups."""
+    file = str(ds.filename)
+    count = int(ds.NumberOfFrames)
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise InputError(file, f"colour DICOM images ({ds.get('PhotometricInterpretation', '?')}) are not supported")
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
+    if len(per_frame) != count:
+        raise InputError(file, f"multi-frame file with {count} frames but {len(per_frame)} per-frame functional groups "
+                         "(no plane positions to place them in space)")
+    frames = []
+    for index, groups in enumerate(per_frame):
+        where = f"{file} frame {index + 1}"
+        position, orientation = _group(ds, groups, "PlanePositionSequence"), _group(ds, groups, "PlaneOrientationSequence")
+        measures = _group(ds, groups, "PixelMeasuresSequence")
+        for name, item in (("PlanePositionSequence", position), ("PlaneOrientationSequence", orientation),
+                           ("PixelMeasuresSequence", measures)):
+            if item is None:
+                raise InputError(where, f"lacks {name} (needed to place the frames in space)")
+        transform = _group(ds, groups, "PixelValueTransformationSequence")
+        rescale = None if transform is None else (float(transform.get("RescaleSlope", 1) or 1),
+                                                  float(transform.get("RescaleIntercept", 0) or 0))
+        frames.append(_Frame(file, index, np.array(_required(position, "ImagePositionPatient", where, 3)),
+                             np.array(_required(orientation, "ImageOrientationPatient", where, 6)),
+                             tuple(_required(measures, "PixelSpacing", where, 2)),  # type: ignore[arg-type]
+                             (int(ds.Rows), int(ds.Columns)), rescale))
+    return frames
+
+
+def _name(frame: _Frame) -> str:
+    name = os.path.basename(frame.file)
+    return name if frame.index is None else f"frame {frame.index + 1}"
+
+
+def _slice_order(path: str, frames: Sequence[_Frame]) -> tuple[list[int], np.ndarray]:
+    """(indices of `frames` sorted along the slice normal, (3,) LPS step from one slice to the next).
+
+    InputError naming `path` for mixed sizes, orientations or pixel spacings, duplicated or missing
+    slices, uneven spacing, or slices that do not lie on one line."""
+    for attribute, what in (("shape", "image sizes"), ("spacing", "pixel spacings")):
+        values = Counter(tuple(getattr(f, attribute)) for f in frames)
+        if len(values) > 1:
+            shown = ", ".join(f"{'x'.join(f'{v:g}' for v in value)} ({n})" for value, n in values.most_common(3))
+            raise InputError(path, f"mixed {what} in one series: {shown}")
+    orientation = frames[0].orientation
+    for frame in frames[1:]:
+        if np.abs(frame.orientation - orientation).max() > ORIENTATION_TOLERANCE:
+            raise InputError(path, f"mixed orientations in one series: {_name(frames[0])} and {_name(frame)} differ "
+                             f"({' '.join(f'{v:g}' for v in frame.orientation)})")
+    normal = np.cross(orientation[:3], orientation[3:])
+    if not 0.99 < np.linalg.norm(normal) < 1.01:
+        raise InputError(path, "ImageOrientationPatient does not hold two orthogonal unit vectors")
+    heights = np.array([float(f.position @ normal) for f in frames])
+    order = [int(n) for n in np.argsort(heights, kind="stable")]
+    if len(frames) == 1:
+        return order, normal  # one slice: no spacing to measure, 1 mm along the normal
+    sorted_heights = heights[order]
+    gaps = np.diff(sorted_heights)
+    typical = float(np.median(gaps))
+    tolerance = max(SPACING_FLOOR_MM, SPACING_TOLERANCE * typical)
+    duplicates = np.flatnonzero(gaps <= tolerance if typical > tolerance else gaps <= SPACING_FLOOR_MM)
+    if duplicates.size:
+        first, second = frames[order[duplicates[0]]], frames[order[duplicates[0] + 1]]
+        raise InputError(path, f"duplicated slices: {_name(first)} and {_name(second)} lie at the same position "
+                         f"({sorted_heights[duplicates[0]]:g} mm along the slice normal)")
+    wide = np.flatnonzero(gaps > typical + tolerance)
+    for n in wide:
+        missing = gaps[n] / typical - 1
+        if abs(missing - round(missing)) * typical <= tolerance:
+            raise InputError(path, f"missing slice{'s' if round(missing) > 1 else ''}: a gap of {gaps[n]:g} mm between "
+                             f"{sorted_heights[n]:g} and {sorted_heights[n + 1]:g} mm along the slice normal where the "
+                             f"spacing is {typical:g} mm ({round(missing)} slice{'s' if round(missing) > 1 else ''} "
+                             "absent)")
+    if np.abs(gaps - typical).max() > tolerance:
+        raise InputError(path, f"uneven slice spacing: gaps from {gaps.min():g} to {gaps.max():g} mm along the slice "
+                         "normal")
+    positions = np.stack([frames[n].position for n in order])
+    step = (positions[-1] - positions[0]) / (len(frames) - 1)
+    expected = positions[0] + np.arange(len(frames))[:, None] * step
+    if np.linalg.norm(positions - expected, axis=1).max() > tolerance:
+        raise InputError(path, "the slice positions do not lie on one line (slices shifted within their planes)")
+    return order, step
+
+
+def _lps_affine(first: _Frame, step: np.ndarray) -> np.ndarray:
+    """(4, 4) from (column index i, row index j, slice k) to LPS mm: i runs along the row direction
+    cosine at the column spacing, j along the column direction at the row spacing, k by `step`."""
+    row_spacing, column_spacing = first.spacing
+    affine = np.eye(4)
+    affine[:3, 0] = first.orientation[:3] * column_spacing
+    affine[:3, 1] = first.orientation[3:] * row_spacing
+    affine[:3, 2] = step
+    affine[:3, 3] = first.position
+    return affine
+
+
+def _pixels(datasets: Sequence[Any], frames: Sequence[_Frame], multiframe: bool, pydicom: Any) -> np.ndarray:
+    """(X, Y, Z) float32 modality values of the sorted `frames` (pixel data read here, file by file)."""
+    rows, columns = frames[0].shape
+    out = np.empty((columns, rows, len(frames)), dtype=np.float32)
+    if multiframe:
+        ds = _full(datasets[0].filename, pydicom)
+        stored = _decode(ds)
+        if stored.shape != (len(frames), rows, columns):
+            raise InputError(ds.filename, f"pixel data of shape {stored.shape}, expected {(len(frames), rows, columns)}")
+        for z, frame in enumerate(frames):
+            values = stored[frame.index].astype(np.float32)
+            if frame.rescale is not None:
+                values = values * np.float32(frame.rescale[0]) + np.float32(frame.rescale[1])
+            else:
+                values = np.asarray(pydicom.pixels.apply_modality_lut(stored[frame.index], ds), dtype=np.float32)
+            out[:, :, z] = values.T
+        return out
+    for z, frame in enumerate(frames):
+        ds = _full(frame.file, pydicom)
+        stored = _decode(ds)
+        if stored.shape != (rows, columns):
+            raise InputError(frame.file, f"pixel data of shape {stored.shape}, expected {(rows, columns)}")
+        out[:, :, z] = np.asarray(pydicom.pixels.apply_modality_lut(stored, ds), dtype=np.float32).T
+    return out
+
+
+def _full(file: str, pydicom: Any) -> Any:
+    """The whole dataset of `file`, pixel data included."""
+    try:
+        return pydicom.dcmread(file)
+    except Exception as exc:  # noqa: BLE001 (corrupt after the header was read: one line naming it)
+        raise InputError(file, f"unreadable DICOM file ({short_reason(exc)})") from None
+
+
+def _decode(ds: Any) -> np.ndarray:
+    """The stored pixel values of `ds`: (rows, columns) or (frames, rows, columns); InputError naming its file."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise InputError(ds.filename, "no pixel data")
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 (truncated or undecodable pixel data)
+        raise InputError(ds.filename, f"unreadable pixel data ({short_reason(exc)})") from None
