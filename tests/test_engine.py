@@ -239,15 +239,22 @@ def test_cli_several_labels_write_a_label_map(tiny_checkpoint: Path, tmp_path: P
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="compile backend needs a C++ compiler on the CPU")
-def test_compile_backend_matches_eager(tiny_checkpoint: Path) -> None:
-    """torch.compile (Inductor, CPU) against eager: max-abs logit error <= 1e-4 (fp32, reordered reductions)."""
+def test_compile_backend_matches_eager_on_bucketed_shapes(tiny_checkpoint: Path) -> None:
+    """torch.compile (Inductor, CPU) against eager: max-abs logit error <= 1e-4 (fp32, reordered
+    reductions), for 3 and 4 prompts and batches of 3 and 4 queries, which share one bucketed
+    shape: the decoder compiles once (`compiled_shapes`)."""
     rng = np.random.default_rng(7)
-    images, masks = zip(*(disk_example(rng, (32, 32)) for _ in range(2)))
-    queries = np.stack([disk_example(rng, (32, 32))[0] for _ in range(3)])
-    results = {}
-    for name in ("torch", "compile"):
-        seg = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", backend=name)
-        prompts = seg.encode_prompts(list(images), list(masks))
-        batch = torch.from_numpy(queries[:, None] / 255.0).float().expand(-1, seg.channels, -1, -1)
-        results[name] = seg.backend.decode(batch, prompts.encoding)
-    assert (results["torch"] - results["compile"]).abs().max().item() <= 1e-4
+    pairs = [disk_example(rng, (32, 32)) for _ in range(4)]
+    queries = np.stack([disk_example(rng, (32, 32))[0] for _ in range(4)])
+    backends = {name: Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", backend=name) for name in ("torch", "compile")}
+    for shots in (3, 4):
+        for count in (3, 4):
+            results = {}
+            for name, seg in backends.items():
+                images, masks = zip(*pairs[:shots])
+                prompts = seg.encode_prompts(list(images), list(masks))
+                batch = torch.from_numpy(queries[:count, None] / 255.0).float().expand(-1, seg.channels, -1, -1)
+                results[name] = seg.backend.decode(batch, prompts.encoding)
+            assert results["compile"].shape == (count, 32, 32)
+            assert (results["torch"] - results["compile"]).abs().max().item() <= 1e-4
+    assert len(backends["compile"].backend.compiled_shapes) == 1
