@@ -82,7 +82,7 @@ class CompiledBackend(TorchBackend):
 
     def select_prompts(self, state: PromptEncoding, keep: Sequence[int], num_prompts: int) -> None:
         """None: a padded state is not cut by prompt (the subset is encoded, and padded, on its own)."""
-        return None
+        return
 
     def decode(self, queries: torch.Tensor, state: PromptEncoding) -> torch.Tensor:
         """(B, C, R, R) -> (B, R, R) float32 CPU logits, the batch padded to its bucket with copies of
