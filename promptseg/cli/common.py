@@ -6,8 +6,13 @@ from typing import Any
 
 import torch
 
-from promptseg.engine.backends import ENGINE_BACKENDS, BackendUnavailable, backend_availability, backend_class
 from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
+from promptseg.engine.backends import (
+    ENGINE_BACKENDS,
+    BackendUnavailable,
+    backend_availability,
+    backend_class,
+)
 from promptseg.engine.segmenter import Segmenter, packaged_weights_path
 from promptseg.errors import CheckpointError, InputError
 
@@ -73,9 +78,11 @@ def load_segmenter(
     backend_options: dict[str, Any] | None = None,
     ensemble: int = 1,
     adapt: int = 0,
+    candidates: int = 0,
 ) -> Segmenter:
     """A Segmenter from `checkpoint`, or from the packaged weights when None (with a clear error if absent),
-    averaging `ensemble` flips and adapting to each prompt set for `adapt` steps (0: off).
+    averaging `ensemble` members (returning the first `candidates` of them too) and adapting to each
+    prompt set for `adapt` steps (0: off).
 
     An unknown or unavailable backend is an InputError naming --backend with the reason.
     """
@@ -87,7 +94,7 @@ def load_segmenter(
     if not 0 <= adapt <= MAX_ADAPT_STEPS:
         raise InputError("--adapt", f"must lie in 0..{MAX_ADAPT_STEPS}, got {adapt}")
     options = {"device": resolved, "max_batch": max_batch, "backend": backend, "backend_options": backend_options,
-               "ensemble": ensemble, "adaptation": Adaptation(adapt) if adapt else None}
+               "ensemble": ensemble, "adaptation": Adaptation(adapt) if adapt else None, "candidates": candidates}
     if checkpoint is None and not packaged_weights_path().is_file():
         raise CheckpointError(
             f"packaged weights not found at {packaged_weights_path()}; reinstall promptseg or pass --checkpoint FILE"

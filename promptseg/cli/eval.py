@@ -8,9 +8,10 @@ from promptseg.cli.train import dataset_folders
 from promptseg.data.index import CASE_SETS, build_tasks
 from promptseg.data.io import write_text
 from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
+from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.segmenter import packaged_weights_path
 from promptseg.errors import InputError
-from promptseg.eval.baselines import MAX_ENSEMBLE, FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
+from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
 from promptseg.eval.evaluate import EvalReport, evaluate
 from promptseg.eval.plot import plot_dice_against_k
 from promptseg.train.checkpoint import load_model
@@ -45,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "episode's prompts for STEPS leave-one-out steps first (reported as promptseg_adaptSTEPS; "
                         f"0..{MAX_ADAPT_STEPS}, default 0: off)")
     parser.add_argument("--ensemble", type=int, default=1, metavar="N",
-                        help=f"average the model over N flips of each episode (1..{MAX_ENSEMBLE}, default 1: off; "
+                        help=f"average the model over N ensemble members per episode: drop-one prompt subsets, then "
+                        f"flips, calibrated on the prompts they leave out (1..{MAX_ENSEMBLE}, default 1: off; "
                         "reported as promptseg_ensN)")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")

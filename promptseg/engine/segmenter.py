@@ -10,10 +10,11 @@ from __future__ import annotations
 import gc
 import os
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,16 +24,29 @@ from promptseg.data.io import ImageData, check_image_array, read_image, slice_vo
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
 from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
+from promptseg.engine.ensemble import (
+    MAX_ENSEMBLE,
+    Ensemble,
+    build_ensemble,
+    flipped,
+    mean_logits,
+    member_probabilities,
+    plan_members,
+)
 from promptseg.engine.prompt_cache import PromptCache, content_key
-from promptseg.engine.prompts_input import ArrayOrPath, Prompt, as_prompts, load_2d, prepare_prompt
+from promptseg.engine.prompts_input import (
+    ArrayOrPath,
+    Prompt,
+    as_prompts,
+    load_2d,
+    prepare_prompt,
+)
 from promptseg.errors import InputError, PromptSegError
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
-from promptseg.model.propagation import probability_logit
 from promptseg.train.checkpoint import load_model
 
 DEFAULT_WEIGHTS = "promptseg_default.safetensors"
-FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # ensemble members: none, left-right, up-down, both
 ADAPTABLE_BACKENDS = ("torch", "triton", "compile", "reference")  # backends that run a PyTorch model copy
 
 
@@ -45,15 +59,15 @@ def packaged_weights_path() -> Path:
 class EncodedPrompts:
     """A prompt set encoded once and reusable for any number of queries.
 
-    encoding: the prompt set as given; flipped: (flip dims, encoding of the flipped prompt set) of
-    the further ensemble members; backend: the backend of a model adapted to these prompts
-    (test-time adaptation), None for the Segmenter's own.
+    encoding: the prompt set as given; ensemble: the members' states and calibration shift when the
+    Segmenter ensembles (promptseg.engine.ensemble), else None; backend: the backend of a model
+    adapted to these prompts (test-time adaptation), None for the Segmenter's own.
     """
 
     encoding: PromptState  # a PromptEncoding for the PyTorch backends; backend-specific otherwise
     num_prompts: int
     key: str
-    flipped: tuple[tuple[tuple[int, ...], PromptState], ...] = ()
+    ensemble: Ensemble | None = None
     backend: InferenceBackend | None = None
 
 
@@ -68,20 +82,37 @@ class AdaptedModel:
         return self.parameter_bytes
 
 
+def binary_entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Predictive entropy in bits, -p log2 p - (1 - p) log2 (1 - p), of probabilities in [0, 1]:
+    0 where the model is sure, 1 at p = 0.5. Same shape, float32."""
+    p = np.clip(probabilities.astype(np.float32), 1e-7, 1.0 - 1e-7)
+    return (-(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))).astype(np.float32)
+
+
 @dataclass
 class VolumeResult:
     """Probabilities of a volume in its own voxel grid, with the geometry to write it back.
 
-    probabilities: (X, Y, Z) float32 in [0, 1]; mask: (X, Y, Z) bool (probabilities > 0.5).
+    probabilities: (X, Y, Z) float32 in [0, 1]; mask: (X, Y, Z) bool (probabilities > 0.5);
+    variance: (X, Y, Z) float32 variance of the ensemble members' probabilities (None without an
+    ensemble); candidates: (N, X, Y, Z) float32 probabilities of the first N ensemble members
+    (None unless the Segmenter was asked for candidates).
     """
 
     probabilities: np.ndarray
     source: ImageData
     axis: int
+    variance: np.ndarray | None = None
+    candidates: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
         return self.probabilities > 0.5
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        """(X, Y, Z) float32 predictive entropy in bits (`binary_entropy` of the probabilities)."""
+        return binary_entropy(self.probabilities)
 
     @property
     def affine(self) -> np.ndarray | None:
@@ -89,15 +120,36 @@ class VolumeResult:
 
 
 @dataclass
+class QueryMaps:
+    """What the Segmenter computes for queries in their own grid: probabilities (*S) float32,
+    the ensemble members' variance (*S) (None without an ensemble) and candidates (C, *S), the
+    first C members' probabilities (None unless asked for)."""
+
+    probabilities: np.ndarray
+    variance: np.ndarray | None
+    candidates: np.ndarray | None
+
+
+@dataclass
 class LabelResult:
     """Several labels of one query, each segmented with its own prompts.
 
-    labels: the L label values; probabilities: (L, *spatial) float32 in [0, 1], in `labels` order.
+    labels: the L label values; probabilities: (L, *spatial) float32 in [0, 1], in `labels` order;
+    variance: (L, *spatial) float32 variance of the ensemble members' probabilities (None without
+    an ensemble); candidates: (N, L, *spatial) float32 probabilities of the first N ensemble members
+    (None unless the Segmenter was asked for candidates).
     """
 
     labels: tuple[int, ...]
     probabilities: np.ndarray
     threshold: float = 0.5
+    variance: np.ndarray | None = None
+    candidates: np.ndarray | None = None
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        """(L, *spatial) float32 predictive entropy in bits (`binary_entropy` of the probabilities)."""
+        return binary_entropy(self.probabilities)
 
     @property
     def label_map(self) -> np.ndarray:
@@ -121,18 +173,26 @@ class Segmenter:
         cache_bytes: int = 512 * 2**20,
         ensemble: int = 1,
         adaptation: Adaptation | None = None,
+        candidates: int = 0,
     ) -> None:
         """backend: one of ENGINE_BACKENDS (None: triton on CUDA when it works, else torch);
         backend_options go to the backend's constructor (e.g. model_dir for onnxruntime).
         max_batch: queries per decode call, lowered (with a warning) to the backend's own limit
         when it has one (a TensorRT engine's max_batch).
-        ensemble: average the prediction over this many flips of prompts and queries (1..4; each
-        flipped prompt set is encoded once and cached). adaptation: adapt a copy of the model to
-        every prompt set before use (promptseg.engine.adaptation; PyTorch backends only; cached
-        with the prompt set, so a volume adapts once).
+        ensemble: average the prediction over this many members (1..MAX_ENSEMBLE): drop-one prompt
+        subsets and flips of prompts and queries, calibrated on the prompts they leave out
+        (promptseg.engine.ensemble; fewer members when the prompt set has fewer). Each flip of a
+        prompt set is encoded once and cached with the members. adaptation: adapt a copy of the
+        model to every prompt set before use (promptseg.engine.adaptation; PyTorch backends only;
+        cached with the prompt set, so a volume adapts once). candidates: also return the
+        probabilities of the first `candidates` members (0..ensemble; results' `candidates`).
         Raises BackendUnavailable with a one-line reason when the backend cannot run here."""
-        if not 1 <= ensemble <= len(FLIPS):
-            raise InputError("--ensemble", f"must lie in 1..{len(FLIPS)}, got {ensemble}")
+        if not 1 <= ensemble <= MAX_ENSEMBLE:
+            raise InputError("--ensemble", f"must lie in 1..{MAX_ENSEMBLE}, got {ensemble}")
+        if candidates and ensemble < 2:
+            raise InputError("--candidates", "needs --ensemble N with N >= 2: candidates are ensemble members")
+        if not 0 <= candidates <= ensemble:
+            raise InputError("--candidates", f"must lie in 0..{ensemble} (the --ensemble members), got {candidates}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if max_batch < 1:
             raise InputError("--max-batch", f"must be at least 1, got {max_batch}")
@@ -144,6 +204,7 @@ class Segmenter:
         if adaptation is not None and adaptation.steps > 0 and self.backend.name not in ADAPTABLE_BACKENDS:
             raise InputError("--adapt", f"needs a PyTorch backend ({', '.join(ADAPTABLE_BACKENDS)}), not {self.backend.name}")
         self.ensemble = ensemble
+        self.candidates = candidates
         self.adaptation = adaptation if adaptation is not None and adaptation.steps > 0 else None
         limit = self.backend.max_batch
         if limit is not None and max_batch > limit:
@@ -169,12 +230,12 @@ class Segmenter:
         return self.model.config.in_channels
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> "Segmenter":
+    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> Segmenter:
         """Load weights (safetensors with the model config in its metadata)."""
         return cls(load_model(path), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, **kwargs: Any) -> "Segmenter":
+    def from_pretrained(cls, **kwargs: Any) -> Segmenter:
         """The weights shipped in the package; no network needed."""
         return cls.from_checkpoint(packaged_weights_path(), **kwargs)
 
@@ -207,13 +268,24 @@ class Segmenter:
                 adapted_key, lambda: self._adapted(prompt_images[0], prompt_maps[0], prompt_types[0])
             ).backend
             key = f"{adapted_key}:encoding"
-        members = []
-        for dims in FLIPS[: self.ensemble]:
-            images, maps = (prompt_images.flip(dims), prompt_maps.flip(dims)) if dims else (prompt_images, prompt_maps)
-            member_key = f"{key}:flip{dims}" if dims else key
-            encode = lambda i=images, m=maps: self._encode(i, m, prompt_types, backend or self.backend)  # noqa: E731
-            members.append((dims, self.cache.get_or_create(member_key, encode)))
-        return EncodedPrompts(members[0][1], len(prompts), key, tuple(members[1:]), backend)
+        run = backend or self.backend
+
+        def encode(flip: tuple[int, ...], keep: tuple[int, ...]) -> PromptState:
+            """The prompts `keep` flipped by `flip`, encoded once (cached)."""
+            index = list(keep)
+            images, maps = flipped(prompt_images[:, index], flip), flipped(prompt_maps[:, index], flip)
+            everything = len(keep) == len(prompts)
+            member_key = key + (f":flip{flip}" if flip else "") + ("" if everything else f":keep{keep}")
+            return self.cache.get_or_create(member_key, lambda: self._encode(images, maps, prompt_types[:, index], run))
+
+        ensemble = None
+        if self.ensemble > 1:
+            members = plan_members(len(prompts), self.ensemble)
+            ensemble = self.cache.get_or_create(
+                f"{key}:ensemble{self.ensemble}",
+                lambda: build_ensemble(run, prompt_images, prompt_maps, prompt_types, members, encode),
+            )
+        return EncodedPrompts(encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend)
 
     def _adapted(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> AdaptedModel:
         """A backend (same kind and options) on a copy of the model adapted to one prompt set."""
@@ -243,21 +315,24 @@ class Segmenter:
             "even with the prompt cache emptied; use fewer prompts"
         )
 
-    def _logits(self, batch: torch.Tensor, prompts: EncodedPrompts) -> torch.Tensor:
-        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits; for an ensemble, the logit of
-        the mean probability over the members (each member's queries flipped like its prompts and
-        its prediction flipped back)."""
+    def _predict(self, batch: torch.Tensor, prompts: EncodedPrompts) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits and, for an ensemble, the
+        members' calibrated probabilities (M, N, R, R) (else None); the ensemble's logits are
+        those of the members' mean probability."""
         backend = prompts.backend or self.backend
-        logits = self._decode(batch, prompts.encoding, backend)
-        if not prompts.flipped:
-            return logits
-        probabilities = torch.sigmoid(logits.float())
-        for dims, state in prompts.flipped:
-            probabilities += torch.sigmoid(self._decode(batch.flip(dims), state, backend).float()).flip(dims)
-        return probability_logit(probabilities / (1 + len(prompts.flipped)), eps=1e-6)
+        if prompts.ensemble is None:
+            return self._decode(batch, lambda chunk: backend.decode(chunk, prompts.encoding), backend.name, 1), None
+        members = len(prompts.ensemble.members)
 
-    def _decode(self, batch: torch.Tensor, state: PromptState, backend: InferenceBackend) -> torch.Tensor:
-        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits from `backend`, in chunks of max_batch.
+        def decode_members(view: torch.Tensor, states: list[PromptState]) -> torch.Tensor:
+            return self._decode(view, lambda chunk: backend.decode_members(chunk, states), backend.name, len(states))
+
+        probabilities = member_probabilities(prompts.ensemble, batch, decode_members)
+        return mean_logits(probabilities), probabilities if members > 1 else None
+
+    def _decode(self, batch: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor], backend_name: str, width: int) -> torch.Tensor:
+        """(N, C, R, R) prepared queries -> call(chunk) logits (..., n, R, R) joined along the query
+        axis, in chunks of max_batch // width queries (each query costs `width` decodes).
 
         On an out-of-memory error a chunk is halved and retried, and max_batch stays at the size
         that worked, so later chunks do not fail again. The cached memory is released only after
@@ -266,22 +341,22 @@ class Segmenter:
         outputs = []
         start = 0
         while start < batch.shape[0]:
-            chunk = batch[start : start + self.max_batch]
+            chunk = batch[start : start + max(1, self.max_batch // width)]
             try:
-                logits = backend.decode(chunk, state)
+                logits = call(chunk)
             except torch.OutOfMemoryError:
                 logits = None  # handled below: past the except block the error no longer holds the call's frames
             if logits is None:
                 if chunk.shape[0] == 1:
                     raise PromptSegError(
-                        f"{self.device}: out of memory decoding a single query with the {backend.name} backend"
+                        f"{self.device}: out of memory decoding a single query with the {backend_name} backend"
                     )
-                self.max_batch = chunk.shape[0] // 2
+                self.max_batch = max(1, chunk.shape[0] * width // 2)
                 self._release_cached_memory()
                 continue
             outputs.append(logits)
             start += chunk.shape[0]
-        return torch.cat(outputs)
+        return torch.cat(outputs, dim=-3)
 
     def _release_cached_memory(self) -> None:
         """Collect unreachable tensors, then give the CUDA caching allocator's free blocks back before a retry."""
@@ -295,13 +370,25 @@ class Segmenter:
         resized = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         return torch.sigmoid(resized).numpy().astype(np.float32)
 
+    def _resized(self, logits: torch.Tensor, members: torch.Tensor | None, size: tuple[int, int]) -> QueryMaps:
+        """`_predict`'s logits (N, R, R) and member probabilities (M, N, R, R) or None -> QueryMaps at
+        the query size (H, W): the members' variance resized bilinearly, each candidate through its logits."""
+        probabilities = self._to_probabilities(logits, size)
+        if members is None:
+            return QueryMaps(probabilities, None, None)
+        variance = members.var(dim=0, unbiased=False)[:, None]
+        variance = F.interpolate(variance, size=size, mode="bilinear", align_corners=False)[:, 0].clamp_min(0.0)
+        count = min(self.candidates, members.shape[0])
+        candidates = np.stack([self._to_probabilities(mean_logits(members[i : i + 1]), size) for i in range(count)]) if count else None
+        return QueryMaps(probabilities, variance.numpy().astype(np.float32), candidates)
+
     def segment(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> np.ndarray | list[np.ndarray]:
         """Segment 2D queries: a (N, H, W[, C]) array or a list of arrays/paths.
 
         Returns (N, H, W) float32 probabilities when all queries share one size, else a list of (H, W).
         """
         prepared, sizes = self._prepare_queries(queries)
-        results = self._query_probabilities(prepared, sizes, prompts)
+        results = [maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)]
         if len(set(sizes)) == 1:
             return np.stack(results)
         return results
@@ -314,10 +401,14 @@ class Segmenter:
         prepared = torch.stack([prepare_image(a, self.resolution, self.channels, source=s) for a, s in items])
         return prepared, [array.shape[:2] for array, _ in items]
 
-    def _query_probabilities(self, prepared: torch.Tensor, sizes: Sequence[tuple[int, int]], prompts: EncodedPrompts) -> list[np.ndarray]:
-        """(N, C, R, R) prepared queries -> N (H, W) probability maps, decoded max_batch at a time."""
-        logits = self._logits(prepared, prompts)
-        return [self._to_probabilities(l[None], size)[0] for l, size in zip(logits, sizes)]
+    def _query_maps(self, prepared: torch.Tensor, sizes: Sequence[tuple[int, int]], prompts: EncodedPrompts) -> list[QueryMaps]:
+        """(N, C, R, R) prepared queries -> N QueryMaps of one query each (probabilities (H, W)),
+        decoded max_batch at a time."""
+        logits, members = self._predict(prepared, prompts)
+        maps = [self._resized(logits[n : n + 1], None if members is None else members[:, n : n + 1], size)
+                for n, size in enumerate(sizes)]
+        return [QueryMaps(m.probabilities[0], None if m.variance is None else m.variance[0],
+                          None if m.candidates is None else m.candidates[:, 0]) for m in maps]
 
     def iter_volume_batches(self, slices: np.ndarray, source: str) -> Iterator[tuple[int, torch.Tensor]]:
         """(S, H, W) slices -> (start index, (n, C, R, R) prepared batch), max_batch slices at a time."""
@@ -331,12 +422,15 @@ class Segmenter:
         volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's grid.
         """
         data = as_volume(volume)
-        return VolumeResult(self._volume_probabilities(data, [prompts], axis)[0], data, axis)
+        maps = self._volume_maps(data, [prompts], axis)
+        return VolumeResult(maps.probabilities[0], data, axis, None if maps.variance is None else maps.variance[0],
+                            None if maps.candidates is None else maps.candidates[:, 0])
 
-    def _volume_probabilities(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int) -> np.ndarray:
-        """(X, Y, Z) volume -> (L, X, Y, Z) float32 probabilities, one per prompt set.
+    def _volume_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int) -> QueryMaps:
+        """(X, Y, Z) volume -> QueryMaps of L = len(prompt_sets): probabilities (L, X, Y, Z) float32,
+        with an ensemble the variance (L, X, Y, Z) and candidates (C, L, X, Y, Z) when asked for.
 
-        Peak memory beyond the output is one batch of prepared slices and its logits, whatever the depth.
+        Peak memory beyond the outputs is one batch of prepared slices and its logits, whatever the depth.
         """
         array = data.array
         if array.ndim != 3 or (not data.is_volume and array.shape[-1] in (3, 4)):
@@ -344,12 +438,26 @@ class Segmenter:
         if not all_finite(array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
         slices = slice_volume(array, axis)
-        out = np.empty((len(prompt_sets),) + array.shape, dtype=np.float32)
-        out_slices = [slice_volume(o, axis) for o in out]  # views: batches land in place, no whole-volume copy
+        shape = (len(prompt_sets),) + array.shape
+        ensembles = [p.ensemble for p in prompt_sets]
+        several = all(e is not None and len(e.members) > 1 for e in ensembles)
+        count = min(self.candidates, *(len(e.members) for e in ensembles)) if several else 0
+        out = QueryMaps(np.empty(shape, np.float32), np.empty(shape, np.float32) if several else None,
+                        np.empty((count,) + shape, np.float32) if count else None)
+        # views: batches land in place, no whole-volume copy
+        views = [slice_volume(o, axis) for o in out.probabilities]
+        variance_views = [slice_volume(o, axis) for o in out.variance] if out.variance is not None else []
+        candidate_views = [[slice_volume(o, axis) for o in c] for c in out.candidates] if out.candidates is not None else []
         for start, batch in self.iter_volume_batches(slices, data.path):
+            stop = start + batch.shape[0]
             for index, prompts in enumerate(prompt_sets):
-                logits = self._logits(batch, prompts)
-                out_slices[index][start : start + batch.shape[0]] = self._to_probabilities(logits, slices.shape[1:])
+                logits, members = self._predict(batch, prompts)
+                maps = self._resized(logits, members if several else None, slices.shape[1:])
+                views[index][start:stop] = maps.probabilities
+                if maps.variance is not None:
+                    variance_views[index][start:stop] = maps.variance
+                for candidate in range(count):
+                    candidate_views[candidate][index][start:stop] = maps.candidates[candidate]
         return out
 
     def encode_labels(
@@ -390,10 +498,18 @@ class Segmenter:
         if not prompts:
             raise InputError(None, "no labels to segment")
         prepared, sizes = self._prepare_queries(queries)  # read and prepared once for every label
-        per_label = [self._query_probabilities(prepared, sizes, p) for p in prompts.values()]
+        per_label = [self._query_maps(prepared, sizes, p) for p in prompts.values()]
         labels = tuple(prompts)
-        return [LabelResult(labels, np.stack([probs[n] for probs in per_label]), threshold)
-                for n in range(len(sizes))]
+        results = []
+        for n in range(len(sizes)):
+            maps = [label_maps[n] for label_maps in per_label]
+            variance = np.stack([m.variance for m in maps]) if all(m.variance is not None for m in maps) else None
+            candidates = None
+            if all(m.candidates is not None for m in maps):
+                count = min(len(m.candidates) for m in maps)
+                candidates = np.stack([m.candidates[:count] for m in maps], axis=1)
+            results.append(LabelResult(labels, np.stack([m.probabilities for m in maps]), threshold, variance, candidates))
+        return results
 
     def segment_volume_labels(
         self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2, threshold: float = 0.5
@@ -402,7 +518,8 @@ class Segmenter:
         if not prompts:
             raise InputError(None, "no labels to segment")
         data = as_volume(volume)
-        return LabelResult(tuple(prompts), self._volume_probabilities(data, list(prompts.values()), axis), threshold)
+        maps = self._volume_maps(data, list(prompts.values()), axis)
+        return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates)
 
 
 def as_volume(volume: ArrayOrPath | ImageData) -> ImageData:

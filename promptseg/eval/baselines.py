@@ -19,7 +19,13 @@ from torch import nn
 
 from promptseg.data.episodes import Episode
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
-from promptseg.engine.segmenter import FLIPS
+from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
+from promptseg.engine.ensemble import (
+    build_ensemble,
+    flipped,
+    member_probabilities,
+    plan_members,
+)
 from promptseg.model import PromptSegNet
 from promptseg.train.loss import segmentation_loss
 
@@ -184,40 +190,14 @@ class FineTunedUNetBaseline:
         return torch.sigmoid(_resize(logits[:, None], size)[:, 0])
 
 
-MAX_ENSEMBLE = len(FLIPS)
-
-
-def flip_ensemble(
-    model: PromptSegNet, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, queries: torch.Tensor, members: int
-) -> torch.Tensor:
-    """Mean foreground probability (Q, R, R) over `members` (1..4) flips of the whole episode.
-
-    Member m flips the prompt images, maps and queries alike by FLIPS[m] and its prediction back;
-    the members run as one batch of `members` prompt groups (G = members, B = members * Q).
-    images (K, C, R, R), maps (K, R, R), types (K,), queries (Q, C, R, R).
-    """
-    if not 1 <= members <= MAX_ENSEMBLE:
-        raise ValueError(f"ensemble members must lie in 1..{MAX_ENSEMBLE}, got {members}")
-    flips = FLIPS[:members]
-    flip = lambda x, dims: x.flip(dims) if dims else x  # noqa: E731
-    logits = model(
-        torch.stack([flip(images, dims) for dims in flips]),
-        torch.stack([flip(maps, dims) for dims in flips]),
-        types[None].expand(members, -1),
-        torch.cat([flip(queries, dims) for dims in flips]),
-    )
-    per_member = torch.sigmoid(logits.float()).reshape(members, queries.shape[0], *logits.shape[1:])
-    return torch.stack([flip(p, dims) for p, dims in zip(per_member, flips)]).mean(0)
-
-
 class ModelPredictor:
     """A PromptSegNet as a predictor: all queries of an episode in one forward pass.
 
     Episodes at another resolution than the model's are resized to it (prompt maps re-binarised at
     0.5) and the probabilities are resized back. With `adaptation`, a copy of the model is first
     adapted to the episode's prompts (promptseg.engine.adaptation; the model itself never changes);
-    with `ensemble` > 1, the probabilities are averaged over that many flips of the episode
-    (`flip_ensemble`).
+    with `ensemble` > 1, the probabilities are the mean over that many members of the Segmenter's
+    ensemble (`ensemble_probabilities`).
     """
 
     def __init__(
@@ -242,13 +222,34 @@ class ModelPredictor:
         model = self.model
         if self.adaptation is not None and self.adaptation.steps > 0:
             model = adapt_to_prompts(model, images, maps, types, self.adaptation)
-        with torch.inference_mode():
-            probs = flip_ensemble(
-                model,
-                images.to(self.device),
-                maps.to(self.device),
-                types.to(self.device),
-                _resize(queries, work).to(self.device),
-                self.ensemble,
-            )
+        work_queries = _resize(queries, work)
+        if self.ensemble > 1:
+            probs = ensemble_probabilities(create_backend("torch", model, self.device), images, maps, types,
+                                           work_queries, self.ensemble)
+        else:
+            with torch.inference_mode():
+                logits = model(images[None].to(self.device), maps[None].to(self.device), types[None].to(self.device),
+                               work_queries.to(self.device))
+            probs = torch.sigmoid(logits.float())
         return _resize(probs.float().cpu()[:, None], size)[:, 0].clamp(0.0, 1.0)
+
+
+def ensemble_probabilities(
+    backend: InferenceBackend, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, queries: torch.Tensor,
+    members: int,
+) -> torch.Tensor:
+    """Mean calibrated probability (Q, R, R) of the first `members` ensemble members
+    (promptseg.engine.ensemble, as the Segmenter builds them): images (K, C, R, R), maps (K, R, R),
+    types (K,), queries (Q, C, R, R). Each flip of the prompt set is encoded once."""
+    encoded: dict[tuple[int, ...], PromptState] = {}
+
+    def encode(flip: tuple[int, ...], keep: tuple[int, ...]) -> PromptState:
+        index = list(keep)
+        key = (flip, keep)
+        if key not in encoded:
+            encoded[key] = backend.encode(flipped(images[None, index], flip), flipped(maps[None, index], flip),
+                                          types[None, index])
+        return encoded[key]
+
+    ensemble = build_ensemble(backend, images[None], maps[None], types[None], plan_members(len(images), members), encode)
+    return member_probabilities(ensemble, queries, backend.decode_members).mean(0)

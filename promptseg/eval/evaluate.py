@@ -5,6 +5,11 @@ so the rows of the report are directly comparable (and per-episode scores are pa
 Dice is on a 0-100 scale: hard Dice of probabilities > 0.5 against the mask, 100 when both are empty,
 averaged over the queries of an episode; a (method, task, K) cell reports the mean and the sample
 standard deviation (ddof = 1; 0 for a single episode) over episodes.
+
+Calibration, for every method: the expected calibration error (`expected_calibration_error`, 0-100)
+of each episode's query pixels, averaged like Dice; and the Pearson correlation, over every query
+of a method at one K, between the query's mean predictive entropy (bits) and its error 1 - Dice
+(a positive correlation: the model knows when it fails).
 """
 from __future__ import annotations
 
@@ -27,19 +32,57 @@ from promptseg.errors import InputError
 from promptseg.eval.baselines import Predictor
 from promptseg.train.loss import hard_dice
 
+ECE_BINS = 10
+
 
 def episode_dice(probs: torch.Tensor, masks: torch.Tensor) -> float:
     """Mean over queries of the hard Dice (0-100) of probs (Q, R, R) > 0.5 against masks (Q, R, R)."""
+    return float(query_dice(probs, masks).mean())
+
+
+def query_dice(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Hard Dice (0-100) of each query: probs (Q, R, R) > 0.5 against masks (Q, R, R) -> (Q,)."""
     if probs.shape != masks.shape:
         raise ValueError(f"prediction shape {tuple(probs.shape)} does not match the masks {tuple(masks.shape)}")
-    return 100.0 * float(hard_dice(probs > 0.5, masks > 0.5).mean())
+    return 100.0 * hard_dice(probs > 0.5, masks > 0.5)
+
+
+def expected_calibration_error(probs: torch.Tensor, masks: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error (0-100) of foreground probabilities probs against binary masks
+    (same shape): pixels fall into `bins` equal-width bins of p ([0, 1/bins), ..., [1 - 1/bins, 1]);
+    ECE = 100 * sum over bins of (pixels in bin / pixels) * |foreground fraction - mean p| in the bin."""
+    p = probs.detach().flatten().double().clamp(0.0, 1.0)
+    y = (masks.flatten() > 0.5).double()
+    index = (p * bins).long().clamp(max=bins - 1)
+    count = torch.bincount(index, minlength=bins).double()
+    gap = (torch.bincount(index, weights=y, minlength=bins) - torch.bincount(index, weights=p, minlength=bins)).abs()
+    return 100.0 * float(gap.sum() / count.sum())
+
+
+def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean binary predictive entropy in bits of each query's probabilities (Q, R, R) -> (Q,)."""
+    p = probs.double().clamp(1e-7, 1.0 - 1e-7)
+    return (-(p * torch.log2(p) + (1.0 - p) * torch.log2(1.0 - p))).flatten(1).mean(1)
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation of two equally long sequences; None with fewer than 2 values or when one is constant."""
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 @dataclass
 class CellScore:
-    """Per-episode Dice (0-100) of one method on one task at one K."""
+    """Per-episode Dice and ECE (0-100) of one method on one task at one K, and per query its mean
+    predictive entropy (bits) and error (1 - Dice / 100). Reports written before calibration was
+    scored load with the last three empty."""
 
     dice: list[float]
+    ece: list[float] = field(default_factory=list)
+    query_entropy: list[float] = field(default_factory=list)
+    query_error: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -49,8 +92,18 @@ class CellScore:
     def std(self) -> float:
         return float(np.std(self.dice, ddof=1)) if len(self.dice) > 1 else 0.0
 
+    @property
+    def mean_ece(self) -> float | None:
+        return float(np.mean(self.ece)) if self.ece else None
+
     def to_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "episodes": len(self.dice), "dice": self.dice}
+        return {"mean": self.mean, "std": self.std, "episodes": len(self.dice), "dice": self.dice,
+                "ece": self.ece, "query_entropy": self.query_entropy, "query_error": self.query_error}
+
+    @classmethod
+    def from_json(cls, cell: Mapping[str, Any]) -> CellScore:
+        return cls(list(cell["dice"]), list(cell.get("ece", [])), list(cell.get("query_entropy", [])),
+                   list(cell.get("query_error", [])))
 
 
 @dataclass
@@ -71,6 +124,15 @@ class EvalReport:
         if not means:
             return None
         return float(np.mean(means)), float(np.std(means, ddof=1)) if len(means) > 1 else 0.0, len(means)
+
+    def calibration(self, method: str, shots: int) -> tuple[float | None, float | None]:
+        """(mean over tasks of the per-task mean ECE, correlation of mean entropy and error over every
+        query of every task) at K = shots; None where nothing was scored."""
+        cells = [cells[shots] for cells in self.scores[method].values() if shots in cells]
+        eces = [c.mean_ece for c in cells if c.mean_ece is not None]
+        entropy = [v for c in cells for v in c.query_entropy]
+        error = [v for c in cells for v in c.query_error]
+        return (float(np.mean(eces)) if eces else None), correlation(entropy, error)
 
     def dataset_means(self, method: str, shots: int) -> dict[str, float]:
         """{dataset (group): mean over its tasks of the per-task mean Dice at K = shots}, in task order."""
@@ -96,7 +158,9 @@ class EvalReport:
             for k in self.shots:
                 overall = self.mean_over_tasks(method, k)
                 if overall is not None:
-                    summary[str(k)] = {"mean": overall[0], "std": overall[1], "tasks": overall[2]}
+                    ece, corr = self.calibration(method, k)
+                    summary[str(k)] = {"mean": overall[0], "std": overall[1], "tasks": overall[2], "ece": ece,
+                                       "uncertainty_error_correlation": corr}
             runs = self.episodes_run(method)
             methods[method] = {
                 "tasks": rows,
@@ -111,11 +175,12 @@ class EvalReport:
         rule = "|---|" + "---:|" * len(self.shots)
         kind = self.settings.get("prompt_kind", "mask")
         scored = "the prompted images themselves" if self.settings.get("query_prompts") else f"{self.settings['queries']} queries each"
-        lines = [f"Dice (0-100); {self.settings['episodes']} episodes, {scored}, {kind} prompts, "
-                 f"seed {self.settings['seed']}.", "", "Mean over tasks (number of tasks):", "", header.format("method"), rule]
+        lines = [(f"Dice (0-100); {self.settings['episodes']} episodes, {scored}, {kind} prompts, "
+                 f"seed {self.settings['seed']}."), "", "Mean over tasks (number of tasks):", "", header.format("method"), rule]
         for method in self.methods:
             cells = [self.mean_over_tasks(method, k) for k in self.shots]
             lines.append(f"| {method} | " + " | ".join("–" if c is None else f"{c[0]:.1f} ({c[2]})" for c in cells) + " |")
+        lines += self._calibration_table()
         lines += self._dataset_table()
         for method in self.methods:
             lines += ["", f"{method} (mean ± std over episodes):", "", header.format("task"), rule]
@@ -126,6 +191,17 @@ class EvalReport:
         if self.skipped:
             lines += ["", "Skipped:"] + [f"- {s['task']} K={s['shots']}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines) + "\n"
+
+    def _calibration_table(self) -> list[str]:
+        """Per method and K: mean ECE over tasks / correlation of mean entropy and error over queries."""
+        lines = ["", ("Calibration: expected calibration error (0-100, mean over tasks) / correlation of a query's "
+                 "mean entropy with its error:"), "", "| method | " + " | ".join(f"K={k}" for k in self.shots) + " |",
+                 "|---|" + "---:|" * len(self.shots)]
+        for method in self.methods:
+            cells = [self.calibration(method, k) for k in self.shots]
+            text = [" / ".join("–" if v is None else f"{v:.{digits}f}" for v, digits in zip(c, (1, 2))) for c in cells]
+            lines.append(f"| {method} | " + " | ".join(text) + " |")
+        return lines
 
     def _dataset_table(self) -> list[str]:
         """Per dataset (mean over its labels) and K, the methods' Dice side by side, then the mean
@@ -143,7 +219,7 @@ class EvalReport:
         return lines
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "EvalReport":
+    def from_json(cls, data: Mapping[str, Any]) -> EvalReport:
         """Inverse of `to_json` (per-method seconds are rebuilt from seconds_per_episode)."""
         settings = dict(data["settings"])
         methods = list(data["methods"])
@@ -152,7 +228,7 @@ class EvalReport:
         tasks: list[tuple[str, str]] = []
         for method, body in data["methods"].items():
             scores[method] = {
-                (row["group"], row["task"]): {int(k): CellScore(list(cell["dice"])) for k, cell in row["shots"].items()}
+                (row["group"], row["task"]): {int(k): CellScore.from_json(cell) for k, cell in row["shots"].items()}
                 for row in body["tasks"]
             }
             tasks += [key for key in scores[method] if key not in tasks]
@@ -161,7 +237,7 @@ class EvalReport:
         return cls(methods, list(settings["shots"]), tasks, settings, scores, seconds, list(data.get("skipped", [])))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "EvalReport":
+    def load(cls, path: str | os.PathLike) -> EvalReport:
         """Read a report written by `write`; InputError naming the file when it is not one."""
         try:
             return cls.from_json(json.loads(Path(path).read_text()))
@@ -178,7 +254,7 @@ class EvalReport:
             if self.settings.get(key, defaults.get(key)) != settings.get(key, defaults.get(key)):
                 raise InputError(source, f"was evaluated with {key}={self.settings.get(key)}, this run uses {settings.get(key)}")
 
-    def merged(self, other: "EvalReport", source: str | os.PathLike | None = None) -> "EvalReport":
+    def merged(self, other: EvalReport, source: str | os.PathLike | None = None) -> EvalReport:
         """The union of two reports of the same episode settings: other methods, other tasks or both.
 
         InputError naming `source` when the settings differ or both reports scored the same method
@@ -256,20 +332,25 @@ def evaluate(
             drawn = fixed_episodes(task, shots=k, queries=queries, count=episodes, seed=seed,
                                    prompt_kind=prompt_kind, query_prompts=query_prompts)
             for method, predictor in predictors.items():
-                dice, elapsed = _run(predictor, drawn, bar)
-                report.scores[method].setdefault((task.group, task.name), {})[k] = CellScore(dice)
+                cell, elapsed = _run(predictor, drawn, bar)
+                report.scores[method].setdefault((task.group, task.name), {})[k] = cell
                 report.seconds[method] += elapsed
     bar.close()
     return report
 
 
-def _run(predictor: Predictor, drawn: Sequence[Episode], bar: tqdm) -> tuple[list[float], float]:
-    """Per-episode Dice of `predictor` on `drawn` and its total prediction time (s); advances the bar."""
-    dice, elapsed = [], 0.0
+def _run(predictor: Predictor, drawn: Sequence[Episode], bar: tqdm) -> tuple[CellScore, float]:
+    """The scores of `predictor` on `drawn` and its total prediction time (s); advances the bar."""
+    cell, elapsed = CellScore([]), 0.0
     for episode in drawn:
         start = time.perf_counter()
         probs = predictor.predict(episode)
         elapsed += time.perf_counter() - start
-        dice.append(episode_dice(probs.float().cpu(), episode.query_masks.float().cpu()))
+        probs, masks = probs.float().cpu(), episode.query_masks.float().cpu()
+        dice = query_dice(probs, masks)
+        cell.dice.append(float(dice.mean()))
+        cell.ece.append(expected_calibration_error(probs, masks))
+        cell.query_entropy += mean_entropy(probs).tolist()
+        cell.query_error += (1.0 - dice / 100.0).tolist()
         bar.update(1)
-    return dice, elapsed
+    return cell, elapsed

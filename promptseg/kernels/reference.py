@@ -48,13 +48,17 @@ def reference_cross_attention(
     bias: torch.Tensor | None = None,
     scale: float | None = None,
     compute_dtype: torch.dtype | None = None,
+    own_k: torch.Tensor | None = None,
+    own_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + bias) v, written out in plain PyTorch.
 
     q: (B, H, Nq, D); k, v: (G, H, Nk, D) with B % G == 0; key_lengths: (G,) int or None;
-    bias: additive, broadcastable to (G, H, Nq, Nk). Returns (B, H, Nq, D) in q's dtype.
-    A query row whose group has no valid key returns zeros. `compute_dtype` (e.g. float64 in tests)
-    sets the arithmetic precision; by default float32 for half inputs, else q's dtype.
+    bias: additive, broadcastable to (G, H, Nq, Nk). own_k, own_v (B, H, Ns, D) or None: query b's
+    own keys, appended to its group's keys in the same softmax (no bias on them).
+    Returns (B, H, Nq, D) in q's dtype. A query row with no valid key returns zeros.
+    `compute_dtype` (e.g. float64 in tests) sets the arithmetic precision; by default float32 for
+    half inputs, else q's dtype.
     """
     batch, groups = q.shape[0], k.shape[0]
     if compute_dtype is None:
@@ -65,8 +69,13 @@ def reference_cross_attention(
     total_bias = key_padding_bias(key_lengths, bias, groups, k.shape[2], compute_dtype, q.device)
     if total_bias is not None:
         scores = scores + expand_groups(total_bias, batch)
+    values = expand_groups(v.to(compute_dtype), batch)
+    if own_k is not None and own_v is not None:
+        own_scores = torch.matmul(q.to(compute_dtype), own_k.to(compute_dtype).transpose(-1, -2)) * scale
+        scores = torch.cat([scores, own_scores], dim=-1)
+        values = torch.cat([values, own_v.to(compute_dtype)], dim=2)
     # Rows with no valid key give zeros (and zero gradients) instead of a softmax over only -inf.
     has_key = torch.isfinite(scores).any(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
-    out = torch.matmul(probs, expand_groups(v.to(compute_dtype), batch))
+    out = torch.matmul(probs, values)
     return out.to(q.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from promptseg.kernels.triton_forward import INTERPRET, MAX_HEAD_DIM
-from promptseg.kernels.triton_op import cross_attention_fwd
+from promptseg.kernels.triton_op import cross_attention_bwd, cross_attention_fwd
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -77,3 +77,70 @@ def triton_cross_attention(
     check_inputs(q, k, v, bias)
     out, _ = cross_attention_fwd(q, k, v, key_lengths, bias, deterministic)
     return out
+
+
+def merge_partial_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint key sets merged into one softmax: out_a, out_b (B, H, Nq, D) with
+    their natural-log lse_a, lse_b (B, H, Nq) float32 (+inf or -inf for a set with no valid key)
+    -> (out (B, H, Nq, D) in `dtype`, lse (B, H, Nq) float32). lse_b must be finite."""
+    lse_a = torch.where(torch.isinf(lse_a), torch.full_like(lse_a, float("-inf")), lse_a)
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = torch.exp(lse_a - lse)[..., None] * out_a.float() + torch.exp(lse_b - lse)[..., None] * out_b.float()
+    return out.to(dtype).contiguous(), lse
+
+
+class JointAttention(torch.autograd.Function):
+    """Group keys and each query's own keys in one softmax, on the Triton kernels unchanged.
+
+    Forward: the kernel over the group's keys and the kernel over the query's own keys (as B groups
+    of one query batch each), merged by their log-sum-exps. Backward: the FlashAttention backward
+    of a key subset needs only the full output and full lse (dS = P (dP - rowsum(dO O)) with
+    P = exp(S - lse)), so both kernels' backward run with the merged out and lse, and dq adds up.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_lengths: torch.Tensor | None,
+        own_k: torch.Tensor,
+        own_v: torch.Tensor,
+        deterministic: bool,
+    ) -> torch.Tensor:
+        out_a, lse_a = cross_attention_fwd(q, k, v, key_lengths, None, deterministic)
+        out_b, lse_b = cross_attention_fwd(q, own_k, own_v, None, None, deterministic)
+        out, lse = merge_partial_attention(out_a, lse_a, out_b, lse_b, q.dtype)
+        ctx.save_for_backward(q, k, v, own_k, own_v, out, lse, key_lengths)
+        ctx.deterministic = deterministic
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, own_k, own_v, out, lse, key_lengths = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq_a, dk, dv = cross_attention_bwd(grad_out, q, k, v, out, lse, key_lengths, None, ctx.deterministic)
+        dq_b, own_dk, own_dv = cross_attention_bwd(grad_out, q, own_k, own_v, out, lse, None, None, ctx.deterministic)
+        return dq_a + dq_b, dk, dv, None, own_dk, own_dv, None
+
+
+def triton_joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor | None,
+    own_k: torch.Tensor,
+    own_v: torch.Tensor,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """softmax over the valid keys of query b's group k, v (G, H, Nk, D) and its own keys own_k,
+    own_v (B, H, Ns, D) together; q (B, H, Nq, D). Returns (B, H, Nq, D) in q's dtype,
+    differentiable in q, k, v, own_k, own_v."""
+    check_inputs(q, k, v, None)
+    check_inputs(q, own_k, own_v, None)
+    return JointAttention.apply(q, k, v, key_lengths, own_k, own_v, deterministic)

@@ -89,6 +89,18 @@ class PromptSegNet(nn.Module):
         """queries (B, C, R, R) with B a multiple of G -> logits (B, R, R); query b uses group b // (B // G)."""
         return self.query_decoder(queries, prompts)
 
+    def decode_members(self, queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
+        """Every query against every one of the G prompt groups (ensemble members), in one batch:
+        queries (B, C, R, R) -> logits (G, B, R, R). The query encoder runs once for the B queries."""
+        groups, count = prompts.groups, queries.shape[0]
+        repeated = queries.repeat(groups, 1, 1, 1)  # query b of group g at g * B + b
+        if not hasattr(self.query_decoder, "query_features"):  # a decoder that cannot share them decodes all
+            logits = self.query_decoder(repeated, prompts)
+        else:
+            features = [f.repeat(groups, 1, 1, 1) for f in self.query_decoder.query_features(queries)]
+            logits = self.query_decoder.decode_features(features, repeated, prompts)
+        return logits.reshape(groups, count, *logits.shape[1:])
+
     def forward(
         self,
         images: torch.Tensor,

@@ -86,9 +86,19 @@ class QueryDecoder(nn.Module):
     def forward(self, queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
         if queries.shape[0] % prompts.groups != 0:
             raise ValueError(f"{queries.shape[0]} queries cannot be split over {prompts.groups} prompt sets")
+        return self.decode_features(self.query_features(queries), queries, prompts)
+
+    def query_features(self, queries: torch.Tensor) -> list[torch.Tensor]:
+        """queries (B, C, R, R) -> the shared encoder's features of every stage, (B, widths[i], h_i, w_i).
+
+        They do not depend on the prompts, so several prompt sets can decode one computation of them."""
         empty = torch.zeros_like(queries[:, 0])
         types = torch.full((queries.shape[0],), PROMPT_TYPES["query"], dtype=torch.long, device=queries.device)
-        features = self.encoder(queries, empty, types)
+        return self.encoder(queries, empty, types)
+
+    def decode_features(self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
+        """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits (B, R, R)."""
+        features = list(features)
         priors = []
         for index, stage in enumerate(self.config.attention_stages):
             features[stage], prior = self.attend(features[stage], index, prompts)

@@ -12,6 +12,7 @@ Inputs arrive as float32 / int64 CPU tensors; the backend moves them where it ru
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,3 +66,16 @@ class InferenceBackend(ABC):
     @abstractmethod
     def decode(self, queries: torch.Tensor, state: PromptState) -> torch.Tensor:
         """(B, C, R, R) float32 -> (B, R, R) float32 CPU logits."""
+
+    def select_prompts(self, state: PromptState, keep: Sequence[int], num_prompts: int) -> PromptState | None:
+        """The state of the prompts `keep` (indices into the `num_prompts` encoded) cut from `state`,
+        or None when this backend cannot (then the subset is encoded on its own)."""
+        return None
+
+    def decode_members(self, queries: torch.Tensor, states: Sequence[PromptState]) -> torch.Tensor:
+        """The same queries (B, C, R, R) against each of M states -> (M, B, R, R) float32 CPU logits."""
+        return torch.stack([self.decode(queries, state) for state in states])
+
+    def decode_each(self, queries: torch.Tensor, states: Sequence[PromptState]) -> torch.Tensor:
+        """Query m (of M, (M, C, R, R)) against state m -> (M, R, R) float32 CPU logits."""
+        return torch.cat([self.decode(query[None], state) for query, state in zip(queries, states)])

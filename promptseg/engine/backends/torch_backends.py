@@ -1,7 +1,10 @@
 """Eager PyTorch backends: `torch` (SDPA attention) and `triton` (the fused Triton kernels)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 
 from promptseg.engine.backends.base import InferenceBackend
 from promptseg.kernels import triton_available
@@ -26,6 +29,53 @@ class TorchBackend(InferenceBackend):
         with torch.inference_mode():
             return self.model.decode(queries.to(self.device), state).float().cpu()
 
+    def select_prompts(self, state: PromptEncoding, keep: Sequence[int], num_prompts: int) -> PromptEncoding | None:
+        """A slice of the prompt tokens (exact: every token comes from one prompt); None with a
+        prompt bottleneck, whose tokens mix the prompts."""
+        if self.config.bottleneck_tokens > 0:
+            return None
+        return select_prompt_tokens(state, keep, num_prompts)
+
+    def decode_members(self, queries: torch.Tensor, states: Sequence[PromptEncoding]) -> torch.Tensor:
+        """(B, C, R, R) against M states in one batch of M groups, the query features computed once
+        -> (M, B, R, R) float32 CPU logits."""
+        with torch.inference_mode():
+            return self.model.decode_members(queries.to(self.device), stack_encodings(states)).float().cpu()
+
+    def decode_each(self, queries: torch.Tensor, states: Sequence[PromptEncoding]) -> torch.Tensor:
+        """Query m of (M, C, R, R) against state m, one batch of M groups -> (M, R, R) float32 CPU logits."""
+        with torch.inference_mode():
+            return self.model.decode(queries.to(self.device), stack_encodings(states)).float().cpu()
+
+
+def select_prompt_tokens(encoding: PromptEncoding, keep: Sequence[int], num_prompts: int) -> PromptEncoding:
+    """The encoding of prompts `keep` (indices into the `num_prompts` of a one-group encoding without
+    a bottleneck, whose Nk keys are prompt-major: Nk / num_prompts tokens per prompt)."""
+    keys, values = [], []
+    for stage_keys, stage_values in zip(encoding.keys, encoding.values):
+        per_prompt = stage_keys[0].shape[2] // num_prompts
+        index = torch.cat([torch.arange(p * per_prompt, (p + 1) * per_prompt) for p in keep]).to(stage_keys[0].device)
+        keys.append([k.index_select(2, index) for k in stage_keys])
+        values.append([v.index_select(2, index) for v in stage_values])
+    return PromptEncoding(keys, values, [None] * len(keys))
+
+
+def stack_encodings(encodings: Sequence[PromptEncoding]) -> PromptEncoding:
+    """M one-group encodings -> one encoding of M groups; stages whose key counts differ are padded
+    with zeros past each group's own count, which key_lengths (M,) records."""
+    if len(encodings) == 1:
+        return encodings[0]
+    keys, values, lengths = [], [], []
+    for stage in range(len(encodings[0].keys)):
+        counts = [e.keys[stage][0].shape[2] for e in encodings]
+        top = max(counts)
+        entries = range(len(encodings[0].keys[stage]))
+        keys.append([torch.cat([_padded(e.keys[stage][i], top) for e in encodings]) for i in entries])
+        values.append([torch.cat([_padded(e.values[stage][i], top) for e in encodings]) for i in entries])
+        device = encodings[0].keys[stage][0].device
+        lengths.append(None if len(set(counts)) == 1 else torch.tensor(counts, dtype=torch.long, device=device))
+    return PromptEncoding(keys, values, lengths)
+
 
 class TritonBackend(TorchBackend):
     """Eager model whose attention runs the fused Triton kernels (CUDA; the interpreter on CPU)."""
@@ -44,3 +94,8 @@ class ReferenceBackend(TorchBackend):
 
     name = "reference"
     attention = "reference"
+
+
+def _padded(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """(G, H, n, D) -> (G, H, count, D), zeros past n."""
+    return F.pad(tensor, (0, 0, 0, count - tensor.shape[2])) if tensor.shape[2] < count else tensor
