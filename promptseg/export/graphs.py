@@ -11,6 +11,7 @@ encoding is fully described by its keys and values, so:
 where i runs over attention stages, e over the entries of a stage (ModelConfig.encoding_entries:
 blocks b0, b1, ..., then `propagation` for models with label propagation) and n_i is the number
 of tokens one prompt contributes at stage i. Both are dynamic in K; the decoder is dynamic in B.
+A "vit" model has one stage (i = 0) whose entries are its transformer layers, with n_0 = 2 (R / p) ** 2.
 """
 from __future__ import annotations
 
@@ -41,24 +42,34 @@ def graph_paths(folder: str | os.PathLike) -> dict[str, Path]:
     return {role: graph_path(folder, role) for role in GRAPH_ROLES}
 
 
+def stage_widths(config: ModelConfig) -> list[int]:
+    """Channel width H * D of the encoding tensors of each attention-stage index i: widths[s_i] for
+    the conv design's stages s_i, [decoder_width] for a "vit" model (one stage)."""
+    if config.architecture == "vit":
+        return [config.decoder_width]
+    return [config.widths[stage] for stage in config.attention_stages]
+
+
 def encoding_names(config: ModelConfig) -> list[str]:
     """Names of the flattened PromptEncoding tensors, keys then values, stage-major."""
-    stages = range(len(config.attention_stages))
+    stages = range(len(stage_widths(config)))
     return [f"{kind}_s{s}_{entry}" for kind in ENCODING_KINDS for s in stages for entry in config.encoding_entries]
 
 
 def encoding_stages(config: ModelConfig) -> list[int]:
     """Attention-stage index i (into config.attention_stages) of each tensor, in `encoding_names` order."""
-    stages = range(len(config.attention_stages))
+    stages = range(len(stage_widths(config)))
     return [s for _kind in ENCODING_KINDS for s in stages for _entry in config.encoding_entries]
 
 
 def tokens_per_prompt(config: ModelConfig) -> list[int | None]:
     """n_i per attention-stage index i: the encoding tokens one prompt adds, (R / 2 ** (s_i + 1)) ** 2
-    for stage s_i of stride 2 ** (s_i + 1); None with a prompt bottleneck, whose count is fixed
-    (bottleneck_tokens) whatever K is."""
+    for stage s_i of stride 2 ** (s_i + 1), 2 (R / patch_size) ** 2 (image and map tokens) for a
+    "vit" model; None with a prompt bottleneck, whose count is fixed (bottleneck_tokens) whatever K is."""
     if config.bottleneck_tokens > 0:
-        return [None] * len(config.attention_stages)
+        return [None] * len(stage_widths(config))
+    if config.architecture == "vit":
+        return [2 * (config.resolution // config.patch_size) ** 2]
     return [(config.resolution // 2 ** (stage + 1)) ** 2 for stage in config.attention_stages]
 
 
@@ -76,7 +87,7 @@ def flatten_encoding(encoding: PromptEncoding) -> tuple[torch.Tensor, ...]:
 
 def unflatten_encoding(tensors: Sequence[torch.Tensor], config: ModelConfig) -> PromptEncoding:
     """Inverse of `flatten_encoding` for a model with `config`."""
-    stages, depth = len(config.attention_stages), len(config.encoding_entries)
+    stages, depth = len(stage_widths(config)), len(config.encoding_entries)
     if len(tensors) != 2 * stages * depth:
         raise ValueError(f"expected {2 * stages * depth} encoding tensors, got {len(tensors)}")
     half = stages * depth

@@ -42,8 +42,18 @@ from torch.export import Dim
 import promptseg
 from promptseg.errors import InputError
 from promptseg.export.graphs import (
-    GRAPH_ROLES, LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, PromptEncoderGraph, QueryDecoderGraph,
-    config_differences, encoding_names, encoding_stages, example_inputs, graph_paths,
+    GRAPH_ROLES,
+    LOGITS_NAME,
+    PROMPT_INPUT_NAMES,
+    QUERY_INPUT_NAME,
+    PromptEncoderGraph,
+    QueryDecoderGraph,
+    config_differences,
+    encoding_names,
+    encoding_stages,
+    example_inputs,
+    graph_paths,
+    stage_widths,
 )
 from promptseg.model import ModelConfig, PromptSegNet
 
@@ -99,7 +109,7 @@ def export_protos(model: PromptSegNet, opset: int, dtype: torch.dtype) -> dict[s
         encoding = PromptEncoderGraph(traced)(*prompts)
     names = encoding_names(config)
     shots = Dim("prompts", min=1, max=config.max_prompts)
-    tokens = [Dim(f"tokens_s{stage}", min=1) for stage in range(len(config.attention_stages))]
+    tokens = [Dim(f"tokens_s{stage}", min=1) for stage in range(len(stage_widths(config)))]
     token_axes = tuple({2: tokens[stage]} for stage in encoding_stages(config))
     encoder = trace(
         PromptEncoderGraph(traced).eval(), prompts, list(PROMPT_INPUT_NAMES), names,
@@ -230,7 +240,7 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise InputError(path, "not found; create it with `promptseg export --format onnx`")
     try:
         proto = onnx.load_model(path, load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
+    except Exception as exc:  # noqa: BLE001  # protobuf's DecodeError and friends
         raise InputError(path, f"not a readable ONNX file ({type(exc).__name__})") from None
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
     missing = [key for key in REQUIRED_METADATA if key not in metadata]

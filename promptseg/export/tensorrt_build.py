@@ -33,7 +33,14 @@ from typing import Any, NamedTuple
 from promptseg.data.io import atomic_write
 from promptseg.errors import InputError, PromptSegError
 from promptseg.export.graphs import (
-    GRAPH_ROLES, LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, encoding_names, encoding_stages, graph_paths,
+    GRAPH_ROLES,
+    LOGITS_NAME,
+    PROMPT_INPUT_NAMES,
+    QUERY_INPUT_NAME,
+    encoding_names,
+    encoding_stages,
+    graph_paths,
+    stage_widths,
     tokens_per_prompt,
 )
 from promptseg.model import ModelConfig
@@ -87,7 +94,7 @@ def encoding_tokens(config: ModelConfig, stage_index: int, prompts: int) -> int:
 
 def encoding_shape(config: ModelConfig, stage_index: int, prompts: int) -> Shape:
     """(1, H, T, D) of every keys/values tensor of stage `stage_index`: H heads of head_dim D."""
-    width = config.widths[config.attention_stages[stage_index]]
+    width = stage_widths(config)[stage_index]
     return 1, width // config.head_dim, encoding_tokens(config, stage_index, prompts), config.head_dim
 
 

@@ -30,7 +30,8 @@ class Attention(nn.Module):
     PromptSegNet.set_attention_backend).
 
     `project_keys` maps context tokens (G, Nk, C) to k, v (G, H, Nk, D); `forward` attends queries
-    x (B, Nq, C) with B a multiple of G to them and returns (B, Nq, C).
+    x (B, Nq, C) with B a multiple of G to them (and, given own_k, own_v (B, H, Ns, D), to each
+    query's own keys in the same softmax) and returns (B, Nq, C).
     """
 
     def __init__(self, dim: int, head_dim: int) -> None:
@@ -47,10 +48,16 @@ class Attention(nn.Module):
         return split_heads(self.k_proj(keys), self.head_dim), split_heads(self.v_proj(values), self.head_dim)
 
     def forward(
-        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_lengths: torch.Tensor | None = None,
+        own_k: torch.Tensor | None = None,
+        own_v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q = split_heads(self.q_proj(x), self.head_dim)
-        out = cross_attention(q, k, v, key_lengths=key_lengths, backend=self.backend)
+        out = cross_attention(q, k, v, key_lengths=key_lengths, backend=self.backend, own_k=own_k, own_v=own_v)
         return self.out_proj(merge_heads(out))
 
 

@@ -15,6 +15,14 @@ class ModelConfig:
     mark the strides where query tokens cross-attend to prompt tokens. `label_propagation` adds,
     at each attention stage, a label-propagation prior (promptseg.model.propagation) that feeds the
     decoder and, from the first attention stage, the output logits.
+
+    `architecture` "conv" is that design; "vit" is the PromptSeg paper's (promptseg.model.vit): a ViT
+    image encoder (patch_size, encoder_depth, encoder_width) and a transformer of attention_depth
+    layers of decoder_width over prompt-pair and query tokens, with resolution, in_channels,
+    head_dim, mlp_ratio, bottleneck_tokens, max_prompts and num_prompt_types as above; widths,
+    blocks_per_stage and attention_stages are unused and label_propagation must be false. The
+    architecture fields are left out of `to_dict` at their defaults, so configs of the conv design
+    serialise as before.
     """
 
     resolution: int = 128
@@ -29,9 +37,17 @@ class ModelConfig:
     label_propagation: bool = True
     max_prompts: int = 64
     num_prompt_types: int = 5
+    architecture: str = "conv"
+    patch_size: int = 16
+    encoder_depth: int = 12
+    encoder_width: int = 768
+    decoder_width: int = 768
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.architecture != "conv":
+            check_vit_config(self)
+            return
         if self.resolution % (2 ** len(self.widths)) != 0:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {2 ** len(self.widths)}")
         if self.in_channels not in (1, 3):
@@ -51,7 +67,12 @@ class ModelConfig:
         return blocks + (("propagation",) if self.label_propagation else ())
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Field values; ARCHITECTURE_FIELDS at their defaults are left out."""
+        data = dataclasses.asdict(self)
+        for name, default in ARCHITECTURE_FIELDS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -71,3 +92,37 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+# Fields of the second architecture with their defaults (left out of ModelConfig.to_dict at these
+# values) and the ranges of its integer fields.
+ARCHITECTURE_FIELDS: dict[str, Any] = {
+    "architecture": "conv", "patch_size": 16, "encoder_depth": 12, "encoder_width": 768, "decoder_width": 768,
+}
+VIT_INT_RANGES: dict[str, tuple[int, int]] = {
+    "patch_size": (1, 256), "encoder_depth": (0, 64), "encoder_width": (1, 4096), "decoder_width": (1, 4096),
+}
+
+
+def check_vit_config(config: ModelConfig) -> None:
+    """ValueError (TypeError for a non-integer) unless `config` describes a valid "vit" model."""
+    if config.architecture != "vit":
+        raise ValueError(f"architecture must be 'conv' or 'vit', got {config.architecture!r}"[:200])
+    for name, (low, high) in VIT_INT_RANGES.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}"[:200])
+        if not low <= value <= high:
+            raise ValueError(f"{name} must lie in {low}..{high}, got {value}")
+    if config.in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {config.in_channels}")
+    if config.resolution % config.patch_size != 0:
+        raise ValueError(f"resolution {config.resolution} must be a multiple of patch_size {config.patch_size}")
+    if config.label_propagation:
+        raise ValueError("architecture vit has no label propagation; set label_propagation to false")
+    for name in ("encoder_width", "decoder_width"):
+        width = getattr(config, name)
+        if width % config.head_dim != 0:
+            raise ValueError(f"{name} {width} is not a multiple of head_dim {config.head_dim}")
+        if int(width * config.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio {config.mlp_ratio:g} leaves no hidden units at {name} {width}")

@@ -11,6 +11,7 @@ from promptseg.model.encoder import SharedEncoder
 from promptseg.model.prompt_encoder import PromptEncoder, PromptEncoding
 from promptseg.model.propagation import LabelPropagation
 from promptseg.model.query_decoder import QueryDecoder
+from promptseg.model.vit import build_vit
 
 
 class PromptSegNet(nn.Module):
@@ -23,6 +24,11 @@ class PromptSegNet(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = config or ModelConfig()
+        if self.config.architecture == "vit":  # the paper's design (promptseg.model.vit), same interface
+            self.encoder, self.embedding, self.blocks, self.prompt_encoder, self.query_decoder = build_vit(self.config)
+            self.propagations = None
+            self.set_attention_backend("sdpa")
+            return
         encoder = SharedEncoder(self.config)
         blocks = nn.ModuleList(
             nn.ModuleList(
