@@ -1,4 +1,4 @@
-"""Command-line interface: `promptseg segment | train | eval | export | bench | demo` (DESIGN.md section 5).
+"""Command-line interface: `promptseg segment | batch | train | eval | export | bench | demo` (DESIGN.md section 5).
 
 Failures a user can fix (PromptSegError and its subclasses, and bad arguments) print one line
 `promptseg: error: <reason>` to stderr and exit with 2; Ctrl-C exits with 130. Any other exception
@@ -12,11 +12,11 @@ import warnings
 from typing import NoReturn, Sequence, TextIO
 
 from promptseg import __version__
-from promptseg.cli import bench, demo, export, segment, train
+from promptseg.cli import batch, bench, demo, export, segment, train
 from promptseg.cli import eval as eval_command
 from promptseg.errors import PromptSegError
 
-SUBCOMMANDS = (segment, train, eval_command, export, bench, demo)
+SUBCOMMANDS = (segment, batch, train, eval_command, export, bench, demo)
 
 
 def _one_line(text: object) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -389,3 +389,68 @@ def _decode(ds: Any) -> np.ndarray:
         return ds.pixel_array
     except Exception as exc:  # noqa: BLE001 (truncated or undecodable pixel data)
         raise InputError(ds.filename, f"unreadable pixel data ({short_reason(exc)})") from None
+
+
+def _highdicom(source: str) -> Any:
+    """The highdicom module, or an InputError naming `source` and the extra that installs it."""
+    try:
+        import highdicom
+    except ImportError:
+        raise InputError(source, f"writing DICOM-SEG needs highdicom, which is not installed: {DICOM_EXTRA}") from None
+    return highdicom
+
+
+def label_name(label: int, names: Mapping[int, str] | None) -> str:
+    """The segment label of `label`: its entry in `names`, else "label N"."""
+    return (names or {}).get(label) or f"label {label}"
+
+
+def segmentation(
+    source: DicomSource, values: np.ndarray, labels: Sequence[int], names: Mapping[int, str] | None = None,
+    fractional: bool = False, series_number: int = 900, uid_seed: str | None = None,
+) -> Any:
+    """A DICOM Segmentation (highdicom) of the source series: one segment per label, named by label_name.
+
+    values: (L, X, Y, Z) in the source volume's grid (as read_dicom gives it): bool masks, or with
+    `fractional` probabilities in [0, 1] (stored as a FRACTIONAL SEG, 8 bits). The frames reference
+    the source instances (or frames of a multi-frame source) and copy their plane positions.
+    uid_seed: derive the new series and instance UIDs from it and the source series (so a rerun gives
+    the same UIDs); None: random UIDs."""
+    hd = _highdicom(source.path)
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from promptseg import __version__
+
+    values = np.asarray(values)
+    if values.ndim != 4 or values.shape[0] != len(labels):
+        raise ValueError(f"values must be (L, X, Y, Z) with L = {len(labels)} labels, got shape {values.shape}")
+    order = range(values.shape[3]) if source.frame_order is None else source.frame_order
+    pixels = np.stack([values[:, :, :, z].transpose(2, 1, 0) for z in order])  # (frames, rows, columns, L)
+    if not fractional:
+        pixels = pixels.astype(bool)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="PromptSeg", version=__version__, family=codes.cid7162.ArtificialIntelligence)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label_name(label, names),
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=codes.SCT.AnatomicalStructure,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
+        for number, label in enumerate(labels, start=1)
+    ]
+    seeds = [None, None] if uid_seed is None else [[source.series_uid, uid_seed, role] for role in ("series", "instance")]
+    series_uid, instance_uid = (hd.UID() if seed is None else generate_uid(entropy_srcs=seed) for seed in seeds)
+    kind = hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+    return hd.seg.Segmentation(
+        source_images=source.datasets, pixel_array=pixels, segmentation_type=kind,
+        segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=series_number,
+        sop_instance_uid=instance_uid, instance_number=1, manufacturer="PromptSeg",
+        manufacturer_model_name="PromptSeg", software_versions=__version__, device_serial_number="0",
+        series_description="PromptSeg probabilities" if fractional else "PromptSeg segmentation",
+    )
+
+
+def segmentation_writer(segmentation_object: Any) -> Callable[[str], None]:
+    """A writer (for io.atomic_write) saving a Segmentation as a DICOM Part 10 file."""
+    return lambda temporary: segmentation_object.save_as(temporary, enforce_file_format=True)

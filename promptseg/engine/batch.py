@@ -1,0 +1,508 @@
+"""Batch segmentation jobs (`promptseg batch`, issue 19): a JSONL file of jobs, a job log that makes a
+rerun resume, prompt sets encoded once, and queries of one prompt set decoded together.
+
+A job is one JSON object a line:
+
+    {"query": "scan.nii.gz", "prompts": [["p0.png", "p0_mask.png"], ...], "label": 2, "out": "case7",
+     "truth": "scan_labels.nii.gz"}
+    {"query": "ct_series/", "prompt_volume": ["atlas.nii.gz", "atlas_labels.nii.gz"], "label": [1, 2]}
+
+Relative paths are taken from the jobs file's folder. The work is cut into units (run_unit): the 2D
+queries of one prompt set in fixed groups of max_batch (fixed by the jobs file, not by what is left to
+do, so a resumed run batches exactly as a clean one and gives the same bits), and each volume alone.
+The driver (run_batch) appends to DIR/batch_log.jsonl a "start" record before a job runs and a "done"
+or "failed" one after its files are in place; a rerun skips the done jobs of unchanged specification,
+and a started job may replace its own files. Both engines (local, ray) run the same units.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from promptseg.data.io import (
+    NIFTI_EXTENSIONS,
+    ImageData,
+    atomic_write,
+    file_extension,
+    read_image,
+    read_label,
+    slice_volume,
+    strip_extension,
+    write_nifti_like,
+    write_png,
+    write_text,
+)
+from promptseg.data.preprocess import all_finite, prepare_image
+from promptseg.engine.prompts_input import Prompt
+from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
+from promptseg.errors import InputError, PromptSegError, short_reason
+
+LOG_NAME = "batch_log.jsonl"
+SUMMARY_NAME = "summary.csv"
+JOB_KEYS = ("query", "prompts", "prompt_volume", "label", "out", "truth")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt set as the jobs file names it: (image, mask or label map) pairs, or a prompt volume
+    with its label volume from which `slices` slices holding the labels are taken along `axis`."""
+
+    pairs: tuple[tuple[str, str], ...] = ()
+    volume: tuple[str, str] | None = None
+    labels: tuple[int, ...] | None = None
+    axis: int = 2
+    slices: int = 8
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line of the jobs file. outputs: kind -> path (mask, prob or prob_labelN, seg, prob_seg)."""
+
+    name: str
+    line: int
+    query: str
+    prompts: PromptSpec
+    truth: str | None
+    digest: str  # of the job's specification and the options that change its outputs
+    outputs: tuple[tuple[str, str], ...]
+
+    @property
+    def volume(self) -> bool:
+        """Whether the query is a 3D input (NIfTI or DICOM), segmented slice by slice."""
+        return _kind_of(self.query) != "2d"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options every job shares: threshold, slicing axis, probability files, label names, overwrite."""
+
+    threshold: float = 0.5
+    axis: int = 2
+    probabilities: bool = False
+    label_names: tuple[tuple[int, str], ...] = ()
+    overwrite: bool = False
+    prompt_slices: int = 8
+
+
+@dataclass
+class JobResult:
+    """What one job came to: status "done" or "failed", seconds, Dice against its truth, reason."""
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    dice: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class Unit:
+    """Jobs run together: the 2D queries of one prompt set (at most max_batch), or one volume.
+    pending: the names of the unit's jobs still to do (the others are computed but not written);
+    replace: those allowed to replace their existing files (--overwrite, or started by an earlier run)."""
+
+    jobs: list[Job]
+    pending: set[str] = field(default_factory=set)
+    replace: set[str] = field(default_factory=set)  # pending jobs that may replace existing outputs
+
+    @property
+    def prompts(self) -> PromptSpec:
+        return self.jobs[0].prompts
+
+
+def _kind_of(path: str) -> str:
+    """'dicom', 'nifti' or '2d' for a query path (decided without reading it)."""
+    from promptseg.data.dicom import is_dicom_input
+
+    if file_extension(path) in NIFTI_EXTENSIONS:
+        return "nifti"
+    return "dicom" if is_dicom_input(path) else "2d"
+
+
+def _labels(value: Any, where: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise InputError(where, f"'label' must be a positive integer or a list of them, got {json.dumps(value)}")
+    if len(set(values)) != len(values):
+        raise InputError(where, f"'label' repeats a value: {json.dumps(value)}")
+    return tuple(values)
+
+
+def _path(value: Any, base: str, where: str, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InputError(where, f"'{key}' must be a path, got {json.dumps(value)}")
+    return os.path.normpath(os.path.join(base, value))
+
+
+def _prompt_spec(entry: Mapping[str, Any], base: str, where: str, labels: tuple[int, ...] | None, options: Options) -> PromptSpec:
+    if ("prompts" in entry) == ("prompt_volume" in entry):
+        raise InputError(where, "needs exactly one of 'prompts' ([[image, mask], ...]) and 'prompt_volume' ([image, labels])")
+    if "prompts" in entry:
+        pairs = entry["prompts"]
+        if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise InputError(where, "'prompts' must be a non-empty list of [image, mask] pairs")
+        return PromptSpec(pairs=tuple((_path(i, base, where, "prompts"), _path(m, base, where, "prompts")) for i, m in pairs),
+                          labels=labels)
+    volume = entry["prompt_volume"]
+    if not isinstance(volume, list) or len(volume) != 2:
+        raise InputError(where, "'prompt_volume' must be [image, labels]")
+    return PromptSpec(volume=(_path(volume[0], base, where, "prompt_volume"), _path(volume[1], base, where, "prompt_volume")),
+                      labels=labels, axis=options.axis, slices=options.prompt_slices)
+
+
+def output_paths(name: str, kind: str, labels: tuple[int, ...] | None, out_dir: str, probabilities: bool) -> tuple[tuple[str, str], ...]:
+    """(kind, path) of every file a job writes: the mask (PNG for 2D, NIfTI for volumes), per-label or
+    single probabilities (.npy / NIfTI) with `probabilities`, and for DICOM queries a DICOM-SEG
+    (`_seg.dcm`, and `_prob_seg.dcm` FRACTIONAL with `probabilities`)."""
+    volume = kind != "2d"
+    kinds = {"mask": ".nii.gz" if volume else ".png"}
+    if probabilities:
+        several = labels is not None and len(labels) > 1
+        for label in labels if several else (None,):
+            kinds[f"prob_label{label}" if several else "prob"] = ".nii.gz" if volume else ".npy"
+    if kind == "dicom":
+        kinds["seg"] = ".dcm"
+        if probabilities:
+            kinds["prob_seg"] = ".dcm"
+    return tuple((k, os.path.join(out_dir, f"{name}_{k}{ext}")) for k, ext in kinds.items())
+
+
+def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
+    """Parse and check the jobs file; InputError naming `path:LINE` for the first bad line (before any work)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the jobs file ({short_reason(exc)})") from None
+    base = os.path.dirname(os.path.abspath(path))
+    jobs: list[Job] = []
+    owners: dict[str, int] = {}
+    shared = json.dumps([options.threshold, options.axis, options.probabilities, options.label_names, options.prompt_slices])
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(where, f"not a JSON object ({exc.msg})") from None
+        if not isinstance(entry, dict):
+            raise InputError(where, "not a JSON object")
+        unknown = sorted(set(entry) - set(JOB_KEYS))
+        if unknown:
+            raise InputError(where, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (known: {', '.join(JOB_KEYS)})")
+        if "query" not in entry:
+            raise InputError(where, "needs a 'query'")
+        query = _path(entry["query"], base, where, "query")
+        labels = _labels(entry.get("label"), where)
+        prompts = _prompt_spec(entry, base, where, labels, options)
+        name = entry.get("out", strip_extension(os.path.basename(query.rstrip(os.sep))))
+        if not isinstance(name, str) or not name or os.sep in name or name.startswith("."):
+            raise InputError(where, f"'out' must be a plain file name, got {json.dumps(name)}")
+        if name in owners:
+            raise InputError(where, f"gives the same output name '{name}' as line {owners[name]}; set 'out' on one of them")
+        owners[name] = number
+        truth = None if entry.get("truth") is None else _path(entry["truth"], base, where, "truth")
+        digest = hashlib.sha256(json.dumps([entry, shared], sort_keys=True).encode()).hexdigest()[:16]
+        outputs = output_paths(name, _kind_of(query), labels, out_dir, options.probabilities)
+        jobs.append(Job(name, number, query, prompts, truth, digest, outputs))
+    if not jobs:
+        raise InputError(path, "holds no jobs")
+    return jobs
+
+
+def plan_units(jobs: Sequence[Job], max_batch: int) -> list[Unit]:
+    """Cut the jobs into units: per prompt set (in order of first use), its 2D queries in groups of
+    max_batch in file order, and each volume query alone."""
+    by_prompts: dict[PromptSpec, list[Job]] = {}
+    for job in jobs:
+        by_prompts.setdefault(job.prompts, []).append(job)
+    units = []
+    for members in by_prompts.values():
+        flat = [job for job in members if not job.volume]
+        units += [Unit(flat[n : n + max_batch]) for n in range(0, len(flat), max_batch)]
+        units += [Unit([job]) for job in members if job.volume]
+    return units
+
+
+class JobLog:
+    """The append-only job log DIR/batch_log.jsonl: one JSON record a line, flushed to disk each time.
+
+    A line torn by a kill is ignored when read back."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.path = os.path.join(out_dir, LOG_NAME)
+        self.started: dict[str, str] = {}  # job name -> digest of its last start
+        self.finished: dict[str, tuple[str, JobResult]] = {}  # job name -> (digest, result)
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8", errors="replace") as handle:
+                for text in handle:
+                    self._load(text)
+        os.makedirs(out_dir, exist_ok=True)
+        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
+
+    def _load(self, text: str) -> None:
+        try:
+            record = json.loads(text)
+            name, digest, event = record["job"], record["digest"], record["event"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return
+        if event == "start":
+            self.started[name] = digest
+        elif event in ("done", "failed"):
+            self.finished[name] = (digest, JobResult(name, event, float(record.get("seconds", 0.0)),
+                                                     record.get("dice"), record.get("reason", "")))
+
+    def done(self, job: Job) -> JobResult | None:
+        """The logged result of `job` if it finished successfully with the same specification."""
+        entry = self.finished.get(job.name)
+        return entry[1] if entry is not None and entry[0] == job.digest and entry[1].status == "done" else None
+
+    def was_started(self, job: Job) -> bool:
+        return self.started.get(job.name) == job.digest
+
+    def append(self, job: Job, event: str, result: JobResult | None = None) -> None:
+        record: dict[str, Any] = {"job": job.name, "digest": job.digest, "event": event}
+        if result is not None:
+            record.update(seconds=round(result.seconds, 4), dice=result.dice, reason=result.reason)
+            self.finished[job.name] = (job.digest, result)
+        else:
+            self.started[job.name] = job.digest
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _prompt_volume_pairs(spec: PromptSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Up to spec.slices (H, W) image and label slices of the prompt volume along spec.axis, evenly
+    spaced among the slices holding one of the labels (any label when none are named)."""
+    image_path, label_path = spec.volume  # type: ignore[misc]
+    image, labels = read_image(image_path), read_label(label_path)
+    if image.array.ndim != 3 or labels.array.shape != image.array.shape:
+        raise InputError(label_path, f"prompt labels of shape {labels.array.shape} do not match the prompt volume "
+                         f"{image.array.shape}")
+    images, maps = slice_volume(image.array, spec.axis), slice_volume(labels.array, spec.axis)
+    wanted = maps > 0 if spec.labels is None else np.isin(maps, spec.labels)
+    holding = np.flatnonzero(wanted.reshape(len(maps), -1).any(axis=1))
+    if not holding.size:
+        raise InputError(label_path, f"no slice along axis {spec.axis} holds "
+                         f"{'a label' if spec.labels is None else 'label ' + ', '.join(map(str, spec.labels))}")
+    chosen = holding[np.unique(np.linspace(0, len(holding) - 1, min(spec.slices, len(holding))).round().astype(int))]
+    return [images[n] for n in chosen], [maps[n] for n in chosen]
+
+
+def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts]:
+    """Encode a prompt set: one EncodedPrompts per label (key 1 without labels: any non-zero value).
+    The Segmenter's prompt cache keys the encodings by content, so a prompt set is encoded once."""
+    if spec.volume is not None:
+        images, maps = _prompt_volume_pairs(spec)
+    else:
+        images, maps = [i for i, _ in spec.pairs], [m for _, m in spec.pairs]
+    if spec.labels is not None and len(spec.labels) > 1:
+        return segmenter.encode_labels(images, maps, spec.labels)
+    label = spec.labels[0] if spec.labels else None
+    prompts = [Prompt(image=i, kind="mask", mask=m) for i, m in zip(images, maps)]
+    return {label or 1: segmenter.encode_prompts(prompts, label=label)}
+
+
+def dice(mask: np.ndarray, truth: np.ndarray) -> float:
+    """Dice (percent) of two boolean arrays of one shape; 100 when both are empty."""
+    total = int(mask.sum()) + int(truth.sum())
+    return 100.0 if total == 0 else 200.0 * int(np.logical_and(mask, truth).sum()) / total
+
+
+def _score(job: Job, result: LabelResult, masks: np.ndarray) -> float | None:
+    """Mean Dice over the labels of `masks` (L, *spatial) against the job's truth label file."""
+    if job.truth is None:
+        return None
+    truth = read_label(job.truth).array
+    if truth.shape != masks.shape[1:]:
+        raise InputError(job.truth, f"truth of shape {truth.shape} does not match the query's {masks.shape[1:]}")
+    if job.prompts.labels is None:
+        return dice(masks[0], truth > 0)
+    return float(np.mean([dice(m, truth == label) for m, label in zip(masks, result.labels)]))
+
+
+def _writers(job: Job, data: ImageData, result: LabelResult, options: Options) -> tuple[list[tuple[str, Callable[[str, bool], None]]], np.ndarray]:
+    """(path, write(path, overwrite)) of every output of `job` (all arrays computed up front) and the
+    (L, *spatial) bool masks. PromptSegError when the model gave non-finite probabilities."""
+    if not all_finite(result.probabilities):
+        raise PromptSegError("the model gave non-finite probabilities (NaN or Inf); nothing was written")
+    outputs = dict(job.outputs)
+    several = len(result.labels) > 1
+    label_map = result.label_map if several else None
+    masks = (np.stack([label_map == label for label in result.labels]) if several
+             else result.probabilities[:1] > options.threshold)
+    volume = job.volume
+    writes: list[tuple[str, Callable[[str, bool], None]]] = []
+    mask = label_map if several else masks[0].astype(np.uint8) * (1 if volume else 255)
+    if volume:
+        writes.append((outputs["mask"], lambda p, o: write_nifti_like(p, mask, data, o)))
+    else:
+        writes.append((outputs["mask"], lambda p, o: write_png(p, mask, o)))
+    for index, label in enumerate(result.labels):
+        kind = f"prob_label{label}" if several else "prob"
+        if kind in outputs:
+            values = result.probabilities[index]
+            if volume:
+                writes.append((outputs[kind], lambda p, o, v=values: write_nifti_like(p, v, data, o)))
+            else:
+                writes.append((outputs[kind], lambda p, o, v=values: atomic_write(p, lambda t: np.save(t, v), o)))
+    if "seg" in outputs:
+        from promptseg.data.dicom import segmentation, segmentation_writer
+
+        names = dict(options.label_names)
+        source = data.dicom  # type: ignore[attr-defined]
+        for kind, values, fractional in (("seg", masks, False), ("prob_seg", result.probabilities, True)):
+            if kind in outputs:
+                writer = segmentation_writer(segmentation(source, values, result.labels, names, fractional,
+                                                          uid_seed=f"{job.digest}:{kind}"))
+                writes.append((outputs[kind], lambda p, o, w=writer: atomic_write(p, w, o)))
+    return writes, masks
+
+
+def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResult]:
+    """Segment every job of `unit` and write the outputs of its pending ones; one JobResult per
+    pending job. A job's failure (unreadable query, bad truth, unwritable output) is its result's
+    one-line reason; a failure of the prompt set fails every pending job of the unit."""
+    start = time.perf_counter()
+    results: dict[str, JobResult] = {}
+    try:
+        encoded = encode(segmenter, unit.prompts)
+    except (PromptSegError, MemoryError) as exc:
+        reason = f"prompts: {_reason(exc)}"
+        return [JobResult(job.name, "failed", 0.0, None, reason) for job in unit.jobs if job.name in unit.pending]
+    loaded: list[tuple[Job, ImageData]] = []
+    for job in unit.jobs:
+        try:
+            data = read_image(job.query)
+            if job.volume and data.affine is None:
+                raise InputError(job.query, "expected a 3D NIfTI or DICOM volume")
+            if not job.volume:
+                prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
+            loaded.append((job, data))
+        except (PromptSegError, MemoryError) as exc:
+            results[job.name] = JobResult(job.name, "failed", 0.0, None, _reason(exc))
+    if loaded:
+        try:
+            if unit.jobs[0].volume:
+                predictions = [segmenter.segment_volume_labels(loaded[0][1], encoded, options.axis, options.threshold)]
+            else:
+                predictions = segmenter.segment_labels([d.array for _, d in loaded], encoded, options.threshold)
+        except (PromptSegError, MemoryError) as exc:
+            predictions = None
+            for job, _ in loaded:
+                results[job.name] = JobResult(job.name, "failed", 0.0, None, _reason(exc))
+        share = (time.perf_counter() - start) / len(unit.jobs)
+        for (job, data), result in zip(loaded, predictions or []):
+            if job.name not in unit.pending:
+                continue
+            began = time.perf_counter()
+            try:
+                writes, masks = _writers(job, data, result, options)
+                score = _score(job, result, masks)
+                for path, write in writes:
+                    write(path, job.name in unit.replace)
+                results[job.name] = JobResult(job.name, "done", share + time.perf_counter() - began, score)
+            except (PromptSegError, MemoryError) as exc:
+                results[job.name] = JobResult(job.name, "failed", share, None, _reason(exc))
+    return [results[job.name] for job in unit.jobs if job.name in unit.pending]
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason for a job's failure."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+Executor = Callable[[Sequence[Unit], Callable[[Unit], None]], Iterator[tuple[Unit, list[JobResult]]]]
+
+
+def local_executor(segmenter: Segmenter, options: Options) -> Executor:
+    """Run the units one after the other in this process with `segmenter` (its prompt cache keeps
+    each prompt set's encoding across units)."""
+
+    def execute(units: Sequence[Unit], started: Callable[[Unit], None]) -> Iterator[tuple[Unit, list[JobResult]]]:
+        for unit in units:
+            started(unit)
+            yield unit, run_unit(segmenter, unit, options)
+
+    return execute
+
+
+def run_batch(
+    jobs: Sequence[Job], out_dir: str, options: Options, max_batch: int, execute: Executor,
+    progress: Callable[[int, int], Any] | None = None,
+) -> list[JobResult]:
+    """Run the jobs not yet done (per the job log in `out_dir`) with `execute`, log each job's start
+    and end, and write `out_dir`/summary.csv; returns one JobResult per job in file order.
+
+    progress(total, already_done) returns an object with update(n) and close() (a tqdm bar), or None."""
+    os.makedirs(out_dir, exist_ok=True)
+    log = JobLog(out_dir)
+    results: dict[str, JobResult] = {}
+    runnable: list[Unit] = []
+    try:
+        for unit in plan_units(jobs, max_batch):
+            for job in unit.jobs:
+                previous = log.done(job)
+                if previous is not None:
+                    results[job.name] = previous
+                    continue
+                replace = options.overwrite or log.was_started(job)
+                existing = [path for _, path in job.outputs if os.path.exists(path)]
+                if existing and not replace:
+                    failure = JobResult(job.name, "failed", reason=f"{existing[0]}: output exists; pass --overwrite to replace it")
+                    log.append(job, "failed", failure)
+                    results[job.name] = failure
+                    continue
+                unit.pending.add(job.name)
+                if replace:
+                    unit.replace.add(job.name)
+            if unit.pending:
+                runnable.append(unit)
+        bar = progress(len(jobs), len(results)) if progress is not None else None
+        by_name = {job.name: job for job in jobs}
+
+        def started(unit: Unit) -> None:
+            for name in sorted(unit.pending):
+                log.append(by_name[name], "start")
+
+        for unit, unit_results in execute(runnable, started):
+            for result in unit_results:
+                log.append(by_name[result.name], result.status, result)
+                results[result.name] = result
+            if bar is not None:
+                bar.update(len(unit_results))
+        if bar is not None:
+            bar.close()
+    finally:
+        log.close()
+    ordered = [results[job.name] for job in jobs]
+    write_summary(os.path.join(out_dir, SUMMARY_NAME), jobs, ordered)
+    return ordered
+
+
+def write_summary(path: str, jobs: Sequence[Job], results: Sequence[JobResult]) -> None:
+    """The summary CSV: job, status, seconds, dice (empty without truth), reason and query, one row a job."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["job", "status", "seconds", "dice", "reason", "query"])
+    for job, result in zip(jobs, results):
+        writer.writerow([job.name, result.status, f"{result.seconds:.4f}",
+                         "" if result.dice is None else f"{result.dice:.2f}", result.reason, job.query])
+    write_text(path, buffer.getvalue(), overwrite=True)
