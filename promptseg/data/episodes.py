@@ -19,7 +19,7 @@ from promptseg.data.prompts import PROMPT_TYPES, SPARSE_KINDS, sparse_prompt_map
 from promptseg.data.synthetic import synthetic_task, synthetic_volume_task
 from promptseg.data.tasks import ArrayTask
 
-CHANNELS = 3  # model input channels (grayscale replicated), DESIGN.md section 2
+CHANNELS = 3  # model input channels (grayscale replicated), docs/design.md section 2.1
 VOLUME_QUERY_NONEMPTY_FRACTION = 0.6  # phantom-volume queries: 40 % may lack the target
 
 

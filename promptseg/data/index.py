@@ -1,4 +1,4 @@
-"""The task index: dataset folders -> in-memory ArrayTasks at the model resolution (DESIGN.md section 4).
+"""The task index: dataset folders -> in-memory ArrayTasks at the model resolution (docs/design.md section 4).
 
 Each non-zero label value of a dataset is one task; 3D cases contribute their slices along one axis.
 """

@@ -1,4 +1,4 @@
-"""Intensity normalisation and resizing to the model's input convention (DESIGN.md section 2).
+"""Intensity normalisation and resizing to the model's input convention (docs/design.md section 2.1).
 
 Model inputs are (C, R, R) float32 in [0, 1] with C = 3 (grayscale replicated); masks are (R, R).
 """

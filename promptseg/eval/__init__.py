@@ -1,4 +1,4 @@
-"""Evaluation: baselines, model predictor and the few-shot Dice report (DESIGN.md section 6)."""
+"""Evaluation: baselines, model predictor and the few-shot Dice report (docs/design.md section 8)."""
 from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline, Predictor, SmallUNet
 from promptseg.eval.evaluate import CellScore, EvalReport, episode_dice, evaluate
 

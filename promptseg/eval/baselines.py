@@ -1,4 +1,4 @@
-"""Predictors compared by `promptseg.eval.evaluate` (DESIGN.md section 6).
+"""Predictors compared by `promptseg.eval.evaluate` (docs/design.md section 8).
 
 Every predictor maps an Episode (K prompts, Q queries at resolution R) to foreground probabilities
 (Q, R, R) float32 in [0, 1] on the CPU:

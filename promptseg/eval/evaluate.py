@@ -1,4 +1,4 @@
-"""Few-shot evaluation: Dice of several predictors on identical fixed episodes (DESIGN.md section 6).
+"""Few-shot evaluation: Dice of several predictors on identical fixed episodes (docs/design.md section 8).
 
 For every task and K, `fixed_episodes` is built once and every predictor sees the same episodes,
 so the rows of the report are directly comparable (and per-episode scores are paired).

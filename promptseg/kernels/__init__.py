@@ -1,4 +1,4 @@
-"""Attention kernels behind one contract (DESIGN.md section 3).
+"""Attention kernels behind one contract (docs/design.md section 3).
 
 `cross_attention(q, k, v, key_lengths=None, bias=None, backend=..., own_k=None, own_v=None)`:
 q (B, H, Nq, D); k, v (G, H, Nk, D) with B a multiple of G (query b uses group b // (B // G));

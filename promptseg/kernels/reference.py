@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of query-to-prompt cross-attention (the contract of DESIGN.md section 3)."""
+"""Plain PyTorch reference of query-to-prompt cross-attention (the contract of docs/design.md section 3)."""
 from __future__ import annotations
 
 import torch

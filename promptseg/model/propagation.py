@@ -15,7 +15,7 @@ clicked tokens gets a neutral prior instead of a confident "background".
 
 The prompt side (k, v) depends only on the prompts and is cached with the rest of the
 PromptEncoding; the value tensor carries the label fraction in channel 0 and zeros elsewhere so
-that it has the shape of the attention contract (DESIGN.md section 3).
+that it has the shape of the attention contract (docs/design.md section 3).
 """
 from __future__ import annotations
 
