@@ -186,6 +186,7 @@ def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(path, f"cannot read the jobs file ({short_reason(exc)})") from None
     base = os.path.dirname(os.path.abspath(path))
+    out_dir = os.path.abspath(out_dir)  # the Ray engine's actors may run in other folders
     jobs: list[Job] = []
     owners: dict[str, int] = {}
     shared = json.dumps([options.threshold, options.axis, options.probabilities, options.label_names, options.prompt_slices])
