@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from promptseg.engine.backends.base import InferenceBackend
 from promptseg.engine.backends.torch_backends import TorchBackend
 from promptseg.kernels import default_backend
-from promptseg.model import ModelConfig, PromptEncoding, PromptSegNet
+from promptseg.model import PromptEncoding, PromptSegNet
 
 # Compiled shapes allowed before torch.compile raises: (batch buckets) x (prompt-count buckets) of
 # every realistic use (batches up to 2**9, K up to 64) with room to spare.
@@ -29,23 +29,19 @@ def size_bucket(size: int) -> int:
     return 1 << max(int(size) - 1, 0).bit_length()
 
 
-def stage_tokens_per_prompt(config: ModelConfig) -> list[int]:
-    """Tokens one prompt adds at each attention stage: (R / 2 ** (s + 1)) ** 2 for stage s."""
-    return [(config.resolution // 2 ** (stage + 1)) ** 2 for stage in config.attention_stages]
-
-
-def pad_prompt_tokens(encoding: PromptEncoding, config: ModelConfig) -> PromptEncoding:
-    """A one-group encoding of K prompts -> the same encoding with its keys and values (1, H, K*n, D)
-    zero-padded to (1, H, bucket(K)*n, D) per stage and key_lengths [K*n], so that any K of one
-    bucket gives the decoder the same shapes (padding keys are masked, so the logits are unchanged).
-    Encodings with a prompt bottleneck (fixed token counts) or key_lengths already set are returned as they are.
+def pad_prompt_tokens(encoding: PromptEncoding, prompts: int) -> PromptEncoding:
+    """A one-group encoding of K = `prompts` prompts -> the same encoding with each stage's keys and
+    values (1, H, K*n, D) zero-padded to (1, H, bucket(K)*n, D) and key_lengths [K*n], so that any K
+    of one bucket gives the decoder the same shapes (padding keys are masked: the logits are unchanged).
+    Encodings whose token counts are not K times a per-prompt count (a prompt bottleneck) or that
+    already carry key_lengths are returned as they are.
     """
-    if config.bottleneck_tokens > 0 or any(n is not None for n in encoding.key_lengths):
+    counts = [stage[0].shape[2] for stage in encoding.keys]
+    if any(n is not None for n in encoding.key_lengths) or any(tokens % prompts for tokens in counts):
         return encoding
     keys, values, lengths = [], [], []
-    for stage_keys, stage_values, per_prompt in zip(encoding.keys, encoding.values, stage_tokens_per_prompt(config)):
-        tokens = stage_keys[0].shape[2]
-        padding = size_bucket(tokens // per_prompt) * per_prompt - tokens
+    for stage_keys, stage_values, tokens in zip(encoding.keys, encoding.values, counts):
+        padding = (size_bucket(prompts) - prompts) * (tokens // prompts)
         keys.append([F.pad(t, (0, 0, 0, padding)) for t in stage_keys])
         values.append([F.pad(t, (0, 0, 0, padding)) for t in stage_values])
         lengths.append(torch.tensor([tokens], device=stage_keys[0].device))
@@ -78,7 +74,7 @@ class CompiledBackend(TorchBackend):
 
     def encode(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> PromptEncoding:
         """(1, K, C, R, R), (1, K, R, R), (1, K) -> the encoding padded to the bucket of K (`pad_prompt_tokens`)."""
-        return pad_prompt_tokens(super().encode(images, maps, types), self.config)
+        return pad_prompt_tokens(super().encode(images, maps, types), images.shape[1])
 
     def select_prompts(self, state: PromptEncoding, keep: Sequence[int], num_prompts: int) -> None:
         """None: a padded state is not cut by prompt (the subset is encoded, and padded, on its own)."""
