@@ -172,6 +172,14 @@ def test_dicom_query_gives_dicom_seg_equal_to_nifti_path(data: Path, checkpoint:
     mask = np.asarray(nifti_mask.dataobj)
     assert mask.any()
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / "dicom_mask.nii.gz").dataobj), mask)
+    segment = ["segment", "--query", str(tmp_path / "ct"), "--out", str(tmp_path / "single"), "--checkpoint",
+               str(checkpoint), "--device", "cpu", "--no-progress"]
+    for image, prompt_mask in PROMPTS_A:
+        segment += ["--prompt", str(data / image), str(data / prompt_mask)]
+    assert main(segment) == 0  # `promptseg segment` takes the series folder too, with a NIfTI mask
+    single = nib.load(tmp_path / "single" / "ct_mask.nii.gz")
+    np.testing.assert_array_equal(np.asarray(single.dataobj), mask)
+    np.testing.assert_allclose(single.affine, series.affine, atol=1e-5)
     seg = hd.seg.segread(tmp_path / "out" / "dicom_seg.dcm")
     assert seg.SegmentSequence[0].SegmentLabel == "lesion"
     uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]  # slice order

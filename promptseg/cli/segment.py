@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from promptseg.cli.common import add_backend_argument, backend_options, add_model_arguments, load_segmenter
+from promptseg.data.dicom import is_dicom_input
 from promptseg.data.io import (
     NIFTI_EXTENSIONS,
     ImageData,
@@ -149,7 +150,7 @@ def plan_outputs(
         if name in owners:
             raise InputError(path, f"gives the same output name '{name}' as {owners[name]}; rename one of them")
         owners[name] = path
-        nifti = file_extension(path) in NIFTI_EXTENSIONS
+        nifti = file_extension(path) in NIFTI_EXTENSIONS or is_dicom_input(path)  # DICOM: NIfTI outputs
         extensions = {"mask": ".nii.gz" if nifti else ".png"}
         if probabilities:
             kinds = [f"prob_label{label}" for label in labels] if len(labels) > 1 else ["prob"]
