@@ -31,8 +31,9 @@ class TorchBackend(InferenceBackend):
 
     def select_prompts(self, state: PromptEncoding, keep: Sequence[int], num_prompts: int) -> PromptEncoding | None:
         """A slice of the prompt tokens (exact: every token comes from one prompt); None with a
-        prompt bottleneck, whose tokens mix the prompts."""
-        if self.config.bottleneck_tokens > 0:
+        prompt bottleneck, whose tokens mix the prompts, and for a "vit" model, whose prompt tokens
+        attend to one another from the first layer on."""
+        if self.config.bottleneck_tokens > 0 or self.config.architecture == "vit":
             return None
         return select_prompt_tokens(state, keep, num_prompts)
 
