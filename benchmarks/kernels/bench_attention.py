@@ -4,8 +4,14 @@ Run from the repository root on a CUDA machine:
 
     python -m benchmarks.kernels.bench_attention            # full grid
     python -m benchmarks.kernels.bench_attention --quick    # a handful of shapes
+    python -m benchmarks.kernels.bench_attention --promptseg-reference   # the PromptSeg paper's shapes
 
-Shapes: q (B, H, Nq, D) and k, v (G, H, Nk, D) with Nk = K · Nq (K prompts of Nq tokens each) and
+--promptseg-reference times the shapes of the paper's model (issue 20, configs/promptseg_vit_base.yaml):
+12 heads of dim 64, Nq = 256 query tokens, 512 prompt tokens per pair (image and mask tokens) for
+K in {1, 4, 8, 16}, one prompt set (G = 1) shared by B in {1, 4, 16, 64} queries, fp16 and bf16.
+
+Shapes: q (B, H, Nq, D) and k, v (G, H, Nk, D) with Nk = K · Nq (K prompts of Nq tokens each, or of
+--tokens-per-prompt tokens) and
 B = ratio · G queries sharing each prompt set. With --ragged both (default), every shape is timed
 with all keys valid and with ragged key_lengths (group g keeps Nk - 1 - g·Nk / (2G) keys); SDPA then
 gets the padded keys plus an additive mask, which its flash backend does not accept (reported n/a).
@@ -15,7 +21,7 @@ through `promptseg.kernels.sdpa` under each explicit `sdpa_kernel` backend, and 
 reference. Times are medians of `triton.testing.do_bench`; TFLOP/s count useful work only:
 forward 4 · H · Nq · D · Σ_b valid_keys(b) (= 4·B·H·Nq·Nk·D without ragged lengths), backward 2.5x.
 Shapes whose forward exceeds --max-tflop are left out; a provider whose estimated memory exceeds
---max-gib is recorded as "skip". Results go to benchmarks/results/kernels-<gpu-name>.json and .md.
+--max-gib is recorded as "skip". Results go to benchmarks/results/kernels-<gpu-name>[-promptseg-reference].json and .md.
 """
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ import json
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -45,7 +51,8 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """One benchmark problem: q (groups·ratio, heads, nq, dim), k / v (groups, heads, prompts·nq, dim)."""
+    """One benchmark problem: q (groups·ratio, heads, nq, dim), k / v (groups, heads, prompts·n, dim)
+    with n = per_prompt tokens per prompt (0: n = nq)."""
 
     nq: int
     prompts: int
@@ -55,10 +62,11 @@ class Shape:
     ragged: bool
     groups: int = GROUPS
     heads: int = HEADS
+    per_prompt: int = 0
 
     @property
     def nk(self) -> int:
-        return self.prompts * self.nq
+        return self.prompts * (self.per_prompt or self.nq)
 
     @property
     def batch(self) -> int:
@@ -79,8 +87,8 @@ class Shape:
         return 4.0 * self.heads * self.nq * self.dim * self.ratio * sum(self.key_lengths())
 
     def label(self) -> str:
-        return (f"Nq={self.nq} K={self.prompts} D={self.dim} {self.dtype} B/G={self.ratio}"
-                f"{' ragged' if self.ragged else ''}")
+        return (f"Nq={self.nq} K={self.prompts}{f' n={self.per_prompt}' if self.per_prompt else ''} D={self.dim} "
+                f"H={self.heads} {self.dtype} B/G={self.ratio}{' ragged' if self.ragged else ''}")
 
 
 def element_bytes(shape: Shape) -> int:
@@ -141,7 +149,7 @@ def make_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Random q, k, v, upstream gradient dO (all CUDA, shape.dtype) and key_lengths (G,) or None."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    opts = dict(device="cuda", dtype=shape.torch_dtype, generator=gen)
+    opts = {"device": "cuda", "dtype": shape.torch_dtype, "generator": gen}
     q = torch.randn(shape.batch, shape.heads, shape.nq, shape.dim, **opts)
     k = torch.randn(shape.groups, shape.heads, shape.nk, shape.dim, **opts)
     v = torch.randn(shape.groups, shape.heads, shape.nk, shape.dim, **opts)
@@ -221,7 +229,7 @@ def max_abs_error(shape: Shape, max_gib: float) -> float | None:
 def shape_grid(args: argparse.Namespace) -> list[Shape]:
     """Every combination of the requested axes whose forward stays under --max-tflop."""
     ragged = {"yes": [True], "no": [False], "both": [False, True]}[args.ragged]
-    shapes = [Shape(nq, prompts, dim, dtype, ratio, rag, args.groups, args.heads)
+    shapes = [Shape(nq, prompts, dim, dtype, ratio, rag, args.groups, args.heads, args.tokens_per_prompt)
               for nq, prompts, dim, dtype, ratio, rag in itertools.product(
                   args.nq, args.prompts, args.dims, args.dtypes, args.ratios, ragged)]
     return [s for s in shapes if s.forward_flops() <= args.max_tflop * 1e12]
@@ -268,14 +276,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ragged", choices=["yes", "no", "both"], default="both")
     parser.add_argument("--groups", type=int, default=GROUPS, help="G, key groups (prompt sets)")
     parser.add_argument("--heads", type=int, default=HEADS)
+    parser.add_argument("--tokens-per-prompt", type=int, default=0, help="n, Nk = K * n (0: n = Nq)")
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument("--max-gib", type=float, default=40.0, help="skip a provider whose estimate exceeds this")
     parser.add_argument("--max-tflop", type=float, default=50.0, help="leave out shapes with a larger forward")
     parser.add_argument("--quick", action="store_true", help="Nq 1024, K 1 and 16, D 64, fp16, B/G 1 and 8")
+    parser.add_argument("--promptseg-reference", action="store_true",
+                        help="the PromptSeg paper's shapes: H 12, D 64, Nq 256, n 512, K 1/4/8/16, G 1, B 1-64")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:
         args.nq, args.prompts, args.dims, args.dtypes, args.ratios = [1024], [1, 16], [64], ["fp16"], [1, 8]
+    if args.promptseg_reference:
+        args.nq, args.prompts, args.dims, args.dtypes = [256], [1, 4, 8, 16], [64], ["fp16", "bf16"]
+        args.tokens_per_prompt, args.heads, args.groups, args.ratios = 512, 12, 1, [1, 4, 16, 64]
     return args
 
 
@@ -304,16 +318,17 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"gpu": gpu, "capability": ".".join(map(str, torch.cuda.get_device_capability())),
             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     header = (f"# Cross-attention kernels on {gpu} (sm {meta['capability']}, torch {meta['torch']}, "
-              f"triton {meta['triton']})\n\nH={args.heads}, G={args.groups}, Nk = K·Nq, B = G·(B/G). "
+              f"triton {meta['triton']})\n\nH={args.heads}, G={args.groups}, "
+              f"Nk = K·{args.tokens_per_prompt or 'Nq'}, B = G·(B/G). "
               f"TFLOP/s count valid keys only (forward 4·H·Nq·D·Σ_b valid keys, backward 2.5x). "
               f"n/a = backend does not support the case, skip = over --max-gib {args.max_gib}.")
     table = markdown(rows, args.providers, header)
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"kernels-{gpu_slug(gpu)}"
+    stem = args.out_dir / f"kernels-{gpu_slug(gpu)}{'-promptseg-reference' if args.promptseg_reference else ''}"
     stem.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2))
     stem.with_suffix(".md").write_text(table)
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)

@@ -8,13 +8,15 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="attention benchmarks need a CUDA GPU")
 
-from bench_attention import PROVIDERS, Shape, estimated_gib, make_inputs  # noqa: E402
+from bench_attention import PROVIDERS, Shape, estimated_gib, make_inputs
 
 SHAPES = [
     Shape(nq=1024, prompts=4, dim=64, dtype="fp16", ratio=1, ragged=False),
     Shape(nq=1024, prompts=16, dim=64, dtype="fp16", ratio=8, ragged=True),
     Shape(nq=4096, prompts=4, dim=64, dtype="bf16", ratio=8, ragged=True),
     Shape(nq=256, prompts=64, dim=32, dtype="fp16", ratio=32, ragged=True),
+    # The PromptSeg paper's model (issue 20): 12 heads, 512 prompt tokens per pair, 16 queries on one prompt set.
+    Shape(nq=256, prompts=8, dim=64, dtype="bf16", ratio=16, ragged=False, groups=1, heads=12, per_prompt=512),
 ]
 BENCH_PROVIDERS = ["triton", "triton_atomic", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
 MAX_GIB = 40.0
