@@ -23,7 +23,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from promptseg.data.io import ImageData, check_claimed_size, check_image_array
+from promptseg.data.io import ImageData, check_image_array
 from promptseg.errors import InputError, short_reason
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -125,11 +125,6 @@ def read_dicom(path: str | os.PathLike, series: str | None = None) -> DicomImage
     frames = _multiframe_frames(datasets[0]) if multiframe else [_single_frame(ds) for ds in datasets]
     order, step = _slice_order(path, frames)
     sorted_frames = [frames[n] for n in order]
-    shape = (*reversed(sorted_frames[0].shape), len(frames))  # (X, Y, Z) = (columns, rows, slices)
-    bits = int(datasets[0].get("BitsAllocated", 16) or 16)
-    stored = sum(os.path.getsize(ds.filename) for ds in datasets)
-    compressed = datasets[0].file_meta.TransferSyntaxUID.is_compressed
-    check_claimed_size(path, shape, max(1, bits // 8), stored * (1032 if compressed else 1), what="voxels")
     array = _pixels(datasets, sorted_frames, multiframe=bool(multiframe), pydicom=pydicom)
     affine = LPS_TO_RAS @ _lps_affine(sorted_frames[0], step)
     header = nib.Nifti1Header()
