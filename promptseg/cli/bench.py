@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
-from promptseg.engine.benchmark import time_volume
 from promptseg.cli.common import add_backend_argument, backend_options, load_segmenter
 from promptseg.data.io import write_text
+from promptseg.engine.benchmark import time_volume
 from promptseg.errors import InputError
 
 
@@ -26,13 +27,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N")
     add_backend_argument(parser)
     parser.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.slices < 1 or args.repeats < 1:
         raise InputError("--slices/--repeats", "must be positive")
+    if args.out and os.path.isdir(args.out):
+        raise InputError(args.out, "--out is a folder, expected a file name")
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise InputError(args.out, "output exists; pass --overwrite to replace it")
     seg = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend, backend_options(args.backend, args.export_dir))
+    limit = seg.model.config.max_prompts
+    for shots in args.shots:
+        if not 1 <= shots <= limit:
+            raise InputError("--shots", f"must lie in 1..{limit} (the model's prompt limit), got {shots}")
     rows = []
     print("| device | slices | K | batch | cached s | re-encoded s | speed-up |\n|---|---|---|---|---|---|---|")
     for shots in args.shots:
@@ -41,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {timing.device} | {timing.slices} | {shots} | {timing.batch} | {timing.cached_s:.3f} | "
               f"{timing.reencoded_s:.3f} | {timing.speedup:.2f}x |")
     if args.out:
-        write_text(args.out, json.dumps({"torch": torch.__version__, "results": rows}, indent=2), overwrite=True)
+        write_text(args.out, json.dumps({"torch": torch.__version__, "results": rows}, indent=2), overwrite=args.overwrite)
     return 0

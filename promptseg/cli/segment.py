@@ -2,38 +2,49 @@
 
 Everything is validated before any output is written: the prompts, every query and every output
 path. Each query then gets `<name>_mask.png` (2D) or `<name>_mask.nii.gz` (NIfTI, same affine and
-header), optionally `_prob.npy` / `_prob.nii.gz` and `_overlay.png`; a query's files are written
-atomically and removed together if one of them cannot be written.
+header), optionally `_prob.npy` / `_prob.nii.gz` and `_overlay.png`; a query's files are written as
+one unit (io.atomic_write_group: all of them or none, under a lock of the output folder), and
+temporary files that a killed earlier run left in the output folder are removed first.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from promptseg.cli.common import add_backend_argument, backend_options, add_model_arguments, load_segmenter
+from promptseg.cli.common import (
+    add_backend_argument,
+    add_model_arguments,
+    backend_options,
+    load_segmenter,
+)
 from promptseg.data.dicom import is_dicom_input
 from promptseg.data.io import (
     NIFTI_EXTENSIONS,
     ImageData,
-    atomic_write,
+    Writer,
+    atomic_write_group,
+    canonical_view,
     file_extension,
+    nifti_writer,
+    npy_writer,
+    png_writer,
     read_image,
     strip_extension,
-    write_nifti_like,
-    write_png,
+    sweep_stale_temporaries,
 )
 from promptseg.data.preprocess import all_finite, prepare_image
-from promptseg.engine.overlay import LABEL_COLOURS, montage, overlay
+from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
-from promptseg.errors import InputError
+from promptseg.errors import InputError, PromptSegError
 
 SPARSE_DEST = "sparse_prompts"
 
@@ -75,7 +86,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="a mask of strokes drawn on the target (repeatable; one prompt each)")
     parser.add_argument("--query", nargs="+", required=True, metavar="PATH", help="images or NIfTI volumes to segment")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created when needed)")
-    parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slicing axis of NIfTI volumes (default 2)")
+    parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
+                        help="slicing axis of NIfTI volumes in their closest RAS orientation: 0 sagittal, 1 coronal, "
+                        "2 axial (default 2); results are written in each query's own voxel grid")
     parser.add_argument("--threshold", type=float, default=0.5, metavar="P", help="probability above which a pixel is foreground")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), float32 in [0, 1]")
@@ -208,48 +221,63 @@ def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPro
     return segmenter.segment_labels([data.array], prompts, threshold=threshold)[0]
 
 
-def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
-    """kind -> a function writing that output (all arrays computed up front, so writing cannot fail on them).
+def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: argparse.Namespace) -> dict[str, Writer]:
+    """kind -> a writer of that output (all arrays computed up front, so writing cannot fail on them).
 
-    One label: the mask is 0/255 (PNG) or 0/1 (NIfTI); several labels: the label map itself."""
-    overwrite = args.overwrite
+    One label: the mask is 0/255 (PNG) or 0/1 (NIfTI); several labels: the label map itself.
+    PromptSegError naming the query when the model gave non-finite probabilities (never written)."""
+    if not all_finite(result.probabilities):
+        raise PromptSegError(f"{job.path}: the model gave non-finite probabilities (NaN or Inf); "
+                             "the weights are damaged or unsuited to this input, nothing was written")
     several = len(result.labels) > 1
-    label_map = result.label_map if several or "overlay" in job.outputs else None  # an argmax over every label
-    mask = label_map if several else (result.probabilities[0] > args.threshold).astype(np.uint8) * (1 if job.nifti else 255)
-    writers: dict[str, Callable[[], None]] = {}
-    if job.nifti:
-        writers["mask"] = lambda: write_nifti_like(job.outputs["mask"], mask, data, overwrite)
-    else:
-        writers["mask"] = lambda: write_png(job.outputs["mask"], mask, overwrite)
+    mask = result.label_map if several else (result.probabilities[0] > args.threshold).astype(np.uint8) * (1 if job.nifti else 255)
+    writers: dict[str, Writer] = {"mask": nifti_writer(mask, data) if job.nifti else png_writer(mask)}
     for index, label in enumerate(result.labels):
         kind = f"prob_label{label}" if several else "prob"
         if kind in job.outputs:
-            writers[kind] = probability_writer(job.outputs[kind], result.probabilities[index], data, job.nifti, overwrite)
+            probabilities = result.probabilities[index]
+            writers[kind] = nifti_writer(probabilities, data) if job.nifti else npy_writer(probabilities)
     if "overlay" in job.outputs:
-        contours = [(label_map == label, LABEL_COLOURS[n % len(LABEL_COLOURS)]) for n, label in enumerate(result.labels)]
-        picture = montage(data.array, contours, args.axis) if is_volume(data) else overlay(data.array, contours)
-        writers["overlay"] = lambda: write_png(job.outputs["overlay"], picture, overwrite)
+        writers["overlay"] = png_writer(overlay_picture(data, result, args.axis))
     return writers
 
 
-def probability_writer(path: str, probabilities: np.ndarray, data: ImageData, nifti: bool, overwrite: bool) -> Callable[[], None]:
-    """A function writing one label's float32 probabilities as NIfTI (in the query's space) or .npy."""
-    if nifti:
-        return lambda: write_nifti_like(path, probabilities, data, overwrite)
-    return lambda: atomic_write(path, lambda tmp: np.save(tmp, probabilities), overwrite)
+def overlay_picture(data: ImageData, result: LabelResult, axis: int) -> np.ndarray:
+    """The label contours on a 2D query, or on a montage of up to 16 slices of a volume, built from
+    those slices alone (their label map and intensities: memory of the slices shown, not the volume)."""
+    image, shown = data.array, result
+    if is_volume(data):
+        image = canonical_view(image, data.affine)  # slices as they were segmented
+        indices = montage_indices(image.shape[axis])
+        image = np.take(image, indices, axis=axis)
+        shown_probabilities = [np.take(canonical_view(p, data.affine), indices, axis=axis) for p in result.probabilities]
+        shown = LabelResult(result.labels, np.stack(shown_probabilities), result.threshold)
+    label_map = shown.label_map
+    contours = [(label_map == label, LABEL_COLOURS[n % len(LABEL_COLOURS)]) for n, label in enumerate(result.labels)]
+    return montage(image, contours, axis) if is_volume(data) else overlay(image, contours)
 
 
-def write_all(job: QueryJob, writers: dict[str, Callable[[], None]]) -> None:
-    """Run the writers; if one fails, remove this query's files already written and re-raise."""
-    written: list[str] = []
+def write_all(job: QueryJob, writers: dict[str, Writer], overwrite: bool) -> None:
+    """Write a query's outputs as one unit: all of them or, on any failure or interruption, none."""
+    atomic_write_group([(job.outputs[kind], writer) for kind, writer in writers.items()], overwrite)
+
+
+@contextlib.contextmanager
+def out_of_memory_names(path: str) -> Iterator[None]:
+    """Turn running out of memory within the block into an InputError naming the query `path`."""
     try:
-        for kind, write in writers.items():
-            write()
-            written.append(job.outputs[kind])
-    except BaseException:
-        for path in written:
-            os.remove(path)
-        raise
+        yield
+    except MemoryError:
+        raise InputError(path, "not enough memory to segment it") from None
+
+
+def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, EncodedPrompts], args: argparse.Namespace) -> None:
+    """Read, segment and write one query; running out of memory is an InputError naming the query."""
+    with out_of_memory_names(job.path):
+        data = read_image(job.path)
+        result = predict(data, segmenter, encoded, args.axis, args.threshold)
+        writers = render_outputs(job, data, result, args)
+    write_all(job, writers, args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -261,12 +289,12 @@ def run(args: argparse.Namespace) -> int:
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt)
     encoded = encode(segmenter, prompts, args.label)
     for job in jobs:
-        validate_query(read_image(job.path), segmenter)
+        with out_of_memory_names(job.path):
+            validate_query(read_image(job.path), segmenter)
+    sweep_stale_temporaries(args.out)
     progress = tqdm(jobs, desc="segment", unit="query", file=sys.stderr, disable=True if args.no_progress else None)
     for job in progress:
-        data = read_image(job.path)
-        result = predict(data, segmenter, encoded, args.axis, args.threshold)
-        write_all(job, render_outputs(job, data, result, args))
+        segment_query(job, segmenter, encoded, args)
     print(f"segmented {len(jobs)} {'query' if len(jobs) == 1 else 'queries'} with {len(prompts)} "
           f"prompt{'s' if len(prompts) != 1 else ''}; wrote {', '.join(sorted({k for j in jobs for k in j.outputs}))} "
           f"files to {args.out}")

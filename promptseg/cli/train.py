@@ -9,7 +9,7 @@ from pathlib import Path
 from promptseg.data.index import build_tasks
 from promptseg.data.layouts import find_datasets
 from promptseg.data.packed import find_packs, is_pack, pack_dataset_name
-from promptseg.errors import InputError
+from promptseg.errors import InputError, short_reason
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import train
 
@@ -66,6 +66,8 @@ def earlier_run_files(out: str) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(args.out, "--out must be a run folder, found a file")
     earlier = earlier_run_files(args.out)
     if earlier and not (args.resume or args.overwrite):
         raise InputError(args.out, "holds an earlier run; pass --resume to continue it or --overwrite to start afresh")
@@ -90,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         for path in earlier:
             path.unlink()
-    result = train(config, tasks, args.out, val_tasks, resume=args.resume, device=args.device, progress=progress, init=args.init)
+    try:
+        result = train(config, tasks, args.out, val_tasks, resume=args.resume, device=args.device, progress=progress, init=args.init)
+    except OSError as exc:  # the run folder cannot be written: read-only, disk full, removed meanwhile
+        where = exc.filename if isinstance(exc.filename, str) else args.out
+        raise InputError(where, f"training stopped, cannot write the run folder ({short_reason(exc)}); "
+                         "its last complete checkpoint is kept") from None
     if int(os.environ.get("RANK", "0")) == 0:  # where the run went, with or without --no-progress
         print(f"trained to step {result['step']} (last loss {result['loss']:.4f}); weights: {os.path.join(args.out, 'final.safetensors')}")
     return 0

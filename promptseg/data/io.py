@@ -5,9 +5,17 @@ read an input is reported as one InputError line naming the file; outputs are wr
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import struct
 import tempfile
-from collections.abc import Callable
+import threading
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +26,18 @@ from PIL import Image
 
 from promptseg.errors import InputError, short_reason
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: output folders are not locked
+    fcntl = None
+
+MAX_PIXELS_VARIABLE = "PROMPTSEG_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 2**28  # 268 million pixels or voxels: 1 GiB as float32
+
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 PILLOW_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 NUMPY_EXTENSIONS = (".npy", ".npz")
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")
 SUPPORTED_EXTENSIONS = NIFTI_EXTENSIONS + PILLOW_EXTENSIONS + NUMPY_EXTENSIONS
 
 
@@ -53,31 +70,45 @@ def strip_extension(name: str) -> str:
     return name[: len(name) - len(ext)] if ext else name
 
 
-def read_image(path: str | os.PathLike) -> ImageData:
+def read_image(path: str | bytes | os.PathLike) -> ImageData:
     """Read one image or volume; see ImageData for the array layout. Raises InputError on bad input."""
-    return _read(os.fspath(path), label=False)
+    return _read(os.fsdecode(path), label=False)
 
 
-def read_label(path: str | os.PathLike) -> ImageData:
+def read_label(path: str | bytes | os.PathLike) -> ImageData:
     """Read an integer label map: (H, W) for 2D, (X, Y, Z) for 3D.
 
     Float maps holding integer values are cast to the smallest unsigned integer type that fits; a
     grayscale-looking RGB(A) map (identical channels) is reduced to one channel. Raises InputError
     "label map must hold integers" for fractional or non-finite values, and on negative values.
+    JPEG masks (lossy: compression rings around edges) are taken as binary masks, thresholded at half
+    their range, with a warning.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     data = _read(path, label=True)
     array = data.array
+    if file_extension(path) in LOSSY_EXTENSIONS:
+        array = _binarized_lossy_mask(array, path)
     if not data.is_volume and array.ndim == 3:
         if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(array.shape[-1], 3))):
             raise InputError(path, f"label map must have one channel, got shape {array.shape}")
         array = array[..., 0]
-    data.array = _as_label_values(array, path)
+    data.array = as_label_values(array, path)
     return data
 
 
-def _as_label_values(array: np.ndarray, path: str) -> np.ndarray:
-    """Validate that `array` holds non-negative integers; return it in an unsigned integer type."""
+def _binarized_lossy_mask(array: np.ndarray, path: str) -> np.ndarray:
+    """A JPEG mask snapped to 0 and its type's maximum (255 for 8 bits) at half that range: JPEG
+    ringing otherwise turns near-zero pixels around every edge into foreground. Warns once."""
+    high = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else 1.0
+    warnings.warn(f"{path}: JPEG is lossy; the mask is read as binary, thresholded at half its range "
+                  f"({high / 2:g}); store masks as PNG to keep exact labels", stacklevel=4)
+    return np.where(array > high / 2, high, 0).astype(array.dtype)
+
+
+def as_label_values(array: np.ndarray, path: str | None) -> np.ndarray:
+    """Validate that `array` holds non-negative integers; return it in an unsigned integer type.
+    InputError naming `path` (a file, or a description of a caller's array) otherwise."""
     if array.dtype == bool:
         return array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
@@ -120,7 +151,9 @@ def _read(path: str, label: bool) -> ImageData:
             array, affine, header = _load_numpy(path, ext, label), None, None
     except InputError:
         raise
-    except Exception as exc:  # any library failure on a corrupt or truncated file becomes one line
+    except MemoryError:
+        raise InputError(path, "not enough memory to read this image") from None
+    except Exception as exc:  # noqa: BLE001 (any library failure on a corrupt or truncated file becomes one line)
         raise InputError(path, f"unreadable or corrupt image ({short_reason(exc)})") from None
     array = check_image_array(array, path)
     is_volume = array.ndim == 3 and (affine is not None or array.shape[-1] not in (1, 3, 4))
@@ -148,6 +181,75 @@ def check_image_array(array: np.ndarray, source: str | None) -> np.ndarray:
 
 # Deflate cannot compress better than 1032:1, so a .nii.gz of n bytes holds at most about 1032 n bytes.
 _DEFLATE_MAX_RATIO = 1032
+# Above any image format's honest compression (TIFF's LZW reaches about 2560:1, deflate 1032:1).
+_IMAGE_MAX_RATIO = 4096
+
+
+def max_pixels() -> int:
+    """The most pixels (2D) or voxels (3D) one input may hold: $PROMPTSEG_MAX_PIXELS, else DEFAULT_MAX_PIXELS.
+
+    Inputs are refused against it from their headers, before their data is decoded."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE)
+    if text is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(MAX_PIXELS_VARIABLE, f"must be a positive integer, got {text!r}")
+    return value
+
+
+def check_claimed_size(path: str, shape: tuple[int, ...], itemsize: int, capacity: int, what: str = "pixels") -> None:
+    """Refuse, before anything is allocated, an input whose header claims more than max_pixels()
+    elements (the channels of a pixel count as one) or more data bytes than `capacity`, the most its
+    stored bytes can hold (a corrupt or hostile size field)."""
+    spatial = shape[:2] if what == "pixels" else shape
+    count = int(np.prod(spatial, dtype=np.float64))
+    limit = max_pixels()
+    if count > limit:
+        raise InputError(path, f"too large: the header claims {count} {what}, more than the limit of {limit} "
+                         f"(set {MAX_PIXELS_VARIABLE} to raise it)")
+    claimed = int(np.prod(shape, dtype=np.float64)) * itemsize
+    if claimed > capacity:
+        raise InputError(path, f"unreadable or corrupt image (truncated: the header claims {claimed} bytes of "
+                         f"{'voxel' if what == 'voxels' else 'pixel'} data, the file can hold at most {capacity})")
+
+
+class _Collector(logging.Handler):
+    """A logging handler keeping the messages it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_NIBABEL_LOG_LOCK = threading.Lock()
+_REPORTED_REPAIRS: set[tuple[str, str]] = set()
+
+
+def _load_nibabel(path: str) -> Any:
+    """nib.load(path), with the header repairs nibabel logs straight to stderr ("qform_code 7 not
+    valid; setting to 0") turned into one `path: ...` warning each, once per file and message however
+    often the file is read."""
+    logger = nib.imageglobals.logger
+    collector = _Collector()
+    with _NIBABEL_LOG_LOCK:
+        handlers, propagate = logger.handlers, logger.propagate
+        logger.handlers, logger.propagate = [collector], False
+        try:
+            image = nib.load(path)
+        finally:
+            logger.handlers, logger.propagate = handlers, propagate
+        fresh = [m for m in dict.fromkeys(collector.messages) if (path, m) not in _REPORTED_REPAIRS]
+        _REPORTED_REPAIRS.update((path, m) for m in fresh)
+    for message in fresh:
+        warnings.warn(f"{path}: damaged header field repaired on reading ({message})", stacklevel=4)
+    return image
 
 
 def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -156,15 +258,10 @@ def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
     A header claiming more voxel data than the file can hold (a corrupt or hostile size field) is
     refused before any buffer of that size is allocated.
     """
-    image = nib.load(path)
-    claimed = int(np.prod(image.shape, dtype=np.float64) * image.get_data_dtype().itemsize)
+    image = _load_nibabel(path)
     stored = os.path.getsize(path)
     capacity = stored * _DEFLATE_MAX_RATIO if path.lower().endswith(".gz") else stored
-    if claimed > capacity:
-        raise InputError(
-            path, f"unreadable or corrupt image (truncated: the header claims {claimed} bytes of voxel data, "
-            f"the file can hold at most {capacity})"
-        )
+    check_claimed_size(path, tuple(image.shape), image.get_data_dtype().itemsize, capacity, what="voxels")
     array = np.asarray(image.dataobj)
     return array, np.asarray(image.affine, dtype=np.float64), image.header.copy()
 
@@ -172,9 +269,23 @@ def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
 def _load_pillow(path: str, label: bool) -> np.ndarray:
     """Decode a 2D image with Pillow: (H, W) for L/I;16/I/F/1 modes, (H, W, 3|4) for colour.
 
-    Palette (P) images give their palette indices for label maps and their colours for images.
+    Palette (P) images give their palette indices for label maps and their colours for images. The
+    size in the header is checked (check_claimed_size) before decoding, and PNG pixel data that ends
+    before the last row (which Pillow would fill with zeros) is refused (check_png_data).
     """
-    with Image.open(path) as image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels() is the limit that applies
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError:
+            raise InputError(path, f"too large: more pixels than Pillow decodes (set {MAX_PIXELS_VARIABLE} "
+                             "and PIL.Image.MAX_IMAGE_PIXELS to raise the limits)") from None
+    with opened as image:
+        width, height = image.size
+        bands = len(image.getbands())
+        check_claimed_size(path, (height, width, bands), 1, os.path.getsize(path) * _IMAGE_MAX_RATIO)
+        if image.format == "PNG":
+            check_png_data(path)
         image.load()
         if getattr(image, "n_frames", 1) > 1:
             raise InputError(path, f"multi-page images are not supported ({image.n_frames} pages)")
@@ -195,9 +306,81 @@ def _load_pillow(path: str, label: bool) -> np.ndarray:
     return array
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def _png_row_bytes(width: int, bits_per_pixel: int) -> int:
+    """Bytes of one filtered PNG scanline: the filter byte and the packed samples (0 for an empty pass)."""
+    return 0 if width == 0 else 1 + (width * bits_per_pixel + 7) // 8
+
+
+def _png_data_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes the decompressed PNG image data must hold (the seven Adam7 passes when interlaced)."""
+    if not interlaced:
+        return height * _png_row_bytes(width, bits_per_pixel)
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    total = 0
+    for x0, y0, dx, dy in passes:
+        pass_width, pass_height = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        total += pass_height * _png_row_bytes(pass_width, bits_per_pixel) if pass_width else 0
+    return total
+
+
+def check_png_data(path: str, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse a PNG whose image data decompresses to fewer bytes than its header's rows need (a file cut
+    off, or a compressed stream that ends cleanly half-way: Pillow fills the missing rows with zeros).
+
+    The data is inflated a block at a time and only counted, so memory stays small whatever it claims."""
+    with open(path, "rb") as handle:
+        if handle.read(8) != _PNG_SIGNATURE:
+            return  # not a PNG after all: Pillow reports it
+        header = handle.read(25)
+        if len(header) < 25 or header[4:8] != b"IHDR":
+            return
+        width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header[8:21])
+        expected = _png_data_bytes(width, height, depth * _PNG_CHANNELS.get(colour, 1), interlace == 1)
+        inflater, produced = zlib.decompressobj(), 0
+        while produced < expected and not inflater.eof:
+            head = handle.read(8)
+            if len(head) < 8:
+                break
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                break
+            if kind != b"IDAT":
+                handle.seek(length + 4, os.SEEK_CUR)
+                continue
+            remaining = length
+            while remaining and produced < expected and not inflater.eof:
+                data = handle.read(min(remaining, chunk_bytes))
+                if not data:
+                    break
+                remaining -= len(data)
+                produced += _inflated_size(inflater, data, expected - produced, chunk_bytes)
+            handle.seek(remaining + 4, os.SEEK_CUR)
+    if produced < expected:
+        raise InputError(path, f"unreadable or corrupt image (truncated: the pixel data holds {produced} of the "
+                         f"{expected} bytes its {width}x{height} header needs)")
+
+
+def _inflated_size(inflater: zlib._Decompress, data: bytes, wanted: int, chunk_bytes: int) -> int:
+    """Feed `data` to `inflater` and count what it gives, up to `wanted` bytes, `chunk_bytes` at a time."""
+    produced = 0
+    while data and produced < wanted:
+        produced += len(inflater.decompress(data, min(chunk_bytes, wanted - produced)))
+        data = inflater.unconsumed_tail
+    return produced
+
+
 def _load_numpy(path: str, ext: str, label: bool) -> np.ndarray:
-    """Load a .npy array, or from an .npz the array "label"/"image" (by role) or else the first one."""
+    """Load a .npy array, or from an .npz the array "label"/"image" (by role) or else the first one.
+
+    The shape in the array's header is checked (check_claimed_size) before the data is read."""
     if ext == ".npy":
+        with open(path, "rb") as handle:
+            shape, dtype = _npy_header(handle)
+            check_claimed_size(path, shape, dtype.itemsize, os.path.getsize(path) - handle.tell(), _npy_unit(shape))
         return np.load(path, allow_pickle=False)
     with np.load(path, allow_pickle=False) as archive:
         keys = list(archive.files)
@@ -205,7 +388,25 @@ def _load_numpy(path: str, ext: str, label: bool) -> np.ndarray:
             raise InputError(path, "image is empty (the archive holds no arrays)")
         preferred = ("label", "image") if label else ("image", "label")
         key = next((k for k in preferred if k in keys), keys[0])
+        member = archive.zip.getinfo(f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key)
+        with archive.zip.open(member) as handle:
+            shape, dtype = _npy_header(handle)
+        ratio = 1 if member.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO
+        check_claimed_size(path, shape, dtype.itemsize, member.compress_size * ratio, _npy_unit(shape))
         return np.asarray(archive[key])
+
+
+def _npy_header(handle: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of a .npy stream, leaving `handle` at the start of the data."""
+    version = np.lib.format.read_magic(handle)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = reader(handle, max_header_size=10_000)
+    return tuple(int(n) for n in shape), dtype
+
+
+def _npy_unit(shape: tuple[int, ...]) -> str:
+    """What an array's elements are for the pixel limit: voxels of a 3D array without a channel axis."""
+    return "voxels" if len(shape) >= 3 and shape[-1] not in (1, 3, 4) else "pixels"
 
 
 def _default_file_mode() -> int:
@@ -218,28 +419,70 @@ def _default_file_mode() -> int:
 _FILE_MODE = _default_file_mode()
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], overwrite: bool = False) -> None:
+Writer = Callable[[str], None]  # fills the temporary file whose path it is given
+
+# Temporary files are named ".<stem>.promptseg-<pid>-<random><ext>" beside their output, so a later run
+# can tell ours from anything else and remove those whose process is gone (sweep_stale_temporaries).
+_TEMPORARY_NAME = re.compile(r"^\..*\.promptseg-(?P<pid>\d+)-[a-z0-9_]{8}(\.[^.]+)*$")
+
+
+def atomic_write(path: str | os.PathLike, writer: Writer, overwrite: bool = False) -> None:
     """Call `writer(temporary_path)` then move the result onto `path` in one step (see atomic_write_unchecked).
 
     If `writer` raises, the temporary file is removed and the exception propagates: `path` is never
     left half-written. An existing `path` is refused unless `overwrite`. Missing parent folders are
     created. A failure of the file system (disk full, no permission) is an InputError naming `path`.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise InputError(path, "output path is a folder, expected a file name")
-    if os.path.exists(path) and not overwrite:
-        raise InputError(path, "output exists; pass --overwrite to replace it")
+    atomic_write_group([(path, writer)], overwrite)
+
+
+def atomic_write_group(outputs: Sequence[tuple[str | os.PathLike, Writer]], overwrite: bool = False) -> None:
+    """Write several files as one unit: all of them or none.
+
+    Each (path, writer) is written to a flushed temporary file beside its path first; only when all
+    exist are they moved into place, together, under an exclusive lock of their folders (so two
+    processes writing the same files cannot interleave them). If anything fails or the process is
+    interrupted, the temporary files and the files already moved are removed (with `overwrite`, the
+    files they replaced are gone too). Existing paths are refused unless `overwrite`. A failure of the
+    file system is an InputError naming the path.
+    """
+    paths = [os.fspath(path) for path, _ in outputs]
+    for path in paths:
+        if os.path.isdir(path):
+            raise InputError(path, "output path is a folder, expected a file name")
+        if os.path.exists(path) and not overwrite:
+            raise InputError(path, "output exists; pass --overwrite to replace it")
+    temporaries: dict[str, str] = {}
+    moved: list[str] = []
+    current = paths[0] if paths else ""
     try:
-        atomic_write_unchecked(path, writer, overwrite)
-    except OSError as exc:
-        if isinstance(exc, FileExistsError) and os.path.exists(path):  # another process created it meanwhile
-            raise InputError(path, "output exists (created while writing); pass --overwrite to replace it") from None
-        raise InputError(path, f"cannot write output ({short_reason(exc)})") from None
+        for path, (_, writer) in zip(paths, outputs):
+            current = path
+            temporaries[path] = _write_temporary(path, writer)
+        folders = sorted({os.path.dirname(os.path.abspath(path)) for path in paths})
+        with contextlib.ExitStack() as locks:
+            for folder in folders:
+                locks.enter_context(_folder_lock(folder))
+            for path in paths:
+                current = path
+                _move_into_place(temporaries[path], path, overwrite)
+                del temporaries[path]
+                moved.append(path)
+        for folder in folders:
+            _fsync_folder(folder)
+    except BaseException as exc:
+        for leftover in [*temporaries.values(), *moved]:
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
+        if isinstance(exc, FileExistsError) and os.path.exists(current):  # another process created it meanwhile
+            raise InputError(current, "output exists (created while writing); pass --overwrite to replace it") from None
+        if isinstance(exc, OSError):
+            raise InputError(current, f"cannot write output ({short_reason(exc)})") from None
+        raise
 
 
-def atomic_write_unchecked(path: str | os.PathLike, writer: Callable[[str], None], overwrite: bool) -> None:
-    """atomic_write without its checks and messages: file-system failures propagate as OSError.
+def atomic_write_unchecked(path: str | os.PathLike, writer: Writer, overwrite: bool) -> None:
+    """atomic_write without its checks, lock and messages: file-system failures propagate as OSError.
 
     `writer(temporary_path)` fills a temporary file in `path`'s folder (created when missing) that keeps
     `path`'s extension (writers such as nibabel choose the format from it). The file gets the mode the
@@ -248,26 +491,96 @@ def atomic_write_unchecked(path: str | os.PathLike, writer: Callable[[str], None
     the old file or the complete new one. On any failure the temporary file is removed.
     """
     path = os.fspath(path)
+    temporary = _write_temporary(path, writer)
+    try:
+        _move_into_place(temporary, path, overwrite)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_temporary(path: str, writer: Writer) -> str:
+    """A flushed temporary file beside `path` (folder created when missing) filled by `writer`, with the
+    mode the umask gives; removed again if anything fails."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, temporary = tempfile.mkstemp(
-        dir=folder, prefix=f".{strip_extension(os.path.basename(path))}.", suffix=file_extension(path)
+        dir=folder, prefix=f".{strip_extension(os.path.basename(path))}.promptseg-{os.getpid()}-",
+        suffix=file_extension(path),
     )
     os.close(fd)
     try:
         writer(temporary)
         os.chmod(temporary, _FILE_MODE)  # mkstemp makes owner-only files; outputs get the usual mode
         _fsync(temporary)
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            _create_exclusively(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
+        with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
+    return temporary
+
+
+def _move_into_place(temporary: str, path: str, overwrite: bool) -> None:
+    """Move `temporary` onto `path` in one step (replacing it if `overwrite`, else FileExistsError)."""
+    if overwrite:
+        os.replace(temporary, path)
+    else:
+        _create_exclusively(temporary, path)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on `folder` itself: no lock file is left behind. Where
+    flock is unavailable (not POSIX) the block runs unlocked."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _fsync_folder(folder: str) -> None:
     if os.name == "posix":  # folders cannot be opened for fsync elsewhere
         _fsync(folder)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def sweep_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files our writers left in `folder` when their process was killed (SIGKILL,
+    power loss): those named by _TEMPORARY_NAME whose process no longer exists. Returns their paths.
+    Files of live processes (on this machine) and every other file are left alone."""
+    folder = os.fspath(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _TEMPORARY_NAME.match(name)
+        if match is None or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.remove(path)
+                removed.append(path)
+    return removed
 
 
 def _fsync(path: str) -> None:
@@ -297,7 +610,13 @@ def _create_exclusively(temporary: str, path: str) -> None:
 def write_nifti_like(
     path: str | os.PathLike, array: np.ndarray, reference: ImageData, overwrite: bool = False
 ) -> None:
-    """Write `array` (same spatial shape as `reference.array`) as NIfTI in the reference's space.
+    """Write `array` (same spatial shape as `reference.array`) as NIfTI in the reference's space
+    (atomically; see nifti_writer)."""
+    atomic_write(path, nifti_writer(array, reference), overwrite=overwrite)
+
+
+def nifti_writer(array: np.ndarray, reference: ImageData) -> Writer:
+    """A writer storing `array` (same spatial shape as `reference.array`) as NIfTI in the reference's space.
 
     Bool and integer arrays (label maps) are stored as uint8 (uint16 when values exceed 255), float
     arrays (probabilities) as float32. The reference's affine and header are kept (intensity scaling
@@ -328,18 +647,43 @@ def write_nifti_like(
     else:
         image = nib.Nifti1Image(data, np.eye(4))
         image.header.set_data_dtype(dtype)
-    atomic_write(path, lambda temporary: nib.save(image, temporary), overwrite=overwrite)
+    return lambda temporary: nib.save(image, temporary)
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = False) -> None:
     """Write a uint8 image, (H, W) grayscale or (H, W, 3|4) RGB(A), as PNG (atomically)."""
+    atomic_write(path, png_writer(array), overwrite=overwrite)
+
+
+def png_writer(array: np.ndarray) -> Writer:
+    """A writer storing a uint8 image, (H, W) grayscale or (H, W, 3|4) RGB(A), as PNG."""
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"write_png needs uint8 data, got {array.dtype}")
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
         raise ValueError(f"write_png needs (H, W) or (H, W, 3|4), got shape {array.shape}")
     image = Image.fromarray(np.ascontiguousarray(array))
-    atomic_write(path, lambda temporary: image.save(temporary, format="PNG"), overwrite=overwrite)
+    return lambda temporary: image.save(temporary, format="PNG")
+
+
+def npy_writer(array: np.ndarray) -> Writer:
+    """A writer storing `array` as a .npy file."""
+    return lambda temporary: np.save(temporary, array)
+
+
+def canonical_view(array: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
+    """A view of a 3D `array` with its axes permuted and flipped to the closest RAS orientation of its
+    voxel-to-world `affine` (nibabel's io_orientation): the same scan stored in any voxel order
+    (LPS, RAS, axes swapped) gives the same view, and writing into the view writes the stored grid.
+
+    `array` itself when `affine` is None or gives no orientation (non-finite or singular)."""
+    if affine is None or array.ndim != 3 or not np.all(np.isfinite(affine)):
+        return array
+    with np.errstate(all="ignore"):
+        orientation = nib.orientations.io_orientation(affine)
+    if np.isnan(orientation).any():
+        return array
+    return nib.orientations.apply_orientation(array, orientation)
 
 
 def _check_axis(axis: int) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from promptseg.data.io import SUPPORTED_EXTENSIONS, file_extension, strip_extension
-from promptseg.errors import InputError
+from promptseg.errors import InputError, short_reason
+
+MAX_LABEL_VALUE = 2**31 - 1  # label maps are read into at most 64-bit integers; values beyond this are damage
 
 _CHANNEL_FILE = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 
@@ -95,8 +97,10 @@ def _read_dataset_json(root: Path) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"unreadable dataset.json ({exc})") from None
+    except RecursionError:
+        raise InputError(path, "unreadable dataset.json (nested too deeply)") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, integers of more than 4300 digits
+        raise InputError(path, f"unreadable dataset.json ({short_reason(exc)})") from None
     if not isinstance(meta, dict):
         raise InputError(path, "dataset.json must hold a JSON object")
     return meta
@@ -120,11 +124,15 @@ def _label_names(labels: Any, root: Path) -> dict[int, str]:
         if isinstance(value, int) and not isinstance(value, bool):
             number, name = value, str(key)
         elif isinstance(value, str) and str(key).strip().lstrip("-").isdigit():
+            if len(str(key).strip()) > len(str(MAX_LABEL_VALUE)):
+                raise InputError(source, f"label key {str(key)[:20]}... is above {MAX_LABEL_VALUE}")
             number, name = int(key), value
         else:
             raise InputError(source, f"label entry {key!r}: {value!r} is neither name -> value nor value -> name")
         if number < 0:
             raise InputError(source, f"label {name!r} has negative value {number}")
+        if number > MAX_LABEL_VALUE:
+            raise InputError(source, f"label {name!r} has value {str(number)[:20]}..., above {MAX_LABEL_VALUE}")
         if number != 0:
             names[number] = name
     return names

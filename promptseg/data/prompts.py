@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+CLICK_COORDINATE_LIMIT = 1e7  # |x|, |y| beyond any image; its square still fits float32
 PROMPT_TYPES: dict[str, int] = {"query": 0, "mask": 1, "click": 2, "box": 3, "scribble": 4}
 SPARSE_KINDS: tuple[str, ...] = ("click", "box", "scribble")
 
@@ -40,7 +41,9 @@ def rasterize_clicks(
     out = torch.zeros(height, width)
     if len(points) == 0:
         return out
-    pts = torch.as_tensor(np.asarray(points, dtype=np.float32).reshape(-1, 2))
+    # Clicks far outside (up to the float64 limit) are clipped first: float32 would overflow to inf.
+    far = float(CLICK_COORDINATE_LIMIT)
+    pts = torch.as_tensor(np.clip(np.asarray(points, dtype=np.float64), -far, far).astype(np.float32).reshape(-1, 2))
     ys = torch.arange(height, dtype=torch.float32)[None, :, None]
     xs = torch.arange(width, dtype=torch.float32)[None, None, :]
     dist2 = (xs - pts[:, 0, None, None]) ** 2 + (ys - pts[:, 1, None, None]) ** 2
@@ -51,7 +54,7 @@ def rasterize_box(box: tuple[float, float, float, float], size: tuple[int, int])
     """A filled rectangle of ones for box (x0, y0, x1, y1), inclusive pixel coordinates clipped to
     the image -> (H, W) float32. A box entirely outside the image gives zeros."""
     height, width = size
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x0, y0, x1, y1 = (round(v) for v in box)
     x0, x1 = max(min(x0, x1), 0), min(max(x0, x1), width - 1)
     y0, y1 = max(min(y0, y1), 0), min(max(y0, y1), height - 1)
     out = torch.zeros(height, width)
@@ -124,7 +127,7 @@ def scribble_from_mask(mask: MaskLike, rng: np.random.Generator) -> torch.Tensor
     out = np.zeros((height, width), dtype=bool)
     if not fg.any():
         return torch.zeros(height, width)
-    margin = max(1, int(round(min(height, width) / 64)))
+    margin = max(1, round(min(height, width) / 64))
     inner = ndimage.binary_erosion(fg, iterations=margin)
     region = inner if inner.any() else fg
     weights = _interior_weights(region)

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from promptseg.data.io import check_image_array, read_image, read_label
+from promptseg.data.io import (
+    as_label_values,
+    canonical_view,
+    check_image_array,
+    read_image,
+    read_label,
+)
 from promptseg.data.preprocess import channels_last, prepare_image, resize_mask
 from promptseg.data.prompts import PROMPT_TYPES, rasterize_box, rasterize_clicks
 from promptseg.errors import InputError
@@ -36,17 +42,22 @@ def load_2d(value: ArrayOrPath, is_label: bool, what: str) -> tuple[np.ndarray, 
     """An array or path -> (2D array (H, W[, C]) channels-last, a name for messages).
 
     Volumes, empty arrays and data types other than bool, integer and real float are refused with an
-    InputError naming the file (or `what` for an array).
+    InputError naming the file (or `what` for an array); a mask or label map given as an array must
+    hold non-negative integers (0/1 floats count; soft masks are refused, not taken as foreground
+    wherever they are above zero), like one read from a file.
     """
     if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
         data = read_label(value) if is_label else read_image(value)
         array, source = data.array, data.path
         if data.is_volume and not (array.ndim == 3 and 1 in array.shape):
             raise InputError(source, f"{what} must be 2D, got a volume of shape {array.shape}")
-        if data.is_volume:  # an (X, Y, 1) NIfTI slice: drop the last length-1 axis, keep both in-plane axes
+        if data.is_volume:  # a NIfTI slice: in RAS orientation like query volumes, its length-1 axis dropped
+            array = canonical_view(array, data.affine)
             array = np.squeeze(array, axis=max(axis for axis, n in enumerate(array.shape) if n == 1))
     else:
         array, source = check_image_array(np.asarray(value), what), what
+        if is_label:
+            array = as_label_values(array, source)
     return channels_last(array), source
 
 

@@ -3,8 +3,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+# Ranges every field must lie in; wide enough for any model worth training, narrow enough that no
+# value can make building the model exhaust memory before the weights are compared with it.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "resolution": (16, 4096),
+    "blocks_per_stage": (0, 32),
+    "attention_depth": (1, 64),
+    "head_dim": (1, 4096),
+    "bottleneck_tokens": (0, 4096),
+    "max_prompts": (1, 1024),
+    "num_prompt_types": (5, 64),  # prompt type ids 0..4: query, mask, click, box, scribble
+}
+WIDTH_RANGE = (1, 4096)
+MAX_STAGES = 8
+MLP_RATIO_RANGE = (0.0, 16.0)  # exclusive low, inclusive high
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    """TypeError unless `value` is an int (not a bool), ValueError unless it lies in low..high."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}"[:200])
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in {low}..{high}, got {value}")
+
+
+def _check_ints(name: str, values: Any, low: int, high: int, max_count: int) -> None:
+    """ValueError unless `values` is a tuple of 1..max_count ints in low..high."""
+    if not isinstance(values, tuple) or not 1 <= len(values) <= max_count:
+        raise ValueError(f"{name} must be a list of 1 to {max_count} integers, got {values!r}"[:200])
+    for value in values:
+        _check_int(f"{name} entry", value, low, high)
 
 
 @dataclass(frozen=True)
@@ -45,6 +77,25 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check every field's type and range (TypeError or ValueError naming the field) before anything is built."""
+        for name in ("widths", "attention_stages"):  # lists (from JSON or a caller) are kept as tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, (low, high) in INT_RANGES.items():
+            _check_int(name, getattr(self, name), low, high)
+        _check_ints("widths", self.widths, *WIDTH_RANGE, MAX_STAGES)
+        _check_ints("attention_stages", self.attention_stages, 0, MAX_STAGES - 1, MAX_STAGES)
+        if len(set(self.attention_stages)) != len(self.attention_stages):
+            raise ValueError(f"attention_stages must not repeat a stage, got {list(self.attention_stages)}")
+        ratio = self.mlp_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+            raise ValueError(f"mlp_ratio must be a finite number, got {ratio!r}"[:200])
+        if not MLP_RATIO_RANGE[0] < ratio <= MLP_RATIO_RANGE[1]:
+            raise ValueError(f"mlp_ratio must lie in ({MLP_RATIO_RANGE[0]:g}, {MLP_RATIO_RANGE[1]:g}], got {ratio:g}")
+        if not isinstance(self.label_propagation, bool):
+            raise TypeError(f"label_propagation must be true or false, got {self.label_propagation!r}"[:200])
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra must be a mapping, got {type(self.extra).__name__}")
         if self.architecture != "conv":
             check_vit_config(self)
             return
@@ -56,9 +107,11 @@ class ModelConfig:
             raise ValueError("label_propagation needs every prompt token; set label_propagation to false to use bottleneck_tokens")
         for stage in self.attention_stages:
             if not 0 <= stage < len(self.widths):
-                raise ValueError(f"attention stage {stage} outside 0..{len(self.widths) - 1}")
+                raise ValueError(f"attention_stages: stage {stage} outside 0..{len(self.widths) - 1}")
             if self.widths[stage] % self.head_dim != 0:
                 raise ValueError(f"width {self.widths[stage]} is not a multiple of head_dim {self.head_dim}")
+            if int(self.widths[stage] * ratio) < 1:
+                raise ValueError(f"mlp_ratio {ratio:g} leaves no hidden units at width {self.widths[stage]}")
 
     @property
     def encoding_entries(self) -> tuple[str, ...]:
@@ -78,7 +131,10 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """A config from a mapping of field values; ValueError on unknown keys or invalid values."""
+        if not isinstance(data, dict):
+            raise TypeError(f"model config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -86,12 +142,19 @@ class ModelConfig:
         values = dict(data)
         for key in ("widths", "attention_stages"):
             if key in values:
+                if not isinstance(values[key], (list, tuple)):
+                    raise ValueError(f"{key} must be a list of integers, got {values[key]!r}"[:200])
                 values[key] = tuple(values[key])
         return cls(**values)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str) -> ModelConfig:
+        """A config from JSON text; ValueError on invalid JSON (also nesting too deep to parse) or values."""
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("model config JSON is nested too deeply") from None
+        return cls.from_dict(data)
 
 
 # Fields of the second architecture with their defaults (left out of ModelConfig.to_dict at these

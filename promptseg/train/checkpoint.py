@@ -8,6 +8,7 @@ checkpoint and is replaced atomically last, so a write cut off part-way never da
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 
 from promptseg.data.io import atomic_write_unchecked
 from promptseg.errors import CheckpointError, short_reason
@@ -23,6 +24,10 @@ from promptseg.model import ModelConfig, PromptSegNet
 
 CONFIG_KEY = "promptseg_config"
 TRAINING_KEY = "promptseg_training"  # cumulative compute behind the weights (episodes, core-hours, runs)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Trained weights stay far below this (the shipped ones below 6); larger values are damage, and
+# would give non-finite activations.
+MAX_WEIGHT_MAGNITUDE = 1e4
 
 
 def _atomic_replace(path: Path, write: Callable[[str], None]) -> None:
@@ -88,7 +93,25 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.
         config = ModelConfig.from_json(metadata[CONFIG_KEY])
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: invalid model config ({exc})") from None
+    check_weight_values({n: t for n, t in tensors.items() if not n.startswith("optim.")}, path)  # optimizer state may be large
     return config, tensors
+
+
+def check_weight_values(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """CheckpointError naming `source` unless every tensor is floating point (float16/32/64, bfloat16),
+    finite, and at most MAX_WEIGHT_MAGNITUDE in magnitude."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{source}: weight {name} has data type {str(tensor.dtype).replace('torch.', '')}, "
+                                  "expected floating point")
+        if tensor.numel() == 0:
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: weight {name} holds non-finite values (NaN or Inf)")
+        largest = float(tensor.abs().max())
+        if largest > MAX_WEIGHT_MAGNITUDE:
+            raise CheckpointError(f"{source}: weight {name} holds {largest:.3g}, beyond the plausible "
+                                  f"magnitude {MAX_WEIGHT_MAGNITUDE:g} of trained weights")
 
 
 def read_training_record(path: str | os.PathLike) -> dict[str, Any]:
@@ -105,6 +128,20 @@ def read_training_record(path: str | os.PathLike) -> dict[str, Any]:
 def load_state(model: PromptSegNet, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
     """Load a state dict whose names and shapes must match `model` exactly (shared weights allowed)."""
     expected = model.state_dict()
+    shared_names = check_state_shapes(expected, tensors, source)
+    full = dict(tensors)
+    for name in shared_names:
+        full[name] = tensors[_alias_of(name, tensors)]
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(full[name].to(tensor.dtype))
+
+
+def check_state_shapes(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str | os.PathLike
+) -> set[str]:
+    """CheckpointError unless `tensors` has exactly the names and shapes of the state dict `expected`
+    (names of shared sub-modules may be given once); returns the names found through their alias."""
     missing_names = [n for n in expected if n not in tensors]
     shared_names = {n for n in missing_names if _alias_of(n, tensors) is not None}
     missing = [n for n in missing_names if n not in shared_names]
@@ -116,12 +153,7 @@ def load_state(model: PromptSegNet, tensors: dict[str, torch.Tensor], source: st
             f"{source}: checkpoint of another configuration ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(wrong)} mis-shaped tensors, e.g. {detail})"
         )
-    full = dict(tensors)
-    for name in shared_names:
-        full[name] = tensors[_alias_of(name, tensors)]
-    with torch.no_grad():
-        for name, tensor in expected.items():
-            tensor.copy_(full[name].to(tensor.dtype))
+    return shared_names
 
 
 def _alias_of(name: str, tensors: dict[str, torch.Tensor]) -> str | None:
@@ -137,8 +169,18 @@ def load_model(path: str | os.PathLike, expected: ModelConfig | None = None) -> 
     config, tensors = read_weights(path)
     if expected is not None and expected != config:
         raise CheckpointError(f"{path}: checkpoint of another configuration (expected {expected}, found {config})")
+    return build_model(config, tensors, path)
+
+
+def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> PromptSegNet:
+    """A PromptSegNet of `config` holding `tensors`, in eval mode. The config's tensor names and shapes
+    are compared with `tensors` on a model without storage (the meta device) first, so a config that
+    implies other (or far more) parameters than the file holds is refused before memory is allocated."""
+    with torch.device("meta"):
+        skeleton = PromptSegNet(config)
+    check_state_shapes(skeleton.state_dict(), tensors, source)
     model = PromptSegNet(config)
-    load_state(model, tensors, path)
+    load_state(model, tensors, source)
     return model.eval()
 
 
@@ -217,6 +259,7 @@ def load_training_checkpoint(
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights_path}: unreadable checkpoint ({short_reason(exc)})") from None
     model_tensors = {n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")}
+    check_weight_values(model_tensors, weights_path)
     load_state(model, model_tensors, weights_path)
     state: dict[int, dict[str, Any]] = {}
     try:
@@ -226,11 +269,49 @@ def load_training_checkpoint(
                 state.setdefault(int(index), {})[key] = tensor
         for index, scalars in meta.get("optim_scalars", {}).items():
             state.setdefault(int(index), {}).update(scalars)
+        check_resume_state(optimizer, state, meta["param_groups"], meta["step"])
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        int(meta["step"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{meta_path}: step or optimizer state does not fit this run ({short_reason(exc)})") from None
     return meta
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_resume_state(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Any]], groups: Any, step: Any) -> None:
+    """ValueError (TypeError for a malformed group) unless a checkpoint's step, AdamW hyper-parameters and per-parameter state fit
+    `optimizer`: a non-negative integer step; lr, weight_decay >= 0, eps > 0 and betas in [0, 1); and
+    for each parameter, finite tensors with exp_avg and exp_avg_sq of the parameter's shape
+    (exp_avg_sq >= 0) and a non-negative scalar step."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}"[:120])
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"expected {len(optimizer.param_groups)} optimizer parameter groups")
+    for group in groups:
+        if not isinstance(group, dict):
+            raise TypeError("optimizer parameter groups must be mappings")
+        for key in ("lr", "weight_decay", "eps"):
+            if key in group and not (_finite_number(group[key]) and group[key] >= 0 and (key != "eps" or group[key] > 0)):
+                raise ValueError(f"optimizer {key} out of range: {group[key]!r}"[:120])
+        betas = group.get("betas", (0.9, 0.999))
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_finite_number(b) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"optimizer betas must be two numbers in [0, 1), got {betas!r}"[:120])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.items():
+        if not 0 <= index < len(params):
+            raise ValueError(f"optimizer state for parameter {index}, the run has {len(params)}")
+        for key, value in entry.items():
+            if not torch.is_tensor(value):
+                continue
+            if key in ("exp_avg", "exp_avg_sq") and value.shape != params[index].shape:
+                raise ValueError(f"optimizer {key} of parameter {index} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(params[index].shape)}")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"optimizer {key} of parameter {index} is not finite floating point")
+            if (key == "exp_avg_sq" and bool((value < 0).any())) or (key == "step" and (value.numel() != 1 or float(value) < 0)):
+                raise ValueError(f"optimizer {key} of parameter {index} out of range")
 
 
 def load_run_model(run_dir: str | os.PathLike) -> PromptSegNet:
@@ -240,6 +321,4 @@ def load_run_model(run_dir: str | os.PathLike) -> PromptSegNet:
         raise CheckpointError(f"{run_dir}: no training checkpoint (latest.json missing)")
     weights_path, _ = _latest_files(run_dir)
     config, tensors = read_weights(weights_path)
-    model = PromptSegNet(config)
-    load_state(model, {n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")}, weights_path)
-    return model.eval()
+    return build_model(config, {n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")}, weights_path)

@@ -4,21 +4,25 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from promptseg.data.episodes import EpisodeBatch, EpisodeSampler, fixed_episodes
-from promptseg.data.io import write_text
+from promptseg.data.episodes import (
+    EpisodeBatch,
+    EpisodeSampler,
+    base_task_weights,
+    fixed_episodes,
+)
+from promptseg.data.io import sweep_stale_temporaries, write_text
 from promptseg.data.tasks import ArrayTask
+from promptseg.errors import CheckpointError, InputError
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
-from promptseg.data.episodes import base_task_weights
-from promptseg.errors import CheckpointError
 from promptseg.train.checkpoint import (
     load_state,
     load_training_checkpoint,
@@ -28,11 +32,17 @@ from promptseg.train.checkpoint import (
     save_weights,
 )
 from promptseg.train.config import TrainConfig
-from promptseg.train.distributed import DistributedContext, all_reduce_mean, barrier, init_distributed, shutdown
+from promptseg.train.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from promptseg.train.loss import hard_dice, segmentation_losses
 from promptseg.train.prefetch import StepBatches, step_batches
-from promptseg.train.task_balance import TaskHardness
 from promptseg.train.schedule import learning_rate
+from promptseg.train.task_balance import TaskHardness
 from promptseg.train.training_log import read_log_records
 
 
@@ -130,6 +140,9 @@ class Trainer:
         progress: bool = True,
         init: str | Path | None = None,
     ) -> None:
+        problems = config.problems()
+        if problems:  # a config built in code, not read through TrainConfig.load, is checked here
+            raise InputError("training config", problems[0])
         self.config = config
         self.out_dir = Path(out_dir)
         self.val_tasks = list(val_tasks)
@@ -192,9 +205,12 @@ class Trainer:
         return compute_record(self.prior_compute, self.run_compute, self.step)
 
     def resume(self) -> bool:
-        """Continue from the newest checkpoint in out_dir; False when there is none."""
+        """Continue from the newest checkpoint in out_dir; False when there is none (the run starts
+        at step 0, and the steps an earlier run logged before its first checkpoint are dropped)."""
         meta = load_training_checkpoint(self.out_dir, self.model, self.optimizer)
         if meta is None:
+            if self.context.is_main:
+                self.trim_log(0)
             return False
         self.step = int(meta["step"])
         self.hardness.load_state(meta.get("task_hardness", {}))
@@ -263,6 +279,7 @@ class Trainer:
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.context.is_main:
+            sweep_stale_temporaries(self.out_dir)  # checkpoint temporaries of a run killed while writing
             (self.out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         episodes_done, started, last_loss = 0, time.perf_counter(), float("nan")
