@@ -2,7 +2,8 @@
 
 Everything is validated before any output is written: the prompts, every query and every output
 path. Each query then gets `<name>_mask.png` (2D) or `<name>_mask.nii.gz` (NIfTI, same affine and
-header), optionally `_prob.npy` / `_prob.nii.gz` and `_overlay.png`; a query's files are written as
+header), optionally `_prob.npy` / `_prob.nii.gz`, `_overlay.png`, `_uncertainty` and `_variance`
+maps (--uncertainty) and `_candidate<i>` masks (--candidates); a query's files are written as
 one unit (io.atomic_write_group: all of them or none, under a lock of the output folder), and
 temporary files that a killed earlier run left in the output folder are removed first.
 """
@@ -41,6 +42,7 @@ from promptseg.data.io import (
     sweep_stale_temporaries,
 )
 from promptseg.data.preprocess import all_finite, prepare_image
+from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
@@ -97,7 +99,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_model_arguments(parser)
     parser.add_argument("--ensemble", type=int, default=1, metavar="N",
-                        help="average over N flips of prompts and queries (1..4, default 1: off)")
+                        help=f"average over N ensemble members: drop-one prompt subsets, then flips of prompts and "
+                        f"queries, calibrated on the prompts they leave out (1..{MAX_ENSEMBLE}, default 1: off; "
+                        "a single prompt gives at most 4 members)")
+    parser.add_argument("--uncertainty", action="store_true",
+                        help="also write <name>_uncertainty (predictive entropy in bits) and, with --ensemble, "
+                        "<name>_variance (variance of the members' probabilities): float32 .nii.gz for NIfTI "
+                        "queries, 8-bit .png for 2D (255 = 1 bit of entropy, or a variance of 0.25)")
+    parser.add_argument("--candidates", type=int, default=0, metavar="N",
+                        help="also write N plausible masks <name>_candidate1..N, those of the first N ensemble "
+                        "members (needs --ensemble M with N <= M)")
     parser.add_argument("--adapt", type=int, default=0, metavar="STEPS",
                         help="adapt a copy of the model to the prompts first: STEPS leave-one-out steps on its "
                         "normalisation scales and output head (PyTorch backends; default 0: off)")
@@ -149,11 +160,13 @@ class QueryJob:
 
 def plan_outputs(
     queries: Sequence[str], out_dir: str, probabilities: bool, overlay_png: bool, overwrite: bool,
-    labels: Sequence[int] = (),
+    labels: Sequence[int] = (), uncertainty: bool = False, variance: bool = False, candidates: int = 0,
 ) -> list[QueryJob]:
     """Output paths of every query; InputError on clashing names or (without overwrite) existing files.
 
-    With several labels, probabilities go to one file per label (kind prob_label{N})."""
+    With several labels, probabilities, uncertainty and variance maps go to one file per label
+    (kinds prob_label{N}, uncertainty_label{N}, variance_label{N}); candidates are kinds
+    candidate1..candidate{candidates}, masks like the mask."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(out_dir, "--out must be a folder, found a file")
     jobs: list[QueryJob] = []
@@ -166,8 +179,11 @@ def plan_outputs(
         nifti = file_extension(path) in NIFTI_EXTENSIONS or is_dicom_input(path)  # DICOM: NIfTI outputs
         extensions = {"mask": ".nii.gz" if nifti else ".png"}
         if probabilities:
-            kinds = [f"prob_label{label}" for label in labels] if len(labels) > 1 else ["prob"]
-            extensions.update({kind: ".nii.gz" if nifti else ".npy" for kind in kinds})
+            extensions.update({kind: ".nii.gz" if nifti else ".npy" for kind in per_label_kinds("prob", labels)})
+        for wanted, kind in ((uncertainty, "uncertainty"), (uncertainty and variance, "variance")):
+            if wanted:
+                extensions.update({k: ".nii.gz" if nifti else ".png" for k in per_label_kinds(kind, labels)})
+        extensions.update({f"candidate{n}": extensions["mask"] for n in range(1, candidates + 1)})
         if overlay_png:
             extensions["overlay"] = ".png"
         outputs = {kind: os.path.join(out_dir, f"{name}_{kind}{ext}") for kind, ext in extensions.items()}
@@ -176,6 +192,11 @@ def plan_outputs(
                 raise InputError(output, "output exists; pass --overwrite to replace it")
         jobs.append(QueryJob(path, nifti, outputs))
     return jobs
+
+
+def per_label_kinds(kind: str, labels: Sequence[int]) -> list[str]:
+    """Output kinds of a per-label map: `kind` for one label, `kind`_label{N} for each of several."""
+    return [f"{kind}_label{label}" for label in labels] if len(labels) > 1 else [kind]
 
 
 def encode(segmenter: Segmenter, prompts: list[Prompt], labels: Sequence[int] | None) -> dict[int, EncodedPrompts]:
@@ -230,13 +251,21 @@ def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: ar
         raise PromptSegError(f"{job.path}: the model gave non-finite probabilities (NaN or Inf); "
                              "the weights are damaged or unsuited to this input, nothing was written")
     several = len(result.labels) > 1
-    mask = result.label_map if several else (result.probabilities[0] > args.threshold).astype(np.uint8) * (1 if job.nifti else 255)
+    mask = label_mask(result, result.probabilities, args.threshold, job.nifti)
     writers: dict[str, Writer] = {"mask": nifti_writer(mask, data) if job.nifti else png_writer(mask)}
+    uncertainty = result.uncertainty if any(k.startswith("uncertainty") for k in job.outputs) else None
     for index, label in enumerate(result.labels):
-        kind = f"prob_label{label}" if several else "prob"
-        if kind in job.outputs:
+        suffix = f"_label{label}" if several else ""
+        if f"prob{suffix}" in job.outputs:
             probabilities = result.probabilities[index]
-            writers[kind] = nifti_writer(probabilities, data) if job.nifti else npy_writer(probabilities)
+            writers[f"prob{suffix}"] = nifti_writer(probabilities, data) if job.nifti else npy_writer(probabilities)
+        for kind, values, full_scale in (("uncertainty", uncertainty, 1.0), ("variance", result.variance, 0.25)):
+            if f"{kind}{suffix}" in job.outputs and values is not None:
+                writers[f"{kind}{suffix}"] = map_writer(values[index], full_scale, data, job.nifti)
+    for number in range(1, len(result.candidates) + 1 if result.candidates is not None else 1):
+        if f"candidate{number}" in job.outputs:
+            candidate = label_mask(result, result.candidates[number - 1], args.threshold, job.nifti)
+            writers[f"candidate{number}"] = nifti_writer(candidate, data) if job.nifti else png_writer(candidate)
     if "overlay" in job.outputs:
         writers["overlay"] = png_writer(overlay_picture(data, result, args.axis))
     return writers
@@ -255,6 +284,21 @@ def overlay_picture(data: ImageData, result: LabelResult, axis: int) -> np.ndarr
     label_map = shown.label_map
     contours = [(label_map == label, LABEL_COLOURS[n % len(LABEL_COLOURS)]) for n, label in enumerate(result.labels)]
     return montage(image, contours, axis) if is_volume(data) else overlay(image, contours)
+
+
+def label_mask(result: LabelResult, probabilities: np.ndarray, threshold: float, nifti: bool) -> np.ndarray:
+    """The mask written for probabilities (L, *spatial) of result's labels: 0/255 (PNG) or 0/1
+    (NIfTI) for one label, the label map for several."""
+    if len(result.labels) > 1:
+        return LabelResult(result.labels, probabilities, threshold).label_map
+    return (probabilities[0] > threshold).astype(np.uint8) * (1 if nifti else 255)
+
+
+def map_writer(values: np.ndarray, full_scale: float, data: ImageData, nifti: bool) -> Writer:
+    """A writer of a float map: float32 NIfTI in the query's space, or an 8-bit PNG with 255 = full_scale."""
+    if nifti:
+        return nifti_writer(values.astype(np.float32), data)
+    return png_writer(np.round(np.clip(values / full_scale, 0.0, 1.0) * 255.0).astype(np.uint8))
 
 
 def write_all(job: QueryJob, writers: dict[str, Writer], overwrite: bool) -> None:
@@ -280,14 +324,34 @@ def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, Encode
     write_all(job, writers, args.overwrite)
 
 
+def check_ensemble_options(ensemble: int, candidates: int) -> None:
+    """InputError naming the flag for --ensemble outside 1..MAX_ENSEMBLE or --candidates without an
+    ensemble, negative or above the members (checked before anything is loaded or written)."""
+    if not 1 <= ensemble <= MAX_ENSEMBLE:
+        raise InputError("--ensemble", f"must lie in 1..{MAX_ENSEMBLE}, got {ensemble}")
+    if candidates < 0:
+        raise InputError("--candidates", f"must be positive, got {candidates}")
+    if candidates and ensemble < 2:
+        raise InputError("--candidates", "needs --ensemble N with N >= 2: the candidates are ensemble members")
+    if candidates > ensemble:
+        raise InputError("--candidates", f"must lie in 1..{ensemble} (the --ensemble members), got {candidates}")
+
+
 def run(args: argparse.Namespace) -> int:
     prompts = collect_prompts(args.prompt, getattr(args, SPARSE_DEST))
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
-    jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or ())
+    check_ensemble_options(args.ensemble, args.candidates)
+    jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or (),
+                        args.uncertainty, args.ensemble > 1, args.candidates)
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
-                               backend_options(args.backend, args.export_dir), args.ensemble, args.adapt)
+                               backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
+                               args.candidates)
     encoded = encode(segmenter, prompts, args.label)
+    members = min(len(e.ensemble.members) if e.ensemble is not None else 1 for e in encoded.values())
+    if args.candidates > members:
+        raise InputError("--candidates", f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "
+                         f"ensemble members, fewer than the {args.candidates} candidates asked for")
     for job in jobs:
         with out_of_memory_names(job.path):
             validate_query(read_image(job.path), segmenter)
