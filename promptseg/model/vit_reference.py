@@ -62,21 +62,37 @@ def full_sequence_logits(
         raise ValueError(f"full_sequence_logits needs a vit model, not architecture {config.architecture!r}")
     embedding, encoder = model.prompt_encoder.embedding, model.encoder
     prompts = embedding.prompts(encoder, images, maps, types)  # (G, P, C)
-    groups, prompt_tokens = prompts.shape[:2]
-    batch = queries.shape[0]
-    per_group = batch // groups
     query_tokens = embedding.images(encoder(queries), ROLE_QUERY)  # (B, n, C)
+    valid = None if num_prompts is None else num_prompts * (prompts.shape[1] // images.shape[1])
+    return full_sequence_decode(model, prompts, query_tokens, valid, queries.shape[-1], explicit)
+
+
+def full_sequence_decode(
+    model: PromptSegNet,
+    prompts: torch.Tensor,
+    query_tokens: torch.Tensor,
+    valid: torch.Tensor | None,
+    resolution: int,
+    explicit: bool = True,
+) -> torch.Tensor:
+    """The transformer over the full sequences from embedded tokens: prompt tokens (G, P, C), query
+    tokens (B, n, C) with B % G == 0, valid (G,) valid prompt tokens per group or None
+    -> logits (B, resolution, resolution). `explicit` as in `full_sequence_logits`."""
+    config = model.config
+    groups, prompt_tokens = prompts.shape[:2]
+    batch = query_tokens.shape[0]
+    per_group = batch // groups
     parts = [prompts.repeat_interleave(per_group, dim=0)]
     latents = model.prompt_encoder.latents
     if latents is not None:
         parts.append(latents.to(prompts.dtype).expand(batch, -1, -1))
     parts.append(query_tokens)
     x = torch.cat(parts, dim=1)  # (B, T, C)
-    if num_prompts is None:
-        valid = torch.full((batch,), prompt_tokens, dtype=torch.long, device=x.device)
+    if valid is None:
+        per_query = torch.full((batch,), prompt_tokens, dtype=torch.long, device=x.device)
     else:
-        valid = (num_prompts.to(x.device) * (prompt_tokens // images.shape[1])).repeat_interleave(per_group)
-    allowed = full_sequence_mask(prompt_tokens, valid, config.bottleneck_tokens, query_tokens.shape[1])[:, None]
+        per_query = valid.to(x.device).repeat_interleave(per_group)
+    allowed = full_sequence_mask(prompt_tokens, per_query, config.bottleneck_tokens, query_tokens.shape[1])[:, None]
     for block in model.blocks:
         attention = block.attention
         h = block.norm_attention(x)
@@ -88,4 +104,4 @@ def full_sequence_logits(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         x = x + attention.out_proj(merge_heads(out))
         x = x + block.mlp(block.norm_mlp(x))
-    return model.query_decoder.patch_logits(x[:, -query_tokens.shape[1]:], queries.shape[-1])
+    return model.query_decoder.patch_logits(x[:, -query_tokens.shape[1]:], resolution)
