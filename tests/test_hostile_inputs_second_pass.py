@@ -525,6 +525,15 @@ def test_bench_shots_outside_the_prompt_limit_is_one_line(shots: str, tiny_check
     assert "--shots: must lie in 1..64" in one_error_line(capsys)
 
 
+def test_eval_queries_zero_and_out_folder_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any model or dataset is loaded (--data names a folder that does not exist)."""
+    base = ["eval", "--data", str(tmp_path / "none"), "--episodes", "1", "--no-progress"]
+    assert main([*base, "--queries", "0"]) == 2
+    assert "--queries: must be positive" in one_error_line(capsys)
+    assert main([*base, "--out", str(tmp_path)]) == 2
+    assert "is a folder" in one_error_line(capsys, str(tmp_path))
+
+
 @pytest.mark.parametrize("text", ['{"labels": {"background": 0, "liver": 1' + "0" * 5000 + "}}",
                                   '{"labels": {"1' + "0" * 5000 + '": "liver"}}',
                                   '{"labels": {"liver": 99999999999}}',
@@ -601,6 +610,16 @@ def test_bench_out_keeps_an_existing_file_unless_overwrite(tiny_checkpoint: Path
     assert json.loads(out.read_text())["results"][0]["slices"] == 2
 
 
+@pytest.mark.parametrize("option", ["--out", "--markdown", "--plot"])
+def test_eval_reports_keep_existing_files_unless_overwrite(option: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    existing = tmp_path / "report"
+    existing.write_text("earlier report")
+    assert main(["eval", "--data", str(tmp_path / "none"), "--episodes", "1", "--no-progress", option, str(existing)]) == 2
+    assert "output exists; pass --overwrite" in one_error_line(capsys, str(existing))
+    assert existing.read_text() == "earlier report"
+
+
 # --------------------------------------------------------------------------------------------------
 # 11. Stray stderr lines
 
@@ -673,6 +692,31 @@ def test_volume_overlay_is_built_from_the_slices_it_shows(tmp_path: Path) -> Non
 # 9. Orientation through affines
 
 
+def test_the_same_scan_stored_lps_or_ras_gives_the_same_result_in_each_grid(tiny_checkpoint: Path) -> None:  # noqa: F811
+    """One scan stored RAS and stored LPS (first two axes reversed, affine to match: the same world
+    geometry) is segmented identically, each result in its own voxel grid; a prompt slice stored LPS
+    is turned like the queries."""
+    from promptseg.data.io import ImageData, canonical_view
+    from promptseg.engine.segmenter import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    rng = np.random.default_rng(9)
+    ras = rng.normal(size=(24, 20, 5)).astype(np.float32)
+    ras[4:14, 2:9] += 3  # an off-centre block: left-right and front-back flips change the picture
+    ras_affine = np.diag([1.5, 1.2, 3.0, 1.0])
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [ras.shape[0] - 1, ras.shape[1] - 1]
+    lps, lps_affine = ras[::-1, ::-1].copy(), ras_affine @ flip
+    np.testing.assert_allclose(lps_affine @ [0, 0, 0, 1], ras_affine @ [ras.shape[0] - 1, ras.shape[1] - 1, 0, 1])
+    assert np.array_equal(canonical_view(lps, lps_affine), ras)
+    image, mask = disk_example(rng, (24, 20))
+    prompts = segmenter.encode_prompts([image], [mask])
+    from_ras = segmenter.segment_volume(ImageData(ras, True, ras_affine, None, "ras.nii.gz"), prompts).probabilities
+    from_lps = segmenter.segment_volume(ImageData(lps, True, lps_affine, None, "lps.nii.gz"), prompts).probabilities
+    assert from_lps.shape == lps.shape
+    np.testing.assert_array_equal(from_lps[::-1, ::-1], from_ras)
+
+
 def test_a_prompt_slice_stored_lps_encodes_like_the_same_slice_stored_ras(tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
     import nibabel as nib
 
@@ -694,3 +738,59 @@ def test_a_prompt_slice_stored_lps_encodes_like_the_same_slice_stored_ras(tiny_c
     assert ras.key == lps.key
 
 
+@pytest.mark.parametrize("device", ["meta", "mps", "cuda:99", "potato"])
+def test_unusable_devices_are_one_line(device: str, tiny_checkpoint: Path) -> None:  # noqa: F811
+    from promptseg.engine.segmenter import Segmenter
+
+    if device == "cuda:99" and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 GPUs")
+    with pytest.raises(InputError, match="^device: "):
+        Segmenter.from_checkpoint(tiny_checkpoint, device=device)
+
+
+def test_cuda_without_a_gpu_is_one_line(tiny_checkpoint: Path) -> None:  # noqa: F811
+    from promptseg.engine.segmenter import Segmenter
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(InputError, match="device: cuda requested but no CUDA GPU is available"):
+        Segmenter.from_checkpoint(tiny_checkpoint, device="cuda")
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 0.0, 1.0, -1.0, "0.5"])
+def test_threshold_outside_0_1_or_nan_is_refused(threshold: object, tiny_checkpoint: Path) -> None:  # noqa: F811
+    from promptseg.engine.segmenter import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    image, mask = disk_example(np.random.default_rng(11), (24, 20))
+    prompts = {1: segmenter.encode_prompts([image], [mask])}
+    with pytest.raises(InputError, match="threshold: must lie strictly between 0 and 1"):
+        segmenter.segment_labels([image], prompts, threshold=threshold)
+
+
+def test_prompts_encoded_by_another_model_are_one_line(tiny_checkpoint: Path) -> None:  # noqa: F811
+    """Prompts of a model with other widths used to end in a shape-mismatch traceback."""
+    from promptseg.engine.segmenter import Segmenter
+    from promptseg.model import ModelConfig, PromptSegNet
+
+    ours = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    other = Segmenter(PromptSegNet(ModelConfig(**{**TINY_CONFIG.to_dict(), "widths": (8, 16, 48, 48)})), device="cpu")
+    image, mask = disk_example(np.random.default_rng(12), (24, 20))
+    with pytest.raises(InputError, match="prompts: were encoded by another Segmenter"):
+        ours.segment([image], other.encode_prompts([image], [mask]))
+    assert ours.segment([image], ours.encode_prompts([image], [mask])).shape == (1, 24, 20)
+
+
+EXPORT_A_LINEAR = """
+import torch
+from promptseg.export.onnx_export import trace
+trace(torch.nn.Linear(3, 2), (torch.zeros(2, 3),), ["x"], ["y"], {"input": {0: torch.export.Dim("batch")}}, 18)
+"""
+
+
+def test_onnx_export_prints_no_torchvision_lines() -> None:
+    """The exporter's registry used to print "torchvision is not installed. Skipping ..." to stderr once
+    per torchvision operator (eight lines per export) on machines without torchvision."""
+    done = run_python(EXPORT_A_LINEAR)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torchvision" not in done.stderr

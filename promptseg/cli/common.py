@@ -13,7 +13,7 @@ from promptseg.engine.backends import (
     backend_availability,
     backend_class,
 )
-from promptseg.engine.segmenter import Segmenter, packaged_weights_path
+from promptseg.engine.segmenter import Segmenter, checked_device, packaged_weights_path
 from promptseg.errors import CheckpointError, InputError
 
 
@@ -25,20 +25,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_device(name: str | None) -> torch.device:
     """The torch device for --device (None: cuda when present); InputError for unknown or absent devices."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError("--device", f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device", f"{name} requested but no CUDA GPU is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError("--device", f"{name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type != "cpu":
-        raise InputError("--device", f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    return device
+    return checked_device(name, "--device")
 
 
 def add_backend_argument(parser: argparse.ArgumentParser) -> None:

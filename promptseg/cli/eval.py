@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
@@ -11,11 +12,14 @@ from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.segmenter import packaged_weights_path
 from promptseg.errors import InputError
-from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline
+from promptseg.eval.baselines import (
+    FineTunedUNetBaseline,
+    ModelPredictor,
+    NearestPromptBaseline,
+)
 from promptseg.eval.evaluate import EvalReport, evaluate
 from promptseg.eval.plot import plot_dice_against_k
 from promptseg.train.checkpoint import load_model
-
 
 METHODS = ("promptseg", "nearest_prompt", "finetuned_unet")
 
@@ -53,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw mean Dice over tasks against K, one line per method")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out, --markdown and --plot files")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="NAME",
                         help=f"methods to score: {', '.join(METHODS)} (default: all)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="FILE.json",
@@ -65,6 +70,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def check_output_files(paths: list[str | None], overwrite: bool) -> None:
+    """InputError naming the first output path that is a folder, or that exists without `overwrite`
+    (checked before anything is scored)."""
+    for path in paths:
+        if path is not None and os.path.isdir(path):
+            raise InputError(path, "is a folder, expected a file name")
+        if path is not None and os.path.exists(path) and not overwrite:
+            raise InputError(path, "output exists; pass --overwrite to replace it")
+
+
 def run(args: argparse.Namespace) -> int:
     if any(k < 1 or k > 64 for k in args.shots):
         raise InputError("--shots", f"each K must lie in 1..64, got {args.shots}")
@@ -74,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--ensemble", f"must lie in 1..{MAX_ENSEMBLE}, got {args.ensemble}")
     if args.episodes < 1:
         raise InputError("--episodes", f"must be positive, got {args.episodes}")
+    if args.queries < 1:
+        raise InputError("--queries", f"must be positive, got {args.queries}")
+    check_output_files([args.out, args.markdown, args.plot], args.overwrite)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint or packaged_weights_path()).to(device)
     tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, progress=not args.no_progress,
@@ -102,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         report.write(args.out)
     if args.markdown:
-        write_text(args.markdown, report.to_markdown(), overwrite=True)
+        write_text(args.markdown, report.to_markdown(), overwrite=args.overwrite)
     if args.plot:
         names = ", ".join(sorted({group for group, _ in report.tasks}))
         plot_dice_against_k(report, args.plot, f"mean Dice over tasks against K ({names})")

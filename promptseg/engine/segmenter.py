@@ -20,7 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from promptseg.data.io import ImageData, check_image_array, read_image, slice_volume
+from promptseg.data.io import (
+    ImageData,
+    canonical_view,
+    check_image_array,
+    read_image,
+    slice_volume,
+)
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
 from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
@@ -69,6 +75,7 @@ class EncodedPrompts:
     key: str
     ensemble: Ensemble | None = None
     backend: InferenceBackend | None = None
+    owner: object = None  # the token of the Segmenter that encoded them (they fit its model only)
 
 
 @dataclass
@@ -193,7 +200,8 @@ class Segmenter:
             raise InputError("--candidates", "needs --ensemble N with N >= 2: candidates are ensemble members")
         if not 0 <= candidates <= ensemble:
             raise InputError("--candidates", f"must lie in 0..{ensemble} (the --ensemble members), got {candidates}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = checked_device(device)
+        self.token = object()  # marks the prompts this Segmenter encodes
         if max_batch < 1:
             raise InputError("--max-batch", f"must be at least 1, got {max_batch}")
         if backend is None:
@@ -285,7 +293,7 @@ class Segmenter:
                 f"{key}:ensemble{self.ensemble}",
                 lambda: build_ensemble(run, prompt_images, prompt_maps, prompt_types, members, encode),
             )
-        return EncodedPrompts(encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend)
+        return EncodedPrompts(encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend, self.token)
 
     def _adapted(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> AdaptedModel:
         """A backend (same kind and options) on a copy of the model adapted to one prompt set."""
@@ -318,7 +326,10 @@ class Segmenter:
     def _predict(self, batch: torch.Tensor, prompts: EncodedPrompts) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C, R, R) prepared queries -> (N, R, R) float32 logits and, for an ensemble, the
         members' calibrated probabilities (M, N, R, R) (else None); the ensemble's logits are
-        those of the members' mean probability."""
+        those of the members' mean probability. InputError for prompts another Segmenter encoded."""
+        if prompts.owner is not self.token:
+            raise InputError("prompts", "were encoded by another Segmenter (another model or backend); "
+                             "encode them with this Segmenter's encode_prompts")
         backend = prompts.backend or self.backend
         if prompts.ensemble is None:
             return self._decode(batch, lambda chunk: backend.decode(chunk, prompts.encoding), backend.name, 1), None
@@ -420,6 +431,8 @@ class Segmenter:
         """Segment a 3D volume slice by slice along `axis`, streaming max_batch slices at a time.
 
         volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's grid.
+        With an affine, `axis` and the slices' in-plane orientation are those of the volume's closest
+        RAS orientation (io.canonical_view), so the storage order (LPS, RAS, ...) does not matter.
         """
         data = as_volume(volume)
         maps = self._volume_maps(data, [prompts], axis)
@@ -437,7 +450,7 @@ class Segmenter:
             raise InputError(data.path, f"expected a 3D volume, got shape {array.shape}")
         if not all_finite(array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
-        slices = slice_volume(array, axis)
+        slices = slice_volume(canonical_view(array, data.affine), axis)  # RAS axes: any storage order alike
         shape = (len(prompt_sets),) + array.shape
         ensembles = [p.ensemble for p in prompt_sets]
         several = all(e is not None and len(e.members) > 1 for e in ensembles)
@@ -445,9 +458,11 @@ class Segmenter:
         out = QueryMaps(np.empty(shape, np.float32), np.empty(shape, np.float32) if several else None,
                         np.empty((count,) + shape, np.float32) if count else None)
         # views: batches land in place, no whole-volume copy
-        views = [slice_volume(o, axis) for o in out.probabilities]
-        variance_views = [slice_volume(o, axis) for o in out.variance] if out.variance is not None else []
-        candidate_views = [[slice_volume(o, axis) for o in c] for c in out.candidates] if out.candidates is not None else []
+        views = [slice_volume(canonical_view(o, data.affine), axis) for o in out.probabilities]
+        variance_views = ([slice_volume(canonical_view(o, data.affine), axis) for o in out.variance]
+                          if out.variance is not None else [])
+        candidate_views = ([[slice_volume(canonical_view(o, data.affine), axis) for o in c] for c in out.candidates]
+                           if out.candidates is not None else [])
         for start, batch in self.iter_volume_batches(slices, data.path):
             stop = start + batch.shape[0]
             for index, prompts in enumerate(prompt_sets):
@@ -495,6 +510,7 @@ class Segmenter:
         self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: Mapping[int, EncodedPrompts], threshold: float = 0.5
     ) -> list[LabelResult]:
         """Segment several labels of 2D queries, each label with its own prompts: one LabelResult per query."""
+        check_threshold(threshold)
         if not prompts:
             raise InputError(None, "no labels to segment")
         prepared, sizes = self._prepare_queries(queries)  # read and prepared once for every label
@@ -515,11 +531,37 @@ class Segmenter:
         self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2, threshold: float = 0.5
     ) -> LabelResult:
         """Segment several labels of a 3D volume in one streamed pass; probabilities (L, X, Y, Z)."""
+        check_threshold(threshold)
         if not prompts:
             raise InputError(None, "no labels to segment")
         data = as_volume(volume)
         maps = self._volume_maps(data, list(prompts.values()), axis)
         return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates)
+
+
+def checked_device(device: str | torch.device | None, option: str = "device") -> torch.device:
+    """The torch device for `device` (None: cuda when present, else cpu); InputError naming `option`
+    for unknown devices, devices other than cpu and cuda (meta, mps, ...) and absent CUDA devices."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(option, f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(option, f"{device} requested but no CUDA GPU is available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(option, f"{device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif resolved.type != "cpu":
+        raise InputError(option, f"unsupported device {str(device)!r}; use cpu, cuda or cuda:N")
+    return resolved
+
+
+def check_threshold(threshold: float) -> None:
+    """InputError unless `threshold` is a number strictly between 0 and 1 (NaN is not)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or not 0 < threshold < 1:
+        raise InputError("threshold", f"must lie strictly between 0 and 1, got {threshold!r}")
 
 
 def as_volume(volume: ArrayOrPath | ImageData) -> ImageData:

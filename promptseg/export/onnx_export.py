@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -190,7 +191,27 @@ def trace(
     dynamic_shapes: Mapping | Sequence,
     opset: int,
 ) -> onnx.ModelProto:
-    """One graph through the dynamo exporter, weights embedded, stack traces dropped."""
+    """One graph through the dynamo exporter, weights embedded, stack traces dropped. The exporter's
+    registry logs one "torchvision is not installed" warning per torchvision operator it skips;
+    PromptSeg uses none, so those records are dropped while exporting."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        return _trace(module, args, input_names, output_names, dynamic_shapes, opset)
+    finally:
+        registry.setLevel(level)
+
+
+def _trace(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: Mapping | Sequence,
+    opset: int,
+) -> onnx.ModelProto:
+    """trace's export, with torch's developer notes silenced."""
     with warnings.catch_warnings():  # notes for torch's own developers, not for users
         warnings.filterwarnings("ignore", message=".*axis name.*shares the same shape constraints")  # keys/values
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
