@@ -1,4 +1,4 @@
-"""Command-line interface: `promptseg segment | batch | train | eval | export | bench | demo` (DESIGN.md section 5).
+"""Command-line interface: `promptseg segment | batch | train | eval | export | bench | demo` (docs/design.md section 5.6).
 
 Failures a user can fix (PromptSegError and its subclasses, bad arguments, and running out of
 memory) print one line `promptseg: error: <reason>` to stderr and exit with 2; Ctrl-C exits with

@@ -1,4 +1,4 @@
-"""Reading and writing single images and volumes (DESIGN.md section 4).
+"""Reading and writing single images and volumes (docs/design.md section 4).
 
 Supported inputs: NIfTI (.nii, .nii.gz), PNG, TIFF, BMP, JPEG and NumPy (.npy, .npz). Every failure to
 read an input is reported as one InputError line naming the file; outputs are written atomically.

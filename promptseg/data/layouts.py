@@ -1,4 +1,4 @@
-"""Dataset folders: the nnU-Net v2 raw layout and the simple images/ + labels/ layout (DESIGN.md section 4).
+"""Dataset folders: the nnU-Net v2 raw layout and the simple images/ + labels/ layout (docs/design.md section 4).
 
 nnU-Net v2:  ROOT/dataset.json, ROOT/imagesTr/NAME_0000.ext (one file per channel), ROOT/labelsTr/NAME.ext
 simple:      ROOT/images/NAME.ext, ROOT/labels/NAME.ext (same NAME, any supported extensions),

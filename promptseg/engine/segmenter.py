@@ -1,4 +1,4 @@
-"""Segmenter: the user-facing inference API (DESIGN.md section 5).
+"""Segmenter: the user-facing inference API (docs/design.md section 5).
 
     seg = Segmenter.from_pretrained(device="cuda")
     prompts = seg.encode_prompts(images, masks)          # K pairs, encoded once
