@@ -143,6 +143,6 @@ def test_segmenter_results_carry_uncertainty_variance_and_candidates(model: Prom
     labels = seg.segment_labels([pairs[0][0]], {1: prompts})[0]
     assert labels.uncertainty.shape == labels.variance.shape == (1, 40, 36)
     assert labels.candidates.shape == (2, 1, 40, 36)
-    plain = Segmenter(model, device="cpu").segment_labels([pairs[0][0]], {1: Segmenter(model, device="cpu").encode_prompts(
-        [i for i, _ in pairs], [m for _, m in pairs])})[0]
+    single = Segmenter(model, device="cpu")
+    plain = single.segment_labels([pairs[0][0]], {1: single.encode_prompts([i for i, _ in pairs], [m for _, m in pairs])})[0]
     assert plain.variance is None and plain.candidates is None and plain.uncertainty.shape == (1, 40, 36)
