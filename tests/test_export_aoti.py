@@ -5,8 +5,12 @@ minutes on 2 busy CPU cores: two Inductor compiles with g++); building examples/
 
 Tolerance: both sides compute in float32 from the same weights; the packages differ only in
 fusion and reduction order, which moves a logit by a few float32 ulps per layer (measured about
-3e-6 on logits of magnitude ~2). LOGIT_ATOL = 1e-4 leaves a 30x margin and still catches any
-real error (a wrong weight, shape or prompt type moves logits by ~1e-1).
+3e-6 on logits of magnitude ~2). LOGIT_ATOL = 1e-4, scaled by max(1, max|logit|) as in the ONNX
+tests, leaves a 30x margin and still catches any real error (a wrong weight, shape or prompt type
+moves logits by ~1e-1). The scale matters for click and scribble prompts on these random maps:
+every token is touched, the label-propagation prior saturates near 1 and its logit (up to ~8) is
+steep there, so float32 reordering moves it by about 1e-4 (an input perturbation of 1e-6 moves
+such logits by 3e-4 against 1e-5 for mask prompts, in eager PyTorch alone).
 """
 from __future__ import annotations
 
@@ -99,7 +103,8 @@ def test_packages_match_eager_for_any_k_and_b(
         torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
     assert logits.shape == (batch, eager_model.config.resolution, eager_model.config.resolution)
     error = (logits - expected).abs().max().item()
-    assert error < LOGIT_ATOL, f"max |logit error| {error:.2e} for K={shots}, B={batch}"
+    scale = max(1.0, expected.abs().max().item())
+    assert error < LOGIT_ATOL * scale, f"max |logit error| {error:.2e} (scale {scale:.1f}) for K={shots}, B={batch}"
     assert dice((logits > 0).numpy(), (expected > 0).numpy()) >= MIN_DICE
 
 
