@@ -79,8 +79,8 @@ def test_untrained_model_transfers_the_prompt_label_to_an_identical_query() -> N
 
 
 def test_propagation_labels_leave_what_a_click_or_scribble_does_not_touch_unknown() -> None:
-    """Mask and box maps give each token its label fraction; click and scribble maps give 1 on the
-    tokens they touch and 0.5 (unknown) on the others, on fresh random maps."""
+    """Mask and box maps give each token its label fraction; with sparse_unknown click and scribble
+    maps give 1 on the tokens they touch and 0.5 (unknown) on the others, on fresh random maps."""
     rng = np.random.default_rng()
     maps = torch.from_numpy((rng.random((4, 16, 16)) < 0.05).astype(np.float32))
     types = torch.tensor([PROMPT_TYPES[name] for name in ("mask", "box", "click", "scribble")])
@@ -91,6 +91,8 @@ def test_propagation_labels_leave_what_a_click_or_scribble_does_not_touch_unknow
     assert labels.shape == (4, 16)
     torch.testing.assert_close(labels[:2].double(), fraction[:2])
     torch.testing.assert_close(labels[2:].double(), 0.5 + 0.5 * touched[2:])
+    # Without sparse_unknown (the shipped weights' setting) every kind reads like a mask.
+    torch.testing.assert_close(propagation_labels(maps, types, (4, 4), sparse_unknown=False).double(), fraction)
 
 
 def test_probability_logit_is_finite_and_inverts_sigmoid() -> None:

@@ -94,6 +94,22 @@ def test_init_refuses_weights_of_another_config(tmp_path: Path) -> None:
         Trainer(TINY, [], tmp_path / "run", progress=False, init=path)
 
 
+def test_init_may_switch_how_the_prior_reads_sparse_prompts(tmp_path: Path) -> None:
+    """sparse_unknown changes no tensor: weights trained without it warm-start a recipe with it,
+    load exactly, and the new run's weights carry the recipe's setting."""
+    path = tmp_path / "plain.safetensors"
+    save_weights(PromptSegNet(TINY.model_config()), path)
+    model = dataclasses.replace(TINY.model_config(), sparse_unknown=True)
+    config = dataclasses.replace(TINY, steps=2, checkpoint_every=2, model=model.to_dict())
+    trainer = Trainer(config, [], tmp_path / "run", progress=False, init=path)
+    _, tensors = read_weights(path)
+    for name, tensor in trainer.model.state_dict().items():
+        if name in tensors:
+            torch.testing.assert_close(tensor, tensors[name].float(), rtol=0, atol=0)
+    trainer.run()
+    assert read_weights(tmp_path / "run" / "final.safetensors")[0].sparse_unknown
+
+
 def test_resume_with_hardness_weighted_draws_is_exact(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (8, 1, 32, 32), dtype=np.uint8)

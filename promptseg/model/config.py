@@ -55,6 +55,11 @@ class ModelConfig:
     blocks_per_stage and attention_stages are unused and label_propagation must be false. The
     architecture fields are left out of `to_dict` at their defaults, so configs of the conv design
     serialise as before.
+
+    `sparse_unknown` (conv design with label propagation): the prior treats the prompt tokens a
+    click or scribble does not touch as unknown (label 0.5) instead of background (label 0); it
+    changes no tensor, so weights warm-start across it. False, the default, is what the shipped
+    weights were trained with; like the architecture fields it is left out of `to_dict` when false.
     """
 
     resolution: int = 128
@@ -69,6 +74,7 @@ class ModelConfig:
     label_propagation: bool = True
     max_prompts: int = 64
     num_prompt_types: int = 5
+    sparse_unknown: bool = False
     architecture: str = "conv"
     patch_size: int = 16
     encoder_depth: int = 12
@@ -92,8 +98,9 @@ class ModelConfig:
             raise ValueError(f"mlp_ratio must be a finite number, got {ratio!r}"[:200])
         if not MLP_RATIO_RANGE[0] < ratio <= MLP_RATIO_RANGE[1]:
             raise ValueError(f"mlp_ratio must lie in ({MLP_RATIO_RANGE[0]:g}, {MLP_RATIO_RANGE[1]:g}], got {ratio:g}")
-        if not isinstance(self.label_propagation, bool):
-            raise TypeError(f"label_propagation must be true or false, got {self.label_propagation!r}"[:200])
+        for name in ("label_propagation", "sparse_unknown"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}"[:200])
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a mapping, got {type(self.extra).__name__}")
         if self.architecture != "conv":
@@ -160,7 +167,7 @@ class ModelConfig:
 # Fields of the second architecture with their defaults (left out of ModelConfig.to_dict at these
 # values) and the ranges of its integer fields.
 ARCHITECTURE_FIELDS: dict[str, Any] = {
-    "architecture": "conv", "patch_size": 16, "encoder_depth": 12, "encoder_width": 768, "decoder_width": 768,
+    "sparse_unknown": False, "architecture": "conv", "patch_size": 16, "encoder_depth": 12, "encoder_width": 768, "decoder_width": 768,
 }
 VIT_INT_RANGES: dict[str, tuple[int, int]] = {
     "patch_size": (1, 256), "encoder_depth": (0, 64), "encoder_width": (1, 4096), "decoder_width": (1, 4096),

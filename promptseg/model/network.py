@@ -51,7 +51,7 @@ class PromptSegNet(nn.Module):
     def attention_backend(self) -> str:
         return self._attention_backend
 
-    def set_attention_backend(self, backend: str) -> "PromptSegNet":
+    def set_attention_backend(self, backend: str) -> PromptSegNet:
         """Route every attention call through `backend` (reference, sdpa or triton): sets the string
         attribute `backend` of every sub-module that has one (Attention, LabelPropagation, ...).
 

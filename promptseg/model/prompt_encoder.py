@@ -135,7 +135,8 @@ class PromptEncoder(nn.Module):
             pairs = [block.prompt_keys(keys, values) for block in self.blocks[index]]
             if self.propagations is not None:
                 tokens = key_features.flatten(2).transpose(1, 2)
-                labels = propagation_labels(flat_maps.to(tokens.dtype), types.flatten(), (h, w))
+                labels = propagation_labels(flat_maps.to(tokens.dtype), types.flatten(), (h, w),
+                                            self.config.sparse_unknown)
                 pairs.append(self.propagations[index].prompt_keys(tokens, pos, labels, groups))
             all_keys.append([k for k, _ in pairs])
             all_values.append([v for _, v in pairs])

@@ -9,9 +9,10 @@ thus returns a probability map p_h in [0, 1] for every query token.
 
 A mask or box prompt labels every prompt token: its value is the token's label fraction (a box
 says that nothing outside it is target). A click or scribble labels only the tokens it touches,
-and says nothing about the rest, so those tokens carry 1 where the prompt touches them and the
-uninformative 0.5 elsewhere (`propagation_labels`): a query token that resembles none of the
-clicked tokens gets a neutral prior instead of a confident "background".
+and says nothing about the rest: with ModelConfig.sparse_unknown those tokens carry 1 where the
+prompt touches them and the uninformative 0.5 elsewhere (`propagation_labels`), so a query token
+that resembles none of the clicked tokens gets a neutral prior instead of a confident
+"background"; without it (the shipped weights) they carry their label fraction like a mask.
 
 The prompt side (k, v) depends only on the prompts and is cached with the rest of the
 PromptEncoding; the value tensor carries the label fraction in channel 0 and zeros elsewhere so
@@ -45,16 +46,21 @@ def float32_under_autocast(function: Callable[..., Any], *tensors: torch.Tensor,
 PARTIAL_LABEL_TYPES: tuple[str, ...] = ("click", "scribble")
 
 
-def propagation_labels(maps: torch.Tensor, types: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def propagation_labels(
+    maps: torch.Tensor, types: torch.Tensor, size: tuple[int, int], sparse_unknown: bool = True
+) -> torch.Tensor:
     """Prompt maps (N, R, R) in [0, 1], prompt types (N,) long -> per-token labels (N, h*w) in [0, 1]
     on the (h, w) = `size` token grid (R a multiple of h and w).
 
     Mask and box prompts: the fraction of the token's pixels inside the map. Clicks and scribbles
-    (PARTIAL_LABEL_TYPES): 1 where the map touches the token, 0.5 (unknown) elsewhere.
+    (PARTIAL_LABEL_TYPES) with `sparse_unknown`: 1 where the map touches the token, 0.5 (unknown)
+    elsewhere; without it, their fraction like a mask.
     """
     stride = (maps.shape[-2] // size[0], maps.shape[-1] // size[1])
     maps = maps.unsqueeze(1)
     fraction = F.avg_pool2d(maps, stride).flatten(1)
+    if not sparse_unknown:
+        return fraction
     touched = F.max_pool2d(maps, stride).flatten(1)
     partial = torch.zeros_like(types, dtype=torch.bool)
     for name in PARTIAL_LABEL_TYPES:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -189,7 +190,8 @@ class Trainer:
     def warm_start(self, path: str | Path) -> None:
         """Start from the weights file `path` (same model config; the optimizer starts afresh)."""
         config, tensors = read_weights(path)
-        if config != self.model.config:
+        # sparse_unknown changes how the prior reads sparse prompts, not the tensors: a run may switch it.
+        if dataclasses.replace(config, sparse_unknown=self.model.config.sparse_unknown) != self.model.config:
             raise CheckpointError(f"{path}: --init weights have another model config than the recipe ({config})")
         load_state(self.model, tensors, path)
         record = read_training_record(path)
