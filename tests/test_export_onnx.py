@@ -268,6 +268,29 @@ def test_missing_and_corrupt_files_are_named(onnx_dir: Path, tmp_path: Path) -> 
         read_onnx_metadata(foreign)
 
 
+def test_graphs_whose_weights_changed_after_export_are_refused(model: PromptSegNet, onnx_dir: Path, tmp_path: Path) -> None:
+    """Zeroed initializers under the genuine metadata (weights_sha256 included) are refused by the
+    backend, and so is a graph whose metadata lacks the tensor digest (an older export)."""
+    altered = tmp_path / "altered"
+    shutil.copytree(onnx_dir, altered)
+    path = graph_paths(altered)["query_decoder"]
+    proto = onnx.load(path)
+    biggest = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    zeros = onnx.numpy_helper.to_array(biggest) * 0
+    biggest.CopyFrom(onnx.numpy_helper.from_array(zeros, biggest.name))
+    onnx.save(proto, path)
+    with pytest.raises(InputError, match=r"query_decoder\.onnx: its weights do not match the digest recorded at export"):
+        OnnxRuntimeBackend(model, torch.device("cpu"), model_dir=altered)
+    shutil.copy(graph_paths(onnx_dir)["query_decoder"], path)
+    proto = onnx.load(path)
+    kept = [p for p in proto.metadata_props if p.key != onnx_export.GRAPH_TENSORS_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, path)
+    with pytest.raises(InputError, match=r"query_decoder\.onnx: its metadata records no graph_tensors_sha256"):
+        OnnxRuntimeBackend(model, torch.device("cpu"), model_dir=altered)
+
+
 def test_backend_names_the_missing_file(model: PromptSegNet, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"prompt_encoder\.onnx: not found"):
         OnnxRuntimeBackend(model, torch.device("cpu"), model_dir=tmp_path)

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import torch
 from torch.export import Dim
 
@@ -60,6 +61,7 @@ from promptseg.model import ModelConfig, PromptSegNet
 
 DEFAULT_OPSET = 20
 EXPORT_DTYPES = (torch.float32, torch.float16)
+GRAPH_TENSORS_KEY = "graph_tensors_sha256"
 REQUIRED_METADATA = (
     "promptseg_version", "graph_role", "resolution", "in_channels", "model_config", "weights_sha256", "dtype", "encoding_names",
 )
@@ -125,8 +127,37 @@ def export_protos(model: PromptSegNet, opset: int, dtype: torch.dtype) -> dict[s
     protos = dict(zip(GRAPH_ROLES, (encoder, decoder)))
     digest = weights_sha256(model)
     for role, proto in protos.items():
-        onnx.helper.set_model_props(proto, graph_metadata(model, role, dtype, digest))
+        props = graph_metadata(model, role, dtype, digest)
+        props[GRAPH_TENSORS_KEY] = graph_tensors_sha256(proto)
+        onnx.helper.set_model_props(proto, props)
     return protos
+
+
+def graph_tensors_sha256(proto: onnx.ModelProto) -> str:
+    """SHA-256 over the tensors a graph computes with: its initializers and Constant nodes (names,
+    dtypes, shapes and bytes, in name order). Written into the metadata at export, recomputed when
+    a runtime loads the file (`check_graph_tensors`), so a file whose weights were changed after
+    export is refused even when its metadata (weights_sha256 included) was copied from a genuine one."""
+    tensors = [(t.name, t) for t in proto.graph.initializer]
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            tensors += [(f"{node.output[0]}:{a.name}", a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        array = onnx.numpy_helper.to_array(tensor)
+        digest.update(f"{name}|{array.dtype}|{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def check_graph_tensors(path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """InputError naming `path` unless the tensors of the graph in it hash to the metadata's
+    graph_tensors_sha256 (missing in exports of older versions: export again)."""
+    recorded = metadata.get(GRAPH_TENSORS_KEY)
+    if recorded is None:
+        raise InputError(path, f"its metadata records no {GRAPH_TENSORS_KEY} (an older export); export it again")
+    if graph_tensors_sha256(onnx.load_model(path)) != recorded:
+        raise InputError(path, "its weights do not match the digest recorded at export (the file was changed); export it again")
 
 
 def graph_metadata(model: PromptSegNet, role: str, dtype: torch.dtype, weights_digest: str | None = None) -> dict[str, str]:
