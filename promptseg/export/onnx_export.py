@@ -224,38 +224,27 @@ def trace(
 ) -> onnx.ModelProto:
     """One graph through the dynamo exporter, weights embedded, stack traces dropped. The exporter's
     registry logs one "torchvision is not installed" warning per torchvision operator it skips;
-    PromptSeg uses none, so those records are dropped while exporting."""
+    PromptSeg uses none, so those records are dropped while exporting, as are torch's notes for its
+    own developers."""
     registry = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry.level
     registry.setLevel(logging.ERROR)
     try:
-        return _trace(module, args, input_names, output_names, dynamic_shapes, opset)
+        with warnings.catch_warnings():  # notes for torch's own developers, not for users
+            warnings.filterwarnings("ignore", message=".*axis name.*shares the same shape constraints")  # keys/values
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            program = torch.onnx.export(
+                module, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+                opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            )
+        proto = program.model_proto
+        for node in proto.graph.node:  # the traces name source files of the exporting machine
+            kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+        return proto
     finally:
         registry.setLevel(level)
-
-
-def _trace(
-    module: torch.nn.Module,
-    args: tuple[torch.Tensor, ...],
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_shapes: Mapping | Sequence,
-    opset: int,
-) -> onnx.ModelProto:
-    """trace's export, with torch's developer notes silenced."""
-    with warnings.catch_warnings():  # notes for torch's own developers, not for users
-        warnings.filterwarnings("ignore", message=".*axis name.*shares the same shape constraints")  # keys/values
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-        program = torch.onnx.export(
-            module, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
-            opset_version=opset, dynamo=True, external_data=False, verbose=False,
-        )
-    proto = program.model_proto
-    for node in proto.graph.node:  # the traces name source files of the exporting machine
-        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-        del node.metadata_props[:]
-        node.metadata_props.extend(kept)
-    return proto
 
 
 def require_dynamic(proto: onnx.ModelProto, axes: Mapping[str, int]) -> None:

@@ -12,10 +12,9 @@ import shutil
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from promptseg.engine.backends.base import InferenceBackend
-from promptseg.engine.backends.torch_backends import TorchBackend
+from promptseg.engine.backends.torch_backends import TorchBackend, pad_tokens
 from promptseg.kernels import default_backend
 from promptseg.model import PromptEncoding, PromptSegNet
 
@@ -41,9 +40,9 @@ def pad_prompt_tokens(encoding: PromptEncoding, prompts: int) -> PromptEncoding:
         return encoding
     keys, values, lengths = [], [], []
     for stage_keys, stage_values, tokens in zip(encoding.keys, encoding.values, counts):
-        padding = (size_bucket(prompts) - prompts) * (tokens // prompts)
-        keys.append([F.pad(t, (0, 0, 0, padding)) for t in stage_keys])
-        values.append([F.pad(t, (0, 0, 0, padding)) for t in stage_values])
+        padded = size_bucket(prompts) * (tokens // prompts)
+        keys.append([pad_tokens(t, padded) for t in stage_keys])
+        values.append([pad_tokens(t, padded) for t in stage_values])
         lengths.append(torch.tensor([tokens], device=stage_keys[0].device))
     return PromptEncoding(keys, values, lengths)
 

@@ -71,8 +71,8 @@ def stack_encodings(encodings: Sequence[PromptEncoding]) -> PromptEncoding:
         counts = [e.keys[stage][0].shape[2] for e in encodings]
         top = max(counts)
         entries = range(len(encodings[0].keys[stage]))
-        keys.append([torch.cat([_padded(e.keys[stage][i], top) for e in encodings]) for i in entries])
-        values.append([torch.cat([_padded(e.values[stage][i], top) for e in encodings]) for i in entries])
+        keys.append([torch.cat([pad_tokens(e.keys[stage][i], top) for e in encodings]) for i in entries])
+        values.append([torch.cat([pad_tokens(e.values[stage][i], top) for e in encodings]) for i in entries])
         device = encodings[0].keys[stage][0].device
         lengths.append(None if len(set(counts)) == 1 else torch.tensor(counts, dtype=torch.long, device=device))
     return PromptEncoding(keys, values, lengths)
@@ -97,6 +97,6 @@ class ReferenceBackend(TorchBackend):
     attention = "reference"
 
 
-def _padded(tensor: torch.Tensor, count: int) -> torch.Tensor:
+def pad_tokens(tensor: torch.Tensor, count: int) -> torch.Tensor:
     """(G, H, n, D) -> (G, H, count, D), zeros past n."""
     return F.pad(tensor, (0, 0, 0, count - tensor.shape[2])) if tensor.shape[2] < count else tensor
