@@ -4,7 +4,7 @@ Everything is validated before any output is written: the prompts, every query a
 path. Each query then gets `<name>_mask.png` (2D) or `<name>_mask.nii.gz` (NIfTI, same affine and
 header), optionally `_prob.npy` / `_prob.nii.gz`, `_overlay.png`, `_uncertainty` and `_variance`
 maps (--uncertainty) and `_candidate<i>` masks (--candidates); a query's files are written as
-one unit (io.atomic_write_group: all of them or none, under a lock of the output folder), and
+one unit (files.atomic_write_group: all of them or none, under a lock of the output folder), and
 temporary files that a killed earlier run left in the output folder are removed first.
 """
 from __future__ import annotations
@@ -27,20 +27,8 @@ from promptseg.cli.common import (
     load_segmenter,
 )
 from promptseg.data.dicom import is_dicom_input
-from promptseg.data.io import (
-    NIFTI_EXTENSIONS,
-    ImageData,
-    Writer,
-    atomic_write_group,
-    canonical_view,
-    file_extension,
-    nifti_writer,
-    npy_writer,
-    png_writer,
-    read_image,
-    strip_extension,
-    sweep_stale_temporaries,
-)
+from promptseg.data.io import NIFTI_EXTENSIONS, ImageData, canonical_view, nifti_writer, npy_writer, png_writer, read_image
+from promptseg.files import Writer, atomic_write_group, file_extension, strip_extension, sweep_stale_temporaries
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay

@@ -447,5 +447,5 @@ def segmentation(
 
 
 def segmentation_writer(segmentation_object: Any) -> Callable[[str], None]:
-    """A writer (for io.atomic_write) saving a Segmentation as a DICOM Part 10 file."""
+    """A writer (for files.atomic_write) saving a Segmentation as a DICOM Part 10 file."""
     return lambda temporary: segmentation_object.save_as(temporary, enforce_file_format=True)
