@@ -111,7 +111,7 @@ def test_cut_off_checkpoint_write_keeps_the_previous_checkpoint(cut: str, tmp_pa
     checkpoint, no temporary files, and a run that resumes from that step with a log trimmed to it."""
     where, failure = CUT_POINTS[cut]
     saved: dict[int, dict[str, torch.Tensor]] = {}
-    save_checkpoint, save_file, write_json = checkpoint.save_training_checkpoint, checkpoint.save_file, checkpoint._write_json
+    save_checkpoint, save_file, write_json = checkpoint.save_training_checkpoint, checkpoint.save_file, checkpoint.write_json_unchecked
 
     def recording_save(run_dir, step, model, optimizer, info, keep=3):
         saved[step] = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -131,7 +131,7 @@ def test_cut_off_checkpoint_write_keeps_the_previous_checkpoint(cut: str, tmp_pa
 
     monkeypatch.setattr(trainer_module, "save_training_checkpoint", recording_save)
     monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
-    monkeypatch.setattr(checkpoint, "_write_json", failing_write_json)
+    monkeypatch.setattr(checkpoint, "write_json_unchecked", failing_write_json)
     config = dataclasses.replace(TINY, steps=4, checkpoint_every=2)
     with pytest.raises(type(failure)):
         Trainer(config, [], tmp_path, progress=False).run()

@@ -64,8 +64,8 @@ def measure(config_path: Path, shots: int, batch: int, repeats: int, seed: int) 
     queries = torch.rand(batch, c, r, r, generator=g)
     with torch.inference_mode():
         cache = model.encode_prompts(images, maps, types)
-        features = model.query_decoder.query_features(queries)
-        embedding = model.prompt_encoder.embedding
+        features = model.query_features(queries)
+        embedding = model.embedding
         prompt_tokens = embedding.prompts(model.encoder, images, maps, types)
         query_tokens = embedding.images(features[-1], ROLE_QUERY)
         cached = model.decode(queries, cache)
@@ -75,7 +75,7 @@ def measure(config_path: Path, shots: int, batch: int, repeats: int, seed: int) 
             "cached": median_seconds(lambda: model.decode(queries, cache), repeats),
             "full": median_seconds(lambda: full_sequence_logits(model, images, maps, types, queries, explicit=False),
                                    repeats),
-            "cached_decoder": median_seconds(lambda: model.query_decoder.decode_features(features, queries, cache),
+            "cached_decoder": median_seconds(lambda: model.decode_features(features, queries, cache),
                                              repeats),
             "full_decoder": median_seconds(lambda: full_sequence_decode(model, prompt_tokens, query_tokens, None, r,
                                                                         explicit=False), repeats),

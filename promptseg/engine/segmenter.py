@@ -198,7 +198,7 @@ class Segmenter:
             raise InputError("--max-batch", f"must be at least 1, got {max_batch}")
         if backend is None:
             backend = "triton" if default_backend(self.device) == "triton" else "torch"
-        self.model = model.eval()
+        self.model = model  # the backends run copies of their own; adaptation copies it too
         self.backend_options = dict(backend_options or {})
         self.backend = create_backend(backend, model, self.device, **self.backend_options)
         if adaptation is not None and adaptation.steps > 0 and self.backend.name not in ADAPTABLE_BACKENDS:

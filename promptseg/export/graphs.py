@@ -104,7 +104,7 @@ class PromptEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, prompt_images: torch.Tensor, prompt_maps: torch.Tensor, prompt_types: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return flatten_encoding(self.model.prompt_encoder(prompt_images, prompt_maps, prompt_types))
+        return flatten_encoding(self.model.prompt_encoding(prompt_images, prompt_maps, prompt_types))
 
 
 class QueryDecoderGraph(nn.Module):
@@ -115,7 +115,7 @@ class QueryDecoderGraph(nn.Module):
         self.model = model
 
     def forward(self, queries: torch.Tensor, *encoding: torch.Tensor) -> torch.Tensor:
-        return self.model.query_decoder(queries, unflatten_encoding(encoding, self.model.config))
+        return self.model.decode(queries, unflatten_encoding(encoding, self.model.config))
 
 
 def example_inputs(config: ModelConfig, shots: int = 2, batch: int = 2) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

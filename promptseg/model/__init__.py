@@ -1,6 +1,6 @@
 """The PromptSeg model."""
 from promptseg.model.config import ModelConfig
 from promptseg.model.network import PromptSegNet, count_parameters
-from promptseg.model.prompt_encoder import PromptEncoding
+from promptseg.model.encoding import PromptEncoding
 
 __all__ = ["ModelConfig", "PromptSegNet", "PromptEncoding", "count_parameters"]

@@ -1,9 +1,10 @@
-"""Convolutional building blocks and 2D positional encoding."""
+"""Building blocks of the convolutional model: residual and upsampling blocks, prompt tokenizer, 2D positions."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -59,3 +60,48 @@ def sincos_position_encoding(height: int, width: int, dim: int, device: torch.de
     if enc.shape[1] < dim:
         enc = torch.nn.functional.pad(enc, (0, dim - enc.shape[1]))
     return enc.to(dtype)
+
+
+class UpBlock(nn.Module):
+    """Upsample x2, concatenate the skip, fuse: (N, C_in, h, w) + (N, C_skip, 2h, 2w) -> (N, C_out, 2h, 2w)."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.fuse = ConvNormAct(in_channels + skip_channels, out_channels)
+        self.refine = ResidualBlock(out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.refine(self.fuse(torch.cat([x, skip], dim=1)))
+
+
+class PromptTokenizer(nn.Module):
+    """Turns encoder features of prompt pairs into prompt tokens at one attention stage.
+
+    key_features (G*K, C, h, w) come from the image alone (as a query would be encoded), so keys
+    compare like with like; value_features (G*K, C, h, w) come from image + prompt map, and the
+    map pooled to the stage grid is embedded into the values explicitly; pos (h*w, C) is the
+    stage's positional encoding, added to the keys.
+    Returns keys, values (G, K*h*w, C).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.key_norm = nn.LayerNorm(dim)
+        self.value_norm = nn.LayerNorm(dim)
+        self.map_embedding = nn.Linear(1, dim)
+
+    def forward(
+        self,
+        key_features: torch.Tensor,
+        value_features: torch.Tensor,
+        maps: torch.Tensor,
+        pos: torch.Tensor,
+        groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, c, h, w = key_features.shape
+        pooled = F.adaptive_avg_pool2d(maps.unsqueeze(1).to(value_features.dtype), (h, w))
+        keys = self.key_norm(key_features.flatten(2).transpose(1, 2)) + pos
+        values = self.value_norm(value_features.flatten(2).transpose(1, 2))
+        values = values + self.map_embedding(pooled.flatten(2).transpose(1, 2) * 2.0 - 1.0)
+        return keys.reshape(groups, -1, c), values.reshape(groups, -1, c)

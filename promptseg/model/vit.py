@@ -6,9 +6,9 @@ prompt type), so a group of K prompts is a sequence of K * 2n prompt tokens, pro
 GPT-2-style pre-norm transformer (attention_depth layers of decoder_width) runs over the prompt
 tokens followed by the query's n tokens, under a mask in which prompt tokens attend only to prompt
 tokens and query tokens attend to every prompt token and to their own query's tokens. Prompt keys
-and values of every layer therefore depend on the prompts alone: `ViTPromptEncoder` computes them
+and values of every layer therefore depend on the prompts alone: `PromptSegViT.prompt_encoding` computes them
 once into a PromptEncoding (one stage; entry b{l} per layer l, (G, H, K * 2n, D)), and
-`ViTQueryDecoder` runs only the query tokens, each layer through `promptseg.kernels.cross_attention`
+`PromptSegViT.decode_features` runs only the query tokens, each layer through `promptseg.kernels.cross_attention`
 with the prompt keys as the shared group and the query's own tokens as own_k / own_v.
 
 With bottleneck_tokens M > 0 (the Entropy paper's information bottleneck), M learned latent tokens
@@ -24,7 +24,8 @@ from torch import nn
 from promptseg.model.attention import MLP, Attention
 from promptseg.model.config import ModelConfig
 from promptseg.model.layers import sincos_position_encoding
-from promptseg.model.prompt_encoder import PromptEncoding
+from promptseg.model.encoding import PromptEncoding
+from promptseg.model.network import PromptSegNet
 
 # Rows of TokenEmbedding.roles.
 ROLE_PROMPT_IMAGE, ROLE_PROMPT_MAP, ROLE_QUERY = 0, 1, 2
@@ -137,37 +138,72 @@ class TokenEmbedding(nn.Module):
         return pairs.reshape(groups, -1, pairs.shape[-1])
 
 
-class ViTPromptEncoder(nn.Module):
-    """(G, K, C, R, R) images, (G, K, R, R) maps, (G, K) types, optional (G,) prompt counts
-    -> PromptEncoding with one stage whose entry l holds layer l's keys and values of the prompt
-    tokens (G, H, K * 2n, D), or of the M latents (G, H, M, D) with a bottleneck."""
+class ViTLatents(nn.Module):
+    """The prompt side's own parameters: with an information bottleneck, the M learned latents
+    (M, decoder_width) that distil the prompt tokens at every layer; else none."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        encoder: ViTEncoder,
-        embedding: TokenEmbedding,
-        blocks: nn.ModuleList,
-        latents: nn.Parameter | None,
-    ) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.config = config
-        self.encoder = encoder  # shared with the query decoder, as are embedding and blocks
-        self.embedding = embedding
-        self.blocks = blocks
-        self.latents = latents  # (M, decoder_width) with a bottleneck, else None
+        self.latents = None
+        if config.bottleneck_tokens > 0:
+            self.latents = nn.Parameter(torch.randn(config.bottleneck_tokens, config.decoder_width) * 0.02)
 
-    def forward(
+
+class PatchHead(nn.Module):
+    """The query side's own parameters: a final LayerNorm and a per-patch linear head.
+
+    forward: final query tokens (B, n, C) and the resolution R -> logits (B, R, R), each token
+    giving its p x p patch.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.norm = nn.LayerNorm(config.decoder_width)
+        self.head = nn.Linear(config.decoder_width, config.patch_size ** 2)
+
+    def forward(self, tokens: torch.Tensor, resolution: int) -> torch.Tensor:
+        p = self.patch_size
+        side = resolution // p
+        patches = self.head(self.norm(tokens)).reshape(-1, side, side, p, p)
+        return patches.permute(0, 1, 3, 2, 4).reshape(-1, side * p, side * p)
+
+
+class PromptSegViT(PromptSegNet):
+    """The paper's design behind PromptSegNet's interface (built by PromptSegNet(config) when
+    config.architecture is "vit"): the ViT encoder embeds every image, then decoder layers run over
+    prompt tokens (attending among themselves) and query tokens (attending to every prompt token and
+    to themselves), so the prompt side of every layer is cached in one PromptEncoding stage."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.encoder = ViTEncoder(config)
+        self.embedding = TokenEmbedding(config)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config.decoder_width, config.head_dim, config.mlp_ratio)
+            for _ in range(config.attention_depth)
+        )
+        self.propagations = None
+        self.prompt_encoder = ViTLatents(config)
+        self.query_decoder = PatchHead(config)
+        self.set_attention_backend("sdpa")
+
+    def prompt_encoding(
         self,
         images: torch.Tensor,
         maps: torch.Tensor,
         types: torch.Tensor,
         num_prompts: torch.Tensor | None = None,
     ) -> PromptEncoding:
+        """(G, K, C, R, R) images, (G, K, R, R) maps, (G, K) types, optional (G,) prompt counts
+        -> PromptEncoding with one stage whose entry l holds layer l's keys and values of the prompt
+        tokens (G, H, K * 2n, D), or of the M latents (G, H, M, D) with a bottleneck."""
         x = self.embedding.prompts(self.encoder, images, maps, types)
         per_prompt = x.shape[1] // images.shape[1]
         lengths = None if num_prompts is None else num_prompts.to(x.device) * per_prompt
-        latents = None if self.latents is None else self.latents.to(x.dtype).expand(x.shape[0], -1, -1)
+        latents = self.prompt_encoder.latents
+        latents = None if latents is None else latents.to(x.dtype).expand(x.shape[0], -1, -1)
         keys = []
         last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
@@ -182,63 +218,18 @@ class ViTPromptEncoder(nn.Module):
             [[k for k, _ in keys]], [[v for _, v in keys]], [lengths if latents is None else None]
         )
 
-
-class ViTQueryDecoder(nn.Module):
-    """queries (B, C, R, R) + PromptEncoding of G groups (B % G == 0) -> logits (B, R, R).
-
-    Each query's n tokens run through every layer against that layer's cached prompt (or latent)
-    keys and values plus their own; a final LayerNorm and a per-patch linear head give p x p logits
-    per token.
-    """
-
-    def __init__(self, config: ModelConfig, encoder: ViTEncoder, embedding: TokenEmbedding, blocks: nn.ModuleList) -> None:
-        super().__init__()
-        self.config = config
-        self.encoder = encoder
-        self.embedding = embedding
-        self.blocks = blocks
-        self.norm = nn.LayerNorm(config.decoder_width)
-        self.head = nn.Linear(config.decoder_width, config.patch_size ** 2)
-
-    def forward(self, queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
-        if queries.shape[0] % prompts.groups != 0:
-            raise ValueError(f"{queries.shape[0]} queries cannot be split over {prompts.groups} prompt sets")
-        return self.decode_features(self.query_features(queries), queries, prompts)
-
     def query_features(self, queries: torch.Tensor) -> list[torch.Tensor]:
         """queries (B, C, R, R) -> [encoder features (B, encoder_width, R / p, R / p)]; they do not
         depend on the prompts, so several prompt sets can decode one computation of them."""
         return [self.encoder(queries)]
 
     def decode_features(self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
-        """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits (B, R, R)."""
+        """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits (B, R, R).
+
+        Each query's n tokens run through every layer against that layer's cached prompt (or latent)
+        keys and values plus their own."""
         x = self.embedding.images(features[-1], ROLE_QUERY)
         lengths = prompts.key_lengths[0]
         for block, k, v in zip(self.blocks, prompts.keys[0], prompts.values[0]):
             x = block.joint_step(x, k, v, lengths)[0]
-        return self.patch_logits(x, queries.shape[-1])
-
-    def patch_logits(self, tokens: torch.Tensor, resolution: int) -> torch.Tensor:
-        """Final query tokens (B, n, C) -> logits (B, R, R), each token giving its p x p patch."""
-        p = self.config.patch_size
-        side = resolution // p
-        patches = self.head(self.norm(tokens)).reshape(-1, side, side, p, p)
-        return patches.permute(0, 1, 3, 2, 4).reshape(-1, side * p, side * p)
-
-
-def build_vit(
-    config: ModelConfig,
-) -> tuple[ViTEncoder, TokenEmbedding, nn.ModuleList, ViTPromptEncoder, ViTQueryDecoder]:
-    """The shared encoder, token embedding and decoder layers, then the prompt encoder and query
-    decoder built on them (in the order PromptSegNet registers them, shared modules first)."""
-    encoder = ViTEncoder(config)
-    embedding = TokenEmbedding(config)
-    blocks = nn.ModuleList(
-        TransformerBlock(config.decoder_width, config.head_dim, config.mlp_ratio) for _ in range(config.attention_depth)
-    )
-    latents = None
-    if config.bottleneck_tokens > 0:
-        latents = nn.Parameter(torch.randn(config.bottleneck_tokens, config.decoder_width) * 0.02)
-    prompt_encoder = ViTPromptEncoder(config, encoder, embedding, blocks, latents)
-    query_decoder = ViTQueryDecoder(config, encoder, embedding, blocks)
-    return encoder, embedding, blocks, prompt_encoder, query_decoder
+        return self.query_decoder(x, queries.shape[-1])

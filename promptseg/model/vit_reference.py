@@ -60,7 +60,7 @@ def full_sequence_logits(
     config = model.config
     if config.architecture != "vit":
         raise ValueError(f"full_sequence_logits needs a vit model, not architecture {config.architecture!r}")
-    embedding, encoder = model.prompt_encoder.embedding, model.encoder
+    embedding, encoder = model.embedding, model.encoder
     prompts = embedding.prompts(encoder, images, maps, types)  # (G, P, C)
     query_tokens = embedding.images(encoder(queries), ROLE_QUERY)  # (B, n, C)
     valid = None if num_prompts is None else num_prompts * (prompts.shape[1] // images.shape[1])
@@ -104,4 +104,4 @@ def full_sequence_decode(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         x = x + attention.out_proj(merge_heads(out))
         x = x + block.mlp(block.norm_mlp(x))
-    return model.query_decoder.patch_logits(x[:, -query_tokens.shape[1]:], resolution)
+    return model.query_decoder(x[:, -query_tokens.shape[1]:], resolution)

@@ -50,26 +50,13 @@ def save_weights(
     `training` (the cumulative compute record, JSON) when given."""
     tensors = {
         name: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()).contiguous().cpu()
-        for name, t in unique_tensors(model.state_dict()).items()
+        for name, t in model.state_dict().items()
     }
     metadata = {CONFIG_KEY: model.config.to_json(), "format": "promptseg-weights-v1"}
     if training is not None:
         metadata[TRAINING_KEY] = json.dumps(training, sort_keys=True)
     atomic_write_unchecked(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=True)
 
-
-
-def unique_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep one name per storage (the encoder and blocks are shared by two sub-modules)."""
-    seen: dict[tuple[int, int], str] = {}
-    unique = {}
-    for name, tensor in tensors.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen[key] = name
-        unique[name] = tensor
-    return unique
 
 
 
@@ -125,27 +112,32 @@ def read_training_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 
+def without_aliases(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one-time key map of the legacy layout: state dicts of models built before each sub-module
+    had one owner also named the shared encoder, blocks and propagation heads under
+    "prompt_encoder." and "query_decoder."; those aliases of a name present at the top are dropped."""
+    aliases = ("prompt_encoder.", "query_decoder.")
+    return {
+        name: tensor for name, tensor in tensors.items()
+        if not (name.startswith(aliases) and name.split(".", 1)[1] in tensors)
+    }
+
+
 def load_state(model: PromptSegNet, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Load a state dict whose names and shapes must match `model` exactly (shared weights allowed)."""
+    """Load a state dict whose names and shapes must match `model` exactly."""
     expected = model.state_dict()
-    shared_names = check_state_shapes(expected, tensors, source)
-    full = dict(tensors)
-    for name in shared_names:
-        full[name] = tensors[_alias_of(name, tensors)]
+    tensors = without_aliases(tensors)
+    check_state_shapes(expected, tensors, source)
     with torch.no_grad():
         for name, tensor in expected.items():
-            tensor.copy_(full[name].to(tensor.dtype))
-
+            tensor.copy_(tensors[name].to(tensor.dtype))
 
 
 def check_state_shapes(
     expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str | os.PathLike
-) -> set[str]:
-    """CheckpointError unless `tensors` has exactly the names and shapes of the state dict `expected`
-    (names of shared sub-modules may be given once); returns the names found through their alias."""
-    missing_names = [n for n in expected if n not in tensors]
-    shared_names = {n for n in missing_names if _alias_of(n, tensors) is not None}
-    missing = [n for n in missing_names if n not in shared_names]
+) -> None:
+    """CheckpointError unless `tensors` has exactly the names and shapes of the state dict `expected`."""
+    missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected]
     wrong = [n for n in tensors if n in expected and tensors[n].shape != expected[n].shape]
     if missing or unexpected or wrong:
@@ -154,16 +146,7 @@ def check_state_shapes(
             f"{source}: checkpoint of another configuration ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(wrong)} mis-shaped tensors, e.g. {detail})"
         )
-    return shared_names
 
-
-
-def _alias_of(name: str, tensors: dict[str, torch.Tensor]) -> str | None:
-    """Sub-modules share the encoder and attention blocks: map e.g. 'prompt_encoder.encoder.x' to 'encoder.x'."""
-    for prefix in ("prompt_encoder.", "query_decoder."):
-        if name.startswith(prefix) and name[len(prefix):] in tensors:
-            return name[len(prefix):]
-    return None
 
 
 
@@ -182,6 +165,7 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: s
     implies other (or far more) parameters than the file holds is refused before memory is allocated."""
     with torch.device("meta"):
         skeleton = PromptSegNet(config)
+    tensors = without_aliases(tensors)
     check_state_shapes(skeleton.state_dict(), tensors, source)
     model = PromptSegNet(config)
     load_state(model, tensors, source)

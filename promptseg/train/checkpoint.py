@@ -25,7 +25,6 @@ from promptseg.model.weights import (
     check_weight_values,
     load_state,
     read_weights,
-    unique_tensors,
 )
 
 
@@ -40,7 +39,6 @@ def save_training_checkpoint(
     """Write step-N.safetensors + step-N.json, then point latest.json at them; keep the newest `keep`."""
     run_dir = Path(run_dir)
     tensors = {f"model.{n}": t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-    tensors = unique_tensors(tensors)
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():
         for key, value in state.items():

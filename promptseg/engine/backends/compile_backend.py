@@ -62,7 +62,7 @@ class CompiledBackend(TorchBackend):
         self.attention = default_backend(device)
         super().__init__(model, device)
         mode = "reduce-overhead" if device.type == "cuda" else "default"
-        self.compiled_decoder = torch.compile(self.model.query_decoder, mode=mode, dynamic=False)
+        self.compiled_decoder = torch.compile(self.model.decode, mode=mode, dynamic=False)
         self.compiled_shapes: set[tuple[int, tuple[int, ...]]] = set()
 
     @classmethod

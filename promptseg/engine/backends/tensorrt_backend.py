@@ -33,6 +33,7 @@ from promptseg.export.tensorrt_build import (
     read_sidecar, tensorrt_logger, tensorrt_module,
 )
 from promptseg.model import PromptSegNet
+from promptseg.model.weights import weights_sha256
 
 _TORCH_DTYPES = {
     "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
@@ -146,8 +147,6 @@ def cuda_device(device: torch.device | str) -> torch.device:
 def check_sidecar(sidecar: dict[str, Any], model: PromptSegNet, precision: str | None, path: Path) -> None:
     """InputError naming the sidecar unless its engines were built from this model's configuration and
     weights, by this TensorRT version, for this GPU's compute capability (and `precision` when given)."""
-    from promptseg.model.weights import weights_sha256
-
     differing = config_differences(sidecar.get("config", {}), json.loads(model.config.to_json()))
     if differing:
         raise InputError(path, f"engines were built for another model configuration (differs in {', '.join(differing)})")

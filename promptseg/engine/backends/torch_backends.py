@@ -1,6 +1,7 @@
 """Eager PyTorch backends: `torch` (SDPA attention) and `triton` (the fused Triton kernels)."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -18,8 +19,10 @@ class TorchBackend(InferenceBackend):
     attention = "sdpa"
 
     def __init__(self, model: PromptSegNet, device: torch.device) -> None:
+        """Runs a copy of `model` of its own, on `device` in eval mode with this backend's attention:
+        the caller's model is left where and as it was (two backends built on one model are independent)."""
         super().__init__(model, device)
-        self.model = model.to(device).eval().set_attention_backend(self.attention)
+        self.model = copy.deepcopy(model).to(device).eval().set_attention_backend(self.attention)
 
     def encode(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> PromptEncoding:
         with torch.inference_mode():
