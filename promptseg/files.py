@@ -54,6 +54,16 @@ Writer = Callable[[str], None]  # fills the temporary file whose path it is give
 _TEMPORARY_NAME = re.compile(r"^\..*\.promptseg-(?P<pid>\d+)-[a-z0-9_]{8}(\.[^.]+)*$")
 
 
+def refuse_existing(paths: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """InputError naming the first of `paths` that exists (a folder where a file is wanted is named
+    as such), unless `overwrite`: the one check every command makes before it writes outputs."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise InputError(path, "output path is a folder, expected a file name")
+        if os.path.exists(path) and not overwrite:
+            raise InputError(path, "output exists; pass --overwrite to replace it")
+
+
 def atomic_write(path: str | os.PathLike, writer: Writer, overwrite: bool = False) -> None:
     """Call `writer(temporary_path)` then move the result onto `path` in one step (see atomic_write_unchecked).
 
@@ -75,11 +85,7 @@ def atomic_write_group(outputs: Sequence[tuple[str | os.PathLike, Writer]], over
     file system is an InputError naming the path.
     """
     paths = [os.fspath(path) for path, _ in outputs]
-    for path in paths:
-        if os.path.isdir(path):
-            raise InputError(path, "output path is a folder, expected a file name")
-        if os.path.exists(path) and not overwrite:
-            raise InputError(path, "output exists; pass --overwrite to replace it")
+    refuse_existing(paths, overwrite)
     temporaries: dict[str, str] = {}
     moved: list[str] = []
     current = paths[0] if paths else ""

@@ -26,15 +26,8 @@ import torch
 
 from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.errors import InputError, PromptSegError
-from promptseg.export.aoti_export import (
-    DECODER_FILE,
-    ENCODER_FILE,
-    METADATA_FILE,
-    AOTIRunner,
-    check_compiler,
-    export_aoti,
-    load_aoti,
-)
+from promptseg.export.aoti_export import check_compiler, export_aoti
+from promptseg.engine.backends.aoti_runner import DECODER_FILE, ENCODER_FILE, METADATA_FILE, AOTIRunner, load_aoti
 from promptseg.export.graphs import encoding_names, flatten_encoding
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.weights import load_model

@@ -232,7 +232,7 @@ def test_backend_without_model_dir_exports_once_to_a_temporary_folder(
 
 def test_export_refuses_to_overwrite(onnx_dir: Path, model: PromptSegNet) -> None:
     before = {p: p.stat().st_mtime_ns for p in onnx_dir.iterdir()}
-    with pytest.raises(InputError, match=r"prompt_encoder\.onnx: exists; pass --overwrite to replace it"):
+    with pytest.raises(InputError, match=r"prompt_encoder\.onnx: output exists; pass --overwrite to replace it"):
         export_onnx(model, onnx_dir)
     assert {p: p.stat().st_mtime_ns for p in onnx_dir.iterdir()} == before
 

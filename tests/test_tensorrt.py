@@ -34,10 +34,8 @@ from promptseg.errors import InputError, PromptSegError
 from promptseg.export.graphs import (
     PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, PromptEncoderGraph, QueryDecoderGraph, encoding_names, example_inputs,
 )
-from promptseg.export.tensorrt_build import (
-    SIDECAR_NAME, _builder_config, build_engines, import_tensorrt, onnx_dtype_for, profile_shapes, read_sidecar,
-    strongly_typed, tensorrt_module,
-)
+from promptseg.export.tensorrt_build import _builder_config, build_engines, onnx_dtype_for, profile_shapes
+from promptseg.engine.backends.tensorrt_runtime import SIDECAR_NAME, import_tensorrt, read_sidecar, strongly_typed, tensorrt_module
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.weights import load_model, weights_sha256
 from tests.helpers import TINY_CONFIG, disk_example, tiny_checkpoint  # noqa: F401
@@ -126,7 +124,7 @@ def test_build_engines_names_missing_onnx_and_refuses_to_overwrite(fake_onnx_dir
     with pytest.raises(InputError, match="prompt_encoder.onnx: ONNX graph not found"):
         build_engines(tmp_path / "nowhere", tmp_path / "out")
     (fake_onnx_dir / "prompt_encoder.plan").write_bytes(b"old")
-    with pytest.raises(InputError, match="prompt_encoder.plan: already exists"):
+    with pytest.raises(InputError, match="prompt_encoder.plan: output exists; pass --overwrite to replace it"):
         build_engines(fake_onnx_dir, fake_onnx_dir)
     assert (fake_onnx_dir / "prompt_encoder.plan").read_bytes() == b"old"
 

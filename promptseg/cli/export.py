@@ -52,11 +52,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         from promptseg.export.onnx_export import export_onnx
-        from promptseg.export.tensorrt_build import (
-            build_engines,
-            onnx_dtype_for,
-            require_tensorrt_gpu,
-        )
+        from promptseg.export.tensorrt_build import build_engines, onnx_dtype_for
+        from promptseg.engine.backends.tensorrt_runtime import require_tensorrt_gpu
 
         trt = require_tensorrt_gpu()  # before writing any ONNX file
         dtype = getattr(torch, onnx_dtype_for(args.precision, trt))  # float16 for fp16 on TensorRT 11

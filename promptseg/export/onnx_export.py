@@ -43,6 +43,7 @@ from torch.export import Dim
 
 import promptseg
 from promptseg.errors import InputError
+from promptseg.files import refuse_existing
 from promptseg.export.graphs import (
     GRAPH_ROLES,
     LOGITS_NAME,
@@ -86,10 +87,7 @@ def export_onnx(
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"ONNX export supports float32 and float16, not {dtype}")
     targets = graph_paths(out_dir)
-    if not overwrite:
-        for path in targets.values():
-            if path.exists():
-                raise InputError(path, "exists; pass --overwrite to replace it")
+    refuse_existing(list(targets.values()), overwrite)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")

@@ -28,10 +28,8 @@ from promptseg.errors import InputError, PromptSegError
 from promptseg.export.graphs import (
     GRAPH_ROLES, LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, config_differences, encoding_names,
 )
-from promptseg.export.tensorrt_build import (
-    PRECISIONS, SIDECAR_NAME, ShapeRange, build_engines, gpu_description, import_tensorrt, onnx_dtype_for, plan_path,
-    read_sidecar, tensorrt_logger, tensorrt_module,
-)
+from promptseg.export.tensorrt_build import ShapeRange, build_engines, onnx_dtype_for
+from promptseg.engine.backends.tensorrt_runtime import PRECISIONS, SIDECAR_NAME, gpu_description, import_tensorrt, plan_path, read_sidecar, tensorrt_logger, tensorrt_module
 from promptseg.model import PromptSegNet
 from promptseg.model.weights import weights_sha256
 
