@@ -291,6 +291,23 @@ def test_graphs_whose_weights_changed_after_export_are_refused(model: PromptSegN
         OnnxRuntimeBackend(model, torch.device("cpu"), model_dir=altered)
 
 
+def test_the_tensorrt_builder_refuses_graphs_changed_after_export(onnx_dir: Path, tmp_path: Path) -> None:
+    """The builder reads the graphs' metadata through the same tensor digest check as the runtime
+    (no TensorRT needed for this step)."""
+    from promptseg.export.tensorrt_build import read_graph_metadata
+
+    altered = tmp_path / "altered"
+    shutil.copytree(onnx_dir, altered)
+    path = graph_paths(altered)["prompt_encoder"]
+    proto = onnx.load(path)
+    biggest = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    biggest.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(biggest) * 0, biggest.name))
+    onnx.save(proto, path)
+    read_graph_metadata(graph_paths(onnx_dir))
+    with pytest.raises(InputError, match=r"prompt_encoder\.onnx: its weights do not match the digest recorded at export"):
+        read_graph_metadata(graph_paths(altered))
+
+
 def test_backend_names_the_missing_file(model: PromptSegNet, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"prompt_encoder\.onnx: not found"):
         OnnxRuntimeBackend(model, torch.device("cpu"), model_dir=tmp_path)

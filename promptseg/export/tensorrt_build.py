@@ -249,11 +249,12 @@ def bytes_writer(data: bytes) -> Callable[[str], None]:
 def read_graph_metadata(sources: dict[str, Path]) -> tuple[ModelConfig, dict[str, str]]:
     """(model config, metadata) that export_onnx wrote into both graphs (needs the onnx package).
 
-    InputError naming the file when a graph holds another role, or the two graphs come from
-    different model configurations or weights.
+    InputError naming the file when a graph holds another role, its tensors do not match the digest
+    recorded at export (the file was changed since), or the two graphs come from different model
+    configurations or weights.
     """
     try:
-        from promptseg.export.onnx_export import read_onnx_metadata
+        from promptseg.export.onnx_export import check_graph_tensors, read_onnx_metadata
     except ImportError as exc:
         raise PromptSegError(f"reading the ONNX graphs' metadata needs the onnx package: {exc}") from None
     found = {}
@@ -261,6 +262,7 @@ def read_graph_metadata(sources: dict[str, Path]) -> tuple[ModelConfig, dict[str
         found[role] = read_onnx_metadata(path)
         if found[role]["graph_role"] != role:
             raise InputError(path, f"holds the {found[role]['graph_role']} graph, expected the {role}")
+        check_graph_tensors(path, found[role])
     encoder, decoder = found["prompt_encoder"], found["query_decoder"]
     for key in ONNX_SHARED_KEYS:
         if encoder[key] != decoder[key]:
