@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "`promptseg train` leaves out ('held': fit on unseen cases of training datasets; "
                         "'held-queries': those cases queried, prompted from the training cases) (default all)")
     parser.add_argument("--cache", metavar="DIR", help="packed dataset cache (as for promptseg train)")
+    parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
+                        help="array axis along which 3D cases are sliced into examples, as stored (2: axial for "
+                        "most NIfTI datasets; as for promptseg train)")
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], metavar="K")
     parser.add_argument("--episodes", type=int, default=20, metavar="N", help="prompt draws per task and K")
     parser.add_argument("--queries", type=int, default=4, help="queries per episode")
@@ -94,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_files([args.out, args.markdown, args.plot], args.overwrite)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint or packaged_weights_path()).to(device)
-    tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, progress=not args.no_progress,
-                        cache_dir=args.cache, cases=args.cases)
+    tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, axis=args.axis,
+                        progress=not args.no_progress, cache_dir=args.cache, cases=args.cases)
     if not tasks:
         raise InputError(" ".join(args.data), "no task with enough annotated examples")
     earlier = [(path, EvalReport.load(path)) for path in args.merge]

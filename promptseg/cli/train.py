@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="packed dataset cache: decode each dataset once into DIR and memory-map it on "
                         "later runs (repacked when the source files change); --data may also name pack folders")
     parser.add_argument("--steps", type=int, help="override the number of steps")
+    parser.add_argument("--axis", type=int, choices=(0, 1, 2),
+                        help="array axis along which 3D cases are sliced into examples, as stored (2: axial for "
+                        "most NIfTI datasets) (default: the config's axis, 2)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -78,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise InputError("--steps", f"must be positive, got {args.steps}")
         config = dataclasses.replace(config, steps=args.steps)
+    if args.axis is not None:
+        config = dataclasses.replace(config, axis=args.axis)
     resolution = config.model_config().resolution
     progress = not args.no_progress and int(os.environ.get("RANK", "0")) == 0
     folders = dataset_folders(args.data, args.exclude)
