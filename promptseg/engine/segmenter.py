@@ -2,7 +2,8 @@
 
     seg = Segmenter.from_pretrained(device="cuda")
     prompts = seg.encode_prompts(images, masks)          # K pairs, encoded once
-    probs = seg.segment(queries, prompts)                # (N, H, W) float32 in [0, 1]
+    probs = seg.segment(queries, prompts)                # (N, H, W) float32 in [0, 1]; one size
+    maps = seg.segment_each(queries, prompts)            # any sizes: N arrays (H_n, W_n)
     result = seg.segment_volume("scan.nii.gz", prompts, axis=2)
 """
 from __future__ import annotations
@@ -393,16 +394,24 @@ class Segmenter:
         candidates = np.stack([self._to_probabilities(mean_logits(members[i : i + 1]), size) for i in range(count)]) if count else None
         return QueryMaps(probabilities, variance.numpy().astype(np.float32), candidates)
 
-    def segment(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> np.ndarray | list[np.ndarray]:
-        """Segment 2D queries: a (N, H, W[, C]) array or a list of arrays/paths.
+    def segment(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> np.ndarray:
+        """Segment 2D queries of one size: a (N, H, W[, C]) array or a list of arrays/paths.
 
-        Returns (N, H, W) float32 probabilities when all queries share one size, else a list of (H, W).
+        Returns (N, H, W) float32 probabilities in [0, 1], always an array: queries of different
+        sizes are an InputError naming the first that differs (segment_each takes any sizes).
         """
         prepared, sizes = self._prepare_queries(queries)
-        results = [maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)]
-        if len(set(sizes)) == 1:
-            return np.stack(results)
-        return results
+        for n, size in enumerate(sizes):
+            if size != sizes[0]:
+                raise InputError(f"query {n}", f"size {size[1]}x{size[0]} differs from query 0's {sizes[0][1]}x"
+                                 f"{sizes[0][0]}; segment() returns one (N, H, W) array, use segment_each()")
+        return np.stack([maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)])
+
+    def segment_each(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> list[np.ndarray]:
+        """Segment 2D queries of any sizes: a list of N (H_n, W_n) float32 probability maps, one
+        per query at its own size (the same values as segment() gives for queries of one size)."""
+        prepared, sizes = self._prepare_queries(queries)
+        return [maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)]
 
     def _prepare_queries(self, queries: Sequence[ArrayOrPath] | np.ndarray) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Read and prepare 2D queries once: (N, C, R, R) tensor and each query's own (H, W)."""
