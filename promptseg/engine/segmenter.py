@@ -45,6 +45,7 @@ from promptseg.engine.prompts_input import (
     ArrayOrPath,
     Prompt,
     as_prompts,
+    check_not_grayscale,
     load_2d,
     prepare_prompt,
 )
@@ -500,6 +501,9 @@ class Segmenter:
         loaded_maps = [load_2d(m, is_label=True, what=f"prompt {n} label map") for n, m in enumerate(label_maps)]
         if len(loaded_images) != len(loaded_maps):
             raise InputError(None, f"{len(loaded_images)} prompt images but {len(loaded_maps)} label maps")
+        if labels is None:  # every non-zero value is a label: not of a grayscale image
+            for label_map, source in loaded_maps:
+                check_not_grayscale(label_map, source)
         present = sorted({int(v) for m, _ in loaded_maps for v in np.unique(m) if v != 0})
         chosen = present if labels is None else [int(l) for l in labels]
         if not chosen:
