@@ -1,6 +1,9 @@
 """What a new user tripped on (issue 14): each CLI fix checked through `promptseg.cli.main`."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,8 @@ from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixt
 
 from promptseg.cli import main
 from promptseg.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Stop(InputError):
@@ -98,3 +103,31 @@ def test_a_label_absent_from_a_mask_of_other_labels_is_still_an_error(
     assert main(segment(prompt_files, "mask", tiny_checkpoint, tmp_path / "out", "--label", "7")) == 2
     assert "requested label 7 is absent from the mask (labels present: [255])" in capsys.readouterr().err
 
+
+NO_TRITON_ON_CPU = """
+import sys
+sys.modules["triton"] = None  # as in a CPU install, which has no triton: any import of it fails
+import numpy as np
+import promptseg.cli
+from promptseg import Segmenter
+from promptseg.kernels import triton_available
+promptseg.cli.build_parser()
+seg = Segmenter.from_pretrained(device="cpu")
+image = np.zeros((32, 32), np.uint8)
+image[8:20, 8:20] = 200
+print("shape:", seg.segment([image], seg.encode_prompts([image], [image > 0])).shape)
+print("kernels:", sorted(m for m in sys.modules if m.startswith("promptseg.kernels.triton")))
+print("reason:", triton_available("cpu")[1])
+"""
+
+
+def test_the_cpu_path_runs_without_triton() -> None:
+    """triton is in the gpu and test extras only: without it the CLI parser and a CPU segmentation
+    work, no Triton kernel module is loaded, and the triton backend says how to get it. (torch
+    itself imports triton where it is installed, when torch._dynamo loads.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", NO_TRITON_ON_CPU], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "shape: (1, 32, 32)" in done.stdout and "kernels: []" in done.stdout
+    assert "reason: triton is not installed (it comes with pip install 'promptseg[gpu]')" in done.stdout
