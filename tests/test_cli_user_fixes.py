@@ -1,6 +1,7 @@
 """What a new user tripped on (issue 14): each CLI fix checked through `promptseg.cli.main`."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 from PIL import Image
 from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
 
-from promptseg.cli import main
+from promptseg.cli import build_parser, main
+from promptseg.cli.commands import COMMANDS
 from promptseg.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,3 +133,50 @@ def test_the_cpu_path_runs_without_triton() -> None:
     assert done.returncode == 0, done.stderr
     assert "shape: (1, 32, 32)" in done.stdout and "kernels: []" in done.stdout
     assert "reason: triton is not installed (it comes with pip install 'promptseg[gpu]')" in done.stdout
+
+
+def option_help(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, str]]:
+    """Option name -> (its action, its help as printed) for every option of `parser`."""
+    formatter = parser._get_formatter()
+    return {action.option_strings[-1]: (action, formatter._expand_help(action) if action.help else "")
+            for action in parser._actions
+            if action.option_strings and not isinstance(action, argparse._HelpAction)}
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == set(COMMANDS)
+    for name, command in commands.choices.items():
+        for option, (action, text) in option_help(command).items():
+            assert text.strip(), f"promptseg {name} {option} has no help text"
+            has_default = not (action.default is None or action.default is False or action.default == [])
+            if has_default:
+                assert "default" in text.lower(), f"promptseg {name} {option} hides its default"
+    threshold = option_help(commands.choices["segment"])["--threshold"][1]
+    assert threshold.endswith("(default: 0.5)")
+    assert option_help(commands.choices["eval"])["--shots"][1].endswith("(default: 1 2 4 8 16)")
+
+
+def test_help_lists_the_commands_without_importing_torch() -> None:
+    code = ("import sys\nfrom promptseg.cli import main\ncode = main(['--help'])\n"
+            "print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] == 'torch'"
+            " or m.startswith('promptseg.cli.') and m != 'promptseg.cli.commands'))\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "loaded: []" in done.stdout
+    for name, command in COMMANDS.items():
+        assert name in done.stdout and command.help.split()[0] in done.stdout
+
+
+def test_train_without_progress_says_where_the_run_goes_and_ends(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(REPO / "configs" / "tiny_test.yaml"), "--out", str(run),
+                 "--steps", "2", "--no-progress", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("training to step 2 on 0 dataset tasks") and lines[0].endswith(str(run))
+    assert lines[1].startswith("trained to step 2") and lines[1].endswith(str(run / "final.safetensors"))
+

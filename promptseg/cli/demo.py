@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import add_model_arguments, load_segmenter
 from promptseg.data.io import ImageData, write_nifti_like, write_png
 from promptseg.data.synthetic import phantom_volume
@@ -27,7 +28,7 @@ DEFAULT_SHAPE = (48, 128, 128)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="segment a synthetic 3D phantom from a few annotated slices (no data or network needed)",
+        help=COMMANDS["demo"].help,
         description="Builds a synthetic 3D phantom, takes --prompts annotated slices as prompts, segments the "
         "whole volume along axis 0, prints Dice on the other slices for the model and for a nearest-prompt "
         "baseline, and writes phantom.nii.gz, phantom_truth.nii.gz, phantom_prediction.nii.gz and "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
 from promptseg.data.index import CASE_SETS, build_tasks
@@ -27,7 +28,7 @@ METHODS = ("promptseg", "nearest_prompt", "finetuned_unet")
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="score the model and two baselines on held-out datasets",
+        help=COMMANDS["eval"].help,
         description="Dice (mean and std over fixed-seed episodes) per dataset, label and number of prompts K, "
         "for the model, a nearest-prompt label copy and a small U-Net fine-tuned on the K prompts.",
     )
@@ -40,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
                         help="array axis along which 3D cases are sliced into examples, as stored (2: axial for "
                         "most NIfTI datasets; as for promptseg train)")
-    parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], metavar="K")
+    parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], metavar="K",
+                        help="numbers of prompts K to score each task with")
     parser.add_argument("--episodes", type=int, default=20, metavar="N", help="prompt draws per task and K")
     parser.add_argument("--queries", type=int, default=4, help="queries per episode")
     parser.add_argument("--prompt-kind", choices=("mask", "click", "box", "scribble"), default="mask",
@@ -67,9 +69,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="add the methods and tasks of earlier reports drawn with the same --episodes, --queries, "
                         "--seed and --shots (e.g. baselines scored once, or datasets scored in parallel)")
     parser.add_argument("--unet-steps", type=int, default=60, help="fine-tuning budget of the U-Net baseline")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cpu, cuda or cuda:N")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the episodes (which prompts and queries are drawn) and of the U-Net baseline")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import (
     add_backend_argument,
     add_model_arguments,
@@ -65,7 +66,7 @@ class _InOrder(argparse.Action):
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "segment",
-        help="segment images or volumes from a few annotated prompts",
+        help=COMMANDS["segment"].help,
         description="Segment each --query from prompts: prompt images with masks (--prompt IMAGE MASK), or a "
         "prompt image with clicks, boxes or a scribble (--prompt-image IMAGE --click X Y ...). 2D queries "
         "(PNG, JPEG, TIFF, BMP, NPY) give DIR/<name>_mask.png (0/255); NIfTI queries give DIR/<name>_mask.nii.gz "

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.data.index import build_tasks
 from promptseg.data.layouts import find_datasets
 from promptseg.data.packed import find_packs, is_pack, pack_dataset_name
@@ -17,7 +18,7 @@ from promptseg.train.trainer import train
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a model on dataset folders and synthetic tasks",
+        help=COMMANDS["train"].help,
         description="Episodic training with CE + Dice, AdamW, warm-up + cosine schedule. "
         "Run under `torchrun --nproc_per_node N` for several processes (DDP).",
     )
@@ -97,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         for path in earlier:
             path.unlink()
+    if int(os.environ.get("RANK", "0")) == 0:  # where the run goes, with or without --no-progress
+        print(f"training to step {config.steps} on {len(tasks)} dataset tasks (synthetic share "
+              f"{config.synthetic_fraction:g}){', resumed' if args.resume else ''}; run folder: {args.out}", flush=True)
     try:
         result = train(config, tasks, args.out, val_tasks, resume=args.resume, device=args.device, progress=progress, init=args.init)
     except OSError as exc:  # the run folder cannot be written: read-only, disk full, removed meanwhile
