@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from helpers import TINY_CONFIG, disk_example, tiny_checkpoint, write_nifti, write_png  # noqa: F401 (fixture)
 from promptseg.cli import main
+from promptseg.engine.legend import legend_size
 from promptseg.engine.overlay import RED, contour, montage, overlay
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.train.checkpoint import CONFIG_KEY
@@ -86,7 +87,8 @@ def test_segment_png_queries(data: Path, tiny_checkpoint: Path, tmp_path: Path, 
         assert np.array_equal(mask == 255, probabilities > 0.5)
         with Image.open(out / f"{name}_overlay.png") as picture:
             picture.verify()
-        assert np.asarray(Image.open(out / f"{name}_overlay.png")).shape == (36, 44, 3)
+        legend_height, legend_width = legend_size([("prediction", RED)])
+        assert np.asarray(Image.open(out / f"{name}_overlay.png")).shape == (36 + legend_height, max(44, legend_width), 3)
     code, _, err = run(["segment", *argv], capsys)
     assert code == 2 and "output exists" in err and "--overwrite" in err
     assert run(["segment", *argv, "--overwrite"], capsys)[0] == 0

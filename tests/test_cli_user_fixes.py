@@ -14,6 +14,8 @@ from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixt
 
 from promptseg.cli import build_parser, main
 from promptseg.cli.commands import COMMANDS
+from promptseg.engine.legend import LINE, MARGIN, SWATCH, legend_size, with_legend
+from promptseg.engine.overlay import GREEN, RED
 from promptseg.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,3 +182,27 @@ def test_train_without_progress_says_where_the_run_goes_and_ends(
     assert lines[0].startswith("training to step 2 on 0 dataset tasks") and lines[0].endswith(str(run))
     assert lines[1].startswith("trained to step 2") and lines[1].endswith(str(run / "final.safetensors"))
 
+
+def test_with_legend_names_each_colour_below_the_picture() -> None:
+    picture = np.random.default_rng(1).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    entries = [("truth", GREEN), ("prediction", RED)]
+    shown = with_legend(picture, entries)
+    height, width = legend_size(entries)
+    assert shown.shape == (30 + height, max(20, width), 3) and width > 20  # the names widen it
+    np.testing.assert_array_equal(shown[:30, :20], picture)
+    for n, (_, colour) in enumerate(entries):
+        top = 30 + MARGIN + n * LINE
+        swatch = shown[top + 2 : top + 2 + SWATCH, MARGIN : MARGIN + SWATCH]
+        assert (swatch == colour).all(), f"swatch {n} is not {colour}"
+        text = shown[top : top + LINE, MARGIN + SWATCH + 4 :]
+        assert (text.max(axis=-1) > 128).sum() > 10, f"no name beside swatch {n}"
+
+
+def test_segment_overlay_carries_its_legend(
+        prompt_files: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "out"
+    assert main(segment(prompt_files, "mask", tiny_checkpoint, out, "--overlay")) == 0
+    shown = np.asarray(Image.open(out / "q_overlay.png"))
+    assert shown.shape[0] == 40 + legend_size([("prediction", RED)])[0]
+    top = 40 + MARGIN
+    assert (shown[top + 2 : top + 2 + SWATCH, MARGIN : MARGIN + SWATCH] == RED).all()

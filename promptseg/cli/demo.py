@@ -17,6 +17,7 @@ from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import add_model_arguments, load_segmenter
 from promptseg.data.io import ImageData, write_nifti_like, write_png
 from promptseg.data.synthetic import phantom_volume
+from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import GREEN, RED, montage
 from promptseg.errors import InputError
 from promptseg.eval.baselines import NearestPromptBaseline
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     write_nifti_like(os.path.join(folder, "phantom.nii.gz"), volume, reference, overwrite=True)
     write_nifti_like(os.path.join(folder, "phantom_truth.nii.gz"), labels, reference, overwrite=True)
     write_nifti_like(os.path.join(folder, "phantom_prediction.nii.gz"), prediction.astype(np.uint8), reference, overwrite=True)
-    picture = montage(volume, [(truth, GREEN), (prediction, RED)], axis=0)
+    picture = with_legend(montage(volume, [(truth, GREEN), (prediction, RED)], axis=0),
+                          [("truth", GREEN), ("prediction", RED)])
     write_png(os.path.join(folder, "phantom_overlay.png"), picture, overwrite=True)
     print(f"wrote phantom.nii.gz, phantom_truth.nii.gz, phantom_prediction.nii.gz and phantom_overlay.png to {args.out}")
     return 0

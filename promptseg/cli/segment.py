@@ -44,6 +44,7 @@ from promptseg.data.io import (
 )
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.ensemble import MAX_ENSEMBLE
+from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
@@ -96,7 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), float32 in [0, 1]")
     parser.add_argument("--overlay", action="store_true",
-                        help="also write <name>_overlay.png: the contour on the image, or a montage of up to 16 slices")
+                        help="also write <name>_overlay.png: the contour on the image, or a montage of up to 16 slices, "
+                        "with a legend below naming each colour (prediction, or label N)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_model_arguments(parser)
     parser.add_argument("--ensemble", type=int, default=1, metavar="N",
@@ -283,8 +285,11 @@ def overlay_picture(data: ImageData, result: LabelResult, axis: int) -> np.ndarr
         shown_probabilities = [np.take(canonical_view(p, data.affine), indices, axis=axis) for p in result.probabilities]
         shown = LabelResult(result.labels, np.stack(shown_probabilities), result.threshold)
     label_map = shown.label_map
-    contours = [(label_map == label, LABEL_COLOURS[n % len(LABEL_COLOURS)]) for n, label in enumerate(result.labels)]
-    return montage(image, contours, axis) if is_volume(data) else overlay(image, contours)
+    colours = [LABEL_COLOURS[n % len(LABEL_COLOURS)] for n in range(len(result.labels))]
+    contours = [(label_map == label, colour) for label, colour in zip(result.labels, colours)]
+    picture = montage(image, contours, axis) if is_volume(data) else overlay(image, contours)
+    names = [f"label {label}" for label in result.labels] if len(result.labels) > 1 else ["prediction"]
+    return with_legend(picture, list(zip(names, colours)))
 
 
 def label_mask(result: LabelResult, probabilities: np.ndarray, threshold: float, nifti: bool) -> np.ndarray:
