@@ -2,6 +2,7 @@
 from setuptools import find_packages, setup
 
 TRITON = "triton>=3.4; platform_system == 'Linux'"
+PLOT = "matplotlib>=3.7"
 
 setup(
     name="promptseg",
@@ -26,11 +27,12 @@ setup(
         # triton (Linux only): the fused attention kernels on CUDA, and their tests on the CPU interpreter;
         # 3.4 introduced triton.knobs, read by promptseg.kernels. A CPU-only install never imports it.
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
-                 TRITON],
+                 TRITON, PLOT],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "gpu": ["tensorrt>=10.0,<12", TRITON],  # export/tensorrt_build.py handles 10 (precision flags) and 11 (strong typing)
         "dicom": ["pydicom>=3.0", "highdicom>=0.23"],  # DICOM series in (data/dicom.py), DICOM-SEG out
-        "ray": ["ray>=2.9"],  # promptseg batch --engine ray (engine/batch_ray.py)
+        "ray": ["ray>=2.9"],
+        "plot": [PLOT],  # promptseg eval --plot and promptseg.eval.plot's charts  # promptseg batch --engine ray (engine/batch_ray.py)
     },
     entry_points={"console_scripts": ["promptseg=promptseg.cli:main"]},
 )

@@ -206,3 +206,20 @@ def test_segment_overlay_carries_its_legend(
     assert shown.shape[0] == 40 + legend_size([("prediction", RED)])[0]
     top = 40 + MARGIN
     assert (shown[top + 2 : top + 2 + SWATCH, MARGIN : MARGIN + SWATCH] == RED).all()
+
+
+def test_eval_plot_without_matplotlib_fails_before_scoring(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    real_import = __import__
+
+    def no_matplotlib(name: str, *args: object, **kwargs: object) -> object:
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.__import__", no_matplotlib)
+    plot = tmp_path / "dice.png"
+    assert main(["eval", "--data", str(tmp_path / "nowhere"), "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err
+    assert err == "promptseg: error: --plot: charts need matplotlib: pip install 'promptseg[plot]'\n"
+    assert not plot.exists()

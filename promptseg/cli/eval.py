@@ -19,7 +19,7 @@ from promptseg.eval.baselines import (
     NearestPromptBaseline,
 )
 from promptseg.eval.evaluate import EvalReport, evaluate
-from promptseg.eval.plot import plot_dice_against_k
+from promptseg.eval.plot import plot_dice_against_k, require_matplotlib
 from promptseg.train.checkpoint import load_model
 
 METHODS = ("promptseg", "nearest_prompt", "finetuned_unet")
@@ -61,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
-    parser.add_argument("--plot", metavar="FILE.png", help="also draw mean Dice over tasks against K, one line per method")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw mean Dice over tasks against K, one line per method with the spread over "
+                        "episodes as a band (needs matplotlib: pip install 'promptseg[plot]')")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --out, --markdown and --plot files")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="NAME",
                         help=f"methods to score: {', '.join(METHODS)} (default: all)")
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.queries < 1:
         raise InputError("--queries", f"must be positive, got {args.queries}")
     check_output_files([args.out, args.markdown, args.plot], args.overwrite)
+    if args.plot:
+        require_matplotlib("--plot")  # before anything is scored
     device = resolve_device(args.device)
     model = load_model(args.checkpoint or packaged_weights_path()).to(device)
     tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, axis=args.axis,
