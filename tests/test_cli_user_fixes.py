@@ -223,3 +223,47 @@ def test_eval_plot_without_matplotlib_fails_before_scoring(
     err = capsys.readouterr().err
     assert err == "promptseg: error: --plot: charts need matplotlib: pip install 'promptseg[plot]'\n"
     assert not plot.exists()
+
+
+@pytest.fixture
+def disk_folder(tmp_path: Path) -> Path:
+    """A simple-layout dataset of 6 grey disk images."""
+    root = tmp_path / "disks"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        image, mask = disk_example(rng, (40, 48))
+        write_png(root / "images" / f"case{index}.png", image)
+        write_png(root / "labels" / f"case{index}.png", mask)
+    return root
+
+
+def test_a_one_channel_model_trains_and_evaluates_on_one_channel_episodes(
+        tmp_path: Path, disk_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The episodes follow the config's in_channels (they used to be three channels always)."""
+    config = tmp_path / "grey.yaml"
+    tiny = (REPO / "configs" / "tiny_test.yaml").read_text()
+    config.write_text(tiny.replace("model:\n", "model:\n  in_channels: 1\n")
+                      .replace("synthetic_fraction: 1.0", "synthetic_fraction: 0.5"))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(disk_folder), "--config", str(config), "--out", str(run),
+                 "--steps", "2", "--no-progress", "--device", "cpu", "--val-data", str(disk_folder)]) == 0
+    assert main(["eval", "--data", str(disk_folder), "--checkpoint", str(run / "final.safetensors"),
+                 "--shots", "1", "--episodes", "1", "--queries", "1", "--methods", "promptseg",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert "disks/" in capsys.readouterr().out
+
+
+def test_episode_images_have_the_channels_asked_for() -> None:
+    from promptseg.data.episodes import EpisodeSampler, fixed_episodes
+    from promptseg.data.synthetic import synthetic_task
+
+    task = synthetic_task(np.random.default_rng(0), 32, 6, channels=1)
+    for channels in (1, 3):
+        sampler = EpisodeSampler([task], 32, shots=(2, 2), queries=1, channels=channels)
+        episode = sampler.sample_episode(np.random.default_rng(1), 2)
+        assert episode.prompt_images.shape[1] == channels and episode.query_images.shape[1] == channels
+        fixed = fixed_episodes(task, shots=2, queries=1, count=1, seed=0, channels=channels)[0]
+        assert fixed.prompt_images.shape[1] == channels
+

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         require_matplotlib("--plot")  # before anything is scored
     device = resolve_device(args.device)
     model = load_model(args.checkpoint or packaged_weights_path()).to(device)
-    tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, axis=args.axis,
-                        progress=not args.no_progress, cache_dir=args.cache, cases=args.cases)
+    tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, model.config.in_channels,
+                        axis=args.axis, progress=not args.no_progress, cache_dir=args.cache, cases=args.cases)
     if not tasks:
         raise InputError(" ".join(args.data), "no task with enough annotated examples")
     earlier = [(path, EvalReport.load(path)) for path in args.merge]
@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     label = {"promptseg": f"promptseg{suffix}"}
     predictors = {label.get(name, name): makers[name]() for name in args.methods}
     report = evaluate(predictors, tasks, args.shots, args.episodes, queries=args.queries, seed=args.seed,
-                      progress=not args.no_progress, prompt_kind=args.prompt_kind, query_prompts=args.query_prompts)
+                      progress=not args.no_progress, prompt_kind=args.prompt_kind, query_prompts=args.query_prompts,
+                      channels=model.config.in_channels)
     for path, other in earlier:
         report = report.merged(other, path)
     print(report.to_markdown())

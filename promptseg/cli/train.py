@@ -84,15 +84,17 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, steps=args.steps)
     if args.axis is not None:
         config = dataclasses.replace(config, axis=args.axis)
-    resolution = config.model_config().resolution
+    resolution, channels = config.model_config().resolution, config.model_config().in_channels
     progress = not args.no_progress and int(os.environ.get("RANK", "0")) == 0
     folders = dataset_folders(args.data, args.exclude)
-    tasks = build_tasks(folders, resolution, axis=config.axis, progress=progress, cache_dir=args.cache, cases=args.cases) if folders else []
+    tasks = build_tasks(folders, resolution, channels, axis=config.axis, progress=progress, cache_dir=args.cache,
+                        cases=args.cases) if folders else []
     if not tasks:
         config = dataclasses.replace(config, synthetic_fraction=1.0)
         if progress:
             print("no real tasks given: training on synthetic tasks only")
-    val_tasks = build_tasks(dataset_folders(args.val_data, []), resolution, axis=config.axis, cache_dir=args.cache) if args.val_data else []
+    val_tasks = build_tasks(dataset_folders(args.val_data, []), resolution, channels, axis=config.axis,
+                            cache_dir=args.cache) if args.val_data else []
     if args.init and args.resume:
         raise InputError("--init", "cannot be combined with --resume (a resumed run continues its own weights)")
     if args.overwrite:
