@@ -267,3 +267,24 @@ def test_episode_images_have_the_channels_asked_for() -> None:
         fixed = fixed_episodes(task, shots=2, queries=1, count=1, seed=0, channels=channels)[0]
         assert fixed.prompt_images.shape[1] == channels
 
+
+def test_eval_shots_are_bounded_by_the_model_prompt_limit(
+        tmp_path: Path, disk_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The limit is the checkpoint's max_prompts (it used to be 64 written into cli/eval.py)."""
+    import dataclasses
+
+    from helpers import TINY_CONFIG
+
+    from promptseg.model import PromptSegNet
+    from promptseg.train.checkpoint import save_weights
+
+    weights = tmp_path / "k8.safetensors"
+    save_weights(PromptSegNet(dataclasses.replace(TINY_CONFIG, max_prompts=8)), weights)
+    common = ["eval", "--data", str(disk_folder), "--checkpoint", str(weights), "--episodes", "1",
+              "--queries", "1", "--methods", "nearest_prompt", "--no-progress", "--device", "cpu"]
+    assert main(common + ["--shots", "1", "9"]) == 2
+    assert capsys.readouterr().err == ("promptseg: error: --shots: each K must lie in 1..8 (the model's "
+                                       "prompt limit), got [1, 9]\n")
+    assert main(common + ["--shots", "0"]) == 2
+    assert "--shots: each K must be positive, got [0]" in capsys.readouterr().err
+    assert main(common + ["--shots", "1"]) == 0

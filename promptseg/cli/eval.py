@@ -88,8 +88,8 @@ def check_output_files(paths: list[str | None], overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if any(k < 1 or k > 64 for k in args.shots):
-        raise InputError("--shots", f"each K must lie in 1..64, got {args.shots}")
+    if any(k < 1 for k in args.shots):
+        raise InputError("--shots", f"each K must be positive, got {args.shots}")
     if not 0 <= args.adapt <= MAX_ADAPT_STEPS:
         raise InputError("--adapt", f"must lie in 0..{MAX_ADAPT_STEPS}, got {args.adapt}")
     if not 1 <= args.ensemble <= MAX_ENSEMBLE:
@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         require_matplotlib("--plot")  # before anything is scored
     device = resolve_device(args.device)
     model = load_model(args.checkpoint or packaged_weights_path()).to(device)
+    limit = model.config.max_prompts
+    if any(k > limit for k in args.shots):  # before any dataset is read
+        raise InputError("--shots", f"each K must lie in 1..{limit} (the model's prompt limit), got {args.shots}")
     tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, model.config.in_channels,
                         axis=args.axis, progress=not args.no_progress, cache_dir=args.cache, cases=args.cases)
     if not tasks:
