@@ -288,3 +288,40 @@ def test_eval_shots_are_bounded_by_the_model_prompt_limit(
     assert main(common + ["--shots", "0"]) == 2
     assert "--shots: each K must be positive, got [0]" in capsys.readouterr().err
     assert main(common + ["--shots", "1"]) == 0
+
+
+def test_a_npy_volume_is_a_volume_for_the_api_and_the_cli_alike(
+        prompt_files: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One rule (promptseg.data.volumes): an (X, Y, Z) .npy is segmented as a volume by both, a
+    (C, H, W) .npy is a 2D image for both (the CLI used to refuse .npy volumes)."""
+    import nibabel as nib
+
+    from promptseg import Segmenter
+    from promptseg.data.volumes import has_volume_outputs, is_volume_shape
+
+    rng = np.random.default_rng(3)
+    volume, image = tmp_path / "vol.npy", tmp_path / "chw.npy"
+    np.save(volume, rng.integers(0, 255, (40, 48, 6)).astype(np.uint8))
+    np.save(image, rng.integers(0, 255, (3, 40, 48)).astype(np.uint8))
+    assert has_volume_outputs(volume) and not has_volume_outputs(image)
+    assert is_volume_shape((40, 48, 6), False) and not is_volume_shape((40, 48, 3), False)
+    assert is_volume_shape((40, 48, 3), True) and not is_volume_shape((40, 48), True)
+
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    prompts = segmenter.encode_prompts([str(prompt_files["image"])], [str(prompt_files["mask"])])
+    api = segmenter.segment_volume(str(volume), prompts, axis=2)
+    assert api.probabilities.shape == (40, 48, 6)
+    with pytest.raises(InputError, match=r"chw.npy: expected a 3D volume, got shape \(3, 40, 48\)"):
+        segmenter.segment_volume(str(image), prompts)
+    assert segmenter.segment([str(image)], prompts).shape == (1, 40, 48)
+
+    out = tmp_path / "out"
+    argv = ["segment", "--prompt", str(prompt_files["image"]), str(prompt_files["mask"]), "--query",
+            str(volume), str(image), "--out", str(out), "--checkpoint", str(tiny_checkpoint),
+            "--save-probabilities", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    cli = np.asarray(nib.load(out / "vol_prob.nii.gz").dataobj)
+    np.testing.assert_allclose(cli, api.probabilities, atol=1e-6)
+    assert np.load(out / "chw_prob.npy").shape == (40, 48)
+

@@ -27,14 +27,11 @@ from promptseg.cli.common import (
     backend_options,
     load_segmenter,
 )
-from promptseg.data.dicom import is_dicom_input
 from promptseg.data.io import (
-    NIFTI_EXTENSIONS,
     ImageData,
     Writer,
     atomic_write_group,
     canonical_view,
-    file_extension,
     nifti_writer,
     npy_writer,
     png_writer,
@@ -43,6 +40,7 @@ from promptseg.data.io import (
     sweep_stale_temporaries,
 )
 from promptseg.data.preprocess import all_finite, prepare_image
+from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
@@ -179,7 +177,7 @@ def plan_outputs(
         if name in owners:
             raise InputError(path, f"gives the same output name '{name}' as {owners[name]}; rename one of them")
         owners[name] = path
-        nifti = file_extension(path) in NIFTI_EXTENSIONS or is_dicom_input(path)  # DICOM: NIfTI outputs
+        nifti = has_volume_outputs(path)  # NIfTI, DICOM and .npy/.npz volumes: NIfTI outputs
         extensions = {"mask": ".nii.gz" if nifti else ".png"}
         if probabilities:
             extensions.update({kind: ".nii.gz" if nifti else ".npy" for kind in per_label_kinds("prob", labels)})
@@ -225,8 +223,9 @@ def encode(segmenter: Segmenter, prompts: list[Prompt], labels: Sequence[int] | 
 
 
 def is_volume(data: ImageData) -> bool:
-    """A query is segmented as a volume when it is a 3D NIfTI; other 3D arrays are multi-channel 2D images."""
-    return data.affine is not None and data.array.ndim == 3
+    """A query is segmented as a volume when it is one by promptseg.data.volumes (as in the API):
+    3D NIfTI and DICOM, and 3D arrays without a channel axis; other 3D arrays are 2D images."""
+    return data.is_volume
 
 
 def validate_query(data: ImageData, segmenter: Segmenter) -> None:

@@ -456,7 +456,7 @@ class Segmenter:
         Peak memory beyond the outputs is one batch of prepared slices and its logits, whatever the depth.
         """
         array = data.array
-        if array.ndim != 3 or (not data.is_volume and array.shape[-1] in (3, 4)):
+        if array.ndim != 3 or not data.is_volume:  # the rule of promptseg.data.volumes, as in the CLI
             raise InputError(data.path, f"expected a 3D volume, got shape {array.shape}")
         if not all_finite(array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
