@@ -31,8 +31,8 @@ setup(
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "gpu": ["tensorrt>=10.0,<12", TRITON],  # export/tensorrt_build.py handles 10 (precision flags) and 11 (strong typing)
         "dicom": ["pydicom>=3.0", "highdicom>=0.23"],  # DICOM series in (data/dicom.py), DICOM-SEG out
-        "ray": ["ray>=2.9"],
-        "plot": [PLOT],  # promptseg eval --plot and promptseg.eval.plot's charts  # promptseg batch --engine ray (engine/batch_ray.py)
+        "ray": ["ray>=2.9"],  # promptseg batch --engine ray (engine/batch_ray.py)
+        "plot": [PLOT],  # promptseg eval --plot and promptseg.eval.plot's charts
     },
     entry_points={"console_scripts": ["promptseg=promptseg.cli:main"]},
 )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
 
@@ -325,3 +326,36 @@ def test_a_npy_volume_is_a_volume_for_the_api_and_the_cli_alike(
     np.testing.assert_allclose(cli, api.probabilities, atol=1e-6)
     assert np.load(out / "chw_prob.npy").shape == (40, 48)
 
+
+def test_segment_reads_and_prepares_each_query_once(
+        prompt_files: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation reads every query before anything is written, and segmentation reuses what it
+    read (within cli.segment.KEPT_QUERY_BYTES); each image is prepared (resized) for the model once:
+    here the prompt image and the two queries."""
+    import promptseg.cli.segment as segment_command
+    import promptseg.data.preprocess as preprocess
+
+    reads: list[str] = []
+    resized: list[tuple[int, ...]] = []
+    read_image, resize_image = segment_command.read_image, preprocess.resize_image
+
+    def counting_read(path: str) -> object:
+        reads.append(str(path))
+        return read_image(path)
+
+    def counting_resize(image: torch.Tensor, size: object) -> torch.Tensor:
+        resized.append(tuple(image.shape))
+        return resize_image(image, size)
+
+    monkeypatch.setattr(segment_command, "read_image", counting_read)
+    monkeypatch.setattr(preprocess, "resize_image", counting_resize)
+    queries = [str(prompt_files["query"]), str(prompt_files["empty"])]
+    argv = ["segment", "--prompt", str(prompt_files["image"]), str(prompt_files["mask"]), "--query", *queries,
+            "--out", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint), "--no-progress"]
+    assert main(argv) == 0
+    assert sorted(reads) == sorted(queries) and len(resized) == 3
+    monkeypatch.setattr(segment_command, "KEPT_QUERY_BYTES", 0)  # nothing kept: read again, prepared once
+    reads.clear(), resized.clear()
+    assert main(argv + ["--overwrite"]) == 0
+    assert sorted(reads) == sorted(queries * 2) and len(resized) == 3

@@ -39,7 +39,7 @@ from promptseg.data.io import (
     strip_extension,
     sweep_stale_temporaries,
 )
-from promptseg.data.preprocess import all_finite, prepare_image
+from promptseg.data.preprocess import all_finite, check_image
 from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.legend import with_legend
@@ -49,6 +49,8 @@ from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.errors import InputError, PromptSegError
 
 SPARSE_DEST = "sparse_prompts"
+# Query arrays kept in memory from validation for segmentation, in all; queries beyond are read again.
+KEPT_QUERY_BYTES = 256 * 2**20
 
 
 class _InOrder(argparse.Action):
@@ -69,7 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Segment each --query from prompts: prompt images with masks (--prompt IMAGE MASK), or a "
         "prompt image with clicks, boxes or a scribble (--prompt-image IMAGE --click X Y ...). 2D queries "
         "(PNG, JPEG, TIFF, BMP, NPY) give DIR/<name>_mask.png (0/255); NIfTI queries give DIR/<name>_mask.nii.gz "
-        "in the query's own geometry, segmented slice by slice along --axis.",
+        "in the query's own geometry, segmented slice by slice along --axis, and so do DICOM series and "
+        "(X, Y, Z) .npy/.npz volumes (3D arrays whose first and last axes are not 1, 3 or 4 long; no geometry).",
     )
     prompts = parser.add_argument_group("prompts (at least one; up to the model's limit, 64 by default)")
     prompts.add_argument("--prompt", action="append", nargs=2, default=[], metavar=("IMAGE", "MASK"),
@@ -229,12 +232,27 @@ def is_volume(data: ImageData) -> bool:
 
 
 def validate_query(data: ImageData, segmenter: Segmenter) -> None:
-    """Raise InputError naming the file if the query cannot be segmented (channels, non-finite values)."""
+    """Raise InputError naming the file if the query cannot be segmented (channels, non-finite values),
+    without preparing it (the segmenter prepares each query once)."""
     if is_volume(data):
         if not all_finite(data.array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
     else:
-        prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
+        check_image(data.array, segmenter.channels, source=data.path)
+
+
+def read_and_validate(jobs: Sequence[QueryJob], segmenter: Segmenter, keep_bytes: int) -> dict[str, ImageData]:
+    """Read and validate every query before anything is written; returns those read (path -> data)
+    that fit in `keep_bytes` together, in job order, so that segmentation does not read them again."""
+    kept: dict[str, ImageData] = {}
+    for job in jobs:
+        with out_of_memory_names(job.path):
+            data = read_image(job.path)
+            validate_query(data, segmenter)
+        if data.array.nbytes <= keep_bytes:
+            kept[job.path] = data
+            keep_bytes -= data.array.nbytes
+    return kept
 
 
 def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int, threshold: float) -> LabelResult:
@@ -320,10 +338,12 @@ def out_of_memory_names(path: str) -> Iterator[None]:
         raise InputError(path, "not enough memory to segment it") from None
 
 
-def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, EncodedPrompts], args: argparse.Namespace) -> None:
-    """Read, segment and write one query; running out of memory is an InputError naming the query."""
+def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, EncodedPrompts], args: argparse.Namespace,
+                  data: ImageData | None = None) -> None:
+    """Segment and write one query (read first unless `data` is given); running out of memory is an
+    InputError naming the query."""
     with out_of_memory_names(job.path):
-        data = read_image(job.path)
+        data = read_image(job.path) if data is None else data
         result = predict(data, segmenter, encoded, args.axis, args.threshold)
         writers = render_outputs(job, data, result, args)
     write_all(job, writers, args.overwrite)
@@ -357,13 +377,11 @@ def run(args: argparse.Namespace) -> int:
     if args.candidates > members:
         raise InputError("--candidates", f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "
                          f"ensemble members, fewer than the {args.candidates} candidates asked for")
-    for job in jobs:
-        with out_of_memory_names(job.path):
-            validate_query(read_image(job.path), segmenter)
+    kept = read_and_validate(jobs, segmenter, KEPT_QUERY_BYTES)
     sweep_stale_temporaries(args.out)
     progress = tqdm(jobs, desc="segment", unit="query", file=sys.stderr, disable=True if args.no_progress else None)
     for job in progress:
-        segment_query(job, segmenter, encoded, args)
+        segment_query(job, segmenter, encoded, args, kept.pop(job.path, None))
     print(f"segmented {len(jobs)} {'query' if len(jobs) == 1 else 'queries'} with {len(prompts)} "
           f"prompt{'s' if len(prompts) != 1 else ''}; wrote {', '.join(sorted({k for j in jobs for k in j.outputs}))} "
           f"files to {args.out}")
