@@ -3,6 +3,7 @@
 The public names (Segmenter, Prompt, PromptSegNet, ModelConfig) load on first use, so that
 `import promptseg` (and `promptseg --help`) does not import torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -10,8 +11,12 @@ from typing import Any
 
 from promptseg.version import __version__
 
-_PUBLIC = {"Segmenter": "promptseg.engine", "Prompt": "promptseg.engine", "PromptSegNet": "promptseg.model",
-           "ModelConfig": "promptseg.model"}
+_PUBLIC = {
+    "Segmenter": "promptseg.engine",
+    "Prompt": "promptseg.engine",
+    "PromptSegNet": "promptseg.model",
+    "ModelConfig": "promptseg.model",
+}
 __all__ = ["Segmenter", "Prompt", "PromptSegNet", "ModelConfig", "__version__"]
 
 

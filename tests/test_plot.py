@@ -1,4 +1,5 @@
 """PNG charts of eval reports and training logs (matplotlib, the `plot` extra)."""
+
 from __future__ import annotations
 
 import builtins
@@ -41,10 +42,19 @@ def report(spread: float) -> EvalReport:
     """Two methods, two tasks, K in 1, 2, 4, four episodes each with Dice 10K + n +- spread."""
     tasks = [("g", "a"), ("g", "b")]
     offsets = [-spread, spread, -spread, spread]
-    scores = {m: {t: {k: CellScore([10.0 * k + n + d for d in offsets]) for k in (1, 2, 4)} for t in tasks}
-              for n, m in enumerate(["x", "y"])}
-    return EvalReport(["x", "y"], [1, 2, 4], tasks, {"episodes": 4, "queries": 1, "seed": 0, "shots": [1, 2, 4]},
-                      scores)
+    scores = {
+        m: {
+            t: {k: CellScore([10.0 * k + n + d for d in offsets]) for k in (1, 2, 4)} for t in tasks
+        }
+        for n, m in enumerate(["x", "y"])
+    }
+    return EvalReport(
+        ["x", "y"],
+        [1, 2, 4],
+        tasks,
+        {"episodes": 4, "queries": 1, "seed": 0, "shots": [1, 2, 4]},
+        scores,
+    )
 
 
 def test_dice_chart_draws_a_line_and_an_episode_band_per_method(tmp_path: Path) -> None:
@@ -63,7 +73,12 @@ def test_dice_chart_draws_a_line_and_an_episode_band_per_method(tmp_path: Path) 
 def test_training_curve_and_bad_log(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     noise = np.random.default_rng(0).normal(0, 0.3, 300)
-    log.write_text("\n".join(json.dumps({"step": s, "loss": 2.0 / s + abs(noise[s - 1])}) for s in range(1, 301)) + "\n")
+    log.write_text(
+        "\n".join(
+            json.dumps({"step": s, "loss": 2.0 / s + abs(noise[s - 1])}) for s in range(1, 301)
+        )
+        + "\n"
+    )
     steps, losses = read_training_log(log)
     assert steps[-1] == 300 and losses[0] == pytest.approx(2.0 + abs(noise[0]))
     plot_training_curves({"run": log}, tmp_path / "curve.png", window=10)
@@ -89,5 +104,7 @@ def test_without_matplotlib_the_flag_gets_one_line(monkeypatch: pytest.MonkeyPat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(PromptSegError, match=r"^--plot: charts need matplotlib: pip install 'promptseg\[plot\]'$"):
+    with pytest.raises(
+        PromptSegError, match=r"^--plot: charts need matplotlib: pip install 'promptseg\[plot\]'$"
+    ):
         require_matplotlib("--plot")

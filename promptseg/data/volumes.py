@@ -5,6 +5,7 @@ when neither its first nor its last axis could be a channel axis (length 1, 3 or
 .npy array is a volume, (H, W, C) and (C, H, W) arrays are 2D images. Everything else is a 2D
 image or is refused. An array handed to Segmenter.segment_volume is a volume by the caller's word.
 """
+
 from __future__ import annotations
 
 import os

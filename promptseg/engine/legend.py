@@ -1,8 +1,9 @@
-"""A legend under a quick-look picture: which contour colour is the truth, the prediction or which label.
+"""A legend under a quick-look picture: which contour colour is truth, prediction or which label.
 
 The legend is a black strip below the picture with one line per entry, a colour swatch then its
 name; the picture is padded on the right with black when the legend is wider than it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
