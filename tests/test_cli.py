@@ -171,7 +171,9 @@ BAD_INPUTS: dict[str, ArgvBuilder] = {
     "too many prompts": lambda d, t: (_many_prompts(d, t), [d / "q0.png"], "--prompt: too many prompts: 65"),
     "nan intensities": lambda d, t: (mask_prompts(d), [_npy(t, "nan.npy", np.full((16, 16), np.nan, np.float32))], "nan.npy: image contains non-finite"),
     "4d nifti": lambda d, t: (mask_prompts(d), [write_nifti(t / "four.nii.gz", np.zeros((8, 8, 4, 2), np.float32))], "four.nii.gz: 4D input"),
-    "five channels": lambda d, t: (mask_prompts(d), [_npy(t, "five.npy", np.zeros((16, 16, 5), np.float32))], "five.npy: expected a 2D image with 1, 3 or 4 channels"),
+    # (16, 16, 5) has no channel axis: a 5-slice volume (data/volumes.py), fine as a query, not as a prompt
+    "volume as prompt": lambda d, t: (["--prompt", _npy(t, "five.npy", np.zeros((16, 16, 5), np.float32)), d / "p0_mask.png"],
+                                      [d / "q0.png"], "five.npy must be 2D, got a volume of shape (16, 16, 5)"),
     "absent label": lambda d, t: ([*mask_prompts(d), "--label", 7], [d / "q0.png"], "p0_mask.png: requested label 7 is absent"),
     "click before image": lambda d, t: (["--click", 3, 4, "--prompt-image", d / "p0.png"], [d / "q0.png"], "--click: must follow a --prompt-image"),
     "box outside": lambda d, t: (["--prompt-image", d / "p0.png", "--box", 100, 100, 120, 120], [d / "q0.png"], "p0.png: the box lies outside"),

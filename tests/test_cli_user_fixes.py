@@ -398,10 +398,9 @@ def test_eval_shots_are_bounded_by_the_model_prompt_limit(
     """The limit is the checkpoint's max_prompts (it used to be 64 written into cli/eval.py)."""
     import dataclasses
 
-    from helpers import TINY_CONFIG
+    from helpers import TINY_CONFIG, save_weights  # save_weights: wherever the weights module is
 
     from promptseg.model import PromptSegNet
-    from promptseg.train.checkpoint import save_weights
 
     weights = tmp_path / "k8.safetensors"
     save_weights(PromptSegNet(dataclasses.replace(TINY_CONFIG, max_prompts=8)), weights)
