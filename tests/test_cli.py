@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from helpers import TINY_CONFIG, disk_example, tiny_checkpoint, write_nifti, write_png  # noqa: F401 (fixture)
 from promptseg.cli import main
+from promptseg.engine.legend import legend_size
 from promptseg.engine.overlay import RED, contour, montage, overlay
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.weights import CONFIG_KEY
@@ -86,7 +87,8 @@ def test_segment_png_queries(data: Path, tiny_checkpoint: Path, tmp_path: Path, 
         assert np.array_equal(mask == 255, probabilities > 0.5)
         with Image.open(out / f"{name}_overlay.png") as picture:
             picture.verify()
-        assert np.asarray(Image.open(out / f"{name}_overlay.png")).shape == (36, 44, 3)
+        legend_height, legend_width = legend_size([("prediction", RED)])
+        assert np.asarray(Image.open(out / f"{name}_overlay.png")).shape == (36 + legend_height, max(44, legend_width), 3)
     code, _, err = run(["segment", *argv], capsys)
     assert code == 2 and "output exists" in err and "--overwrite" in err
     assert run(["segment", *argv, "--overwrite"], capsys)[0] == 0
@@ -169,7 +171,9 @@ BAD_INPUTS: dict[str, ArgvBuilder] = {
     "too many prompts": lambda d, t: (_many_prompts(d, t), [d / "q0.png"], "--prompt: too many prompts: 65"),
     "nan intensities": lambda d, t: (mask_prompts(d), [_npy(t, "nan.npy", np.full((16, 16), np.nan, np.float32))], "nan.npy: image contains non-finite"),
     "4d nifti": lambda d, t: (mask_prompts(d), [write_nifti(t / "four.nii.gz", np.zeros((8, 8, 4, 2), np.float32))], "four.nii.gz: 4D input"),
-    "five channels": lambda d, t: (mask_prompts(d), [_npy(t, "five.npy", np.zeros((16, 16, 5), np.float32))], "five.npy: expected a 2D image with 1, 3 or 4 channels"),
+    # (16, 16, 5) has no channel axis: a 5-slice volume (data/volumes.py), fine as a query, not as a prompt
+    "volume as prompt": lambda d, t: (["--prompt", _npy(t, "five.npy", np.zeros((16, 16, 5), np.float32)), d / "p0_mask.png"],
+                                      [d / "q0.png"], "five.npy must be 2D, got a volume of shape (16, 16, 5)"),
     "absent label": lambda d, t: ([*mask_prompts(d), "--label", 7], [d / "q0.png"], "p0_mask.png: requested label 7 is absent"),
     "click before image": lambda d, t: (["--click", 3, 4, "--prompt-image", d / "p0.png"], [d / "q0.png"], "--click: must follow a --prompt-image"),
     "box outside": lambda d, t: (["--prompt-image", d / "p0.png", "--box", 100, 100, 120, 120], [d / "q0.png"], "p0.png: the box lies outside"),

@@ -76,7 +76,9 @@ def test_sigkilled_run_resumes_onto_the_uninterrupted_trajectory(tmp_path: Path,
         assert main(train_argv(config, straight)) == 0  # the uninterrupted run, while the child trains
         waiting = selectors.DefaultSelector()
         waiting.register(child.stdout, selectors.EVENT_READ)
-        assert waiting.select(timeout=300), "the training subprocess never reached step 6"
+        assert waiting.select(timeout=300), "the training subprocess printed nothing"
+        started = child.stdout.readline()  # where the run goes (stderr is read only once the child ends)
+        assert started.startswith("training to step"), started
         assert child.stdout.readline() == "paused\n", child.stderr.read()
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=60) == -signal.SIGKILL

@@ -30,6 +30,8 @@ from PIL import Image
 
 from promptseg.cli import main
 from promptseg.data.io import read_image, read_label
+from promptseg.engine.legend import legend_size
+from promptseg.engine.overlay import RED
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import Segmenter
 from promptseg.errors import InputError, PromptSegError
@@ -546,7 +548,8 @@ def test_cli_channel_layouts_give_masks_of_the_image_size(shape: tuple[int, ...]
     assert code == 0, capsys.readouterr().err
     assert np.asarray(Image.open(out / "input_mask.png")).shape == size
     assert np.load(out / "input_prob.npy").shape == size
-    assert np.asarray(Image.open(out / "input_overlay.png")).shape == (*size, 3)
+    legend_height, legend_width = legend_size([("prediction", RED)])  # the legend strip below the overlay
+    assert np.asarray(Image.open(out / "input_overlay.png")).shape == (size[0] + legend_height, max(size[1], legend_width), 3)
 
 
 def check_cli_outputs(case: FileCase, out: Path, names: dict[str, str], nifti: bool) -> None:

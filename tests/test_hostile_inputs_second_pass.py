@@ -137,6 +137,7 @@ import resource, sys
 import numpy as np
 from PIL import Image
 from promptseg.cli import main
+import promptseg.cli.segment  # commands load lazily: this one (and torch) before the limit
 Image.fromarray(np.full((5000, 5000), 7, np.uint8)).save(sys.argv[1])  # 25 MB decoded, float64 copies: 200 MB each
 with open("/proc/self/status") as status:
     used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))

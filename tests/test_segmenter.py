@@ -33,8 +33,12 @@ def test_segment_returns_each_query_at_its_own_size(segmenter: Segmenter) -> Non
     same = segmenter.segment(np.stack([image, image]), prompts)
     assert same.shape == (2, 90, 70) and same.dtype == np.float32
     assert 0.0 <= same.min() and same.max() <= 1.0
-    mixed = segmenter.segment([image, rng.random((40, 50, 3))], prompts)
+    other = rng.random((40, 50, 3))
+    mixed = segmenter.segment_each([image, other], prompts)
     assert [m.shape for m in mixed] == [(90, 70), (40, 50)]
+    np.testing.assert_array_equal(mixed[0], same[0])
+    with pytest.raises(InputError, match=r"query 1: size 50x40 differs from query 0's 70x90; .* use segment_each"):
+        segmenter.segment([image, other], prompts)
 
 
 def test_prompt_cache_reuses_an_encoding(segmenter: Segmenter) -> None:

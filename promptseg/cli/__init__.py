@@ -10,34 +10,55 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import NoReturn, TextIO
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any, NoReturn, TextIO
 
-from promptseg import __version__
-from promptseg.cli import batch, bench, demo, export, segment, train
-from promptseg.cli import eval as eval_command
+from promptseg.cli.commands import COMMANDS
 from promptseg.errors import PromptSegError
-
-SUBCOMMANDS = (segment, batch, train, eval_command, export, bench, demo)
+from promptseg.version import __version__
 
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+class DefaultsShownFormatter(argparse.HelpFormatter):
+    """Help text ending in "(default: X)" for every option with a default, unless its text already
+    says what the default is (options without one, None, or off flags, say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS or default == []):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line naming the --help to read."""
+    """An ArgumentParser whose usage errors are one line naming the --help to read, and whose
+    help shows each option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsShownFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"promptseg: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `promptseg` parser with every subcommand registered (each sets `func(args) -> int`)."""
+def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `promptseg` parser (each subcommand sets `func(args) -> int`).
+
+    load: the subcommands whose modules are imported and whose options are registered (None: all);
+    the others are listed with their help line only, so `promptseg --help` imports no command.
+    """
     parser = OneLineParser(
         prog="promptseg",
         description="Universal medical image segmentation by visual prompts: give a few images with masks "
@@ -45,9 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"promptseg {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in SUBCOMMANDS:
-        module.add_parser(subparsers)
+    for name, command in COMMANDS.items():
+        if load is None or name in load:
+            importlib.import_module(command.module).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=command.help)
     return parser
+
+
+def command_named(argv: Sequence[str]) -> str | None:
+    """The subcommand that `argv` runs: its first argument that is not an option (None when none)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -86,8 +115,9 @@ def terminate_like_interrupt() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit status (0 success, 2 bad input or out of memory, 130
     interrupted, 128 + N for signal N among SIGTERM and SIGHUP)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(load=[command_named(argv)] if command_named(argv) in COMMANDS else []).parse_args(argv)
     except SystemExit as done:  # --help, --version or a usage error already printed
         return done.code if isinstance(done.code, int) else int(done.code is not None)
     with warnings.catch_warnings(), terminate_like_interrupt():

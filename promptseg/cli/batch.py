@@ -8,6 +8,7 @@ import sys
 
 from tqdm import tqdm
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import (
     add_backend_argument,
     add_model_arguments,
@@ -28,7 +29,7 @@ from promptseg.errors import InputError
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "batch",
-        help="run a JSONL file of segmentation jobs, resumably, locally or on Ray",
+        help=COMMANDS["batch"].help,
         description="Run the jobs of JOBS.jsonl, one JSON object a line: 'query' (image, NIfTI volume, DICOM series "
         "folder or file), 'prompts' ([[image, mask], ...]) or 'prompt_volume' ([image, labels]), optional 'label' "
         "(N or [N, ...]), 'out' (output name) and 'truth' (a label file to score). Relative paths are taken from "

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import add_backend_argument, backend_options, load_segmenter
 from promptseg.files import write_text
 from promptseg.engine.benchmark import time_volume
@@ -16,15 +17,16 @@ from promptseg.errors import InputError
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="time whole-volume segmentation with and without the prompt cache",
+        help=COMMANDS["bench"].help,
         description="Segments a random volume at the model resolution; reports the best of --repeats runs.",
     )
-    parser.add_argument("--slices", type=int, default=64)
-    parser.add_argument("--shots", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=64, metavar="N", help="depth of the random volume")
+    parser.add_argument("--shots", nargs="+", type=int, default=[1, 8], metavar="K",
+                        help="numbers of prompts K to time, one row each")
+    parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="slices per forward pass")
+    parser.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per row; the fastest is reported")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     add_backend_argument(parser)
     parser.add_argument("--out", metavar="FILE.json", help="write the figures as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -13,9 +13,11 @@ import os
 import numpy as np
 import torch
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import add_model_arguments, load_segmenter
 from promptseg.data.io import ImageData, write_nifti_like, write_png
 from promptseg.data.synthetic import phantom_volume
+from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import GREEN, RED, montage
 from promptseg.errors import InputError
 from promptseg.eval.baselines import NearestPromptBaseline
@@ -27,7 +29,7 @@ DEFAULT_SHAPE = (48, 128, 128)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="segment a synthetic 3D phantom from a few annotated slices (no data or network needed)",
+        help=COMMANDS["demo"].help,
         description="Builds a synthetic 3D phantom, takes --prompts annotated slices as prompts, segments the "
         "whole volume along axis 0, prints Dice on the other slices for the model and for a nearest-prompt "
         "baseline, and writes phantom.nii.gz, phantom_truth.nii.gz, phantom_prediction.nii.gz and "
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     write_nifti_like(os.path.join(folder, "phantom.nii.gz"), volume, reference, overwrite=True)
     write_nifti_like(os.path.join(folder, "phantom_truth.nii.gz"), labels, reference, overwrite=True)
     write_nifti_like(os.path.join(folder, "phantom_prediction.nii.gz"), prediction.astype(np.uint8), reference, overwrite=True)
-    picture = montage(volume, [(truth, GREEN), (prediction, RED)], axis=0)
+    picture = with_legend(montage(volume, [(truth, GREEN), (prediction, RED)], axis=0),
+                          [("truth", GREEN), ("prediction", RED)])
     write_png(os.path.join(folder, "phantom_overlay.png"), picture, overwrite=True)
     print(f"wrote phantom.nii.gz, phantom_truth.nii.gz, phantom_prediction.nii.gz and phantom_overlay.png to {args.out}")
     return 0

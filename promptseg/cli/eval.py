@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
 from promptseg.data.index import CASE_SETS, build_tasks
@@ -18,7 +19,7 @@ from promptseg.eval.baselines import (
     NearestPromptBaseline,
 )
 from promptseg.eval.evaluate import EvalReport, evaluate
-from promptseg.eval.plot import plot_dice_against_k
+from promptseg.eval.plot import plot_dice_against_k, require_matplotlib
 from promptseg.model.weights import load_model
 
 METHODS = ("promptseg", "nearest_prompt", "finetuned_unet")
@@ -27,7 +28,7 @@ METHODS = ("promptseg", "nearest_prompt", "finetuned_unet")
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="score the model and two baselines on held-out datasets",
+        help=COMMANDS["eval"].help,
         description="Dice (mean and std over fixed-seed episodes) per dataset, label and number of prompts K, "
         "for the model, a nearest-prompt label copy and a small U-Net fine-tuned on the K prompts.",
     )
@@ -37,7 +38,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "`promptseg train` leaves out ('held': fit on unseen cases of training datasets; "
                         "'held-queries': those cases queried, prompted from the training cases) (default all)")
     parser.add_argument("--cache", metavar="DIR", help="packed dataset cache (as for promptseg train)")
-    parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], metavar="K")
+    parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
+                        help="array axis along which 3D cases are sliced into examples, as stored (2: axial for "
+                        "most NIfTI datasets; as for promptseg train)")
+    parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], metavar="K",
+                        help="numbers of prompts K to score each task with")
     parser.add_argument("--episodes", type=int, default=20, metavar="N", help="prompt draws per task and K")
     parser.add_argument("--queries", type=int, default=4, help="queries per episode")
     parser.add_argument("--prompt-kind", choices=("mask", "click", "box", "scribble"), default="mask",
@@ -56,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
-    parser.add_argument("--plot", metavar="FILE.png", help="also draw mean Dice over tasks against K, one line per method")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw mean Dice over tasks against K, one line per method with the spread over "
+                        "episodes as a band (needs matplotlib: pip install 'promptseg[plot]')")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --out, --markdown and --plot files")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="NAME",
                         help=f"methods to score: {', '.join(METHODS)} (default: all)")
@@ -64,9 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="add the methods and tasks of earlier reports drawn with the same --episodes, --queries, "
                         "--seed and --shots (e.g. baselines scored once, or datasets scored in parallel)")
     parser.add_argument("--unet-steps", type=int, default=60, help="fine-tuning budget of the U-Net baseline")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="cpu, cuda or cuda:N")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the episodes (which prompts and queries are drawn) and of the U-Net baseline")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)
 
 
@@ -81,8 +88,8 @@ def check_output_files(paths: list[str | None], overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if any(k < 1 or k > 64 for k in args.shots):
-        raise InputError("--shots", f"each K must lie in 1..64, got {args.shots}")
+    if any(k < 1 for k in args.shots):
+        raise InputError("--shots", f"each K must be positive, got {args.shots}")
     if not 0 <= args.adapt <= MAX_ADAPT_STEPS:
         raise InputError("--adapt", f"must lie in 0..{MAX_ADAPT_STEPS}, got {args.adapt}")
     if not 1 <= args.ensemble <= MAX_ENSEMBLE:
@@ -92,10 +99,15 @@ def run(args: argparse.Namespace) -> int:
     if args.queries < 1:
         raise InputError("--queries", f"must be positive, got {args.queries}")
     check_output_files([args.out, args.markdown, args.plot], args.overwrite)
+    if args.plot:
+        require_matplotlib("--plot")  # before anything is scored
     device = resolve_device(args.device)
     model = load_model(args.checkpoint or packaged_weights_path()).to(device)
-    tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, progress=not args.no_progress,
-                        cache_dir=args.cache, cases=args.cases)
+    limit = model.config.max_prompts
+    if any(k > limit for k in args.shots):  # before any dataset is read
+        raise InputError("--shots", f"each K must lie in 1..{limit} (the model's prompt limit), got {args.shots}")
+    tasks = build_tasks(dataset_folders(args.data, []), model.config.resolution, model.config.in_channels,
+                        axis=args.axis, progress=not args.no_progress, cache_dir=args.cache, cases=args.cases)
     if not tasks:
         raise InputError(" ".join(args.data), "no task with enough annotated examples")
     earlier = [(path, EvalReport.load(path)) for path in args.merge]
@@ -113,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     label = {"promptseg": f"promptseg{suffix}"}
     predictors = {label.get(name, name): makers[name]() for name in args.methods}
     report = evaluate(predictors, tasks, args.shots, args.episodes, queries=args.queries, seed=args.seed,
-                      progress=not args.no_progress, prompt_kind=args.prompt_kind, query_prompts=args.query_prompts)
+                      progress=not args.no_progress, prompt_kind=args.prompt_kind, query_prompts=args.query_prompts,
+                      channels=model.config.in_channels)
     for path, other in earlier:
         report = report.merged(other, path)
     print(report.to_markdown())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import resolve_device
 from promptseg.model.weights import packaged_weights_path
 from promptseg.errors import InputError
@@ -17,18 +18,21 @@ from promptseg.model.weights import load_model
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="export the model to ONNX, TensorRT engines or AOTInductor packages",
+        "export", help=COMMANDS["export"].help,
         description="Export the prompt encoder and the query decoder as two graphs, dynamic in the number of "
         "prompts K and the query batch B: ONNX (for ONNX Runtime and TensorRT), TensorRT 10 or 11 engines (needs the "
         "tensorrt package and a CUDA GPU) or AOTInductor .pt2 packages (for C++; see examples/cpp).",
     )
-    parser.add_argument("--format", choices=["onnx", "tensorrt", "aoti"], required=True)
+    parser.add_argument("--format", choices=["onnx", "tensorrt", "aoti"], required=True,
+                        help="onnx: two ONNX graphs; tensorrt: those graphs and TensorRT engines built from them; "
+                        "aoti: two AOTInductor .pt2 packages")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created when needed)")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights file (default: the weights shipped with promptseg)")
     parser.add_argument("--device", metavar="DEV", help="aoti: compile for cpu or cuda (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     tensorrt = parser.add_argument_group("tensorrt")
-    tensorrt.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp16")
+    tensorrt.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp16",
+                          help="precision the engines compute in")
     tensorrt.add_argument("--max-batch", type=int, default=64, metavar="B", help="largest query batch of the profile")
     tensorrt.add_argument("--max-prompts", type=int, default=16, metavar="K", help="largest prompt count of the profile")
     tensorrt.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache, read and updated")

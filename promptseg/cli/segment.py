@@ -20,23 +20,27 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import (
     add_backend_argument,
     add_model_arguments,
     backend_options,
     load_segmenter,
 )
-from promptseg.data.dicom import is_dicom_input
-from promptseg.data.io import NIFTI_EXTENSIONS, ImageData, canonical_view, nifti_writer, npy_writer, png_writer, read_image
-from promptseg.files import Writer, atomic_write_group, file_extension, strip_extension, sweep_stale_temporaries
-from promptseg.data.preprocess import all_finite, prepare_image
+from promptseg.data.io import ImageData, canonical_view, nifti_writer, npy_writer, png_writer, read_image
+from promptseg.files import Writer, atomic_write_group, strip_extension, sweep_stale_temporaries
+from promptseg.data.preprocess import all_finite, check_image
+from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.ensemble import MAX_ENSEMBLE
+from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.errors import InputError, PromptSegError
 
 SPARSE_DEST = "sparse_prompts"
+# Query arrays kept in memory from validation for segmentation, in all; queries beyond are read again.
+KEPT_QUERY_BYTES = 256 * 2**20
 
 
 class _InOrder(argparse.Action):
@@ -53,11 +57,12 @@ class _InOrder(argparse.Action):
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "segment",
-        help="segment images or volumes from a few annotated prompts",
+        help=COMMANDS["segment"].help,
         description="Segment each --query from prompts: prompt images with masks (--prompt IMAGE MASK), or a "
         "prompt image with clicks, boxes or a scribble (--prompt-image IMAGE --click X Y ...). 2D queries "
         "(PNG, JPEG, TIFF, BMP, NPY) give DIR/<name>_mask.png (0/255); NIfTI queries give DIR/<name>_mask.nii.gz "
-        "in the query's own geometry, segmented slice by slice along --axis.",
+        "in the query's own geometry, segmented slice by slice along --axis, and so do DICOM series and "
+        "(X, Y, Z) .npy/.npz volumes (3D arrays whose first and last axes are not 1, 3 or 4 long; no geometry).",
     )
     prompts = parser.add_argument_group("prompts (at least one; up to the model's limit, 64 by default)")
     prompts.add_argument("--prompt", action="append", nargs=2, default=[], metavar=("IMAGE", "MASK"),
@@ -83,7 +88,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), float32 in [0, 1]")
     parser.add_argument("--overlay", action="store_true",
-                        help="also write <name>_overlay.png: the contour on the image, or a montage of up to 16 slices")
+                        help="also write <name>_overlay.png: the contour on the image, or a montage of up to 16 slices, "
+                        "with a legend below naming each colour (prediction, or label N)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_model_arguments(parser)
     parser.add_argument("--ensemble", type=int, default=1, metavar="N",
@@ -164,7 +170,7 @@ def plan_outputs(
         if name in owners:
             raise InputError(path, f"gives the same output name '{name}' as {owners[name]}; rename one of them")
         owners[name] = path
-        nifti = file_extension(path) in NIFTI_EXTENSIONS or is_dicom_input(path)  # DICOM: NIfTI outputs
+        nifti = has_volume_outputs(path)  # NIfTI, DICOM and .npy/.npz volumes: NIfTI outputs
         extensions = {"mask": ".nii.gz" if nifti else ".png"}
         if probabilities:
             extensions.update({kind: ".nii.gz" if nifti else ".npy" for kind in per_label_kinds("prob", labels)})
@@ -210,17 +216,33 @@ def encode(segmenter: Segmenter, prompts: list[Prompt], labels: Sequence[int] | 
 
 
 def is_volume(data: ImageData) -> bool:
-    """A query is segmented as a volume when it is a 3D NIfTI; other 3D arrays are multi-channel 2D images."""
-    return data.affine is not None and data.array.ndim == 3
+    """A query is segmented as a volume when it is one by promptseg.data.volumes (as in the API):
+    3D NIfTI and DICOM, and 3D arrays without a channel axis; other 3D arrays are 2D images."""
+    return data.is_volume
 
 
 def validate_query(data: ImageData, segmenter: Segmenter) -> None:
-    """Raise InputError naming the file if the query cannot be segmented (channels, non-finite values)."""
+    """Raise InputError naming the file if the query cannot be segmented (channels, non-finite values),
+    without preparing it (the segmenter prepares each query once)."""
     if is_volume(data):
         if not all_finite(data.array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
     else:
-        prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
+        check_image(data.array, segmenter.channels, source=data.path)
+
+
+def read_and_validate(jobs: Sequence[QueryJob], segmenter: Segmenter, keep_bytes: int) -> dict[str, ImageData]:
+    """Read and validate every query before anything is written; returns those read (path -> data)
+    that fit in `keep_bytes` together, in job order, so that segmentation does not read them again."""
+    kept: dict[str, ImageData] = {}
+    for job in jobs:
+        with out_of_memory_names(job.path):
+            data = read_image(job.path)
+            validate_query(data, segmenter)
+        if data.array.nbytes <= keep_bytes:
+            kept[job.path] = data
+            keep_bytes -= data.array.nbytes
+    return kept
 
 
 def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int, threshold: float) -> LabelResult:
@@ -270,8 +292,11 @@ def overlay_picture(data: ImageData, result: LabelResult, axis: int) -> np.ndarr
         shown_probabilities = [np.take(canonical_view(p, data.affine), indices, axis=axis) for p in result.probabilities]
         shown = LabelResult(result.labels, np.stack(shown_probabilities), result.threshold)
     label_map = shown.label_map
-    contours = [(label_map == label, LABEL_COLOURS[n % len(LABEL_COLOURS)]) for n, label in enumerate(result.labels)]
-    return montage(image, contours, axis) if is_volume(data) else overlay(image, contours)
+    colours = [LABEL_COLOURS[n % len(LABEL_COLOURS)] for n in range(len(result.labels))]
+    contours = [(label_map == label, colour) for label, colour in zip(result.labels, colours)]
+    picture = montage(image, contours, axis) if is_volume(data) else overlay(image, contours)
+    names = [f"label {label}" for label in result.labels] if len(result.labels) > 1 else ["prediction"]
+    return with_legend(picture, list(zip(names, colours)))
 
 
 def label_mask(result: LabelResult, probabilities: np.ndarray, threshold: float, nifti: bool) -> np.ndarray:
@@ -303,10 +328,12 @@ def out_of_memory_names(path: str) -> Iterator[None]:
         raise InputError(path, "not enough memory to segment it") from None
 
 
-def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, EncodedPrompts], args: argparse.Namespace) -> None:
-    """Read, segment and write one query; running out of memory is an InputError naming the query."""
+def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, EncodedPrompts], args: argparse.Namespace,
+                  data: ImageData | None = None) -> None:
+    """Segment and write one query (read first unless `data` is given); running out of memory is an
+    InputError naming the query."""
     with out_of_memory_names(job.path):
-        data = read_image(job.path)
+        data = read_image(job.path) if data is None else data
         result = predict(data, segmenter, encoded, args.axis, args.threshold)
         writers = render_outputs(job, data, result, args)
     write_all(job, writers, args.overwrite)
@@ -340,13 +367,11 @@ def run(args: argparse.Namespace) -> int:
     if args.candidates > members:
         raise InputError("--candidates", f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "
                          f"ensemble members, fewer than the {args.candidates} candidates asked for")
-    for job in jobs:
-        with out_of_memory_names(job.path):
-            validate_query(read_image(job.path), segmenter)
+    kept = read_and_validate(jobs, segmenter, KEPT_QUERY_BYTES)
     sweep_stale_temporaries(args.out)
     progress = tqdm(jobs, desc="segment", unit="query", file=sys.stderr, disable=True if args.no_progress else None)
     for job in progress:
-        segment_query(job, segmenter, encoded, args)
+        segment_query(job, segmenter, encoded, args, kept.pop(job.path, None))
     print(f"segmented {len(jobs)} {'query' if len(jobs) == 1 else 'queries'} with {len(prompts)} "
           f"prompt{'s' if len(prompts) != 1 else ''}; wrote {', '.join(sorted({k for j in jobs for k in j.outputs}))} "
           f"files to {args.out}")

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from promptseg.cli.commands import COMMANDS
 from promptseg.data.index import build_tasks
 from promptseg.data.layouts import find_datasets
 from promptseg.data.packed import find_packs, is_pack, pack_dataset_name
@@ -17,7 +18,7 @@ from promptseg.train.trainer import train
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a model on dataset folders and synthetic tasks",
+        help=COMMANDS["train"].help,
         description="Episodic training with CE + Dice, AdamW, warm-up + cosine schedule. "
         "Run under `torchrun --nproc_per_node N` for several processes (DDP).",
     )
@@ -41,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="packed dataset cache: decode each dataset once into DIR and memory-map it on "
                         "later runs (repacked when the source files change); --data may also name pack folders")
     parser.add_argument("--steps", type=int, help="override the number of steps")
+    parser.add_argument("--axis", type=int, choices=(0, 1, 2),
+                        help="array axis along which 3D cases are sliced into examples, as stored (2: axial for "
+                        "most NIfTI datasets) (default: the config's axis, 2)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -78,20 +82,27 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise InputError("--steps", f"must be positive, got {args.steps}")
         config = dataclasses.replace(config, steps=args.steps)
-    resolution = config.model_config().resolution
+    if args.axis is not None:
+        config = dataclasses.replace(config, axis=args.axis)
+    resolution, channels = config.model_config().resolution, config.model_config().in_channels
     progress = not args.no_progress and int(os.environ.get("RANK", "0")) == 0
     folders = dataset_folders(args.data, args.exclude)
-    tasks = build_tasks(folders, resolution, axis=config.axis, progress=progress, cache_dir=args.cache, cases=args.cases) if folders else []
+    tasks = build_tasks(folders, resolution, channels, axis=config.axis, progress=progress, cache_dir=args.cache,
+                        cases=args.cases) if folders else []
     if not tasks:
         config = dataclasses.replace(config, synthetic_fraction=1.0)
         if progress:
             print("no real tasks given: training on synthetic tasks only")
-    val_tasks = build_tasks(dataset_folders(args.val_data, []), resolution, axis=config.axis, cache_dir=args.cache) if args.val_data else []
+    val_tasks = build_tasks(dataset_folders(args.val_data, []), resolution, channels, axis=config.axis,
+                            cache_dir=args.cache) if args.val_data else []
     if args.init and args.resume:
         raise InputError("--init", "cannot be combined with --resume (a resumed run continues its own weights)")
     if args.overwrite:
         for path in earlier:
             path.unlink()
+    if int(os.environ.get("RANK", "0")) == 0:  # where the run goes, with or without --no-progress
+        print(f"training to step {config.steps} on {len(tasks)} dataset tasks (synthetic share "
+              f"{config.synthetic_fraction:g}){', resumed' if args.resume else ''}; run folder: {args.out}", flush=True)
     try:
         result = train(config, tasks, args.out, val_tasks, resume=args.resume, device=args.device, progress=progress, init=args.init)
     except OSError as exc:  # the run folder cannot be written: read-only, disk full, removed meanwhile

@@ -20,7 +20,7 @@ from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.data.synthetic import synthetic_task, synthetic_volume_task
 from promptseg.data.tasks import ArrayTask
 
-CHANNELS = 3  # model input channels (grayscale replicated), docs/design.md section 2.1
+CHANNELS = 3  # default image channels: ModelConfig.in_channels' default (docs/design.md section 2.1)
 VOLUME_QUERY_NONEMPTY_FRACTION = 0.6  # phantom-volume queries: 40 % may lack the target
 
 
@@ -155,6 +155,7 @@ class EpisodeSampler:
         seed: int = 0,
         volume_fraction: float = 0.0,
         self_query_fraction: float = 0.0,
+        channels: int = CHANNELS,
     ) -> None:
         if not 1 <= shots[0] <= shots[1]:
             raise ValueError(f"shots must satisfy 1 <= low <= high, got {shots}")
@@ -170,7 +171,7 @@ class EpisodeSampler:
         self.seed = seed
         self.volume_fraction = volume_fraction
         self.self_query_fraction = self_query_fraction
-        self.channels = CHANNELS
+        self.channels = channels  # the model's in_channels: images (.., channels, R, R)
         self.task_weights = base_task_weights(self.tasks)
         self.augmentation = TaskAugmentation()
 
@@ -243,6 +244,7 @@ def fixed_episodes(
     seed: int,
     prompt_kind: str = "mask",
     query_prompts: bool = False,
+    channels: int = CHANNELS,
 ) -> list[Episode]:
     """`count` deterministic, unaugmented evaluation episodes of `task` at its own resolution.
 
@@ -275,7 +277,7 @@ def fixed_episodes(
         prompt = rng.choice(candidates, size=shots, replace=len(candidates) < shots)
         if query_prompts:
             query = prompt
-        images, masks = load_examples(task, np.concatenate([prompt, query]), resolution, CHANNELS)
+        images, masks = load_examples(task, np.concatenate([prompt, query]), resolution, channels)
         maps = masks[:shots]
         types = torch.full((shots,), PROMPT_TYPES[prompt_kind], dtype=torch.int64)
         if prompt_kind != "mask":

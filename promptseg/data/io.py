@@ -20,6 +20,7 @@ import numpy as np
 from nibabel.spatialimages import HeaderDataError
 from PIL import Image
 
+from promptseg.data.volumes import CHANNEL_COUNTS, is_volume_shape
 from promptseg.errors import InputError, short_reason
 from promptseg.files import Writer, atomic_write, file_extension
 
@@ -38,6 +39,7 @@ class ImageData:
     """One image or volume as stored on disk.
 
     array: 2D images (H, W) or (H, W, C); volumes (X, Y, Z) in stored voxel order.
+    is_volume: by the one rule of promptseg.data.volumes.is_volume_shape.
     affine/header: the NIfTI geometry (4x4 voxel-to-world) and header; None for other formats.
     """
 
@@ -137,7 +139,7 @@ def _read(path: str, label: bool) -> ImageData:
     except Exception as exc:  # noqa: BLE001 (any library failure on a corrupt or truncated file becomes one line)
         raise InputError(path, f"unreadable or corrupt image ({short_reason(exc)})") from None
     array = check_image_array(array, path)
-    is_volume = array.ndim == 3 and (affine is not None or array.shape[-1] not in (1, 3, 4))
+    is_volume = is_volume_shape(array.shape, has_geometry=affine is not None)
     return ImageData(array=array, is_volume=is_volume, affine=affine, header=header, path=path)
 
 
@@ -386,8 +388,27 @@ def _npy_header(handle: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _npy_unit(shape: tuple[int, ...]) -> str:
-    """What an array's elements are for the pixel limit: voxels of a 3D array without a channel axis."""
-    return "voxels" if len(shape) >= 3 and shape[-1] not in (1, 3, 4) else "pixels"
+    """What an array's elements are for the pixel limit: voxels of a volume (volumes.is_volume_shape)."""
+    four_d = len(shape) > 3 and shape[-1] not in CHANNEL_COUNTS
+    return "voxels" if four_d or is_volume_shape(shape, has_geometry=False) else "pixels"
+
+
+def stored_array_shape(path: str) -> tuple[int, ...] | None:
+    """The shape of the array that read_image takes from a .npy or .npz file, read from its header
+    alone (None when the file cannot be read as one)."""
+    try:
+        if file_extension(path) == ".npy":
+            with open(path, "rb") as handle:
+                return _npy_header(handle)[0]
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            key = next((f"{k}.npy" for k in ("image", "label") if f"{k}.npy" in names), names[0] if names else None)
+            if key is None:
+                return None
+            with archive.open(key) as handle:
+                return _npy_header(handle)[0]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
 
 
 def write_nifti_like(

@@ -131,6 +131,16 @@ def resize_mask(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor
     return out.reshape(*lead, *size).clamp_(0.0, 1.0)
 
 
+def check_image(image: np.ndarray, channels: int = 3, source: str | None = None) -> None:
+    """The InputErrors prepare_image raises on `image` (layout and channels, non-finite intensities),
+    without preparing it."""
+    to_channels_first(np.asarray(image), channels, source)
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo, hi = (float(np.min(image)), float(np.max(image))) if np.size(image) else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(source, "image contains non-finite intensities (NaN or Inf, or beyond the float64 range)")
+
+
 def prepare_image(
     image: np.ndarray, resolution: int, channels: int = 3, source: str | None = None, normalize: bool = True
 ) -> torch.Tensor:

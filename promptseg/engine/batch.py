@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.io import NIFTI_EXTENSIONS, ImageData, read_image, read_label, slice_volume, write_nifti_like, write_png
-from promptseg.files import atomic_write, file_extension, strip_extension, write_text
+from promptseg.data.io import ImageData, read_image, read_label, slice_volume, write_nifti_like, write_png
+from promptseg.files import atomic_write, strip_extension, write_text
 from promptseg.metrics import dice_percent
 from promptseg.data.preprocess import all_finite, prepare_image
+from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.errors import InputError, PromptSegError, short_reason
@@ -110,12 +111,13 @@ class Unit:
 
 
 def _kind_of(path: str) -> str:
-    """'dicom', 'nifti' or '2d' for a query path (decided without reading it)."""
+    """'dicom', 'nifti' (NIfTI files and .npy/.npz volumes: NIfTI outputs) or '2d' for a query path,
+    decided without reading it (promptseg.data.volumes.has_volume_outputs)."""
     from promptseg.data.dicom import is_dicom_input
 
-    if file_extension(path) in NIFTI_EXTENSIONS:
-        return "nifti"
-    return "dicom" if is_dicom_input(path) else "2d"
+    if not has_volume_outputs(path):
+        return "2d"
+    return "dicom" if is_dicom_input(path) else "nifti"
 
 
 def _labels(value: Any, where: str) -> tuple[int, ...] | None:
@@ -375,8 +377,8 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
     for job in unit.jobs:
         try:
             data = read_image(job.query)
-            if job.volume and data.affine is None:
-                raise InputError(job.query, "expected a 3D NIfTI or DICOM volume")
+            if job.volume and not data.is_volume:  # the rule of promptseg.data.volumes, as in the API
+                raise InputError(job.query, f"expected a 3D volume, got shape {data.array.shape}")
             if not job.volume:
                 prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
             loaded.append((job, data))

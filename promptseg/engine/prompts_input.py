@@ -62,8 +62,26 @@ def load_2d(value: ArrayOrPath, is_label: bool, what: str) -> tuple[np.ndarray, 
     return channels_last(array), source
 
 
+# The most distinct non-zero values a mask may hold when no label is chosen: more is a grayscale
+# image passed as a mask (every non-zero pixel would be foreground), not a label map.
+MAX_UNLABELLED_VALUES = 32
+
+
+def check_not_grayscale(mask: np.ndarray, source: str) -> None:
+    """InputError naming `source` when `mask`, read without a chosen label, holds more than
+    MAX_UNLABELLED_VALUES distinct non-zero values."""
+    count = int(np.count_nonzero(np.unique(mask)))
+    if count > MAX_UNLABELLED_VALUES:
+        raise InputError(source, f"holds {count} distinct non-zero values, so it looks like a grayscale image, not "
+                         f"a mask; pass a mask, or pick one value of a label map with --label N (label=N)")
+
+
 def select_label(mask: np.ndarray, label: int | None, source: str) -> np.ndarray:
-    """(H, W) label map -> (H, W) float32 binary mask of `label` (any non-zero value when None)."""
+    """(H, W) label map -> (H, W) float32 binary mask of `label` (any non-zero value when None).
+
+    An empty result is returned alike with or without `label` (the caller warns): a mask without
+    any non-zero value, or without `label`. A `label` absent from a mask holding other labels is
+    an InputError (a wrong label), and so is a grayscale image passed as a mask without `label`."""
     if mask.ndim == 3 and mask.shape[-1] in (1, 3, 4):
         mask = mask[..., 0]
     if mask.ndim != 2:
@@ -71,10 +89,12 @@ def select_label(mask: np.ndarray, label: int | None, source: str) -> np.ndarray
     if not np.all(np.isfinite(mask)):
         raise InputError(source, "mask contains non-finite values")
     if label is None:
+        check_not_grayscale(mask, source)
         return (mask > 0).astype(np.float32)
     if not np.any(mask == label):
         present = sorted(int(v) for v in np.unique(mask) if v != 0)
-        raise InputError(source, f"requested label {label} is absent from the mask (labels present: {present})")
+        if present:
+            raise InputError(source, f"requested label {label} is absent from the mask (labels present: {present})")
     return (mask == label).astype(np.float32)
 
 
@@ -107,7 +127,9 @@ def prepare_prompt(
             raise InputError(mask_source, f"mask shape {mask.shape[:2]} differs from image shape {size} ({image_source})")
         binary = torch.from_numpy(select_label(mask, label if prompt.kind == "mask" else None, mask_source))
         if not bool(binary.any()):
-            warnings.warn(f"{mask_source}: empty prompt mask", stacklevel=3)
+            chosen = f" (no pixel of label {label})" if label is not None and prompt.kind == "mask" else ""
+            warnings.warn(f"{mask_source}: empty prompt mask{chosen}; used as an example without the target",
+                          stacklevel=3)
     elif prompt.kind == "click":
         if prompt.points is None or len(prompt.points) == 0:
             raise InputError(image_source, "a click prompt needs at least one point")

@@ -2,7 +2,8 @@
 
     seg = Segmenter.from_pretrained(device="cuda")
     prompts = seg.encode_prompts(images, masks)          # K pairs, encoded once
-    probs = seg.segment(queries, prompts)                # (N, H, W) float32 in [0, 1]
+    probs = seg.segment(queries, prompts)                # (N, H, W) float32 in [0, 1]; one size
+    maps = seg.segment_each(queries, prompts)            # any sizes: N arrays (H_n, W_n)
     result = seg.segment_volume("scan.nii.gz", prompts, axis=2)
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from promptseg.engine.prompts_input import (
     ArrayOrPath,
     Prompt,
     as_prompts,
+    check_not_grayscale,
     load_2d,
     prepare_prompt,
 )
@@ -385,16 +387,24 @@ class Segmenter:
         candidates = np.stack([self._to_probabilities(mean_logits(members[i : i + 1]), size) for i in range(count)]) if count else None
         return QueryMaps(probabilities, variance.numpy().astype(np.float32), candidates)
 
-    def segment(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> np.ndarray | list[np.ndarray]:
-        """Segment 2D queries: a (N, H, W[, C]) array or a list of arrays/paths.
+    def segment(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> np.ndarray:
+        """Segment 2D queries of one size: a (N, H, W[, C]) array or a list of arrays/paths.
 
-        Returns (N, H, W) float32 probabilities when all queries share one size, else a list of (H, W).
+        Returns (N, H, W) float32 probabilities in [0, 1], always an array: queries of different
+        sizes are an InputError naming the first that differs (segment_each takes any sizes).
         """
         prepared, sizes = self._prepare_queries(queries)
-        results = [maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)]
-        if len(set(sizes)) == 1:
-            return np.stack(results)
-        return results
+        for n, size in enumerate(sizes):
+            if size != sizes[0]:
+                raise InputError(f"query {n}", f"size {size[1]}x{size[0]} differs from query 0's {sizes[0][1]}x"
+                                 f"{sizes[0][0]}; segment() returns one (N, H, W) array, use segment_each()")
+        return np.stack([maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)])
+
+    def segment_each(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> list[np.ndarray]:
+        """Segment 2D queries of any sizes: a list of N (H_n, W_n) float32 probability maps, one
+        per query at its own size (the same values as segment() gives for queries of one size)."""
+        prepared, sizes = self._prepare_queries(queries)
+        return [maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)]
 
     def _prepare_queries(self, queries: Sequence[ArrayOrPath] | np.ndarray) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Read and prepare 2D queries once: (N, C, R, R) tensor and each query's own (H, W)."""
@@ -438,7 +448,7 @@ class Segmenter:
         Peak memory beyond the outputs is one batch of prepared slices and its logits, whatever the depth.
         """
         array = data.array
-        if array.ndim != 3 or (not data.is_volume and array.shape[-1] in (3, 4)):
+        if array.ndim != 3 or not data.is_volume:  # the rule of promptseg.data.volumes, as in the CLI
             raise InputError(data.path, f"expected a 3D volume, got shape {array.shape}")
         if not all_finite(array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
@@ -483,6 +493,9 @@ class Segmenter:
         loaded_maps = [load_2d(m, is_label=True, what=f"prompt {n} label map") for n, m in enumerate(label_maps)]
         if len(loaded_images) != len(loaded_maps):
             raise InputError(None, f"{len(loaded_images)} prompt images but {len(loaded_maps)} label maps")
+        if labels is None:  # every non-zero value is a label: not of a grayscale image
+            for label_map, source in loaded_maps:
+                check_not_grayscale(label_map, source)
         present = sorted({int(v) for m, _ in loaded_maps for v in np.unique(m) if v != 0})
         chosen = present if labels is None else [int(l) for l in labels]
         if not chosen:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from promptseg.data.episodes import Episode, fixed_episodes
+from promptseg.data.episodes import CHANNELS, Episode, fixed_episodes
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import InputError
 from promptseg.eval.baselines import Predictor
@@ -265,13 +265,15 @@ def evaluate(
     progress: bool = True,
     prompt_kind: str = "mask",
     query_prompts: bool = False,
+    channels: int = CHANNELS,
 ) -> EvalReport:
     """Score every predictor on `episodes` fixed episodes per task and K (the same episodes for all).
 
     A task with fewer than K + 1 non-empty examples is skipped at that K, with a note in `skipped`.
     Predictors return (Q, R, R) probabilities; see the module docstring for the Dice convention.
     `prompt_kind` and `query_prompts` are passed to `fixed_episodes` (sparse prompts; scoring the
-    prompted images themselves) and recorded in the settings.
+    prompted images themselves) and recorded in the settings; episode images have `channels`
+    channels (the model's in_channels).
     """
     report = EvalReport(
         methods=list(predictors),
@@ -296,7 +298,7 @@ def evaluate(
                 continue
             bar.set_postfix_str(f"{task.name} K={k}")
             drawn = fixed_episodes(task, shots=k, queries=queries, count=episodes, seed=seed,
-                                   prompt_kind=prompt_kind, query_prompts=query_prompts)
+                                   prompt_kind=prompt_kind, query_prompts=query_prompts, channels=channels)
             for method, predictor in predictors.items():
                 cell, elapsed = _run(predictor, drawn, bar)
                 report.scores[method].setdefault((task.group, task.name), {})[k] = cell

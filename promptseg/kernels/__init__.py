@@ -24,6 +24,8 @@ def triton_available(device: torch.device | str | None = None) -> tuple[bool, st
     try:
         from promptseg.kernels import triton_attention
     except Exception as exc:  # noqa: BLE001  # pragma: no cover - depends on the installation
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "triton":
+            return False, "triton is not installed (it comes with pip install 'promptseg[gpu]')"
         return False, f"triton backend unavailable: {exc}"
     return triton_attention.is_available(device)
 

@@ -81,7 +81,8 @@ def validation_dice(model: PromptSegNet, tasks: Sequence[ArrayTask], shots: int,
     scores = {}
     for task in tasks:
         values = []
-        for episode in fixed_episodes(task, shots=shots, queries=4, count=episodes, seed=0):
+        for episode in fixed_episodes(task, shots=shots, queries=4, count=episodes, seed=0,
+                                      channels=model.config.in_channels):
             logits = model(
                 episode.prompt_images[None].to(device),
                 episode.prompt_maps[None].to(device),
@@ -170,6 +171,7 @@ class Trainer:
             seed=config.seed,
             volume_fraction=config.volume_fraction,
             self_query_fraction=config.self_query_fraction,
+            channels=self.model.config.in_channels,
         )
         self.hardness = TaskHardness()
         self.task_names = [task.name for task in tasks]
