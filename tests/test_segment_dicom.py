@@ -154,3 +154,26 @@ def test_batch_jobs_choose_a_series(case: Path, checkpoint: Path, tmp_path: Path
     assert main(["batch", str(png), *args[2:]]) == 2
     assert capsys.readouterr().err == (f"promptseg: error: {png}:1: 'series' chooses a DICOM series, but "
                                        f"{prompts[0][0]} is not a DICOM input\n")
+
+
+def test_batch_prompt_volume_series(case: Path, checkpoint: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    other = read_dicom(case / "mixed", series=OTHER)
+    labels = tmp_path / "other_labels.nii.gz"
+    nib.save(nib.Nifti1Image((other.array > 100).astype(np.uint8), other.affine), labels)
+    jobs = tmp_path / "jobs.jsonl"
+    job = {"query": str(case / "mixed"), "series": CHOSEN, "prompt_volume": [str(case / "mixed"), str(labels)],
+           "prompt_series": OTHER}
+    jobs.write_text(json.dumps(job) + "\n")
+    args = ["batch", str(jobs), "--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint),
+            "--device", "cpu", "--no-progress", "--prompt-slices", "2"]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "mixed_seg.dcm").is_file()
+    del job["prompt_series"]
+    jobs.write_text(json.dumps(job) + "\n")
+    assert main([*args[:3], str(tmp_path / "again"), *args[4:]]) == 1  # the prompt volume's folder is ambiguous
+    assert f"prompts: {case / 'mixed'}: holds 2 series" in capsys.readouterr().err
+    bad = {"query": str(case / "mixed"), "prompts": [["a.png", "a_mask.png"]], "prompt_series": OTHER}
+    jobs.write_text(json.dumps(bad) + "\n")
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"promptseg: error: {jobs}:1: 'prompt_series' applies to a 'prompt_volume' only\n"
