@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from promptseg.model import ModelConfig, PromptSegNet
-from promptseg.train.checkpoint import save_weights
+from promptseg.model.weights import save_weights
 
 TINY_CONFIG = ModelConfig(resolution=32, widths=(8, 16, 32, 32), head_dim=16, attention_depth=1, blocks_per_stage=1,
                           label_propagation=True)

@@ -10,7 +10,7 @@ from promptseg.cli import main
 from promptseg.data.synthetic import synthetic_task
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts, adapted_parameters
 from promptseg.model import PromptSegNet
-from promptseg.train.loss import segmentation_loss
+from promptseg.model.loss import segmentation_loss
 
 
 def prompt_set(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

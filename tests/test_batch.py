@@ -27,7 +27,7 @@ from promptseg.engine.batch import (
 )
 from promptseg.engine.segmenter import Segmenter
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import save_weights
+from promptseg.model.weights import save_weights
 
 PROMPTS_A = [["p0.png", "p0_mask.png"], ["p1.png", "p1_mask.png"]]
 PROMPTS_B = [["p2.png", "p2_mask.png"], ["p3.png", "p3_mask.png"]]

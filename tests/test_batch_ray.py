@@ -14,7 +14,7 @@ from promptseg.cli import main
 from promptseg.engine.batch import Job, PromptSpec, Unit
 from promptseg.engine.batch_ray import assign
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import save_weights
+from promptseg.model.weights import save_weights
 
 ray = pytest.importorskip("ray")
 

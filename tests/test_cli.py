@@ -17,7 +17,7 @@ from helpers import TINY_CONFIG, disk_example, tiny_checkpoint, write_nifti, wri
 from promptseg.cli import main
 from promptseg.engine.overlay import RED, contour, montage, overlay
 from promptseg.model import ModelConfig, PromptSegNet
-from promptseg.train.checkpoint import CONFIG_KEY
+from promptseg.model.weights import CONFIG_KEY
 
 AFFINE = np.array([[0.0, -0.8, 0.0, 10.0], [0.9, 0.0, 0.0, -5.0], [0.0, 0.0, 2.5, 30.0], [0.0, 0.0, 0.0, 1.0]])
 

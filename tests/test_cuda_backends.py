@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from promptseg.engine.backends import backend_availability, create_backend
-from promptseg.engine.segmenter import packaged_weights_path
-from promptseg.train.checkpoint import load_model
-from promptseg.train.loss import segmentation_loss
+from promptseg.model.weights import packaged_weights_path
+from promptseg.model.weights import load_model
+from promptseg.model.loss import segmentation_loss
 from promptseg.train.trainer import autocast_for
 from tests.helpers import disk_example
 

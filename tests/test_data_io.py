@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from promptseg.data.io import (
-    ImageData,
-    atomic_write,
-    read_image,
-    read_label,
-    slice_volume,
-    stack_slices,
-    write_nifti_like,
-    write_png,
-)
+from promptseg.data.io import ImageData, read_image, read_label, slice_volume, stack_slices, write_nifti_like, write_png
+from promptseg.files import atomic_write
 from promptseg.data.preprocess import normalize_intensity
 from promptseg.errors import InputError
 

@@ -13,7 +13,7 @@ from promptseg.cli import main
 from promptseg.engine import LabelResult, Segmenter
 from promptseg.engine.backends import ENGINE_BACKENDS, BackendUnavailable, backend_availability, create_backend
 from promptseg.errors import InputError, PromptSegError
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model
 from tests.helpers import disk_example, tiny_checkpoint, write_nifti, write_png  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

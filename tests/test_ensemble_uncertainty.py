@@ -20,12 +20,8 @@ from promptseg.engine.ensemble import (
     plan_members,
 )
 from promptseg.eval.baselines import ensemble_probabilities
-from promptseg.eval.evaluate import (
-    CellScore,
-    EvalReport,
-    correlation,
-    expected_calibration_error,
-)
+from promptseg.eval.evaluate import CellScore, EvalReport, correlation
+from promptseg.metrics import expected_calibration_error
 from promptseg.model import PromptSegNet
 
 

@@ -7,15 +7,8 @@ import torch
 from scipy import ndimage
 
 from promptseg.data.episodes import EpisodeSampler, fixed_episodes
-from promptseg.data.prompts import (
-    PROMPT_TYPES,
-    SPARSE_KINDS,
-    box_from_mask,
-    click_from_mask,
-    rasterize_box,
-    rasterize_clicks,
-    sparse_prompt_map,
-)
+from promptseg.data.prompts import SPARSE_KINDS, box_from_mask, click_from_mask, rasterize_box, rasterize_clicks, sparse_prompt_map
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.data.tasks import ArrayTask
 
 

@@ -10,14 +10,8 @@ import torch
 from promptseg.data.episodes import Episode, fixed_episodes
 from promptseg.data.synthetic import synthetic_task
 from promptseg.data.tasks import ArrayTask
-from promptseg.eval import (
-    EvalReport,
-    FineTunedUNetBaseline,
-    ModelPredictor,
-    NearestPromptBaseline,
-    episode_dice,
-    evaluate,
-)
+from promptseg.eval import EvalReport, FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline, evaluate
+from promptseg.metrics import episode_dice
 from promptseg.model import ModelConfig, PromptSegNet
 
 

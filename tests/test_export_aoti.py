@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptseg.data.prompts import PROMPT_TYPES
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.errors import InputError, PromptSegError
 from promptseg.export.aoti_export import (
     DECODER_FILE,
@@ -37,7 +37,7 @@ from promptseg.export.aoti_export import (
 )
 from promptseg.export.graphs import encoding_names, flatten_encoding
 from promptseg.model import ModelConfig, PromptSegNet
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model
 from tests.helpers import tiny_checkpoint  # noqa: F401
 
 LOGIT_ATOL = 1e-4

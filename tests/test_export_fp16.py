@@ -16,8 +16,8 @@ import torch
 
 from promptseg.data.synthetic import phantom_volume
 from promptseg.engine.backends import create_backend
-from promptseg.engine.segmenter import packaged_weights_path
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import packaged_weights_path
+from promptseg.model.weights import load_model
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 from promptseg.export.onnx_export import export_onnx

@@ -29,7 +29,7 @@ from promptseg.export.graphs import (
 )
 from promptseg.export.onnx_export import export_onnx, graph_paths, read_onnx_metadata
 from promptseg.model import ModelConfig, PromptSegNet
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model, weights_sha256
 
 # float32 tolerance on logits, relative to their largest magnitude (floored at 1). ONNX Runtime's
 # MLAS kernels and PyTorch's ATen/oneDNN sum convolutions and matmuls in different orders and fuse
@@ -134,7 +134,7 @@ def test_metadata_is_present_and_describes_the_model(onnx_dir: Path, model: Prom
         assert (metadata["resolution"], metadata["in_channels"]) == ("32", "3")
         assert ModelConfig.from_json(metadata["model_config"]) == TINY_CONFIG
         assert metadata["dtype"] == "float32"
-        assert metadata["weights_sha256"] == onnx_export.weights_sha256(model)
+        assert metadata["weights_sha256"] == weights_sha256(model)
         assert metadata["encoding_names"] == json.dumps(
             ["keys_s0_b0", "keys_s0_propagation", "keys_s1_b0", "keys_s1_propagation",
              "values_s0_b0", "values_s0_propagation", "values_s1_b0", "values_s1_propagation"])

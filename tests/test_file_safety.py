@@ -21,10 +21,11 @@ from PIL import Image
 
 from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
 from promptseg.cli import main
-from promptseg.data.io import atomic_write, write_text
+from promptseg.files import atomic_write, write_text
 from promptseg.engine.segmenter import Segmenter
 from promptseg.errors import CheckpointError, InputError
-from promptseg.train.checkpoint import load_model, load_run_model
+from promptseg.train.checkpoint import load_run_model
+from promptseg.model.weights import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

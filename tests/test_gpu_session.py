@@ -22,7 +22,7 @@ from benchmarks.kernels import bench_attention
 from promptseg.data.index import build_tasks
 from promptseg.data.packed import find_packs, pack_dataset_name, read_pack
 from promptseg.eval.evaluate import EvalReport
-from promptseg.train.checkpoint import load_model, read_training_record, read_weights
+from promptseg.model.weights import load_model, read_training_record, read_weights
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import train
 

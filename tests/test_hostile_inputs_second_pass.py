@@ -32,7 +32,7 @@ from promptseg.cli import main
 from promptseg.data.io import read_image
 from promptseg.engine.segmenter import LabelResult
 from promptseg.errors import CheckpointError, InputError
-from promptseg.train.checkpoint import CONFIG_KEY, load_model
+from promptseg.model.weights import CONFIG_KEY, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN = REPO / "configs" / "tiny_test.yaml"
@@ -198,7 +198,7 @@ HUGE_CONFIG = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))
 from promptseg.errors import CheckpointError
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model
 try:
     load_model(sys.argv[1])
 except CheckpointError as error:
@@ -494,7 +494,8 @@ def test_a_querys_files_are_moved_into_place_together_under_a_folder_lock(tmp_pa
     """While another process holds the output folder's lock, a group of files is written to temporaries
     but none is moved into place; once the lock is free all of them are (so two --overwrite runs can no
     longer mix one query's files)."""
-    from promptseg.data.io import atomic_write_group, png_writer
+    from promptseg.data.io import png_writer
+    from promptseg.files import atomic_write_group
 
     folder = tmp_path / "out"
     folder.mkdir()

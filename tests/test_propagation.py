@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY_CONFIG, disk_example
 
-from promptseg.data.prompts import PROMPT_TYPES
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.layers import sincos_position_encoding
 from promptseg.model.propagation import (

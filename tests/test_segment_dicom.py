@@ -20,7 +20,7 @@ from dicom_helpers import write_series
 from promptseg.cli import main
 from promptseg.data.dicom import read_dicom
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import save_weights
+from promptseg.model.weights import save_weights
 
 CHOSEN, OTHER = "1.2.826.0.1.3680043.8.498.71", "1.2.826.0.1.3680043.8.498.72"
 

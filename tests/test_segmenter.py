@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from promptseg import Prompt, Segmenter
-from promptseg.engine.segmenter import packaged_weights_path
+from promptseg.model.weights import packaged_weights_path
 from promptseg.errors import InputError
 from promptseg.model import count_parameters
 

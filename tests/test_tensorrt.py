@@ -39,7 +39,7 @@ from promptseg.export.tensorrt_build import (
     strongly_typed, tensorrt_module,
 )
 from promptseg.model import ModelConfig, PromptSegNet
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model, weights_sha256
 from tests.helpers import TINY_CONFIG, disk_example, tiny_checkpoint  # noqa: F401
 
 _TRT, _TRT_WHY = tensorrt_module()
@@ -187,7 +187,7 @@ def test_onnx_export_feeds_the_builder(tiny_checkpoint: Path, tmp_path: Path) ->
     sources = {role: onnx_path(tmp_path, role) for role in ROLES}
     assert written == sources == onnx_export.graph_paths(tmp_path)
     config, metadata = read_graph_metadata(sources)
-    assert config == TINY_CONFIG and metadata["weights_sha256"] == onnx_export.weights_sha256(model)
+    assert config == TINY_CONFIG and metadata["weights_sha256"] == weights_sha256(model)
     profile = profile_shapes(TINY_CONFIG, (1, 2, 5), (1, 3, 3))
     expected = {"prompt_encoder": set(PROMPT_INPUT_NAMES), "query_decoder": {QUERY_INPUT_NAME, *encoding_names(config)}}
     for role, path in sources.items():
@@ -393,7 +393,7 @@ def test_timing_cache_is_written_and_reused(engines: dict) -> None:
 
 @needs_tensorrt
 def test_sidecar_describes_the_engines(engines: dict) -> None:
-    from promptseg.export.onnx_export import weights_sha256
+    from promptseg.model.weights import weights_sha256
 
     sidecar = read_sidecar(engines["root"] / "fp16")
     config = engines["model"].config

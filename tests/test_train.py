@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from promptseg.train.checkpoint import load_model, load_run_model
+from promptseg.train.checkpoint import load_run_model
+from promptseg.model.weights import load_model
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import Trainer, train
 

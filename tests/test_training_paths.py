@@ -17,7 +17,7 @@ from promptseg.kernels.reference import reference_cross_attention
 from promptseg.kernels.sdpa import sdpa_cross_attention
 from promptseg.model import PromptSegNet
 from promptseg.model.propagation import LabelPropagation
-from promptseg.train.checkpoint import read_training_record, read_weights, save_weights
+from promptseg.model.weights import read_training_record, read_weights, save_weights
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import Trainer, train
 

@@ -285,7 +285,7 @@ def test_model_with_triton_backend_matches_reference_and_trains(monkeypatch: pyt
 
     On a GPU the model and inputs live on CUDA, with cuDNN's TF32 off so both runs are float32 throughout."""
     from promptseg.model import ModelConfig, PromptSegNet
-    from promptseg.train.loss import segmentation_loss
+    from promptseg.model.loss import segmentation_loss
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 

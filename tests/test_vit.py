@@ -10,7 +10,7 @@ import torch
 
 from promptseg.model import ModelConfig, PromptSegNet, count_parameters
 from promptseg.model.vit_reference import full_sequence_logits, full_sequence_mask
-from promptseg.train.checkpoint import load_model, save_weights
+from promptseg.model.weights import load_model, save_weights
 from promptseg.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

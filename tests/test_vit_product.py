@@ -25,7 +25,7 @@ from promptseg.export.graphs import (
 from promptseg.export.onnx_export import export_onnx, graph_paths, read_onnx_metadata
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.torch_threads import single_torch_thread
-from promptseg.train.checkpoint import load_model, save_weights
+from promptseg.model.weights import load_model, save_weights
 
 # Same relative float32 bound as tests/test_export_onnx.py (ONNX Runtime and ATen sum in other orders).
 LOGIT_TOLERANCE = 1e-4

@@ -30,9 +30,10 @@ import torch
 
 from promptseg.engine.backends import ENGINE_BACKENDS, InferenceBackend, backend_availability, create_backend
 from promptseg.engine.benchmark import random_prompts, run_seconds, time_volume
-from promptseg.engine.segmenter import Segmenter, packaged_weights_path
+from promptseg.engine.segmenter import Segmenter
+from promptseg.model.weights import packaged_weights_path
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 

@@ -22,12 +22,8 @@ from promptseg.data.packed import find_packs, pack_dataset_name
 from promptseg.engine.backends import backend_availability
 from promptseg.errors import CheckpointError
 from promptseg.eval.evaluate import EvalReport
-from promptseg.train.checkpoint import (
-    load_model,
-    load_run_model,
-    read_training_record,
-    save_weights,
-)
+from promptseg.train.checkpoint import load_run_model
+from promptseg.model.weights import load_model, read_training_record, save_weights
 from promptseg.train.trainer import checkpoint_compute_record
 from promptseg.train.training_log import read_log_records
 

@@ -20,9 +20,9 @@ import yaml
 from benchmarks.gpu.runner import REPO
 from benchmarks.kernels import bench_attention
 from promptseg.data.packed import FORMAT, write_pack
-from promptseg.engine.segmenter import packaged_weights_path
+from promptseg.model.weights import packaged_weights_path
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import save_weights
+from promptseg.model.weights import save_weights
 from promptseg.train.config import TrainConfig
 
 RECIPE = REPO / "configs" / "release_cpu.yaml"

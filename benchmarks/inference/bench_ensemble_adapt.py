@@ -30,9 +30,10 @@ import torch
 from promptseg.data.episodes import Episode, fixed_episodes
 from promptseg.data.synthetic import synthetic_task
 from promptseg.engine.adaptation import Adaptation
-from promptseg.engine.segmenter import Segmenter, packaged_weights_path
+from promptseg.engine.segmenter import Segmenter
+from promptseg.model.weights import packaged_weights_path
 from promptseg.eval.baselines import ModelPredictor
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 SETTINGS = {  # name -> (ensemble members, adaptation steps)

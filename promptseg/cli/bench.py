@@ -8,7 +8,7 @@ import os
 import torch
 
 from promptseg.cli.common import add_backend_argument, backend_options, load_segmenter
-from promptseg.data.io import write_text
+from promptseg.files import write_text
 from promptseg.engine.benchmark import time_volume
 from promptseg.errors import InputError
 

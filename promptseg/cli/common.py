@@ -13,7 +13,8 @@ from promptseg.engine.backends import (
     backend_availability,
     backend_class,
 )
-from promptseg.engine.segmenter import Segmenter, checked_device, packaged_weights_path
+from promptseg.engine.segmenter import Segmenter, checked_device
+from promptseg.model.weights import packaged_weights_path
 from promptseg.errors import CheckpointError, InputError
 
 

@@ -19,7 +19,7 @@ from promptseg.data.synthetic import phantom_volume
 from promptseg.engine.overlay import GREEN, RED, montage
 from promptseg.errors import InputError
 from promptseg.eval.baselines import NearestPromptBaseline
-from promptseg.train.loss import hard_dice
+from promptseg.metrics import dice_percent
 
 DEFAULT_SHAPE = (48, 128, 128)
 
@@ -54,11 +54,6 @@ def nearest_prompt(volume: np.ndarray, truth: np.ndarray, chosen: np.ndarray) ->
     slices = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None]
     best = NearestPromptBaseline().similarity(slices, slices[chosen]).argmax(dim=1).numpy()
     return truth[chosen][best]
-
-
-def dice_percent(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice (0-100) of two boolean arrays taken as one region."""
-    return 100.0 * float(hard_dice(torch.from_numpy(prediction)[None], torch.from_numpy(truth)[None])[0])
 
 
 def run(args: argparse.Namespace) -> int:

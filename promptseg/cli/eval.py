@@ -7,10 +7,10 @@ import os
 from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
 from promptseg.data.index import CASE_SETS, build_tasks
-from promptseg.data.io import write_text
+from promptseg.files import write_text
 from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
 from promptseg.engine.ensemble import MAX_ENSEMBLE
-from promptseg.engine.segmenter import packaged_weights_path
+from promptseg.model.weights import packaged_weights_path
 from promptseg.errors import InputError
 from promptseg.eval.baselines import (
     FineTunedUNetBaseline,
@@ -19,7 +19,7 @@ from promptseg.eval.baselines import (
 )
 from promptseg.eval.evaluate import EvalReport, evaluate
 from promptseg.eval.plot import plot_dice_against_k
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model
 
 METHODS = ("promptseg", "nearest_prompt", "finetuned_unet")
 

@@ -10,9 +10,9 @@ import argparse
 import os
 
 from promptseg.cli.common import resolve_device
-from promptseg.engine.segmenter import packaged_weights_path
+from promptseg.model.weights import packaged_weights_path
 from promptseg.errors import InputError
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ header), optionally `_prob.npy` / `_prob.nii.gz`, `_overlay.png`, `_uncertainty`
 maps (--uncertainty) and `_candidate<i>` masks (--candidates), and for a DICOM query (a series
 folder, --series choosing one of several, or a multi-frame file) `_seg.dcm` and, with
 --save-probabilities, `_prob_seg.dcm` (DICOM-SEG, data.dicom.segmentation_writers); a query's
-files are written as one unit (io.atomic_write_group: all of them or none, under a lock of the
+files are written as one unit (files.atomic_write_group: all of them or none, under a lock of the
 output folder), and temporary files that a killed earlier run left in the output folder are
 removed first.
 """
@@ -38,19 +38,8 @@ from promptseg.data.dicom import (
     segmentation_kinds,
     segmentation_writers,
 )
-from promptseg.data.io import (
-    NIFTI_EXTENSIONS,
-    ImageData,
-    Writer,
-    atomic_write_group,
-    canonical_view,
-    file_extension,
-    nifti_writer,
-    npy_writer,
-    png_writer,
-    strip_extension,
-    sweep_stale_temporaries,
-)
+from promptseg.data.io import NIFTI_EXTENSIONS, ImageData, canonical_view, nifti_writer, npy_writer, png_writer
+from promptseg.files import Writer, atomic_write_group, file_extension, strip_extension, sweep_stale_temporaries
 from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.batch import label_masks

@@ -562,7 +562,7 @@ def segmentation(
 
 
 def segmentation_writer(segmentation_object: Any) -> Callable[[str], None]:
-    """A writer (for io.atomic_write) saving a Segmentation as a DICOM Part 10 file."""
+    """A writer (for files.atomic_write) saving a Segmentation as a DICOM Part 10 file."""
     return lambda temporary: segmentation_object.save_as(temporary, enforce_file_format=True)
 
 
@@ -576,7 +576,7 @@ def segmentation_writers(
     source: DicomSource, masks: np.ndarray, probabilities: np.ndarray | None, labels: Sequence[int],
     names: Mapping[int, str] | None = None, uid_seed: str | None = None,
 ) -> dict[str, Callable[[str], None]]:
-    """kind (segmentation_kinds) -> writer (for io.atomic_write) of the DICOM-SEG outputs of one
+    """kind (segmentation_kinds) -> writer (for files.atomic_write) of the DICOM-SEG outputs of one
     DICOM volume: "seg" from masks (L, X, Y, Z) bool and, when probabilities (L, X, Y, Z) in [0, 1]
     are given, "prob_seg". The objects are built here, so writing cannot fail on their content.
     uid_seed: as segmentation's, suffixed by the kind (None: random UIDs)."""

@@ -15,7 +15,8 @@ import torch
 
 from promptseg.data.augment import TaskAugmentation, augment_examples
 from promptseg.data.preprocess import resize_image, resize_mask
-from promptseg.data.prompts import PROMPT_TYPES, SPARSE_KINDS, sparse_prompt_map
+from promptseg.data.prompts import SPARSE_KINDS, sparse_prompt_map
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.data.synthetic import synthetic_task, synthetic_volume_task
 from promptseg.data.tasks import ArrayTask
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from promptseg.data.dicom import DICOM_EXTENSIONS
-from promptseg.data.io import SUPPORTED_EXTENSIONS, file_extension, strip_extension
+from promptseg.data.io import SUPPORTED_EXTENSIONS
+from promptseg.files import file_extension, strip_extension
 from promptseg.errors import InputError, short_reason
 
 MAX_LABEL_VALUE = 2**31 - 1  # label maps are read into at most 64-bit integers; values beyond this are damage

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+
 CLICK_COORDINATE_LIMIT = 1e7  # |x|, |y| beyond any image; its square still fits float32
-PROMPT_TYPES: dict[str, int] = {"query": 0, "mask": 1, "click": 2, "box": 3, "scribble": 4}
 SPARSE_KINDS: tuple[str, ...] = ("click", "box", "scribble")
 
 MaskLike = np.ndarray | torch.Tensor

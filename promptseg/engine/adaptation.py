@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from promptseg.data.augment import augment_examples
-from promptseg.data.prompts import PROMPT_TYPES
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model import PromptSegNet
-from promptseg.train.loss import segmentation_loss
+from promptseg.model.loss import segmentation_loss
 
 MAX_ADAPT_STEPS = 500
 

@@ -34,18 +34,9 @@ from promptseg.data.dicom import (
     segmentation_kinds,
     segmentation_writers,
 )
-from promptseg.data.io import (
-    NIFTI_EXTENSIONS,
-    ImageData,
-    atomic_write,
-    file_extension,
-    read_label,
-    slice_volume,
-    strip_extension,
-    write_nifti_like,
-    write_png,
-    write_text,
-)
+from promptseg.data.io import NIFTI_EXTENSIONS, ImageData, read_label, slice_volume, write_nifti_like, write_png
+from promptseg.files import atomic_write, file_extension, strip_extension, write_text
+from promptseg.metrics import dice_percent
 from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.prompts_input import Prompt
@@ -345,12 +336,6 @@ def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts]:
     return {label or 1: segmenter.encode_prompts(prompts, label=label)}
 
 
-def dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    """Dice (percent) of two boolean arrays of one shape; 100 when both are empty."""
-    total = int(mask.sum()) + int(truth.sum())
-    return 100.0 if total == 0 else 200.0 * int(np.logical_and(mask, truth).sum()) / total
-
-
 def _score(job: Job, result: LabelResult, masks: np.ndarray) -> float | None:
     """Mean Dice over the labels of `masks` (L, *spatial) against the job's truth label file."""
     if job.truth is None:
@@ -359,8 +344,8 @@ def _score(job: Job, result: LabelResult, masks: np.ndarray) -> float | None:
     if truth.shape != masks.shape[1:]:
         raise InputError(job.truth, f"truth of shape {truth.shape} does not match the query's {masks.shape[1:]}")
     if job.prompts.labels is None:
-        return dice(masks[0], truth > 0)
-    return float(np.mean([dice(m, truth == label) for m, label in zip(masks, result.labels)]))
+        return dice_percent(masks[0], truth > 0)
+    return float(np.mean([dice_percent(m, truth == label) for m, label in zip(masks, result.labels)]))
 
 
 def label_masks(result: LabelResult, threshold: float) -> np.ndarray:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from promptseg.data.prompts import PROMPT_TYPES
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.engine.backends.base import InferenceBackend, PromptState
 from promptseg.model.propagation import probability_logit
-from promptseg.train.loss import hard_dice
+from promptseg.metrics import hard_dice
 
 MAX_ENSEMBLE = 16
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # none, left-right, up-down, both

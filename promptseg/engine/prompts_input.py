@@ -16,7 +16,8 @@ from promptseg.data.io import (
     read_label,
 )
 from promptseg.data.preprocess import channels_last, prepare_image, resize_mask
-from promptseg.data.prompts import PROMPT_TYPES, rasterize_box, rasterize_clicks
+from promptseg.data.prompts import rasterize_box, rasterize_clicks
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.errors import InputError
 
 ArrayOrPath = np.ndarray | str

@@ -12,8 +12,6 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,15 +48,9 @@ from promptseg.engine.prompts_input import (
 from promptseg.errors import InputError, PromptSegError
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import load_model
+from promptseg.model.weights import load_model, packaged_weights_path
 
-DEFAULT_WEIGHTS = "promptseg_default.safetensors"
 ADAPTABLE_BACKENDS = ("torch", "triton", "compile", "reference")  # backends that run a PyTorch model copy
-
-
-def packaged_weights_path() -> Path:
-    """Path of the weights shipped inside the package."""
-    return Path(str(resources.files("promptseg") / "weights" / DEFAULT_WEIGHTS))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Evaluation: baselines, model predictor and the few-shot Dice report (docs/design.md section 8)."""
 from promptseg.eval.baselines import FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline, Predictor, SmallUNet
-from promptseg.eval.evaluate import CellScore, EvalReport, episode_dice, evaluate
+from promptseg.eval.evaluate import CellScore, EvalReport, evaluate
 
 __all__ = [
     "CellScore",
@@ -10,6 +10,5 @@ __all__ = [
     "NearestPromptBaseline",
     "Predictor",
     "SmallUNet",
-    "episode_dice",
     "evaluate",
 ]

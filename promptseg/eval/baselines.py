@@ -27,7 +27,7 @@ from promptseg.engine.ensemble import (
     plan_members,
 )
 from promptseg.model import PromptSegNet
-from promptseg.train.loss import segmentation_loss
+from promptseg.model.loss import segmentation_loss
 
 
 class Predictor(Protocol):

@@ -23,47 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from promptseg.data.episodes import Episode, fixed_episodes
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import InputError
 from promptseg.eval.baselines import Predictor
-from promptseg.train.loss import hard_dice
-
-ECE_BINS = 10
-
-
-def episode_dice(probs: torch.Tensor, masks: torch.Tensor) -> float:
-    """Mean over queries of the hard Dice (0-100) of probs (Q, R, R) > 0.5 against masks (Q, R, R)."""
-    return float(query_dice(probs, masks).mean())
-
-
-def query_dice(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Hard Dice (0-100) of each query: probs (Q, R, R) > 0.5 against masks (Q, R, R) -> (Q,)."""
-    if probs.shape != masks.shape:
-        raise ValueError(f"prediction shape {tuple(probs.shape)} does not match the masks {tuple(masks.shape)}")
-    return 100.0 * hard_dice(probs > 0.5, masks > 0.5)
-
-
-def expected_calibration_error(probs: torch.Tensor, masks: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """Expected calibration error (0-100) of foreground probabilities probs against binary masks
-    (same shape): pixels fall into `bins` equal-width bins of p ([0, 1/bins), ..., [1 - 1/bins, 1]);
-    ECE = 100 * sum over bins of (pixels in bin / pixels) * |foreground fraction - mean p| in the bin."""
-    p = probs.detach().flatten().double().clamp(0.0, 1.0)
-    y = (masks.flatten() > 0.5).double()
-    index = (p * bins).long().clamp(max=bins - 1)
-    count = torch.bincount(index, minlength=bins).double()
-    gap = (torch.bincount(index, weights=y, minlength=bins) - torch.bincount(index, weights=p, minlength=bins)).abs()
-    return 100.0 * float(gap.sum() / count.sum())
-
-
-def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean binary predictive entropy in bits of each query's probabilities (Q, R, R) -> (Q,)."""
-    p = probs.double().clamp(1e-7, 1.0 - 1e-7)
-    return (-(p * torch.log2(p) + (1.0 - p) * torch.log2(1.0 - p))).flatten(1).mean(1)
-
+from promptseg.metrics import expected_calibration_error, mean_entropy, query_dice
 
 def correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Pearson correlation of two equally long sequences; None with fewer than 2 values or when one is constant."""

@@ -37,7 +37,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 import promptseg
-from promptseg.data.prompts import PROMPT_TYPES
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.errors import InputError, PromptSegError
 from promptseg.export.graphs import (
     LOGITS_NAME,

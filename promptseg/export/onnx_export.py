@@ -58,6 +58,7 @@ from promptseg.export.graphs import (
     stage_widths,
 )
 from promptseg.model import ModelConfig, PromptSegNet
+from promptseg.model.weights import weights_sha256
 
 DEFAULT_OPSET = 20
 EXPORT_DTYPES = (torch.float32, torch.float16)
@@ -176,15 +177,6 @@ def graph_metadata(model: PromptSegNet, role: str, dtype: torch.dtype, weights_d
         "dtype": str(dtype).removeprefix("torch."),
         "encoding_names": json.dumps(encoding_names(config)),
     }
-
-
-def weights_sha256(model: PromptSegNet) -> str:
-    """SHA-256 over the state dict's names and float32 values: tells exports of other weights apart."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
-    return digest.hexdigest()
 
 
 def check_graph_metadata(

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from promptseg.data.io import atomic_write
+from promptseg.files import atomic_write
 from promptseg.errors import InputError, PromptSegError
 from promptseg.export.graphs import (
     GRAPH_ROLES,
@@ -308,7 +308,7 @@ def _build_plan(
 
 
 def bytes_writer(data: bytes) -> Callable[[str], None]:
-    """A writer for promptseg.data.io.atomic_write that stores `data` in the temporary file it is given."""
+    """A writer for promptseg.files.atomic_write that stores `data` in the temporary file it is given."""
 
     def write(temporary: str) -> None:
         Path(temporary).write_bytes(data)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptseg.data.prompts import PROMPT_TYPES
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model.attention import PromptBottleneck
 from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder

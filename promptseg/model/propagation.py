@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptseg.data.prompts import PROMPT_TYPES
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.kernels import cross_attention
 from promptseg.model.attention import split_heads
 

@@ -19,19 +19,13 @@ from promptseg.data.episodes import (
     base_task_weights,
     fixed_episodes,
 )
-from promptseg.data.io import sweep_stale_temporaries, write_text
+from promptseg.files import sweep_stale_temporaries, write_text
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import CheckpointError, InputError
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import (
-    load_state,
-    load_training_checkpoint,
-    read_training_record,
-    read_weights,
-    save_training_checkpoint,
-    save_weights,
-)
+from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from promptseg.model.weights import load_state, read_training_record, read_weights, save_weights
 from promptseg.train.config import TrainConfig
 from promptseg.train.distributed import (
     DistributedContext,
@@ -40,7 +34,8 @@ from promptseg.train.distributed import (
     init_distributed,
     shutdown,
 )
-from promptseg.train.loss import hard_dice, segmentation_losses
+from promptseg.model.loss import segmentation_losses
+from promptseg.metrics import hard_dice
 from promptseg.train.prefetch import StepBatches, step_batches
 from promptseg.train.schedule import learning_rate
 from promptseg.train.task_balance import TaskHardness

@@ -105,7 +105,8 @@ class OnnxRuntimeBackend(InferenceBackend):
 def checked_graphs(model_dir: str | os.PathLike, model: PromptSegNet) -> dict[str, Path]:
     """{role: path} of the graphs in `model_dir` after checking their metadata against `model` and
     their tensors against the digest recorded at export (InputError)."""
-    from promptseg.export.onnx_export import check_graph_metadata, check_graph_tensors, read_onnx_metadata, weights_sha256
+    from promptseg.export.onnx_export import check_graph_metadata, check_graph_tensors, read_onnx_metadata
+    from promptseg.model.weights import weights_sha256
 
     paths = graph_paths(model_dir)
     digest = weights_sha256(model)

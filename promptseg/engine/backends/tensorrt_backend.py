@@ -146,7 +146,7 @@ def cuda_device(device: torch.device | str) -> torch.device:
 def check_sidecar(sidecar: dict[str, Any], model: PromptSegNet, precision: str | None, path: Path) -> None:
     """InputError naming the sidecar unless its engines were built from this model's configuration and
     weights, by this TensorRT version, for this GPU's compute capability (and `precision` when given)."""
-    from promptseg.export.onnx_export import weights_sha256
+    from promptseg.model.weights import weights_sha256
 
     differing = config_differences(sidecar.get("config", {}), json.loads(model.config.to_json()))
     if differing:

@@ -1,4 +1,4 @@
-"""Segmentation loss: binary cross-entropy plus soft Dice."""
+"""Segmentation loss of the model: binary cross-entropy plus soft Dice (training and test-time adaptation)."""
 from __future__ import annotations
 
 import torch
@@ -26,12 +26,3 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, dice_weight: 
     """Mean BCE + dice_weight * (1 - soft Dice) over logits, targets (B, H, W) (the mean of
     `segmentation_losses`; images share one size, so the pixel mean of BCE is the image mean)."""
     return segmentation_losses(logits, targets, dice_weight).mean()
-
-
-def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice of binary masks pred, target (B, H, W) bool; 1 when both are empty. Returns (B,) float."""
-    dims = tuple(range(1, pred.dim()))
-    pred, target = pred.bool(), target.bool()
-    intersection = (pred & target).sum(dims).float()
-    total = pred.sum(dims).float() + target.sum(dims).float()
-    return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
