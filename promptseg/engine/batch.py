@@ -6,6 +6,10 @@ A job is one JSON object a line:
     {"query": "scan.nii.gz", "prompts": [["p0.png", "p0_mask.png"], ...], "label": 2, "out": "case7",
      "truth": "scan_labels.nii.gz"}
     {"query": "ct_series/", "prompt_volume": ["atlas.nii.gz", "atlas_labels.nii.gz"], "label": [1, 2]}
+    {"query": "study/", "series": "1.2.840.1.7", "prompts": [["p0.png", "p0_mask.png"]]}
+
+("series" picks one series of a DICOM folder holding several; "prompt_series" the same for a DICOM
+prompt volume.)
 
 Relative paths are taken from the jobs file's folder. The work is cut into units (run_unit): the 2D
 queries of one prompt set in fixed groups of max_batch (fixed by the jobs file, not by what is left to
