@@ -117,8 +117,8 @@ def test_bad_jobs_file_is_one_line(data: Path, checkpoint: Path, tmp_path: Path,
     jobs = data / "broken.jsonl"
     jobs.write_text(json.dumps({"query": "q0.png", "prompts": PROMPTS_A}) + "\n{\"query\": \"q1.png\", \"mask\": 1}\n")
     assert main(batch_args(jobs, tmp_path / "out", checkpoint)) == 2
-    assert capsys.readouterr().err == (f"promptseg: error: {jobs}:2: unknown key mask (known: query, prompts, "
-                                       "prompt_volume, label, out, truth)\n")
+    assert capsys.readouterr().err == (f"promptseg: error: {jobs}:2: unknown key mask (known: query, series, "
+                                       "prompts, prompt_volume, prompt_series, label, out, truth)\n")
     assert not (tmp_path / "out").exists()
 
 

@@ -151,3 +151,89 @@ def test_orientation_is_kept(tmp_path: Path) -> None:
     np.testing.assert_allclose(lps[:3, 0], np.asarray(OBLIQUE[:3]) * 0.7, atol=1e-6)
     np.testing.assert_allclose(lps[:3, 1], np.asarray(OBLIQUE[3:]) * 0.9, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(lps[:3, 2]), 2.5, atol=1e-6)
+
+
+def test_choose_series_picks_per_folder_and_names_bad_uids(tmp_path: Path) -> None:
+    from promptseg.data.dicom import choose_series
+
+    write_series(tmp_path / "mixed", stored_volume(), series_uid="1.2.3.1")
+    write_series(tmp_path / "mixed", stored_volume(seed=2), series_uid="1.2.3.2", seed=5)
+    write_series(tmp_path / "single", stored_volume(seed=3), series_uid="1.2.3.3", seed=6)
+    paths = [str(tmp_path / "mixed"), str(tmp_path / "single"), str(tmp_path / "q.png")]
+    assert choose_series(paths, ["1.2.3.2"]) == {paths[0]: "1.2.3.2", paths[1]: None, paths[2]: None}
+    assert choose_series(paths, []) == dict.fromkeys(paths)
+    with pytest.raises(InputError, match=r"^--series: no DICOM input holds series 1.2.3.9$"):
+        choose_series(paths, ["1.2.3.2", "1.2.3.9"])
+    with pytest.raises(InputError, match=r"mixed: holds several of the --series series \(1.2.3.1, 1.2.3.2\)"):
+        choose_series(paths, ["1.2.3.1", "1.2.3.2"])
+    with pytest.raises(InputError, match=r"mixed: holds 2 series, .* --series UID: 1.2.3.1 "):
+        read_image(tmp_path / "mixed")
+
+
+def test_claimed_voxels_over_the_limit_refused_before_pixel_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from promptseg.data import dicom
+
+    folder = write_series(tmp_path / "ct", stored_volume())[0].parent  # 12 x 10 x 6 = 720 voxels
+    monkeypatch.setattr(dicom, "_pixels", lambda *args, **kwargs: pytest.fail("pixel data was read"))
+    monkeypatch.setenv("PROMPTSEG_MAX_PIXELS", "719")
+    with pytest.raises(InputError) as caught:
+        read_image(folder)
+    assert str(caught.value) == (f"{folder}: too large: the header claims 720 voxels, more than the limit of 719 "
+                                 "(set PROMPTSEG_MAX_PIXELS to raise it)")
+    frames = write_multiframe(tmp_path / "enhanced.dcm", stored_volume())
+    with pytest.raises(InputError, match="enhanced.dcm: too large: the header claims 720 voxels"):
+        read_image(frames)
+
+
+def test_headers_claiming_more_pixels_than_the_files_hold(tmp_path: Path) -> None:
+    paths = write_series(tmp_path / "ct", stored_volume((4, 4, 2)))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.Rows = ds.Columns = 4000  # 16 million pixels a slice, in files of about 1 kB
+        ds.save_as(path)
+    with pytest.raises(InputError, match=r"ct: unreadable or corrupt image \(truncated: the header claims 64000000 "
+                       r"bytes of voxel data, the file can hold at most \d+\)"):
+        read_image(tmp_path / "ct")
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    stored = stored_volume()
+    plain = read_dicom(write_series(tmp_path / "m2", stored)[0].parent).array
+    paths = write_series(tmp_path / "m1", stored)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(path)
+    inverted = read_dicom(tmp_path / "m1").array
+    # Signed 16 bits stored, slope 0.5, intercept -1024: the stored range maps to [-17408, 15359.5].
+    np.testing.assert_array_equal(inverted, np.float32(-17408.0 + 15359.5) - plain)
+    frames = write_multiframe(tmp_path / "m1.dcm", stored)
+    ds = pydicom.dcmread(frames)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(frames)
+    np.testing.assert_array_equal(read_dicom(frames).array, inverted)
+
+
+def test_simple_layout_lists_series_folders_and_dicom_files(tmp_path: Path) -> None:
+    import json
+
+    from promptseg.data.index import load_examples
+    from promptseg.data.layouts import nearby_label_names, open_dataset
+
+    root = tmp_path / "ds"
+    stored = stored_volume((16, 16, 4))
+    write_series(root / "images" / "case0", stored)
+    write_multiframe((root / "images").joinpath("case1.dcm"), stored)
+    (root / "labels").mkdir()
+    series = read_dicom(root / "images" / "case0")
+    truth = (stored > 1500).astype(np.uint8)
+    for name in ("case0", "case1"):
+        nib.save(nib.Nifti1Image(truth, series.affine), root / "labels" / f"{name}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"name": "dcm", "labels": {"background": 0, "lesion": 1}}))
+    dataset = open_dataset(root)
+    assert [(c.name, Path(c.image_paths[0]).name, Path(c.label_path).name) for c in dataset.cases] == [
+        ("case0", "case0", "case0.nii.gz"), ("case1", "case1.dcm", "case1.nii.gz")]
+    images, labels, case_ids = load_examples(dataset, resolution=16, channels=1)
+    assert images.shape == (8, 1, 16, 16) and list(case_ids) == ["case0"] * 4 + ["case1"] * 4
+    np.testing.assert_array_equal(labels[:4], labels[4:])  # the series and the multi-frame file agree
+    assert nearby_label_names([root / "images" / "case0"]) == {1: "lesion"}

@@ -5,6 +5,7 @@ Run from the repository root (packaged weights, CPU):
 
     python -m benchmarks.engine.batch_throughput                 # 100 2D jobs over 4 prompt sets
     python -m benchmarks.engine.batch_throughput --ray           # also --engine ray, 1 and 2 workers
+    python -m benchmarks.engine.batch_throughput --ray-only      # only the Ray timings (c) and (d)
 
 Timed, each in a fresh output folder, end to end through the CLI in this process (model loading
 included, once per run): (a) `promptseg segment` over the N query PNGs with one prompt set of K
@@ -44,7 +45,9 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def run(jobs: int, prompt_sets: int, shots: int, size: int, ray: bool) -> dict[str, float]:
+def run(
+    jobs: int, prompt_sets: int, shots: int, size: int, ray: bool, local: bool = True
+) -> dict[str, float]:
     rng = np.random.default_rng(0)
     root = Path(tempfile.mkdtemp(prefix="batch-bench-"))
     sets = []
@@ -64,9 +67,12 @@ def run(jobs: int, prompt_sets: int, shots: int, size: int, ray: bool) -> dict[s
     segment = ["segment", "--query", *[str(root / f"q{n}.png") for n in range(jobs)], "--out", str(root / "segment")]
     for image, mask in sets[0]:
         segment += ["--prompt", str(root / image), str(root / mask)]
-    figures = {"segment_s": timed(segment + common)}
-    figures["batch_s"] = timed(["batch", str(root / "jobs.jsonl"), "--out", str(root / "batch"), *common])
-    figures["batch_vs_segment"] = figures["segment_s"] / figures["batch_s"]
+    figures: dict[str, float] = {}
+    if local:
+        figures["segment_s"] = timed(segment + common)
+        batch = ["batch", str(root / "jobs.jsonl"), "--out", str(root / "batch"), *common]
+        figures["batch_s"] = timed(batch)
+        figures["batch_vs_segment"] = figures["segment_s"] / figures["batch_s"]
     if ray:
         for workers in (1, 2):
             figures[f"ray{workers}_s"] = timed(["batch", str(root / "jobs.jsonl"), "--out", str(root / f"ray{workers}"),
@@ -82,9 +88,12 @@ def cli() -> None:
     parser.add_argument("--shots", type=int, default=4, help="prompt pairs per set")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--ray", action="store_true", help="also time --engine ray with 1 and 2 workers")
+    parser.add_argument("--ray-only", action="store_true",
+                        help="time only the Ray engine (1 and 2 workers)")
     parser.add_argument("--out-json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    figures = run(args.jobs, args.prompt_sets, args.shots, args.size, args.ray)
+    figures = run(args.jobs, args.prompt_sets, args.shots, args.size, args.ray or args.ray_only,
+                  local=not args.ray_only)
     text = json.dumps({"jobs": args.jobs, "prompt_sets": args.prompt_sets, "shots": args.shots, "size": args.size, **figures})
     print(text)
     if args.out_json is not None:

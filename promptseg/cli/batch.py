@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "batch",
         help=COMMANDS["batch"].help,
         description="Run the jobs of JOBS.jsonl, one JSON object a line: 'query' (image, NIfTI volume, DICOM series "
-        "folder or file), 'prompts' ([[image, mask], ...]) or 'prompt_volume' ([image, labels]), optional 'label' "
+        "folder or file; 'series': the SeriesInstanceUID to read from a folder of several), 'prompts' "
+        "([[image, mask], ...]) or 'prompt_volume' ([image, labels], 'prompt_series' as 'series'), optional 'label' "
         "(N or [N, ...]), 'out' (output name) and 'truth' (a label file to score). Relative paths are taken from "
         f"the jobs file's folder. DIR gets each job's files, {LOG_NAME} (a rerun skips the jobs done) and "
         f"{SUMMARY_NAME} (status, seconds and Dice of each job).",
@@ -49,7 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write probabilities (.npy or NIfTI; a FRACTIONAL DICOM-SEG for DICOM queries)")
     parser.add_argument("--label-names", nargs="+", default=[], metavar="N=NAME",
-                        help="segment names in DICOM-SEG outputs (default: 'label N')")
+                        help="segment names in DICOM-SEG outputs (default: the labels of a dataset.json "
+                        "beside a job's prompt label maps or query, else 'label N')")
     parser.add_argument("--prompt-slices", type=int, default=8, metavar="K",
                         help="slices taken from a 'prompt_volume' as prompts, evenly among those holding the label (default 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")

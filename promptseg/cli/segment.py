@@ -3,9 +3,12 @@
 Everything is validated before any output is written: the prompts, every query and every output
 path. Each query then gets `<name>_mask.png` (2D) or `<name>_mask.nii.gz` (NIfTI, same affine and
 header), optionally `_prob.npy` / `_prob.nii.gz`, `_overlay.png`, `_uncertainty` and `_variance`
-maps (--uncertainty) and `_candidate<i>` masks (--candidates); a query's files are written as
-one unit (files.atomic_write_group: all of them or none, under a lock of the output folder), and
-temporary files that a killed earlier run left in the output folder are removed first.
+maps (--uncertainty) and `_candidate<i>` masks (--candidates), and for a DICOM query (a series
+folder, --series choosing one of several, or a multi-frame file) `_seg.dcm` and, with
+--save-probabilities, `_prob_seg.dcm` (DICOM-SEG, data.dicom.segmentation_writers); a query's
+files are written as one unit (files.atomic_write_group: all of them or none, under a lock of the
+output folder), and temporary files that a killed earlier run left in the output folder are
+removed first.
 """
 from __future__ import annotations
 
@@ -14,12 +17,13 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from promptseg.cli.batch import parse_label_names
 from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import (
     add_backend_argument,
@@ -27,10 +31,20 @@ from promptseg.cli.common import (
     backend_options,
     load_segmenter,
 )
-from promptseg.data.io import ImageData, canonical_view, nifti_writer, npy_writer, png_writer, read_image
-from promptseg.files import Writer, atomic_write_group, strip_extension, sweep_stale_temporaries
+from promptseg.data.dicom import (
+    choose_series,
+    highdicom_module,
+    is_dicom_input,
+    read_input,
+    segmentation_kinds,
+    segmentation_writers,
+)
+from promptseg.data.io import NIFTI_EXTENSIONS, ImageData, canonical_view, nifti_writer, npy_writer, png_writer
+from promptseg.files import Writer, atomic_write_group, file_extension, strip_extension, sweep_stale_temporaries
+from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, check_image
 from promptseg.data.volumes import has_volume_outputs
+from promptseg.engine.batch import label_masks
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
@@ -79,14 +93,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="a box around the target in pixels, corners inclusive (repeatable; one prompt each)")
     prompts.add_argument("--scribble", action=_InOrder, dest=SPARSE_DEST, metavar="MASK",
                          help="a mask of strokes drawn on the target (repeatable; one prompt each)")
-    parser.add_argument("--query", nargs="+", required=True, metavar="PATH", help="images or NIfTI volumes to segment")
+    parser.add_argument("--query", nargs="+", required=True, metavar="PATH",
+                        help="images, NIfTI volumes or DICOM series (a folder or a multi-frame "
+                        "file) to segment; a DICOM query also gets <name>_seg.dcm, a DICOM-SEG "
+                        "referencing its series")
+    parser.add_argument("--series", action="append", default=[], metavar="UID",
+                        help="segment the series of this SeriesInstanceUID in the DICOM query "
+                        "folder holding it (repeatable; a folder of several series is refused "
+                        "without it)")
+    parser.add_argument("--label-names", nargs="+", default=[], metavar="N=NAME",
+                        help="segment names in DICOM-SEG outputs (default: the labels of a "
+                        "dataset.json beside the prompt masks or the query, else 'label N')")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created when needed)")
     parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
                         help="slicing axis of NIfTI volumes in their closest RAS orientation: 0 sagittal, 1 coronal, "
                         "2 axial (default 2); results are written in each query's own voxel grid")
     parser.add_argument("--threshold", type=float, default=0.5, metavar="P", help="probability above which a pixel is foreground")
     parser.add_argument("--save-probabilities", action="store_true",
-                        help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), float32 in [0, 1]")
+                        help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), "
+                        "float32 in [0, 1], and for DICOM queries <name>_prob_seg.dcm, a "
+                        "FRACTIONAL DICOM-SEG")
     parser.add_argument("--overlay", action="store_true",
                         help="also write <name>_overlay.png: the contour on the image, or a montage of up to 16 slices, "
                         "with a legend below naming each colour (prediction, or label N)")
@@ -145,11 +171,15 @@ def collect_prompts(mask_pairs: Sequence[Sequence[str]], sparse: Sequence[tuple[
 
 @dataclass
 class QueryJob:
-    """One query and the files it will produce (kind -> path, kinds: mask, prob, overlay)."""
+    """One query and the files it will produce (kind -> path, kinds: mask, prob, overlay; seg and
+    prob_seg for DICOM). series: the DICOM series chosen by --series; label_names: the names of
+    the DICOM-SEG's segments."""
 
     path: str
     nifti: bool
     outputs: dict[str, str]
+    series: str | None = None
+    label_names: dict[int, str] = field(default_factory=dict)
 
 
 def plan_outputs(
@@ -180,6 +210,8 @@ def plan_outputs(
         extensions.update({f"candidate{n}": extensions["mask"] for n in range(1, candidates + 1)})
         if overlay_png:
             extensions["overlay"] = ".png"
+        if is_dicom_input(path) and file_extension(path) not in NIFTI_EXTENSIONS:
+            extensions.update(segmentation_kinds(probabilities))
         outputs = {kind: os.path.join(out_dir, f"{name}_{kind}{ext}") for kind, ext in extensions.items()}
         for output in outputs.values():
             if os.path.exists(output) and not overwrite:
@@ -237,7 +269,7 @@ def read_and_validate(jobs: Sequence[QueryJob], segmenter: Segmenter, keep_bytes
     kept: dict[str, ImageData] = {}
     for job in jobs:
         with out_of_memory_names(job.path):
-            data = read_image(job.path)
+            data = read_input(job.path, job.series)
             validate_query(data, segmenter)
         if data.array.nbytes <= keep_bytes:
             kept[job.path] = data
@@ -278,6 +310,11 @@ def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: ar
             writers[f"candidate{number}"] = nifti_writer(candidate, data) if job.nifti else png_writer(candidate)
     if "overlay" in job.outputs:
         writers["overlay"] = png_writer(overlay_picture(data, result, args.axis))
+    if "seg" in job.outputs:
+        probabilities = result.probabilities if "prob_seg" in job.outputs else None
+        source = data.dicom  # type: ignore[attr-defined]
+        writers.update(segmentation_writers(source, label_masks(result, args.threshold),
+                                            probabilities, result.labels, job.label_names))
     return writers
 
 
@@ -333,7 +370,7 @@ def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, Encode
     """Segment and write one query (read first unless `data` is given); running out of memory is an
     InputError naming the query."""
     with out_of_memory_names(job.path):
-        data = read_image(job.path) if data is None else data
+        data = read_input(job.path, job.series) if data is None else data
         result = predict(data, segmenter, encoded, args.axis, args.threshold)
         writers = render_outputs(job, data, result, args)
     write_all(job, writers, args.overwrite)
@@ -352,6 +389,22 @@ def check_ensemble_options(ensemble: int, candidates: int) -> None:
         raise InputError("--candidates", f"must lie in 1..{ensemble} (the --ensemble members), got {candidates}")
 
 
+def prepare_dicom_jobs(
+    jobs: Sequence[QueryJob], prompts: Sequence[Prompt], args: argparse.Namespace
+) -> None:
+    """Give each DICOM query its --series choice and its DICOM-SEG segment names (--label-names
+    over a nearby dataset.json); InputError before anything is loaded for a bad --series or
+    --label-names, or when a DICOM-SEG is due and highdicom is missing."""
+    for job, series in zip(jobs, choose_series([job.path for job in jobs], args.series).values()):
+        job.series = series
+    names = dict(parse_label_names(args.label_names))
+    masks = [p.mask for p in prompts if p.kind == "mask" and p.mask is not None]
+    for job in jobs:
+        if "seg" in job.outputs:
+            highdicom_module(job.path)
+            job.label_names = {**nearby_label_names([*masks, job.path]), **names}
+
+
 def run(args: argparse.Namespace) -> int:
     prompts = collect_prompts(args.prompt, getattr(args, SPARSE_DEST))
     if not 0.0 < args.threshold < 1.0:
@@ -359,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
     check_ensemble_options(args.ensemble, args.candidates)
     jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or (),
                         args.uncertainty, args.ensemble > 1, args.candidates)
+    prepare_dicom_jobs(jobs, prompts, args)
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
                                args.candidates)

@@ -5,12 +5,16 @@ column index of a DICOM frame (along ImageOrientationPatient's row direction), Y
 the slices sorted by their position along the slice normal; the affine maps (i, j, k, 1) to RAS+
 world millimetres like nibabel's, i.e. DICOM's LPS patient coordinates with x and y negated. Stored
 values go through the modality transform (RescaleSlope/RescaleIntercept, or a Modality LUT) and are
-returned as float32.
+returned as float32; MONOCHROME1 images are inverted into MONOCHROME2's sense (higher is brighter).
+Before any pixel data is read, the Rows x Columns x frames the headers claim are held against
+io.max_pixels() and against what the files can hold (io.check_claimed_size).
 
-Every problem with a series (several series in the folder, missing or duplicated slices, uneven
-spacing, mixed sizes or orientations, a compressed transfer syntax without a decoder, no pixel
-data) is one InputError naming the folder or file. pydicom is needed only here, and is imported
-when a DICOM input is read: without it the error names the extra to install.
+A folder of several series is read with `series` (choose_series maps the CLI's --series UIDs to
+the inputs holding them). Every problem with a series (several series in the folder, missing
+or duplicated slices, uneven spacing, mixed sizes or orientations, a compressed transfer syntax
+without a decoder, no pixel data) is one InputError naming the folder or file. pydicom is needed
+only here, and is imported when a DICOM input is read: without it the error names the extra to
+install.
 """
 from __future__ import annotations
 
@@ -23,7 +27,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from promptseg.data.io import ImageData, check_image_array
+from promptseg.data.io import (
+    _IMAGE_MAX_RATIO,
+    ImageData,
+    check_claimed_size,
+    check_image_array,
+    read_image,
+)
 from promptseg.errors import InputError, short_reason
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -120,6 +130,7 @@ def read_dicom(path: str | os.PathLike, series: str | None = None) -> DicomImage
     if multiframe and len(datasets) > 1:
         raise InputError(path, f"series {datasets[0].SeriesInstanceUID} mixes {len(multiframe)} multi-frame and "
                          f"{len(datasets) - len(multiframe)} single-frame files; pass one multi-frame file")
+    _check_claimed_voxels(path, datasets)
     for ds in datasets:
         _check_decodable(ds, pydicom)
     frames = _multiframe_frames(datasets[0]) if multiframe else [_single_frame(ds) for ds in datasets]
@@ -169,9 +180,9 @@ def _headers(path: str, pydicom: Any) -> list[Any]:
     return headers
 
 
-def _one_series(path: str, headers: Sequence[Any], series: str | None) -> list[Any]:
-    """The image instances of the one series at `path` (or of `series`); InputError when there are
-    none or several."""
+def _series_groups(path: str, headers: Sequence[Any]) -> dict[str, list[Any]]:
+    """SeriesInstanceUID -> the image instances of that series among `headers` (in file order);
+    InputError naming `path` when none of them holds an image."""
     images = [ds for ds in headers if "Rows" in ds and "Columns" in ds]
     if not images:
         kinds = sorted({str(ds.get("Modality", "?")) for ds in headers})
@@ -179,14 +190,70 @@ def _one_series(path: str, headers: Sequence[Any], series: str | None) -> list[A
     groups: dict[str, list[Any]] = {}
     for ds in images:
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    return groups
+
+
+def _one_series(path: str, headers: Sequence[Any], series: str | None) -> list[Any]:
+    """The image instances of the one series at `path` (or of `series`); InputError when there are
+    none or several."""
+    groups = _series_groups(path, headers)
     if series is not None:
         if series not in groups:
             raise InputError(path, f"no series {series} here; series present: {_describe(groups)}")
         return groups[series]
     if len(groups) > 1:
-        raise InputError(path, f"holds {len(groups)} series, pass one series' folder or choose one by UID: "
-                         f"{_describe(groups)}")
+        raise InputError(path, f"holds {len(groups)} series, pass one series' folder or choose "
+                         f"one with --series UID: {_describe(groups)}")
     return next(iter(groups.values()))
+
+
+def series_uids(path: str | os.PathLike) -> list[str]:
+    """The SeriesInstanceUIDs of the image series at `path` (a folder or one file), from the headers
+    alone (no pixel data is read); InputError naming `path` as read_dicom would."""
+    path = os.fspath(path)
+    pydicom = _pydicom(path)
+    if not os.path.exists(path):
+        raise InputError(path, "file or folder not found")
+    return list(_series_groups(path, _headers(path, pydicom)))
+
+
+def choose_series(
+    paths: Sequence[str], chosen: Sequence[str], flag: str = "--series"
+) -> dict[str, str | None]:
+    """The series to read from each of `paths` given the UIDs `chosen` on the command line.
+
+    A DICOM input holding one of the chosen UIDs reads that series; other inputs get None (one
+    series, read as is; several are refused by read_dicom naming them). InputError naming `flag`
+    for a UID no input holds, or naming the input that holds two of them."""
+    picks: dict[str, str | None] = {path: None for path in paths}
+    if not chosen:
+        return picks
+    used: set[str] = set()
+    for path in paths:
+        if not is_dicom_input(path):
+            continue
+        held = set(series_uids(path))
+        present = [uid for uid in dict.fromkeys(chosen) if uid in held]
+        if len(present) > 1:
+            raise InputError(path, f"holds several of the {flag} series ({', '.join(present)}); "
+                             "pass one")
+        if present:
+            picks[path] = present[0]
+            used.add(present[0])
+    for uid in chosen:
+        if uid not in used:
+            raise InputError(flag, f"no DICOM input holds series {uid}")
+    return picks
+
+
+def read_input(path: str | os.PathLike, series: str | None = None) -> ImageData:
+    """io.read_image, or with `series` the DICOM series of that SeriesInstanceUID at `path`."""
+    if series is None:
+        return read_image(path)
+    if not is_dicom_input(path):
+        raise InputError(os.fspath(path), f"series {series} was chosen, but this is not a DICOM "
+                         "input")
+    return read_dicom(path, series=series)
 
 
 def _describe(groups: dict[str, list[Any]]) -> str:
@@ -200,11 +267,35 @@ def _describe(groups: dict[str, list[Any]]) -> str:
     return "; ".join(parts)
 
 
+def _compressed(ds: Any) -> bool:
+    """Whether the transfer syntax of `ds` compresses its pixel data."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
+    return syntax is not None and syntax.is_compressed
+
+
+def _check_claimed_voxels(path: str, datasets: Sequence[Any]) -> None:
+    """io.check_claimed_size on the Rows x Columns x frames the headers of one series claim, before
+    any pixel data is read or allocated: one InputError naming `path` above max_pixels(), or when
+    the files are too small to hold that many stored values."""
+    try:
+        rows = max(int(ds.Rows) for ds in datasets)
+        columns = max(int(ds.Columns) for ds in datasets)
+        frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets)
+        bits = int(datasets[0].get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError):
+        raise InputError(path, "malformed Rows, Columns, NumberOfFrames or BitsAllocated") from None
+    stored = sum(os.path.getsize(ds.filename) for ds in datasets)
+    capacity = stored * (_IMAGE_MAX_RATIO if any(_compressed(ds) for ds in datasets) else 1)
+    if bits < 8:
+        capacity *= 8  # 1-bit data: eight values a byte
+    check_claimed_size(path, (columns, rows, frames), max(1, bits // 8), capacity, what="voxels")
+
+
 def _check_decodable(ds: Any, pydicom: Any) -> None:
     """InputError naming the file when its transfer syntax is compressed and no installed plugin decodes it."""
-    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
-    if syntax is None or not syntax.is_compressed:
+    if not _compressed(ds):
         return
+    syntax = ds.file_meta.TransferSyntaxUID
     try:
         available = pydicom.pixels.get_decoder(syntax).is_available
     except NotImplementedError:
@@ -352,20 +443,44 @@ def _pixels(datasets: Sequence[Any], frames: Sequence[_Frame], multiframe: bool,
         if stored.shape != (len(frames), rows, columns):
             raise InputError(ds.filename, f"pixel data of shape {stored.shape}, expected {(len(frames), rows, columns)}")
         for z, frame in enumerate(frames):
-            values = stored[frame.index].astype(np.float32)
-            if frame.rescale is not None:
-                values = values * np.float32(frame.rescale[0]) + np.float32(frame.rescale[1])
-            else:
-                values = np.asarray(pydicom.pixels.apply_modality_lut(stored[frame.index], ds), dtype=np.float32)
-            out[:, :, z] = values.T
+            transform = _modality_transform(ds, frame.rescale, pydicom)
+            out[:, :, z] = _inverted_if_monochrome1(transform(stored[frame.index]), ds, transform).T
         return out
     for z, frame in enumerate(frames):
         ds = _full(frame.file, pydicom)
         stored = _decode(ds)
         if stored.shape != (rows, columns):
             raise InputError(frame.file, f"pixel data of shape {stored.shape}, expected {(rows, columns)}")
-        out[:, :, z] = np.asarray(pydicom.pixels.apply_modality_lut(stored, ds), dtype=np.float32).T
+        transform = _modality_transform(ds, None, pydicom)
+        out[:, :, z] = _inverted_if_monochrome1(transform(stored), ds, transform).T
     return out
+
+
+def _modality_transform(
+    ds: Any, rescale: tuple[float, float] | None, pydicom: Any
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Stored values -> float32 modality values: a frame's own (slope, intercept), else the
+    dataset's Modality LUT or RescaleSlope/RescaleIntercept (pydicom's apply_modality_lut)."""
+    if rescale is not None:
+        slope, intercept = np.float32(rescale[0]), np.float32(rescale[1])
+        return lambda stored: stored.astype(np.float32) * slope + intercept
+    lut = pydicom.pixels.apply_modality_lut
+    return lambda stored: np.asarray(lut(stored, ds), dtype=np.float32)
+
+
+def _inverted_if_monochrome1(
+    values: np.ndarray, ds: Any, transform: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """MONOCHROME1 (the lowest value shown white) turned into MONOCHROME2's sense, higher brighter:
+    v -> lo + hi - v, with lo and hi the modality values of the smallest and largest stored value
+    BitsStored allows (the same mapping for every slice, so the volume stays consistent)."""
+    if str(ds.get("PhotometricInterpretation", "")).strip() != "MONOCHROME1":
+        return values
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    ends = transform(np.array([low, high], dtype=np.int64 if signed else np.uint64))
+    return (np.float32(ends.min()) + np.float32(ends.max()) - values).astype(np.float32)
 
 
 def _full(file: str, pydicom: Any) -> Any:
@@ -386,7 +501,7 @@ def _decode(ds: Any) -> np.ndarray:
         raise InputError(ds.filename, f"unreadable pixel data ({short_reason(exc)})") from None
 
 
-def _highdicom(source: str) -> Any:
+def highdicom_module(source: str) -> Any:
     """The highdicom module, or an InputError naming `source` and the extra that installs it."""
     try:
         import highdicom
@@ -411,7 +526,7 @@ def segmentation(
     the source instances (or frames of a multi-frame source) and copy their plane positions.
     uid_seed: derive the new series and instance UIDs from it and the source series (so a rerun gives
     the same UIDs); None: random UIDs."""
-    hd = _highdicom(source.path)
+    hd = highdicom_module(source.path)
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
@@ -449,3 +564,26 @@ def segmentation(
 def segmentation_writer(segmentation_object: Any) -> Callable[[str], None]:
     """A writer (for files.atomic_write) saving a Segmentation as a DICOM Part 10 file."""
     return lambda temporary: segmentation_object.save_as(temporary, enforce_file_format=True)
+
+
+def segmentation_kinds(probabilities: bool) -> dict[str, str]:
+    """Output kind -> file ending of the DICOM-SEG outputs of a DICOM query: "seg" (BINARY) and,
+    with `probabilities`, "prob_seg" (FRACTIONAL); written as NAME_seg.dcm and NAME_prob_seg.dcm."""
+    return {"seg": ".dcm", "prob_seg": ".dcm"} if probabilities else {"seg": ".dcm"}
+
+
+def segmentation_writers(
+    source: DicomSource, masks: np.ndarray, probabilities: np.ndarray | None, labels: Sequence[int],
+    names: Mapping[int, str] | None = None, uid_seed: str | None = None,
+) -> dict[str, Callable[[str], None]]:
+    """kind (segmentation_kinds) -> writer (for files.atomic_write) of the DICOM-SEG outputs of one
+    DICOM volume: "seg" from masks (L, X, Y, Z) bool and, when probabilities (L, X, Y, Z) in [0, 1]
+    are given, "prob_seg". The objects are built here, so writing cannot fail on their content.
+    uid_seed: as segmentation's, suffixed by the kind (None: random UIDs)."""
+    writers = {}
+    for kind, values in (("seg", masks), ("prob_seg", probabilities)):
+        if values is not None:
+            seed = None if uid_seed is None else f"{uid_seed}:{kind}"
+            seg = segmentation(source, values, labels, names, kind == "prob_seg", uid_seed=seed)
+            writers[kind] = segmentation_writer(seg)
+    return writers

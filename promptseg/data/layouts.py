@@ -2,17 +2,20 @@
 
 nnU-Net v2:  ROOT/dataset.json, ROOT/imagesTr/NAME_0000.ext (one file per channel), ROOT/labelsTr/NAME.ext
 simple:      ROOT/images/NAME.ext, ROOT/labels/NAME.ext (same NAME, any supported extensions),
-             optional ROOT/dataset.json
+             optional ROOT/dataset.json; an image may also be a DICOM series folder
+             ROOT/images/NAME/ or a DICOM file ROOT/images/NAME.dcm (read by promptseg.data.dicom)
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from promptseg.data.dicom import DICOM_EXTENSIONS
 from promptseg.data.io import SUPPORTED_EXTENSIONS
 from promptseg.files import file_extension, strip_extension
 from promptseg.errors import InputError, short_reason
@@ -92,6 +95,18 @@ def open_dataset(root: str | os.PathLike) -> DatasetInfo:
     )
 
 
+def nearby_label_names(paths: Sequence[str | os.PathLike]) -> dict[int, str]:
+    """The label names (value -> name) of the first dataset.json found, trying each of `paths` in
+    turn, in the folder holding it or the one above (so ROOT/labelsTr/x.nii.gz, ROOT/images/x.png
+    and a series folder ROOT/images/case/ all find ROOT/dataset.json); {} when there is none."""
+    for path in paths:
+        folder = Path(os.path.abspath(os.fspath(path).rstrip(os.sep))).parent
+        for root in (folder, folder.parent):
+            if (root / "dataset.json").is_file():
+                return _label_names(_read_dataset_json(root).get("labels"), root)
+    return {}
+
+
 def _read_dataset_json(root: Path) -> dict[str, Any]:
     path = root / "dataset.json"
     if not path.is_file():
@@ -150,13 +165,20 @@ def _modality(meta: dict[str, Any]) -> str:
     return "unknown"
 
 
-def _image_files(folder: Path, ending: str | None = None) -> list[Path]:
-    """Visible files of `folder` with a supported extension (or exactly `ending`), sorted by name."""
+def _image_files(folder: Path, ending: str | None = None, dicom: bool = False) -> list[Path]:
+    """Visible files of `folder` with a supported extension (or exactly `ending`), sorted by name;
+    with `dicom` also its .dcm/.dicom files and its sub-folders (DICOM series)."""
     files = []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith(".") or not entry.is_file():
+        if entry.name.startswith("."):
             continue
-        if (entry.name.endswith(ending)) if ending else file_extension(entry) in SUPPORTED_EXTENSIONS:
+        dicom_file = entry.is_file() and file_extension(entry) in DICOM_EXTENSIONS
+        if dicom and (entry.is_dir() or dicom_file):
+            files.append(entry)
+        elif not entry.is_file():
+            continue
+        elif (entry.name.endswith(ending) if ending
+              else file_extension(entry) in SUPPORTED_EXTENSIONS):
             files.append(entry)
     return files
 
@@ -165,7 +187,10 @@ def _by_name(files: list[Path], folder: Path, ending: str | None = None) -> dict
     """NAME -> file, refusing two files with one NAME (e.g. a.png and a.jpg)."""
     named: dict[str, Path] = {}
     for path in files:
-        name = path.name[: -len(ending)] if ending else strip_extension(path.name)
+        if path.is_dir():
+            name = path.name
+        else:
+            name = path.name[: -len(ending)] if ending else strip_extension(path.name)
         if name in named:
             raise InputError(folder, f"two files for case '{name}': {named[name].name} and {path.name}")
         named[name] = path
@@ -173,7 +198,7 @@ def _by_name(files: list[Path], folder: Path, ending: str | None = None) -> dict
 
 
 def _simple_cases(root: Path) -> list[Case]:
-    images = _by_name(_image_files(root / "images"), root / "images")
+    images = _by_name(_image_files(root / "images", dicom=True), root / "images")
     labels_dir = root / "labels"
     labels = _by_name(_image_files(labels_dir), labels_dir) if labels_dir.is_dir() else {}
     orphans = sorted(set(labels) - set(images))

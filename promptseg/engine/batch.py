@@ -6,6 +6,10 @@ A job is one JSON object a line:
     {"query": "scan.nii.gz", "prompts": [["p0.png", "p0_mask.png"], ...], "label": 2, "out": "case7",
      "truth": "scan_labels.nii.gz"}
     {"query": "ct_series/", "prompt_volume": ["atlas.nii.gz", "atlas_labels.nii.gz"], "label": [1, 2]}
+    {"query": "study/", "series": "1.2.840.1.7", "prompts": [["p0.png", "p0_mask.png"]]}
+
+("series" picks one series of a DICOM folder holding several; "prompt_series" the same for a DICOM
+prompt volume.)
 
 Relative paths are taken from the jobs file's folder. The work is cut into units (run_unit): the 2D
 queries of one prompt set in fixed groups of max_batch (fixed by the jobs file, not by what is left to
@@ -28,9 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.io import ImageData, read_image, read_label, slice_volume, write_nifti_like, write_png
+from promptseg.data.dicom import (
+    is_dicom_input,
+    read_input,
+    segmentation_kinds,
+    segmentation_writers,
+)
+from promptseg.data.io import ImageData, read_label, slice_volume, write_nifti_like, write_png
 from promptseg.files import atomic_write, strip_extension, write_text
 from promptseg.metrics import dice_percent
+from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.prompts_input import Prompt
@@ -39,24 +50,27 @@ from promptseg.errors import InputError, PromptSegError, short_reason
 
 LOG_NAME = "batch_log.jsonl"
 SUMMARY_NAME = "summary.csv"
-JOB_KEYS = ("query", "prompts", "prompt_volume", "label", "out", "truth")
+JOB_KEYS = ("query", "series", "prompts", "prompt_volume", "prompt_series", "label", "out", "truth")
 
 
 @dataclass(frozen=True)
 class PromptSpec:
     """A prompt set as the jobs file names it: (image, mask or label map) pairs, or a prompt volume
-    with its label volume from which `slices` slices holding the labels are taken along `axis`."""
+    with its label volume from which `slices` slices holding the labels are taken along `axis`
+    (series: the SeriesInstanceUID to read from a DICOM prompt volume folder of several series)."""
 
     pairs: tuple[tuple[str, str], ...] = ()
     volume: tuple[str, str] | None = None
     labels: tuple[int, ...] | None = None
     axis: int = 2
     slices: int = 8
+    series: str | None = None
 
 
 @dataclass(frozen=True)
 class Job:
-    """One line of the jobs file. outputs: kind -> path (mask, prob or prob_labelN, seg, prob_seg)."""
+    """One line of the jobs file. outputs: kind -> path (mask, prob or prob_labelN, seg, prob_seg);
+    series: the SeriesInstanceUID to read from a DICOM query folder of several series."""
 
     name: str
     line: int
@@ -65,6 +79,7 @@ class Job:
     truth: str | None
     digest: str  # of the job's specification and the options that change its outputs
     outputs: tuple[tuple[str, str], ...]
+    series: str | None = None
 
     @property
     def volume(self) -> bool:
@@ -113,8 +128,6 @@ class Unit:
 def _kind_of(path: str) -> str:
     """'dicom', 'nifti' (NIfTI files and .npy/.npz volumes: NIfTI outputs) or '2d' for a query path,
     decided without reading it (promptseg.data.volumes.has_volume_outputs)."""
-    from promptseg.data.dicom import is_dicom_input
-
     if not has_volume_outputs(path):
         return "2d"
     return "dicom" if is_dicom_input(path) else "nifti"
@@ -141,6 +154,8 @@ def _prompt_spec(entry: Mapping[str, Any], base: str, where: str, labels: tuple[
     if ("prompts" in entry) == ("prompt_volume" in entry):
         raise InputError(where, "needs exactly one of 'prompts' ([[image, mask], ...]) and 'prompt_volume' ([image, labels])")
     if "prompts" in entry:
+        if "prompt_series" in entry:
+            raise InputError(where, "'prompt_series' applies to a 'prompt_volume' only")
         pairs = entry["prompts"]
         if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
             raise InputError(where, "'prompts' must be a non-empty list of [image, mask] pairs")
@@ -149,8 +164,24 @@ def _prompt_spec(entry: Mapping[str, Any], base: str, where: str, labels: tuple[
     volume = entry["prompt_volume"]
     if not isinstance(volume, list) or len(volume) != 2:
         raise InputError(where, "'prompt_volume' must be [image, labels]")
-    return PromptSpec(volume=(_path(volume[0], base, where, "prompt_volume"), _path(volume[1], base, where, "prompt_volume")),
-                      labels=labels, axis=options.axis, slices=options.prompt_slices)
+    image = _path(volume[0], base, where, "prompt_volume")
+    return PromptSpec(volume=(image, _path(volume[1], base, where, "prompt_volume")),
+                      labels=labels, axis=options.axis, slices=options.prompt_slices,
+                      series=_series(entry, "prompt_series", image, where))
+
+
+def _series(entry: Mapping[str, Any], key: str, path: str, where: str) -> str | None:
+    """The SeriesInstanceUID under `key` of a job, for the DICOM input `path`; InputError naming
+    `where` when it is not a UID or `path` is not a DICOM input."""
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not all(part.isdigit() for part in value.split(".")):
+        raise InputError(where, f"'{key}' must be a SeriesInstanceUID (digits and dots), "
+                         f"got {json.dumps(value)}")
+    if not is_dicom_input(path):
+        raise InputError(where, f"'{key}' chooses a DICOM series, but {path} is not a DICOM input")
+    return value
 
 
 def output_paths(name: str, kind: str, labels: tuple[int, ...] | None, out_dir: str, probabilities: bool) -> tuple[tuple[str, str], ...]:
@@ -164,9 +195,7 @@ def output_paths(name: str, kind: str, labels: tuple[int, ...] | None, out_dir: 
         for label in labels if several else (None,):
             kinds[f"prob_label{label}" if several else "prob"] = ".nii.gz" if volume else ".npy"
     if kind == "dicom":
-        kinds["seg"] = ".dcm"
-        if probabilities:
-            kinds["prob_seg"] = ".dcm"
+        kinds.update(segmentation_kinds(probabilities))
     return tuple((k, os.path.join(out_dir, f"{name}_{k}{ext}")) for k, ext in kinds.items())
 
 
@@ -209,7 +238,8 @@ def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
         truth = None if entry.get("truth") is None else _path(entry["truth"], base, where, "truth")
         digest = hashlib.sha256(json.dumps([entry, shared], sort_keys=True).encode()).hexdigest()[:16]
         outputs = output_paths(name, _kind_of(query), labels, out_dir, options.probabilities)
-        jobs.append(Job(name, number, query, prompts, truth, digest, outputs))
+        series = _series(entry, "series", query, where)
+        jobs.append(Job(name, number, query, prompts, truth, digest, outputs, series))
     if not jobs:
         raise InputError(path, "holds no jobs")
     return jobs
@@ -284,7 +314,7 @@ def _prompt_volume_pairs(spec: PromptSpec) -> tuple[list[np.ndarray], list[np.nd
     """Up to spec.slices (H, W) image and label slices of the prompt volume along spec.axis, evenly
     spaced among the slices holding one of the labels (any label when none are named)."""
     image_path, label_path = spec.volume  # type: ignore[misc]
-    image, labels = read_image(image_path), read_label(label_path)
+    image, labels = read_input(image_path, spec.series), read_label(label_path)
     if image.array.ndim != 3 or labels.array.shape != image.array.shape:
         raise InputError(label_path, f"prompt labels of shape {labels.array.shape} do not match the prompt volume "
                          f"{image.array.shape}")
@@ -324,6 +354,23 @@ def _score(job: Job, result: LabelResult, masks: np.ndarray) -> float | None:
     return float(np.mean([dice_percent(m, truth == label) for m, label in zip(masks, result.labels)]))
 
 
+def label_masks(result: LabelResult, threshold: float) -> np.ndarray:
+    """(L, *spatial) bool masks of result's labels: the label map's regions for several labels,
+    probabilities above `threshold` for one."""
+    if len(result.labels) > 1:
+        label_map = result.label_map
+        return np.stack([label_map == label for label in result.labels])
+    return result.probabilities[:1] > threshold
+
+
+def label_names(job: Job, options: Options) -> dict[int, str]:
+    """Segment names of a job's DICOM-SEG: the labels of a dataset.json beside its prompt label maps
+    or its query (layouts.nearby_label_names), overridden by --label-names."""
+    spec = job.prompts
+    maps = [m for _, m in spec.pairs] if spec.volume is None else [spec.volume[1]]
+    return {**nearby_label_names([*maps, job.query]), **dict(options.label_names)}
+
+
 def _writers(job: Job, data: ImageData, result: LabelResult, options: Options) -> tuple[list[tuple[str, Callable[[str, bool], None]]], np.ndarray]:
     """(path, write(path, overwrite)) of every output of `job` (all arrays computed up front) and the
     (L, *spatial) bool masks. PromptSegError when the model gave non-finite probabilities."""
@@ -331,12 +378,10 @@ def _writers(job: Job, data: ImageData, result: LabelResult, options: Options) -
         raise PromptSegError("the model gave non-finite probabilities (NaN or Inf); nothing was written")
     outputs = dict(job.outputs)
     several = len(result.labels) > 1
-    label_map = result.label_map if several else None
-    masks = (np.stack([label_map == label for label in result.labels]) if several
-             else result.probabilities[:1] > options.threshold)
+    masks = label_masks(result, options.threshold)
     volume = job.volume
     writes: list[tuple[str, Callable[[str, bool], None]]] = []
-    mask = label_map if several else masks[0].astype(np.uint8) * (1 if volume else 255)
+    mask = result.label_map if several else masks[0].astype(np.uint8) * (1 if volume else 255)
     if volume:
         writes.append((outputs["mask"], lambda p, o: write_nifti_like(p, mask, data, o)))
     else:
@@ -350,15 +395,12 @@ def _writers(job: Job, data: ImageData, result: LabelResult, options: Options) -
             else:
                 writes.append((outputs[kind], lambda p, o, v=values: atomic_write(p, lambda t: np.save(t, v), o)))
     if "seg" in outputs:
-        from promptseg.data.dicom import segmentation, segmentation_writer
-
-        names = dict(options.label_names)
+        probabilities = result.probabilities if "prob_seg" in outputs else None
         source = data.dicom  # type: ignore[attr-defined]
-        for kind, values, fractional in (("seg", masks, False), ("prob_seg", result.probabilities, True)):
-            if kind in outputs:
-                writer = segmentation_writer(segmentation(source, values, result.labels, names, fractional,
-                                                          uid_seed=f"{job.digest}:{kind}"))
-                writes.append((outputs[kind], lambda p, o, w=writer: atomic_write(p, w, o)))
+        writers = segmentation_writers(source, masks, probabilities, result.labels,
+                                       label_names(job, options), uid_seed=job.digest)
+        for kind, writer in writers.items():
+            writes.append((outputs[kind], lambda p, o, w=writer: atomic_write(p, w, o)))
     return writes, masks
 
 
@@ -376,7 +418,7 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
     loaded: list[tuple[Job, ImageData]] = []
     for job in unit.jobs:
         try:
-            data = read_image(job.query)
+            data = read_input(job.query, job.series)
             if job.volume and not data.is_volume:  # the rule of promptseg.data.volumes, as in the API
                 raise InputError(job.query, f"expected a 3D volume, got shape {data.array.shape}")
             if not job.volume:
