@@ -495,17 +495,17 @@ def test_segment_reads_and_prepares_each_query_once(
 
     reads: list[str] = []
     resized: list[tuple[int, ...]] = []
-    read_image, resize_image = segment_command.read_image, preprocess.resize_image
+    read_input, resize_image = segment_command.read_input, preprocess.resize_image
 
-    def counting_read(path: str) -> object:
+    def counting_read(path: str, series: str | None = None) -> object:
         reads.append(str(path))
-        return read_image(path)
+        return read_input(path, series)
 
     def counting_resize(image: torch.Tensor, size: object) -> torch.Tensor:
         resized.append(tuple(image.shape))
         return resize_image(image, size)
 
-    monkeypatch.setattr(segment_command, "read_image", counting_read)
+    monkeypatch.setattr(segment_command, "read_input", counting_read)
     monkeypatch.setattr(preprocess, "resize_image", counting_resize)
     queries = [str(prompt_files["query"]), str(prompt_files["empty"])]
     argv = [
