@@ -11,12 +11,12 @@ from tests.helpers import TINY_CONFIG
 
 def test_a_backend_leaves_the_callers_model_unchanged() -> None:
     torch.manual_seed(0)
-    model = PromptSegNet(TINY_CONFIG).train().set_attention_backend("reference")
+    model = PromptSegNet(TINY_CONFIG).train().set_attention_kernel("reference")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     backend = create_backend("torch", model, torch.device("cpu"))
     assert backend.model is not model
-    assert model.training and model.attention_backend == "reference"
-    assert not backend.model.training and backend.model.attention_backend == "sdpa"
+    assert model.training and model.attention_kernel == "reference"
+    assert not backend.model.training and backend.model.attention_kernel == "sdpa"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
         assert tensor.data_ptr() != backend.model.state_dict()[name].data_ptr(), name
@@ -27,9 +27,9 @@ def test_two_segmenters_on_one_model_are_independent() -> None:
     torch.manual_seed(0)
     model = PromptSegNet(TINY_CONFIG)
     first, second = Segmenter(model, backend="torch"), Segmenter(model, backend="torch")
-    first.backend.model.set_attention_backend("reference")
-    assert second.backend.model.attention_backend == "sdpa"
-    assert model.attention_backend == "sdpa"
+    first.backend.model.set_attention_kernel("reference")
+    assert second.backend.model.attention_kernel == "sdpa"
+    assert model.attention_kernel == "sdpa"
     images = torch.rand(1, 2, TINY_CONFIG.in_channels, 32, 32)
     maps = (torch.rand(1, 2, 32, 32) > 0.5).float()
     types = torch.ones(1, 2, dtype=torch.long)

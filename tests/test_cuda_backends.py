@@ -73,7 +73,7 @@ def test_triton_training_step_matches_sdpa(inputs: tuple[torch.Tensor, ...]) -> 
     images, maps, types, queries, targets = (t.to(CUDA) for t in inputs)
     results = {}
     for attention in ("sdpa", "triton"):
-        model = load_model(packaged_weights_path()).to(CUDA).train().set_attention_backend(attention)
+        model = load_model(packaged_weights_path()).to(CUDA).train().set_attention_kernel(attention)
         loss = segmentation_loss(model(images, maps, types, queries), targets)
         loss.backward()
         results[attention] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
@@ -84,7 +84,7 @@ def test_triton_training_step_matches_sdpa(inputs: tuple[torch.Tensor, ...]) -> 
 def test_bf16_autocast_close_to_float32(inputs: tuple[torch.Tensor, ...]) -> None:
     """The training forward under bf16 autocast (Triton attention) against float32, and finite gradients."""
     images, maps, types, queries, _ = (t.to(CUDA) for t in inputs)
-    model = load_model(packaged_weights_path()).to(CUDA).set_attention_backend("triton")
+    model = load_model(packaged_weights_path()).to(CUDA).set_attention_kernel("triton")
     with torch.no_grad():
         expected = model(images, maps, types, queries)
     with autocast_for(CUDA, enabled=True):

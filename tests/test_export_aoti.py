@@ -41,7 +41,7 @@ CPP_SOURCE = Path(__file__).resolve().parents[1] / "examples" / "cpp"
 @pytest.fixture(scope="module")
 def eager_model(tiny_checkpoint: Path) -> PromptSegNet:  # noqa: F811
     """The tiny model as the packages are exported: eval, float32, SDPA attention."""
-    return load_model(tiny_checkpoint).float().eval().set_attention_backend("sdpa")
+    return load_model(tiny_checkpoint).float().eval().set_attention_kernel("sdpa")
 
 
 @pytest.fixture(scope="module")

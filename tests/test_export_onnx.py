@@ -53,7 +53,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint: Path) -> PromptSegNet:  # noqa: F811
     """The tiny model in eager float32 with SDPA attention: the reference for every comparison."""
-    return load_model(tiny_checkpoint).eval().set_attention_backend("sdpa")
+    return load_model(tiny_checkpoint).eval().set_attention_kernel("sdpa")
 
 
 @pytest.fixture(scope="module")

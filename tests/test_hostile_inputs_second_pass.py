@@ -268,7 +268,7 @@ def test_non_finite_probabilities_are_never_written(prompt_args: list[str], quer
 BAD_TRAINING_VALUES = [
     {"checkpoint_every": 0}, {"shots": [0, 4]}, {"shots": [4, 1]}, {"shots": [1, 65]}, {"shots": "lots"},
     {"episodes_per_step": 0}, {"queries": 0}, {"lr": float("nan")}, {"lr": -1}, {"steps": "lots"}, {"steps": -5},
-    {"attention_backend": "fastest"}, {"val_every": 0}, {"val_shots": 0}, {"axis": 3}, {"synthetic_fraction": 2},
+    {"attention_kernel": "fastest"}, {"val_every": 0}, {"val_shots": 0}, {"axis": 3}, {"synthetic_fraction": 2},
     {"grad_clip": float("inf")}, {"loader_workers": -1}, {"seed": -1}, {"mixed_precision": "yes"},
     {"model": {"head_dim": 0}}, {"model": [1, 2]},
 ]

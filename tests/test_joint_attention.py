@@ -64,7 +64,7 @@ def test_joint_attention_matches_explicit_concatenation(backend, batch, groups, 
     dtype = torch.float64 if backend != "triton" else torch.float32
     leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v, own_k, own_v)]
     lengths_d = None if key_lengths is None else key_lengths.to(DEVICE)
-    out = cross_attention(*leaves[:3], lengths_d, backend=backend, own_k=leaves[3], own_v=leaves[4])
+    out = cross_attention(*leaves[:3], lengths_d, kernel=backend, own_k=leaves[3], own_v=leaves[4])
     out.backward(grad.to(DEVICE, dtype))
     torch.testing.assert_close(out.double().cpu(), expected.detach(), atol=TOL[dtype], rtol=0)
     for name, leaf, reference in zip(("dq", "dk", "dv", "d_own_k", "d_own_v"), leaves, expected_leaves):

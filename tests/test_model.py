@@ -78,9 +78,9 @@ def test_reference_and_sdpa_backends_agree(model: PromptSegNet) -> None:
     images, maps, types = prompt_set(1, 3, TINY, seed=6)
     queries = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        sdpa = model.set_attention_backend("sdpa")(images, maps, types, queries)
-        reference = model.set_attention_backend("reference")(images, maps, types, queries)
-    model.set_attention_backend("sdpa")
+        sdpa = model.set_attention_kernel("sdpa")(images, maps, types, queries)
+        reference = model.set_attention_kernel("reference")(images, maps, types, queries)
+    model.set_attention_kernel("sdpa")
     torch.testing.assert_close(sdpa, reference, atol=ATOL, rtol=0)
 
 
@@ -114,7 +114,7 @@ def test_gradients_reach_the_prompt_side(model: PromptSegNet) -> None:
 def test_reference_gives_zero_rows_and_gradients_for_an_empty_group() -> None:
     q = torch.randn(2, 1, 3, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 1, 5, 4, dtype=torch.float64, requires_grad=True)
-    out = cross_attention(q, k, k, key_lengths=torch.tensor([0, 5]), backend="reference")
+    out = cross_attention(q, k, k, key_lengths=torch.tensor([0, 5]), kernel="reference")
     out.sum().backward()
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()

@@ -127,3 +127,11 @@ def test_resume_with_hardness_weighted_draws_is_exact(tmp_path: Path) -> None:
     trainer.run()
     read = lambda run: [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(read(resumed), read(straight), rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_config_written_before_the_kernel_rename_still_loads() -> None:
+    """train_config.json of older runs names the attention kernel `attention_backend`."""
+    from promptseg.train.config import TrainConfig
+
+    config = TrainConfig.from_dict({"attention_backend": "sdpa", "steps": 3})
+    assert config.attention_kernel == "sdpa" and config.steps == 3

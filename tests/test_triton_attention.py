@@ -155,13 +155,13 @@ def test_head_dims(head_dim: int) -> None:
 
 
 def test_strided_inputs_through_dispatcher() -> None:
-    """Non-contiguous q / k / v (head-minor layouts) via cross_attention(backend="triton")."""
+    """Non-contiguous q / k / v (head-minor layouts) via cross_attention(kernel="triton")."""
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(4, NQ, 2, 32, generator=gen).to(DEVICE).transpose(1, 2)
     k = torch.randn(2, NK, 2, 32, generator=gen).to(DEVICE).transpose(1, 2)
     v = torch.randn(2, NK, 2, 32, generator=gen).to(DEVICE).transpose(1, 2)
     lengths = torch.tensor([NK, 7], device=DEVICE)
-    out = cross_attention(q, k, v, lengths, backend="triton")
+    out = cross_attention(q, k, v, lengths, kernel="triton")
     expected = reference_cross_attention(q, k, v, lengths, compute_dtype=torch.float64)
     torch.testing.assert_close(out.double(), expected.double(), atol=ATOL[torch.float32], rtol=RTOL[torch.float32])
 
@@ -302,7 +302,7 @@ def test_model_with_triton_backend_matches_reference_and_trains(monkeypatch: pyt
     results = {}
     for backend in ("reference", "triton"):
         model.zero_grad(set_to_none=True)
-        model.set_attention_backend(backend)
+        model.set_attention_kernel(backend)
         logits = model(images, maps, types, queries, num_prompts=num_prompts)
         segmentation_loss(logits, targets).backward()
         grads = (model.blocks[0][0].cross_attention.k_proj.weight.grad.clone(),
@@ -358,12 +358,12 @@ def test_launch_grids_fit_cuda_limits_beyond_65535_rows(monkeypatch: pytest.Monk
 
 def test_backend_refuses_a_device_it_cannot_run_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """With CUDA present and no interpreter, a CPU device is refused in one line by the inference
-    backend, by set_attention_backend and by training; under the interpreter a CUDA device is refused."""
+    backend, by set_attention_kernel and by training; under the interpreter a CUDA device is refused."""
     import dataclasses
 
     from promptseg.engine.backends import backend_availability
     from promptseg.errors import PromptSegError
-    from promptseg.kernels import default_backend
+    from promptseg.kernels import default_kernel
     from promptseg.model import ModelConfig, PromptSegNet
     from promptseg.train.config import TrainConfig
     from promptseg.train.trainer import train
@@ -372,21 +372,21 @@ def test_backend_refuses_a_device_it_cannot_run_on(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     ok, why = backend_availability("triton", "cpu")
     assert not ok and "not cpu" in why and "\n" not in why
-    assert backend_availability("triton", "cuda") == (True, "") and default_backend("cpu") == "sdpa"
+    assert backend_availability("triton", "cuda") == (True, "") and default_kernel("cpu") == "sdpa"
     model = PromptSegNet(ModelConfig(resolution=32, widths=(8, 16, 32, 32), head_dim=16, attention_depth=1,
                                      blocks_per_stage=1))
-    with pytest.raises(PromptSegError, match="attention backend 'triton' cannot run on cpu") as caught:
-        model.set_attention_backend("triton")
-    assert "\n" not in str(caught.value) and model.attention_backend == "sdpa"
+    with pytest.raises(PromptSegError, match="attention kernel 'triton' cannot run on cpu") as caught:
+        model.set_attention_kernel("triton")
+    assert "\n" not in str(caught.value) and model.attention_kernel == "sdpa"
     tiny = TrainConfig.load(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml")
-    with pytest.raises(PromptSegError, match="attention backend 'triton' cannot run on cpu"):
-        train(dataclasses.replace(tiny, attention_backend="triton", steps=1), [], tmp_path, device="cpu", progress=False)
+    with pytest.raises(PromptSegError, match="attention kernel 'triton' cannot run on cpu"):
+        train(dataclasses.replace(tiny, attention_kernel="triton", steps=1), [], tmp_path, device="cpu", progress=False)
 
     monkeypatch.setattr(triton_attention, "INTERPRET", True)
     assert backend_availability("triton", "cpu") == (True, "")
     ok, why = backend_availability("triton", "cuda")
     assert not ok and "TRITON_INTERPRET=1" in why
-    assert model.set_attention_backend("triton").attention_backend == "triton"
+    assert model.set_attention_kernel("triton").attention_kernel == "triton"
 
 
 @pytest.mark.parametrize(

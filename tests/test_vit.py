@@ -60,7 +60,7 @@ def test_cached_decoding_matches_full_masked_sequence_float64(
     mask, float64, to 1e-5; the second group (when there is one) is padded past its own prompts."""
     config = vit_config(bottleneck)
     seed = 100 * groups + 10 * shots + queries + bottleneck
-    model = fresh_model(config, seed, torch.float64).set_attention_backend(backend)
+    model = fresh_model(config, seed, torch.float64).set_attention_kernel(backend)
     images, maps, types = prompt_set(groups, shots, config, seed, torch.float64)
     query_images = torch.rand(groups * queries, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1),
                               dtype=torch.float64)

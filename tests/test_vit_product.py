@@ -54,7 +54,7 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def model(checkpoint: Path) -> PromptSegNet:
-    return load_model(checkpoint).eval().set_attention_backend("sdpa")
+    return load_model(checkpoint).eval().set_attention_kernel("sdpa")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_segmenter_onnxruntime_matches_torch(checkpoint: Path, onnx_dir: Path) -
 
 def test_reference_backend_matches_sdpa_backend(model: PromptSegNet) -> None:
     reference = create_backend("torch", load_model_copy(model), "cpu")
-    reference.model.set_attention_backend("reference")
+    reference.model.set_attention_kernel("reference")
     sdpa = create_backend("torch", model, "cpu")
     g = torch.Generator().manual_seed(3)
     images, maps = torch.rand(1, 2, 3, 32, 32, generator=g), (torch.rand(1, 2, 32, 32, generator=g) > 0.5).float()

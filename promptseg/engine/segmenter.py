@@ -48,7 +48,7 @@ from promptseg.engine.prompts_input import (
     prepare_prompt,
 )
 from promptseg.errors import InputError, PromptSegError
-from promptseg.kernels import default_backend
+from promptseg.kernels import default_kernel
 from promptseg.model import PromptSegNet
 from promptseg.model.weights import load_model, packaged_weights_path
 
@@ -199,7 +199,7 @@ class Segmenter:
         if max_batch < 1:
             raise InputError("--max-batch", f"must be at least 1, got {max_batch}")
         if backend is None:
-            backend = "triton" if default_backend(self.device) == "triton" else "torch"
+            backend = "triton" if default_kernel(self.device) == "triton" else "torch"
         self.model = model  # the backends run copies of their own; adaptation copies it too
         self.backend_options = dict(backend_options or {})
         self.backend = create_backend(backend, model, self.device, **self.backend_options)

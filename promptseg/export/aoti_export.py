@@ -69,7 +69,7 @@ def export_aoti(model: PromptSegNet, out_dir: str | os.PathLike, overwrite: bool
     check_compiler()
     device = next(model.parameters()).device
     # A float32 copy with SDPA attention: the caller's model keeps its dtype and backend.
-    export_model = copy.deepcopy(model).float().eval().set_attention_backend(EXPORT_BACKEND)
+    export_model = copy.deepcopy(model).float().eval().set_attention_kernel(EXPORT_BACKEND)
     encoder_program, decoder_program = export_programs(export_model, device)
     package_metadata = embedded_metadata(model.config)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -104,7 +104,7 @@ def export_onnx(
 def export_protos(model: PromptSegNet, opset: int, dtype: torch.dtype) -> dict[str, onnx.ModelProto]:
     """Both graphs as in-memory ModelProtos with metadata, traced on a CPU copy of `model`."""
     config = model.config
-    traced = copy.deepcopy(model).to("cpu", dtype).eval().set_attention_backend("sdpa")
+    traced = copy.deepcopy(model).to("cpu", dtype).eval().set_attention_kernel("sdpa")
     (images, maps, types), queries = example_inputs(config)
     prompts = (images.to(dtype), maps.to(dtype), types)
     with torch.no_grad():

@@ -1,6 +1,9 @@
 """Attention kernels behind one contract (docs/design.md section 3).
 
-`cross_attention(q, k, v, key_lengths=None, bias=None, backend=..., own_k=None, own_v=None)`:
+The kernels are `reference`, `sdpa` and `triton` (ATTENTION_KERNELS); "backend" is the word for the
+inference runtimes of promptseg.engine.backends, never for these.
+
+`cross_attention(q, k, v, key_lengths=None, bias=None, kernel=..., own_k=None, own_v=None)`:
 q (B, H, Nq, D); k, v (G, H, Nk, D) with B a multiple of G (query b uses group b // (B // G));
 key_lengths (G,) int or None; bias additive, broadcastable to (G, H, Nq, Nk).
 own_k, own_v (B, H, Ns, D) or None: keys and values of query b's own tokens, attended in the same
@@ -16,11 +19,11 @@ from promptseg.errors import PromptSegError
 from promptseg.kernels.reference import reference_cross_attention
 from promptseg.kernels.sdpa import sdpa_cross_attention
 
-BACKENDS = ("reference", "sdpa", "triton")
+ATTENTION_KERNELS = ("reference", "sdpa", "triton")
 
 
 def triton_available(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether the Triton backend can run here (on `device` when given), and if not, why (one line)."""
+    """Whether the Triton kernels can run here (on `device` when given), and if not, why (one line)."""
     try:
         from promptseg.kernels import triton_attention
     except Exception as exc:  # noqa: BLE001  # pragma: no cover - depends on the installation
@@ -30,20 +33,20 @@ def triton_available(device: torch.device | str | None = None) -> tuple[bool, st
     return triton_attention.is_available(device)
 
 
-def check_backend_device(backend: str, device: torch.device | str) -> None:
-    """PromptSegError (one line) when attention `backend` cannot run on tensors of `device`.
+def check_kernel_device(kernel: str, device: torch.device | str) -> None:
+    """PromptSegError (one line) when attention `kernel` cannot run on tensors of `device`.
 
     Only the Triton kernels are tied to a device kind (CUDA, or the CPU under TRITON_INTERPRET=1);
-    the reference and SDPA backends run anywhere.
+    the reference and SDPA kernels run anywhere.
     """
-    if backend == "triton":
+    if kernel == "triton":
         ok, why = triton_available(device)
         if not ok:
-            raise PromptSegError(f"attention backend 'triton' cannot run on {torch.device(device)}: {why}")
+            raise PromptSegError(f"attention kernel 'triton' cannot run on {torch.device(device)}: {why}")
 
 
-def default_backend(device: torch.device | str) -> str:
-    """The backend used when none is named: Triton on CUDA when it works, otherwise SDPA."""
+def default_kernel(device: torch.device | str) -> str:
+    """The kernel used when none is named: Triton on CUDA when it works, otherwise SDPA."""
     if torch.device(device).type == "cuda" and triton_available(device)[0]:
         return "triton"
     return "sdpa"
@@ -83,7 +86,7 @@ def cross_attention(
     v: torch.Tensor,
     key_lengths: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    backend: str = "sdpa",
+    kernel: str = "sdpa",
     own_k: torch.Tensor | None = None,
     own_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -91,11 +94,11 @@ def cross_attention(
     check_shapes(q, k, v, key_lengths, own_k, own_v)
     if own_k is not None and bias is not None:
         raise ValueError("bias cannot be combined with own_k / own_v")
-    if backend == "reference":
+    if kernel == "reference":
         return reference_cross_attention(q, k, v, key_lengths, bias, own_k=own_k, own_v=own_v)
-    if backend == "sdpa":
+    if kernel == "sdpa":
         return sdpa_cross_attention(q, k, v, key_lengths, bias, own_k=own_k, own_v=own_v)
-    if backend == "triton":
+    if kernel == "triton":
         ok, why = triton_available()
         if not ok:
             raise RuntimeError(why)
@@ -107,4 +110,4 @@ def cross_attention(
         if own_k is not None and own_v is not None:
             return triton_joint_attention(q, k, v, key_lengths, own_k, own_v)
         return triton_cross_attention(q, k, v, key_lengths, bias)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")

@@ -1,6 +1,6 @@
 """Transformer blocks in which query tokens attend to themselves and to prompt tokens.
 
-Every attention call goes through `promptseg.kernels.cross_attention`, so the backend (reference,
+Every attention call goes through `promptseg.kernels.cross_attention`, so the kernel (reference,
 SDPA, Triton) is one setting and nothing else changes.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention whose keys/values may be precomputed (the prompt cache).
 
-    `backend` names the `cross_attention` backend (set for the whole model by
-    PromptSegNet.set_attention_backend).
+    `kernel` names the `cross_attention` kernel (set for the whole model by
+    PromptSegNet.set_attention_kernel).
 
     `project_keys` maps context tokens (G, Nk, C) to k, v (G, H, Nk, D); `forward` attends queries
     x (B, Nq, C) with B a multiple of G to them (and, given own_k, own_v (B, H, Ns, D), to each
@@ -37,7 +37,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
         self.head_dim = head_dim
-        self.backend = "sdpa"
+        self.kernel = "sdpa"
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -57,7 +57,7 @@ class Attention(nn.Module):
         own_v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q = split_heads(self.q_proj(x), self.head_dim)
-        out = cross_attention(q, k, v, key_lengths=key_lengths, backend=self.backend, own_k=own_k, own_v=own_v)
+        out = cross_attention(q, k, v, key_lengths=key_lengths, kernel=self.kernel, own_k=own_k, own_v=own_v)
         return self.out_proj(merge_heads(out))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptseg.kernels import BACKENDS, check_backend_device
+from promptseg.kernels import ATTENTION_KERNELS, check_kernel_device
 from promptseg.model.attention import Attention, PromptBottleneck, QueryPromptBlock
 from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder
@@ -105,27 +105,27 @@ class PromptSegNet(nn.Module):
         ) if config.label_propagation else None
         self.prompt_encoder = PromptTokenizers(config)
         self.query_decoder = UpsamplingDecoder(config)
-        self.set_attention_backend("sdpa")
+        self.set_attention_kernel("sdpa")
 
     @property
-    def attention_backend(self) -> str:
-        return self._attention_backend
+    def attention_kernel(self) -> str:
+        return self._attention_kernel
 
-    def set_attention_backend(self, backend: str) -> PromptSegNet:
-        """Route every attention call through `backend` (reference, sdpa or triton): sets the
-        `backend` field of every module that attends (Attention, LabelPropagation).
+    def set_attention_kernel(self, kernel: str) -> PromptSegNet:
+        """Route every attention call through `kernel` (reference, sdpa or triton): sets the
+        `kernel` field of every module that attends (Attention, LabelPropagation).
 
-        Raises PromptSegError (one line) when the backend cannot run where the model's parameters
+        Raises PromptSegError (one line) when the kernel cannot run where the model's parameters
         live (triton on a CPU model without TRITON_INTERPRET=1, or on a CUDA model under it): move
         the model to its device first.
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        check_backend_device(backend, next(self.parameters()).device)
-        self._attention_backend = backend
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+        check_kernel_device(kernel, next(self.parameters()).device)
+        self._attention_kernel = kernel
         for module in self.modules():
             if isinstance(module, (Attention, LabelPropagation)):
-                module.backend = backend
+                module.kernel = kernel
         return self
 
     def check_prompts(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> None:

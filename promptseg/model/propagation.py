@@ -78,7 +78,7 @@ class LabelPropagation(nn.Module):
     def __init__(self, dim: int, head_dim: int, temperature: float = 150.0) -> None:
         super().__init__()
         self.head_dim = head_dim
-        self.backend = "sdpa"
+        self.kernel = "sdpa"
         self.norm = nn.LayerNorm(dim)
         self.projection = nn.Linear(dim, dim, bias=False)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
@@ -129,7 +129,7 @@ class LabelPropagation(nn.Module):
         q = self.embed(tokens, pos)
         # cross_attention scales by 1/sqrt(D); undo that so the logits are temperature * cosine.
         q = q * (self.log_temperature.exp() * math.sqrt(self.head_dim))
-        out = cross_attention(q, prompt_k, prompt_v, key_lengths=key_lengths, backend=self.backend)
+        out = cross_attention(q, prompt_k, prompt_v, key_lengths=key_lengths, kernel=self.kernel)
         return out[..., 0].clamp(0.0, 1.0)
 
 

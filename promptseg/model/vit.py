@@ -187,7 +187,7 @@ class PromptSegViT(PromptSegNet):
         self.propagations = None
         self.prompt_encoder = ViTLatents(config)
         self.query_decoder = PatchHead(config)
-        self.set_attention_backend("sdpa")
+        self.set_attention_kernel("sdpa")
 
     def prompt_encoding(
         self,

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from promptseg.errors import InputError
-from promptseg.kernels import BACKENDS
+from promptseg.kernels import ATTENTION_KERNELS
 from promptseg.model import ModelConfig
 
 # Integer fields and their ranges (inclusive); `shots` and `val_shots` are bounded by the model's max_prompts.
@@ -44,6 +44,10 @@ def _shown(value: Any) -> str:
     return repr(value)[:60]
 
 
+# Keys renamed since runs were first written: train_config.json and checkpoints of older runs still load.
+RENAMED_KEYS = {"attention_backend": "attention_kernel"}
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a training run; `model` holds ModelConfig fields."""
@@ -74,7 +78,7 @@ class TrainConfig:
     val_shots: int = 4
     axis: int = 2
     seed: int = 0
-    attention_backend: str | None = None  # None: Triton on CUDA when available, else SDPA
+    attention_kernel: str | None = None  # None: Triton on CUDA when available, else SDPA
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
@@ -100,8 +104,8 @@ class TrainConfig:
         for name in FLAGS:
             if not isinstance(getattr(self, name), bool):
                 found.append(f"{name}: must be true or false, got {_shown(getattr(self, name))}")
-        if self.attention_backend is not None and self.attention_backend not in BACKENDS:
-            found.append(f"attention_backend: must be one of {', '.join(BACKENDS)} (or absent), got {_shown(self.attention_backend)}")
+        if self.attention_kernel is not None and self.attention_kernel not in ATTENTION_KERNELS:
+            found.append(f"attention_kernel: must be one of {', '.join(ATTENTION_KERNELS)} (or absent), got {_shown(self.attention_kernel)}")
         if not isinstance(self.model, dict):
             return [*found, f"model: must be a mapping of model config keys, got {_shown(self.model)}"]
         try:
@@ -122,6 +126,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> TrainConfig:
+        data = {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

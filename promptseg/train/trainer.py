@@ -22,7 +22,7 @@ from promptseg.data.episodes import (
 from promptseg.files import sweep_stale_temporaries, write_text
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import CheckpointError, InputError
-from promptseg.kernels import default_backend
+from promptseg.kernels import default_kernel
 from promptseg.model import PromptSegNet
 from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 from promptseg.model.weights import load_state, read_training_record, read_weights, save_weights
@@ -147,7 +147,7 @@ class Trainer:
         self.progress = progress and self.context.is_main
         torch.manual_seed(config.seed)
         self.model = PromptSegNet(config.model_config()).to(self.context.device)
-        self.model.set_attention_backend(config.attention_backend or default_backend(self.context.device))
+        self.model.set_attention_kernel(config.attention_kernel or default_kernel(self.context.device))
         self.model.train()
         # Compute behind the weights: what the --init weights carried, plus this run (resume keeps it).
         self.prior_compute = {"episodes": 0, "core_hours": 0.0, "runs": []}

@@ -15,7 +15,7 @@ import torch
 
 from promptseg.engine.backends.base import InferenceBackend
 from promptseg.engine.backends.torch_backends import TorchBackend, pad_tokens
-from promptseg.kernels import default_backend
+from promptseg.kernels import default_kernel
 from promptseg.model import PromptEncoding, PromptSegNet
 
 # Compiled shapes allowed before torch.compile raises: (batch buckets) x (prompt-count buckets) of
@@ -59,7 +59,7 @@ class CompiledBackend(TorchBackend):
     name = "compile"
 
     def __init__(self, model: PromptSegNet, device: torch.device) -> None:
-        self.attention = default_backend(device)
+        self.attention = default_kernel(device)
         super().__init__(model, device)
         mode = "reduce-overhead" if device.type == "cuda" else "default"
         self.compiled_decoder = torch.compile(self.model.decode, mode=mode, dynamic=False)

@@ -22,7 +22,7 @@ class TorchBackend(InferenceBackend):
         """Runs a copy of `model` of its own, on `device` in eval mode with this backend's attention:
         the caller's model is left where and as it was (two backends built on one model are independent)."""
         super().__init__(model, device)
-        self.model = copy.deepcopy(model).to(device).eval().set_attention_backend(self.attention)
+        self.model = copy.deepcopy(model).to(device).eval().set_attention_kernel(self.attention)
 
     def encode(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> PromptEncoding:
         with torch.inference_mode():
