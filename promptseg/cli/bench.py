@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
 from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import add_backend_argument, backend_options, load_segmenter
-from promptseg.files import write_text
+from promptseg.files import refuse_existing, write_text
 from promptseg.engine.benchmark import time_volume
 from promptseg.errors import InputError
 
@@ -36,10 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.slices < 1 or args.repeats < 1:
         raise InputError("--slices/--repeats", "must be positive")
-    if args.out and os.path.isdir(args.out):
-        raise InputError(args.out, "--out is a folder, expected a file name")
-    if args.out and os.path.exists(args.out) and not args.overwrite:
-        raise InputError(args.out, "output exists; pass --overwrite to replace it")
+    if args.out:
+        refuse_existing([args.out], args.overwrite)
     seg = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend, backend_options(args.backend, args.export_dir))
     limit = seg.model.config.max_prompts
     for shots in args.shots:

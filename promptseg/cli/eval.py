@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import resolve_device
 from promptseg.cli.train import dataset_folders
 from promptseg.data.index import CASE_SETS, build_tasks
-from promptseg.files import write_text
+from promptseg.files import refuse_existing, write_text
 from promptseg.engine.adaptation import MAX_ADAPT_STEPS, Adaptation
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.model.weights import packaged_weights_path
@@ -80,11 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def check_output_files(paths: list[str | None], overwrite: bool) -> None:
     """InputError naming the first output path that is a folder, or that exists without `overwrite`
     (checked before anything is scored)."""
-    for path in paths:
-        if path is not None and os.path.isdir(path):
-            raise InputError(path, "is a folder, expected a file name")
-        if path is not None and os.path.exists(path) and not overwrite:
-            raise InputError(path, "output exists; pass --overwrite to replace it")
+    refuse_existing([path for path in paths if path is not None], overwrite)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ from promptseg.data.dicom import (
     segmentation_writers,
 )
 from promptseg.data.io import NIFTI_EXTENSIONS, ImageData, canonical_view, nifti_writer, npy_writer, png_writer
-from promptseg.files import Writer, atomic_write_group, file_extension, strip_extension, sweep_stale_temporaries
+from promptseg.files import Writer, atomic_write_group, file_extension, refuse_existing, strip_extension, sweep_stale_temporaries
 from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, check_image
 from promptseg.data.volumes import has_volume_outputs
@@ -213,9 +213,7 @@ def plan_outputs(
         if is_dicom_input(path) and file_extension(path) not in NIFTI_EXTENSIONS:
             extensions.update(segmentation_kinds(probabilities))
         outputs = {kind: os.path.join(out_dir, f"{name}_{kind}{ext}") for kind, ext in extensions.items()}
-        for output in outputs.values():
-            if os.path.exists(output) and not overwrite:
-                raise InputError(output, "output exists; pass --overwrite to replace it")
+        refuse_existing(list(outputs.values()), overwrite)
         jobs.append(QueryJob(path, nifti, outputs))
     return jobs
 
