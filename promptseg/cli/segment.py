@@ -46,6 +46,11 @@ from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
+from promptseg.engine.volume_prompts import (
+    empty_masks_expected,
+    volume_prompts,
+    with_label_resolved,
+)
 from promptseg.errors import InputError, PromptSegError
 
 SPARSE_DEST = "sparse_prompts"
@@ -78,6 +83,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="segment label N of the prompt label maps (default: any non-zero value); several "
                          "labels give one label map per query (<name>_mask holds the label values) and, with "
                          "--save-probabilities, one probability file per label")
+    prompts.add_argument("--prompt-volume", action="append", nargs=2, default=[],
+                         metavar=("IMAGE", "LABELS"),
+                         help="an annotated volume (NIfTI or DICOM series folder) and its label "
+                         "volume: --prompt-slices of its slices along --axis become prompts "
+                         "(repeatable; volumes mix)")
+    prompts.add_argument("--prompt-slices", type=int, default=8, metavar="N",
+                         help="slices taken from each --prompt-volume: over the labelled extent, "
+                         "one in four just outside it (default 8)")
     prompts.add_argument("--prompt-image", action=_InOrder, dest=SPARSE_DEST, metavar="IMAGE",
                          help="a prompt image annotated by the --click, --box and --scribble options after it (repeatable)")
     prompts.add_argument("--click", action=_InOrder, dest=SPARSE_DEST, nargs=2, type=float, metavar=("X", "Y"),
@@ -337,8 +350,22 @@ def check_ensemble_options(ensemble: int, candidates: int) -> None:
         raise InputError("--candidates", f"must lie in 1..{ensemble} (the --ensemble members), got {candidates}")
 
 
+def gather_prompts(args: argparse.Namespace) -> list[Prompt]:
+    """--prompt, sparse and --prompt-volume prompts in one list. With one --label and prompt
+    volumes, every mask is reduced to that label first (slices without it belong to the set)."""
+    sparse = getattr(args, SPARSE_DEST)
+    given = args.prompt or sparse or not args.prompt_volume
+    prompts = collect_prompts(args.prompt, sparse) if given else []
+    if not args.prompt_volume:
+        return prompts
+    if args.label is not None and len(args.label) == 1:
+        prompts = with_label_resolved(prompts, args.label[0])
+    images, labels = [v[0] for v in args.prompt_volume], [v[1] for v in args.prompt_volume]
+    return prompts + volume_prompts(images, labels, args.label, args.prompt_slices, args.axis)
+
+
 def run(args: argparse.Namespace) -> int:
-    prompts = collect_prompts(args.prompt, getattr(args, SPARSE_DEST))
+    prompts = gather_prompts(args)
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
     check_ensemble_options(args.ensemble, args.candidates)
@@ -347,7 +374,10 @@ def run(args: argparse.Namespace) -> int:
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
                                args.candidates)
-    encoded = encode(segmenter, prompts, args.label)
+    with empty_masks_expected():
+        single = args.prompt_volume and args.label is not None and len(args.label) == 1
+        encoded = ({args.label[0]: encode(segmenter, prompts, None)[1]} if single
+                   else encode(segmenter, prompts, args.label))
     members = min(len(e.ensemble.members) if e.ensemble is not None else 1 for e in encoded.values())
     if args.candidates > members:
         raise InputError("--candidates", f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "

@@ -47,6 +47,7 @@ from promptseg.engine.prompts_input import (
     load_2d,
     prepare_prompt,
 )
+from promptseg.engine.volume_prompts import empty_masks_expected, volume_prompts
 from promptseg.errors import InputError, PromptSegError
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
@@ -294,6 +295,25 @@ class Segmenter:
                 lambda: build_ensemble(run, prompt_images, prompt_maps, prompt_types, members, encode),
             )
         return EncodedPrompts(encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend, self.token)
+
+    def encode_volume_prompts(
+        self,
+        image: Any,
+        labels: Any,
+        label: int | None = None,
+        slices: int = 8,
+        axis: int = 2,
+        empty: int | None = None,
+    ) -> EncodedPrompts:
+        """Encode K = `slices` slices of an annotated volume (or of each of several, given as
+        equal-length lists) as mask prompts of `label` (None: any non-zero value).
+
+        image: a NIfTI path, DICOM series folder, ImageData or (X, Y, Z) array; labels: its label
+        volume. Slices are cut along `axis` of the closest RAS orientation, as segment_volume cuts
+        queries; `empty` of them (default K // 4) lie just outside the labelled extent
+        (promptseg.engine.volume_prompts)."""
+        with empty_masks_expected():
+            return self.encode_prompts(volume_prompts(image, labels, label, slices, axis, empty))
 
     def _adapted(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> AdaptedModel:
         """A backend (same kind and options) on a copy of the model adapted to one prompt set."""
