@@ -30,6 +30,7 @@ from promptseg.data.io import (
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
 from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
+from promptseg.engine.corrections import refine_probabilities
 from promptseg.engine.ensemble import (
     MAX_ENSEMBLE,
     Ensemble,
@@ -47,6 +48,7 @@ from promptseg.engine.prompts_input import (
     load_2d,
     prepare_prompt,
 )
+from promptseg.engine.slice_context import consistent_slices
 from promptseg.engine.volume_prompts import empty_masks_expected, volume_prompts
 from promptseg.errors import InputError, PromptSegError
 from promptseg.kernels import default_backend
@@ -447,15 +449,19 @@ class Segmenter:
             chunk = slices[start : start + self.max_batch]
             yield start, torch.stack([prepare_image(s, self.resolution, self.channels, source=source) for s in chunk])
 
-    def segment_volume(self, volume: ArrayOrPath | ImageData, prompts: EncodedPrompts, axis: int = 2) -> VolumeResult:
+    def segment_volume(self, volume: ArrayOrPath | ImageData, prompts: EncodedPrompts, axis: int = 2,
+                       consistency: bool = False) -> VolumeResult:
         """Segment a 3D volume slice by slice along `axis`, streaming max_batch slices at a time.
 
         volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's grid.
         With an affine, `axis` and the slices' in-plane orientation are those of the volume's closest
         RAS orientation (io.canonical_view), so the storage order (LPS, RAS, ...) does not matter.
+        consistency: make the slices agree through the plane (promptseg.engine.slice_context).
         """
         data = as_volume(volume)
         maps = self._volume_maps(data, [prompts], axis)
+        if consistency:
+            make_consistent(maps.probabilities, data, axis)
         return VolumeResult(maps.probabilities[0], data, axis, None if maps.variance is None else maps.variance[0],
                             None if maps.candidates is None else maps.candidates[:, 0])
 
@@ -494,6 +500,25 @@ class Segmenter:
                 for candidate in range(count):
                     candidate_views[candidate][index][start:stop] = maps.candidates[candidate]
         return out
+
+    def refine(
+        self,
+        result: VolumeResult | np.ndarray,
+        clicks: Sequence[tuple] = (),
+        scribbles: Sequence[tuple[np.ndarray, bool]] = (),
+        image: ArrayOrPath | None = None,
+    ) -> VolumeResult | np.ndarray:
+        """Correct a result with clicks and scribbles on the query itself (promptseg.engine.corrections):
+        a VolumeResult (clicks (x, y, z, positive) on voxel array[x, y, z] of its grid) or (H, W)
+        probabilities of a 2D query (clicks (x, y, positive), x the column; pass the query `image` for
+        the intensity term). scribbles: (mask of the strokes, positive) on the same grid. A local edit
+        of the probabilities: the model is not run again and the prompts' cache is kept."""
+        if isinstance(result, VolumeResult):
+            zooms = result.source.header.get_zooms()[:3] if hasattr(result.source.header, "get_zooms") else None
+            refined = refine_probabilities(result.probabilities, result.source.array, clicks, scribbles, zooms)
+            return VolumeResult(refined, result.source, result.axis, result.variance, result.candidates)
+        query = None if image is None else load_2d(image, is_label=False, what="query")[0]
+        return refine_probabilities(np.asarray(result), query, clicks, scribbles)
 
     def encode_labels(
         self,
@@ -548,15 +573,27 @@ class Segmenter:
         return results
 
     def segment_volume_labels(
-        self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2, threshold: float = 0.5
+        self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2, threshold: float = 0.5,
+        consistency: bool = False,
     ) -> LabelResult:
-        """Segment several labels of a 3D volume in one streamed pass; probabilities (L, X, Y, Z)."""
+        """Segment several labels of a 3D volume in one streamed pass; probabilities (L, X, Y, Z).
+        consistency: as for segment_volume, each label apart."""
         check_threshold(threshold)
         if not prompts:
             raise InputError(None, "no labels to segment")
         data = as_volume(volume)
         maps = self._volume_maps(data, list(prompts.values()), axis)
+        if consistency:
+            make_consistent(maps.probabilities, data, axis)
         return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates)
+
+
+def make_consistent(probabilities: np.ndarray, data: ImageData, axis: int) -> None:
+    """Apply slice_context.consistent_slices in place to each (X, Y, Z) map of (L, X, Y, Z)
+    probabilities, through the slices along `axis` of the closest RAS orientation."""
+    for volume in probabilities:
+        view = slice_volume(canonical_view(volume, data.affine), axis)
+        view[...] = consistent_slices(view)
 
 
 def checked_device(device: str | torch.device | None, option: str = "device") -> torch.device:
