@@ -44,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="/work/shared/data/la_mri")
     parser.add_argument("--pairs", type=int, default=4, help="pairs (case i prompts case i + 1)")
+    parser.add_argument("--start", type=int, default=0, help="first case i of the pairs")
     parser.add_argument("--slices", type=int, default=4, help="K prompt slices")
     parser.add_argument("--empty", type=int, nargs="+", default=[None], help="slices outside the label")
     parser.add_argument("--label", type=int, default=1)
@@ -54,7 +55,7 @@ def main() -> None:
     listed = cases(args.data)
     variants = [False, True] if args.consistency else [False]
     rows: dict[tuple, list[tuple[float, int]]] = {}
-    for pair in range(args.pairs):
+    for pair in range(args.start, args.start + args.pairs):
         (prompt_image, prompt_labels), (query_image, query_labels) = listed[pair], listed[pair + 1]
         query = read_image(query_image)
         truth = read_label(query_labels).array == args.label

@@ -42,6 +42,11 @@ from promptseg.data.io import (
     sweep_stale_temporaries,
 )
 from promptseg.data.preprocess import all_finite, prepare_image
+from promptseg.engine.corrections import (
+    parse_click,
+    refine_probabilities,
+    voxel_spacing,
+)
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
 from promptseg.engine.prompts_input import Prompt
@@ -104,6 +109,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
                         help="slicing axis of NIfTI volumes in their closest RAS orientation: 0 sagittal, 1 coronal, "
                         "2 axial (default 2); results are written in each query's own voxel grid")
+    parser.add_argument("--correct", action="append", nargs="+", default=[], metavar="X Y [Z] +|-",
+                        help="a correction click on the query (one --query): X Y on a 2D image (X the "
+                        "column), X Y Z voxel indices on a volume, then + (target here) or - (not "
+                        "target); repeatable, applied in order (promptseg.engine.corrections)")
+    parser.add_argument("--slice-consistency", action="store_true",
+                        help="make volume slices agree through the plane: logits smoothed over "
+                        "neighbouring slices, small 3D components apart from the target dropped")
     parser.add_argument("--threshold", type=float, default=0.5, metavar="P", help="probability above which a pixel is foreground")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), float32 in [0, 1]")
@@ -248,10 +260,12 @@ def validate_query(data: ImageData, segmenter: Segmenter) -> None:
         prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
 
 
-def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int, threshold: float) -> LabelResult:
+def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int, threshold: float,
+            consistency: bool = False) -> LabelResult:
     """Per-label probabilities in the query's own grid: (L, H, W) for images, (L, X, Y, Z) for volumes."""
     if is_volume(data):
-        return segmenter.segment_volume_labels(data, prompts, axis=axis, threshold=threshold)
+        return segmenter.segment_volume_labels(data, prompts, axis=axis, threshold=threshold,
+                                               consistency=consistency)
     return segmenter.segment_labels([data.array], prompts, threshold=threshold)[0]
 
 
@@ -332,7 +346,9 @@ def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, Encode
     """Read, segment and write one query; running out of memory is an InputError naming the query."""
     with out_of_memory_names(job.path):
         data = read_image(job.path)
-        result = predict(data, segmenter, encoded, args.axis, args.threshold)
+        result = predict(data, segmenter, encoded, args.axis, args.threshold, args.slice_consistency)
+        if args.correct:
+            result = corrected(result, data, parse_corrections(args.correct))
         writers = render_outputs(job, data, result, args)
     write_all(job, writers, args.overwrite)
 
@@ -369,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
     check_ensemble_options(args.ensemble, args.candidates)
+    check_corrections(args.correct, args.query, args.label)
     jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or (),
                         args.uncertainty, args.ensemble > 1, args.candidates)
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
@@ -393,3 +410,27 @@ def run(args: argparse.Namespace) -> int:
           f"prompt{'s' if len(prompts) != 1 else ''}; wrote {', '.join(sorted({k for j in jobs for k in j.outputs}))} "
           f"files to {args.out}")
     return 0
+
+
+def parse_corrections(values: Sequence[Sequence[str]]) -> list[tuple]:
+    """The --correct options -> clicks (x, y[, z], positive)."""
+    return [parse_click(v) for v in values]
+
+
+def check_corrections(values: Sequence[Sequence[str]], queries: Sequence[str], labels: Sequence[int] | None) -> None:
+    """InputError naming --correct unless its clicks parse and apply to one query and one label."""
+    if not values:
+        return
+    parse_corrections(values)
+    if len(queries) != 1:
+        raise InputError("--correct", f"corrects one query, got {len(queries)} --query paths")
+    if labels is not None and len(labels) > 1:
+        raise InputError("--correct", "corrects one label at a time, not several --label values")
+
+
+def corrected(result: LabelResult, data: ImageData, clicks: Sequence[tuple]) -> LabelResult:
+    """A one-label result with the clicks applied (corrections.refine_probabilities); a click of the
+    wrong dimension for the query or outside it is an InputError naming --correct."""
+    spacing = voxel_spacing(data.affine) if is_volume(data) else None
+    refined = refine_probabilities(result.probabilities[0], data.array, clicks, spacing=spacing)
+    return LabelResult(result.labels, refined[None], result.threshold, result.variance, result.candidates)

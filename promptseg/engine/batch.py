@@ -305,15 +305,15 @@ def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts]:
     else:
         images, maps = [i for i, _ in spec.pairs], [m for _, m in spec.pairs]
     label = spec.labels[0] if spec.labels else None
+    key = label or 1
     with empty_masks_expected():  # prompt-volume slices without the label are chosen on purpose
         if spec.labels is not None and len(spec.labels) > 1:
             return segmenter.encode_labels(images, maps, spec.labels)
         if spec.volume is not None:  # binary masks: some slices lack the label
-            maps = [(m > 0) if label is None else (m == label) for m in maps]
+            maps = [((m > 0) if label is None else (m == label)).astype(np.uint8) for m in maps]
             label = None
-        prompts = [Prompt(image=i, kind="mask", mask=np.asarray(m, np.uint8))
-                   for i, m in zip(images, maps)]
-        return {label or 1: segmenter.encode_prompts(prompts, label=label)}
+        prompts = [Prompt(image=i, kind="mask", mask=m) for i, m in zip(images, maps)]
+        return {key: segmenter.encode_prompts(prompts, label=label)}
 
 
 def dice(mask: np.ndarray, truth: np.ndarray) -> float:

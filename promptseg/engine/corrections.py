@@ -38,9 +38,9 @@ Scribble = tuple  # (mask of the strokes, positive)
 class CorrectionSettings:
     """How far a correction reaches (see the module docstring)."""
 
-    reach: float = 1.5
-    tolerance: float = 1.0
-    max_radius: float = 0.25
+    reach: float = 2.0
+    tolerance: float = 2.0
+    max_radius: float = 0.4
     scribble_width: float = 2.0
 
 
@@ -168,3 +168,25 @@ def _set(probabilities: np.ndarray, region: np.ndarray, positive: bool) -> None:
         probabilities[region] = np.maximum(probabilities[region], INSIDE)
     else:
         probabilities[region] = np.minimum(probabilities[region], OUTSIDE)
+
+
+def parse_click(values: Sequence[str]) -> Click:
+    """`--correct X Y [Z] +|-` values -> (x, y[, z], positive); InputError naming --correct."""
+    shown = " ".join(values)
+    if len(values) not in (3, 4) or values[-1] not in ("+", "-"):
+        raise InputError("--correct", f"expects X Y [Z] then + or -, got '{shown}'")
+    try:
+        coordinates = [float(v) for v in values[:-1]]
+    except ValueError:
+        raise InputError("--correct", f"coordinates must be numbers, got '{shown}'") from None
+    if not np.all(np.isfinite(coordinates)):
+        raise InputError("--correct", f"coordinates must be finite, got '{shown}'")
+    return (*coordinates, values[-1] == "+")
+
+
+def voxel_spacing(affine: np.ndarray | None) -> np.ndarray | None:
+    """Voxel sizes (3,) from a voxel-to-world affine (its columns' lengths); None without one."""
+    if affine is None or not np.all(np.isfinite(affine)):
+        return None
+    sizes = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    return sizes if np.all(sizes > 0) else None

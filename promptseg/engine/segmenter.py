@@ -30,7 +30,7 @@ from promptseg.data.io import (
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
 from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
-from promptseg.engine.corrections import refine_probabilities
+from promptseg.engine.corrections import refine_probabilities, voxel_spacing
 from promptseg.engine.ensemble import (
     MAX_ENSEMBLE,
     Ensemble,
@@ -514,8 +514,8 @@ class Segmenter:
         the intensity term). scribbles: (mask of the strokes, positive) on the same grid. A local edit
         of the probabilities: the model is not run again and the prompts' cache is kept."""
         if isinstance(result, VolumeResult):
-            zooms = result.source.header.get_zooms()[:3] if hasattr(result.source.header, "get_zooms") else None
-            refined = refine_probabilities(result.probabilities, result.source.array, clicks, scribbles, zooms)
+            spacing = voxel_spacing(result.source.affine)
+            refined = refine_probabilities(result.probabilities, result.source.array, clicks, scribbles, spacing)
             return VolumeResult(refined, result.source, result.axis, result.variance, result.candidates)
         query = None if image is None else load_2d(image, is_label=False, what="query")[0]
         return refine_probabilities(np.asarray(result), query, clicks, scribbles)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-DEFAULT_SIGMA = 1.0  # slices
-DEFAULT_MIN_FRACTION = 0.1  # of the largest component's voxels
+DEFAULT_SIGMA = 2.0  # slices
+DEFAULT_MIN_FRACTION = 0.5  # of the largest component's voxels
 EPSILON = 1e-6
 
 

@@ -126,7 +126,8 @@ def volume_slices(
     """The prompt slices of one annotated volume along `axis` of its closest RAS orientation.
 
     label: the label value(s) the prompts show (None: any non-zero value); slices: K; empty: how many
-    of them lie outside the labelled extent (default empty_slice_count(K)). InputError naming the
+    of them lie outside the labelled extent (default empty_slice_count(K)); a label that none of
+    them shows adds its largest slice (K + 1, ...). InputError naming the
     labels file when the volume holds none of the labels, or when labels and image do not match.
     """
     if slices < 1:
@@ -149,6 +150,10 @@ def volume_slices(
     if not wanted.any():
         raise InputError(source, "the prompt volume holds no label (all voxels are 0)")
     chosen = choose_slices(wanted, slices, empty_slice_count(slices) if empty is None else empty)
+    for value in [] if wanted_values is None else wanted_values:  # every label shown at least once
+        area = (per_slice == value).sum(axis=1)
+        if not area[chosen].any():
+            chosen = np.unique(np.append(chosen, int(np.argmax(area))))
     return VolumeSlices(
         np.ascontiguousarray(image_slices[chosen]),
         np.ascontiguousarray(label_slices[chosen]),

@@ -11,14 +11,17 @@ Dice (0 when the prediction already does; CAP when 20 clicks do not).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
 from promptseg.data.episodes import fixed_episodes
+from promptseg.data.io import write_text
 from promptseg.data.tasks import ArrayTask
 from promptseg.engine.corrections import (
     DEFAULT_SETTINGS,
@@ -106,7 +109,7 @@ def evaluate_interactive(
         total=len(runnable) * episodes, desc="interactive", unit="episode", disable=not progress
     )
     for task in runnable:
-        score = scores.setdefault(f"{task.group}/{task.name}", InteractiveScore())
+        score = scores.setdefault(task.name, InteractiveScore())
         for episode in fixed_episodes(
             task, shots=shots, queries=queries, count=episodes, seed=seed
         ):
@@ -141,3 +144,42 @@ def to_markdown(scores: dict[str, InteractiveScore], rounds: int, shots: int) ->
             f"| mean over tasks | | {' | '.join(f'{v:.1f}' for v in mean)} | {clicks:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def run_interactive(args: Any, predictor: Predictor, tasks: Sequence[ArrayTask]) -> int:
+    """`promptseg eval --interactive ROUNDS`: score, print the table, write --out JSON and
+    --markdown when asked."""
+    shots = args.shots[0]
+    scores = evaluate_interactive(
+        predictor,
+        tasks,
+        shots,
+        args.episodes,
+        args.interactive,
+        args.queries,
+        args.seed,
+        not args.no_progress,
+    )
+    table = to_markdown(scores, args.interactive, shots)
+    print(table)
+    if args.out:
+        report = {
+            "shots": shots,
+            "rounds": args.interactive,
+            "episodes": args.episodes,
+            "queries": args.queries,
+            "seed": args.seed,
+            "cap": CAP,
+            "tasks": {
+                name: {
+                    "dice_per_round": s.mean_curve(),
+                    "clicks_to_90": s.mean_clicks(),
+                    "queries": len(s.clicks),
+                }
+                for name, s in scores.items()
+            },
+        }
+        write_text(args.out, json.dumps(report, indent=2) + "\n", overwrite=args.overwrite)
+    if args.markdown:
+        write_text(args.markdown, table, overwrite=args.overwrite)
+    return 0
