@@ -4,9 +4,11 @@ The shipped weights were not trained with corrections, so a correction is a loca
 probabilities, not another pass of the model (the prompts' encodings stay cached, untouched):
 
 - a positive click outside the mask fills the region it points at: the voxels connected to the click
-  that lie within R of it and whose intensity is within `tolerance` standard deviations (of the
-  intensities around the click) of the click's; R is `reach` times the click's distance to the
-  current mask (the gap a missed part leaves), at most `max_radius` of the image's smallest side;
+  that lie within R of it and whose intensity (smoothed by a Gaussian of SMOOTHING voxels) is
+  within `tolerance` spreads of the click's, the spread being the standard deviation of the
+  intensities around the click, at least SPREAD_FLOOR of the image's range; R is `reach` times the
+  click's distance to the current mask (the gap a missed part leaves), at most `max_radius` of the
+  image's smallest side;
 - a negative click inside the mask removes the same kind of region, R being `reach` times the click's
   depth in the mask (the half-width of the wrong part it sits in);
 - a scribble (a mask of strokes) and its polarity sets its strokes, widened by `scribble_width`
@@ -29,6 +31,8 @@ from promptseg.errors import InputError
 
 INSIDE = 0.99  # probability given to voxels a positive correction adds
 OUTSIDE = 0.01  # and to those a negative one removes
+SPREAD_FLOOR = 0.1  # the intensity spread is at least this fraction of the image's range
+SMOOTHING = 1.0  # voxels: the image is smoothed so that noise does not split a region
 
 Click = tuple  # (x, y, positive) or (x, y, z, positive)
 Scribble = tuple  # (mask of the strokes, positive)
@@ -78,13 +82,19 @@ def _similar_region(
     allowed = near.copy()
     if image is not None and tolerance > 0:
         values = image[near]
-        spread = float(values.std()) if values.size else 0.0
+        spread = max(float(values.std()) if values.size else 0.0, SPREAD_FLOOR * _range(image))
         centre = float(np.median(image[seed]))
         allowed &= np.abs(image - centre) <= tolerance * spread + 1e-6
     allowed |= seed
     labelled, _ = ndimage.label(allowed)
     hit = np.unique(labelled[seed])
     return np.isin(labelled, hit[hit > 0])
+
+
+def _range(image: np.ndarray) -> float:
+    """The image's 1st to 99th percentile range of intensities."""
+    low, high = np.percentile(image, [1, 99])
+    return float(high - low)
 
 
 def _ball(
@@ -143,6 +153,7 @@ def refine_probabilities(
             raise InputError(
                 "image", f"shape {image.shape} differs from the result's {result.shape}"
             )
+        image = ndimage.gaussian_filter(image, SMOOTHING)
     sizes = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)[:ndim]
     for click in clicks:
         index, positive = click_index(click, ndim, result.shape)

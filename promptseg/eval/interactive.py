@@ -3,7 +3,8 @@
 For each query of fixed episodes (`fixed_episodes`, as `promptseg eval`), after the prediction from
 the K prompts, each round adds one click at the centre of the largest error region (the connected
 component of prediction XOR truth with most pixels; its centre is the pixel farthest from the
-component's border, by a Euclidean distance transform), positive on a missed region and negative on
+component's border, by a Euclidean distance transform; of several, the one nearest the component's
+centroid), positive on a missed region and negative on
 a false one, and applies it with `corrections.refine_probabilities`. Reported per task: Dice
 (0-100) with no click and after each of ROUNDS rounds, and the mean number of clicks to reach 90%
 Dice (0 when the prediction already does; CAP when 20 clicks do not).
@@ -49,7 +50,9 @@ def next_click(mask: np.ndarray, truth: np.ndarray) -> tuple[float, float, bool]
         return None
     largest = 1 + int(np.argmax(np.bincount(labelled.ravel())[1:]))
     depth = ndimage.distance_transform_edt(np.pad(labelled == largest, 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    deepest = np.argwhere(depth == depth.max())  # ties: the one nearest the region's centroid
+    centroid = np.argwhere(labelled == largest).mean(axis=0)
+    row, col = deepest[int(np.argmin(((deepest - centroid) ** 2).sum(axis=1)))]
     return float(col), float(row), bool(truth[row, col])
 
 
