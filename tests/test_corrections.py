@@ -7,14 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import disk_example, tiny_checkpoint, write_nifti, write_png  # noqa: F401 (fixture)
 from PIL import Image
 
-from helpers import disk_example, tiny_checkpoint, write_nifti, write_png  # noqa: F401 (fixture)
 from promptseg.cli import main
 from promptseg.engine.corrections import parse_click, refine_probabilities
 from promptseg.engine.segmenter import Segmenter
 from promptseg.errors import InputError
-from promptseg.eval.interactive import CAP, click_curve, clicks_to_target, dice_percent, next_click
+from promptseg.eval.interactive import (
+    CAP,
+    click_curve,
+    clicks_to_target,
+    dice_percent,
+    next_click,
+)
 
 
 def two_disks(size: int = 64) -> tuple[np.ndarray, np.ndarray]:

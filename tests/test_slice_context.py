@@ -4,11 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from helpers import tiny_checkpoint  # noqa: F401 (fixture)
+
 from promptseg.data.synthetic import phantom_volume
 from promptseg.engine.segmenter import Segmenter
-from promptseg.engine.slice_context import consistent_slices, dominant_components, smooth_through_plane
+from promptseg.engine.slice_context import (
+    consistent_slices,
+    dominant_components,
+    smooth_through_plane,
+)
 
 
 def ball_probabilities() -> np.ndarray:

@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from helpers import tiny_checkpoint, write_nifti  # noqa: F401 (fixture)
+
 from promptseg.cli import main
 from promptseg.data.synthetic import phantom_volume
 from promptseg.engine.batch import PromptSpec, encode
@@ -41,7 +41,7 @@ def test_choose_slices_spreads_over_the_extent_and_adds_slices_just_outside() ->
     inside, outside = chosen[wanted[chosen]], chosen[~wanted[chosen]]
     assert len(inside) == 6 and len(outside) == 2
     assert inside.min() > 10 and inside.max() < 29  # the near-empty tips are avoided
-    assert outside.min() < 10 < 29 < outside.max()  # one below, one above
+    assert outside.min() < 10 and outside.max() > 29  # one below, one above
     assert np.all(np.abs(outside - np.array([10, 29])) <= 3)  # just outside, not far away
 
 

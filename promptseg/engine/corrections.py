@@ -61,7 +61,7 @@ def click_index(click: Sequence, ndim: int, shape: tuple[int, ...]) -> tuple[tup
     if not isinstance(positive, (bool, np.bool_)):
         raise InputError("--correct", f"a click's polarity must be True or False, got {positive!r}")
     try:
-        point = [int(round(float(v))) for v in coordinates]
+        point = [round(float(v)) for v in coordinates]
     except (TypeError, ValueError, OverflowError):
         raise InputError(
             "--correct", f"click coordinates must be finite numbers, got {coordinates}"
