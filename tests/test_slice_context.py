@@ -63,3 +63,15 @@ def test_segment_volume_with_consistency_keeps_the_grid(tiny_checkpoint: Path) -
     consistent = segmenter.segment_volume(volume, prompts, axis=0, consistency=True)
     assert consistent.probabilities.shape == volume.shape
     np.testing.assert_allclose(consistent.probabilities, consistent_slices(plain.probabilities), atol=1e-6)
+
+
+def test_plane_prompts_average_the_three_axes(tiny_checkpoint: Path) -> None:  # noqa: F811
+    volume, labels = phantom_volume(np.random.default_rng(1), (16, 24, 20))
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", backend="torch")
+    planes = segmenter.encode_volume_prompts(volume, labels, label=1, slices=3, axis=(0, 1, 2))
+    assert planes.axes == (0, 1, 2) and planes.num_prompts == 3
+    fused = segmenter.segment_volume(volume, planes).probabilities
+    each = [segmenter.segment_volume(volume, planes.per_axis[a], axis=a).probabilities for a in (0, 1, 2)]
+    np.testing.assert_allclose(fused, np.mean(each, axis=0), atol=1e-6)
+    labels_result = segmenter.segment_volume_labels(volume, {1: planes}, consistency=True)
+    assert labels_result.probabilities.shape == (1, *volume.shape)

@@ -3,7 +3,8 @@
 For each (prompt, query) pair of cases it prints the volume Dice of the query and the false-positive
 voxels on the query's target-free slices (along --axis of the closest RAS orientation), then the
 means. --empty sets how many of the K prompt slices lie outside the labelled extent (default K // 4);
---consistency also runs segment_volume's through-plane consistency step and reports both.
+--consistency also runs segment_volume's through-plane consistency step and --planes the mean of the
+three axes (prompt slices along each), and every combination is reported.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/model/volume_prompt.py \
         --data /work/shared/data/la_mri --pairs 4 --slices 4
@@ -50,18 +51,21 @@ def main() -> None:
     parser.add_argument("--label", type=int, default=1)
     parser.add_argument("--axis", type=int, default=2)
     parser.add_argument("--consistency", action="store_true", help="also score the consistency step")
+    parser.add_argument("--planes", action="store_true", help="also score the three-axis mean")
     args = parser.parse_args()
     segmenter = Segmenter.from_pretrained(device="cpu", backend="torch")
     listed = cases(args.data)
     variants = [False, True] if args.consistency else [False]
+    planes = [False, True] if args.planes else [False]
     rows: dict[tuple, list[tuple[float, int]]] = {}
     for pair in range(args.start, args.start + args.pairs):
         (prompt_image, prompt_labels), (query_image, query_labels) = listed[pair], listed[pair + 1]
         query = read_image(query_image)
         truth = read_label(query_labels).array == args.label
-        for empty in args.empty:
+        for empty, plane in ((e, p) for e in args.empty for p in planes):
+            axes = (0, 1, 2) if plane else args.axis
             prompts = segmenter.encode_volume_prompts(prompt_image, prompt_labels, label=args.label,
-                                                      slices=args.slices, axis=args.axis, empty=empty)
+                                                      slices=args.slices, axis=axes, empty=empty)
             for consistent in variants:
                 start = time.perf_counter()
                 extra = {"consistency": True} if consistent else {}
@@ -69,14 +73,15 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 score = dice(mask, truth)
                 fp = free_slice_false_positives(mask, truth, query.affine, args.axis)
-                rows.setdefault((empty, consistent), []).append((score, fp))
+                rows.setdefault((empty, plane, consistent), []).append((score, fp))
                 print(f"{os.path.basename(prompt_image)} -> {os.path.basename(query_image)} K={args.slices} "
-                      f"empty={empty} consistency={consistent}: Dice {score:.1f}, "
+                      f"empty={empty} planes={plane} consistency={consistent}: Dice {score:.1f}, "
                       f"FP voxels on target-free slices {fp}, {seconds:.1f} s", flush=True)
-    for (empty, consistent), values in rows.items():
+    for (empty, plane, consistent), values in rows.items():
         scores, fps = zip(*values)
-        print(f"mean over {len(values)} pairs, K={args.slices}, empty={empty}, consistency={consistent}: "
-              f"Dice {np.mean(scores):.1f}, FP voxels on target-free slices {np.mean(fps):.0f}")
+        print(f"mean over {len(values)} pairs, K={args.slices}, empty={empty}, planes={plane}, "
+              f"consistency={consistent}: Dice {np.mean(scores):.1f} (median {np.median(scores):.1f}), "
+              f"FP voxels on target-free slices {np.mean(fps):.0f}")
 
 
 if __name__ == "__main__":

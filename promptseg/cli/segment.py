@@ -49,6 +49,7 @@ from promptseg.engine.corrections import (
 )
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
+from promptseg.engine.planes import ALL_AXES, PlanePrompts
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.engine.volume_prompts import (
@@ -113,6 +114,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="a correction click on the query (one --query): X Y on a 2D image (X the "
                         "column), X Y Z voxel indices on a volume, then + (target here) or - (not "
                         "target); repeatable, applied in order (promptseg.engine.corrections)")
+    parser.add_argument("--planes", action="store_true",
+                        help="with --prompt-volume: segment NIfTI/DICOM queries along all three axes, each "
+                        "from prompt-volume slices along that axis, and average (3x the time; fewer false "
+                        "positives on slices without the target)")
     parser.add_argument("--slice-consistency", action="store_true",
                         help="make volume slices agree through the plane: logits smoothed over "
                         "neighbouring slices, small 3D components apart from the target dropped")
@@ -366,9 +371,10 @@ def check_ensemble_options(ensemble: int, candidates: int) -> None:
         raise InputError("--candidates", f"must lie in 1..{ensemble} (the --ensemble members), got {candidates}")
 
 
-def gather_prompts(args: argparse.Namespace) -> list[Prompt]:
+def gather_prompts(args: argparse.Namespace, axis: int | None = None) -> list[Prompt]:
     """--prompt, sparse and --prompt-volume prompts in one list. With one --label and prompt
-    volumes, every mask is reduced to that label first (slices without it belong to the set)."""
+    volumes, every mask is reduced to that label first (slices without it belong to the set).
+    axis: the axis along which the prompt volumes are sliced (default --axis)."""
     sparse = getattr(args, SPARSE_DEST)
     given = args.prompt or sparse or not args.prompt_volume
     prompts = collect_prompts(args.prompt, sparse) if given else []
@@ -377,10 +383,29 @@ def gather_prompts(args: argparse.Namespace) -> list[Prompt]:
     if args.label is not None and len(args.label) == 1:
         prompts = with_label_resolved(prompts, args.label[0])
     images, labels = [v[0] for v in args.prompt_volume], [v[1] for v in args.prompt_volume]
-    return prompts + volume_prompts(images, labels, args.label, args.prompt_slices, args.axis)
+    axis = args.axis if axis is None else axis
+    return prompts + volume_prompts(images, labels, args.label, args.prompt_slices, axis)
+
+
+def encode_all(segmenter: Segmenter, prompts: list[Prompt], args: argparse.Namespace) -> dict[int, Any]:
+    """encode() of the gathered prompts; with --planes, PlanePrompts per label (the prompt volumes
+    sliced along each axis)."""
+    single = args.prompt_volume and args.label is not None and len(args.label) == 1
+
+    def encoded(chosen: list[Prompt]) -> dict[int, EncodedPrompts]:
+        with empty_masks_expected():
+            if single:
+                return {args.label[0]: encode(segmenter, chosen, None)[1]}
+            return encode(segmenter, chosen, args.label)
+
+    if not args.planes:
+        return encoded(prompts)
+    per_axis = {axis: encoded(prompts if axis == args.axis else gather_prompts(args, axis)) for axis in ALL_AXES}
+    return {label: PlanePrompts({axis: per_axis[axis][label] for axis in ALL_AXES}) for label in per_axis[args.axis]}
 
 
 def run(args: argparse.Namespace) -> int:
+    check_planes(args)
     prompts = gather_prompts(args)
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
@@ -391,11 +416,8 @@ def run(args: argparse.Namespace) -> int:
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
                                args.candidates)
-    with empty_masks_expected():
-        single = args.prompt_volume and args.label is not None and len(args.label) == 1
-        encoded = ({args.label[0]: encode(segmenter, prompts, None)[1]} if single
-                   else encode(segmenter, prompts, args.label))
-    members = min(len(e.ensemble.members) if e.ensemble is not None else 1 for e in encoded.values())
+    encoded = encode_all(segmenter, prompts, args)
+    members = min(len(e.ensemble.members) if getattr(e, "ensemble", None) is not None else 1 for e in encoded.values())
     if args.candidates > members:
         raise InputError("--candidates", f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "
                          f"ensemble members, fewer than the {args.candidates} candidates asked for")
@@ -410,6 +432,20 @@ def run(args: argparse.Namespace) -> int:
           f"prompt{'s' if len(prompts) != 1 else ''}; wrote {', '.join(sorted({k for j in jobs for k in j.outputs}))} "
           f"files to {args.out}")
     return 0
+
+
+def check_planes(args: argparse.Namespace) -> None:
+    """InputError naming --planes unless it comes with --prompt-volume prompts only, volume queries
+    and no ensemble (the planes' mean has no members' variance or candidates)."""
+    if not args.planes:
+        return
+    if args.prompt or getattr(args, SPARSE_DEST) or not args.prompt_volume:
+        raise InputError("--planes", "needs --prompt-volume prompts only (2D prompt images have one plane)")
+    if args.ensemble > 1 or args.candidates:
+        raise InputError("--planes", "does not combine with --ensemble or --candidates")
+    for query in args.query:
+        if not (file_extension(query) in NIFTI_EXTENSIONS or is_dicom_input(query)):
+            raise InputError(query, "--planes segments volumes (NIfTI or DICOM), this query is 2D")
 
 
 def parse_corrections(values: Sequence[Sequence[str]]) -> list[tuple]:

@@ -43,7 +43,7 @@ class CorrectionSettings:
     """How far a correction reaches (see the module docstring)."""
 
     reach: float = 2.0
-    tolerance: float = 2.0
+    tolerance: float = 1.0
     max_radius: float = 0.4
     scribble_width: float = 2.0
 

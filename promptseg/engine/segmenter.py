@@ -40,6 +40,7 @@ from promptseg.engine.ensemble import (
     member_probabilities,
     plan_members,
 )
+from promptseg.engine.planes import PlanePrompts
 from promptseg.engine.prompt_cache import PromptCache, content_key
 from promptseg.engine.prompts_input import (
     ArrayOrPath,
@@ -304,16 +305,19 @@ class Segmenter:
         labels: Any,
         label: int | None = None,
         slices: int = 8,
-        axis: int = 2,
+        axis: int | Sequence[int] = 2,
         empty: int | None = None,
-    ) -> EncodedPrompts:
+    ) -> EncodedPrompts | PlanePrompts:
         """Encode K = `slices` slices of an annotated volume (or of each of several, given as
         equal-length lists) as mask prompts of `label` (None: any non-zero value).
 
         image: a NIfTI path, DICOM series folder, ImageData or (X, Y, Z) array; labels: its label
         volume. Slices are cut along `axis` of the closest RAS orientation, as segment_volume cuts
         queries; `empty` of them (default K // 4) lie just outside the labelled extent
-        (promptseg.engine.volume_prompts)."""
+        (promptseg.engine.volume_prompts). Several axes, e.g. (0, 1, 2), give PlanePrompts: a prompt
+        set per axis, for segment_volume to segment along each and average."""
+        if not isinstance(axis, int):
+            return PlanePrompts({a: self.encode_volume_prompts(image, labels, label, slices, a, empty) for a in axis})
         with empty_masks_expected():
             return self.encode_prompts(volume_prompts(image, labels, label, slices, axis, empty))
 
@@ -449,21 +453,38 @@ class Segmenter:
             chunk = slices[start : start + self.max_batch]
             yield start, torch.stack([prepare_image(s, self.resolution, self.channels, source=source) for s in chunk])
 
-    def segment_volume(self, volume: ArrayOrPath | ImageData, prompts: EncodedPrompts, axis: int = 2,
-                       consistency: bool = False) -> VolumeResult:
+    def segment_volume(self, volume: ArrayOrPath | ImageData, prompts: EncodedPrompts | PlanePrompts,
+                       axis: int = 2, consistency: bool = False) -> VolumeResult:
         """Segment a 3D volume slice by slice along `axis`, streaming max_batch slices at a time.
 
         volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's grid.
         With an affine, `axis` and the slices' in-plane orientation are those of the volume's closest
         RAS orientation (io.canonical_view), so the storage order (LPS, RAS, ...) does not matter.
-        consistency: make the slices agree through the plane (promptseg.engine.slice_context).
+        consistency: make the slices agree through the plane (promptseg.engine.slice_context),
+        along `axis`. PlanePrompts (encode_volume_prompts with several axes): the mean of the
+        volume segmented along each of their axes (promptseg.engine.planes).
         """
         data = as_volume(volume)
-        maps = self._volume_maps(data, [prompts], axis)
+        maps = self._plane_maps(data, [prompts], axis)
         if consistency:
             make_consistent(maps.probabilities, data, axis)
         return VolumeResult(maps.probabilities[0], data, axis, None if maps.variance is None else maps.variance[0],
                             None if maps.candidates is None else maps.candidates[:, 0])
+
+    def _plane_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts | PlanePrompts], axis: int) -> QueryMaps:
+        """_volume_maps; for PlanePrompts (promptseg.engine.planes) the mean of the probabilities
+        segmented along each of their axes (no ensemble variance or candidates)."""
+        planes = [isinstance(p, PlanePrompts) for p in prompt_sets]
+        if not any(planes):
+            return self._volume_maps(data, prompt_sets, axis)  # type: ignore[arg-type]
+        axes = prompt_sets[0].axes if planes[0] else ()  # type: ignore[union-attr]
+        if not all(planes) or any(p.axes != axes for p in prompt_sets):  # type: ignore[union-attr]
+            raise InputError("prompts", "mix plane prompts of other axes, or plane and single-axis prompts")
+        total = None
+        for plane in axes:
+            maps = self._volume_maps(data, [p.per_axis[plane] for p in prompt_sets], plane)  # type: ignore[union-attr]
+            total = maps.probabilities if total is None else np.add(total, maps.probabilities, out=total)
+        return QueryMaps(total / len(axes), None, None)
 
     def _volume_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int) -> QueryMaps:
         """(X, Y, Z) volume -> QueryMaps of L = len(prompt_sets): probabilities (L, X, Y, Z) float32,
@@ -582,7 +603,7 @@ class Segmenter:
         if not prompts:
             raise InputError(None, "no labels to segment")
         data = as_volume(volume)
-        maps = self._volume_maps(data, list(prompts.values()), axis)
+        maps = self._plane_maps(data, list(prompts.values()), axis)
         if consistency:
             make_consistent(maps.probabilities, data, axis)
         return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates)
