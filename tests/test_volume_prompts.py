@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import tiny_checkpoint, write_nifti  # noqa: F401 (fixture)
+from PIL import Image
 
 from promptseg.cli import main
+from promptseg.data.io import read_image
 from promptseg.data.synthetic import phantom_volume
 from promptseg.engine.batch import PromptSpec, encode
 from promptseg.engine.segmenter import Segmenter
@@ -123,3 +125,35 @@ def test_batch_prompt_volume_takes_the_same_slices(tiny_checkpoint: Path, tmp_pa
     encoded = encode(segmenter, PromptSpec(volume=(str(image), str(label_file)), labels=(2,), slices=4))
     direct = segmenter.encode_volume_prompts(image, label_file, label=2, slices=4)
     assert encoded[2].key == direct.key  # one owner of the slice choice: the same prompt set
+
+
+def test_segment_cli_planes(tmp_path: Path, tiny_checkpoint: Path, phantom, capsys) -> None:  # noqa: F811
+    volume, labels = phantom
+    image = write_nifti(tmp_path / "atlas.nii.gz", volume.astype(np.float32))
+    label_file = write_nifti(tmp_path / "atlas_labels.nii.gz", labels)
+    query = write_nifti(tmp_path / "scan.nii.gz", reordered(volume)[:, :, 3:].astype(np.float32), REORDERED)
+    common = ["segment", "--prompt-volume", image, label_file, "--prompt-slices", "3", "--label", "1",
+              "--checkpoint", tiny_checkpoint, "--device", "cpu", "--no-progress", "--planes"]
+    assert main([str(a) for a in common + ["--query", query, "--out", tmp_path / "out", "--slice-consistency"]]) == 0
+    assert nib.load(tmp_path / "out" / "scan_mask.nii.gz").shape == (32, 32, 21)
+    assert main([str(a) for a in common + ["--query", query, "--out", tmp_path / "e", "--ensemble", "2"]]) == 2
+    assert "--planes: does not combine with --ensemble" in capsys.readouterr().err
+    png = tmp_path / "q.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    assert main([str(a) for a in common + ["--query", png, "--out", tmp_path / "f"]]) == 2
+    assert "q.png: --planes segments volumes" in capsys.readouterr().err
+
+
+def test_a_dicom_series_folder_is_a_prompt_volume(tmp_path: Path, phantom) -> None:
+    from dicom_helpers import write_series
+
+    volume, labels = phantom
+    stored = np.round(volume * 1000).astype(np.int16)
+    write_series(tmp_path / "series", stored, orientation=(1, 0, 0, 0, 1, 0), rescale=(1.0, 0.0))
+    geometry = read_image(tmp_path / "series").affine
+    label_file = write_nifti(tmp_path / "series_labels.nii.gz", labels, geometry)
+    image_file = write_nifti(tmp_path / "same.nii.gz", stored.astype(np.float32), geometry)
+    from_dicom = volume_slices(tmp_path / "series", label_file, label=1, slices=4)
+    from_nifti = volume_slices(image_file, label_file, label=1, slices=4)
+    np.testing.assert_array_equal(from_dicom.indices, from_nifti.indices)
+    np.testing.assert_allclose(from_dicom.images, from_nifti.images)
