@@ -97,7 +97,7 @@ def choose_slices(wanted: np.ndarray, slices: int, empty: int) -> np.ndarray:
     empty = min(empty, free.size, max(slices - 1, 0))
     count = min(slices - empty, holding.size)
     positions = (
-        np.floor((np.arange(count) + 0.5) / count * holding.size).astype(int) if count else []
+        np.floor((np.arange(count) + 0.5) * holding.size / count).astype(int) if count else []
     )
     chosen = list(holding[positions])
     if empty and holding.size:
