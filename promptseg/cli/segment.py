@@ -389,11 +389,12 @@ def gather_prompts(args: argparse.Namespace, axis: int | None = None) -> list[Pr
 
 def encode_all(segmenter: Segmenter, prompts: list[Prompt], args: argparse.Namespace) -> dict[int, Any]:
     """encode() of the gathered prompts; with --planes, PlanePrompts per label (the prompt volumes
-    sliced along each axis)."""
+    sliced along each axis). With prompt volumes, empty masks (their slices without the label,
+    chosen on purpose) do not warn."""
     single = args.prompt_volume and args.label is not None and len(args.label) == 1
 
     def encoded(chosen: list[Prompt]) -> dict[int, EncodedPrompts]:
-        with empty_masks_expected():
+        with empty_masks_expected() if args.prompt_volume else contextlib.nullcontext():
             if single:
                 return {args.label[0]: encode(segmenter, chosen, None)[1]}
             return encode(segmenter, chosen, args.label)

@@ -16,6 +16,7 @@ and a started job may replace its own files. Both engines (local, ray) run the s
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -306,7 +307,8 @@ def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts]:
         images, maps = [i for i, _ in spec.pairs], [m for _, m in spec.pairs]
     label = spec.labels[0] if spec.labels else None
     key = label or 1
-    with empty_masks_expected():  # prompt-volume slices without the label are chosen on purpose
+    expected = empty_masks_expected() if spec.volume is not None else contextlib.nullcontext()
+    with expected:  # prompt-volume slices without the label are chosen on purpose
         if spec.labels is not None and len(spec.labels) > 1:
             return segmenter.encode_labels(images, maps, spec.labels)
         if spec.volume is not None:  # binary masks: some slices lack the label
