@@ -2,11 +2,12 @@
 
 Encodes four 128 x 128 prompts once with the shipped weights, segments a 128 x 128 query, then times
 Segmenter.refine with one click at the centre of the largest error region (as `eval --interactive`
-clicks; back to the model's prediction once no error is left) for --rounds rounds, and prints the median and the
-95th percentile in milliseconds, beside the cached decode of the query for comparison.
+clicks; back to the model's prediction once no error is left) for --rounds rounds, and prints the
+median and the 95th percentile in milliseconds, beside the cached decode of the query.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/engine/correction_round.py --rounds 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,9 @@ def main() -> None:
     volume, labels = phantom_volume(np.random.default_rng(0), (24, args.size, args.size))
     truth = labels > 0
     segmenter = Segmenter.from_pretrained(device="cpu", backend="torch")
-    prompts = segmenter.encode_prompts(volume[[6, 9, 14, 17]], truth[[6, 9, 14, 17]].astype(np.uint8))
+    prompts = segmenter.encode_prompts(
+        volume[[6, 9, 14, 17]], truth[[6, 9, 14, 17]].astype(np.uint8)
+    )
     query = volume[12]
     decode = []
     for _ in range(5):
@@ -44,9 +47,12 @@ def main() -> None:
         current = segmenter.refine(current, clicks=[click], image=query)
         refine.append(time.perf_counter() - start)
     ms = np.asarray(refine) * 1000
-    print(f"{args.size} px query, 4 cached prompts, {args.rounds} rounds: refine median {np.median(ms):.1f} ms, "
-          f"p95 {np.percentile(ms, 95):.1f} ms; cached decode of the query median "
-          f"{np.median(decode) * 1000:.1f} ms")
+    print(
+        f"{args.size} px query, 4 cached prompts, {args.rounds} rounds: "
+        f"refine median {np.median(ms):.1f} ms, "
+        f"p95 {np.percentile(ms, 95):.1f} ms; cached decode of the query median "
+        f"{np.median(decode) * 1000:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""Volume-as-prompt benchmark (issue 18): segment one volume of a 3D dataset from K slices of another.
+"""Volume-as-prompt benchmark (issue 18): segment a volume of a 3D dataset from K slices of another.
 
 For each (prompt, query) pair of cases it prints the volume Dice of the query and the false-positive
 voxels on the query's target-free slices (along --axis of the closest RAS orientation), then the
-means. --empty sets how many of the K prompt slices lie outside the labelled extent (default K // 4);
+means. --empty sets how many of the K prompt slices lie outside the labelled extent (default
+K // 4);
 --consistency also runs segment_volume's through-plane consistency step and --planes the mean of the
 three axes (prompt slices along each), and every combination is reported.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/model/volume_prompt.py \
         --data /work/shared/data/la_mri --pairs 4 --slices 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +30,7 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 def free_slice_false_positives(prediction: np.ndarray, truth: np.ndarray, affine, axis: int) -> int:
-    """Foreground voxels of `prediction` on the slices along `axis` (closest RAS) without any truth."""
+    """Foreground voxels of `prediction` on its slices along `axis` (closest RAS) without truth."""
     predicted = slice_volume(canonical_view(prediction, affine), axis)
     target = slice_volume(canonical_view(truth, affine), axis)
     free = ~target.reshape(len(target), -1).any(axis=1)
@@ -36,7 +38,7 @@ def free_slice_false_positives(prediction: np.ndarray, truth: np.ndarray, affine
 
 
 def cases(folder: str) -> list[tuple[str, str]]:
-    """(image, labels) paths of a dataset folder laid out as images/ and labels/ with equal names."""
+    """(image, labels) paths of a dataset folder of images/ and labels/ with equal names."""
     names = sorted(os.listdir(os.path.join(folder, "images")))
     return [(os.path.join(folder, "images", n), os.path.join(folder, "labels", n)) for n in names]
 
@@ -47,10 +49,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="pairs (case i prompts case i + 1)")
     parser.add_argument("--start", type=int, default=0, help="first case i of the pairs")
     parser.add_argument("--slices", type=int, default=4, help="K prompt slices")
-    parser.add_argument("--empty", type=int, nargs="+", default=[None], help="slices outside the label")
+    parser.add_argument(
+        "--empty", type=int, nargs="+", default=[None], help="slices outside the label"
+    )
     parser.add_argument("--label", type=int, default=1)
     parser.add_argument("--axis", type=int, default=2)
-    parser.add_argument("--consistency", action="store_true", help="also score the consistency step")
+    parser.add_argument(
+        "--consistency", action="store_true", help="also score the consistency step"
+    )
     parser.add_argument("--planes", action="store_true", help="also score the three-axis mean")
     args = parser.parse_args()
     segmenter = Segmenter.from_pretrained(device="cpu", backend="torch")
@@ -64,8 +70,14 @@ def main() -> None:
         truth = read_label(query_labels).array == args.label
         for empty, plane in ((e, p) for e in args.empty for p in planes):
             axes = (0, 1, 2) if plane else args.axis
-            prompts = segmenter.encode_volume_prompts(prompt_image, prompt_labels, label=args.label,
-                                                      slices=args.slices, axis=axes, empty=empty)
+            prompts = segmenter.encode_volume_prompts(
+                prompt_image,
+                prompt_labels,
+                label=args.label,
+                slices=args.slices,
+                axis=axes,
+                empty=empty,
+            )
             for consistent in variants:
                 start = time.perf_counter()
                 extra = {"consistency": True} if consistent else {}
@@ -74,14 +86,21 @@ def main() -> None:
                 score = dice(mask, truth)
                 fp = free_slice_false_positives(mask, truth, query.affine, args.axis)
                 rows.setdefault((empty, plane, consistent), []).append((score, fp))
-                print(f"{os.path.basename(prompt_image)} -> {os.path.basename(query_image)} K={args.slices} "
-                      f"empty={empty} planes={plane} consistency={consistent}: Dice {score:.1f}, "
-                      f"FP voxels on target-free slices {fp}, {seconds:.1f} s", flush=True)
+                print(
+                    f"{os.path.basename(prompt_image)} -> {os.path.basename(query_image)} "
+                    f"K={args.slices} "
+                    f"empty={empty} planes={plane} consistency={consistent}: Dice {score:.1f}, "
+                    f"FP voxels on target-free slices {fp}, {seconds:.1f} s",
+                    flush=True,
+                )
     for (empty, plane, consistent), values in rows.items():
         scores, fps = zip(*values)
-        print(f"mean over {len(values)} pairs, K={args.slices}, empty={empty}, planes={plane}, "
-              f"consistency={consistent}: Dice {np.mean(scores):.1f} (median {np.median(scores):.1f}), "
-              f"FP voxels on target-free slices {np.mean(fps):.0f}")
+        print(
+            f"mean over {len(values)} pairs, K={args.slices}, empty={empty}, planes={plane}, "
+            f"consistency={consistent}: Dice {np.mean(scores):.1f} "
+            f"(median {np.median(scores):.1f}), "
+            f"FP voxels on target-free slices {np.mean(fps):.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def prompt_slices(truth: np.ndarray, count: int) -> np.ndarray:
     """`count` evenly spaced indices among the axis-0 slices of `truth` (D, H, W) that contain the target."""
     wanted = truth.reshape(truth.shape[0], -1).any(axis=1)
     if not 1 <= count <= int(wanted.sum()):
-        raise InputError("--prompts", f"must lie in 1..{int(wanted.sum())} (slices showing the target), got {count}")
+        raise InputError("--prompts", f"must lie in 1..{int(wanted.sum())} (slices showing the "
+                         f"target), got {count}")
     return choose_slices(wanted, count, empty=0)
 
 

@@ -55,9 +55,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"flips, calibrated on the prompts they leave out (1..{MAX_ENSEMBLE}, default 1: off; "
                         "reported as promptseg_ensN)")
     parser.add_argument("--interactive", type=int, default=0, metavar="ROUNDS",
-                        help="simulate a user correcting the model's prediction: ROUNDS clicks, each at the "
-                        "centre of the largest error region; reports Dice per round and clicks to 90%% Dice "
-                        "(capped at 20) for the model at the first --shots K (promptseg.eval.interactive)")
+                        help="simulate a user correcting the model's prediction: ROUNDS clicks, "
+                        "each at the centre of the largest error region; reports Dice per round "
+                        "and clicks to 90%% Dice (capped at 20) for the model at the first --shots "
+                        "K (promptseg.eval.interactive)")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")

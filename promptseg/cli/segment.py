@@ -111,13 +111,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="slicing axis of NIfTI volumes in their closest RAS orientation: 0 sagittal, 1 coronal, "
                         "2 axial (default 2); results are written in each query's own voxel grid")
     parser.add_argument("--correct", action="append", nargs="+", default=[], metavar="X Y [Z] +|-",
-                        help="a correction click on the query (one --query): X Y on a 2D image (X the "
-                        "column), X Y Z voxel indices on a volume, then + (target here) or - (not "
-                        "target); repeatable, applied in order (promptseg.engine.corrections)")
+                        help="a correction click on the query (one --query): X Y on a 2D image "
+                        "(X the column), X Y Z voxel indices on a volume, then + (target here) "
+                        "or - (not target); repeatable, applied in order "
+                        "(promptseg.engine.corrections)")
     parser.add_argument("--planes", action="store_true",
-                        help="with --prompt-volume: segment NIfTI/DICOM queries along all three axes, each "
-                        "from prompt-volume slices along that axis, and average (3x the time; fewer false "
-                        "positives on slices without the target)")
+                        help="with --prompt-volume: segment NIfTI/DICOM queries along all three "
+                        "axes, each from prompt-volume slices along that axis, and average (3x "
+                        "the time; fewer false positives on slices without the target)")
     parser.add_argument("--slice-consistency", action="store_true",
                         help="make volume slices agree through the plane: logits smoothed over "
                         "neighbouring slices, small 3D components apart from the target dropped")
@@ -265,8 +266,8 @@ def validate_query(data: ImageData, segmenter: Segmenter) -> None:
         prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
 
 
-def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int, threshold: float,
-            consistency: bool = False) -> LabelResult:
+def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int,
+            threshold: float, consistency: bool = False) -> LabelResult:
     """Per-label probabilities in the query's own grid: (L, H, W) for images, (L, X, Y, Z) for volumes."""
     if is_volume(data):
         return segmenter.segment_volume_labels(data, prompts, axis=axis, threshold=threshold,
@@ -351,7 +352,8 @@ def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, Encode
     """Read, segment and write one query; running out of memory is an InputError naming the query."""
     with out_of_memory_names(job.path):
         data = read_image(job.path)
-        result = predict(data, segmenter, encoded, args.axis, args.threshold, args.slice_consistency)
+        result = predict(data, segmenter, encoded, args.axis, args.threshold,
+                         args.slice_consistency)
         if args.correct:
             result = corrected(result, data, parse_corrections(args.correct))
         writers = render_outputs(job, data, result, args)
@@ -387,7 +389,8 @@ def gather_prompts(args: argparse.Namespace, axis: int | None = None) -> list[Pr
     return prompts + volume_prompts(images, labels, args.label, args.prompt_slices, axis)
 
 
-def encode_all(segmenter: Segmenter, prompts: list[Prompt], args: argparse.Namespace) -> dict[int, Any]:
+def encode_all(segmenter: Segmenter, prompts: list[Prompt],
+               args: argparse.Namespace) -> dict[int, Any]:
     """encode() of the gathered prompts; with --planes, PlanePrompts per label (the prompt volumes
     sliced along each axis). With prompt volumes, empty masks (their slices without the label,
     chosen on purpose) do not warn."""
@@ -401,8 +404,10 @@ def encode_all(segmenter: Segmenter, prompts: list[Prompt], args: argparse.Names
 
     if not args.planes:
         return encoded(prompts)
-    per_axis = {axis: encoded(prompts if axis == args.axis else gather_prompts(args, axis)) for axis in ALL_AXES}
-    return {label: PlanePrompts({axis: per_axis[axis][label] for axis in ALL_AXES}) for label in per_axis[args.axis]}
+    per_axis = {axis: encoded(prompts if axis == args.axis else gather_prompts(args, axis))
+                for axis in ALL_AXES}
+    return {label: PlanePrompts({axis: per_axis[axis][label] for axis in ALL_AXES})
+            for label in per_axis[args.axis]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -418,7 +423,8 @@ def run(args: argparse.Namespace) -> int:
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
                                args.candidates)
     encoded = encode_all(segmenter, prompts, args)
-    members = min(len(e.ensemble.members) if getattr(e, "ensemble", None) is not None else 1 for e in encoded.values())
+    members = min(len(e.ensemble.members) if getattr(e, "ensemble", None) is not None else 1
+                  for e in encoded.values())
     if args.candidates > members:
         raise InputError("--candidates", f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "
                          f"ensemble members, fewer than the {args.candidates} candidates asked for")
@@ -441,7 +447,8 @@ def check_planes(args: argparse.Namespace) -> None:
     if not args.planes:
         return
     if args.prompt or getattr(args, SPARSE_DEST) or not args.prompt_volume:
-        raise InputError("--planes", "needs --prompt-volume prompts only (2D prompt images have one plane)")
+        raise InputError("--planes", "needs --prompt-volume prompts only (2D prompt images have "
+                         "one plane)")
     if args.ensemble > 1 or args.candidates:
         raise InputError("--planes", "does not combine with --ensemble or --candidates")
     for query in args.query:
@@ -454,7 +461,8 @@ def parse_corrections(values: Sequence[Sequence[str]]) -> list[tuple]:
     return [parse_click(v) for v in values]
 
 
-def check_corrections(values: Sequence[Sequence[str]], queries: Sequence[str], labels: Sequence[int] | None) -> None:
+def check_corrections(values: Sequence[Sequence[str]], queries: Sequence[str],
+                      labels: Sequence[int] | None) -> None:
     """InputError naming --correct unless its clicks parse and apply to one query and one label."""
     if not values:
         return
@@ -470,4 +478,5 @@ def corrected(result: LabelResult, data: ImageData, clicks: Sequence[tuple]) -> 
     wrong dimension for the query or outside it is an InputError naming --correct."""
     spacing = voxel_spacing(data.affine) if is_volume(data) else None
     refined = refine_probabilities(result.probabilities[0], data.array, clicks, spacing=spacing)
-    return LabelResult(result.labels, refined[None], result.threshold, result.variance, result.candidates)
+    return LabelResult(result.labels, refined[None], result.threshold, result.variance,
+                       result.candidates)

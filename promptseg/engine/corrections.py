@@ -9,8 +9,8 @@ probabilities, not another pass of the model (the prompts' encodings stay cached
   intensities around the click, at least SPREAD_FLOOR of the image's range; R is `reach` times the
   click's distance to the current mask (the gap a missed part leaves), at most `max_radius` of the
   image's smallest side;
-- a negative click inside the mask removes the same kind of region, R being `reach` times the click's
-  depth in the mask (the half-width of the wrong part it sits in);
+- a negative click inside the mask removes the same kind of region, R being `reach` times the
+  click's depth in the mask (the half-width of the wrong part it sits in);
 - a scribble (a mask of strokes) and its polarity sets its strokes, widened by `scribble_width`
   voxels, and the similar voxels connected to them within that width.
 
@@ -117,7 +117,7 @@ def _click_region(
     """The voxels a click sets (bool, same shape): see the module docstring."""
     mask = probabilities > 0.5
     limit = settings.max_radius * float(min(n * s for n, s in zip(mask.shape, spacing)))
-    # distance from the click to the other side: the mask for a positive click, its outside for a negative one
+    # distance from the click to the other side: the mask for a positive click, else its outside
     other = mask if positive else ~mask
     if other[index]:  # already on the asked-for side: only the click's own neighbourhood
         radius = float(spacing.max())

@@ -18,7 +18,7 @@ ALL_AXES = (0, 1, 2)
 
 @dataclass
 class PlanePrompts:
-    """Prompt sets per slicing axis (axis -> EncodedPrompts), all cut from the same prompt volume(s)."""
+    """Prompt sets per slicing axis (axis -> EncodedPrompts), cut from the same prompt volume(s)."""
 
     per_axis: Mapping[int, Any]
 

@@ -317,7 +317,8 @@ class Segmenter:
         (promptseg.engine.volume_prompts). Several axes, e.g. (0, 1, 2), give PlanePrompts: a prompt
         set per axis, for segment_volume to segment along each and average."""
         if not isinstance(axis, int):
-            return PlanePrompts({a: self.encode_volume_prompts(image, labels, label, slices, a, empty) for a in axis})
+            return PlanePrompts({plane: self.encode_volume_prompts(image, labels, label, slices,
+                                                                   plane, empty) for plane in axis})
         with empty_masks_expected():
             return self.encode_prompts(volume_prompts(image, labels, label, slices, axis, empty))
 
@@ -453,8 +454,9 @@ class Segmenter:
             chunk = slices[start : start + self.max_batch]
             yield start, torch.stack([prepare_image(s, self.resolution, self.channels, source=source) for s in chunk])
 
-    def segment_volume(self, volume: ArrayOrPath | ImageData, prompts: EncodedPrompts | PlanePrompts,
-                       axis: int = 2, consistency: bool = False) -> VolumeResult:
+    def segment_volume(self, volume: ArrayOrPath | ImageData,
+                       prompts: EncodedPrompts | PlanePrompts, axis: int = 2,
+                       consistency: bool = False) -> VolumeResult:
         """Segment a 3D volume slice by slice along `axis`, streaming max_batch slices at a time.
 
         volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's grid.
@@ -471,7 +473,8 @@ class Segmenter:
         return VolumeResult(maps.probabilities[0], data, axis, None if maps.variance is None else maps.variance[0],
                             None if maps.candidates is None else maps.candidates[:, 0])
 
-    def _plane_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts | PlanePrompts], axis: int) -> QueryMaps:
+    def _plane_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts | PlanePrompts],
+                    axis: int) -> QueryMaps:
         """_volume_maps; for PlanePrompts (promptseg.engine.planes) the mean of the probabilities
         segmented along each of their axes (no ensemble variance or candidates)."""
         planes = [isinstance(p, PlanePrompts) for p in prompt_sets]
@@ -479,11 +482,13 @@ class Segmenter:
             return self._volume_maps(data, prompt_sets, axis)  # type: ignore[arg-type]
         axes = prompt_sets[0].axes if planes[0] else ()  # type: ignore[union-attr]
         if not all(planes) or any(p.axes != axes for p in prompt_sets):  # type: ignore[union-attr]
-            raise InputError("prompts", "mix plane prompts of other axes, or plane and single-axis prompts")
+            raise InputError("prompts", "mix plane prompts of other axes, or plane and "
+                             "single-axis prompts")
         total = None
         for plane in axes:
-            maps = self._volume_maps(data, [p.per_axis[plane] for p in prompt_sets], plane)  # type: ignore[union-attr]
-            total = maps.probabilities if total is None else np.add(total, maps.probabilities, out=total)
+            sets = [p.per_axis[plane] for p in prompt_sets]  # type: ignore[union-attr]
+            maps = self._volume_maps(data, sets, plane)
+            total = maps.probabilities if total is None else total + maps.probabilities
         return QueryMaps(total / len(axes), None, None)
 
     def _volume_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int) -> QueryMaps:
@@ -529,15 +534,18 @@ class Segmenter:
         scribbles: Sequence[tuple[np.ndarray, bool]] = (),
         image: ArrayOrPath | None = None,
     ) -> VolumeResult | np.ndarray:
-        """Correct a result with clicks and scribbles on the query itself (promptseg.engine.corrections):
-        a VolumeResult (clicks (x, y, z, positive) on voxel array[x, y, z] of its grid) or (H, W)
-        probabilities of a 2D query (clicks (x, y, positive), x the column; pass the query `image` for
-        the intensity term). scribbles: (mask of the strokes, positive) on the same grid. A local edit
-        of the probabilities: the model is not run again and the prompts' cache is kept."""
+        """Correct a result with clicks and scribbles on the query itself
+        (promptseg.engine.corrections): a VolumeResult (clicks (x, y, z, positive) on voxel
+        array[x, y, z] of its grid) or (H, W) probabilities of a 2D query (clicks (x, y, positive),
+        x the column; pass the query `image` for the intensity term). scribbles: (mask of the
+        strokes, positive) on the same grid. A local edit of the probabilities: the model is not
+        run again and the prompts' cache is kept."""
         if isinstance(result, VolumeResult):
             spacing = voxel_spacing(result.source.affine)
-            refined = refine_probabilities(result.probabilities, result.source.array, clicks, scribbles, spacing)
-            return VolumeResult(refined, result.source, result.axis, result.variance, result.candidates)
+            refined = refine_probabilities(result.probabilities, result.source.array, clicks,
+                                           scribbles, spacing)
+            return VolumeResult(refined, result.source, result.axis, result.variance,
+                                result.candidates)
         query = None if image is None else load_2d(image, is_label=False, what="query")[0]
         return refine_probabilities(np.asarray(result), query, clicks, scribbles)
 
@@ -594,8 +602,8 @@ class Segmenter:
         return results
 
     def segment_volume_labels(
-        self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2, threshold: float = 0.5,
-        consistency: bool = False,
+        self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2,
+        threshold: float = 0.5, consistency: bool = False,
     ) -> LabelResult:
         """Segment several labels of a 3D volume in one streamed pass; probabilities (L, X, Y, Z).
         consistency: as for segment_volume, each label apart."""

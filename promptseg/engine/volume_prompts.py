@@ -46,7 +46,7 @@ class VolumeSlices:
 
 
 def empty_slice_count(slices: int) -> int:
-    """Default number of the K prompt slices taken without the label: one in four (none for K < 4)."""
+    """Default number of the K prompt slices taken without the label: one in four (0 for K < 4)."""
     return slices // 4
 
 
@@ -88,7 +88,8 @@ def oriented_pair(image: VolumeInput, labels: VolumeInput) -> tuple[np.ndarray, 
 
 
 def choose_slices(wanted: np.ndarray, slices: int, empty: int) -> np.ndarray:
-    """Slice indices for prompts from wanted (S,) bool (the slices holding the label): `slices` in all,
+    """Slice indices for prompts from wanted (S,) bool (the slices holding the label): `slices` in
+    all,
     `empty` of them just outside the labelled extent (alternately below and above it, stepping away
     by a tenth of the extent) and the rest at the centres of equal parts of the holding slices.
     Fewer when the volume has fewer slices of either kind. Sorted, unique int64."""
@@ -125,7 +126,8 @@ def volume_slices(
 ) -> VolumeSlices:
     """The prompt slices of one annotated volume along `axis` of its closest RAS orientation.
 
-    label: the label value(s) the prompts show (None: any non-zero value); slices: K; empty: how many
+    label: the label value(s) the prompts show (None: any non-zero value); slices: K; empty: how
+    many
     of them lie outside the labelled extent (default empty_slice_count(K)); a label that none of
     them shows adds its largest slice (K + 1, ...). InputError naming the
     labels file when the volume holds none of the labels, or when labels and image do not match.
@@ -172,7 +174,8 @@ def volume_prompts(
 ) -> list[Prompt]:
     """Mask prompts from one annotated volume, or from several given as equal-length sequences
     (`slices` from each, mixed in one prompt set). The masks are binary (the label, or any non-zero
-    value for None) for one label, and the label-map slices themselves for several (encode_labels)."""
+    value for None) for one label, and the label-map slices themselves for several
+    (encode_labels)."""
     several = isinstance(images, (list, tuple))
     pairs = list(zip(images, labels)) if several else [(images, labels)]
     if several and (not isinstance(labels, (list, tuple)) or len(images) != len(labels)):
@@ -201,7 +204,8 @@ def volume_prompts(
 
 
 def with_label_resolved(prompts: Sequence[Prompt], label: int) -> list[Prompt]:
-    """The mask prompts' label maps reduced to binary masks of `label` (InputError naming a mask file
+    """The mask prompts' label maps reduced to binary masks of `label` (InputError naming a mask
+    file
     that lacks it), so that they can join binary prompt-volume slices in one set encoded with label
     None; other prompts unchanged."""
     resolved = []

@@ -132,7 +132,10 @@ def to_markdown(scores: dict[str, InteractiveScore], rounds: int, shots: int) ->
     """A table: per task, Dice with 0..rounds clicks and mean clicks to 90% Dice, then the mean."""
     header = " | ".join(f"{n} click{'s' if n != 1 else ''}" for n in range(rounds + 1))
     lines = [
-        f"interactive, K={shots}: Dice after each simulated click; clicks to {TARGET:g}% Dice (cap {CAP})",
+        (
+            f"interactive, K={shots}: Dice after each simulated click; "
+            f"clicks to {TARGET:g}% Dice (cap {CAP})"
+        ),
         "",
         f"| task | queries | {header} | clicks to {TARGET:g} |",
         "|" + "---|" * (rounds + 4),
