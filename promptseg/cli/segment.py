@@ -352,8 +352,8 @@ def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, Encode
     """Read, segment and write one query; running out of memory is an InputError naming the query."""
     with out_of_memory_names(job.path):
         data = read_image(job.path)
-        result = predict(data, segmenter, encoded, args.axis, args.threshold,
-                         args.slice_consistency)
+        extra = {"consistency": True} if args.slice_consistency else {}  # predict's own call otherwise
+        result = predict(data, segmenter, encoded, args.axis, args.threshold, **extra)
         if args.correct:
             result = corrected(result, data, parse_corrections(args.correct))
         writers = render_outputs(job, data, result, args)
