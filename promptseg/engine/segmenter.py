@@ -50,7 +50,11 @@ from promptseg.engine.prompts_input import (
     prepare_prompt,
 )
 from promptseg.engine.slice_context import consistent_slices
-from promptseg.engine.volume_prompts import empty_masks_expected, volume_prompts
+from promptseg.engine.volume_prompts import (
+    empty_masks_expected,
+    read_volumes,
+    volume_prompts,
+)
 from promptseg.errors import InputError, PromptSegError
 from promptseg.kernels import default_backend
 from promptseg.model import PromptSegNet
@@ -317,6 +321,7 @@ class Segmenter:
         (promptseg.engine.volume_prompts). Several axes, e.g. (0, 1, 2), give PlanePrompts: a prompt
         set per axis, for segment_volume to segment along each and average."""
         if not isinstance(axis, int):
+            image, labels = read_volumes(image, labels)  # read once for every axis
             return PlanePrompts({plane: self.encode_volume_prompts(image, labels, label, slices,
                                                                    plane, empty) for plane in axis})
         with empty_masks_expected():

@@ -59,6 +59,18 @@ def _as_data(value: VolumeInput, label: bool, what: str) -> ImageData:
     return ImageData(check_image_array(np.asarray(value), what), True, None, None, what)
 
 
+def read_volumes(
+    images: VolumeInput | Sequence[VolumeInput], labels: VolumeInput | Sequence[VolumeInput]
+) -> tuple[ImageData | list[ImageData], ImageData | list[ImageData]]:
+    """Prompt volume(s) and label volume(s), as volume_prompts takes them, read once into ImageData
+    (for cutting them along several axes)."""
+    if isinstance(images, (list, tuple)) and isinstance(labels, (list, tuple)):
+        return [_as_data(i, False, "prompt volume") for i in images], [
+            _as_data(m, True, "prompt volume labels") for m in labels
+        ]
+    return _as_data(images, False, "prompt volume"), _as_data(labels, True, "prompt volume labels")
+
+
 def oriented_pair(image: VolumeInput, labels: VolumeInput) -> tuple[np.ndarray, np.ndarray, str]:
     """A prompt volume and its labels -> (image, labels) (X, Y, Z) views in their closest RAS
     orientation (each through its own affine; labels without one take the image's) and the labels'
