@@ -165,6 +165,12 @@ def test_the_simulated_user_clicks_the_centre_of_the_largest_error() -> None:
     x, y, positive = next_click(prediction, truth)
     assert positive and 15 <= x <= 24 and 12 <= y <= 17
     assert next_click(truth, truth) is None
+    volume = np.zeros((12, 10, 8), dtype=bool)
+    volume[2:10, 2:8, 1:7] = True
+    partial = volume.copy()
+    partial[2:10, 2:8, 4:7] = False  # a miss on the last three slices
+    *point, positive = next_click(partial, volume, spacing=(1.0, 1.0, 2.0))
+    assert positive and len(point) == 3 and volume[tuple(int(v) for v in point)] and point[2] >= 4
     assert clicks_to_target([50.0, 80.0, 91.0]) == 2 and clicks_to_target([95.0]) == 0
     assert clicks_to_target([10.0] * 30) == CAP
     image = truth.astype(np.float32)

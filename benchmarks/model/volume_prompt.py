@@ -5,7 +5,8 @@ voxels on the query's target-free slices (along --axis of the closest RAS orient
 means. --empty sets how many of the K prompt slices lie outside the labelled extent (default
 K // 4);
 --consistency also runs segment_volume's through-plane consistency step and --planes the mean of the
-three axes (prompt slices along each), and every combination is reported.
+three axes (prompt slices along each), and every combination is reported; --clicks N then applies N
+simulated 3D corrective clicks (Segmenter.refine) and reports Dice after each.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/model/volume_prompt.py \
         --data /work/shared/data/la_mri --pairs 4 --slices 4
@@ -20,7 +21,9 @@ import time
 import numpy as np
 
 from promptseg.data.io import canonical_view, read_image, read_label, slice_volume
+from promptseg.engine.corrections import voxel_spacing
 from promptseg.engine.segmenter import Segmenter
+from promptseg.eval.interactive import next_click
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -35,6 +38,18 @@ def free_slice_false_positives(prediction: np.ndarray, truth: np.ndarray, affine
     target = slice_volume(canonical_view(truth, affine), axis)
     free = ~target.reshape(len(target), -1).any(axis=1)
     return int(predicted[free].sum())
+
+
+def click_curve_3d(segmenter: Segmenter, result, truth: np.ndarray, clicks: int) -> list[float]:
+    """Dice (rounded to 0.1) after each of `clicks` simulated clicks in 3D on `result`."""
+    curve = []
+    spacing = voxel_spacing(result.source.affine)
+    for _ in range(clicks):
+        click = next_click(result.mask, truth, spacing)
+        if click is not None:
+            result = segmenter.refine(result, clicks=[click])
+        curve.append(round(dice(result.mask, truth), 1))
+    return curve
 
 
 def cases(folder: str) -> list[tuple[str, str]]:
@@ -58,6 +73,13 @@ def main() -> None:
         "--consistency", action="store_true", help="also score the consistency step"
     )
     parser.add_argument("--planes", action="store_true", help="also score the three-axis mean")
+    parser.add_argument(
+        "--clicks",
+        type=int,
+        default=0,
+        help="then simulate this many 3D corrective clicks (eval --interactive's "
+        "user, in 3D) and print Dice after each",
+    )
     args = parser.parse_args()
     segmenter = Segmenter.from_pretrained(device="cpu", backend="torch")
     listed = cases(args.data)
@@ -81,25 +103,30 @@ def main() -> None:
             for consistent in variants:
                 start = time.perf_counter()
                 extra = {"consistency": True} if consistent else {}
-                mask = segmenter.segment_volume(query, prompts, axis=args.axis, **extra).mask
+                result = segmenter.segment_volume(query, prompts, axis=args.axis, **extra)
+                mask = result.mask
                 seconds = time.perf_counter() - start
                 score = dice(mask, truth)
                 fp = free_slice_false_positives(mask, truth, query.affine, args.axis)
-                rows.setdefault((empty, plane, consistent), []).append((score, fp))
+                curve = click_curve_3d(segmenter, result, truth, args.clicks)
+                rows.setdefault((empty, plane, consistent), []).append((score, fp, curve))
                 print(
                     f"{os.path.basename(prompt_image)} -> {os.path.basename(query_image)} "
                     f"K={args.slices} "
                     f"empty={empty} planes={plane} consistency={consistent}: Dice {score:.1f}, "
-                    f"FP voxels on target-free slices {fp}, {seconds:.1f} s",
+                    f"FP voxels on target-free slices {fp}, {seconds:.1f} s"
+                    + (f"; Dice after 1..{args.clicks} clicks {curve}" if curve else ""),
                     flush=True,
                 )
     for (empty, plane, consistent), values in rows.items():
-        scores, fps = zip(*values)
+        scores, fps, curves = zip(*values)
+        clicked = np.mean(curves, axis=0).round(1).tolist() if args.clicks else []
         print(
             f"mean over {len(values)} pairs, K={args.slices}, empty={empty}, planes={plane}, "
             f"consistency={consistent}: Dice {np.mean(scores):.1f} "
             f"(median {np.median(scores):.1f}), "
             f"FP voxels on target-free slices {np.mean(fps):.0f}"
+            + (f"; Dice after 1..{args.clicks} clicks {clicked}" if clicked else "")
         )
 
 

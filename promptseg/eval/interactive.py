@@ -41,19 +41,25 @@ def dice_percent(mask: np.ndarray, truth: np.ndarray) -> float:
     return 100.0 if total == 0 else 200.0 * int((mask & truth).sum()) / total
 
 
-def next_click(mask: np.ndarray, truth: np.ndarray) -> tuple[float, float, bool] | None:
-    """The simulated user's click (x, y, positive) at the centre of the largest error region of an
-    (H, W) prediction, None when there is no error."""
+def next_click(
+    mask: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple | None:
+    """The simulated user's click at the centre of the largest error region of a prediction, None
+    when there is no error: (x, y, positive) on an (H, W) mask (x the column), (x, y, z, positive)
+    = array[x, y, z] on a volume. spacing: voxel sizes for the distance transform (default 1)."""
     error = mask ^ truth
     labelled, count = ndimage.label(error)
     if count == 0:
         return None
     largest = 1 + int(np.argmax(np.bincount(labelled.ravel())[1:]))
-    depth = ndimage.distance_transform_edt(np.pad(labelled == largest, 1))[1:-1, 1:-1]
+    region = labelled == largest
+    inner = tuple(slice(1, -1) for _ in region.shape)
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)[inner]
     deepest = np.argwhere(depth == depth.max())  # ties: the one nearest the region's centroid
-    centroid = np.argwhere(labelled == largest).mean(axis=0)
-    row, col = deepest[int(np.argmin(((deepest - centroid) ** 2).sum(axis=1)))]
-    return float(col), float(row), bool(truth[row, col])
+    centroid = np.argwhere(region).mean(axis=0)
+    index = tuple(int(v) for v in deepest[int(np.argmin(((deepest - centroid) ** 2).sum(axis=1)))])
+    point = (index[1], index[0]) if mask.ndim == 2 else index
+    return (*(float(v) for v in point), bool(truth[index]))
 
 
 def click_curve(
