@@ -19,6 +19,7 @@ from promptseg.data.io import ImageData, write_nifti_like, write_png
 from promptseg.data.synthetic import phantom_volume
 from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import GREEN, RED, montage
+from promptseg.engine.volume_prompts import choose_slices
 from promptseg.errors import InputError
 from promptseg.eval.baselines import NearestPromptBaseline
 from promptseg.metrics import dice_percent
@@ -45,10 +46,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def prompt_slices(truth: np.ndarray, count: int) -> np.ndarray:
     """`count` evenly spaced indices among the axis-0 slices of `truth` (D, H, W) that contain the target."""
-    present = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
-    if not 1 <= count <= len(present):
-        raise InputError("--prompts", f"must lie in 1..{len(present)} (slices showing the target), got {count}")
-    return present[np.floor((np.arange(count) + 0.5) * len(present) / count).astype(int)]
+    wanted = truth.reshape(truth.shape[0], -1).any(axis=1)
+    if not 1 <= count <= int(wanted.sum()):
+        raise InputError("--prompts", f"must lie in 1..{int(wanted.sum())} (slices showing the "
+                         f"target), got {count}")
+    return choose_slices(wanted, count, empty=0)
 
 
 def nearest_prompt(volume: np.ndarray, truth: np.ndarray, chosen: np.ndarray) -> np.ndarray:

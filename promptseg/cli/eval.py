@@ -18,6 +18,7 @@ from promptseg.eval.baselines import (
     NearestPromptBaseline,
 )
 from promptseg.eval.evaluate import EvalReport, evaluate
+from promptseg.eval.interactive import CAP, run_interactive
 from promptseg.eval.plot import plot_dice_against_k, require_matplotlib
 from promptseg.model.weights import load_model
 
@@ -57,6 +58,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"average the model over N ensemble members per episode: drop-one prompt subsets, then "
                         f"flips, calibrated on the prompts they leave out (1..{MAX_ENSEMBLE}, default 1: off; "
                         "reported as promptseg_ensN)")
+    parser.add_argument("--interactive", type=int, default=0, metavar="ROUNDS",
+                        help="simulate a user correcting the model's prediction: ROUNDS clicks, "
+                        "each at the centre of the largest error region; reports Dice per round "
+                        "and clicks to 90%% Dice (capped at 20) for the model at the first --shots "
+                        "K (promptseg.eval.interactive)")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
@@ -93,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--episodes", f"must be positive, got {args.episodes}")
     if args.queries < 1:
         raise InputError("--queries", f"must be positive, got {args.queries}")
+    if not 0 <= args.interactive <= CAP:
+        raise InputError("--interactive", f"must lie in 0..{CAP} rounds, got {args.interactive}")
     check_output_files([args.out, args.markdown, args.plot], args.overwrite)
     if args.plot:
         require_matplotlib("--plot")  # before anything is scored
@@ -105,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                         axis=args.axis, progress=not args.no_progress, cache_dir=args.cache, cases=args.cases)
     if not tasks:
         raise InputError(" ".join(args.data), "no task with enough annotated examples")
+    if args.interactive:
+        return run_interactive(args, ModelPredictor(model, device), tasks)
     earlier = [(path, EvalReport.load(path)) for path in args.merge]
     adaptation = Adaptation(args.adapt, seed=args.seed) if args.adapt else None
     makers = {

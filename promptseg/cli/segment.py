@@ -45,11 +45,22 @@ from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, check_image
 from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.batch import label_masks
+from promptseg.engine.corrections import (
+    parse_click,
+    refine_probabilities,
+    voxel_spacing,
+)
 from promptseg.engine.ensemble import MAX_ENSEMBLE
 from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
+from promptseg.engine.planes import ALL_AXES, PlanePrompts
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
+from promptseg.engine.volume_prompts import (
+    empty_masks_expected,
+    volume_prompts,
+    with_label_resolved,
+)
 from promptseg.errors import InputError, PromptSegError
 
 SPARSE_DEST = "sparse_prompts"
@@ -85,6 +96,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="segment label N of the prompt label maps (default: any non-zero value); several "
                          "labels give one label map per query (<name>_mask holds the label values) and, with "
                          "--save-probabilities, one probability file per label")
+    prompts.add_argument("--prompt-volume", action="append", nargs=2, default=[],
+                         metavar=("IMAGE", "LABELS"),
+                         help="an annotated volume (NIfTI or DICOM series folder) and its label "
+                         "volume: --prompt-slices of its slices along --axis become prompts "
+                         "(repeatable; volumes mix)")
+    prompts.add_argument("--prompt-slices", type=int, default=8, metavar="N",
+                         help="slices taken from each --prompt-volume: over the labelled extent, "
+                         "one in four just outside it (default 8)")
     prompts.add_argument("--prompt-image", action=_InOrder, dest=SPARSE_DEST, metavar="IMAGE",
                          help="a prompt image annotated by the --click, --box and --scribble options after it (repeatable)")
     prompts.add_argument("--click", action=_InOrder, dest=SPARSE_DEST, nargs=2, type=float, metavar=("X", "Y"),
@@ -108,6 +127,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
                         help="slicing axis of NIfTI volumes in their closest RAS orientation: 0 sagittal, 1 coronal, "
                         "2 axial (default 2); results are written in each query's own voxel grid")
+    parser.add_argument("--correct", action="append", nargs="+", default=[], metavar="X Y [Z] +|-",
+                        help="a correction click on the query (one --query): X Y on a 2D image "
+                        "(X the column), X Y Z voxel indices on a volume, then + (target here) "
+                        "or - (not target); repeatable, applied in order "
+                        "(promptseg.engine.corrections)")
+    parser.add_argument("--planes", action="store_true",
+                        help="with --prompt-volume: segment NIfTI/DICOM queries along all three "
+                        "axes, each from prompt-volume slices along that axis, and average (3x "
+                        "the time; fewer false positives on slices without the target)")
+    parser.add_argument("--slice-consistency", action="store_true",
+                        help="make volume slices agree through the plane: logits smoothed over "
+                        "neighbouring slices, small 3D components apart from the target dropped")
     parser.add_argument("--threshold", type=float, default=0.5, metavar="P", help="probability above which a pixel is foreground")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), "
@@ -275,10 +306,12 @@ def read_and_validate(jobs: Sequence[QueryJob], segmenter: Segmenter, keep_bytes
     return kept
 
 
-def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int, threshold: float) -> LabelResult:
+def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int,
+            threshold: float, consistency: bool = False) -> LabelResult:
     """Per-label probabilities in the query's own grid: (L, H, W) for images, (L, X, Y, Z) for volumes."""
     if is_volume(data):
-        return segmenter.segment_volume_labels(data, prompts, axis=axis, threshold=threshold)
+        return segmenter.segment_volume_labels(data, prompts, axis=axis, threshold=threshold,
+                                               consistency=consistency)
     return segmenter.segment_labels([data.array], prompts, threshold=threshold)[0]
 
 
@@ -369,7 +402,10 @@ def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, Encode
     InputError naming the query."""
     with out_of_memory_names(job.path):
         data = read_input(job.path, job.series) if data is None else data
-        result = predict(data, segmenter, encoded, args.axis, args.threshold)
+        extra = {"consistency": True} if args.slice_consistency else {}  # predict's own call otherwise
+        result = predict(data, segmenter, encoded, args.axis, args.threshold, **extra)
+        if args.correct:
+            result = corrected(result, data, parse_corrections(args.correct))
         writers = render_outputs(job, data, result, args)
     write_all(job, writers, args.overwrite)
 
@@ -403,19 +439,59 @@ def prepare_dicom_jobs(
             job.label_names = {**nearby_label_names([*masks, job.path]), **names}
 
 
+def gather_prompts(args: argparse.Namespace, axis: int | None = None) -> list[Prompt]:
+    """--prompt, sparse and --prompt-volume prompts in one list. With one --label and prompt
+    volumes, every mask is reduced to that label first (slices without it belong to the set).
+    axis: the axis along which the prompt volumes are sliced (default --axis)."""
+    sparse = getattr(args, SPARSE_DEST)
+    given = args.prompt or sparse or not args.prompt_volume
+    prompts = collect_prompts(args.prompt, sparse) if given else []
+    if not args.prompt_volume:
+        return prompts
+    if args.label is not None and len(args.label) == 1:
+        prompts = with_label_resolved(prompts, args.label[0])
+    images, labels = [v[0] for v in args.prompt_volume], [v[1] for v in args.prompt_volume]
+    axis = args.axis if axis is None else axis
+    return prompts + volume_prompts(images, labels, args.label, args.prompt_slices, axis)
+
+
+def encode_all(segmenter: Segmenter, prompts: list[Prompt],
+               args: argparse.Namespace) -> dict[int, Any]:
+    """encode() of the gathered prompts; with --planes, PlanePrompts per label (the prompt volumes
+    sliced along each axis). With prompt volumes, empty masks (their slices without the label,
+    chosen on purpose) do not warn."""
+    single = args.prompt_volume and args.label is not None and len(args.label) == 1
+
+    def encoded(chosen: list[Prompt]) -> dict[int, EncodedPrompts]:
+        with empty_masks_expected() if args.prompt_volume else contextlib.nullcontext():
+            if single:
+                return {args.label[0]: encode(segmenter, chosen, None)[1]}
+            return encode(segmenter, chosen, args.label)
+
+    if not args.planes:
+        return encoded(prompts)
+    per_axis = {axis: encoded(prompts if axis == args.axis else gather_prompts(args, axis))
+                for axis in ALL_AXES}
+    return {label: PlanePrompts({axis: per_axis[axis][label] for axis in ALL_AXES})
+            for label in per_axis[args.axis]}
+
+
 def run(args: argparse.Namespace) -> int:
-    prompts = collect_prompts(args.prompt, getattr(args, SPARSE_DEST))
+    check_planes(args)
+    prompts = gather_prompts(args)
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
     check_ensemble_options(args.ensemble, args.candidates)
+    check_corrections(args.correct, args.query, args.label)
     jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or (),
                         args.uncertainty, args.ensemble > 1, args.candidates)
     prepare_dicom_jobs(jobs, prompts, args)
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
                                args.candidates)
-    encoded = encode(segmenter, prompts, args.label)
-    members = min(len(e.ensemble.members) if e.ensemble is not None else 1 for e in encoded.values())
+    encoded = encode_all(segmenter, prompts, args)
+    members = min(len(e.ensemble.members) if getattr(e, "ensemble", None) is not None else 1
+                  for e in encoded.values())
     if args.candidates > members:
         raise InputError("--candidates", f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "
                          f"ensemble members, fewer than the {args.candidates} candidates asked for")
@@ -428,3 +504,44 @@ def run(args: argparse.Namespace) -> int:
           f"prompt{'s' if len(prompts) != 1 else ''}; wrote {', '.join(sorted({k for j in jobs for k in j.outputs}))} "
           f"files to {args.out}")
     return 0
+
+
+def check_planes(args: argparse.Namespace) -> None:
+    """InputError naming --planes unless it comes with --prompt-volume prompts only, volume queries
+    and no ensemble (the planes' mean has no members' variance or candidates)."""
+    if not args.planes:
+        return
+    if args.prompt or getattr(args, SPARSE_DEST) or not args.prompt_volume:
+        raise InputError("--planes", "needs --prompt-volume prompts only (2D prompt images have "
+                         "one plane)")
+    if args.ensemble > 1 or args.candidates:
+        raise InputError("--planes", "does not combine with --ensemble or --candidates")
+    for query in args.query:
+        if not (file_extension(query) in NIFTI_EXTENSIONS or is_dicom_input(query)):
+            raise InputError(query, "--planes segments volumes (NIfTI or DICOM), this query is 2D")
+
+
+def parse_corrections(values: Sequence[Sequence[str]]) -> list[tuple]:
+    """The --correct options -> clicks (x, y[, z], positive)."""
+    return [parse_click(v) for v in values]
+
+
+def check_corrections(values: Sequence[Sequence[str]], queries: Sequence[str],
+                      labels: Sequence[int] | None) -> None:
+    """InputError naming --correct unless its clicks parse and apply to one query and one label."""
+    if not values:
+        return
+    parse_corrections(values)
+    if len(queries) != 1:
+        raise InputError("--correct", f"corrects one query, got {len(queries)} --query paths")
+    if labels is not None and len(labels) > 1:
+        raise InputError("--correct", "corrects one label at a time, not several --label values")
+
+
+def corrected(result: LabelResult, data: ImageData, clicks: Sequence[tuple]) -> LabelResult:
+    """A one-label result with the clicks applied (corrections.refine_probabilities); a click of the
+    wrong dimension for the query or outside it is an InputError naming --correct."""
+    spacing = voxel_spacing(data.affine) if is_volume(data) else None
+    refined = refine_probabilities(result.probabilities[0], data.array, clicks, spacing=spacing)
+    return LabelResult(result.labels, refined[None], result.threshold, result.variance,
+                       result.candidates)

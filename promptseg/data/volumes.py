@@ -28,7 +28,8 @@ def has_volume_outputs(path: str | os.PathLike) -> bool:
     and DICOM series, and .npy/.npz arrays that are volumes by is_volume_shape (from the array's
     header alone). Unreadable arrays answer False; reading them reports the problem."""
     from promptseg.data.dicom import is_dicom_input  # here: dicom and io import this module's users
-    from promptseg.data.io import NIFTI_EXTENSIONS, file_extension, stored_array_shape
+    from promptseg.data.io import NIFTI_EXTENSIONS, stored_array_shape
+    from promptseg.files import file_extension
 
     path = os.fspath(path)
     extension = file_extension(path)

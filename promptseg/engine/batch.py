@@ -20,6 +20,7 @@ and a started job may replace its own files. Both engines (local, ray) run the s
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -32,13 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.dicom import (
-    is_dicom_input,
-    read_input,
-    segmentation_kinds,
-    segmentation_writers,
-)
-from promptseg.data.io import ImageData, read_label, slice_volume, write_nifti_like, write_png
+from promptseg.data.dicom import is_dicom_input, read_input, segmentation_kinds, segmentation_writers
+from promptseg.data.io import ImageData, read_label, write_nifti_like, write_png
 from promptseg.files import atomic_write, strip_extension, write_text
 from promptseg.metrics import dice_percent
 from promptseg.data.layouts import nearby_label_names
@@ -46,6 +42,7 @@ from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
+from promptseg.engine.volume_prompts import empty_masks_expected, volume_slices
 from promptseg.errors import InputError, PromptSegError, short_reason
 
 LOG_NAME = "batch_log.jsonl"
@@ -311,21 +308,13 @@ class JobLog:
 
 
 def _prompt_volume_pairs(spec: PromptSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Up to spec.slices (H, W) image and label slices of the prompt volume along spec.axis, evenly
-    spaced among the slices holding one of the labels (any label when none are named)."""
-    image_path, label_path = spec.volume  # type: ignore[misc]
-    image, labels = read_input(image_path, spec.series), read_label(label_path)
-    if image.array.ndim != 3 or labels.array.shape != image.array.shape:
-        raise InputError(label_path, f"prompt labels of shape {labels.array.shape} do not match the prompt volume "
-                         f"{image.array.shape}")
-    images, maps = slice_volume(image.array, spec.axis), slice_volume(labels.array, spec.axis)
-    wanted = maps > 0 if spec.labels is None else np.isin(maps, spec.labels)
-    holding = np.flatnonzero(wanted.reshape(len(maps), -1).any(axis=1))
-    if not holding.size:
-        raise InputError(label_path, f"no slice along axis {spec.axis} holds "
-                         f"{'a label' if spec.labels is None else 'label ' + ', '.join(map(str, spec.labels))}")
-    chosen = holding[np.unique(np.linspace(0, len(holding) - 1, min(spec.slices, len(holding))).round().astype(int))]
-    return [images[n] for n in chosen], [maps[n] for n in chosen]
+    """spec.slices (H, W) image and label slices of the prompt volume along spec.axis of its
+    closest RAS orientation, chosen by promptseg.engine.volume_prompts (over the labelled extent,
+    a few just outside it)."""
+    image_path, labels = spec.volume  # type: ignore[misc]
+    image = read_input(image_path, spec.series)
+    cut = volume_slices(image, labels, label=spec.labels, slices=spec.slices, axis=spec.axis)
+    return list(cut.images), list(cut.labels)
 
 
 def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts]:
@@ -335,11 +324,17 @@ def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts]:
         images, maps = _prompt_volume_pairs(spec)
     else:
         images, maps = [i for i, _ in spec.pairs], [m for _, m in spec.pairs]
-    if spec.labels is not None and len(spec.labels) > 1:
-        return segmenter.encode_labels(images, maps, spec.labels)
     label = spec.labels[0] if spec.labels else None
-    prompts = [Prompt(image=i, kind="mask", mask=m) for i, m in zip(images, maps)]
-    return {label or 1: segmenter.encode_prompts(prompts, label=label)}
+    key = label or 1
+    expected = empty_masks_expected() if spec.volume is not None else contextlib.nullcontext()
+    with expected:  # prompt-volume slices without the label are chosen on purpose
+        if spec.labels is not None and len(spec.labels) > 1:
+            return segmenter.encode_labels(images, maps, spec.labels)
+        if spec.volume is not None:  # binary masks: some slices lack the label
+            maps = [((m > 0) if label is None else (m == label)).astype(np.uint8) for m in maps]
+            label = None
+        prompts = [Prompt(image=i, kind="mask", mask=m) for i, m in zip(images, maps)]
+        return {key: segmenter.encode_prompts(prompts, label=label)}
 
 
 def _score(job: Job, result: LabelResult, masks: np.ndarray) -> float | None:

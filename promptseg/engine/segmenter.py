@@ -29,6 +29,7 @@ from promptseg.data.io import (
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
 from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
+from promptseg.engine.corrections import refine_probabilities, voxel_spacing
 from promptseg.engine.ensemble import (
     MAX_ENSEMBLE,
     Ensemble,
@@ -38,6 +39,7 @@ from promptseg.engine.ensemble import (
     member_probabilities,
     plan_members,
 )
+from promptseg.engine.planes import PlanePrompts
 from promptseg.engine.prompt_cache import PromptCache, content_key
 from promptseg.engine.prompts_input import (
     ArrayOrPath,
@@ -46,6 +48,12 @@ from promptseg.engine.prompts_input import (
     check_not_grayscale,
     load_2d,
     prepare_prompt,
+)
+from promptseg.engine.slice_context import consistent_slices
+from promptseg.engine.volume_prompts import (
+    empty_masks_expected,
+    read_volumes,
+    volume_prompts,
 )
 from promptseg.errors import InputError, PromptSegError
 from promptseg.kernels import default_kernel
@@ -289,6 +297,30 @@ class Segmenter:
             )
         return EncodedPrompts(encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend, self.token)
 
+    def encode_volume_prompts(
+        self,
+        image: Any,
+        labels: Any,
+        label: int | None = None,
+        slices: int = 8,
+        axis: int | Sequence[int] = 2,
+        empty: int | None = None,
+    ) -> EncodedPrompts | PlanePrompts:
+        """Encode K = `slices` slices of an annotated volume (or of each of several, given as
+        equal-length lists) as mask prompts of `label` (None: any non-zero value).
+
+        image: a NIfTI path, DICOM series folder, ImageData or (X, Y, Z) array; labels: its label
+        volume. Slices are cut along `axis` of the closest RAS orientation, as segment_volume cuts
+        queries; `empty` of them (default K // 4) lie just outside the labelled extent
+        (promptseg.engine.volume_prompts). Several axes, e.g. (0, 1, 2), give PlanePrompts: a prompt
+        set per axis, for segment_volume to segment along each and average."""
+        if not isinstance(axis, int):
+            image, labels = read_volumes(image, labels)  # read once for every axis
+            return PlanePrompts({plane: self.encode_volume_prompts(image, labels, label, slices,
+                                                                   plane, empty) for plane in axis})
+        with empty_masks_expected():
+            return self.encode_prompts(volume_prompts(image, labels, label, slices, axis, empty))
+
     def _adapted(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> AdaptedModel:
         """A backend (same kind and options) on a copy of the model adapted to one prompt set."""
         model = adapt_to_prompts(self.model, images, maps, types, self.adaptation)
@@ -429,17 +461,42 @@ class Segmenter:
             chunk = slices[start : start + self.max_batch]
             yield start, torch.stack([prepare_image(s, self.resolution, self.channels, source=source) for s in chunk])
 
-    def segment_volume(self, volume: ArrayOrPath | ImageData, prompts: EncodedPrompts, axis: int = 2) -> VolumeResult:
+    def segment_volume(self, volume: ArrayOrPath | ImageData,
+                       prompts: EncodedPrompts | PlanePrompts, axis: int = 2,
+                       consistency: bool = False) -> VolumeResult:
         """Segment a 3D volume slice by slice along `axis`, streaming max_batch slices at a time.
 
         volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's grid.
         With an affine, `axis` and the slices' in-plane orientation are those of the volume's closest
         RAS orientation (io.canonical_view), so the storage order (LPS, RAS, ...) does not matter.
+        consistency: make the slices agree through the plane (promptseg.engine.slice_context),
+        along `axis`. PlanePrompts (encode_volume_prompts with several axes): the mean of the
+        volume segmented along each of their axes (promptseg.engine.planes).
         """
         data = as_volume(volume)
-        maps = self._volume_maps(data, [prompts], axis)
+        maps = self._plane_maps(data, [prompts], axis)
+        if consistency:
+            make_consistent(maps.probabilities, data, axis)
         return VolumeResult(maps.probabilities[0], data, axis, None if maps.variance is None else maps.variance[0],
                             None if maps.candidates is None else maps.candidates[:, 0])
+
+    def _plane_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts | PlanePrompts],
+                    axis: int) -> QueryMaps:
+        """_volume_maps; for PlanePrompts (promptseg.engine.planes) the mean of the probabilities
+        segmented along each of their axes (no ensemble variance or candidates)."""
+        planes = [isinstance(p, PlanePrompts) for p in prompt_sets]
+        if not any(planes):
+            return self._volume_maps(data, prompt_sets, axis)  # type: ignore[arg-type]
+        axes = prompt_sets[0].axes if planes[0] else ()  # type: ignore[union-attr]
+        if not all(planes) or any(p.axes != axes for p in prompt_sets):  # type: ignore[union-attr]
+            raise InputError("prompts", "mix plane prompts of other axes, or plane and "
+                             "single-axis prompts")
+        total = None
+        for plane in axes:
+            sets = [p.per_axis[plane] for p in prompt_sets]  # type: ignore[union-attr]
+            maps = self._volume_maps(data, sets, plane)
+            total = maps.probabilities if total is None else total + maps.probabilities
+        return QueryMaps(total / len(axes), None, None)
 
     def _volume_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int) -> QueryMaps:
         """(X, Y, Z) volume -> QueryMaps of L = len(prompt_sets): probabilities (L, X, Y, Z) float32,
@@ -476,6 +533,28 @@ class Segmenter:
                 for candidate in range(count):
                     candidate_views[candidate][index][start:stop] = maps.candidates[candidate]
         return out
+
+    def refine(
+        self,
+        result: VolumeResult | np.ndarray,
+        clicks: Sequence[tuple] = (),
+        scribbles: Sequence[tuple[np.ndarray, bool]] = (),
+        image: ArrayOrPath | None = None,
+    ) -> VolumeResult | np.ndarray:
+        """Correct a result with clicks and scribbles on the query itself
+        (promptseg.engine.corrections): a VolumeResult (clicks (x, y, z, positive) on voxel
+        array[x, y, z] of its grid) or (H, W) probabilities of a 2D query (clicks (x, y, positive),
+        x the column; pass the query `image` for the intensity term). scribbles: (mask of the
+        strokes, positive) on the same grid. A local edit of the probabilities: the model is not
+        run again and the prompts' cache is kept."""
+        if isinstance(result, VolumeResult):
+            spacing = voxel_spacing(result.source.affine)
+            refined = refine_probabilities(result.probabilities, result.source.array, clicks,
+                                           scribbles, spacing)
+            return VolumeResult(refined, result.source, result.axis, result.variance,
+                                result.candidates)
+        query = None if image is None else load_2d(image, is_label=False, what="query")[0]
+        return refine_probabilities(np.asarray(result), query, clicks, scribbles)
 
     def encode_labels(
         self,
@@ -533,15 +612,27 @@ class Segmenter:
         return results
 
     def segment_volume_labels(
-        self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2, threshold: float = 0.5
+        self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2,
+        threshold: float = 0.5, consistency: bool = False,
     ) -> LabelResult:
-        """Segment several labels of a 3D volume in one streamed pass; probabilities (L, X, Y, Z)."""
+        """Segment several labels of a 3D volume in one streamed pass; probabilities (L, X, Y, Z).
+        consistency: as for segment_volume, each label apart."""
         check_threshold(threshold)
         if not prompts:
             raise InputError(None, "no labels to segment")
         data = as_volume(volume)
-        maps = self._volume_maps(data, list(prompts.values()), axis)
+        maps = self._plane_maps(data, list(prompts.values()), axis)
+        if consistency:
+            make_consistent(maps.probabilities, data, axis)
         return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates)
+
+
+def make_consistent(probabilities: np.ndarray, data: ImageData, axis: int) -> None:
+    """Apply slice_context.consistent_slices in place to each (X, Y, Z) map of (L, X, Y, Z)
+    probabilities, through the slices along `axis` of the closest RAS orientation."""
+    for volume in probabilities:
+        view = slice_volume(canonical_view(volume, data.affine), axis)
+        view[...] = consistent_slices(view)
 
 
 def checked_device(device: str | torch.device | None, option: str = "device") -> torch.device:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from promptseg.data.io import atomic_write
+from promptseg.files import atomic_write
 from promptseg.errors import InputError, PromptSegError, short_reason
 from promptseg.eval.evaluate import EvalReport
 from promptseg.train.training_log import read_log_records
