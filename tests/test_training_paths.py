@@ -125,7 +125,9 @@ def test_resume_with_hardness_weighted_draws_is_exact(tmp_path: Path) -> None:
     trainer = Trainer(config, tasks, resumed, progress=False)
     assert trainer.resume() and trainer.step == 4 and trainer.hardness.losses
     trainer.run()
-    read = lambda run: [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    def read(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
     np.testing.assert_allclose(read(resumed), read(straight), rtol=1e-4, atol=1e-5)
 
 

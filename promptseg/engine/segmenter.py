@@ -576,7 +576,7 @@ class Segmenter:
             for label_map, source in loaded_maps:
                 check_not_grayscale(label_map, source)
         present = sorted({int(v) for m, _ in loaded_maps for v in np.unique(m) if v != 0})
-        chosen = present if labels is None else [int(l) for l in labels]
+        chosen = present if labels is None else [int(label) for label in labels]
         if not chosen:
             raise InputError(loaded_maps[0][1] if loaded_maps else None, "the label maps contain no foreground label")
         for label in chosen:
