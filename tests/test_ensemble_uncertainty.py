@@ -79,11 +79,11 @@ def test_subset_slices_and_batched_members_match_separate_encodings(model: Promp
     torch.testing.assert_close(together[1], backend.decode(queries, direct), rtol=0, atol=1e-5)
 
 
-def test_ensemble_probabilities_average_the_calibrated_members(model: PromptSegNet) -> None:
+def test_ensemble_probabilities_average_the_unshifted_members(model: PromptSegNet) -> None:
     images, maps, types, queries = prompt_tensors(3)
     backend = create_backend("torch", model, "cpu")
     members = plan_members(3, 5)
-    got = ensemble_probabilities(backend, images, maps, types, queries, 5)
+    got, shift = ensemble_probabilities(backend, images, maps, types, queries, 5)
     ensemble = build_ensemble(backend, images[None], maps[None], types[None], members,
                               lambda flip, keep: backend.encode(flipped(images[None, list(keep)], flip),
                                                                 flipped(maps[None, list(keep)], flip), types[None, list(keep)]))
@@ -92,8 +92,9 @@ def test_ensemble_probabilities_average_the_calibrated_members(model: PromptSegN
         keep = list(member.keep)
         state = backend.encode(flipped(images[None, keep], member.flip), flipped(maps[None, keep], member.flip), types[None, keep])
         logits = flipped(backend.decode(flipped(queries, member.flip), state), member.flip)
-        expected.append(torch.sigmoid(logits + ensemble.bias))
+        expected.append(torch.sigmoid(logits))
     torch.testing.assert_close(got, torch.stack(expected).mean(0), rtol=0, atol=1e-5)
+    assert shift == ensemble.bias
 
 
 def test_calibration_shift_fixes_a_shy_prediction() -> None:

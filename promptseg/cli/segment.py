@@ -102,6 +102,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"average over N ensemble members: drop-one prompt subsets, then flips of prompts and "
                         f"queries, calibrated on the prompts they leave out (1..{MAX_ENSEMBLE}, default 1: off; "
                         "a single prompt gives at most 4 members)")
+    parser.add_argument("--ensemble-shift", choices=("on", "off"), default="on",
+                        help="with --ensemble: move the mask threshold by the logit shift that scores best on the "
+                        "prompts the members leave out (on, default), or not (off); the probabilities written are "
+                        "the members' unshifted mean either way")
     parser.add_argument("--uncertainty", action="store_true",
                         help="also write <name>_uncertainty (predictive entropy in bits) and, with --ensemble, "
                         "<name>_variance (variance of the members' probabilities): float32 .nii.gz for NIfTI "
@@ -280,7 +284,7 @@ def overlay_picture(data: ImageData, result: LabelResult, axis: int) -> np.ndarr
         indices = montage_indices(image.shape[axis])
         image = np.take(image, indices, axis=axis)
         shown_probabilities = [np.take(canonical_view(p, data.affine), indices, axis=axis) for p in result.probabilities]
-        shown = LabelResult(result.labels, np.stack(shown_probabilities), result.threshold)
+        shown = LabelResult(result.labels, np.stack(shown_probabilities), result.threshold, shifts=result.shifts)
     label_map = shown.label_map
     contours = [(label_map == label, LABEL_COLOURS[n % len(LABEL_COLOURS)]) for n, label in enumerate(result.labels)]
     return montage(image, contours, axis) if is_volume(data) else overlay(image, contours)
@@ -290,8 +294,9 @@ def label_mask(result: LabelResult, probabilities: np.ndarray, threshold: float,
     """The mask written for probabilities (L, *spatial) of result's labels: 0/255 (PNG) or 0/1
     (NIfTI) for one label, the label map for several."""
     if len(result.labels) > 1:
-        return LabelResult(result.labels, probabilities, threshold).label_map
-    return (probabilities[0] > threshold).astype(np.uint8) * (1 if nifti else 255)
+        return LabelResult(result.labels, probabilities, threshold, shifts=result.shifts).label_map
+    mask = LabelResult(result.labels, probabilities, threshold, shifts=result.shifts).masks[0]
+    return mask.astype(np.uint8) * (1 if nifti else 255)
 
 
 def map_writer(values: np.ndarray, full_scale: float, data: ImageData, nifti: bool) -> Writer:
@@ -346,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
                         args.uncertainty, args.ensemble > 1, args.candidates)
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
-                               args.candidates)
+                               args.candidates, args.ensemble_shift == "on")
     encoded = encode(segmenter, prompts, args.label)
     members = min(len(e.ensemble.members) if e.ensemble is not None else 1 for e in encoded.values())
     if args.candidates > members:

@@ -347,7 +347,7 @@ def _writers(job: Job, data: ImageData, result: LabelResult, options: Options) -
     several = len(result.labels) > 1
     label_map = result.label_map if several else None
     masks = (np.stack([label_map == label for label in result.labels]) if several
-             else result.probabilities[:1] > options.threshold)
+             else result.masks[:1])
     volume = job.volume
     writes: list[tuple[str, Callable[[str, bool], None]]] = []
     mask = label_map if several else masks[0].astype(np.uint8) * (1 if volume else 255)

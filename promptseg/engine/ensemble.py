@@ -10,10 +10,14 @@ An ensemble of N members (`plan_members`) averages the predictions of:
 The order of the prompts is no member: attention over prompt tokens does not depend on it.
 
 Every drop-one member also predicts the prompt it left out, whose mask is known: those
-leave-one-out predictions fix one logit shift (`calibration_bias`), added to every member's
-logits before the probabilities are averaged. It corrects a model that is too shy or too eager
-on a task (on membranes, thin structures, the shipped weights stay below 0.5); with no drop-one
-member (N = 1 or K = 1) or no mask prompt left out, the shift is 0.
+leave-one-out predictions fix one logit shift (`calibration_bias`) of the decision threshold. It
+corrects a model that is too shy or too eager on a task (on membranes, thin structures, the
+shipped weights stay below 0.5): the mask is the members' mean probability above
+`decision_threshold(t, shift)` = sigmoid(logit(t) - shift) instead of above t. The probabilities
+themselves stay the members' unshifted mean, which is better calibrated (shifting them moves
+every pixel's probability, and the expected calibration error with it). With no drop-one member
+(N = 1 or K = 1), no mask prompt left out, or `shift=False` (`--ensemble-shift off`), the shift
+is 0.
 
 Costs: a prompt subset's encoding is a slice of the full set's (prompt tokens are per prompt), so
 each flip of the prompt set is encoded once (`InferenceBackend.select_prompts`; backends that
@@ -22,6 +26,7 @@ computation of the query features (`InferenceBackend.decode_members`).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +72,12 @@ def flipped(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
+def decision_threshold(threshold: float, shift: float) -> float:
+    """The probability threshold equivalent to `threshold` on logits shifted by `shift`:
+    sigmoid(logit(threshold) - shift), so that p > it exactly when logit(p) + shift > logit(threshold)."""
+    return 1.0 / (1.0 + math.exp(shift - math.log(threshold / (1.0 - threshold))))
+
+
 def calibration_bias(logits: torch.Tensor, masks: torch.Tensor) -> float:
     """The logit shift b of BIAS_GRID whose masks logits + b > 0 score the best mean hard Dice
     against masks; logits, masks (n, R, R). Ties go to the smallest |b|; 0.0 when n == 0."""
@@ -80,7 +91,8 @@ def calibration_bias(logits: torch.Tensor, masks: torch.Tensor) -> float:
 
 @dataclass
 class Ensemble:
-    """An encoded ensemble: its members, each member's prompt state, and the calibration shift."""
+    """An encoded ensemble: its members, each member's prompt state, and the logit shift of its
+    decision threshold (`decision_threshold`)."""
 
     members: tuple[Member, ...]
     states: tuple[PromptState, ...]
@@ -98,8 +110,10 @@ def build_ensemble(
     types: torch.Tensor,
     members: Sequence[Member],
     encode: Callable[[tuple[int, ...], tuple[int, ...]], PromptState],
+    shift: bool = True,
 ) -> Ensemble:
-    """Prompt states of every member and the leave-one-out calibration shift.
+    """Prompt states of every member and the leave-one-out shift of the decision threshold
+    (0.0 without decoding the held-out prompts when `shift` is False).
 
     images (1, K, C, R, R), maps (1, K, R, R), types (1, K) as prepared for the backend; encode(flip,
     keep) encodes the prompts `keep` flipped by `flip` (the caller caches it). A subset's state is a
@@ -114,7 +128,7 @@ def build_ensemble(
             state = backend.select_prompts(encode(member.flip, everything), member.keep, num_prompts)
         states.append(state if state is not None else encode(member.flip, member.keep))
     held = [(m, s) for m, s in zip(members, states)
-            if m.held is not None and int(types[0, m.held]) == PROMPT_TYPES["mask"]]
+            if shift and m.held is not None and int(types[0, m.held]) == PROMPT_TYPES["mask"]]
     if not held:
         return Ensemble(tuple(members), tuple(states), 0.0)
     queries = torch.stack([flipped(images[0, m.held], m.flip) for m, _ in held])
@@ -127,7 +141,8 @@ def build_ensemble(
 def member_probabilities(
     ensemble: Ensemble, queries: torch.Tensor, decode_members: Callable[[torch.Tensor, list[PromptState]], torch.Tensor]
 ) -> torch.Tensor:
-    """Calibrated probabilities (M, B, R, R) float32 of every member for queries (B, C, R, R).
+    """Probabilities (M, B, R, R) float32 of every member for queries (B, C, R, R), unshifted (the
+    ensemble's shift moves the decision threshold, not the probabilities).
 
     decode_members(view (B, C, R, R), states) -> (m, B, R, R) logits runs the members of one flip
     together (InferenceBackend.decode_members, or a wrapper of it that splits the batch)."""
@@ -136,7 +151,7 @@ def member_probabilities(
         indices = [i for i, m in enumerate(ensemble.members) if m.flip == flip]
         logits = decode_members(flipped(queries, flip), [ensemble.states[i] for i in indices])
         for index, member_logits in zip(indices, flipped(logits.float(), flip)):
-            out[index] = torch.sigmoid(member_logits + ensemble.bias)
+            out[index] = torch.sigmoid(member_logits)
     return torch.stack(out)
 
 

@@ -34,6 +34,7 @@ from promptseg.engine.ensemble import (
     MAX_ENSEMBLE,
     Ensemble,
     build_ensemble,
+    decision_threshold,
     flipped,
     mean_logits,
     member_probabilities,
@@ -77,6 +78,16 @@ class EncodedPrompts:
     backend: InferenceBackend | None = None
     owner: object = None  # the token of the Segmenter that encoded them (they fit its model only)
 
+    @property
+    def shift(self) -> float:
+        """The ensemble's leave-one-out logit shift of the mask threshold (0.0 without one)."""
+        return self.ensemble.bias if self.ensemble is not None else 0.0
+
+    def mask_threshold(self, threshold: float = 0.5) -> float:
+        """The probability above which `Segmenter.segment`'s output is foreground for these prompts:
+        `threshold` moved by the ensemble's shift (promptseg.engine.ensemble.decision_threshold)."""
+        return decision_threshold(threshold, self.shift)
+
 
 @dataclass
 class AdaptedModel:
@@ -100,7 +111,8 @@ def binary_entropy(probabilities: np.ndarray) -> np.ndarray:
 class VolumeResult:
     """Probabilities of a volume in its own voxel grid, with the geometry to write it back.
 
-    probabilities: (X, Y, Z) float32 in [0, 1]; mask: (X, Y, Z) bool (probabilities > 0.5);
+    probabilities: (X, Y, Z) float32 in [0, 1]; mask: (X, Y, Z) bool (probabilities above 0.5
+    moved by `shift`, an ensemble's leave-one-out logit shift: decision_threshold(0.5, shift));
     variance: (X, Y, Z) float32 variance of the ensemble members' probabilities (None without an
     ensemble); candidates: (N, X, Y, Z) float32 probabilities of the first N ensemble members
     (None unless the Segmenter was asked for candidates).
@@ -111,10 +123,11 @@ class VolumeResult:
     axis: int
     variance: np.ndarray | None = None
     candidates: np.ndarray | None = None
+    shift: float = 0.0
 
     @property
     def mask(self) -> np.ndarray:
-        return self.probabilities > 0.5
+        return self.probabilities > decision_threshold(0.5, self.shift)
 
     @property
     def uncertainty(self) -> np.ndarray:
@@ -144,7 +157,9 @@ class LabelResult:
     labels: the L label values; probabilities: (L, *spatial) float32 in [0, 1], in `labels` order;
     variance: (L, *spatial) float32 variance of the ensemble members' probabilities (None without
     an ensemble); candidates: (N, L, *spatial) float32 probabilities of the first N ensemble members
-    (None unless the Segmenter was asked for candidates).
+    (None unless the Segmenter was asked for candidates); shifts: each label's ensemble logit shift
+    of the threshold (empty: none), so label l is foreground where logit(p_l) + shift_l exceeds
+    logit(threshold).
     """
 
     labels: tuple[int, ...]
@@ -152,6 +167,24 @@ class LabelResult:
     threshold: float = 0.5
     variance: np.ndarray | None = None
     candidates: np.ndarray | None = None
+    shifts: tuple[float, ...] = ()
+
+    def scores(self) -> np.ndarray:
+        """(L, *spatial) what is compared with the threshold: the probabilities themselves, or with
+        shifts their logits plus each label's shift (then against logit(threshold))."""
+        if not any(self.shifts):
+            return self.probabilities
+        p = np.clip(self.probabilities.astype(np.float64), 1e-7, 1.0 - 1e-7)
+        shifts = np.asarray(self.shifts, np.float64).reshape((-1,) + (1,) * (p.ndim - 1))
+        return np.log(p) - np.log1p(-p) + shifts
+
+    def _cut(self) -> float:
+        return float(np.log(self.threshold / (1.0 - self.threshold))) if any(self.shifts) else self.threshold
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(L, *spatial) bool: each label on its own above its (shifted) threshold."""
+        return self.scores() > self._cut()
 
     @property
     def uncertainty(self) -> np.ndarray:
@@ -161,10 +194,11 @@ class LabelResult:
     @property
     def label_map(self) -> np.ndarray:
         """(*spatial) integer map: at each pixel the most probable label above the threshold, else 0."""
-        best = self.probabilities.argmax(axis=0)
+        scores = self.scores()
+        best = scores.argmax(axis=0)
         values = np.asarray(self.labels)[best]
         dtype = np.uint8 if max(self.labels) < 256 else np.int32
-        return np.where(self.probabilities.max(axis=0) > self.threshold, values, 0).astype(dtype)
+        return np.where(scores.max(axis=0) > self._cut(), values, 0).astype(dtype)
 
 
 class Segmenter:
@@ -181,6 +215,7 @@ class Segmenter:
         ensemble: int = 1,
         adaptation: Adaptation | None = None,
         candidates: int = 0,
+        ensemble_shift: bool = True,
     ) -> None:
         """backend: one of ENGINE_BACKENDS (None: triton on CUDA when it works, else torch);
         backend_options go to the backend's constructor (e.g. model_dir for onnxruntime).
@@ -193,6 +228,8 @@ class Segmenter:
         model to every prompt set before use (promptseg.engine.adaptation; PyTorch backends only;
         cached with the prompt set, so a volume adapts once). candidates: also return the
         probabilities of the first `candidates` members (0..ensemble; results' `candidates`).
+        ensemble_shift: move the mask threshold by the ensemble's leave-one-out logit shift (the
+        probabilities stay the members' unshifted mean); False keeps it at the threshold asked for.
         Raises BackendUnavailable with a one-line reason when the backend cannot run here."""
         if not 1 <= ensemble <= MAX_ENSEMBLE:
             raise InputError("--ensemble", f"must lie in 1..{MAX_ENSEMBLE}, got {ensemble}")
@@ -212,6 +249,7 @@ class Segmenter:
         if adaptation is not None and adaptation.steps > 0 and self.backend.name not in ADAPTABLE_BACKENDS:
             raise InputError("--adapt", f"needs a PyTorch backend ({', '.join(ADAPTABLE_BACKENDS)}), not {self.backend.name}")
         self.ensemble = ensemble
+        self.ensemble_shift = ensemble_shift
         self.candidates = candidates
         self.adaptation = adaptation if adaptation is not None and adaptation.steps > 0 else None
         limit = self.backend.max_batch
@@ -290,8 +328,9 @@ class Segmenter:
         if self.ensemble > 1:
             members = plan_members(len(prompts), self.ensemble)
             ensemble = self.cache.get_or_create(
-                f"{key}:ensemble{self.ensemble}",
-                lambda: build_ensemble(run, prompt_images, prompt_maps, prompt_types, members, encode),
+                f"{key}:ensemble{self.ensemble}" + ("" if self.ensemble_shift else ":noshift"),
+                lambda: build_ensemble(run, prompt_images, prompt_maps, prompt_types, members, encode,
+                                       self.ensemble_shift),
             )
         return EncodedPrompts(encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend, self.token)
 
@@ -325,7 +364,7 @@ class Segmenter:
 
     def _predict(self, batch: torch.Tensor, prompts: EncodedPrompts) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C, R, R) prepared queries -> (N, R, R) float32 logits and, for an ensemble, the
-        members' calibrated probabilities (M, N, R, R) (else None); the ensemble's logits are
+        members' (unshifted) probabilities (M, N, R, R) (else None); the ensemble's logits are
         those of the members' mean probability. InputError for prompts another Segmenter encoded."""
         if prompts.owner is not self.token:
             raise InputError("prompts", "were encoded by another Segmenter (another model or backend); "
@@ -396,7 +435,8 @@ class Segmenter:
     def segment(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> np.ndarray | list[np.ndarray]:
         """Segment 2D queries: a (N, H, W[, C]) array or a list of arrays/paths.
 
-        Returns (N, H, W) float32 probabilities when all queries share one size, else a list of (H, W).
+        Returns (N, H, W) float32 probabilities when all queries share one size, else a list of (H, W);
+        the mask is the probabilities above `prompts.mask_threshold()` (0.5 unless an ensemble shifts it).
         """
         prepared, sizes = self._prepare_queries(queries)
         results = [maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)]
@@ -437,7 +477,7 @@ class Segmenter:
         data = as_volume(volume)
         maps = self._volume_maps(data, [prompts], axis)
         return VolumeResult(maps.probabilities[0], data, axis, None if maps.variance is None else maps.variance[0],
-                            None if maps.candidates is None else maps.candidates[:, 0])
+                            None if maps.candidates is None else maps.candidates[:, 0], prompts.shift)
 
     def _volume_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int) -> QueryMaps:
         """(X, Y, Z) volume -> QueryMaps of L = len(prompt_sets): probabilities (L, X, Y, Z) float32,
@@ -524,7 +564,8 @@ class Segmenter:
             if all(m.candidates is not None for m in maps):
                 count = min(len(m.candidates) for m in maps)
                 candidates = np.stack([m.candidates[:count] for m in maps], axis=1)
-            results.append(LabelResult(labels, np.stack([m.probabilities for m in maps]), threshold, variance, candidates))
+            results.append(LabelResult(labels, np.stack([m.probabilities for m in maps]), threshold, variance, candidates,
+                                       label_shifts(prompts)))
         return results
 
     def segment_volume_labels(
@@ -536,7 +577,14 @@ class Segmenter:
             raise InputError(None, "no labels to segment")
         data = as_volume(volume)
         maps = self._volume_maps(data, list(prompts.values()), axis)
-        return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates)
+        return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates,
+                           label_shifts(prompts))
+
+
+def label_shifts(prompts: Mapping[int, EncodedPrompts]) -> tuple[float, ...]:
+    """Each label's ensemble shift, in the mapping's order; () when none shifts."""
+    shifts = tuple(p.shift for p in prompts.values())
+    return shifts if any(shifts) else ()
 
 
 def checked_device(device: str | torch.device | None, option: str = "device") -> torch.device:

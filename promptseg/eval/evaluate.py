@@ -2,7 +2,8 @@
 
 For every task and K, `fixed_episodes` is built once and every predictor sees the same episodes,
 so the rows of the report are directly comparable (and per-episode scores are paired).
-Dice is on a 0-100 scale: hard Dice of probabilities > 0.5 against the mask, 100 when both are empty,
+Dice is on a 0-100 scale: hard Dice of probabilities > 0.5 (or the threshold a predictor gives with
+them, promptseg.eval.prediction: a shifted ensemble's) against the mask, 100 when both are empty,
 averaged over the queries of an episode; a (method, task, K) cell reports the mean and the sample
 standard deviation (ddof = 1; 0 for a single episode) over episodes.
 
@@ -30,6 +31,7 @@ from promptseg.data.episodes import Episode, fixed_episodes
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import InputError
 from promptseg.eval.baselines import Predictor
+from promptseg.eval.prediction import predict
 from promptseg.train.loss import hard_dice
 
 ECE_BINS = 10
@@ -40,11 +42,11 @@ def episode_dice(probs: torch.Tensor, masks: torch.Tensor) -> float:
     return float(query_dice(probs, masks).mean())
 
 
-def query_dice(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Hard Dice (0-100) of each query: probs (Q, R, R) > 0.5 against masks (Q, R, R) -> (Q,)."""
+def query_dice(probs: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Hard Dice (0-100) of each query: probs (Q, R, R) > threshold against masks (Q, R, R) -> (Q,)."""
     if probs.shape != masks.shape:
         raise ValueError(f"prediction shape {tuple(probs.shape)} does not match the masks {tuple(masks.shape)}")
-    return 100.0 * hard_dice(probs > 0.5, masks > 0.5)
+    return 100.0 * hard_dice(probs > threshold, masks > 0.5)
 
 
 def expected_calibration_error(probs: torch.Tensor, masks: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -344,10 +346,10 @@ def _run(predictor: Predictor, drawn: Sequence[Episode], bar: tqdm) -> tuple[Cel
     cell, elapsed = CellScore([]), 0.0
     for episode in drawn:
         start = time.perf_counter()
-        probs = predictor.predict(episode)
+        prediction = predict(predictor, episode)
         elapsed += time.perf_counter() - start
-        probs, masks = probs.float().cpu(), episode.query_masks.float().cpu()
-        dice = query_dice(probs, masks)
+        probs, masks = prediction.probabilities.float().cpu(), episode.query_masks.float().cpu()
+        dice = query_dice(probs, masks, prediction.threshold)
         cell.dice.append(float(dice.mean()))
         cell.ece.append(expected_calibration_error(probs, masks))
         cell.query_entropy += mean_entropy(probs).tolist()
