@@ -8,6 +8,7 @@ from promptseg.kernels import BACKENDS, check_backend_device
 from promptseg.model.attention import QueryPromptBlock
 from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder
+from promptseg.model.member_decoding import decode_member_groups
 from promptseg.model.prompt_encoder import PromptEncoder, PromptEncoding
 from promptseg.model.propagation import LabelPropagation
 from promptseg.model.query_decoder import QueryDecoder
@@ -95,16 +96,22 @@ class PromptSegNet(nn.Module):
         """queries (B, C, R, R) with B a multiple of G -> logits (B, R, R); query b uses group b // (B // G)."""
         return self.query_decoder(queries, prompts)
 
-    def decode_members(self, queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
+    def decode_members(
+        self, queries: torch.Tensor, prompts: PromptEncoding, features: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Every query against every one of the G prompt groups (ensemble members), in one batch:
-        queries (B, C, R, R) -> logits (G, B, R, R). The query encoder runs once for the B queries."""
+        queries (B, C, R, R) -> logits (G, B, R, R). The query encoder runs once for the B queries
+        (or not at all when their `query_features` are given), and the convolutional decoder shares
+        the skip connections' convolutions between the members (promptseg.model.member_decoding)."""
         groups, count = prompts.groups, queries.shape[0]
-        repeated = queries.repeat(groups, 1, 1, 1)  # query b of group g at g * B + b
         if not hasattr(self.query_decoder, "query_features"):  # a decoder that cannot share them decodes all
-            logits = self.query_decoder(repeated, prompts)
-        else:
-            features = [f.repeat(groups, 1, 1, 1) for f in self.query_decoder.query_features(queries)]
-            logits = self.query_decoder.decode_features(features, repeated, prompts)
+            logits = self.query_decoder(queries.repeat(groups, 1, 1, 1), prompts)  # query b of group g at g * B + b
+            return logits.reshape(groups, count, *logits.shape[1:])
+        features = self.query_decoder.query_features(queries) if features is None else features
+        if isinstance(self.query_decoder, QueryDecoder):
+            return decode_member_groups(self.query_decoder, features, queries, prompts)
+        repeated = [f.repeat(groups, 1, 1, 1) for f in features]
+        logits = self.query_decoder.decode_features(repeated, queries.repeat(groups, 1, 1, 1), prompts)
         return logits.reshape(groups, count, *logits.shape[1:])
 
     def forward(

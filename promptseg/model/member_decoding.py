@@ -1,0 +1,59 @@
+"""Decoding several prompt groups (ensemble members) against the same queries, sharing what the
+members have in common.
+
+For the convolutional decoder (QueryDecoder) only the attention stages and what follows them
+depend on the prompts. The query encoder runs once for the B queries (`QueryDecoder.query_features`),
+and in every upsampling block the skip connection's share of the fusing convolution is computed
+once per query and added to every member's: conv(cat(x, skip)) = conv_x(x) + conv_skip(skip), as
+the convolution is linear (the same sums in another order, so equal to float rounding).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from promptseg.model.prompt_encoder import PromptEncoding
+from promptseg.model.propagation import probability_logit
+from promptseg.model.query_decoder import QueryDecoder, UpBlock
+
+
+def shared_skip_up(up: UpBlock, x: torch.Tensor, skip: torch.Tensor, groups: int) -> torch.Tensor:
+    """up(x, skip repeated `groups` times) for x (G * B, C_in, h, w), member-major, and skip
+    (B, C_skip, 2h, 2w) shared by the G members -> (G * B, C_out, 2h, 2w)."""
+    conv = up.fuse[0]
+    x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+    width = x.shape[1]
+    member = F.conv2d(x, conv.weight[:, :width], conv.bias, conv.stride, conv.padding)
+    shared = F.conv2d(skip, conv.weight[:, width:], None, conv.stride, conv.padding)
+    fused = (member.unflatten(0, (groups, skip.shape[0])) + shared).flatten(0, 1)
+    for layer in list(up.fuse)[1:]:
+        fused = layer(fused)
+    return up.refine(fused)
+
+
+def decode_member_groups(
+    decoder: QueryDecoder, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding
+) -> torch.Tensor:
+    """`decoder.query_features(queries)` (B-sized entries) and queries (B, C, R, R) against each of
+    the G groups of `prompts` -> logits (G, B, R, R), as decoder.decode_features of the features
+    and queries repeated G times would give (to float rounding)."""
+    groups, count = prompts.groups, queries.shape[0]
+    attended: dict[int, torch.Tensor] = {}
+    priors = []
+    for index, stage in enumerate(decoder.config.attention_stages):
+        attended[stage], prior = decoder.attend(features[stage].repeat(groups, 1, 1, 1), index, prompts)
+        priors.append(prior)
+    top = len(features) - 1
+    x = attended[top] if top in attended else features[top].repeat(groups, 1, 1, 1)
+    for level, up in zip(reversed(range(top)), decoder.ups):
+        if level in attended:  # an attention stage: its skip features are the member's own
+            x = up(x, attended[level])
+        else:  # a query feature, the same for every member
+            x = shared_skip_up(up, x, features[level], groups)
+    x = shared_skip_up(decoder.full_resolution, x, queries * 2.0 - 1.0, groups)
+    logits = decoder.head(x).squeeze(1)
+    if decoder.propagations is not None:
+        prior = F.interpolate(priors[0].mean(dim=1, keepdim=True), size=logits.shape[-2:], mode="bilinear",
+                              align_corners=False)
+        logits = logits + decoder.prior_gain * probability_logit(prior.squeeze(1))
+    return logits.reshape(groups, count, *logits.shape[1:])
