@@ -16,7 +16,11 @@ from promptseg.data.episodes import Episode, fixed_episodes
 from promptseg.data.synthetic import synthetic_task
 from promptseg.engine.backends import create_backend
 from promptseg.engine.ensemble import (
+    TEMPERATURE_GRID,
+    Ensemble,
+    Member,
     build_ensemble,
+    calibration_temperature,
     decision_threshold,
     flipped,
     plan_members,
@@ -78,6 +82,7 @@ def test_members_are_unshifted_and_no_shift_decodes_no_held_out_prompt(model: Pr
 
     members = plan_members(4, 4)
     monkeypatch.setattr(ensemble_module, "calibration_bias", lambda logits, masks: 1.5)
+    monkeypatch.setattr(ensemble_module, "calibration_temperature", lambda logits, masks: 1.0)
     shifted = build_ensemble(backend, images[None], maps[None], types[None], members, encode)
     assert shifted.bias == 1.5
 
@@ -95,6 +100,7 @@ def test_members_are_unshifted_and_no_shift_decodes_no_held_out_prompt(model: Pr
 
 def test_segmenter_shift_moves_the_mask_not_the_probabilities(model: PromptSegNet, monkeypatch) -> None:
     monkeypatch.setattr(ensemble_module, "calibration_bias", lambda logits, masks: 2.0)
+    monkeypatch.setattr(ensemble_module, "calibration_temperature", lambda logits, masks: 1.0)
     examples = pairs(4)
     images, masks = [i for i, _ in examples], [m for _, m in examples]
     volume = np.stack(images[:3], axis=2).astype(np.float32)
@@ -110,6 +116,31 @@ def test_segmenter_shift_moves_the_mask_not_the_probabilities(model: PromptSegNe
     labels = on.segment_labels([images[0]], {1: prompts_on})[0]
     assert labels.shifts == (2.0,)
     assert np.array_equal(labels.masks[0], labels.probabilities[0] > prompts_on.mask_threshold(0.5))
+
+
+def test_calibration_temperature_softens_overconfident_and_sharpens_shy_logits() -> None:
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, 16, 16, generator=generator) > 0.5).float()
+    wrong = torch.rand(3, 16, 16, generator=generator) < 0.2
+    confident = torch.where(wrong, 1 - masks, masks) * 16.0 - 8.0  # +-8, a fifth of the pixels wrong
+    assert calibration_temperature(confident, masks) > 2.0
+    assert calibration_temperature(masks * 1.0 - 0.5, masks) == TEMPERATURE_GRID.min()  # +-0.5, all right
+    assert calibration_temperature(torch.zeros(0, 4, 4), torch.zeros(0, 4, 4)) == 1.0
+
+
+def test_members_divide_their_logits_by_the_temperature_and_the_shift_follows(model: PromptSegNet) -> None:
+    rng = np.random.default_rng(0)
+    examples = [disk_example(rng, (32, 32)) for _ in range(3)]
+    images = torch.stack([torch.from_numpy(i).float().div(255).expand(3, -1, -1) for i, _ in examples])
+    maps = torch.stack([torch.from_numpy(m > 0).float() for _, m in examples])
+    backend = create_backend("torch", model, "cpu")
+    state = backend.encode(images[None], maps[None], torch.ones(1, 3, dtype=torch.long))
+    ensemble = Ensemble((Member((0, 1, 2), (), None),), (state,), bias=1.0, temperature=2.0)
+    got = ensemble_module.member_probabilities(ensemble, images[:2], backend.decode_members)[0]
+    torch.testing.assert_close(got, torch.sigmoid(backend.decode(images[:2], state) / 2.0), rtol=0, atol=1e-6)
+    assert ensemble.shift == 0.5
+    logits = backend.decode(images[:2], state)
+    assert torch.equal(got > decision_threshold(0.5, ensemble.shift), logits + 1.0 > 0)
 
 
 class FixedPredictor:
@@ -140,6 +171,7 @@ def test_cli_ensemble_shift_off_writes_the_mask_of_the_unshifted_probabilities(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch  # noqa: F811
 ) -> None:
     monkeypatch.setattr(ensemble_module, "calibration_bias", lambda logits, masks: 3.0)
+    monkeypatch.setattr(ensemble_module, "calibration_temperature", lambda logits, masks: 1.0)
     options = []
     for index, (image, mask) in enumerate(pairs(3, (40, 48))):
         options += ["--prompt", str(write_png(tmp_path / f"i{index}.png", image)),

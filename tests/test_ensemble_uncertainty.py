@@ -79,7 +79,7 @@ def test_subset_slices_and_batched_members_match_separate_encodings(model: Promp
     torch.testing.assert_close(together[1], backend.decode(queries, direct), rtol=0, atol=1e-5)
 
 
-def test_ensemble_probabilities_average_the_unshifted_members(model: PromptSegNet) -> None:
+def test_ensemble_probabilities_average_the_tempered_unshifted_members(model: PromptSegNet) -> None:
     images, maps, types, queries = prompt_tensors(3)
     backend = create_backend("torch", model, "cpu")
     members = plan_members(3, 5)
@@ -92,9 +92,9 @@ def test_ensemble_probabilities_average_the_unshifted_members(model: PromptSegNe
         keep = list(member.keep)
         state = backend.encode(flipped(images[None, keep], member.flip), flipped(maps[None, keep], member.flip), types[None, keep])
         logits = flipped(backend.decode(flipped(queries, member.flip), state), member.flip)
-        expected.append(torch.sigmoid(logits))
+        expected.append(torch.sigmoid(logits / ensemble.temperature))
     torch.testing.assert_close(got, torch.stack(expected).mean(0), rtol=0, atol=1e-5)
-    assert shift == ensemble.bias
+    assert shift == ensemble.shift == ensemble.bias / ensemble.temperature
 
 
 def test_calibration_shift_fixes_a_shy_prediction() -> None:

@@ -55,8 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "reported as promptseg_ensN)")
     parser.add_argument("--ensemble-shift", choices=("on", "off"), default="on",
                         help="with --ensemble: move the mask threshold by the logit shift that scores best on the "
-                        "prompts the members leave out (on, default), or keep it at 0.5 (off, the averaging alone; "
-                        "reported as promptseg_ensN_noshift); the probabilities are the members' unshifted mean")
+                        "prompts the members leave out, and divide the members' logits by the temperature that fits "
+                        "those prompts best (on, default), or neither (off, the averaging alone; reported as "
+                        "promptseg_ensN_noshift); the probabilities are never shifted")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")

@@ -104,8 +104,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "a single prompt gives at most 4 members)")
     parser.add_argument("--ensemble-shift", choices=("on", "off"), default="on",
                         help="with --ensemble: move the mask threshold by the logit shift that scores best on the "
-                        "prompts the members leave out (on, default), or not (off); the probabilities written are "
-                        "the members' unshifted mean either way")
+                        "prompts the members leave out, and divide the members' logits by the temperature that fits "
+                        "those prompts best (on, default), or neither (off); the probabilities are never shifted")
     parser.add_argument("--uncertainty", action="store_true",
                         help="also write <name>_uncertainty (predictive entropy in bits) and, with --ensemble, "
                         "<name>_variance (variance of the members' probabilities): float32 .nii.gz for NIfTI "

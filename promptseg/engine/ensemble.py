@@ -15,9 +15,12 @@ corrects a model that is too shy or too eager on a task (on membranes, thin stru
 shipped weights stay below 0.5): the mask is the members' mean probability above
 `decision_threshold(t, shift)` = sigmoid(logit(t) - shift) instead of above t. The probabilities
 themselves stay the members' unshifted mean, which is better calibrated (shifting them moves
-every pixel's probability, and the expected calibration error with it). With no drop-one member
-(N = 1 or K = 1), no mask prompt left out, or `shift=False` (`--ensemble-shift off`), the shift
-is 0.
+every pixel's probability, and the expected calibration error with it), and the same held-out
+predictions fit one temperature (`calibration_temperature`, least cross-entropy) that divides
+every member's logits before they are averaged; the shift, fitted on the raw logits, is divided
+by it too (`Ensemble.shift`), so the mask does not change. With no drop-one member (N = 1 or
+K = 1), no mask prompt left out, or `shift=False` (`--ensemble-shift off`), the shift is 0 and
+the temperature 1: the members' plain average.
 
 Costs: a prompt subset's encoding is a slice of the full set's (prompt tokens are per prompt), so
 each flip of the prompt set is encoded once (`InferenceBackend.select_prompts`; backends that
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from promptseg.data.prompts import PROMPT_TYPES
 from promptseg.engine.backends.base import InferenceBackend, PromptState
@@ -41,6 +45,7 @@ from promptseg.train.loss import hard_dice
 MAX_ENSEMBLE = 16
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # none, left-right, up-down, both
 BIAS_GRID = torch.linspace(-4.0, 4.0, 33)  # logit shifts tried by calibration_bias, 0.25 apart
+TEMPERATURE_GRID = torch.logspace(-2.0, 2.0, 33, base=2.0)  # tried by calibration_temperature, 1/4..4
 
 
 @dataclass(frozen=True)
@@ -89,14 +94,34 @@ def calibration_bias(logits: torch.Tensor, masks: torch.Tensor) -> float:
     return float(BIAS_GRID[best][BIAS_GRID[best].abs().argmin()])
 
 
+def calibration_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
+    """The temperature T of TEMPERATURE_GRID whose probabilities sigmoid(logits / T) have the least
+    mean binary cross-entropy against masks; logits, masks (n, R, R). Ties go to the T closest to 1
+    (in log scale); 1.0 when n == 0."""
+    if logits.shape[0] == 0:
+        return 1.0
+    targets = (masks > 0.5).float()
+    losses = torch.stack([F.binary_cross_entropy_with_logits(logits.float() / t, targets) for t in TEMPERATURE_GRID])
+    best = torch.nonzero(losses <= losses.min() + 1e-7).flatten()
+    return float(TEMPERATURE_GRID[best][TEMPERATURE_GRID[best].log().abs().argmin()])
+
+
 @dataclass
 class Ensemble:
-    """An encoded ensemble: its members, each member's prompt state, and the logit shift of its
-    decision threshold (`decision_threshold`)."""
+    """An encoded ensemble: its members, each member's prompt state, the logit shift `bias` of its
+    decision threshold on the members' raw logits (`calibration_bias`) and the temperature of its
+    probabilities (`calibration_temperature`), both fitted on the prompts the members leave out."""
 
     members: tuple[Member, ...]
     states: tuple[PromptState, ...]
     bias: float
+    temperature: float = 1.0
+
+    @property
+    def shift(self) -> float:
+        """The shift in the logits of the reported probabilities (the members' logits / temperature):
+        logit / T + bias / T > 0 exactly where logit + bias > 0."""
+        return self.bias / self.temperature
 
     def nbytes(self) -> int:
         """Bytes of the distinct prompt states (subset slices of one encoding count on their own)."""
@@ -112,8 +137,8 @@ def build_ensemble(
     encode: Callable[[tuple[int, ...], tuple[int, ...]], PromptState],
     shift: bool = True,
 ) -> Ensemble:
-    """Prompt states of every member and the leave-one-out shift of the decision threshold
-    (0.0 without decoding the held-out prompts when `shift` is False).
+    """Prompt states of every member and the leave-one-out shift of the decision threshold and
+    temperature (0.0 and 1.0, without decoding the held-out prompts, when `shift` is False).
 
     images (1, K, C, R, R), maps (1, K, R, R), types (1, K) as prepared for the backend; encode(flip,
     keep) encodes the prompts `keep` flipped by `flip` (the caller caches it). A subset's state is a
@@ -134,15 +159,16 @@ def build_ensemble(
     queries = torch.stack([flipped(images[0, m.held], m.flip) for m, _ in held])
     logits = backend.decode_each(queries, [s for _, s in held])
     logits = torch.stack([flipped(l, m.flip) for l, (m, _) in zip(logits, held)])
-    bias = calibration_bias(logits, torch.stack([maps[0, m.held] for m, _ in held]))
-    return Ensemble(tuple(members), tuple(states), bias)
+    targets = torch.stack([maps[0, m.held] for m, _ in held])
+    return Ensemble(tuple(members), tuple(states), calibration_bias(logits, targets),
+                    calibration_temperature(logits, targets))
 
 
 def member_probabilities(
     ensemble: Ensemble, queries: torch.Tensor, decode_members: Callable[[torch.Tensor, list[PromptState]], torch.Tensor]
 ) -> torch.Tensor:
-    """Probabilities (M, B, R, R) float32 of every member for queries (B, C, R, R), unshifted (the
-    ensemble's shift moves the decision threshold, not the probabilities).
+    """Probabilities (M, B, R, R) float32 of every member for queries (B, C, R, R): sigmoid of the
+    logits over the ensemble's temperature, unshifted (its shift moves the decision threshold).
 
     decode_members(view (B, C, R, R), states) -> (m, B, R, R) logits runs the members of one flip
     together (InferenceBackend.decode_members, or a wrapper of it that splits the batch)."""
@@ -151,7 +177,7 @@ def member_probabilities(
         indices = [i for i, m in enumerate(ensemble.members) if m.flip == flip]
         logits = decode_members(flipped(queries, flip), [ensemble.states[i] for i in indices])
         for index, member_logits in zip(indices, flipped(logits.float(), flip)):
-            out[index] = torch.sigmoid(member_logits)
+            out[index] = torch.sigmoid(member_logits / ensemble.temperature)
     return torch.stack(out)
 
 

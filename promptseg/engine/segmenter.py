@@ -81,7 +81,7 @@ class EncodedPrompts:
     @property
     def shift(self) -> float:
         """The ensemble's leave-one-out logit shift of the mask threshold (0.0 without one)."""
-        return self.ensemble.bias if self.ensemble is not None else 0.0
+        return self.ensemble.shift if self.ensemble is not None else 0.0
 
     def mask_threshold(self, threshold: float = 0.5) -> float:
         """The probability above which `Segmenter.segment`'s output is foreground for these prompts:

@@ -266,4 +266,4 @@ def ensemble_probabilities(
 
     ensemble = build_ensemble(backend, images[None], maps[None], types[None], plan_members(len(images), members),
                               encode, shift)
-    return member_probabilities(ensemble, queries, backend.decode_members).mean(0), ensemble.bias
+    return member_probabilities(ensemble, queries, backend.decode_members).mean(0), ensemble.shift
