@@ -1,4 +1,5 @@
 """The ensemble's leave-one-out shift moves the mask threshold, not the probabilities (issue 13)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,26 +60,37 @@ def test_label_results_threshold_each_label_at_its_shift() -> None:
     plain = LabelResult((1, 2), probabilities, 0.5)
     assert plain.masks.tolist() == [[False, True, False], [False, True, False]]
     assert plain.label_map.tolist() == [0, 1, 0]
-    shifted = LabelResult((1, 2), probabilities, 0.5, shifts=(1.0, 0.0))  # label 1: logit(0.3) + 1 > 0
+    shifted = LabelResult(
+        (1, 2), probabilities, 0.5, shifts=(1.0, 0.0)
+    )  # label 1: logit(0.3) + 1 > 0
     assert shifted.masks.tolist() == [[True, True, False], [False, True, False]]
     assert shifted.label_map.tolist() == [1, 1, 0]
-    raised = LabelResult((1, 2), probabilities, 0.5, shifts=(0.0, 2.0))  # label 2 wins pixel 1 by its score
+    raised = LabelResult(
+        (1, 2), probabilities, 0.5, shifts=(0.0, 2.0)
+    )  # label 2 wins pixel 1 by its score
     assert raised.label_map.tolist() == [2, 2, 2]
     volume = VolumeResult(np.array([0.3, 0.6], np.float32), None, 2, shift=1.0)
     assert volume.mask.tolist() == [True, True]
 
 
-def test_members_are_unshifted_and_no_shift_decodes_no_held_out_prompt(model: PromptSegNet, monkeypatch) -> None:
+def test_members_are_unshifted_and_no_shift_decodes_no_held_out_prompt(
+    model: PromptSegNet, monkeypatch
+) -> None:
     rng = np.random.default_rng(0)
     examples = [disk_example(rng, (32, 32)) for _ in range(4)]
-    images = torch.stack([torch.from_numpy(i).float().div(255).expand(3, -1, -1) for i, _ in examples])
+    images = torch.stack(
+        [torch.from_numpy(i).float().div(255).expand(3, -1, -1) for i, _ in examples]
+    )
     maps = torch.stack([torch.from_numpy(m > 0).float() for _, m in examples])
     types = torch.ones(4, dtype=torch.long)
     backend = create_backend("torch", model, "cpu")
 
     def encode(flip: tuple[int, ...], keep: tuple[int, ...]):
-        return backend.encode(flipped(images[None, list(keep)], flip), flipped(maps[None, list(keep)], flip),
-                              types[None, list(keep)])
+        return backend.encode(
+            flipped(images[None, list(keep)], flip),
+            flipped(maps[None, list(keep)], flip),
+            types[None, list(keep)],
+        )
 
     members = plan_members(4, 4)
     monkeypatch.setattr(ensemble_module, "calibration_bias", lambda logits, masks: 1.5)
@@ -90,15 +102,22 @@ def test_members_are_unshifted_and_no_shift_decodes_no_held_out_prompt(model: Pr
         raise AssertionError("held-out prompts decoded without a shift")
 
     monkeypatch.setattr(backend, "decode_each", refuse)
-    unshifted = build_ensemble(backend, images[None], maps[None], types[None], members, encode, shift=False)
+    unshifted = build_ensemble(
+        backend, images[None], maps[None], types[None], members, encode, shift=False
+    )
     assert unshifted.bias == 0.0
     queries = images[:2]
-    torch.testing.assert_close(ensemble_module.member_probabilities(shifted, queries, backend.decode_members),
-                               ensemble_module.member_probabilities(unshifted, queries, backend.decode_members),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        ensemble_module.member_probabilities(shifted, queries, backend.decode_members),
+        ensemble_module.member_probabilities(unshifted, queries, backend.decode_members),
+        rtol=0,
+        atol=0,
+    )
 
 
-def test_segmenter_shift_moves_the_mask_not_the_probabilities(model: PromptSegNet, monkeypatch) -> None:
+def test_segmenter_shift_moves_the_mask_not_the_probabilities(
+    model: PromptSegNet, monkeypatch
+) -> None:
     monkeypatch.setattr(ensemble_module, "calibration_bias", lambda logits, masks: 2.0)
     monkeypatch.setattr(ensemble_module, "calibration_temperature", lambda logits, masks: 1.0)
     examples = pairs(4)
@@ -107,8 +126,13 @@ def test_segmenter_shift_moves_the_mask_not_the_probabilities(model: PromptSegNe
     on = Segmenter(model, device="cpu", ensemble=4)
     off = Segmenter(model, device="cpu", ensemble=4, ensemble_shift=False)
     prompts_on, prompts_off = on.encode_prompts(images, masks), off.encode_prompts(images, masks)
-    assert prompts_on.shift == 2.0 and prompts_off.shift == 0.0 and prompts_off.mask_threshold() == 0.5
-    result_on, result_off = on.segment_volume(volume, prompts_on), off.segment_volume(volume, prompts_off)
+    assert (
+        prompts_on.shift == 2.0 and prompts_off.shift == 0.0 and prompts_off.mask_threshold() == 0.5
+    )
+    result_on, result_off = (
+        on.segment_volume(volume, prompts_on),
+        off.segment_volume(volume, prompts_off),
+    )
     np.testing.assert_array_equal(result_on.probabilities, result_off.probabilities)
     assert np.array_equal(result_on.mask, result_on.probabilities > prompts_on.mask_threshold())
     assert np.array_equal(result_off.mask, result_off.probabilities > 0.5)
@@ -122,22 +146,32 @@ def test_calibration_temperature_softens_overconfident_and_sharpens_shy_logits()
     generator = torch.Generator().manual_seed(0)
     masks = (torch.rand(3, 16, 16, generator=generator) > 0.5).float()
     wrong = torch.rand(3, 16, 16, generator=generator) < 0.2
-    confident = torch.where(wrong, 1 - masks, masks) * 16.0 - 8.0  # +-8, a fifth of the pixels wrong
+    confident = (
+        torch.where(wrong, 1 - masks, masks) * 16.0 - 8.0
+    )  # +-8, a fifth of the pixels wrong
     assert calibration_temperature(confident, masks) > 2.0
-    assert calibration_temperature(masks * 1.0 - 0.5, masks) == TEMPERATURE_GRID.min()  # +-0.5, all right
+    assert (
+        calibration_temperature(masks * 1.0 - 0.5, masks) == TEMPERATURE_GRID.min()
+    )  # +-0.5, all right
     assert calibration_temperature(torch.zeros(0, 4, 4), torch.zeros(0, 4, 4)) == 1.0
 
 
-def test_members_divide_their_logits_by_the_temperature_and_the_shift_follows(model: PromptSegNet) -> None:
+def test_members_divide_their_logits_by_the_temperature_and_the_shift_follows(
+    model: PromptSegNet,
+) -> None:
     rng = np.random.default_rng(0)
     examples = [disk_example(rng, (32, 32)) for _ in range(3)]
-    images = torch.stack([torch.from_numpy(i).float().div(255).expand(3, -1, -1) for i, _ in examples])
+    images = torch.stack(
+        [torch.from_numpy(i).float().div(255).expand(3, -1, -1) for i, _ in examples]
+    )
     maps = torch.stack([torch.from_numpy(m > 0).float() for _, m in examples])
     backend = create_backend("torch", model, "cpu")
     state = backend.encode(images[None], maps[None], torch.ones(1, 3, dtype=torch.long))
     ensemble = Ensemble((Member((0, 1, 2), (), None),), (state,), bias=1.0, temperature=2.0)
     got = ensemble_module.member_probabilities(ensemble, images[:2], backend.decode_members)[0]
-    torch.testing.assert_close(got, torch.sigmoid(backend.decode(images[:2], state) / 2.0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        got, torch.sigmoid(backend.decode(images[:2], state) / 2.0), rtol=0, atol=1e-6
+    )
     assert ensemble.shift == 0.5
     logits = backend.decode(images[:2], state)
     assert torch.equal(got > decision_threshold(0.5, ensemble.shift), logits + 1.0 > 0)
@@ -153,10 +187,18 @@ class FixedPredictor:
         return Prediction(0.3 * episode.query_masks.float(), self.threshold)
 
 
-def test_eval_scores_dice_at_the_predictors_threshold_and_ece_on_its_probabilities(model: PromptSegNet) -> None:
+def test_eval_scores_dice_at_the_predictors_threshold_and_ece_on_its_probabilities(
+    model: PromptSegNet,
+) -> None:
     task = synthetic_task(np.random.default_rng(0), 32, 6, channels=3)
-    report = evaluate({"low": FixedPredictor(0.2), "half": FixedPredictor(0.5)}, [task], [2], 1, queries=2,
-                      progress=False)
+    report = evaluate(
+        {"low": FixedPredictor(0.2), "half": FixedPredictor(0.5)},
+        [task],
+        [2],
+        1,
+        queries=2,
+        progress=False,
+    )
     low, half = (report.scores[m][(task.group, task.name)][2] for m in ("low", "half"))
     assert low.dice == [100.0] and half.dice[0] < 100.0
     assert low.ece == half.ece  # the same probabilities: calibration does not see the threshold
@@ -168,22 +210,50 @@ def test_eval_scores_dice_at_the_predictors_threshold_and_ece_on_its_probabiliti
 
 
 def test_cli_ensemble_shift_off_writes_the_mask_of_the_unshifted_probabilities(
-    tmp_path: Path, tiny_checkpoint: Path, monkeypatch  # noqa: F811
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    monkeypatch,
 ) -> None:
     monkeypatch.setattr(ensemble_module, "calibration_bias", lambda logits, masks: 3.0)
     monkeypatch.setattr(ensemble_module, "calibration_temperature", lambda logits, masks: 1.0)
     options = []
     for index, (image, mask) in enumerate(pairs(3, (40, 48))):
-        options += ["--prompt", str(write_png(tmp_path / f"i{index}.png", image)),
-                    str(write_png(tmp_path / f"m{index}.png", mask))]
+        options += [
+            "--prompt",
+            str(write_png(tmp_path / f"i{index}.png", image)),
+            str(write_png(tmp_path / f"m{index}.png", mask)),
+        ]
     query = write_png(tmp_path / "q.png", pairs(4, (44, 30))[3][0])
     written = {}
     for shift in ("on", "off"):
         out = tmp_path / shift
-        assert main(["segment", *options, "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--no-progress",
-                     "--query", str(query), "--ensemble", "3", "--ensemble-shift", shift, "--save-probabilities",
-                     "--out", str(out)]) == 0
-        written[shift] = (np.load(out / "q_prob.npy"), np.asarray(Image.open(out / "q_mask.png")) > 0)
+        assert (
+            main(
+                [
+                    "segment",
+                    *options,
+                    "--checkpoint",
+                    str(tiny_checkpoint),
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                    "--query",
+                    str(query),
+                    "--ensemble",
+                    "3",
+                    "--ensemble-shift",
+                    shift,
+                    "--save-probabilities",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        written[shift] = (
+            np.load(out / "q_prob.npy"),
+            np.asarray(Image.open(out / "q_mask.png")) > 0,
+        )
     np.testing.assert_array_equal(written["on"][0], written["off"][0])
     assert np.array_equal(written["off"][1], written["off"][0] > 0.5)
     assert np.array_equal(written["on"][1], written["on"][0] > decision_threshold(0.5, 3.0))

@@ -1,4 +1,5 @@
-"""Ensemble members decoded together share the query encoder and the skip convolutions (issue 13)."""
+"""Ensemble members decoded together share the query encoder and skip convolutions (issue 13)."""
+
 from __future__ import annotations
 
 import torch
@@ -26,10 +27,14 @@ def prompts(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_shared_skip_up_equals_the_block_on_repeated_skips() -> None:
     up = tiny_model().query_decoder.ups[1]
     generator = torch.Generator().manual_seed(2)
-    x = torch.randn(3 * 2, up.fuse[0].in_channels - 16, 8, 8, generator=generator)  # G = 3 members, B = 2
+    x = torch.randn(
+        3 * 2, up.fuse[0].in_channels - 16, 8, 8, generator=generator
+    )  # G = 3 members, B = 2
     skip = torch.randn(2, 16, 16, 16, generator=generator)
     with torch.inference_mode():
-        torch.testing.assert_close(shared_skip_up(up, x, skip, 3), up(x, skip.repeat(3, 1, 1, 1)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            shared_skip_up(up, x, skip, 3), up(x, skip.repeat(3, 1, 1, 1)), rtol=0, atol=1e-5
+        )
 
 
 def test_member_groups_decode_as_each_group_alone() -> None:
@@ -37,10 +42,14 @@ def test_member_groups_decode_as_each_group_alone() -> None:
     images, maps, types = prompts(4)
     queries = torch.rand(2, 3, TINY_CONFIG.resolution, TINY_CONFIG.resolution)
     with torch.inference_mode():
-        encodings = [model.encode_prompts(images[:, keep], maps[:, keep], types[:, keep])
-                     for keep in ([0, 1, 2], [1, 2, 3], [0, 2, 3])]
+        encodings = [
+            model.encode_prompts(images[:, keep], maps[:, keep], types[:, keep])
+            for keep in ([0, 1, 2], [1, 2, 3], [0, 2, 3])
+        ]
         decoder = model.query_decoder
-        got = decode_member_groups(decoder, decoder.query_features(queries), queries, stack_encodings(encodings))
+        got = decode_member_groups(
+            decoder, decoder.query_features(queries), queries, stack_encodings(encodings)
+        )
         for member, encoding in zip(got, encodings):
             torch.testing.assert_close(member, model.decode(queries, encoding), rtol=0, atol=1e-5)
 
@@ -50,7 +59,9 @@ def test_backend_groups_members_by_token_count_and_keeps_their_order() -> None:
     backend = create_backend("torch", model, "cpu")
     images, maps, types = prompts(4)
     full = backend.encode(images, maps, types)
-    subsets = [backend.select_prompts(full, [i for i in range(4) if i != held], 4) for held in (2, 0)]
+    subsets = [
+        backend.select_prompts(full, [i for i in range(4) if i != held], 4) for held in (2, 0)
+    ]
     states = [subsets[0], full, subsets[1]]
     assert token_count_groups(states) == [[0, 2], [1]]
     queries = torch.rand(3, 3, TINY_CONFIG.resolution, TINY_CONFIG.resolution)

@@ -2,11 +2,13 @@
 members have in common.
 
 For the convolutional decoder (QueryDecoder) only the attention stages and what follows them
-depend on the prompts. The query encoder runs once for the B queries (`QueryDecoder.query_features`),
-and in every upsampling block the skip connection's share of the fusing convolution is computed
-once per query and added to every member's: conv(cat(x, skip)) = conv_x(x) + conv_skip(skip), as
-the convolution is linear (the same sums in another order, so equal to float rounding).
+depend on the prompts. The query encoder runs once for the B queries
+(`QueryDecoder.query_features`), and in every upsampling block the skip connection's share of the
+fusing convolution is computed once per query and added to every member's:
+conv(cat(x, skip)) = conv_x(x) + conv_skip(skip), as the convolution is linear (the same sums in
+another order, so equal to float rounding).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +34,10 @@ def shared_skip_up(up: UpBlock, x: torch.Tensor, skip: torch.Tensor, groups: int
 
 
 def decode_member_groups(
-    decoder: QueryDecoder, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding
+    decoder: QueryDecoder,
+    features: list[torch.Tensor],
+    queries: torch.Tensor,
+    prompts: PromptEncoding,
 ) -> torch.Tensor:
     """`decoder.query_features(queries)` (B-sized entries) and queries (B, C, R, R) against each of
     the G groups of `prompts` -> logits (G, B, R, R), as decoder.decode_features of the features
@@ -41,7 +46,9 @@ def decode_member_groups(
     attended: dict[int, torch.Tensor] = {}
     priors = []
     for index, stage in enumerate(decoder.config.attention_stages):
-        attended[stage], prior = decoder.attend(features[stage].repeat(groups, 1, 1, 1), index, prompts)
+        attended[stage], prior = decoder.attend(
+            features[stage].repeat(groups, 1, 1, 1), index, prompts
+        )
         priors.append(prior)
     top = len(features) - 1
     x = attended[top] if top in attended else features[top].repeat(groups, 1, 1, 1)
@@ -53,7 +60,11 @@ def decode_member_groups(
     x = shared_skip_up(decoder.full_resolution, x, queries * 2.0 - 1.0, groups)
     logits = decoder.head(x).squeeze(1)
     if decoder.propagations is not None:
-        prior = F.interpolate(priors[0].mean(dim=1, keepdim=True), size=logits.shape[-2:], mode="bilinear",
-                              align_corners=False)
+        prior = F.interpolate(
+            priors[0].mean(dim=1, keepdim=True),
+            size=logits.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
         logits = logits + decoder.prior_gain * probability_logit(prior.squeeze(1))
     return logits.reshape(groups, count, *logits.shape[1:])
