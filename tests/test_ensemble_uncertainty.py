@@ -16,6 +16,7 @@ from promptseg.engine.ensemble import (
     build_ensemble,
     calibration_bias,
     flipped,
+    mean_probabilities,
     member_probabilities,
     plan_members,
 )
@@ -79,7 +80,7 @@ def test_subset_slices_and_batched_members_match_separate_encodings(model: Promp
     torch.testing.assert_close(together[1], backend.decode(queries, direct), rtol=0, atol=1e-5)
 
 
-def test_ensemble_probabilities_average_the_tempered_unshifted_members(model: PromptSegNet) -> None:
+def test_ensemble_members_and_mean_are_tempered_and_unshifted(model: PromptSegNet) -> None:
     images, maps, types, queries = prompt_tensors(3)
     backend = create_backend("torch", model, "cpu")
     members = plan_members(3, 5)
@@ -93,7 +94,11 @@ def test_ensemble_probabilities_average_the_tempered_unshifted_members(model: Pr
         state = backend.encode(flipped(images[None, keep], member.flip), flipped(maps[None, keep], member.flip), types[None, keep])
         logits = flipped(backend.decode(flipped(queries, member.flip), state), member.flip)
         expected.append(torch.sigmoid(logits / ensemble.temperature))
-    torch.testing.assert_close(got, torch.stack(expected).mean(0), rtol=0, atol=1e-5)
+    together = member_probabilities(ensemble, queries, backend.decode_members)  # members batched
+    torch.testing.assert_close(together, torch.stack(expected), rtol=0, atol=1e-5)
+    # the ensemble's own probability decodes each flip once, from its members' mean features
+    mean = mean_probabilities(ensemble, queries, backend.decode_mean, backend.decode_members)
+    torch.testing.assert_close(got, mean, rtol=0, atol=1e-6)
     assert shift == ensemble.shift == ensemble.bias / ensemble.temperature
 
 

@@ -351,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
                         args.uncertainty, args.ensemble > 1, args.candidates)
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
-                               args.candidates, args.ensemble_shift == "on")
+                               args.candidates, args.ensemble_shift == "on", args.uncertainty)
     encoded = encode(segmenter, prompts, args.label)
     members = min(len(e.ensemble.members) if e.ensemble is not None else 1 for e in encoded.values())
     if args.candidates > members:

@@ -22,10 +22,16 @@ by it too (`Ensemble.shift`), so the mask does not change. With no drop-one memb
 K = 1), no mask prompt left out, or `shift=False` (`--ensemble-shift off`), the shift is 0 and
 the temperature 1: the members' plain average.
 
+The ensemble's prediction (`mean_probabilities`) averages the members of one flip in feature
+space: their attended features after the attention stages are averaged and decoded once
+(`InferenceBackend.decode_mean`; on the held-out protocol this scores as averaging the members'
+probabilities, which the members' variance and candidates still need: `member_probabilities`).
+Backends without decode_mean average the members' probabilities.
+
 Costs: a prompt subset's encoding is a slice of the full set's (prompt tokens are per prompt), so
 each flip of the prompt set is encoded once (`InferenceBackend.select_prompts`; backends that
-cannot slice encode each subset once). The members of one flip decode as one batch over one
-computation of the query features (`InferenceBackend.decode_members`).
+cannot slice encode each subset once). The members of one flip share one computation of the
+query features (`InferenceBackend.decode_mean`, `InferenceBackend.decode_members`).
 """
 from __future__ import annotations
 
@@ -179,6 +185,31 @@ def member_probabilities(
         for index, member_logits in zip(indices, flipped(logits.float(), flip)):
             out[index] = torch.sigmoid(member_logits / ensemble.temperature)
     return torch.stack(out)
+
+
+def mean_probabilities(
+    ensemble: Ensemble,
+    queries: torch.Tensor,
+    decode_mean: Callable[[torch.Tensor, list[PromptState]], torch.Tensor | None],
+    decode_members: Callable[[torch.Tensor, list[PromptState]], torch.Tensor],
+) -> torch.Tensor:
+    """The ensemble's probabilities (B, R, R) float32 for queries (B, C, R, R): for each flip, one
+    decode of its members' mean attended features (decode_mean(view, states) -> (B, R, R) logits,
+    InferenceBackend.decode_mean), sigmoid(logit / T), unflipped; the flips weighted by their
+    member counts. Where decode_mean gives None, that flip's members' probabilities are averaged
+    (`member_probabilities`)."""
+    total = torch.zeros(())
+    for flip in dict.fromkeys(m.flip for m in ensemble.members):
+        states = [s for m, s in zip(ensemble.members, ensemble.states) if m.flip == flip]
+        view = flipped(queries, flip)
+        logits = decode_mean(view, states)
+        if logits is None:
+            logits = decode_members(view, states).float()
+            part = torch.sigmoid(logits / ensemble.temperature).sum(0)
+        else:
+            part = torch.sigmoid(logits.float() / ensemble.temperature) * len(states)
+        total = total + flipped(part, flip)
+    return total / len(ensemble.members)
 
 
 def mean_logits(probabilities: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from promptseg.engine.ensemble import (
     decision_threshold,
     flipped,
     mean_logits,
+    mean_probabilities,
     member_probabilities,
     plan_members,
 )
@@ -216,6 +217,7 @@ class Segmenter:
         adaptation: Adaptation | None = None,
         candidates: int = 0,
         ensemble_shift: bool = True,
+        member_maps: bool = False,
     ) -> None:
         """backend: one of ENGINE_BACKENDS (None: triton on CUDA when it works, else torch);
         backend_options go to the backend's constructor (e.g. model_dir for onnxruntime).
@@ -230,6 +232,9 @@ class Segmenter:
         probabilities of the first `candidates` members (0..ensemble; results' `candidates`).
         ensemble_shift: move the mask threshold by the ensemble's leave-one-out logit shift (the
         probabilities stay the members' unshifted mean); False keeps it at the threshold asked for.
+        member_maps: also decode every ensemble member on its own, for the results' `variance`
+        (always with candidates); without it an ensemble decodes each flip once, from its members'
+        mean features, and `variance` is None.
         Raises BackendUnavailable with a one-line reason when the backend cannot run here."""
         if not 1 <= ensemble <= MAX_ENSEMBLE:
             raise InputError("--ensemble", f"must lie in 1..{MAX_ENSEMBLE}, got {ensemble}")
@@ -250,6 +255,7 @@ class Segmenter:
             raise InputError("--adapt", f"needs a PyTorch backend ({', '.join(ADAPTABLE_BACKENDS)}), not {self.backend.name}")
         self.ensemble = ensemble
         self.ensemble_shift = ensemble_shift
+        self.member_maps = member_maps or candidates > 0
         self.candidates = candidates
         self.adaptation = adaptation if adaptation is not None and adaptation.steps > 0 else None
         limit = self.backend.max_batch
@@ -363,9 +369,9 @@ class Segmenter:
         )
 
     def _predict(self, batch: torch.Tensor, prompts: EncodedPrompts) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits and, for an ensemble, the
-        members' (unshifted) probabilities (M, N, R, R) (else None); the ensemble's logits are
-        those of the members' mean probability. InputError for prompts another Segmenter encoded."""
+        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits (an ensemble's: the logit of
+        `mean_probabilities`) and, for an ensemble with member_maps, the members' (unshifted)
+        probabilities (M, N, R, R) (else None). InputError for prompts another Segmenter encoded."""
         if prompts.owner is not self.token:
             raise InputError("prompts", "were encoded by another Segmenter (another model or backend); "
                              "encode them with this Segmenter's encode_prompts")
@@ -377,8 +383,15 @@ class Segmenter:
         def decode_members(view: torch.Tensor, states: list[PromptState]) -> torch.Tensor:
             return self._decode(view, lambda chunk: backend.decode_members(chunk, states), backend.name, len(states))
 
-        probabilities = member_probabilities(prompts.ensemble, batch, decode_members)
-        return mean_logits(probabilities), probabilities if members > 1 else None
+        def decode_mean(view: torch.Tensor, states: list[PromptState]) -> torch.Tensor | None:
+            if not backend.decodes_means():
+                return None
+            return self._decode(view, lambda chunk: backend.decode_mean(chunk, states), backend.name, len(states))
+
+        mean = mean_logits(mean_probabilities(prompts.ensemble, batch, decode_mean, decode_members)[None])
+        if not self.member_maps or members == 1:
+            return mean, None
+        return mean, member_probabilities(prompts.ensemble, batch, decode_members)
 
     def _decode(self, batch: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor], backend_name: str, width: int) -> torch.Tensor:
         """(N, C, R, R) prepared queries -> call(chunk) logits (..., n, R, R) joined along the query
@@ -493,7 +506,7 @@ class Segmenter:
         slices = slice_volume(canonical_view(array, data.affine), axis)  # RAS axes: any storage order alike
         shape = (len(prompt_sets),) + array.shape
         ensembles = [p.ensemble for p in prompt_sets]
-        several = all(e is not None and len(e.members) > 1 for e in ensembles)
+        several = self.member_maps and all(e is not None and len(e.members) > 1 for e in ensembles)
         count = min(self.candidates, *(len(e.members) for e in ensembles)) if several else 0
         out = QueryMaps(np.empty(shape, np.float32), np.empty(shape, np.float32) if several else None,
                         np.empty((count,) + shape, np.float32) if count else None)

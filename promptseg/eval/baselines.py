@@ -24,7 +24,7 @@ from promptseg.engine.ensemble import (
     build_ensemble,
     decision_threshold,
     flipped,
-    member_probabilities,
+    mean_probabilities,
     plan_members,
 )
 from promptseg.eval.prediction import Prediction
@@ -250,8 +250,8 @@ def ensemble_probabilities(
     backend: InferenceBackend, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, queries: torch.Tensor,
     members: int, shift: bool = True,
 ) -> tuple[torch.Tensor, float]:
-    """Mean probability (Q, R, R) of the first `members` ensemble members (promptseg.engine.ensemble,
-    as the Segmenter builds them) and the logit shift of their decision threshold (0.0 unless
+    """The probability (Q, R, R) of the first `members` ensemble members (mean_probabilities of
+    promptseg.engine.ensemble, as the Segmenter builds them) and the logit shift of their decision threshold (0.0 unless
     `shift`): images (K, C, R, R), maps (K, R, R), types (K,), queries (Q, C, R, R). Each flip of
     the prompt set is encoded once."""
     encoded: dict[tuple[int, ...], PromptState] = {}
@@ -266,4 +266,4 @@ def ensemble_probabilities(
 
     ensemble = build_ensemble(backend, images[None], maps[None], types[None], plan_members(len(images), members),
                               encode, shift)
-    return member_probabilities(ensemble, queries, backend.decode_members).mean(0), ensemble.shift
+    return mean_probabilities(ensemble, queries, backend.decode_mean, backend.decode_members), ensemble.shift

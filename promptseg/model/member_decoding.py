@@ -7,9 +7,14 @@ depend on the prompts. The query encoder runs once for the B queries
 fusing convolution is computed once per query and added to every member's:
 conv(cat(x, skip)) = conv_x(x) + conv_skip(skip), as the convolution is linear (the same sums in
 another order, so equal to float rounding).
+
+`decode_feature_mean` is the ensemble's cheaper mean: the members' attended features are averaged
+and the upsampling path runs once, instead of once per member.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,3 +73,42 @@ def decode_member_groups(
         )
         logits = logits + decoder.prior_gain * probability_logit(prior.squeeze(1))
     return logits.reshape(groups, count, *logits.shape[1:])
+
+
+def decode_feature_mean(
+    decoder: QueryDecoder,
+    features: list[torch.Tensor],
+    queries: torch.Tensor,
+    groups: Sequence[PromptEncoding],
+) -> torch.Tensor:
+    """One decode of the members' mean: `decoder.query_features(queries)` and queries (B, C, R, R)
+    attend to every group of every encoding in `groups` (M groups in all); the attended features
+    of each attention stage and the label-propagation priors are averaged over the M members, and
+    the upsampling path runs once -> logits (B, R, R). With one member this is decoder.decode_features.
+    """
+    count = queries.shape[0]
+    members = sum(p.groups for p in groups)
+    sums: dict[int, torch.Tensor] = {}
+    prior_sum = None
+    for prompts in groups:
+        for index, stage in enumerate(decoder.config.attention_stages):
+            repeated = features[stage].repeat(prompts.groups, 1, 1, 1)
+            attended, prior = decoder.attend(repeated, index, prompts)
+            total = attended.unflatten(0, (prompts.groups, count)).sum(0)
+            sums[stage] = total if stage not in sums else sums[stage] + total
+            if index == 0 and prior is not None:
+                prior = prior.mean(dim=1, keepdim=True).unflatten(0, (prompts.groups, count)).sum(0)
+                prior_sum = prior if prior_sum is None else prior_sum + prior
+    averaged = list(features)
+    for stage, total in sums.items():
+        averaged[stage] = total / members
+    x = averaged[-1]
+    for up, skip in zip(decoder.ups, reversed(averaged[:-1])):
+        x = up(x, skip)
+    logits = decoder.head(decoder.full_resolution(x, queries * 2.0 - 1.0)).squeeze(1)
+    if prior_sum is not None:
+        prior = F.interpolate(
+            prior_sum / members, size=logits.shape[-2:], mode="bilinear", align_corners=False
+        )
+        logits = logits + decoder.prior_gain * probability_logit(prior.squeeze(1))
+    return logits

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from promptseg.engine.backends.base import InferenceBackend
 from promptseg.kernels import triton_available
 from promptseg.model import PromptEncoding, PromptSegNet
+from promptseg.model.member_decoding import decode_feature_mean
+from promptseg.model.query_decoder import QueryDecoder
 
 
 class TorchBackend(InferenceBackend):
@@ -54,6 +56,24 @@ class TorchBackend(InferenceBackend):
                 for index, member in zip(indices, logits.float().cpu()):
                     out[index] = member
         return torch.stack(out)
+
+    def decodes_means(self) -> bool:
+        """True for the convolutional decoder (a "vit" model's decoder has no attended features)."""
+        return isinstance(self.model.query_decoder, QueryDecoder)
+
+    def decode_mean(self, queries: torch.Tensor, states: Sequence[PromptEncoding]) -> torch.Tensor | None:
+        """(B, C, R, R) decoded once from the mean of the M members' attended features -> (B, R, R)
+        float32 CPU logits (promptseg.model.member_decoding.decode_feature_mean); one state decodes as
+        `decode`. None for a "vit" model, whose decoder has no such features."""
+        if len(states) == 1:
+            return self.decode(queries, states[0])
+        decoder = self.model.query_decoder
+        if not isinstance(decoder, QueryDecoder):
+            return None
+        queries = queries.to(self.device)
+        with torch.inference_mode():
+            groups = [stack_encodings([states[i] for i in indices]) for indices in token_count_groups(states)]
+            return decode_feature_mean(decoder, decoder.query_features(queries), queries, groups).float().cpu()
 
     def decode_each(self, queries: torch.Tensor, states: Sequence[PromptEncoding]) -> torch.Tensor:
         """Query m of (M, C, R, R) against state m, one batch of M groups -> (M, R, R) float32 CPU logits."""
