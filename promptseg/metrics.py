@@ -26,11 +26,11 @@ def dice_percent(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 100.0 if total == 0 else 200.0 * int(np.logical_and(prediction, truth).sum()) / total
 
 
-def query_dice(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Hard Dice (0-100) of each query: probs (Q, R, R) > 0.5 against masks (Q, R, R) -> (Q,)."""
+def query_dice(probs: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Hard Dice (0-100) of each query: probs (Q, R, R) > threshold against masks (Q, R, R) -> (Q,)."""
     if probs.shape != masks.shape:
         raise ValueError(f"prediction shape {tuple(probs.shape)} does not match the masks {tuple(masks.shape)}")
-    return 100.0 * hard_dice(probs > 0.5, masks > 0.5)
+    return 100.0 * hard_dice(probs > threshold, masks > 0.5)
 
 
 def episode_dice(probs: torch.Tensor, masks: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ from promptseg.engine.ensemble import (
     build_ensemble,
     calibration_bias,
     flipped,
+    mean_probabilities,
     member_probabilities,
     plan_members,
 )
@@ -75,11 +76,11 @@ def test_subset_slices_and_batched_members_match_separate_encodings(model: Promp
     torch.testing.assert_close(together[1], backend.decode(queries, direct), rtol=0, atol=1e-5)
 
 
-def test_ensemble_probabilities_average_the_calibrated_members(model: PromptSegNet) -> None:
+def test_ensemble_members_and_mean_are_tempered_and_unshifted(model: PromptSegNet) -> None:
     images, maps, types, queries = prompt_tensors(3)
     backend = create_backend("torch", model, "cpu")
     members = plan_members(3, 5)
-    got = ensemble_probabilities(backend, images, maps, types, queries, 5)
+    got, shift = ensemble_probabilities(backend, images, maps, types, queries, 5)
     ensemble = build_ensemble(backend, images[None], maps[None], types[None], members,
                               lambda flip, keep: backend.encode(flipped(images[None, list(keep)], flip),
                                                                 flipped(maps[None, list(keep)], flip), types[None, list(keep)]))
@@ -88,8 +89,13 @@ def test_ensemble_probabilities_average_the_calibrated_members(model: PromptSegN
         keep = list(member.keep)
         state = backend.encode(flipped(images[None, keep], member.flip), flipped(maps[None, keep], member.flip), types[None, keep])
         logits = flipped(backend.decode(flipped(queries, member.flip), state), member.flip)
-        expected.append(torch.sigmoid(logits + ensemble.bias))
-    torch.testing.assert_close(got, torch.stack(expected).mean(0), rtol=0, atol=1e-5)
+        expected.append(torch.sigmoid(logits / ensemble.temperature))
+    together = member_probabilities(ensemble, queries, backend.decode_members)  # members batched
+    torch.testing.assert_close(together, torch.stack(expected), rtol=0, atol=1e-5)
+    # the ensemble's own probability decodes each flip once, from its members' mean features
+    mean = mean_probabilities(ensemble, queries, backend.decode_mean, backend.decode_members)
+    torch.testing.assert_close(got, mean, rtol=0, atol=1e-6)
+    assert shift == ensemble.shift == ensemble.bias / ensemble.temperature
 
 
 def test_calibration_shift_fixes_a_shy_prediction() -> None:

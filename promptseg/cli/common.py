@@ -67,10 +67,13 @@ def load_segmenter(
     ensemble: int = 1,
     adapt: int = 0,
     candidates: int = 0,
+    ensemble_shift: bool = True,
+    member_maps: bool = False,
 ) -> Segmenter:
     """A Segmenter from `checkpoint`, or from the packaged weights when None (with a clear error if absent),
     averaging `ensemble` members (returning the first `candidates` of them too) and adapting to each
-    prompt set for `adapt` steps (0: off).
+    prompt set for `adapt` steps (0: off); `ensemble_shift` moves the mask threshold by the
+    ensemble's leave-one-out shift; `member_maps` decodes every member too (for the variance).
 
     An unknown or unavailable backend is an InputError naming --backend with the reason.
     """
@@ -82,7 +85,8 @@ def load_segmenter(
     if not 0 <= adapt <= MAX_ADAPT_STEPS:
         raise InputError("--adapt", f"must lie in 0..{MAX_ADAPT_STEPS}, got {adapt}")
     options = {"device": resolved, "max_batch": max_batch, "backend": backend, "backend_options": backend_options,
-               "ensemble": ensemble, "adaptation": Adaptation(adapt) if adapt else None, "candidates": candidates}
+               "ensemble": ensemble, "adaptation": Adaptation(adapt) if adapt else None, "candidates": candidates,
+               "ensemble_shift": ensemble_shift, "member_maps": member_maps}
     if checkpoint is None and not packaged_weights_path().is_file():
         raise CheckpointError(
             f"packaged weights not found at {packaged_weights_path()}; reinstall promptseg or pass --checkpoint FILE"

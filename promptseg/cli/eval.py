@@ -63,6 +63,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "each at the centre of the largest error region; reports Dice per round "
                         "and clicks to 90%% Dice (capped at 20) for the model at the first --shots "
                         "K (promptseg.eval.interactive)")
+    parser.add_argument("--ensemble-shift", choices=("on", "off"), default="on",
+                        help="with --ensemble: move the mask threshold by the logit shift that scores best on the "
+                        "prompts the members leave out, and divide the members' logits by the temperature that fits "
+                        "those prompts best (on, default), or neither (off, the averaging alone; reported as "
+                        "promptseg_ensN_noshift); the probabilities are never shifted")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights (default: the packaged weights)")
     parser.add_argument("--out", metavar="FILE.json", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     earlier = [(path, EvalReport.load(path)) for path in args.merge]
     adaptation = Adaptation(args.adapt, seed=args.seed) if args.adapt else None
     makers = {
-        "promptseg": lambda: ModelPredictor(model, device, adaptation, args.ensemble),
+        "promptseg": lambda: ModelPredictor(model, device, adaptation, args.ensemble, args.ensemble_shift == "on"),
         "nearest_prompt": NearestPromptBaseline,
         "finetuned_unet": lambda: FineTunedUNetBaseline(steps=args.unet_steps, seed=args.seed),
     }
@@ -127,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     for path, other in earlier:
         other.check_same_episodes(planned, path)
     suffix = (f"_adapt{args.adapt}" if args.adapt else "") + (f"_ens{args.ensemble}" if args.ensemble > 1 else "")
+    suffix += "_noshift" if args.ensemble > 1 and args.ensemble_shift == "off" else ""
     label = {"promptseg": f"promptseg{suffix}"}
     predictors = {label.get(name, name): makers[name]() for name in args.methods}
     report = evaluate(predictors, tasks, args.shots, args.episodes, queries=args.queries, seed=args.seed,

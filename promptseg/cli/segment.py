@@ -153,6 +153,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"average over N ensemble members: drop-one prompt subsets, then flips of prompts and "
                         f"queries, calibrated on the prompts they leave out (1..{MAX_ENSEMBLE}, default 1: off; "
                         "a single prompt gives at most 4 members)")
+    parser.add_argument("--ensemble-shift", choices=("on", "off"), default="on",
+                        help="with --ensemble: move the mask threshold by the logit shift that scores best on the "
+                        "prompts the members leave out, and divide the members' logits by the temperature that fits "
+                        "those prompts best (on, default), or neither (off); the probabilities are never shifted")
     parser.add_argument("--uncertainty", action="store_true",
                         help="also write <name>_uncertainty (predictive entropy in bits) and, with --ensemble, "
                         "<name>_variance (variance of the members' probabilities): float32 .nii.gz for NIfTI "
@@ -344,7 +348,7 @@ def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: ar
     if "seg" in job.outputs:
         probabilities = result.probabilities if "prob_seg" in job.outputs else None
         source = data.dicom  # type: ignore[attr-defined]
-        writers.update(segmentation_writers(source, label_masks(result, args.threshold),
+        writers.update(segmentation_writers(source, label_masks(result),
                                             probabilities, result.labels, job.label_names))
     return writers
 
@@ -358,7 +362,7 @@ def overlay_picture(data: ImageData, result: LabelResult, axis: int) -> np.ndarr
         indices = montage_indices(image.shape[axis])
         image = np.take(image, indices, axis=axis)
         shown_probabilities = [np.take(canonical_view(p, data.affine), indices, axis=axis) for p in result.probabilities]
-        shown = LabelResult(result.labels, np.stack(shown_probabilities), result.threshold)
+        shown = LabelResult(result.labels, np.stack(shown_probabilities), result.threshold, shifts=result.shifts)
     label_map = shown.label_map
     colours = [LABEL_COLOURS[n % len(LABEL_COLOURS)] for n in range(len(result.labels))]
     contours = [(label_map == label, colour) for label, colour in zip(result.labels, colours)]
@@ -371,8 +375,9 @@ def label_mask(result: LabelResult, probabilities: np.ndarray, threshold: float,
     """The mask written for probabilities (L, *spatial) of result's labels: 0/255 (PNG) or 0/1
     (NIfTI) for one label, the label map for several."""
     if len(result.labels) > 1:
-        return LabelResult(result.labels, probabilities, threshold).label_map
-    return (probabilities[0] > threshold).astype(np.uint8) * (1 if nifti else 255)
+        return LabelResult(result.labels, probabilities, threshold, shifts=result.shifts).label_map
+    mask = LabelResult(result.labels, probabilities, threshold, shifts=result.shifts).masks[0]
+    return mask.astype(np.uint8) * (1 if nifti else 255)
 
 
 def map_writer(values: np.ndarray, full_scale: float, data: ImageData, nifti: bool) -> Writer:
@@ -488,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_dicom_jobs(jobs, prompts, args)
     segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
                                backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
-                               args.candidates)
+                               args.candidates, args.ensemble_shift == "on", args.uncertainty)
     encoded = encode_all(segmenter, prompts, args)
     members = min(len(e.ensemble.members) if getattr(e, "ensemble", None) is not None else 1
                   for e in encoded.values())

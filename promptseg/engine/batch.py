@@ -349,13 +349,13 @@ def _score(job: Job, result: LabelResult, masks: np.ndarray) -> float | None:
     return float(np.mean([dice_percent(m, truth == label) for m, label in zip(masks, result.labels)]))
 
 
-def label_masks(result: LabelResult, threshold: float) -> np.ndarray:
+def label_masks(result: LabelResult) -> np.ndarray:
     """(L, *spatial) bool masks of result's labels: the label map's regions for several labels,
-    probabilities above `threshold` for one."""
+    the (ensemble-shifted) threshold's mask for one (LabelResult.masks)."""
     if len(result.labels) > 1:
         label_map = result.label_map
         return np.stack([label_map == label for label in result.labels])
-    return result.probabilities[:1] > threshold
+    return result.masks[:1]
 
 
 def label_names(job: Job, options: Options) -> dict[int, str]:
@@ -373,7 +373,7 @@ def _writers(job: Job, data: ImageData, result: LabelResult, options: Options) -
         raise PromptSegError("the model gave non-finite probabilities (NaN or Inf); nothing was written")
     outputs = dict(job.outputs)
     several = len(result.labels) > 1
-    masks = label_masks(result, options.threshold)
+    masks = label_masks(result)
     volume = job.volume
     writes: list[tuple[str, Callable[[str, bool], None]]] = []
     mask = result.label_map if several else masks[0].astype(np.uint8) * (1 if volume else 255)

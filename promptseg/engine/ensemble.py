@@ -10,23 +10,38 @@ An ensemble of N members (`plan_members`) averages the predictions of:
 The order of the prompts is no member: attention over prompt tokens does not depend on it.
 
 Every drop-one member also predicts the prompt it left out, whose mask is known: those
-leave-one-out predictions fix one logit shift (`calibration_bias`), added to every member's
-logits before the probabilities are averaged. It corrects a model that is too shy or too eager
-on a task (on membranes, thin structures, the shipped weights stay below 0.5); with no drop-one
-member (N = 1 or K = 1) or no mask prompt left out, the shift is 0.
+leave-one-out predictions fix one logit shift (`calibration_bias`) of the decision threshold. It
+corrects a model that is too shy or too eager on a task (on membranes, thin structures, the
+shipped weights stay below 0.5): the mask is the members' mean probability above
+`decision_threshold(t, shift)` = sigmoid(logit(t) - shift) instead of above t. The probabilities
+themselves stay the members' unshifted mean, which is better calibrated (shifting them moves
+every pixel's probability, and the expected calibration error with it), and the same held-out
+predictions fit one temperature (`calibration_temperature`, least cross-entropy) that divides
+every member's logits before they are averaged; the shift, fitted on the raw logits, is divided
+by it too (`Ensemble.shift`), so the mask does not change. With no drop-one member (N = 1 or
+K = 1), no mask prompt left out, or `shift=False` (`--ensemble-shift off`), the shift is 0 and
+the temperature 1: the members' plain average.
+
+The ensemble's prediction (`mean_probabilities`) averages the members of one flip in feature
+space: their attended features after the attention stages are averaged and decoded once
+(`InferenceBackend.decode_mean`; on the held-out protocol this scores as averaging the members'
+probabilities, which the members' variance and candidates still need: `member_probabilities`).
+Backends without decode_mean average the members' probabilities.
 
 Costs: a prompt subset's encoding is a slice of the full set's (prompt tokens are per prompt), so
 each flip of the prompt set is encoded once (`InferenceBackend.select_prompts`; backends that
-cannot slice encode each subset once). The members of one flip decode as one batch over one
-computation of the query features (`InferenceBackend.decode_members`).
+cannot slice encode each subset once). The members of one flip share one computation of the
+query features (`InferenceBackend.decode_mean`, `InferenceBackend.decode_members`).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.engine.backends.base import InferenceBackend, PromptState
@@ -36,6 +51,7 @@ from promptseg.metrics import hard_dice
 MAX_ENSEMBLE = 16
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # none, left-right, up-down, both
 BIAS_GRID = torch.linspace(-4.0, 4.0, 33)  # logit shifts tried by calibration_bias, 0.25 apart
+TEMPERATURE_GRID = torch.logspace(-2.0, 2.0, 33, base=2.0)  # tried by calibration_temperature, 1/4..4
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,12 @@ def flipped(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
+def decision_threshold(threshold: float, shift: float) -> float:
+    """The probability threshold equivalent to `threshold` on logits shifted by `shift`:
+    sigmoid(logit(threshold) - shift), so that p > it exactly when logit(p) + shift > logit(threshold)."""
+    return 1.0 / (1.0 + math.exp(shift - math.log(threshold / (1.0 - threshold))))
+
+
 def calibration_bias(logits: torch.Tensor, masks: torch.Tensor) -> float:
     """The logit shift b of BIAS_GRID whose masks logits + b > 0 score the best mean hard Dice
     against masks; logits, masks (n, R, R). Ties go to the smallest |b|; 0.0 when n == 0."""
@@ -78,13 +100,34 @@ def calibration_bias(logits: torch.Tensor, masks: torch.Tensor) -> float:
     return float(BIAS_GRID[best][BIAS_GRID[best].abs().argmin()])
 
 
+def calibration_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
+    """The temperature T of TEMPERATURE_GRID whose probabilities sigmoid(logits / T) have the least
+    mean binary cross-entropy against masks; logits, masks (n, R, R). Ties go to the T closest to 1
+    (in log scale); 1.0 when n == 0."""
+    if logits.shape[0] == 0:
+        return 1.0
+    targets = (masks > 0.5).float()
+    losses = torch.stack([F.binary_cross_entropy_with_logits(logits.float() / t, targets) for t in TEMPERATURE_GRID])
+    best = torch.nonzero(losses <= losses.min() + 1e-7).flatten()
+    return float(TEMPERATURE_GRID[best][TEMPERATURE_GRID[best].log().abs().argmin()])
+
+
 @dataclass
 class Ensemble:
-    """An encoded ensemble: its members, each member's prompt state, and the calibration shift."""
+    """An encoded ensemble: its members, each member's prompt state, the logit shift `bias` of its
+    decision threshold on the members' raw logits (`calibration_bias`) and the temperature of its
+    probabilities (`calibration_temperature`), both fitted on the prompts the members leave out."""
 
     members: tuple[Member, ...]
     states: tuple[PromptState, ...]
     bias: float
+    temperature: float = 1.0
+
+    @property
+    def shift(self) -> float:
+        """The shift in the logits of the reported probabilities (the members' logits / temperature):
+        logit / T + bias / T > 0 exactly where logit + bias > 0."""
+        return self.bias / self.temperature
 
     def nbytes(self) -> int:
         """Bytes of the distinct prompt states (subset slices of one encoding count on their own)."""
@@ -98,8 +141,10 @@ def build_ensemble(
     types: torch.Tensor,
     members: Sequence[Member],
     encode: Callable[[tuple[int, ...], tuple[int, ...]], PromptState],
+    shift: bool = True,
 ) -> Ensemble:
-    """Prompt states of every member and the leave-one-out calibration shift.
+    """Prompt states of every member and the leave-one-out shift of the decision threshold and
+    temperature (0.0 and 1.0, without decoding the held-out prompts, when `shift` is False).
 
     images (1, K, C, R, R), maps (1, K, R, R), types (1, K) as prepared for the backend; encode(flip,
     keep) encodes the prompts `keep` flipped by `flip` (the caller caches it). A subset's state is a
@@ -114,20 +159,22 @@ def build_ensemble(
             state = backend.select_prompts(encode(member.flip, everything), member.keep, num_prompts)
         states.append(state if state is not None else encode(member.flip, member.keep))
     held = [(m, s) for m, s in zip(members, states)
-            if m.held is not None and int(types[0, m.held]) == PROMPT_TYPES["mask"]]
+            if shift and m.held is not None and int(types[0, m.held]) == PROMPT_TYPES["mask"]]
     if not held:
         return Ensemble(tuple(members), tuple(states), 0.0)
     queries = torch.stack([flipped(images[0, m.held], m.flip) for m, _ in held])
     logits = backend.decode_each(queries, [s for _, s in held])
-    logits = torch.stack([flipped(l, m.flip) for l, (m, _) in zip(logits, held)])
-    bias = calibration_bias(logits, torch.stack([maps[0, m.held] for m, _ in held]))
-    return Ensemble(tuple(members), tuple(states), bias)
+    logits = torch.stack([flipped(logit, m.flip) for logit, (m, _) in zip(logits, held)])
+    targets = torch.stack([maps[0, m.held] for m, _ in held])
+    return Ensemble(tuple(members), tuple(states), calibration_bias(logits, targets),
+                    calibration_temperature(logits, targets))
 
 
 def member_probabilities(
     ensemble: Ensemble, queries: torch.Tensor, decode_members: Callable[[torch.Tensor, list[PromptState]], torch.Tensor]
 ) -> torch.Tensor:
-    """Calibrated probabilities (M, B, R, R) float32 of every member for queries (B, C, R, R).
+    """Probabilities (M, B, R, R) float32 of every member for queries (B, C, R, R): sigmoid of the
+    logits over the ensemble's temperature, unshifted (its shift moves the decision threshold).
 
     decode_members(view (B, C, R, R), states) -> (m, B, R, R) logits runs the members of one flip
     together (InferenceBackend.decode_members, or a wrapper of it that splits the batch)."""
@@ -136,8 +183,33 @@ def member_probabilities(
         indices = [i for i, m in enumerate(ensemble.members) if m.flip == flip]
         logits = decode_members(flipped(queries, flip), [ensemble.states[i] for i in indices])
         for index, member_logits in zip(indices, flipped(logits.float(), flip)):
-            out[index] = torch.sigmoid(member_logits + ensemble.bias)
+            out[index] = torch.sigmoid(member_logits / ensemble.temperature)
     return torch.stack(out)
+
+
+def mean_probabilities(
+    ensemble: Ensemble,
+    queries: torch.Tensor,
+    decode_mean: Callable[[torch.Tensor, list[PromptState]], torch.Tensor | None],
+    decode_members: Callable[[torch.Tensor, list[PromptState]], torch.Tensor],
+) -> torch.Tensor:
+    """The ensemble's probabilities (B, R, R) float32 for queries (B, C, R, R): for each flip, one
+    decode of its members' mean attended features (decode_mean(view, states) -> (B, R, R) logits,
+    InferenceBackend.decode_mean), sigmoid(logit / T), unflipped; the flips weighted by their
+    member counts. Where decode_mean gives None, that flip's members' probabilities are averaged
+    (`member_probabilities`)."""
+    total = torch.zeros(())
+    for flip in dict.fromkeys(m.flip for m in ensemble.members):
+        states = [s for m, s in zip(ensemble.members, ensemble.states) if m.flip == flip]
+        view = flipped(queries, flip)
+        logits = decode_mean(view, states)
+        if logits is None:
+            logits = decode_members(view, states).float()
+            part = torch.sigmoid(logits / ensemble.temperature).sum(0)
+        else:
+            part = torch.sigmoid(logits.float() / ensemble.temperature) * len(states)
+        total = total + flipped(part, flip)
+    return total / len(ensemble.members)
 
 
 def mean_logits(probabilities: torch.Tensor) -> torch.Tensor:

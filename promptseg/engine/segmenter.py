@@ -34,8 +34,10 @@ from promptseg.engine.ensemble import (
     MAX_ENSEMBLE,
     Ensemble,
     build_ensemble,
+    decision_threshold,
     flipped,
     mean_logits,
+    mean_probabilities,
     member_probabilities,
     plan_members,
 )
@@ -79,6 +81,16 @@ class EncodedPrompts:
     backend: InferenceBackend | None = None
     owner: object = None  # the token of the Segmenter that encoded them (they fit its model only)
 
+    @property
+    def shift(self) -> float:
+        """The ensemble's leave-one-out logit shift of the mask threshold (0.0 without one)."""
+        return self.ensemble.shift if self.ensemble is not None else 0.0
+
+    def mask_threshold(self, threshold: float = 0.5) -> float:
+        """The probability above which `Segmenter.segment`'s output is foreground for these prompts:
+        `threshold` moved by the ensemble's shift (promptseg.engine.ensemble.decision_threshold)."""
+        return decision_threshold(threshold, self.shift)
+
 
 @dataclass
 class AdaptedModel:
@@ -102,7 +114,8 @@ def binary_entropy(probabilities: np.ndarray) -> np.ndarray:
 class VolumeResult:
     """Probabilities of a volume in its own voxel grid, with the geometry to write it back.
 
-    probabilities: (X, Y, Z) float32 in [0, 1]; mask: (X, Y, Z) bool (probabilities > 0.5);
+    probabilities: (X, Y, Z) float32 in [0, 1]; mask: (X, Y, Z) bool (probabilities above 0.5
+    moved by `shift`, an ensemble's leave-one-out logit shift: decision_threshold(0.5, shift));
     variance: (X, Y, Z) float32 variance of the ensemble members' probabilities (None without an
     ensemble); candidates: (N, X, Y, Z) float32 probabilities of the first N ensemble members
     (None unless the Segmenter was asked for candidates).
@@ -113,10 +126,11 @@ class VolumeResult:
     axis: int
     variance: np.ndarray | None = None
     candidates: np.ndarray | None = None
+    shift: float = 0.0
 
     @property
     def mask(self) -> np.ndarray:
-        return self.probabilities > 0.5
+        return self.probabilities > decision_threshold(0.5, self.shift)
 
     @property
     def uncertainty(self) -> np.ndarray:
@@ -146,7 +160,9 @@ class LabelResult:
     labels: the L label values; probabilities: (L, *spatial) float32 in [0, 1], in `labels` order;
     variance: (L, *spatial) float32 variance of the ensemble members' probabilities (None without
     an ensemble); candidates: (N, L, *spatial) float32 probabilities of the first N ensemble members
-    (None unless the Segmenter was asked for candidates).
+    (None unless the Segmenter was asked for candidates); shifts: each label's ensemble logit shift
+    of the threshold (empty: none), so label l is foreground where logit(p_l) + shift_l exceeds
+    logit(threshold).
     """
 
     labels: tuple[int, ...]
@@ -154,6 +170,24 @@ class LabelResult:
     threshold: float = 0.5
     variance: np.ndarray | None = None
     candidates: np.ndarray | None = None
+    shifts: tuple[float, ...] = ()
+
+    def scores(self) -> np.ndarray:
+        """(L, *spatial) what is compared with the threshold: the probabilities themselves, or with
+        shifts their logits plus each label's shift (then against logit(threshold))."""
+        if not any(self.shifts):
+            return self.probabilities
+        p = np.clip(self.probabilities.astype(np.float64), 1e-7, 1.0 - 1e-7)
+        shifts = np.asarray(self.shifts, np.float64).reshape((-1,) + (1,) * (p.ndim - 1))
+        return np.log(p) - np.log1p(-p) + shifts
+
+    def _cut(self) -> float:
+        return float(np.log(self.threshold / (1.0 - self.threshold))) if any(self.shifts) else self.threshold
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(L, *spatial) bool: each label on its own above its (shifted) threshold."""
+        return self.scores() > self._cut()
 
     @property
     def uncertainty(self) -> np.ndarray:
@@ -163,10 +197,11 @@ class LabelResult:
     @property
     def label_map(self) -> np.ndarray:
         """(*spatial) integer map: at each pixel the most probable label above the threshold, else 0."""
-        best = self.probabilities.argmax(axis=0)
+        scores = self.scores()
+        best = scores.argmax(axis=0)
         values = np.asarray(self.labels)[best]
         dtype = np.uint8 if max(self.labels) < 256 else np.int32
-        return np.where(self.probabilities.max(axis=0) > self.threshold, values, 0).astype(dtype)
+        return np.where(scores.max(axis=0) > self._cut(), values, 0).astype(dtype)
 
 
 class Segmenter:
@@ -183,6 +218,8 @@ class Segmenter:
         ensemble: int = 1,
         adaptation: Adaptation | None = None,
         candidates: int = 0,
+        ensemble_shift: bool = True,
+        member_maps: bool = False,
     ) -> None:
         """backend: one of ENGINE_BACKENDS (None: triton on CUDA when it works, else torch);
         backend_options go to the backend's constructor (e.g. model_dir for onnxruntime).
@@ -195,6 +232,11 @@ class Segmenter:
         model to every prompt set before use (promptseg.engine.adaptation; PyTorch backends only;
         cached with the prompt set, so a volume adapts once). candidates: also return the
         probabilities of the first `candidates` members (0..ensemble; results' `candidates`).
+        ensemble_shift: move the mask threshold by the ensemble's leave-one-out logit shift (the
+        probabilities stay the members' unshifted mean); False keeps it at the threshold asked for.
+        member_maps: also decode every ensemble member on its own, for the results' `variance`
+        (always with candidates); without it an ensemble decodes each flip once, from its members'
+        mean features, and `variance` is None.
         Raises BackendUnavailable with a one-line reason when the backend cannot run here."""
         if not 1 <= ensemble <= MAX_ENSEMBLE:
             raise InputError("--ensemble", f"must lie in 1..{MAX_ENSEMBLE}, got {ensemble}")
@@ -214,6 +256,8 @@ class Segmenter:
         if adaptation is not None and adaptation.steps > 0 and self.backend.name not in ADAPTABLE_BACKENDS:
             raise InputError("--adapt", f"needs a PyTorch backend ({', '.join(ADAPTABLE_BACKENDS)}), not {self.backend.name}")
         self.ensemble = ensemble
+        self.ensemble_shift = ensemble_shift
+        self.member_maps = member_maps or candidates > 0
         self.candidates = candidates
         self.adaptation = adaptation if adaptation is not None and adaptation.steps > 0 else None
         limit = self.backend.max_batch
@@ -292,8 +336,9 @@ class Segmenter:
         if self.ensemble > 1:
             members = plan_members(len(prompts), self.ensemble)
             ensemble = self.cache.get_or_create(
-                f"{key}:ensemble{self.ensemble}",
-                lambda: build_ensemble(run, prompt_images, prompt_maps, prompt_types, members, encode),
+                f"{key}:ensemble{self.ensemble}" + ("" if self.ensemble_shift else ":noshift"),
+                lambda: build_ensemble(run, prompt_images, prompt_maps, prompt_types, members, encode,
+                                       self.ensemble_shift),
             )
         return EncodedPrompts(encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend, self.token)
 
@@ -350,9 +395,9 @@ class Segmenter:
         )
 
     def _predict(self, batch: torch.Tensor, prompts: EncodedPrompts) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits and, for an ensemble, the
-        members' calibrated probabilities (M, N, R, R) (else None); the ensemble's logits are
-        those of the members' mean probability. InputError for prompts another Segmenter encoded."""
+        """(N, C, R, R) prepared queries -> (N, R, R) float32 logits (an ensemble's: the logit of
+        `mean_probabilities`) and, for an ensemble with member_maps, the members' (unshifted)
+        probabilities (M, N, R, R) (else None). InputError for prompts another Segmenter encoded."""
         if prompts.owner is not self.token:
             raise InputError("prompts", "were encoded by another Segmenter (another model or backend); "
                              "encode them with this Segmenter's encode_prompts")
@@ -364,8 +409,15 @@ class Segmenter:
         def decode_members(view: torch.Tensor, states: list[PromptState]) -> torch.Tensor:
             return self._decode(view, lambda chunk: backend.decode_members(chunk, states), backend.name, len(states))
 
-        probabilities = member_probabilities(prompts.ensemble, batch, decode_members)
-        return mean_logits(probabilities), probabilities if members > 1 else None
+        def decode_mean(view: torch.Tensor, states: list[PromptState]) -> torch.Tensor | None:
+            if not backend.decodes_means():
+                return None
+            return self._decode(view, lambda chunk: backend.decode_mean(chunk, states), backend.name, len(states))
+
+        mean = mean_logits(mean_probabilities(prompts.ensemble, batch, decode_mean, decode_members)[None])
+        if not self.member_maps or members == 1:
+            return mean, None
+        return mean, member_probabilities(prompts.ensemble, batch, decode_members)
 
     def _decode(self, batch: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor], backend_name: str, width: int) -> torch.Tensor:
         """(N, C, R, R) prepared queries -> call(chunk) logits (..., n, R, R) joined along the query
@@ -423,7 +475,8 @@ class Segmenter:
         """Segment 2D queries of one size: a (N, H, W[, C]) array or a list of arrays/paths.
 
         Returns (N, H, W) float32 probabilities in [0, 1], always an array: queries of different
-        sizes are an InputError naming the first that differs (segment_each takes any sizes).
+        sizes are an InputError naming the first that differs (segment_each takes any sizes); the
+        mask is the probabilities above `prompts.mask_threshold()` (0.5 unless an ensemble shifts it).
         """
         prepared, sizes = self._prepare_queries(queries)
         for n, size in enumerate(sizes):
@@ -478,7 +531,7 @@ class Segmenter:
         if consistency:
             make_consistent(maps.probabilities, data, axis)
         return VolumeResult(maps.probabilities[0], data, axis, None if maps.variance is None else maps.variance[0],
-                            None if maps.candidates is None else maps.candidates[:, 0])
+                            None if maps.candidates is None else maps.candidates[:, 0], prompts.shift)
 
     def _plane_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts | PlanePrompts],
                     axis: int) -> QueryMaps:
@@ -512,7 +565,7 @@ class Segmenter:
         slices = slice_volume(canonical_view(array, data.affine), axis)  # RAS axes: any storage order alike
         shape = (len(prompt_sets),) + array.shape
         ensembles = [p.ensemble for p in prompt_sets]
-        several = all(e is not None and len(e.members) > 1 for e in ensembles)
+        several = self.member_maps and all(e is not None and len(e.members) > 1 for e in ensembles)
         count = min(self.candidates, *(len(e.members) for e in ensembles)) if several else 0
         out = QueryMaps(np.empty(shape, np.float32), np.empty(shape, np.float32) if several else None,
                         np.empty((count,) + shape, np.float32) if count else None)
@@ -608,7 +661,8 @@ class Segmenter:
             if all(m.candidates is not None for m in maps):
                 count = min(len(m.candidates) for m in maps)
                 candidates = np.stack([m.candidates[:count] for m in maps], axis=1)
-            results.append(LabelResult(labels, np.stack([m.probabilities for m in maps]), threshold, variance, candidates))
+            results.append(LabelResult(labels, np.stack([m.probabilities for m in maps]), threshold, variance, candidates,
+                                       label_shifts(prompts)))
         return results
 
     def segment_volume_labels(
@@ -624,7 +678,14 @@ class Segmenter:
         maps = self._plane_maps(data, list(prompts.values()), axis)
         if consistency:
             make_consistent(maps.probabilities, data, axis)
-        return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates)
+        return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates,
+                           label_shifts(prompts))
+
+
+def label_shifts(prompts: Mapping[int, EncodedPrompts]) -> tuple[float, ...]:
+    """Each label's ensemble shift, in the mapping's order; () when none shifts."""
+    shifts = tuple(p.shift for p in prompts.values())
+    return shifts if any(shifts) else ()
 
 
 def make_consistent(probabilities: np.ndarray, data: ImageData, axis: int) -> None:

@@ -22,10 +22,12 @@ from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
 from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
 from promptseg.engine.ensemble import (
     build_ensemble,
+    decision_threshold,
     flipped,
-    member_probabilities,
+    mean_probabilities,
     plan_members,
 )
+from promptseg.eval.prediction import Prediction
 from promptseg.model import PromptSegNet
 from promptseg.model.loss import segmentation_loss
 
@@ -197,7 +199,8 @@ class ModelPredictor:
     0.5) and the probabilities are resized back. With `adaptation`, a copy of the model is first
     adapted to the episode's prompts (promptseg.engine.adaptation; the model itself never changes);
     with `ensemble` > 1, the probabilities are the mean over that many members of the Segmenter's
-    ensemble (`ensemble_probabilities`).
+    ensemble, and with `ensemble_shift` the mask threshold moves by its leave-one-out logit shift
+    (`predict_with_threshold`; promptseg.engine.ensemble).
     """
 
     def __init__(
@@ -206,14 +209,21 @@ class ModelPredictor:
         device: torch.device | str = "cpu",
         adaptation: Adaptation | None = None,
         ensemble: int = 1,
+        ensemble_shift: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.adaptation = adaptation
         self.ensemble = ensemble
+        self.ensemble_shift = ensemble_shift
 
     def predict(self, episode: Episode) -> torch.Tensor:
-        """-> (Q, R, R) float32 probabilities (sigmoid of the logits)."""
+        """-> (Q, R, R) float32 probabilities (sigmoid of the logits; an ensemble's unshifted mean)."""
+        return self.predict_with_threshold(episode).probabilities
+
+    def predict_with_threshold(self, episode: Episode) -> Prediction:
+        """-> the probabilities of `predict` and the threshold of the mask (0.5 unless an ensemble
+        shifts it)."""
         queries = _tensor(episode.query_images)
         size, work = queries.shape[-1], self.model.config.resolution
         images = _resize(_tensor(episode.prompt_images), work)
@@ -223,24 +233,27 @@ class ModelPredictor:
         if self.adaptation is not None and self.adaptation.steps > 0:
             model = adapt_to_prompts(model, images, maps, types, self.adaptation)
         work_queries = _resize(queries, work)
+        threshold = 0.5
         if self.ensemble > 1:
-            probs = ensemble_probabilities(create_backend("torch", model, self.device), images, maps, types,
-                                           work_queries, self.ensemble)
+            probs, shift = ensemble_probabilities(create_backend("torch", model, self.device), images, maps, types,
+                                                  work_queries, self.ensemble, self.ensemble_shift)
+            threshold = decision_threshold(0.5, shift)
         else:
             with torch.inference_mode():
                 logits = model(images[None].to(self.device), maps[None].to(self.device), types[None].to(self.device),
                                work_queries.to(self.device))
             probs = torch.sigmoid(logits.float())
-        return _resize(probs.float().cpu()[:, None], size)[:, 0].clamp(0.0, 1.0)
+        return Prediction(_resize(probs.float().cpu()[:, None], size)[:, 0].clamp(0.0, 1.0), threshold)
 
 
 def ensemble_probabilities(
     backend: InferenceBackend, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, queries: torch.Tensor,
-    members: int,
-) -> torch.Tensor:
-    """Mean calibrated probability (Q, R, R) of the first `members` ensemble members
-    (promptseg.engine.ensemble, as the Segmenter builds them): images (K, C, R, R), maps (K, R, R),
-    types (K,), queries (Q, C, R, R). Each flip of the prompt set is encoded once."""
+    members: int, shift: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """The probability (Q, R, R) of the first `members` ensemble members (mean_probabilities of
+    promptseg.engine.ensemble, as the Segmenter builds them) and the logit shift of their decision threshold (0.0 unless
+    `shift`): images (K, C, R, R), maps (K, R, R), types (K,), queries (Q, C, R, R). Each flip of
+    the prompt set is encoded once."""
     encoded: dict[tuple[int, ...], PromptState] = {}
 
     def encode(flip: tuple[int, ...], keep: tuple[int, ...]) -> PromptState:
@@ -251,5 +264,6 @@ def ensemble_probabilities(
                                           types[None, index])
         return encoded[key]
 
-    ensemble = build_ensemble(backend, images[None], maps[None], types[None], plan_members(len(images), members), encode)
-    return member_probabilities(ensemble, queries, backend.decode_members).mean(0)
+    ensemble = build_ensemble(backend, images[None], maps[None], types[None], plan_members(len(images), members),
+                              encode, shift)
+    return mean_probabilities(ensemble, queries, backend.decode_mean, backend.decode_members), ensemble.shift

@@ -2,7 +2,8 @@
 
 For every task and K, `fixed_episodes` is built once and every predictor sees the same episodes,
 so the rows of the report are directly comparable (and per-episode scores are paired).
-Dice is on a 0-100 scale: hard Dice of probabilities > 0.5 against the mask, 100 when both are empty,
+Dice is on a 0-100 scale: hard Dice of probabilities > 0.5 (or the threshold a predictor gives with
+them, promptseg.eval.prediction: a shifted ensemble's) against the mask, 100 when both are empty,
 averaged over the queries of an episode; a (method, task, K) cell reports the mean and the sample
 standard deviation (ddof = 1; 0 for a single episode) over episodes.
 
@@ -29,6 +30,7 @@ from promptseg.data.episodes import CHANNELS, Episode, fixed_episodes
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import InputError
 from promptseg.eval.baselines import Predictor
+from promptseg.eval.prediction import predict
 from promptseg.metrics import expected_calibration_error, mean_entropy, query_dice
 
 def correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -312,10 +314,10 @@ def _run(predictor: Predictor, drawn: Sequence[Episode], bar: tqdm) -> tuple[Cel
     cell, elapsed = CellScore([]), 0.0
     for episode in drawn:
         start = time.perf_counter()
-        probs = predictor.predict(episode)
+        prediction = predict(predictor, episode)
         elapsed += time.perf_counter() - start
-        probs, masks = probs.float().cpu(), episode.query_masks.float().cpu()
-        dice = query_dice(probs, masks)
+        probs, masks = prediction.probabilities.float().cpu(), episode.query_masks.float().cpu()
+        dice = query_dice(probs, masks, prediction.threshold)
         cell.dice.append(float(dice.mean()))
         cell.ece.append(expected_calibration_error(probs, masks))
         cell.query_entropy += mean_entropy(probs).tolist()

@@ -25,6 +25,7 @@ from promptseg.model.config import ModelConfig
 from promptseg.model.encoder import SharedEncoder
 from promptseg.model.encoding import PromptEncoding
 from promptseg.model.layers import PromptTokenizer, UpBlock, sincos_position_encoding
+from promptseg.model.member_decoding import decode_member_groups
 from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model.propagation import LabelPropagation, probability_logit, propagation_labels
 
@@ -223,7 +224,7 @@ class PromptSegNet(nn.Module):
         features = list(features)
         priors = []
         for index, stage in enumerate(self.config.attention_stages):
-            features[stage], prior = self._attend(features[stage], index, prompts)
+            features[stage], prior = self.attend(features[stage], index, prompts)
             priors.append(prior)
         logits = self.query_decoder(features, queries)
         if self.propagations is not None:
@@ -232,7 +233,7 @@ class PromptSegNet(nn.Module):
             logits = logits + self.query_decoder.prior_gain * probability_logit(prior.squeeze(1))
         return logits
 
-    def _attend(
+    def attend(
         self, features: torch.Tensor, stage_index: int, prompts: PromptEncoding
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Query features (B, C, h, w) attend to the prompt tokens of one stage.
@@ -255,14 +256,15 @@ class PromptSegNet(nn.Module):
             tokens = block(tokens, pos, k, v, lengths)
         return tokens.transpose(1, 2).reshape(b, c, h, w), prior
 
-    def decode_members(self, queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
+    def decode_members(
+        self, queries: torch.Tensor, prompts: PromptEncoding, features: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Every query against every one of the G prompt groups (ensemble members), in one batch:
-        queries (B, C, R, R) -> logits (G, B, R, R). The query encoder runs once for the B queries."""
-        groups, count = prompts.groups, queries.shape[0]
-        repeated = queries.repeat(groups, 1, 1, 1)  # query b of group g at g * B + b
-        features = [f.repeat(groups, 1, 1, 1) for f in self.query_features(queries)]
-        logits = self.decode_features(features, repeated, prompts)
-        return logits.reshape(groups, count, *logits.shape[1:])
+        queries (B, C, R, R) -> logits (G, B, R, R). The query encoder runs once for the B queries
+        (or not at all when their `query_features` are given), and the convolutional decoder shares
+        the skip connections' convolutions between the members (promptseg.model.member_decoding)."""
+        features = self.query_features(queries) if features is None else features
+        return decode_member_groups(self, features, queries, prompts)
 
     def forward(
         self,

@@ -233,3 +233,14 @@ class PromptSegViT(PromptSegNet):
         for block, k, v in zip(self.blocks, prompts.keys[0], prompts.values[0]):
             x = block.joint_step(x, k, v, lengths)[0]
         return self.query_decoder(x, queries.shape[-1])
+
+    def decode_members(
+        self, queries: torch.Tensor, prompts: PromptEncoding, features: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Every query against every one of the G prompt groups: queries (B, C, R, R) -> logits
+        (G, B, R, R), the query's ViT encoding computed once (or taken from `features`)."""
+        groups, count = prompts.groups, queries.shape[0]
+        features = self.query_features(queries) if features is None else features
+        repeated = [f.repeat(groups, 1, 1, 1) for f in features]
+        logits = self.decode_features(repeated, queries.repeat(groups, 1, 1, 1), prompts)
+        return logits.reshape(groups, count, *logits.shape[1:])

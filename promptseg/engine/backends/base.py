@@ -76,6 +76,16 @@ class InferenceBackend(ABC):
         """The same queries (B, C, R, R) against each of M states -> (M, B, R, R) float32 CPU logits."""
         return torch.stack([self.decode(queries, state) for state in states])
 
+    def decodes_means(self) -> bool:
+        """Whether decode_mean works here (else the ensemble averages the members' probabilities)."""
+        return False
+
+    def decode_mean(self, queries: torch.Tensor, states: Sequence[PromptState]) -> torch.Tensor | None:
+        """The same queries (B, C, R, R) decoded once from the mean of their M members' attended
+        features -> (B, R, R) float32 CPU logits, or None where this backend cannot
+        (`decodes_means`)."""
+        return None
+
     def decode_each(self, queries: torch.Tensor, states: Sequence[PromptState]) -> torch.Tensor:
         """Query m (of M, (M, C, R, R)) against state m -> (M, R, R) float32 CPU logits."""
         return torch.cat([self.decode(query[None], state) for query, state in zip(queries, states)])

@@ -91,6 +91,9 @@ class CompiledBackend(TorchBackend):
             logits = self.compiled_decoder(padded.to(self.device), state)
         return logits[:batch].float().cpu()
 
-    # Ensemble members and per-query states go through `decode`, one bucketed shape at a time.
+    # Ensemble members and per-query states go through `decode`, one bucketed shape at a time (a
+    # padded state's key lengths would be lost in a feature mean: the members' probabilities are averaged).
     decode_members = InferenceBackend.decode_members
     decode_each = InferenceBackend.decode_each
+    decodes_means = InferenceBackend.decodes_means
+    decode_mean = InferenceBackend.decode_mean

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from promptseg.engine.backends.base import InferenceBackend
 from promptseg.kernels import triton_available
 from promptseg.model import PromptEncoding, PromptSegNet
+from promptseg.model.member_decoding import decode_feature_mean
 
 
 class TorchBackend(InferenceBackend):
@@ -41,10 +42,38 @@ class TorchBackend(InferenceBackend):
         return select_prompt_tokens(state, keep, num_prompts)
 
     def decode_members(self, queries: torch.Tensor, states: Sequence[PromptEncoding]) -> torch.Tensor:
-        """(B, C, R, R) against M states in one batch of M groups, the query features computed once
-        -> (M, B, R, R) float32 CPU logits."""
+        """(B, C, R, R) against M states -> (M, B, R, R) float32 CPU logits, the query features
+        computed once. One state alone decodes as `decode` does; states with the same prompt token
+        counts decode as one batch of groups (a drop-one subset has fewer tokens than the full set,
+        and padding them to one count would cost a masked attention for every member)."""
+        if len(states) == 1:
+            return self.decode(queries, states[0])[None]
+        queries = queries.to(self.device)
+        out: list[torch.Tensor | None] = [None] * len(states)
         with torch.inference_mode():
-            return self.model.decode_members(queries.to(self.device), stack_encodings(states)).float().cpu()
+            features = self.model.query_features(queries)
+            for indices in token_count_groups(states):
+                logits = self.model.decode_members(queries, stack_encodings([states[i] for i in indices]), features)
+                for index, member in zip(indices, logits.float().cpu()):
+                    out[index] = member
+        return torch.stack(out)
+
+    def decodes_means(self) -> bool:
+        """True for the convolutional decoder (a "vit" model's decoder has no attended features)."""
+        return self.config.architecture == "conv"
+
+    def decode_mean(self, queries: torch.Tensor, states: Sequence[PromptEncoding]) -> torch.Tensor | None:
+        """(B, C, R, R) decoded once from the mean of the M members' attended features -> (B, R, R)
+        float32 CPU logits (promptseg.model.member_decoding.decode_feature_mean); one state decodes as
+        `decode`. None for a "vit" model, whose decoder has no such features."""
+        if len(states) == 1:
+            return self.decode(queries, states[0])
+        if not self.decodes_means():
+            return None
+        queries = queries.to(self.device)
+        with torch.inference_mode():
+            groups = [stack_encodings([states[i] for i in indices]) for indices in token_count_groups(states)]
+            return decode_feature_mean(self.model, self.model.query_features(queries), queries, groups).float().cpu()
 
     def decode_each(self, queries: torch.Tensor, states: Sequence[PromptEncoding]) -> torch.Tensor:
         """Query m of (M, C, R, R) against state m, one batch of M groups -> (M, R, R) float32 CPU logits."""
@@ -62,6 +91,14 @@ def select_prompt_tokens(encoding: PromptEncoding, keep: Sequence[int], num_prom
         keys.append([k.index_select(2, index) for k in stage_keys])
         values.append([v.index_select(2, index) for v in stage_values])
     return PromptEncoding(keys, values, [None] * len(keys))
+
+
+def token_count_groups(encodings: Sequence[PromptEncoding]) -> list[list[int]]:
+    """Indices of the encodings grouped by their per-stage prompt token counts, in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, encoding in enumerate(encodings):
+        groups.setdefault(tuple(stage[0].shape[2] for stage in encoding.keys), []).append(index)
+    return list(groups.values())
 
 
 def stack_encodings(encodings: Sequence[PromptEncoding]) -> PromptEncoding:
