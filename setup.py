@@ -1,4 +1,5 @@
 """PromptSeg: universal medical image segmentation by visual prompts."""
+
 from setuptools import find_packages, setup
 
 TRITON = "triton>=3.4; platform_system == 'Linux'"
@@ -7,7 +8,8 @@ PLOT = "matplotlib>=3.7"
 setup(
     name="promptseg",
     version="0.1.0",
-    description="Universal medical image segmentation by visual prompts: a few annotated examples in, masks out",
+    description="Universal medical image segmentation by visual prompts: a few annotated examples "
+    "in, masks out",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -24,13 +26,29 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        # triton (Linux only): the fused attention kernels on CUDA, and their tests on the CPU interpreter;
-        # 3.4 introduced triton.knobs, read by promptseg.kernels. A CPU-only install never imports it.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
-                 TRITON, PLOT],
+        # triton (Linux only): the fused attention kernels on CUDA, and their tests on the CPU
+        # interpreter;
+        # 3.4 introduced triton.knobs, read by promptseg.kernels. A CPU-only install never imports
+        # it.
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
+            "onnxscript>=0.1",
+            TRITON,
+            PLOT,
+        ],
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
-        "gpu": ["tensorrt>=10.0,<12", TRITON],  # export/tensorrt_build.py handles 10 (precision flags) and 11 (strong typing)
-        "dicom": ["pydicom>=3.0", "highdicom>=0.23"],  # DICOM series in (data/dicom.py), DICOM-SEG out
+        "gpu": [
+            "tensorrt>=10.0,<12",
+            TRITON,
+        ],  # export/tensorrt_build.py handles 10 (precision flags) and 11 (strong typing)
+        "dicom": [
+            "pydicom>=3.0",
+            "highdicom>=0.23",
+        ],  # DICOM series in (data/dicom.py), DICOM-SEG out
         "ray": ["ray>=2.9"],  # promptseg batch --engine ray (engine/batch_ray.py)
         "plot": [PLOT],  # promptseg eval --plot and promptseg.eval.plot's charts
     },

@@ -1,4 +1,5 @@
 """`python -m promptseg ...` runs the command-line interface."""
+
 import sys
 
 from promptseg.cli import main

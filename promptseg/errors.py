@@ -1,4 +1,5 @@
 """Errors that PromptSeg reports to users as one line naming the offending input."""
+
 from __future__ import annotations
 
 import os
@@ -22,11 +23,13 @@ class InputError(PromptSegError):
 
 
 class CheckpointError(PromptSegError):
-    """A checkpoint that cannot be loaded (missing, corrupt, pickle-bearing, or of another configuration)."""
+    """A checkpoint that cannot be loaded (missing, corrupt, pickle-bearing, or of another
+    configuration)."""
 
 
 def short_reason(exc: BaseException) -> str:
-    """`ExcType: first line of the message` (just `ExcType` for an empty message), at most 120 characters.
+    """`ExcType: first line of the message` (just `ExcType` for an empty message), at most 120
+    characters.
 
     >>> short_reason(OSError("No space left on device\\nmore detail"))
     'OSError: No space left on device'

@@ -5,6 +5,7 @@ The ground floor of the package (it imports nothing of promptseg but its errors)
 graphs all go through `atomic_write` or `atomic_write_unchecked`, so an output is either absent, the
 old file or the complete new one (docs/design.md section 4).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +50,8 @@ _FILE_MODE = _default_file_mode()
 
 Writer = Callable[[str], None]  # fills the temporary file whose path it is given
 
-# Temporary files are named ".<stem>.promptseg-<pid>-<random><ext>" beside their output, so a later run
+# Temporary files are named ".<stem>.promptseg-<pid>-<random><ext>" beside their output, so a later
+# run
 # can tell ours from anything else and remove those whose process is gone (sweep_stale_temporaries).
 _TEMPORARY_NAME = re.compile(r"^\..*\.promptseg-(?P<pid>\d+)-[a-z0-9_]{8}(\.[^.]+)*$")
 
@@ -65,7 +67,8 @@ def refuse_existing(paths: Sequence[str | os.PathLike], overwrite: bool) -> None
 
 
 def atomic_write(path: str | os.PathLike, writer: Writer, overwrite: bool = False) -> None:
-    """Call `writer(temporary_path)` then move the result onto `path` in one step (see atomic_write_unchecked).
+    """Call `writer(temporary_path)` then move the result onto `path` in one step (see
+    atomic_write_unchecked).
 
     If `writer` raises, the temporary file is removed and the exception propagates: `path` is never
     left half-written. An existing `path` is refused unless `overwrite`. Missing parent folders are
@@ -74,15 +77,17 @@ def atomic_write(path: str | os.PathLike, writer: Writer, overwrite: bool = Fals
     atomic_write_group([(path, writer)], overwrite)
 
 
-def atomic_write_group(outputs: Sequence[tuple[str | os.PathLike, Writer]], overwrite: bool = False) -> None:
+def atomic_write_group(
+    outputs: Sequence[tuple[str | os.PathLike, Writer]], overwrite: bool = False
+) -> None:
     """Write several files as one unit: all of them or none.
 
     Each (path, writer) is written to a flushed temporary file beside its path first; only when all
     exist are they moved into place, together, under an exclusive lock of their folders (so two
     processes writing the same files cannot interleave them). If anything fails or the process is
     interrupted, the temporary files and the files already moved are removed (with `overwrite`, the
-    files they replaced are gone too). Existing paths are refused unless `overwrite`. A failure of the
-    file system is an InputError naming the path.
+    files they replaced are gone too). Existing paths are refused unless `overwrite`. A failure of
+    the file system is an InputError naming the path.
     """
     paths = [os.fspath(path) for path, _ in outputs]
     refuse_existing(paths, overwrite)
@@ -108,21 +113,27 @@ def atomic_write_group(outputs: Sequence[tuple[str | os.PathLike, Writer]], over
         for leftover in [*temporaries.values(), *moved]:
             with contextlib.suppress(OSError):
                 os.remove(leftover)
-        if isinstance(exc, FileExistsError) and os.path.exists(current):  # another process created it meanwhile
-            raise InputError(current, "output exists (created while writing); pass --overwrite to replace it") from None
+        if isinstance(exc, FileExistsError) and os.path.exists(
+            current
+        ):  # another process created it meanwhile
+            raise InputError(
+                current, "output exists (created while writing); pass --overwrite to replace it"
+            ) from None
         if isinstance(exc, OSError):
             raise InputError(current, f"cannot write output ({short_reason(exc)})") from None
         raise
 
 
 def atomic_write_unchecked(path: str | os.PathLike, writer: Writer, overwrite: bool) -> None:
-    """atomic_write without its checks, lock and messages: file-system failures propagate as OSError.
+    """atomic_write without its checks, lock and messages: file-system failures propagate as
+    OSError.
 
-    `writer(temporary_path)` fills a temporary file in `path`'s folder (created when missing) that keeps
-    `path`'s extension (writers such as nibabel choose the format from it). The file gets the mode the
-    umask gives, is flushed to the disk, then moved onto `path` (replacing it if `overwrite`, else
-    FileExistsError when `path` exists by then), and the folder is flushed: `path` is always absent,
-    the old file or the complete new one. On any failure the temporary file is removed.
+    `writer(temporary_path)` fills a temporary file in `path`'s folder (created when missing) that
+    keeps `path`'s extension (writers such as nibabel choose the format from it). The file gets the
+    mode the umask gives, is flushed to the disk, then moved onto `path` (replacing it if
+    `overwrite`, else FileExistsError when `path` exists by then), and the folder is flushed: `path`
+    is always absent, the old file or the complete new one. On any failure the temporary file is
+    removed.
     """
     path = os.fspath(path)
     temporary = _write_temporary(path, writer)
@@ -136,18 +147,21 @@ def atomic_write_unchecked(path: str | os.PathLike, writer: Writer, overwrite: b
 
 
 def _write_temporary(path: str, writer: Writer) -> str:
-    """A flushed temporary file beside `path` (folder created when missing) filled by `writer`, with the
-    mode the umask gives; removed again if anything fails."""
+    """A flushed temporary file beside `path` (folder created when missing) filled by `writer`, with
+    the mode the umask gives; removed again if anything fails."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, temporary = tempfile.mkstemp(
-        dir=folder, prefix=f".{strip_extension(os.path.basename(path))}.promptseg-{os.getpid()}-",
+        dir=folder,
+        prefix=f".{strip_extension(os.path.basename(path))}.promptseg-{os.getpid()}-",
         suffix=file_extension(path),
     )
     os.close(fd)
     try:
         writer(temporary)
-        os.chmod(temporary, _FILE_MODE)  # mkstemp makes owner-only files; outputs get the usual mode
+        os.chmod(
+            temporary, _FILE_MODE
+        )  # mkstemp makes owner-only files; outputs get the usual mode
         _fsync(temporary)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -157,7 +171,8 @@ def _write_temporary(path: str, writer: Writer) -> str:
 
 
 def _move_into_place(temporary: str, path: str, overwrite: bool) -> None:
-    """Move `temporary` onto `path` in one step (replacing it if `overwrite`, else FileExistsError)."""
+    """Move `temporary` onto `path` in one step (replacing it if `overwrite`, else
+    FileExistsError)."""
     if overwrite:
         os.replace(temporary, path)
     else:
@@ -166,8 +181,8 @@ def _move_into_place(temporary: str, path: str, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def _folder_lock(folder: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock (flock) on `folder` itself: no lock file is left behind. Where
-    flock is unavailable (not POSIX) the block runs unlocked."""
+    """Hold an exclusive advisory lock (flock) on `folder` itself: no lock file is left behind.
+    Where flock is unavailable (not POSIX) the block runs unlocked."""
     if fcntl is None:
         yield
         return
@@ -196,9 +211,9 @@ def _process_alive(pid: int) -> bool:
 
 
 def sweep_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Remove the temporary files our writers left in `folder` when their process was killed (SIGKILL,
-    power loss): those named by _TEMPORARY_NAME whose process no longer exists. Returns their paths.
-    Files of live processes (on this machine) and every other file are left alone."""
+    """Remove the temporary files our writers left in `folder` when their process was killed
+    (SIGKILL, power loss): those named by _TEMPORARY_NAME whose process no longer exists. Returns
+    their paths. Files of live processes (on this machine) and every other file are left alone."""
     folder = os.fspath(folder)
     try:
         names = os.listdir(folder)
@@ -252,7 +267,8 @@ def write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> N
 
 
 def write_json_unchecked(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Replace `path` by `data` as indented, key-sorted JSON (atomic_write_unchecked: OSError propagates)."""
+    """Replace `path` by `data` as indented, key-sorted JSON (atomic_write_unchecked: OSError
+    propagates)."""
 
     def writer(temporary: str) -> None:
         with open(temporary, "w") as handle:

@@ -1,6 +1,7 @@
 """Test-session setup: Triton kernels run under the interpreter when no CUDA GPU is present, and
 Hypothesis draws the same examples on every run when PROMPTSEG_HYPOTHESIS_PROFILE=ci (set by
 .ci/run) so that CI results are reproducible; developers' runs keep exploring new examples."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,6 @@
-"""Shared test helpers: a tiny random-initialised checkpoint and small generated images and volumes."""
+"""Shared test helpers: a tiny random-initialised checkpoint and small generated images and
+volumes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +14,14 @@ from PIL import Image
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.weights import save_weights
 
-TINY_CONFIG = ModelConfig(resolution=32, widths=(8, 16, 32, 32), head_dim=16, attention_depth=1, blocks_per_stage=1,
-                          label_propagation=True)
+TINY_CONFIG = ModelConfig(
+    resolution=32,
+    widths=(8, 16, 32, 32),
+    head_dim=16,
+    attention_depth=1,
+    blocks_per_stage=1,
+    label_propagation=True,
+)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +50,9 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None, description: bytes = b"") -> Path:
+def write_nifti(
+    path: Path, array: np.ndarray, affine: np.ndarray | None = None, description: bytes = b""
+) -> Path:
     """Save an array as NIfTI-1 with `affine` (identity by default), mm units and a description."""
     image = nib.Nifti1Image(array, np.eye(4) if affine is None else affine)
     image.header.set_xyzt_units("mm", "sec")

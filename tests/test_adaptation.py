@@ -1,4 +1,5 @@
 """Test-time adaptation: a copy of the model fitted to the prompts; the original never changes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,9 @@ from promptseg.model.loss import segmentation_loss
 
 
 def prompt_set(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    task = synthetic_task(np.random.default_rng(seed), TINY_CONFIG.resolution, count + 1, channels=3)
+    task = synthetic_task(
+        np.random.default_rng(seed), TINY_CONFIG.resolution, count + 1, channels=3
+    )
     nonempty = task.nonempty()[:count]
     images = torch.from_numpy(np.asarray(task.images[nonempty])).float()
     images = images / 255.0 if task.images.dtype == np.uint8 else images
@@ -22,13 +25,17 @@ def prompt_set(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, t
     return images, maps, torch.ones(count, dtype=torch.long)
 
 
-def leave_one_out_loss(model: PromptSegNet, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> float:
+def leave_one_out_loss(
+    model: PromptSegNet, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor
+) -> float:
     """Mean loss of predicting each prompt from all the others."""
     losses = []
     with torch.no_grad():
         for index in range(len(images)):
             keep = [j for j in range(len(images)) if j != index]
-            logits = model(images[keep][None], maps[keep][None], types[keep][None], images[index][None])
+            logits = model(
+                images[keep][None], maps[keep][None], types[keep][None], images[index][None]
+            )
             losses.append(float(segmentation_loss(logits, maps[index][None])))
     return float(np.mean(losses))
 
@@ -39,13 +46,17 @@ def model() -> PromptSegNet:
     return PromptSegNet(TINY_CONFIG).eval()
 
 
-def test_adaptation_lowers_the_prompt_set_loss_and_leaves_the_model_alone(model: PromptSegNet) -> None:
+def test_adaptation_lowers_the_prompt_set_loss_and_leaves_the_model_alone(
+    model: PromptSegNet,
+) -> None:
     images, maps, types = prompt_set(6)
     before = {name: t.clone() for name, t in model.state_dict().items()}
     adapted = adapt_to_prompts(model, images, maps, types, Adaptation(steps=40, lr=0.02))
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
-    assert leave_one_out_loss(adapted, images, maps, types) < leave_one_out_loss(model, images, maps, types)
+    assert leave_one_out_loss(adapted, images, maps, types) < leave_one_out_loss(
+        model, images, maps, types
+    )
     moved = {id(p) for p in adapted_parameters(adapted)}
     for (name, original), changed in zip(model.named_parameters(), adapted.parameters()):
         if id(changed) not in moved:
@@ -87,12 +98,20 @@ def segmenter_pair(model: PromptSegNet, **options) -> tuple:
 def test_segmenter_ensemble_averages_flipped_predictions(model: PromptSegNet) -> None:
     rng = np.random.default_rng(0)
     size = TINY_CONFIG.resolution  # at the model's own size no resizing separates the two averages
-    image, query = rng.random((size, size)).astype(np.float32), rng.random((size, size)).astype(np.float32)
+    image, query = (
+        rng.random((size, size)).astype(np.float32),
+        rng.random((size, size)).astype(np.float32),
+    )
     mask = np.zeros((size, size), np.uint8)
     mask[10:25, 8:30] = 1
     plain, ensemble = segmenter_pair(model, ensemble=2)
-    expected = (plain.segment([query], plain.encode_prompts([image], [mask]))
-                + plain.segment([query[:, ::-1].copy()], plain.encode_prompts([image[:, ::-1].copy()], [mask[:, ::-1].copy()]))[:, :, ::-1]) / 2
+    expected = (
+        plain.segment([query], plain.encode_prompts([image], [mask]))
+        + plain.segment(
+            [query[:, ::-1].copy()],
+            plain.encode_prompts([image[:, ::-1].copy()], [mask[:, ::-1].copy()]),
+        )[:, :, ::-1]
+    ) / 2
     got = ensemble.segment([query], ensemble.encode_prompts([image], [mask]))
     np.testing.assert_allclose(got, expected, atol=2e-5)
     with pytest.raises(Exception, match="--ensemble"):
@@ -108,7 +127,9 @@ def test_segmenter_adapts_once_per_prompt_set_and_keeps_its_model(model: PromptS
     first = adapted.encode_prompts(as_arrays, masks)
     misses = adapted.cache.misses
     again = adapted.encode_prompts(as_arrays, masks)
-    assert adapted.cache.misses == misses and again.backend is first.backend  # adapted once, then cached
+    assert (
+        adapted.cache.misses == misses and again.backend is first.backend
+    )  # adapted once, then cached
     volume = np.stack(as_arrays, axis=2)[..., 0]
     adapted_probs = adapted.segment_volume(volume, first).probabilities
     plain_probs = plain.segment_volume(volume, plain.encode_prompts(as_arrays, masks)).probabilities
@@ -124,9 +145,28 @@ def test_segment_cli_with_ensemble_and_adaptation(tmp_path, tiny_checkpoint, cap
     paths = []
     for index in range(3):
         image, mask = disk_example(rng, (40, 48))
-        paths.append((write_png(tmp_path / f"i{index}.png", image), write_png(tmp_path / f"m{index}.png", mask)))
-    common = ["segment", "--prompt", str(paths[0][0]), str(paths[0][1]), "--prompt", str(paths[1][0]), str(paths[1][1]),
-              "--query", str(paths[2][0]), "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--no-progress"]
+        paths.append(
+            (
+                write_png(tmp_path / f"i{index}.png", image),
+                write_png(tmp_path / f"m{index}.png", mask),
+            )
+        )
+    common = [
+        "segment",
+        "--prompt",
+        str(paths[0][0]),
+        str(paths[0][1]),
+        "--prompt",
+        str(paths[1][0]),
+        str(paths[1][1]),
+        "--query",
+        str(paths[2][0]),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(common + ["--out", str(tmp_path / "bad"), "--ensemble", "17"]) == 2
     assert "--ensemble" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(common + ["--out", str(tmp_path / "out"), "--ensemble", "2", "--adapt", "3"]) == 0

@@ -1,4 +1,6 @@
-"""Task and per-image augmentation: shapes, ranges, identical treatment of an episode, involutions."""
+"""Task and per-image augmentation: shapes, ranges, identical treatment of an episode,
+involutions."""
+
 from __future__ import annotations
 
 import numpy as np

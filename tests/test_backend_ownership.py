@@ -1,4 +1,5 @@
 """Inference backends run a model of their own: building one leaves the caller's model as it was."""
+
 from __future__ import annotations
 
 import torch
@@ -34,5 +35,7 @@ def test_two_segmenters_on_one_model_are_independent() -> None:
     maps = (torch.rand(1, 2, 32, 32) > 0.5).float()
     types = torch.ones(1, 2, dtype=torch.long)
     queries = torch.rand(2, TINY_CONFIG.in_channels, 32, 32)
-    logits = [s.backend.decode(queries, s.backend.encode(images, maps, types)) for s in (first, second)]
+    logits = [
+        s.backend.decode(queries, s.backend.encode(images, maps, types)) for s in (first, second)
+    ]
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
+from PIL import Image
 
 from promptseg.cli import build_parser, main
 from promptseg.cli.commands import COMMANDS
@@ -274,7 +274,9 @@ def test_with_legend_names_each_colour_below_the_picture() -> None:
 
 
 def test_segment_overlay_carries_its_legend(
-    prompt_files: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path  # noqa: F811
+    prompt_files: dict[str, Path],
+    tiny_checkpoint: Path,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     out = tmp_path / "out"
     assert main(segment(prompt_files, "mask", tiny_checkpoint, out, "--overlay")) == 0

@@ -1,5 +1,6 @@
 """Crash-safe training (issue 6): a run killed with SIGKILL part-way resumes onto the uninterrupted
 trajectory, and a checkpoint write cut off part-way never damages the previous checkpoint."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,17 +20,19 @@ from safetensors.torch import load_file
 import promptseg.train.checkpoint as checkpoint
 import promptseg.train.trainer as trainer_module
 from promptseg.cli import main
+from promptseg.torch_threads import single_torch_thread
 from promptseg.train.checkpoint import load_run_model
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import Trainer
-from promptseg.torch_threads import single_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig.load(REPO / "configs" / "tiny_test.yaml")
 STEPS, CHECKPOINT_EVERY, KILLED_AFTER = 10, 4, 6
 
-# Runs `promptseg train` (argv after the script) and, once step KILLED_AFTER is logged, prints "paused"
-# and blocks, so that the test kills it at a known step: after the step-4 checkpoint, before step 8's.
+# Runs `promptseg train` (argv after the script) and, once step KILLED_AFTER is logged, prints
+# "paused"
+# and blocks, so that the test kills it at a known step: after the step-4 checkpoint, before step
+# 8's.
 PAUSING_TRAIN = f"""
 import sys
 from promptseg.cli import main
@@ -47,7 +50,8 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """Train in this process on one thread, like the OMP_NUM_THREADS=1 subprocesses (same arithmetic)."""
+    """Train in this process on one thread, like the OMP_NUM_THREADS=1 subprocesses (same
+    arithmetic)."""
     with single_torch_thread():
         yield
 
@@ -63,21 +67,36 @@ def train_argv(config: Path, out: Path) -> list[str]:
     return ["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--no-progress"]
 
 
-def test_sigkilled_run_resumes_onto_the_uninterrupted_trajectory(tmp_path: Path, one_thread: None) -> None:
-    """SIGKILL after step 6 (checkpoint at 4); --resume gives the losses of steps 5..10 and the final weights
-    of an uninterrupted run exactly, and one log with each step once."""
+def test_sigkilled_run_resumes_onto_the_uninterrupted_trajectory(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """SIGKILL after step 6 (checkpoint at 4); --resume gives the losses of steps 5..10 and the
+    final weights of an uninterrupted run exactly, and one log with each step once."""
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({**TINY.to_dict(), "steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY}))
+    config.write_text(
+        json.dumps({**TINY.to_dict(), "steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY})
+    )
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", PAUSING_TRAIN, *train_argv(config, killed)], cwd=REPO, env=env,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_TRAIN, *train_argv(config, killed)],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        assert main(train_argv(config, straight)) == 0  # the uninterrupted run, while the child trains
+        assert (
+            main(train_argv(config, straight)) == 0
+        )  # the uninterrupted run, while the child trains
         waiting = selectors.DefaultSelector()
         waiting.register(child.stdout, selectors.EVENT_READ)
         assert waiting.select(timeout=300), "the training subprocess printed nothing"
-        started = child.stdout.readline()  # where the run goes (stderr is read only once the child ends)
+        started = (
+            child.stdout.readline()
+        )  # where the run goes (stderr is read only once the child ends)
         assert started.startswith("training to step"), started
         assert child.stdout.readline() == "paused\n", child.stderr.read()
         child.send_signal(signal.SIGKILL)
@@ -93,7 +112,10 @@ def test_sigkilled_run_resumes_onto_the_uninterrupted_trajectory(tmp_path: Path,
     resumed, expected = losses(killed), losses(straight)
     assert list(resumed) == list(range(1, STEPS + 1))
     assert resumed == expected  # bit-identical on CPU: same episodes per step, same optimizer state
-    final, reference = load_file(str(killed / "final.safetensors")), load_file(str(straight / "final.safetensors"))
+    final, reference = (
+        load_file(str(killed / "final.safetensors")),
+        load_file(str(straight / "final.safetensors")),
+    )
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[name], reference[name]) for name in reference)
 
@@ -107,13 +129,19 @@ CUT_POINTS = {
 
 
 @pytest.mark.parametrize("cut", list(CUT_POINTS))
-def test_cut_off_checkpoint_write_keeps_the_previous_checkpoint(cut: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                one_thread: None) -> None:
-    """A checkpoint write failing part-way (disk full, Ctrl-C) leaves latest.json on the previous, intact
-    checkpoint, no temporary files, and a run that resumes from that step with a log trimmed to it."""
+def test_cut_off_checkpoint_write_keeps_the_previous_checkpoint(
+    cut: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """A checkpoint write failing part-way (disk full, Ctrl-C) leaves latest.json on the previous,
+    intact checkpoint, no temporary files, and a run that resumes from that step with a log trimmed
+    to it."""
     where, failure = CUT_POINTS[cut]
     saved: dict[int, dict[str, torch.Tensor]] = {}
-    save_checkpoint, save_file, write_json = checkpoint.save_training_checkpoint, checkpoint.save_file, checkpoint.write_json_unchecked
+    save_checkpoint, save_file, write_json = (
+        checkpoint.save_training_checkpoint,
+        checkpoint.save_file,
+        checkpoint.write_json_unchecked,
+    )
 
     def recording_save(run_dir, step, model, optimizer, info, keep=3):
         saved[step] = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -122,7 +150,9 @@ def test_cut_off_checkpoint_write_keeps_the_previous_checkpoint(cut: str, tmp_pa
     def failing_save_file(tensors, filename, metadata=None):
         if where == "save_file" and "step-4" in os.path.basename(filename):
             save_file(tensors, filename, metadata=metadata)
-            Path(filename).write_bytes(Path(filename).read_bytes()[: os.path.getsize(filename) // 2])
+            Path(filename).write_bytes(
+                Path(filename).read_bytes()[: os.path.getsize(filename) // 2]
+            )
             raise failure
         save_file(tensors, filename, metadata=metadata)
 
@@ -139,7 +169,9 @@ def test_cut_off_checkpoint_write_keeps_the_previous_checkpoint(cut: str, tmp_pa
         Trainer(config, [], tmp_path, progress=False).run()
 
     assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], (
+        "temporary files left behind"
+    )
     restored = load_run_model(tmp_path).state_dict()
     assert all(torch.equal(restored[name], saved[2][name]) for name in saved[2])
     monkeypatch.undo()
@@ -147,4 +179,7 @@ def test_cut_off_checkpoint_write_keeps_the_previous_checkpoint(cut: str, tmp_pa
         log.write('{"step": 5, "lo')  # a record cut off by the crash
     resumed = Trainer(config, [], tmp_path, progress=False)
     assert resumed.resume() and resumed.step == 2
-    assert list(losses(tmp_path)) == [1, 2]  # records after the restored step are dropped, the cut one too
+    assert list(losses(tmp_path)) == [
+        1,
+        2,
+    ]  # records after the restored step are dropped, the cut one too

@@ -1,6 +1,6 @@
-"""CUDA-only checks of the shipped model (all skipped without a GPU): each engine backend that runs on
-CUDA against eager PyTorch on the same GPU, a training step with the Triton attention against SDPA,
-and bf16 autocast against float32.
+"""CUDA-only checks of the shipped model (all skipped without a GPU): each engine backend that runs
+on CUDA against eager PyTorch on the same GPU, a training step with the Triton attention against
+SDPA, and bf16 autocast against float32.
 
 Tolerances, as relative L2 error of the logits (or of the whole gradient) and Dice of the masks
 (logit > 0): the float32 backends differ from eager PyTorch by summation order and by convolution
@@ -8,6 +8,7 @@ kernels (cuDNN may pick TF32 ones, 10 mantissa bits), so <= 1e-2 and Dice >= 0.9
 lands near 1.0. bf16 autocast (8 mantissa bits; the label-propagation prior stays float32) gave 1e-3
 and Dice 0.9999 on the CPU for these inputs, so <= 5e-2 and Dice >= 0.97.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,9 +16,8 @@ import pytest
 import torch
 
 from promptseg.engine.backends import backend_availability, create_backend
-from promptseg.model.weights import packaged_weights_path
-from promptseg.model.weights import load_model
 from promptseg.model.loss import segmentation_loss
+from promptseg.model.weights import load_model, packaged_weights_path
 from promptseg.train.trainer import autocast_for
 from tests.helpers import disk_example
 
@@ -37,16 +37,21 @@ def mask_dice(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return 2.0 * (a & b).sum().item() / max((a.sum() + b.sum()).item(), 1)
 
 
-def disk_batch(rng: np.random.Generator, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def disk_batch(
+    rng: np.random.Generator, count: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` disk images (count, 3, size, size) in [0, 1] and their masks (count, size, size)."""
     examples = [disk_example(rng, (size, size)) for _ in range(count)]
     images = torch.from_numpy(np.stack([image for image, _ in examples])).float().div(255.0)
-    return images[:, None].expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(np.stack([m for _, m in examples])).float()
+    return images[:, None].expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(
+        np.stack([m for _, m in examples])
+    ).float()
 
 
 @pytest.fixture(scope="module")
 def inputs() -> tuple[torch.Tensor, ...]:
-    """Prompt images (1, 4, 3, R, R), maps (1, 4, R, R), types (1, 4), queries (6, 3, R, R), targets (6, R, R)."""
+    """Prompt images (1, 4, 3, R, R), maps (1, 4, R, R), types (1, 4), queries (6, 3, R, R), targets
+    (6, R, R)."""
     rng = np.random.default_rng(0)
     size = load_model(packaged_weights_path()).config.resolution
     images, maps = disk_batch(rng, 4, size)
@@ -69,20 +74,25 @@ def test_cuda_backend_matches_eager_torch(name: str, inputs: tuple[torch.Tensor,
 
 
 def test_triton_training_step_matches_sdpa(inputs: tuple[torch.Tensor, ...]) -> None:
-    """Loss and every parameter gradient of one CE + Dice step, Triton attention against SDPA (float32)."""
+    """Loss and every parameter gradient of one CE + Dice step, Triton attention against SDPA
+    (float32)."""
     images, maps, types, queries, targets = (t.to(CUDA) for t in inputs)
     results = {}
     for attention in ("sdpa", "triton"):
         model = load_model(packaged_weights_path()).to(CUDA).train().set_attention_kernel(attention)
         loss = segmentation_loss(model(images, maps, types, queries), targets)
         loss.backward()
-        results[attention] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        results[attention] = (
+            loss.detach(),
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]),
+        )
     assert relative_error(results["triton"][0], results["sdpa"][0]) <= FP32_TOLERANCE
     assert relative_error(results["triton"][1], results["sdpa"][1]) <= FP32_TOLERANCE
 
 
 def test_bf16_autocast_close_to_float32(inputs: tuple[torch.Tensor, ...]) -> None:
-    """The training forward under bf16 autocast (Triton attention) against float32, and finite gradients."""
+    """The training forward under bf16 autocast (Triton attention) against float32, and finite
+    gradients."""
     images, maps, types, queries, _ = (t.to(CUDA) for t in inputs)
     model = load_model(packaged_weights_path()).to(CUDA).set_attention_kernel("triton")
     with torch.no_grad():

@@ -1,4 +1,6 @@
-"""Reading, writing and slicing single images and volumes (promptseg.data.io), on generated files."""
+"""Reading, writing and slicing single images and volumes (promptseg.data.io), on generated
+files."""
+
 from __future__ import annotations
 
 import gzip
@@ -9,10 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from promptseg.data.io import ImageData, read_image, read_label, slice_volume, stack_slices, write_nifti_like, write_png
-from promptseg.files import atomic_write
+from promptseg.data.io import (
+    ImageData,
+    read_image,
+    read_label,
+    slice_volume,
+    stack_slices,
+    write_nifti_like,
+    write_png,
+)
 from promptseg.data.preprocess import normalize_intensity
 from promptseg.errors import InputError
+from promptseg.files import atomic_write
 
 RNG = np.random.default_rng(0)
 
@@ -31,7 +41,9 @@ def _save_nifti(path: Path, array: np.ndarray) -> None:
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
 @pytest.mark.parametrize("shape", [(7, 6, 5), (7, 6), (7, 6, 1)])
-def test_nifti_round_trip_keeps_affine_and_header(tmp_path: Path, ext: str, shape: tuple[int, ...]) -> None:
+def test_nifti_round_trip_keeps_affine_and_header(
+    tmp_path: Path, ext: str, shape: tuple[int, ...]
+) -> None:
     array = RNG.integers(0, 4, size=shape).astype(np.int16)
     source = tmp_path / f"scan{ext}"
     _save_nifti(source, array)
@@ -62,7 +74,9 @@ def test_4d_nifti_with_one_frame_is_squeezed(tmp_path: Path) -> None:
 
 def test_4d_nifti_is_refused(tmp_path: Path) -> None:
     _save_nifti(tmp_path / "a.nii.gz", np.ones((4, 5, 6, 2), np.uint8))
-    with pytest.raises(InputError, match=r"a\.nii\.gz: 4D input is not supported \(shape \(4, 5, 6, 2\)\)"):
+    with pytest.raises(
+        InputError, match=r"a\.nii\.gz: 4D input is not supported \(shape \(4, 5, 6, 2\)\)"
+    ):
         read_image(tmp_path / "a.nii.gz")
 
 
@@ -87,7 +101,10 @@ def test_lossless_2d_round_trip(tmp_path: Path, mode: str, array: np.ndarray, ex
 
 
 def test_32bit_integer_and_float_tiff(tmp_path: Path) -> None:
-    for array in (RNG.integers(-5, 70000, (6, 7)).astype(np.int32), RNG.random((6, 7)).astype(np.float32)):
+    for array in (
+        RNG.integers(-5, 70000, (6, 7)).astype(np.int32),
+        RNG.random((6, 7)).astype(np.float32),
+    ):
         Image.fromarray(array).save(tmp_path / "x.tif")
         np.testing.assert_array_equal(read_image(tmp_path / "x.tif").array, array)
 
@@ -160,7 +177,8 @@ def test_unsupported_extension(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["bad.png", "bad.jpg", "bad.tif", "bad.bmp", "bad.nii", "bad.nii.gz", "bad.npy", "bad.npz"]
+    "name",
+    ["bad.png", "bad.jpg", "bad.tif", "bad.bmp", "bad.nii", "bad.nii.gz", "bad.npy", "bad.npz"],
 )
 def test_random_bytes_are_reported_as_corrupt(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_bytes(RNG.integers(0, 256, 2000).astype(np.uint8).tobytes())

@@ -1,4 +1,6 @@
-"""Dataset folders (promptseg.data.layouts) and the task index (promptseg.data.index), on generated files."""
+"""Dataset folders (promptseg.data.layouts) and the task index (promptseg.data.index), on generated
+files."""
+
 from __future__ import annotations
 
 import json
@@ -28,11 +30,14 @@ def _nifti(path: Path, array: np.ndarray) -> None:
 
 def _disc_label(size: int, value: int, radius: float) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size]
-    return np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius**2, value, 0).astype(np.uint8)
+    return np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius**2, value, 0).astype(
+        np.uint8
+    )
 
 
 def _simple_2d(root: Path, count: int = 3) -> None:
-    """count RGB/JPEG-and-PNG cases with labels 1 (a disc) and 2 (a corner block, first case only)."""
+    """count RGB/JPEG-and-PNG cases with labels 1 (a disc) and 2 (a corner block, first case
+    only)."""
     for i in range(count):
         label = _disc_label(40, 1, 8 + i)
         if i == 0:
@@ -44,23 +49,33 @@ def _simple_2d(root: Path, count: int = 3) -> None:
         else:
             _png(root / "images" / f"case{i}.png", image)
         _png(root / "labels" / f"case{i}.png", label)
-    meta = {"name": "toy2d", "modality": "photo", "labels": {"background": 0, "disc": 1, "corner": 2}}
+    meta = {
+        "name": "toy2d",
+        "modality": "photo",
+        "labels": {"background": 0, "disc": 1, "corner": 2},
+    }
     (root / "dataset.json").write_text(json.dumps(meta))
 
 
 def _simple_3d(root: Path) -> None:
-    """Two volumes (16, 16, 12): label 1 on slices 3..6 (axis 2), 2 volumes -> 8 non-empty slices."""
+    """Two volumes (16, 16, 12): label 1 on slices 3..6 (axis 2), 2 volumes -> 8 non-empty
+    slices."""
     for i in range(2):
         label = np.zeros((16, 16, 12), np.uint8)
         label[4:10, 5:11, 3:7] = 1
-        _nifti(root / "images" / f"vol{i}.nii.gz", RNG.integers(0, 200, (16, 16, 12)).astype(np.int16))
+        _nifti(
+            root / "images" / f"vol{i}.nii.gz", RNG.integers(0, 200, (16, 16, 12)).astype(np.int16)
+        )
         _nifti(root / "labels" / f"vol{i}.nii.gz", label)
 
 
 def _nnunet(root: Path, channels: int = 2) -> None:
     for name in ("liver_001", "liver_002"):
         for c in range(channels):
-            _nifti(root / "imagesTr" / f"{name}_{c:04d}.nii.gz", RNG.random((12, 12, 6)).astype(np.float32))
+            _nifti(
+                root / "imagesTr" / f"{name}_{c:04d}.nii.gz",
+                RNG.random((12, 12, 6)).astype(np.float32),
+            )
         label = np.zeros((12, 12, 6), np.uint8)
         label[2:8, 2:8, 1:5] = 1
         _nifti(root / "labelsTr" / f"{name}.nii.gz", label)
@@ -80,7 +95,10 @@ def test_nnunet_layout(tmp_path: Path) -> None:
     assert info.layout == "nnunet" and info.name == "Dataset001_Liver"
     assert info.labels == {1: "liver"} and info.modality == "MR0, MR1"
     assert [case.name for case in info.cases] == ["liver_001", "liver_002"]
-    assert [Path(p).name for p in info.cases[0].image_paths] == ["liver_001_0000.nii.gz", "liver_001_0001.nii.gz"]
+    assert [Path(p).name for p in info.cases[0].image_paths] == [
+        "liver_001_0000.nii.gz",
+        "liver_001_0001.nii.gz",
+    ]
     assert Path(info.cases[1].label_path).name == "liver_002.nii.gz"
 
 
@@ -93,13 +111,17 @@ def test_nnunet_missing_channel_is_reported(tmp_path: Path) -> None:
 
 def test_simple_layout_with_value_to_name_labels(tmp_path: Path) -> None:
     _simple_2d(tmp_path)
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "disc", "2": "corner"}}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "disc", "2": "corner"}})
+    )
     (tmp_path / "images" / ".DS_Store").write_bytes(b"junk")
     info = open_dataset(tmp_path)
     assert info.layout == "simple" and info.name == tmp_path.name and info.modality == "unknown"
     assert info.labels == {1: "disc", 2: "corner"}
     assert [(c.name, Path(c.image_paths[0]).suffix) for c in info.cases] == [
-        ("case0", ".png"), ("case1", ".jpg"), ("case2", ".png")
+        ("case0", ".png"),
+        ("case1", ".jpg"),
+        ("case2", ".png"),
     ]
 
 
@@ -118,9 +140,15 @@ def test_simple_layout_without_dataset_json_and_unlabelled_case(tmp_path: Path) 
             lambda root: _png(root / "labels" / "ghost.png", np.zeros((4, 4), np.uint8)),
             "label without image: labels/ghost.png",
         ),
-        (lambda root: _png(root / "images" / "case0.bmp", np.zeros((4, 4), np.uint8)), "two files for case 'case0'"),
+        (
+            lambda root: _png(root / "images" / "case0.bmp", np.zeros((4, 4), np.uint8)),
+            "two files for case 'case0'",
+        ),
         (lambda root: (root / "dataset.json").write_text("{not json"), "unreadable dataset.json"),
-        (lambda root: (root / "dataset.json").write_text('{"labels": {"a": "b"}}'), "neither name -> value"),
+        (
+            lambda root: (root / "dataset.json").write_text('{"labels": {"a": "b"}}'),
+            "neither name -> value",
+        ),
     ],
 )
 def test_bad_simple_layouts(tmp_path: Path, damage, problem: str) -> None:
@@ -166,11 +194,16 @@ def test_build_tasks_on_a_mixed_tiny_collection(tmp_path: Path) -> None:
     _simple_3d(tmp_path / "toy3d")
     _nnunet(tmp_path / "liver", channels=3)
     tasks = build_tasks([tmp_path], resolution=16, min_examples=2)
-    assert [task.name for task in tasks] == ["Dataset001_Liver/liver", "toy2d/disc", "toy3d/label_1"]
+    assert [task.name for task in tasks] == [
+        "Dataset001_Liver/liver",
+        "toy2d/disc",
+        "toy3d/label_1",
+    ]
     by_name = {task.name: task for task in tasks}
     assert len(by_name["toy2d/disc"]) == 3 and len(by_name["toy3d/label_1"].nonempty()) == 8
     assert by_name["toy2d/disc"].group == "toy2d" and by_name["toy2d/disc"].masks.dtype == bool
-    # the corner label of toy2d has one example only; with min_examples=1 it becomes a task sharing images
+    # the corner label of toy2d has one example only; with min_examples=1 it becomes a task sharing
+    # images
     tasks = build_tasks([tmp_path / "toy2d"], resolution=16, min_examples=1)
     assert [task.name for task in tasks] == ["toy2d/disc", "toy2d/corner"]
     assert tasks[0].images is tasks[1].images and tasks[1].nonempty().tolist() == [0]
@@ -179,7 +212,9 @@ def test_build_tasks_on_a_mixed_tiny_collection(tmp_path: Path) -> None:
 def test_label_shape_mismatch_is_reported(tmp_path: Path) -> None:
     _simple_2d(tmp_path)
     _png(tmp_path / "labels" / "case1.png", np.zeros((10, 10), np.uint8))
-    with pytest.raises(InputError, match="case1.png: label shape \\(10, 10\\) does not match image shape"):
+    with pytest.raises(
+        InputError, match="case1.png: label shape \\(10, 10\\) does not match image shape"
+    ):
         load_examples(open_dataset(tmp_path), resolution=16)
 
 
@@ -190,6 +225,10 @@ def test_build_tasks_from_real_datasets(shared_data: Path) -> None:
     assert ph2.images.shape == (3, 3, 32, 32) and len(ph2.nonempty()) == 3
     assert la.images.shape[1:] == (3, 32, 32) and len(la) > 3 and len(np.unique(la.case_ids)) == 3
     for task in tasks:
-        assert task.images.dtype == np.uint8 and task.masks.dtype == bool and task.masks.shape[1:] == (32, 32)
+        assert (
+            task.images.dtype == np.uint8
+            and task.masks.dtype == bool
+            and task.masks.shape[1:] == (32, 32)
+        )
         image, mask = task.example(0)
         assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0

@@ -1,4 +1,6 @@
-"""DICOM input (promptseg.data.dicom): series folders and multi-frame files generated with pydicom."""
+"""DICOM input (promptseg.data.dicom): series folders and multi-frame files generated with
+pydicom."""
+
 from __future__ import annotations
 
 import sys
@@ -52,7 +54,11 @@ def test_multiframe_file_equals_series(tmp_path: Path) -> None:
     frames = read_dicom(write_multiframe(tmp_path / "enhanced.dcm", stored))
     np.testing.assert_array_equal(frames.array, series.array)
     np.testing.assert_allclose(frames.affine, series.affine, atol=1e-6)
-    assert frames.dicom is not None and frames.dicom.multiframe and sorted(frames.dicom.frame_order) == list(range(6))
+    assert (
+        frames.dicom is not None
+        and frames.dicom.multiframe
+        and sorted(frames.dicom.frame_order) == list(range(6))
+    )
 
 
 def test_single_file_of_a_series_is_one_slice(tmp_path: Path) -> None:
@@ -77,7 +83,10 @@ def test_several_series_are_named_and_one_can_be_chosen(tmp_path: Path) -> None:
 
 def test_missing_slice(tmp_path: Path) -> None:
     write_series(tmp_path / "ct", stored_volume(), skip=(3,))
-    with pytest.raises(InputError, match=r"ct: missing slice: a gap of 5 mm .* spacing is 2.5 mm \(1 slice absent\)"):
+    with pytest.raises(
+        InputError,
+        match=r"ct: missing slice: a gap of 5 mm .* spacing is 2.5 mm \(1 slice absent\)",
+    ):
         read_image(tmp_path / "ct")
 
 
@@ -90,11 +99,25 @@ def test_duplicated_slice(tmp_path: Path) -> None:
         read_image(tmp_path / "ct")
 
 
-@pytest.mark.parametrize("change, problem", [
-    (lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), "mixed orientations in one series"),
-    (lambda ds: setattr(ds, "PixelSpacing", [0.5, 0.5]), r"mixed pixel spacings in one series: 0.9x0.7 \(5\), 0.5x0.5 \(1\)"),
-    (lambda ds: ds.ImagePositionPatient.__setitem__(2, float(ds.ImagePositionPatient[2]) + 0.7), "uneven slice spacing"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (
+            lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]),
+            "mixed orientations in one series",
+        ),
+        (
+            lambda ds: setattr(ds, "PixelSpacing", [0.5, 0.5]),
+            r"mixed pixel spacings in one series: 0.9x0.7 \(5\), 0.5x0.5 \(1\)",
+        ),
+        (
+            lambda ds: ds.ImagePositionPatient.__setitem__(
+                2, float(ds.ImagePositionPatient[2]) + 0.7
+            ),
+            "uneven slice spacing",
+        ),
+    ],
+)
 def test_inconsistent_series(tmp_path: Path, change: object, problem: str) -> None:
     paths = write_series(tmp_path / "ct", stored_volume())
     ds = pydicom.dcmread(paths[2])
@@ -110,7 +133,9 @@ def test_mixed_sizes(tmp_path: Path) -> None:
     ds = pydicom.dcmread(small[4])
     ds.SeriesInstanceUID = pydicom.dcmread(paths[0]).SeriesInstanceUID
     ds.save_as(tmp_path / "ct" / "other.dcm")
-    with pytest.raises(InputError, match=r"ct: mixed image sizes in one series: 10x12 \(6\), 10x8 \(1\)"):
+    with pytest.raises(
+        InputError, match=r"ct: mixed image sizes in one series: 10x12 \(6\), 10x8 \(1\)"
+    ):
         read_image(tmp_path / "ct")
 
 
@@ -131,22 +156,33 @@ def test_no_pixel_data_and_no_dicom(tmp_path: Path) -> None:
 def test_compressed_without_decoder(tmp_path: Path) -> None:
     paths = write_series(tmp_path / "ct", stored_volume((4, 4, 2)))
     ds = pydicom.dcmread(paths[0])
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: compressed, no pydicom decoder
+    ds.file_meta.TransferSyntaxUID = (
+        "1.2.840.10008.1.2.4.100"  # MPEG2: compressed, no pydicom decoder
+    )
     ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 8])
     ds.save_as(paths[0], enforce_file_format=True)
-    with pytest.raises(InputError, match=r"compressed transfer syntax MPEG2 .*\(1.2.840.10008.1.2.4.100\) and no decoder"):
+    with pytest.raises(
+        InputError,
+        match=r"compressed transfer syntax MPEG2 .*\(1.2.840.10008.1.2.4.100\) and no decoder",
+    ):
         read_image(tmp_path / "ct")
 
 
 def test_missing_pydicom_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = write_series(tmp_path / "ct", stored_volume((4, 4, 2)))[0].parent
     monkeypatch.setitem(sys.modules, "pydicom", None)
-    with pytest.raises(InputError, match=r"ct: reading DICOM needs pydicom, which is not installed: pip install 'promptseg\[dicom\]'"):
+    with pytest.raises(
+        InputError,
+        match=r"ct: reading DICOM needs pydicom, which is not installed: pip install "
+        r"'promptseg\[dicom\]'",
+    ):
         read_image(folder)
 
 
 def test_orientation_is_kept(tmp_path: Path) -> None:
-    data = read_dicom(write_series(tmp_path / "ct", stored_volume(), spacing=(0.9, 0.7), slice_gap=2.5)[0].parent)
+    data = read_dicom(
+        write_series(tmp_path / "ct", stored_volume(), spacing=(0.9, 0.7), slice_gap=2.5)[0].parent
+    )
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ data.affine
     np.testing.assert_allclose(lps[:3, 0], np.asarray(OBLIQUE[:3]) * 0.7, atol=1e-6)
     np.testing.assert_allclose(lps[:3, 1], np.asarray(OBLIQUE[3:]) * 0.9, atol=1e-6)
@@ -160,26 +196,38 @@ def test_choose_series_picks_per_folder_and_names_bad_uids(tmp_path: Path) -> No
     write_series(tmp_path / "mixed", stored_volume(seed=2), series_uid="1.2.3.2", seed=5)
     write_series(tmp_path / "single", stored_volume(seed=3), series_uid="1.2.3.3", seed=6)
     paths = [str(tmp_path / "mixed"), str(tmp_path / "single"), str(tmp_path / "q.png")]
-    assert choose_series(paths, ["1.2.3.2"]) == {paths[0]: "1.2.3.2", paths[1]: None, paths[2]: None}
+    assert choose_series(paths, ["1.2.3.2"]) == {
+        paths[0]: "1.2.3.2",
+        paths[1]: None,
+        paths[2]: None,
+    }
     assert choose_series(paths, []) == dict.fromkeys(paths)
     with pytest.raises(InputError, match=r"^--series: no DICOM input holds series 1.2.3.9$"):
         choose_series(paths, ["1.2.3.2", "1.2.3.9"])
-    with pytest.raises(InputError, match=r"mixed: holds several of the --series series \(1.2.3.1, 1.2.3.2\)"):
+    with pytest.raises(
+        InputError, match=r"mixed: holds several of the --series series \(1.2.3.1, 1.2.3.2\)"
+    ):
         choose_series(paths, ["1.2.3.1", "1.2.3.2"])
     with pytest.raises(InputError, match=r"mixed: holds 2 series, .* --series UID: 1.2.3.1 "):
         read_image(tmp_path / "mixed")
 
 
-def test_claimed_voxels_over_the_limit_refused_before_pixel_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_claimed_voxels_over_the_limit_refused_before_pixel_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from promptseg.data import dicom
 
     folder = write_series(tmp_path / "ct", stored_volume())[0].parent  # 12 x 10 x 6 = 720 voxels
-    monkeypatch.setattr(dicom, "_pixels", lambda *args, **kwargs: pytest.fail("pixel data was read"))
+    monkeypatch.setattr(
+        dicom, "_pixels", lambda *args, **kwargs: pytest.fail("pixel data was read")
+    )
     monkeypatch.setenv("PROMPTSEG_MAX_PIXELS", "719")
     with pytest.raises(InputError) as caught:
         read_image(folder)
-    assert str(caught.value) == (f"{folder}: too large: the header claims 720 voxels, more than the limit of 719 "
-                                 "(set PROMPTSEG_MAX_PIXELS to raise it)")
+    assert str(caught.value) == (
+        f"{folder}: too large: the header claims 720 voxels, more than the limit of 719 "
+        "(set PROMPTSEG_MAX_PIXELS to raise it)"
+    )
     frames = write_multiframe(tmp_path / "enhanced.dcm", stored_volume())
     with pytest.raises(InputError, match="enhanced.dcm: too large: the header claims 720 voxels"):
         read_image(frames)
@@ -191,8 +239,11 @@ def test_headers_claiming_more_pixels_than_the_files_hold(tmp_path: Path) -> Non
         ds = pydicom.dcmread(path)
         ds.Rows = ds.Columns = 4000  # 16 million pixels a slice, in files of about 1 kB
         ds.save_as(path)
-    with pytest.raises(InputError, match=r"ct: unreadable or corrupt image \(truncated: the header claims 64000000 "
-                       r"bytes of voxel data, the file can hold at most \d+\)"):
+    with pytest.raises(
+        InputError,
+        match=r"ct: unreadable or corrupt image \(truncated: the header claims 64000000 "
+        r"bytes of voxel data, the file can hold at most \d+\)",
+    ):
         read_image(tmp_path / "ct")
 
 
@@ -229,11 +280,16 @@ def test_simple_layout_lists_series_folders_and_dicom_files(tmp_path: Path) -> N
     truth = (stored > 1500).astype(np.uint8)
     for name in ("case0", "case1"):
         nib.save(nib.Nifti1Image(truth, series.affine), root / "labels" / f"{name}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({"name": "dcm", "labels": {"background": 0, "lesion": 1}}))
+    (root / "dataset.json").write_text(
+        json.dumps({"name": "dcm", "labels": {"background": 0, "lesion": 1}})
+    )
     dataset = open_dataset(root)
-    assert [(c.name, Path(c.image_paths[0]).name, Path(c.label_path).name) for c in dataset.cases] == [
-        ("case0", "case0", "case0.nii.gz"), ("case1", "case1.dcm", "case1.nii.gz")]
+    assert [
+        (c.name, Path(c.image_paths[0]).name, Path(c.label_path).name) for c in dataset.cases
+    ] == [("case0", "case0", "case0.nii.gz"), ("case1", "case1.dcm", "case1.nii.gz")]
     images, labels, case_ids = load_examples(dataset, resolution=16, channels=1)
     assert images.shape == (8, 1, 16, 16) and list(case_ids) == ["case0"] * 4 + ["case1"] * 4
-    np.testing.assert_array_equal(labels[:4], labels[4:])  # the series and the multi-frame file agree
+    np.testing.assert_array_equal(
+        labels[:4], labels[4:]
+    )  # the series and the multi-frame file agree
     assert nearby_label_names([root / "images" / "case0"]) == {1: "lesion"}

@@ -1,4 +1,6 @@
-"""Ensembles over prompt subsets and flips, uncertainty maps, candidates and calibration scores (issue 13)."""
+"""Ensembles over prompt subsets and flips, uncertainty maps, candidates and calibration scores
+(issue 13)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,7 +34,9 @@ def model() -> PromptSegNet:
     return PromptSegNet(TINY_CONFIG).eval()
 
 
-def prompt_tensors(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def prompt_tensors(
+    count: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """images (K, 3, R, R), disk masks (K, R, R), mask types (K,), two queries (2, 3, R, R)."""
     rng = np.random.default_rng(seed)
     size = TINY_CONFIG.resolution
@@ -48,7 +52,12 @@ def test_members_start_with_the_prompt_set_as_given_then_drop_one_subsets_then_f
     assert sorted(m.held for m in members[1:4]) == [0, 1, 2]
     assert all(m.held not in m.keep and len(m.keep) == 2 and m.flip == () for m in members[1:4])
     assert [m.flip for m in members[4:8]] == [(-1,)] * 4 and len(members) == MAX_ENSEMBLE
-    assert [m.flip for m in plan_members(1, 8)] == [(), (-1,), (-2,), (-2, -1)]  # one prompt: its flips only
+    assert [m.flip for m in plan_members(1, 8)] == [
+        (),
+        (-1,),
+        (-2,),
+        (-2, -1),
+    ]  # one prompt: its flips only
     with pytest.raises(ValueError, match="1..16"):
         plan_members(3, MAX_ENSEMBLE + 1)
 
@@ -56,11 +65,21 @@ def test_members_start_with_the_prompt_set_as_given_then_drop_one_subsets_then_f
 def test_an_ensemble_of_one_member_is_the_plain_prediction(model: PromptSegNet) -> None:
     images, maps, types, queries = prompt_tensors(3)
     backend = create_backend("torch", model, "cpu")
-    plain = torch.sigmoid(backend.decode(queries, backend.encode(images[None], maps[None], types[None])))
-    ensemble = build_ensemble(backend, images[None], maps[None], types[None], plan_members(3, 1),
-                              lambda flip, keep: backend.encode(images[None], maps[None], types[None]))
+    plain = torch.sigmoid(
+        backend.decode(queries, backend.encode(images[None], maps[None], types[None]))
+    )
+    ensemble = build_ensemble(
+        backend,
+        images[None],
+        maps[None],
+        types[None],
+        plan_members(3, 1),
+        lambda flip, keep: backend.encode(images[None], maps[None], types[None]),
+    )
     assert ensemble.bias == 0.0
-    torch.testing.assert_close(member_probabilities(ensemble, queries, backend.decode_members)[0], plain, rtol=0, atol=0)
+    torch.testing.assert_close(
+        member_probabilities(ensemble, queries, backend.decode_members)[0], plain, rtol=0, atol=0
+    )
 
 
 def test_subset_slices_and_batched_members_match_separate_encodings(model: PromptSegNet) -> None:
@@ -70,7 +89,9 @@ def test_subset_slices_and_batched_members_match_separate_encodings(model: Promp
     keep = [0, 2, 3]
     sliced = backend.select_prompts(full, keep, 4)
     direct = backend.encode(images[None, keep], maps[None, keep], types[None, keep])
-    torch.testing.assert_close(backend.decode(queries, sliced), backend.decode(queries, direct), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        backend.decode(queries, sliced), backend.decode(queries, direct), rtol=0, atol=1e-5
+    )
     together = backend.decode_members(queries, [full, sliced])  # padded to one batch of two groups
     torch.testing.assert_close(together[0], backend.decode(queries, full), rtol=0, atol=1e-5)
     torch.testing.assert_close(together[1], backend.decode(queries, direct), rtol=0, atol=1e-5)
@@ -81,13 +102,26 @@ def test_ensemble_members_and_mean_are_tempered_and_unshifted(model: PromptSegNe
     backend = create_backend("torch", model, "cpu")
     members = plan_members(3, 5)
     got, shift = ensemble_probabilities(backend, images, maps, types, queries, 5)
-    ensemble = build_ensemble(backend, images[None], maps[None], types[None], members,
-                              lambda flip, keep: backend.encode(flipped(images[None, list(keep)], flip),
-                                                                flipped(maps[None, list(keep)], flip), types[None, list(keep)]))
+    ensemble = build_ensemble(
+        backend,
+        images[None],
+        maps[None],
+        types[None],
+        members,
+        lambda flip, keep: backend.encode(
+            flipped(images[None, list(keep)], flip),
+            flipped(maps[None, list(keep)], flip),
+            types[None, list(keep)],
+        ),
+    )
     expected = []
     for member in members:
         keep = list(member.keep)
-        state = backend.encode(flipped(images[None, keep], member.flip), flipped(maps[None, keep], member.flip), types[None, keep])
+        state = backend.encode(
+            flipped(images[None, keep], member.flip),
+            flipped(maps[None, keep], member.flip),
+            types[None, keep],
+        )
         logits = flipped(backend.decode(flipped(queries, member.flip), state), member.flip)
         expected.append(torch.sigmoid(logits / ensemble.temperature))
     together = member_probabilities(ensemble, queries, backend.decode_members)  # members batched
@@ -101,7 +135,9 @@ def test_ensemble_members_and_mean_are_tempered_and_unshifted(model: PromptSegNe
 def test_calibration_shift_fixes_a_shy_prediction() -> None:
     masks = torch.zeros(2, 8, 8)
     masks[:, 2:6, 2:6] = 1
-    logits = torch.where(masks > 0, torch.tensor(-0.6), torch.tensor(-3.0))  # foreground just below 0.5
+    logits = torch.where(
+        masks > 0, torch.tensor(-0.6), torch.tensor(-3.0)
+    )  # foreground just below 0.5
     bias = calibration_bias(logits, masks)
     assert 0.6 < bias <= 3.0 and bias == min(b for b in np.arange(-4, 4.01, 0.25) if 0.6 < b <= 3.0)
     assert calibration_bias(logits + 5.0, masks) < 0  # too eager: shifted down
@@ -121,8 +157,14 @@ def test_expected_calibration_error_on_a_hand_made_example() -> None:
 
 def test_report_keeps_calibration_through_json(tmp_path: Path) -> None:
     cell = CellScore([80.0, 60.0], [5.0, 15.0], [0.1, 0.2, 0.3, 0.4], [0.1, 0.3, 0.2, 0.5])
-    report = EvalReport(["m"], [1], [("g", "t")], {"episodes": 2, "queries": 2, "seed": 0, "shots": [1]},
-                        {"m": {("g", "t"): {1: cell}}}, {"m": 1.0})
+    report = EvalReport(
+        ["m"],
+        [1],
+        [("g", "t")],
+        {"episodes": 2, "queries": 2, "seed": 0, "shots": [1]},
+        {"m": {("g", "t"): {1: cell}}},
+        {"m": 1.0},
+    )
     report.write(tmp_path / "r.json")
     again = EvalReport.load(tmp_path / "r.json")
     assert again.scores["m"][("g", "t")][1] == cell
@@ -146,5 +188,11 @@ def test_segmenter_results_carry_uncertainty_variance_and_candidates(model: Prom
     assert labels.uncertainty.shape == labels.variance.shape == (1, 40, 36)
     assert labels.candidates.shape == (2, 1, 40, 36)
     single = Segmenter(model, device="cpu")
-    plain = single.segment_labels([pairs[0][0]], {1: single.encode_prompts([i for i, _ in pairs], [m for _, m in pairs])})[0]
-    assert plain.variance is None and plain.candidates is None and plain.uncertainty.shape == (1, 40, 36)
+    plain = single.segment_labels(
+        [pairs[0][0]], {1: single.encode_prompts([i for i, _ in pairs], [m for _, m in pairs])}
+    )[0]
+    assert (
+        plain.variance is None
+        and plain.candidates is None
+        and plain.uncertainty.shape == (1, 40, 36)
+    )

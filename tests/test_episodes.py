@@ -1,4 +1,5 @@
 """Sparse prompts, the episodic sampler and fixed evaluation episodes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +8,21 @@ import torch
 from scipy import ndimage
 
 from promptseg.data.episodes import EpisodeSampler, fixed_episodes
-from promptseg.data.prompts import SPARSE_KINDS, box_from_mask, click_from_mask, rasterize_box, rasterize_clicks, sparse_prompt_map
-from promptseg.model.prompt_types import PROMPT_TYPES
+from promptseg.data.prompts import (
+    SPARSE_KINDS,
+    box_from_mask,
+    click_from_mask,
+    rasterize_box,
+    rasterize_clicks,
+    sparse_prompt_map,
+)
 from promptseg.data.tasks import ArrayTask
+from promptseg.model.prompt_types import PROMPT_TYPES
 
 
-def _task(name: str, group: str, n: int = 10, size: int = 32, empty: int = 2, channels: int = 1) -> ArrayTask:
+def _task(
+    name: str, group: str, n: int = 10, size: int = 32, empty: int = 2, channels: int = 1
+) -> ArrayTask:
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     images = rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8)
     masks = np.zeros((n, size, size), dtype=bool)
@@ -26,7 +36,9 @@ def _task(name: str, group: str, n: int = 10, size: int = 32, empty: int = 2, ch
 
 def test_rasterizers() -> None:
     clicks = rasterize_clicks([(5.0, 7.0), (20.0, 3.0)], (16, 32), radius=2)
-    assert clicks.shape == (16, 32) and clicks[7, 5] == 1 and clicks[3, 20] == 1 and clicks[15, 0] == 0
+    assert (
+        clicks.shape == (16, 32) and clicks[7, 5] == 1 and clicks[3, 20] == 1 and clicks[15, 0] == 0
+    )
     assert rasterize_clicks([], (8, 8)).sum() == 0
     box = rasterize_box((2, 3, 5, 4), (10, 10))
     assert box.sum() == 4 * 2 and box[3, 2] == 1 and box[4, 5] == 1
@@ -45,7 +57,9 @@ def test_sparse_maps_lie_inside_or_near_the_mask(kind: str, size: tuple[int, int
         assert prompt.shape == size and prompt.dtype == torch.float32 and prompt.sum() > 0
         drawn = prompt.numpy().astype(bool)
         if kind == "box":  # a jittered bounding box: roughly the mask's extent
-            assert (drawn & mask).sum() >= 0.7 * mask.sum() and (drawn & mask).sum() >= 0.6 * drawn.sum()
+            assert (drawn & mask).sum() >= 0.7 * mask.sum() and (
+                drawn & mask
+            ).sum() >= 0.6 * drawn.sum()
         else:
             assert not (drawn & ~near).any() and (drawn & mask).sum() >= 0.8 * drawn.sum()
     assert sparse_prompt_map(np.zeros(size), kind, np.random.default_rng(0)).sum() == 0
@@ -71,16 +85,30 @@ def test_batch_shapes_dtypes_and_ranges() -> None:
     batch = sampler.sample_batch(0, 5)
     e, k = batch.prompt_images.shape[:2]
     assert e == 5 and 2 <= k <= 6 and len(batch.tasks) == 5
-    assert batch.prompt_images.shape == (5, k, 3, 32, 32) and batch.prompt_maps.shape == (5, k, 32, 32)
+    assert batch.prompt_images.shape == (5, k, 3, 32, 32) and batch.prompt_maps.shape == (
+        5,
+        k,
+        32,
+        32,
+    )
     assert batch.prompt_types.shape == (5, k) and batch.prompt_types.dtype == torch.int64
-    assert batch.query_images.shape == (5, 3, 3, 32, 32) and batch.query_masks.shape == (5, 3, 32, 32)
+    assert batch.query_images.shape == (5, 3, 3, 32, 32) and batch.query_masks.shape == (
+        5,
+        3,
+        32,
+        32,
+    )
     for images in (batch.prompt_images, batch.query_images):
         assert images.dtype == torch.float32 and 0.0 <= images.min() and images.max() <= 1.0
     assert set(batch.query_masks.unique().tolist()) <= {0.0, 1.0}
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step() -> None:
-    make = lambda: EpisodeSampler(TASKS, 32, shots=(1, 8), synthetic_fraction=0.3, sparse_fraction=0.5, seed=4)  # noqa: E731
+    def make() -> EpisodeSampler:
+        return EpisodeSampler(
+            TASKS, 32, shots=(1, 8), synthetic_fraction=0.3, sparse_fraction=0.5, seed=4
+        )
+
     first, second = make().sample_batch(7, 4), make().sample_batch(7, 4)
     for field in ("prompt_images", "prompt_maps", "prompt_types", "query_images", "query_masks"):
         assert torch.equal(getattr(first, field), getattr(second, field))
@@ -92,8 +120,16 @@ def test_sampler_is_a_pure_function_of_seed_and_step() -> None:
 
 
 def test_groups_are_balanced() -> None:
-    sampler = EpisodeSampler(TASKS, 32, shots=(1, 1), queries=1, synthetic_fraction=0.0,
-                             task_augment=False, image_augment=False, seed=0)
+    sampler = EpisodeSampler(
+        TASKS,
+        32,
+        shots=(1, 1),
+        queries=1,
+        synthetic_fraction=0.0,
+        task_augment=False,
+        image_augment=False,
+        seed=0,
+    )
     names = [t for step in range(60) for t in sampler.sample_batch(step, 4).tasks]
     from_b = sum(name == "b1" for name in names) / len(names)
     assert 0.4 < from_b < 0.6  # group B has one task out of four but gets half the episodes
@@ -108,11 +144,21 @@ def test_only_synthetic_without_tasks_and_sparse_types() -> None:
 
 
 def test_prompts_and_queries_are_distinct_examples() -> None:
-    images = np.arange(12, dtype=np.float32).reshape(12, 1, 1, 1).repeat(8, axis=2).repeat(8, axis=3) / 11
+    images = (
+        np.arange(12, dtype=np.float32).reshape(12, 1, 1, 1).repeat(8, axis=2).repeat(8, axis=3)
+        / 11
+    )
     masks = np.ones((12, 8, 8), dtype=bool)
     task = ArrayTask("ids", "ids", np.repeat(images, 3, axis=1), masks)
-    sampler = EpisodeSampler([task], 8, shots=(8, 8), queries=4, synthetic_fraction=0.0,
-                             task_augment=False, image_augment=False)
+    sampler = EpisodeSampler(
+        [task],
+        8,
+        shots=(8, 8),
+        queries=4,
+        synthetic_fraction=0.0,
+        task_augment=False,
+        image_augment=False,
+    )
     batch = sampler.sample_batch(0, 3)
     for e in range(3):
         ids = torch.cat([batch.prompt_images[e, :, 0, 0, 0], batch.query_images[e, :, 0, 0, 0]])
@@ -125,10 +171,14 @@ def test_fixed_episodes_are_deterministic_and_disjoint() -> None:
     second = fixed_episodes(task, shots=3, queries=2, count=4, seed=0)
     seen = []
     for a, b in zip(first, second):
-        assert torch.equal(a.prompt_images, b.prompt_images) and torch.equal(a.query_masks, b.query_masks)
+        assert torch.equal(a.prompt_images, b.prompt_images) and torch.equal(
+            a.query_masks, b.query_masks
+        )
         assert a.prompt_images.shape == (3, 3, 32, 32) and a.query_images.shape == (2, 3, 32, 32)
         assert (a.prompt_types == PROMPT_TYPES["mask"]).all()
-        assert (a.prompt_maps.flatten(1).sum(1) > 0).all() and (a.query_masks.flatten(1).sum(1) > 0).all()
+        assert (a.prompt_maps.flatten(1).sum(1) > 0).all() and (
+            a.query_masks.flatten(1).sum(1) > 0
+        ).all()
         for query in a.query_images:
             assert not any(torch.equal(query, prompt) for prompt in a.prompt_images)
         seen.extend(q for q in a.query_images)

@@ -1,4 +1,5 @@
 """Baselines, model predictor and the evaluation report on small synthetic tasks."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,13 @@ import torch
 from promptseg.data.episodes import Episode, fixed_episodes
 from promptseg.data.synthetic import synthetic_task
 from promptseg.data.tasks import ArrayTask
-from promptseg.eval import EvalReport, FineTunedUNetBaseline, ModelPredictor, NearestPromptBaseline, evaluate
+from promptseg.eval import (
+    EvalReport,
+    FineTunedUNetBaseline,
+    ModelPredictor,
+    NearestPromptBaseline,
+    evaluate,
+)
 from promptseg.metrics import episode_dice
 from promptseg.model import ModelConfig, PromptSegNet
 
@@ -81,7 +88,11 @@ def test_unet_baseline_downsamples_and_restores_resolution() -> None:
 
 def test_model_predictor_shapes_and_probabilities() -> None:
     torch.manual_seed(0)
-    model = PromptSegNet(ModelConfig(resolution=32, widths=(8, 16, 32), attention_stages=(2,), attention_depth=1, head_dim=16))
+    model = PromptSegNet(
+        ModelConfig(
+            resolution=32, widths=(8, 16, 32), attention_stages=(2,), attention_depth=1, head_dim=16
+        )
+    )
     task = square_task(5, 64)
     episode = fixed_episodes(task, shots=2, queries=3, count=1, seed=0)[0]
     probs = ModelPredictor(model).predict(episode)
@@ -104,7 +115,12 @@ def test_evaluate_gives_identical_episodes_and_reports(synthetic: ArrayTask, tmp
     for a, b in zip(first.seen, second.seen):
         assert a is b
     assert report.skipped == [
-        {"group": "small", "task": "tiny", "shots": 4, "reason": "3 non-empty examples, need at least 5"}
+        {
+            "group": "small",
+            "task": "tiny",
+            "shots": 4,
+            "reason": "3 non-empty examples, need at least 5",
+        }
     ]
 
     data = report.to_json()
@@ -114,7 +130,9 @@ def test_evaluate_gives_identical_episodes_and_reports(synthetic: ArrayTask, tmp
     assert set(rows["synthetic"]["shots"]) == {"1", "4"} and set(rows["tiny"]["shots"]) == {"1"}
     cell = rows["synthetic"]["shots"]["4"]
     assert cell["episodes"] == 3 and len(cell["dice"]) == 3
-    assert cell["mean"] == pytest.approx(np.mean(cell["dice"])) and cell["std"] == pytest.approx(np.std(cell["dice"], ddof=1))
+    assert cell["mean"] == pytest.approx(np.mean(cell["dice"])) and cell["std"] == pytest.approx(
+        np.std(cell["dice"], ddof=1)
+    )
     assert all(0.0 <= d <= 100.0 for d in cell["dice"])
     summary = data["methods"]["first"]["mean_over_tasks"]
     assert summary["1"]["tasks"] == 2 and summary["4"]["tasks"] == 1
@@ -148,7 +166,14 @@ def test_merging_reports_unions_methods_and_tasks() -> None:
     settings = {"episodes": 1, "queries": 1, "seed": 0, "shots": [1]}
 
     def report(method: str, task: str, dice: float) -> EvalReport:
-        return EvalReport([method], [1], [("g", task)], dict(settings), {method: {("g", task): {1: CellScore([dice])}}}, {method: 1.0})
+        return EvalReport(
+            [method],
+            [1],
+            [("g", task)],
+            dict(settings),
+            {method: {("g", task): {1: CellScore([dice])}}},
+            {method: 1.0},
+        )
 
     merged = report("a", "t1", 10.0).merged(report("b", "t1", 20.0)).merged(report("b", "t2", 30.0))
     assert merged.methods == ["a", "b"] and merged.tasks == [("g", "t1"), ("g", "t2")]

@@ -12,6 +12,7 @@ every token is touched, the label-propagation prior saturates near 1 and its log
 steep there, so float32 reordering moves it by about 1e-4 (an input perturbation of 1e-6 moves
 such logits by 3e-4 against 1e-5 for mask prompts, in eager PyTorch alone).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,18 @@ import numpy as np
 import pytest
 import torch
 
-from promptseg.model.prompt_types import PROMPT_TYPES
+from promptseg.engine.backends.aoti_runner import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    METADATA_FILE,
+    AOTIRunner,
+    load_aoti,
+)
 from promptseg.errors import InputError, PromptSegError
 from promptseg.export.aoti_export import check_compiler, export_aoti
-from promptseg.engine.backends.aoti_runner import DECODER_FILE, ENCODER_FILE, METADATA_FILE, AOTIRunner, load_aoti
 from promptseg.export.graphs import encoding_names, flatten_encoding
 from promptseg.model import ModelConfig, PromptSegNet
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model.weights import load_model
 from tests.helpers import tiny_checkpoint  # noqa: F401
 
@@ -61,8 +68,11 @@ def runner(package_dir: Path) -> AOTIRunner:
     return load_aoti(package_dir)
 
 
-def random_prompts(config: ModelConfig, shots: int, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """images (1, K, C, R, R), maps (1, K, R, R) in {0, 1}, types (1, K) of non-query kinds, queries (B, C, R, R)."""
+def random_prompts(
+    config: ModelConfig, shots: int, batch: int, seed: int
+) -> tuple[torch.Tensor, ...]:
+    """images (1, K, C, R, R), maps (1, K, R, R) in {0, 1}, types (1, K) of non-query kinds, queries
+    (B, C, R, R)."""
     r, c = config.resolution, config.in_channels
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(1, shots, c, r, r, generator=generator)
@@ -84,7 +94,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_packages_match_eager_for_any_k_and_b(
     eager_model: PromptSegNet, runner: AOTIRunner, shots: int, batch: int
 ) -> None:
-    images, maps, types, queries = random_prompts(eager_model.config, shots, batch, seed=100 * shots + batch)
+    images, maps, types, queries = random_prompts(
+        eager_model.config, shots, batch, seed=100 * shots + batch
+    )
     with torch.no_grad():
         expected_encoding = flatten_encoding(eager_model.encode_prompts(images, maps, types))
         expected = eager_model(images, maps, types, queries)
@@ -97,30 +109,47 @@ def test_packages_match_eager_for_any_k_and_b(
     assert logits.shape == (batch, eager_model.config.resolution, eager_model.config.resolution)
     error = (logits - expected).abs().max().item()
     scale = max(1.0, expected.abs().max().item())
-    assert error < LOGIT_ATOL * scale, f"max |logit error| {error:.2e} (scale {scale:.1f}) for K={shots}, B={batch}"
+    assert error < LOGIT_ATOL * scale, (
+        f"max |logit error| {error:.2e} (scale {scale:.1f}) for K={shots}, B={batch}"
+    )
     assert dice((logits > 0).numpy(), (expected > 0).numpy()) >= MIN_DICE
 
 
-def test_metadata_describes_the_packages(eager_model: PromptSegNet, package_dir: Path, runner: AOTIRunner) -> None:
+def test_metadata_describes_the_packages(
+    eager_model: PromptSegNet, package_dir: Path, runner: AOTIRunner
+) -> None:
     config = eager_model.config
     metadata = json.loads((package_dir / METADATA_FILE).read_text())
     names = encoding_names(config)
-    assert metadata["version"] == 1 and metadata["device"] == "cpu" and metadata["dtype"] == "float32"
-    assert (metadata["resolution"], metadata["in_channels"]) == (config.resolution, config.in_channels)
+    assert (
+        metadata["version"] == 1 and metadata["device"] == "cpu" and metadata["dtype"] == "float32"
+    )
+    assert (metadata["resolution"], metadata["in_channels"]) == (
+        config.resolution,
+        config.in_channels,
+    )
     assert ModelConfig.from_dict(metadata["model_config"]) == config
     assert metadata["encoding_names"] == names
     assert metadata["tokens_per_prompt"] == [16, 4]  # 4x4 and 2x2 grids of a 32-pixel input
     assert metadata["prompt_encoder"] == {
-        "file": ENCODER_FILE, "inputs": ["prompt_images", "prompt_maps", "prompt_types"], "outputs": names,
+        "file": ENCODER_FILE,
+        "inputs": ["prompt_images", "prompt_maps", "prompt_types"],
+        "outputs": names,
     }
-    assert metadata["query_decoder"] == {"file": DECODER_FILE, "inputs": ["queries", *names], "outputs": ["logits"]}
+    assert metadata["query_decoder"] == {
+        "file": DECODER_FILE,
+        "inputs": ["queries", *names],
+        "outputs": ["logits"],
+    }
     embedded = runner.encoder.get_metadata()
     assert embedded["promptseg.resolution"] == str(config.resolution)
     assert embedded["promptseg.in_channels"] == str(config.in_channels)
     assert embedded["promptseg.mask_prompt_type"] == str(PROMPT_TYPES["mask"])
 
 
-def test_existing_outputs_are_refused_without_overwrite(eager_model: PromptSegNet, package_dir: Path) -> None:
+def test_existing_outputs_are_refused_without_overwrite(
+    eager_model: PromptSegNet, package_dir: Path
+) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in package_dir.iterdir()}
     with pytest.raises(InputError, match="exists; pass --overwrite to replace it") as caught:
         export_aoti(eager_model, package_dir)
@@ -128,7 +157,9 @@ def test_existing_outputs_are_refused_without_overwrite(eager_model: PromptSegNe
     assert {p.name: p.stat().st_mtime_ns for p in package_dir.iterdir()} == before
 
 
-def test_missing_or_corrupt_packages_are_one_line_input_errors(package_dir: Path, tmp_path: Path) -> None:
+def test_missing_or_corrupt_packages_are_one_line_input_errors(
+    package_dir: Path, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(package_dir, broken)
     decoder = broken / DECODER_FILE
@@ -154,7 +185,8 @@ def test_missing_compiler_is_a_one_line_error(eager_model: PromptSegNet, tmp_pat
 
 @pytest.fixture(scope="module")
 def cpp_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """examples/cpp built against the torch wheel's libtorch; skipped when the toolchain is missing."""
+    """examples/cpp built against the torch wheel's libtorch; skipped when the toolchain is
+    missing."""
     compiler = os.environ.get("CXX") or "c++"
     for tool in ("cmake", compiler):
         if shutil.which(tool) is None:
@@ -183,8 +215,14 @@ def test_cpp_example_matches_eager(
     for name, tensor in (("image", images), ("mask", maps), ("query", queries)):
         tensor.numpy().astype("<f4").tofile(paths[name])
     result = subprocess.run(
-        [str(cpp_binary), str(package_dir), *(str(paths[n]) for n in ("image", "mask", "query", "out"))],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(cpp_binary),
+            str(package_dir),
+            *(str(paths[n]) for n in ("image", "mask", "query", "out")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     r = eager_model.config.resolution
@@ -197,12 +235,23 @@ def test_cpp_example_matches_eager(
     assert fraction == pytest.approx((mask == 255).mean(), abs=1e-4)
 
 
-def test_cpp_example_reports_bad_inputs_in_one_line(package_dir: Path, cpp_binary: Path, tmp_path: Path) -> None:
+def test_cpp_example_reports_bad_inputs_in_one_line(
+    package_dir: Path, cpp_binary: Path, tmp_path: Path
+) -> None:
     short = tmp_path / "short.raw"
     np.zeros(10, dtype="<f4").tofile(short)
     result = subprocess.run(
-        [str(cpp_binary), str(package_dir), str(short), str(short), str(short), str(tmp_path / "out.raw")],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(cpp_binary),
+            str(package_dir),
+            str(short),
+            str(short),
+            str(short),
+            str(tmp_path / "out.raw"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and f"{short}: expected" in result.stderr

@@ -2,10 +2,11 @@
 
 Label propagation multiplies cosines by a temperature of about 150, where fp16 steps are 0.125, so
 an fp16 engine could drift from the float32 model. ONNX Runtime running the fp16 export on the CPU
-is the proxy for a TensorRT fp16 engine here: its probabilities must stay within MAX_PROBABILITY_ERROR
-of eager float32 and its masks agree to MIN_MASK_DICE, on a synthetic phantom prompted from four of
-its own slices (a fresh phantom each run).
+is the proxy for a TensorRT fp16 engine here: its probabilities must stay within
+MAX_PROBABILITY_ERROR of eager float32 and its masks agree to MIN_MASK_DICE, on a synthetic phantom
+prompted from four of its own slices (a fresh phantom each run).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,7 @@ import torch
 
 from promptseg.data.synthetic import phantom_volume
 from promptseg.engine.backends import create_backend
-from promptseg.model.weights import packaged_weights_path
-from promptseg.model.weights import load_model
+from promptseg.model.weights import load_model, packaged_weights_path
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 from promptseg.export.onnx_export import export_onnx
@@ -40,7 +40,9 @@ def phantom_episode(seed: int) -> tuple[torch.Tensor, ...]:
 
 def test_fp16_export_of_the_shipped_weights_matches_float32(tmp_path: Path) -> None:
     model = load_model(packaged_weights_path()).float().eval()
-    images, maps, types, queries = phantom_episode(seed=int(np.random.default_rng().integers(2**31)))
+    images, maps, types, queries = phantom_episode(
+        seed=int(np.random.default_rng().integers(2**31))
+    )
     eager = create_backend("torch", model, "cpu")
     expected = torch.sigmoid(eager.decode(queries, eager.encode(images, maps, types)))
     export_onnx(model, tmp_path / "fp16", dtype=torch.float16)

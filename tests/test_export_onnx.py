@@ -3,6 +3,7 @@
 The tiny model is exported once per module; every parity case runs on those two files, so
 passing for K in {1, 3, 8} and B in {1, 5} shows that the prompt and batch axes are dynamic.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,20 +17,25 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-
 from helpers import TINY_CONFIG, tiny_checkpoint  # noqa: F401  (tiny_checkpoint is a fixture)
-from promptseg.torch_threads import single_torch_thread
+
 from promptseg import Prompt, Segmenter
 from promptseg.engine.backends import backend_availability, create_backend
 from promptseg.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from promptseg.errors import InputError
 from promptseg.export import onnx_export
 from promptseg.export.graphs import (
-    LOGITS_NAME, PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, PromptEncoderGraph, encoding_names, flatten_encoding,
+    LOGITS_NAME,
+    PROMPT_INPUT_NAMES,
+    QUERY_INPUT_NAME,
+    PromptEncoderGraph,
+    encoding_names,
+    flatten_encoding,
 )
 from promptseg.export.onnx_export import export_onnx, graph_paths, read_onnx_metadata
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.weights import load_model, weights_sha256
+from promptseg.torch_threads import single_torch_thread
 
 # float32 tolerance on logits, relative to their largest magnitude (floored at 1). ONNX Runtime's
 # MLAS kernels and PyTorch's ATen/oneDNN sum convolutions and matmuls in different orders and fuse
@@ -81,7 +87,13 @@ def random_prompts(shots: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 def random_queries(batch: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, TINY_CONFIG.in_channels, TINY_CONFIG.resolution, TINY_CONFIG.resolution, generator=generator)
+    return torch.rand(
+        batch,
+        TINY_CONFIG.in_channels,
+        TINY_CONFIG.resolution,
+        TINY_CONFIG.resolution,
+        generator=generator,
+    )
 
 
 def session(path: Path) -> onnxruntime.InferenceSession:
@@ -95,7 +107,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def assert_logits_close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    """Max-abs error within LOGIT_TOLERANCE (relative to the logit scale) and Dice of logits > 0 >= MIN_DICE."""
+    """Max-abs error within LOGIT_TOLERANCE (relative to the logit scale) and Dice of logits > 0 >=
+    MIN_DICE."""
     error = float(np.abs(actual - expected).max())
     scale = max(1.0, float(np.abs(expected).max()))
     print(f"{what}: max-abs logit error {error:.2e} (scale {scale:.2f})", file=sys.stderr)
@@ -104,8 +117,13 @@ def assert_logits_close(actual: np.ndarray, expected: np.ndarray, what: str) -> 
 
 
 def test_files_are_self_contained_with_named_dynamic_axes(onnx_dir: Path) -> None:
-    assert sorted(p.name for p in onnx_dir.iterdir()) == ["prompt_encoder.onnx", "query_decoder.onnx"]
-    assert not any(p.name.startswith(".") for p in onnx_dir.parent.iterdir())  # no staging folder left
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [
+        "prompt_encoder.onnx",
+        "query_decoder.onnx",
+    ]
+    assert not any(
+        p.name.startswith(".") for p in onnx_dir.parent.iterdir()
+    )  # no staging folder left
     names = encoding_names(TINY_CONFIG)
     expected = {
         "prompt_encoder": ({"prompt_images": 1, "prompt_maps": 1, "prompt_types": 1}, "prompts"),
@@ -114,15 +132,24 @@ def test_files_are_self_contained_with_named_dynamic_axes(onnx_dir: Path) -> Non
     for role, path in graph_paths(onnx_dir).items():
         proto = onnx.load(path, load_external_data=False)
         assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)
-        inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
+        inputs = {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in proto.graph.input
+        }
         outputs = [v.name for v in proto.graph.output]
         axes, axis_name = expected[role]
         assert all(inputs[name][axis] == axis_name for name, axis in axes.items())
         assert outputs == (names if role == "prompt_encoder" else [LOGITS_NAME])
-        assert {p.key for n in proto.graph.node for p in n.metadata_props}.isdisjoint({"pkg.torch.onnx.stack_trace"})
+        assert {p.key for n in proto.graph.node for p in n.metadata_props}.isdisjoint(
+            {"pkg.torch.onnx.stack_trace"}
+        )
         assert proto.opset_import[0].version == onnx_export.DEFAULT_OPSET
     decoder = onnx.load(graph_paths(onnx_dir)["query_decoder"], load_external_data=False)
-    token_axes = {v.name: v.type.tensor_type.shape.dim[2].dim_param for v in decoder.graph.input if v.name in names}
+    token_axes = {
+        v.name: v.type.tensor_type.shape.dim[2].dim_param
+        for v in decoder.graph.input
+        if v.name in names
+    }
     assert token_axes == {name: f"tokens_s{onnx_export.stage_of(name)}" for name in names}
 
 
@@ -136,33 +163,54 @@ def test_metadata_is_present_and_describes_the_model(onnx_dir: Path, model: Prom
         assert metadata["dtype"] == "float32"
         assert metadata["weights_sha256"] == weights_sha256(model)
         assert metadata["encoding_names"] == json.dumps(
-            ["keys_s0_b0", "keys_s0_propagation", "keys_s1_b0", "keys_s1_propagation",
-             "values_s0_b0", "values_s0_propagation", "values_s1_b0", "values_s1_propagation"])
+            [
+                "keys_s0_b0",
+                "keys_s0_propagation",
+                "keys_s1_b0",
+                "keys_s1_propagation",
+                "values_s0_b0",
+                "values_s0_propagation",
+                "values_s1_b0",
+                "values_s1_propagation",
+            ]
+        )
 
 
 @pytest.mark.parametrize("shots", SHOTS)
-def test_prompt_encoder_graph_matches_eager(onnx_dir: Path, model: PromptSegNet, shots: int) -> None:
+def test_prompt_encoder_graph_matches_eager(
+    onnx_dir: Path, model: PromptSegNet, shots: int
+) -> None:
     prompts = random_prompts(shots, seed=shots)
     with torch.no_grad():
         expected = PromptEncoderGraph(model)(*prompts)
     actual = session(graph_paths(onnx_dir)["prompt_encoder"]).run(
-        encoding_names(TINY_CONFIG), {name: t.numpy() for name, t in zip(PROMPT_INPUT_NAMES, prompts)}
+        encoding_names(TINY_CONFIG),
+        {name: t.numpy() for name, t in zip(PROMPT_INPUT_NAMES, prompts)},
     )
     for got, want in zip(actual, expected):
         assert got.shape == tuple(want.shape) and want.shape[2] % shots == 0
-        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=LOGIT_TOLERANCE * max(1.0, want.abs().max().item()))
+        np.testing.assert_allclose(
+            got, want.numpy(), rtol=0, atol=LOGIT_TOLERANCE * max(1.0, want.abs().max().item())
+        )
 
 
 @pytest.mark.parametrize("shots", SHOTS)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_query_decoder_graph_matches_eager(onnx_dir: Path, model: PromptSegNet, shots: int, batch: int) -> None:
+def test_query_decoder_graph_matches_eager(
+    onnx_dir: Path, model: PromptSegNet, shots: int, batch: int
+) -> None:
     """The eager encoding fed to the ONNX decoder isolates the decoder's error."""
     queries = random_queries(batch, seed=100 + 10 * shots + batch)
     with torch.no_grad():
         encoding = model.encode_prompts(*random_prompts(shots, seed=shots))
         expected = model.decode(queries, encoding).numpy()
     feeds = {QUERY_INPUT_NAME: queries.numpy()}
-    feeds.update({name: t.numpy() for name, t in zip(encoding_names(TINY_CONFIG), flatten_encoding(encoding))})
+    feeds.update(
+        {
+            name: t.numpy()
+            for name, t in zip(encoding_names(TINY_CONFIG), flatten_encoding(encoding))
+        }
+    )
     (actual,) = session(graph_paths(onnx_dir)["query_decoder"]).run([LOGITS_NAME], feeds)
     assert actual.shape == (batch, 32, 32)
     assert_logits_close(actual, expected, f"decoder graph K={shots} B={batch}")
@@ -170,15 +218,26 @@ def test_query_decoder_graph_matches_eager(onnx_dir: Path, model: PromptSegNet, 
 
 @pytest.mark.parametrize("shots", SHOTS)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_backend_matches_eager_torch_backend(backend: OnnxRuntimeBackend, model: PromptSegNet, shots: int, batch: int) -> None:
-    prompts, queries = random_prompts(shots, seed=7 * shots), random_queries(batch, seed=7 * shots + batch)
+def test_backend_matches_eager_torch_backend(
+    backend: OnnxRuntimeBackend, model: PromptSegNet, shots: int, batch: int
+) -> None:
+    prompts, queries = (
+        random_prompts(shots, seed=7 * shots),
+        random_queries(batch, seed=7 * shots + batch),
+    )
     reference = create_backend("torch", model, "cpu")
     expected = reference.decode(queries, reference.encode(*prompts))
     state = backend.encode(*prompts)
     assert all(isinstance(t, np.ndarray) for t in state.tensors) and state.nbytes() > 0
     actual = backend.decode(queries, state)
-    assert actual.dtype == torch.float32 and actual.device.type == "cpu" and actual.shape == (batch, 32, 32)
-    assert_logits_close(actual.numpy(), expected.numpy(), f"onnxruntime backend K={shots} B={batch}")
+    assert (
+        actual.dtype == torch.float32
+        and actual.device.type == "cpu"
+        and actual.shape == (batch, 32, 32)
+    )
+    assert_logits_close(
+        actual.numpy(), expected.numpy(), f"onnxruntime backend K={shots} B={batch}"
+    )
 
 
 def disk(shape: tuple[int, int], centre: tuple[int, int], radius: int) -> np.ndarray:
@@ -189,20 +248,33 @@ def disk(shape: tuple[int, int], centre: tuple[int, int], radius: int) -> np.nda
 def test_segmenter_with_onnxruntime_matches_torch(tiny_checkpoint: Path, onnx_dir: Path) -> None:  # noqa: F811
     """2D batch and a volume (6 slices in batches of 4 and 2) through both backends."""
     onnx_seg = Segmenter.from_checkpoint(
-        tiny_checkpoint, device="cpu", backend="onnxruntime", backend_options={"model_dir": onnx_dir}, max_batch=4
+        tiny_checkpoint,
+        device="cpu",
+        backend="onnxruntime",
+        backend_options={"model_dir": onnx_dir},
+        max_batch=4,
     )
-    torch_seg = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", backend="torch", max_batch=4)
+    torch_seg = Segmenter.from_checkpoint(
+        tiny_checkpoint, device="cpu", backend="torch", max_batch=4
+    )
     assert onnx_seg.backend_name == "onnxruntime"
     rng = np.random.default_rng(0)
     images = rng.random((3, 40, 48)).astype(np.float32)
     volume = rng.random((36, 30, 6)).astype(np.float32)
     masks = [disk((40, 48), (20, 24), r) for r in (8, 10, 12)]
     box = [Prompt(image=volume[:, :, 0], kind="box", box=(4, 4, 20, 24))]
-    flat, flat_ref = (seg.segment(images, seg.encode_prompts(images, masks)) for seg in (onnx_seg, torch_seg))
-    vol, vol_ref = (seg.segment_volume(volume, seg.encode_prompts(box), axis=2) for seg in (onnx_seg, torch_seg))
+    flat, flat_ref = (
+        seg.segment(images, seg.encode_prompts(images, masks)) for seg in (onnx_seg, torch_seg)
+    )
+    vol, vol_ref = (
+        seg.segment_volume(volume, seg.encode_prompts(box), axis=2) for seg in (onnx_seg, torch_seg)
+    )
     assert flat.shape == (3, 40, 48) and vol.probabilities.shape == volume.shape
     # Probabilities are sigmoids of the logits: their error is at most a quarter of the logits'.
-    for what, actual, expected in (("2D batch", flat, flat_ref), ("volume", vol.probabilities, vol_ref.probabilities)):
+    for what, actual, expected in (
+        ("2D batch", flat, flat_ref),
+        ("volume", vol.probabilities, vol_ref.probabilities),
+    ):
         error = float(np.abs(actual - expected).max())
         print(f"segmenter {what}: max-abs probability error {error:.2e}", file=sys.stderr)
         assert error <= LOGIT_TOLERANCE and dice(actual > 0.5, expected > 0.5) >= MIN_DICE
@@ -211,7 +283,8 @@ def test_segmenter_with_onnxruntime_matches_torch(tiny_checkpoint: Path, onnx_di
 def test_backend_without_model_dir_exports_once_to_a_temporary_folder(
     model: PromptSegNet, onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The export itself is the module fixture's; here the copy stands in for it to keep the test fast."""
+    """The export itself is the module fixture's; here the copy stands in for it to keep the test
+    fast."""
     folders = []
 
     def fake_export(exported: PromptSegNet, folder: str) -> dict[str, Path]:
@@ -227,24 +300,34 @@ def test_backend_without_model_dir_exports_once_to_a_temporary_folder(
     prompts, queries = random_prompts(2, seed=5), random_queries(2, seed=6)
     with torch.no_grad():
         expected = model(*prompts, queries).numpy()
-    assert_logits_close(backend.decode(queries, backend.encode(*prompts)).numpy(), expected, "exported on the fly")
+    assert_logits_close(
+        backend.decode(queries, backend.encode(*prompts)).numpy(), expected, "exported on the fly"
+    )
 
 
 def test_export_refuses_to_overwrite(onnx_dir: Path, model: PromptSegNet) -> None:
     before = {p: p.stat().st_mtime_ns for p in onnx_dir.iterdir()}
-    with pytest.raises(InputError, match=r"prompt_encoder\.onnx: output exists; pass --overwrite to replace it"):
+    with pytest.raises(
+        InputError, match=r"prompt_encoder\.onnx: output exists; pass --overwrite to replace it"
+    ):
         export_onnx(model, onnx_dir)
     assert {p: p.stat().st_mtime_ns for p in onnx_dir.iterdir()} == before
 
 
-def test_failed_export_leaves_no_partial_file(model: PromptSegNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_no_partial_file(
+    model: PromptSegNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tiny_proto = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
 
     def half_written(proto: onnx.ModelProto, path: Path) -> Path:
         path.write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(onnx_export, "export_protos", lambda *args: {role: tiny_proto for role in onnx_export.GRAPH_ROLES})
+    monkeypatch.setattr(
+        onnx_export,
+        "export_protos",
+        lambda *args: {role: tiny_proto for role in onnx_export.GRAPH_ROLES},
+    )
     monkeypatch.setattr(onnx_export, "save_checked", half_written)
     with pytest.raises(RuntimeError, match="disk full"):
         export_onnx(model, tmp_path / "out")
@@ -268,7 +351,9 @@ def test_missing_and_corrupt_files_are_named(onnx_dir: Path, tmp_path: Path) -> 
         read_onnx_metadata(foreign)
 
 
-def test_graphs_whose_weights_changed_after_export_are_refused(model: PromptSegNet, onnx_dir: Path, tmp_path: Path) -> None:
+def test_graphs_whose_weights_changed_after_export_are_refused(
+    model: PromptSegNet, onnx_dir: Path, tmp_path: Path
+) -> None:
     """Zeroed initializers under the genuine metadata (weights_sha256 included) are refused by the
     backend, and so is a graph whose metadata lacks the tensor digest (an older export)."""
     altered = tmp_path / "altered"
@@ -279,7 +364,10 @@ def test_graphs_whose_weights_changed_after_export_are_refused(model: PromptSegN
     zeros = onnx.numpy_helper.to_array(biggest) * 0
     biggest.CopyFrom(onnx.numpy_helper.from_array(zeros, biggest.name))
     onnx.save(proto, path)
-    with pytest.raises(InputError, match=r"query_decoder\.onnx: its weights do not match the digest recorded at export"):
+    with pytest.raises(
+        InputError,
+        match=r"query_decoder\.onnx: its weights do not match the digest recorded at export",
+    ):
         OnnxRuntimeBackend(model, torch.device("cpu"), model_dir=altered)
     shutil.copy(graph_paths(onnx_dir)["query_decoder"], path)
     proto = onnx.load(path)
@@ -287,11 +375,15 @@ def test_graphs_whose_weights_changed_after_export_are_refused(model: PromptSegN
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
     onnx.save(proto, path)
-    with pytest.raises(InputError, match=r"query_decoder\.onnx: its metadata records no graph_tensors_sha256"):
+    with pytest.raises(
+        InputError, match=r"query_decoder\.onnx: its metadata records no graph_tensors_sha256"
+    ):
         OnnxRuntimeBackend(model, torch.device("cpu"), model_dir=altered)
 
 
-def test_the_tensorrt_builder_refuses_graphs_changed_after_export(onnx_dir: Path, tmp_path: Path) -> None:
+def test_the_tensorrt_builder_refuses_graphs_changed_after_export(
+    onnx_dir: Path, tmp_path: Path
+) -> None:
     """The builder reads the graphs' metadata through the same tensor digest check as the runtime
     (no TensorRT needed for this step)."""
     from promptseg.export.tensorrt_build import read_graph_metadata
@@ -301,10 +393,15 @@ def test_the_tensorrt_builder_refuses_graphs_changed_after_export(onnx_dir: Path
     path = graph_paths(altered)["prompt_encoder"]
     proto = onnx.load(path)
     biggest = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
-    biggest.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(biggest) * 0, biggest.name))
+    biggest.CopyFrom(
+        onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(biggest) * 0, biggest.name)
+    )
     onnx.save(proto, path)
     read_graph_metadata(graph_paths(onnx_dir))
-    with pytest.raises(InputError, match=r"prompt_encoder\.onnx: its weights do not match the digest recorded at export"):
+    with pytest.raises(
+        InputError,
+        match=r"prompt_encoder\.onnx: its weights do not match the digest recorded at export",
+    ):
         read_graph_metadata(graph_paths(altered))
 
 
@@ -313,13 +410,19 @@ def test_backend_names_the_missing_file(model: PromptSegNet, tmp_path: Path) -> 
         OnnxRuntimeBackend(model, torch.device("cpu"), model_dir=tmp_path)
 
 
-def test_mismatching_metadata_is_refused(model: PromptSegNet, onnx_dir: Path, tmp_path: Path) -> None:
+def test_mismatching_metadata_is_refused(
+    model: PromptSegNet, onnx_dir: Path, tmp_path: Path
+) -> None:
     cpu = torch.device("cpu")
     torch.manual_seed(1)
     with pytest.raises(InputError, match=r"prompt_encoder\.onnx: was exported from other weights"):
         OnnxRuntimeBackend(PromptSegNet(TINY_CONFIG), cpu, model_dir=onnx_dir)
     bigger = ModelConfig(**{**TINY_CONFIG.to_dict(), "resolution": 64})
-    with pytest.raises(InputError, match=r"prompt_encoder\.onnx: was exported for resolution 32, but the model has resolution 64"):
+    with pytest.raises(
+        InputError,
+        match=r"prompt_encoder\.onnx: was exported for resolution 32, but the model has resolution "
+        r"64",
+    ):
         OnnxRuntimeBackend(PromptSegNet(bigger), cpu, model_dir=onnx_dir)
     fewer_prompts = ModelConfig(**{**TINY_CONFIG.to_dict(), "max_prompts": 8})
     with pytest.raises(InputError, match=r"another model configuration \(differs in max_prompts\)"):
@@ -342,9 +445,14 @@ def test_availability_gives_one_line_reasons(monkeypatch: pytest.MonkeyPatch) ->
     assert not ok and why.startswith("onnxruntime backend unavailable:") and "\n" not in why
 
 
-def test_cli_segment_with_exported_graphs_matches_torch(tiny_checkpoint: Path, onnx_dir: Path, tmp_path: Path,  # noqa: F811
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """`promptseg segment --backend onnxruntime --export-dir DIR` writes the same probabilities as --backend torch."""
+def test_cli_segment_with_exported_graphs_matches_torch(
+    tiny_checkpoint: Path,
+    onnx_dir: Path,
+    tmp_path: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`promptseg segment --backend onnxruntime --export-dir DIR` writes the same probabilities as
+    --backend torch."""
     from PIL import Image
 
     from promptseg.cli import main
@@ -355,11 +463,46 @@ def test_cli_segment_with_exported_graphs_matches_torch(tiny_checkpoint: Path, o
     mask[10:25, 12:30] = 255
     Image.fromarray(image).save(tmp_path / "p.png")
     Image.fromarray(mask).save(tmp_path / "m.png")
-    common = ["segment", "--prompt", str(tmp_path / "p.png"), str(tmp_path / "m.png"), "--query", str(tmp_path / "p.png"),
-              "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--save-probabilities", "--no-progress"]
+    common = [
+        "segment",
+        "--prompt",
+        str(tmp_path / "p.png"),
+        str(tmp_path / "m.png"),
+        "--query",
+        str(tmp_path / "p.png"),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--save-probabilities",
+        "--no-progress",
+    ]
     assert main(common + ["--out", str(tmp_path / "torch"), "--backend", "torch"]) == 0
-    assert main(common + ["--out", str(tmp_path / "ort"), "--backend", "onnxruntime", "--export-dir", str(onnx_dir)]) == 0
-    np.testing.assert_allclose(np.load(tmp_path / "ort" / "p_prob.npy"), np.load(tmp_path / "torch" / "p_prob.npy"), atol=1e-5)
+    assert (
+        main(
+            common
+            + [
+                "--out",
+                str(tmp_path / "ort"),
+                "--backend",
+                "onnxruntime",
+                "--export-dir",
+                str(onnx_dir),
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "ort" / "p_prob.npy"),
+        np.load(tmp_path / "torch" / "p_prob.npy"),
+        atol=1e-5,
+    )
     capsys.readouterr()
-    assert main(common + ["--out", str(tmp_path / "bad"), "--backend", "torch", "--export-dir", str(onnx_dir)]) == 2
+    assert (
+        main(
+            common
+            + ["--out", str(tmp_path / "bad"), "--backend", "torch", "--export-dir", str(onnx_dir)]
+        )
+        == 2
+    )
     assert "--export-dir: only --backend onnxruntime or tensorrt" in capsys.readouterr().err

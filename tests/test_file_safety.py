@@ -1,10 +1,11 @@
-"""File safety (issue 6): outputs are written atomically, existing outputs are kept unless --overwrite,
-and pickle-bearing checkpoints are refused without ever being unpickled.
+"""File safety (issue 6): outputs are written atomically, existing outputs are kept unless
+--overwrite, and pickle-bearing checkpoints are refused without ever being unpickled.
 
 tests/test_cli.py already checks the "output exists" message and that --overwrite then succeeds, and
 tests/test_data_io.py that atomic_write leaves nothing when its writer raises; this module adds the
 byte-for-byte guarantees, failures part-way through the CLI's writes, and the pickle refusals.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
 from PIL import Image
 
-from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
 from promptseg.cli import main
-from promptseg.files import atomic_write, write_text
 from promptseg.engine.segmenter import Segmenter
 from promptseg.errors import CheckpointError, InputError
-from promptseg.train.checkpoint import load_run_model
+from promptseg.files import atomic_write, write_text
 from promptseg.model.weights import load_model
+from promptseg.train.checkpoint import load_run_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,21 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def segment(data: Path, out: Path, checkpoint: Path, *extra: str) -> list[str]:
-    return ["segment", "--prompt", str(data / "p.png"), str(data / "p_mask.png"), "--query", str(data / "q0.png"),
-            str(data / "q1.png"), "--out", str(out), "--checkpoint", str(checkpoint), "--no-progress", *extra]
+    return [
+        "segment",
+        "--prompt",
+        str(data / "p.png"),
+        str(data / "p_mask.png"),
+        "--query",
+        str(data / "q0.png"),
+        str(data / "q1.png"),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(checkpoint),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -65,7 +79,10 @@ def files_in(folder: Path) -> dict[str, bytes]:
 
 
 def test_existing_output_is_kept_byte_for_byte_and_nothing_else_is_written(
-    data: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]  # noqa: F811
+    data: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],  # noqa: F811
 ) -> None:
     """One existing output of the second query refuses the whole run before any file is written."""
     out = tmp_path / "out"
@@ -77,7 +94,8 @@ def test_existing_output_is_kept_byte_for_byte_and_nothing_else_is_written(
 
 
 def test_outputs_get_the_usual_file_mode(data: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
-    """Temporary files are owner-only; the outputs renamed from them get the mode the umask gives."""
+    """Temporary files are owner-only; the outputs renamed from them get the mode the umask
+    gives."""
     umask = os.umask(0o022)
     os.umask(umask)
     assert main(segment(data, tmp_path / "out", tiny_checkpoint, "--save-probabilities")) == 0
@@ -98,15 +116,20 @@ def half_written_save(failure: BaseException):
 
 
 def test_disk_full_while_overwriting_keeps_the_old_file(
-    data: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    data: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """--overwrite with the disk filling up mid-write: one line naming the output, the old file intact,
-    no temporary file left."""
+    """--overwrite with the disk filling up mid-write: one line naming the output, the old file
+    intact, no temporary file left."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "q0_mask.png").write_bytes(b"previous result")
-    monkeypatch.setattr(Image.Image, "save", half_written_save(OSError(28, "No space left on device")))
+    monkeypatch.setattr(
+        Image.Image, "save", half_written_save(OSError(28, "No space left on device"))
+    )
     assert main(segment(data, out, tiny_checkpoint, "--overwrite")) == 2
     line = one_error_line(capsys)
     assert "q0_mask.png: cannot write output" in line and "No space left on device" in line
@@ -114,10 +137,14 @@ def test_disk_full_while_overwriting_keeps_the_old_file(
 
 
 def test_failure_on_a_later_output_removes_the_query_files_already_written(
-    data: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    data: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The probability file failing after the mask was written: neither stays (a query's outputs go together)."""
+    """The probability file failing after the mask was written: neither stays (a query's outputs go
+    together)."""
 
     def failing_save(file: str, array: np.ndarray, *args: object, **kwargs: object) -> None:
         Path(file).write_bytes(b"\x93NUMPY partial")
@@ -131,10 +158,14 @@ def test_failure_on_a_later_output_removes_the_query_files_already_written(
 
 
 def test_interrupt_while_writing_leaves_no_partial_file(
-    data: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    data: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Ctrl-C in the middle of writing the first mask: exit 130 and an output folder without files."""
+    """Ctrl-C in the middle of writing the first mask: exit 130 and an output folder without
+    files."""
     monkeypatch.setattr(Image.Image, "save", half_written_save(KeyboardInterrupt()))
     out = tmp_path / "out"
     assert main(segment(data, out, tiny_checkpoint)) == 130
@@ -143,7 +174,8 @@ def test_interrupt_while_writing_leaves_no_partial_file(
 
 
 def test_output_created_by_another_process_while_writing_is_kept(tmp_path: Path) -> None:
-    """The existence check and the move are one step: a file appearing in between is not replaced."""
+    """The existence check and the move are one step: a file appearing in between is not
+    replaced."""
     target = tmp_path / "result.txt"
 
     def racing_writer(temporary: str) -> None:
@@ -172,7 +204,8 @@ class Explosive:
 
 
 def pickle_checkpoint(kind: str, folder: Path) -> tuple[Path, Path]:
-    """(checkpoint path, marker path): a torch.save'd state dict (zip pickle) or a raw pickle, named .safetensors."""
+    """(checkpoint path, marker path): a torch.save'd state dict (zip pickle) or a raw pickle, named
+    .safetensors."""
     marker = folder / "pickle-ran"
     path = folder / f"{kind}.safetensors"
     state = {"encoder.stem.weight": torch.zeros(2), "payload": Explosive(marker)}
@@ -189,8 +222,12 @@ def run_dir_pointing_at(weights: Path) -> Path:
     run = weights.parent / "run"
     run.mkdir()
     os.replace(weights, run / "step-2.safetensors")
-    (run / "step-2.json").write_text(json.dumps({"step": 2, "param_groups": [], "optim_scalars": {}}))
-    (run / "latest.json").write_text(json.dumps({"step": 2, "weights": "step-2.safetensors", "meta": "step-2.json"}))
+    (run / "step-2.json").write_text(
+        json.dumps({"step": 2, "param_groups": [], "optim_scalars": {}})
+    )
+    (run / "latest.json").write_text(
+        json.dumps({"step": 2, "weights": "step-2.safetensors", "meta": "step-2.json"})
+    )
     return run
 
 
@@ -205,7 +242,8 @@ def test_pickle_checkpoint_is_refused_by_the_api(kind: str, loader, tmp_path: Pa
         loader(path)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     assert not marker.exists()
-    # the payload is live: unpickling the file does create the marker (torch.load wants a non-.safetensors name)
+    # the payload is live: unpickling the file does create the marker (torch.load wants a
+    # non-.safetensors name)
     if kind == "torch_save":
         torch.load(shutil.copy(path, path.with_suffix(".pt")), weights_only=False)
     else:
@@ -217,14 +255,18 @@ def test_pickle_checkpoint_is_refused_by_the_api(kind: str, loader, tmp_path: Pa
 def test_pickle_training_checkpoint_is_refused_by_load_run_model(kind: str, tmp_path: Path) -> None:
     path, marker = pickle_checkpoint(kind, tmp_path)
     run = run_dir_pointing_at(path)
-    with pytest.raises(CheckpointError, match="step-2.safetensors: not a safetensors checkpoint") as caught:
+    with pytest.raises(
+        CheckpointError, match="step-2.safetensors: not a safetensors checkpoint"
+    ) as caught:
         load_run_model(run)
     assert "\n" not in str(caught.value)
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("kind", PICKLES)
-def test_segment_checkpoint_pickle_is_one_line(kind: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_segment_checkpoint_pickle_is_one_line(
+    kind: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, marker = pickle_checkpoint(kind, tmp_path)
     out = tmp_path / "out"
     assert main(segment(data, out, path)) == 2
@@ -233,11 +275,26 @@ def test_segment_checkpoint_pickle_is_one_line(kind: str, data: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("kind", PICKLES)
-def test_train_resume_from_a_pickle_is_one_line(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_resume_from_a_pickle_is_one_line(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, marker = pickle_checkpoint(kind, tmp_path)
     run = run_dir_pointing_at(path)
-    code = main(["train", "--config", str(REPO / "configs" / "tiny_test.yaml"), "--out", str(run), "--resume",
-                 "--steps", "3", "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs" / "tiny_test.yaml"),
+            "--out",
+            str(run),
+            "--resume",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "step-2.safetensors: unreadable checkpoint" in one_error_line(capsys)
     assert not marker.exists()
@@ -247,24 +304,49 @@ def test_train_resume_from_a_pickle_is_one_line(kind: str, tmp_path: Path, capsy
 DAMAGED_POINTERS = {
     "not json": ("{half a pointer", "latest.json: unreadable checkpoint file"),
     "not an object": ("[1, 2]", "latest.json: unreadable checkpoint file"),
-    "missing meta": (json.dumps({"step": 2, "weights": "step-2.safetensors", "meta": "step-9.json"}), "step-9.json: unreadable"),
-    "outside the run": (json.dumps({"step": 2, "weights": "../elsewhere.safetensors", "meta": "step-2.json"}),
-                        "latest.json: damaged pointer"),
+    "missing meta": (
+        json.dumps({"step": 2, "weights": "step-2.safetensors", "meta": "step-9.json"}),
+        "step-9.json: unreadable",
+    ),
+    "outside the run": (
+        json.dumps({"step": 2, "weights": "../elsewhere.safetensors", "meta": "step-2.json"}),
+        "latest.json: damaged pointer",
+    ),
 }
 
 
 @pytest.mark.parametrize("damage", list(DAMAGED_POINTERS))
-def test_train_resume_with_a_damaged_pointer_is_one_line(damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A latest.json that is not JSON, names a missing file or points outside the run: CheckpointError, no traceback."""
+def test_train_resume_with_a_damaged_pointer_is_one_line(
+    damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A latest.json that is not JSON, names a missing file or points outside the run:
+    CheckpointError, no traceback."""
     text, expected = DAMAGED_POINTERS[damage]
     run = tmp_path / "run"
     run.mkdir()
-    (run / "step-2.json").write_text(json.dumps({"step": 2, "param_groups": [], "optim_scalars": {}}))
+    (run / "step-2.json").write_text(
+        json.dumps({"step": 2, "param_groups": [], "optim_scalars": {}})
+    )
     (run / "latest.json").write_text(text)
-    code = main(["train", "--config", str(REPO / "configs" / "tiny_test.yaml"), "--out", str(run), "--resume",
-                 "--steps", "3", "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs" / "tiny_test.yaml"),
+            "--out",
+            str(run),
+            "--resume",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert expected in one_error_line(capsys)
-    with pytest.raises(CheckpointError) as caught:  # it reads latest.json and the weights, not the metadata
+    with pytest.raises(
+        CheckpointError
+    ) as caught:  # it reads latest.json and the weights, not the metadata
         load_run_model(run)
     assert "\n" not in str(caught.value)

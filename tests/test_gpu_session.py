@@ -1,6 +1,7 @@
-"""The GPU session (benchmarks/gpu_session.py) and its data packer (benchmarks/gpu_pack.py), on the CPU:
-the dry run through every part, what comes back from a device run, stopping commands, exporting the
-weights of finished and stopped runs, the subsampled packs and the GPU plan's command lines."""
+"""The GPU session (benchmarks/gpu_session.py) and its data packer (benchmarks/gpu_pack.py), on the
+CPU: the dry run through every part, what comes back from a device run, stopping commands, exporting
+the weights of finished and stopped runs, the subsampled packs and the GPU plan's command lines."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,22 +28,38 @@ from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import train
 
 
-def test_dry_run_runs_every_part_and_its_output_comes_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_runs_every_part_and_its_output_comes_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
-    assert gpu_session.main(["--dry-run", "--out", str(out)]) == 0  # the default budget: every part ends by itself
+    assert (
+        gpu_session.main(["--dry-run", "--out", str(out)]) == 0
+    )  # the default budget: every part ends by itself
     assert "| train | stopped |" in capsys.readouterr().out
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    assert [str(p) for p in files] == sorted(set(outputs.OUTPUT_NAMES) - {"kernels.json"})  # kernels need CUDA
+    assert [str(p) for p in files] == sorted(
+        set(outputs.OUTPUT_NAMES) - {"kernels.json"}
+    )  # kernels need CUDA
     assert outputs.output_problems(out) == []
-    assert all((out / p).stat().st_size <= outputs.MAX_FILE_BYTES and len(p.parts) <= 3 for p in files)
+    assert all(
+        (out / p).stat().st_size <= outputs.MAX_FILE_BYTES and len(p.parts) <= 3 for p in files
+    )
     summary = json.loads((out / "summary.json").read_text())
     statuses = {name: part["status"] for name, part in summary["parts"].items()}
-    assert statuses == {"tests": "ok", "kernels": "skipped", "engine": "ok", "train": "stopped", "eval": "ok"}
+    assert statuses == {
+        "tests": "ok",
+        "kernels": "skipped",
+        "engine": "ok",
+        "train": "stopped",
+        "eval": "ok",
+    }
     assert summary["parts"]["tests"]["details"]["tests"] == len(plan.DRY_TESTS)
     assert summary["parts"]["train"]["details"]["steps"] >= plan.DRY_STOP_AFTER
     assert summary["parts"]["eval"]["details"]["initial"]  # the initial weights were scored too
     weights = out / outputs.WEIGHTS_NAME
-    assert {t.dtype for t in load_file(str(weights)).values() if t.is_floating_point()} == {torch.float16}
+    assert {t.dtype for t in load_file(str(weights)).values() if t.is_floating_point()} == {
+        torch.float16
+    }
     assert load_model(weights).config.resolution == 32
     assert read_training_record(weights)["runs"][-1]["steps"] >= plan.DRY_STOP_AFTER
     assert EvalReport.load(out / "eval.json").methods == ["promptseg"]
@@ -80,8 +97,12 @@ def test_commands_are_stopped_by_their_time_or_their_monitor(tmp_path: Path) -> 
     log = SessionLog(tmp_path / "log", Budget(60))
     sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
     timed = run_command(sleeper, log, timeout_s=2, env={}, grace_s=5)
-    assert timed.stopped and timed.returncode != 0 and timed.seconds < 10 and "started" in timed.tail
-    watched = run_command(sleeper, log, timeout_s=30, env={}, grace_s=5, monitor=lambda elapsed: elapsed > 1)
+    assert (
+        timed.stopped and timed.returncode != 0 and timed.seconds < 10 and "started" in timed.tail
+    )
+    watched = run_command(
+        sleeper, log, timeout_s=30, env={}, grace_s=5, monitor=lambda elapsed: elapsed > 1
+    )
     assert watched.stopped and watched.seconds < 10
     done = run_command([sys.executable, "-c", "print('done')"], log, timeout_s=30, env={})
     assert not done.stopped and done.returncode == 0 and done.last_line() == "done"
@@ -94,7 +115,9 @@ def test_weights_come_from_the_final_file_or_the_newest_checkpoint(tmp_path: Pat
     assert parts.export_weights(run_dir, tmp_path / "final.safetensors") == "final.safetensors"
     (run_dir / "final.safetensors").unlink()
     assert parts.export_weights(run_dir, tmp_path / "stopped.safetensors") == "step-2.safetensors"
-    assert read_training_record(tmp_path / "stopped.safetensors") == read_training_record(tmp_path / "final.safetensors")
+    assert read_training_record(tmp_path / "stopped.safetensors") == read_training_record(
+        tmp_path / "final.safetensors"
+    )
     assert parts.latest_step(run_dir) == 2 and parts.latest_step(tmp_path) is None
 
 
@@ -103,14 +126,23 @@ def test_packs_keep_every_dataset_and_label_within_the_limit(tmp_path: Path) -> 
     plan.write_disk_packs(source, 32, 3, 2)
     full = sum(gpu_pack.folder_bytes(p) for p in find_packs(source))
     budget = full // 2
-    rows = gpu_pack.pack(gpu_pack.source_packs(source, 32, tmp_path / "cache"), tmp_path / "out", budget)
+    rows = gpu_pack.pack(
+        gpu_pack.source_packs(source, 32, tmp_path / "cache"), tmp_path / "out", budget
+    )
     assert gpu_pack.folder_bytes(tmp_path / "out") <= budget
-    assert sorted(pack_dataset_name(p) for p in find_packs(tmp_path / "out")) == sorted(plan.DRY_PACKS)
+    assert sorted(pack_dataset_name(p) for p in find_packs(tmp_path / "out")) == sorted(
+        plan.DRY_PACKS
+    )
     assert any(kept < total for _, kept, total in rows)
     tasks = build_tasks([tmp_path / "out"], 32)
-    assert sorted(task.name for task in tasks) == sorted(f"{name}/{label}" for name in plan.DRY_PACKS
-                                                         for label in ("disk", "square"))
-    subsampled = next(p for p in find_packs(tmp_path / "out") if "subsample" in json.loads((p / "packed.json").read_text()))
+    assert sorted(task.name for task in tasks) == sorted(
+        f"{name}/{label}" for name in plan.DRY_PACKS for label in ("disk", "square")
+    )
+    subsampled = next(
+        p
+        for p in find_packs(tmp_path / "out")
+        if "subsample" in json.loads((p / "packed.json").read_text())
+    )
     assert read_pack(subsampled, resolution=32) is not None
 
 
@@ -118,12 +150,17 @@ def test_choose_examples_keeps_rare_labels() -> None:
     labels = np.zeros((100, 4, 4), np.uint8)
     labels[:, 0, 0] = 1
     labels[[7, 55, 93], 1, 1] = 2  # label 2 on three examples only
-    chosen = gpu_pack.choose_examples(labels, 12)  # up to 12 // (2 * 2) = 3 examples reserved per label
+    chosen = gpu_pack.choose_examples(
+        labels, 12
+    )  # up to 12 // (2 * 2) = 3 examples reserved per label
     assert len(chosen) == 12 and len(set(chosen)) == 12 and list(chosen) == sorted(chosen)
     assert {7, 55, 93} <= set(chosen)
     assert len({7, 55, 93} & set(gpu_pack.choose_examples(labels, 8))) == 2
     assert list(gpu_pack.choose_examples(labels, 200)) == list(range(100))
-    assert gpu_pack.byte_cap([1, 5, 10], 100) == float("inf") and gpu_pack.byte_cap([1, 5, 10], 9) == 4.0
+    assert (
+        gpu_pack.byte_cap([1, 5, 10], 100) == float("inf")
+        and gpu_pack.byte_cap([1, 5, 10], 9) == 4.0
+    )
 
 
 def test_vendored_packages_import_from_the_site_folder(tmp_path: Path) -> None:
@@ -132,7 +169,9 @@ def test_vendored_packages_import_from_the_site_folder(tmp_path: Path) -> None:
         assert (tmp_path / "site" / name / "__init__.py").is_file()
         assert not any(p.name == "tests" for p in (tmp_path / "site" / name).rglob("tests"))
     env: dict[str, str] = {}
-    assert not gpu_session.use_site(tmp_path / "site", env) and env == {}  # installed here: the site is not needed
+    assert (
+        not gpu_session.use_site(tmp_path / "site", env) and env == {}
+    )  # installed here: the site is not needed
 
 
 def test_gpu_plan_commands_parse() -> None:
@@ -142,48 +181,89 @@ def test_gpu_plan_commands_parse() -> None:
     quick = bench_attention.parse_args(["--quick"])
     runs = [bench_attention.parse_args(flags) for flags in gpu.kernel_runs]
     assert sorted(k for run in runs for k in run.prompts) == sorted(quick.prompts)
-    assert all((run.nq, run.dims, run.dtypes, run.ratios) == (quick.nq, quick.dims, quick.dtypes, quick.ratios) for run in runs)
+    assert all(
+        (run.nq, run.dims, run.dtypes, run.ratios)
+        == (quick.nq, quick.dims, quick.dtypes, quick.ratios)
+        for run in runs
+    )
     for flags in gpu.engine.values():
         parsed = bench_engine.parse_args(["--device", "cuda", *flags])
         assert parsed.slices == 256 and parsed.volume_shots == 8 and 256 in parsed.resolutions
     config = TrainConfig.from_dict(gpu.train_config)
     assert config.loader_workers >= 1 and config.checkpoint_every == plan.GPU_CHECKPOINT_EVERY
     recipe = TrainConfig.load(plan.RECIPE)
-    assert config == dataclasses.replace(recipe, loader_workers=config.loader_workers,
-                                         checkpoint_every=config.checkpoint_every)
+    assert config == dataclasses.replace(
+        recipe, loader_workers=config.loader_workers, checkpoint_every=config.checkpoint_every
+    )
     assert read_weights(gpu.init)[0] == config.model_config()  # --init needs the recipe's model
 
 
-def test_site_goes_on_the_path_when_its_packages_are_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_site_goes_on_the_path_when_its_packages_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "site" / "vendored_only_here").mkdir(parents=True)
     (tmp_path / "site" / "vendored_only_here" / "__init__.py").write_text("")
     monkeypatch.setattr(sys, "path", list(sys.path))
     env = {"PYTHONPATH": "/elsewhere"}
     assert gpu_session.use_site(tmp_path / "site", env)
-    assert env["PYTHONPATH"] == f"{tmp_path / 'site'}{os.pathsep}/elsewhere" and sys.path[0] == str(tmp_path / "site")
+    assert env["PYTHONPATH"] == f"{tmp_path / 'site'}{os.pathsep}/elsewhere" and sys.path[0] == str(
+        tmp_path / "site"
+    )
     assert not gpu_session.use_site(tmp_path / "nowhere", env)
 
 
-def test_kernel_runs_merge_into_one_file_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU path of the kernels part, with each bench_attention process replaced by the results file it writes."""
+def test_kernel_runs_merge_into_one_file_and_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU path of the kernels part, with each bench_attention process replaced by the results
+    file it writes."""
     gpu = dataclasses.replace(plan.gpu_plan(tmp_path, None), device="cuda")
     (tmp_path / "out").mkdir()
-    session = parts.Session(gpu, tmp_path / "out", tmp_path, Budget(540), SessionLog(tmp_path / "log", Budget(540)), {})
+    session = parts.Session(
+        gpu, tmp_path / "out", tmp_path, Budget(540), SessionLog(tmp_path / "log", Budget(540)), {}
+    )
 
     def fake_run(args: list[str]) -> Outcome:
         settings = bench_attention.parse_args(args[2:])
         shape = bench_attention.shape_grid(settings)[0]
-        rows = [{"provider": provider, "label": shape.label(), "status": "ok", "fwd_ms": 1.0, "fwd_tflops": 2.0,
-                 "bwd_ms": 3.0, "bwd_tflops": 4.0, "triton_max_abs_err": 1e-3} for provider in settings.providers]
-        meta = {"gpu": "Fake GPU", "capability": "9.0", "torch": "t", "triton": "x", "cuda": "c", "date": "d",
-                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()}}
+        rows = [
+            {
+                "provider": provider,
+                "label": shape.label(),
+                "status": "ok",
+                "fwd_ms": 1.0,
+                "fwd_tflops": 2.0,
+                "bwd_ms": 3.0,
+                "bwd_tflops": 4.0,
+                "triton_max_abs_err": 1e-3,
+            }
+            for provider in settings.providers
+        ]
+        meta = {
+            "gpu": "Fake GPU",
+            "capability": "9.0",
+            "torch": "t",
+            "triton": "x",
+            "cuda": "c",
+            "date": "d",
+            "settings": {
+                k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()
+            },
+        }
         settings.out_dir.mkdir(parents=True)
-        (settings.out_dir / "kernels-fake-gpu.json").write_text(json.dumps({**meta, "results": rows}))
+        (settings.out_dir / "kernels-fake-gpu.json").write_text(
+            json.dumps({**meta, "results": rows})
+        )
         return Outcome(0, 1.0, False, "")
 
-    monkeypatch.setattr(parts.Session, "run", lambda self, args, timeout_s, **options: fake_run(args))
+    monkeypatch.setattr(
+        parts.Session, "run", lambda self, args, timeout_s, **options: fake_run(args)
+    )
     result = parts.run_kernels(session)
-    assert result.status == "ok" and result.note == f"{len(gpu.kernel_runs)} of {len(gpu.kernel_runs)} runs -> kernels.json"
+    assert (
+        result.status == "ok"
+        and result.note == f"{len(gpu.kernel_runs)} of {len(gpu.kernel_runs)} runs -> kernels.json"
+    )
     merged = json.loads((tmp_path / "out" / "kernels.json").read_text())
     assert len(merged["results"]) == len(gpu.kernel_runs) * len(bench_attention.PROVIDERS)
     assert "Fake GPU" in result.markdown and "1.000 ms (2)" in result.markdown

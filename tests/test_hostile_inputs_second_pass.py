@@ -1,4 +1,5 @@
-"""Hostile inputs, second pass (issue 15): the causes of the 89 failures a red team found in 401 cases.
+"""Hostile inputs, second pass (issue 15): the causes of the 89 failures a red team found in 401
+cases.
 
 Grouped by cause, in the issue's order: sizes claimed by headers and running out of memory, invalid
 model configs, damaged weights and non-finite probabilities, invalid training configs, file-system
@@ -8,6 +9,7 @@ and stale temporaries, truncated PNG data, concurrent writers, and the further i
 The promise is the one of tests/test_hostile_inputs.py: a correct output, or one line naming the
 input and the problem, with no traceback and no partial or orphaned file.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -42,10 +44,20 @@ def png_bytes(width: int, height: int, raw: bytes, colour: int = 0) -> bytes:
     """A PNG whose IDAT holds `raw` (filtered scanlines) compressed, whatever the header claims."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str], names: str | None = None) -> str:
@@ -65,34 +77,68 @@ def files_in(folder: Path) -> list[str]:
 def prompt_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     root = tmp_path_factory.mktemp("prompts")
     image, mask = disk_example(np.random.default_rng(1), (40, 48))
-    return ["--prompt", str(write_png(root / "p.png", image)), str(write_png(root / "p_mask.png", mask * 255))]
+    return [
+        "--prompt",
+        str(write_png(root / "p.png", image)),
+        str(write_png(root / "p_mask.png", mask * 255)),
+    ]
 
 
 @pytest.fixture(scope="module")
 def query(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_png(tmp_path_factory.mktemp("queries") / "q.png", disk_example(np.random.default_rng(2), (36, 44))[0])
+    return write_png(
+        tmp_path_factory.mktemp("queries") / "q.png",
+        disk_example(np.random.default_rng(2), (36, 44))[0],
+    )
 
 
-def segment_argv(prompt_args: list[str], queries: list[Path], out: Path, checkpoint: Path, *extra: str) -> list[str]:
-    return ["segment", *prompt_args, "--query", *map(str, queries), "--out", str(out), "--checkpoint", str(checkpoint),
-            "--no-progress", *extra]
+def segment_argv(
+    prompt_args: list[str], queries: list[Path], out: Path, checkpoint: Path, *extra: str
+) -> list[str]:
+    return [
+        "segment",
+        *prompt_args,
+        "--query",
+        *map(str, queries),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(checkpoint),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `code` in a fresh single-threaded interpreter with the repository importable."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    return subprocess.run([sys.executable, "-c", code, *args], check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # 1. Sizes claimed by headers; out of memory
 
 
-def test_tiny_png_claiming_9000x9000_is_refused_before_decoding(prompt_args: list[str], tiny_checkpoint: Path,  # noqa: F811
-                                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """An ~80-byte PNG whose header claims 9000x9000 pixels (and whose data stream ends cleanly): one
-    line naming it, before the 81 MB it claims are decoded."""
+def test_tiny_png_claiming_9000x9000_is_refused_before_decoding(
+    prompt_args: list[str],
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An ~80-byte PNG whose header claims 9000x9000 pixels (and whose data stream ends cleanly):
+    one line naming it, before the 81 MB it claims are decoded."""
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_bytes(9000, 9000, b"\0" * 9001 * 4))
     assert bomb.stat().st_size < 120
@@ -105,10 +151,14 @@ def test_tiny_png_claiming_9000x9000_is_refused_before_decoding(prompt_args: lis
 
 
 def test_npy_and_npz_headers_claiming_more_than_the_file_holds(tmp_path: Path) -> None:
-    """A .npy header claiming 9000x9000 over 16 bytes of data, and an .npz member claiming far more than
-    its compressed bytes can hold: refused from the header."""
+    """A .npy header claiming 9000x9000 over 16 bytes of data, and an .npz member claiming far more
+    than its compressed bytes can hold: refused from the header."""
     np.save(tmp_path / "small.npy", np.zeros((4, 4), np.uint8))
-    raw = (tmp_path / "small.npy").read_bytes().replace(b"'shape': (4, 4), ", b"'shape': (9000, 9000),")
+    raw = (
+        (tmp_path / "small.npy")
+        .read_bytes()
+        .replace(b"'shape': (4, 4), ", b"'shape': (9000, 9000),")
+    )
     (tmp_path / "lying.npy").write_bytes(raw)
     with pytest.raises(InputError, match="lying.npy: unreadable or corrupt image .truncated"):
         read_image(tmp_path / "lying.npy")
@@ -121,11 +171,15 @@ def test_npy_and_npz_headers_claiming_more_than_the_file_holds(tmp_path: Path) -
 
 
 def test_pixel_limit_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PROMPTSEG_MAX_PIXELS bounds what a header may claim (PNG and NIfTI alike); a bad value is one line."""
+    """PROMPTSEG_MAX_PIXELS bounds what a header may claim (PNG and NIfTI alike); a bad value is one
+    line."""
     path = write_png(tmp_path / "image.png", np.zeros((40, 50), np.uint8))
     assert read_image(path).array.shape == (40, 50)
     monkeypatch.setenv("PROMPTSEG_MAX_PIXELS", "1999")
-    with pytest.raises(InputError, match="image.png: too large: the header claims 2000 pixels, more than the limit of 1999"):
+    with pytest.raises(
+        InputError,
+        match="image.png: too large: the header claims 2000 pixels, more than the limit of 1999",
+    ):
         read_image(path)
     monkeypatch.setenv("PROMPTSEG_MAX_PIXELS", "lots")
     with pytest.raises(InputError, match="PROMPTSEG_MAX_PIXELS: must be a positive integer"):
@@ -138,7 +192,8 @@ import numpy as np
 from PIL import Image
 from promptseg.cli import main
 import promptseg.cli.segment  # commands load lazily: this one (and torch) before the limit
-Image.fromarray(np.full((5000, 5000), 7, np.uint8)).save(sys.argv[1])  # 25 MB decoded, float64 copies: 200 MB each
+# 25 MB decoded, float64 copies: 200 MB each
+Image.fromarray(np.full((5000, 5000), 7, np.uint8)).save(sys.argv[1])
 with open("/proc/self/status") as status:
     used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
 resource.setrlimit(resource.RLIMIT_AS, (used + 160 * 2**20, resource.RLIM_INFINITY))
@@ -146,12 +201,17 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_running_out_of_memory_is_one_line_naming_the_query(prompt_args: list[str], tiny_checkpoint: Path,  # noqa: F811
-                                                            tmp_path: Path) -> None:
-    """Under an address-space limit the decoded query fits in but its preparation does not: exit 2 with
-    one line naming the query (not a MemoryError traceback), and no output."""
+def test_running_out_of_memory_is_one_line_naming_the_query(
+    prompt_args: list[str],
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Under an address-space limit the decoded query fits in but its preparation does not: exit 2
+    with one line naming the query (not a MemoryError traceback), and no output."""
     big, out = tmp_path / "big.png", tmp_path / "out"
-    done = run_python(OUT_OF_MEMORY, str(big), *segment_argv(prompt_args, [big], out, tiny_checkpoint))
+    done = run_python(
+        OUT_OF_MEMORY, str(big), *segment_argv(prompt_args, [big], out, tiny_checkpoint)
+    )
     lines = done.stderr.splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith(f"promptseg: error: {big}: not enough memory"), lines
@@ -163,34 +223,69 @@ def test_running_out_of_memory_is_one_line_naming_the_query(prompt_args: list[st
 
 
 def with_config(source: Path, target: Path, config_json: str) -> Path:
-    """A copy of the weights file `source` with its model-config metadata replaced by `config_json`."""
-    save_file(load_file(str(source)), str(target), metadata={CONFIG_KEY: config_json, "format": "promptseg-weights-v1"})
+    """A copy of the weights file `source` with its model-config metadata replaced by
+    `config_json`."""
+    save_file(
+        load_file(str(source)),
+        str(target),
+        metadata={CONFIG_KEY: config_json, "format": "promptseg-weights-v1"},
+    )
     return target
 
 
 BAD_MODEL_FIELDS = [
-    {"head_dim": 0}, {"head_dim": -16}, {"widths": [-8, 16, 32, 32]}, {"widths": []}, {"widths": 8},
-    {"resolution": 0}, {"resolution": 10**9}, {"resolution": 32.5}, {"mlp_ratio": 1e9}, {"mlp_ratio": "2"},
-    {"attention_depth": 10**6}, {"attention_depth": 0}, {"attention_stages": [7]}, {"max_prompts": 0},
-    {"num_prompt_types": 2}, {"label_propagation": "yes"}, {"blocks_per_stage": -1}, {"extra": []},
+    {"head_dim": 0},
+    {"head_dim": -16},
+    {"widths": [-8, 16, 32, 32]},
+    {"widths": []},
+    {"widths": 8},
+    {"resolution": 0},
+    {"resolution": 10**9},
+    {"resolution": 32.5},
+    {"mlp_ratio": 1e9},
+    {"mlp_ratio": "2"},
+    {"attention_depth": 10**6},
+    {"attention_depth": 0},
+    {"attention_stages": [7]},
+    {"max_prompts": 0},
+    {"num_prompt_types": 2},
+    {"label_propagation": "yes"},
+    {"blocks_per_stage": -1},
+    {"extra": []},
 ]
 
 
 @pytest.mark.parametrize("change", BAD_MODEL_FIELDS, ids=[json.dumps(c) for c in BAD_MODEL_FIELDS])
-def test_invalid_model_config_in_a_checkpoint_is_one_line(change: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_invalid_model_config_in_a_checkpoint_is_one_line(
+    change: dict, tiny_checkpoint: Path, tmp_path: Path
+) -> None:  # noqa: F811
     """Every field's type and range is checked before anything is built (attention_depth 10**6 would
     otherwise build a million blocks)."""
-    path = with_config(tiny_checkpoint, tmp_path / "bad.safetensors", json.dumps({**TINY_CONFIG.to_dict(), **change}))
+    path = with_config(
+        tiny_checkpoint,
+        tmp_path / "bad.safetensors",
+        json.dumps({**TINY_CONFIG.to_dict(), **change}),
+    )
     started = time.perf_counter()
     with pytest.raises(CheckpointError) as error:
         load_model(path)
     assert time.perf_counter() - started < 5
     message = str(error.value)
-    assert "\n" not in message and message.startswith(f"{path}: invalid model config") and next(iter(change)) in message
+    assert (
+        "\n" not in message
+        and message.startswith(f"{path}: invalid model config")
+        and next(iter(change)) in message
+    )
 
 
 def test_deeply_nested_model_config_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
-    nested = json.dumps(TINY_CONFIG.to_dict())[:-1] + ', "extra": {"a": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    nested = (
+        json.dumps(TINY_CONFIG.to_dict())[:-1]
+        + ', "extra": {"a": '
+        + "[" * 100_000
+        + "]" * 100_000
+        + "}}"
+    )
     with pytest.raises(CheckpointError, match="nested too deeply"):
         load_model(with_config(tiny_checkpoint, tmp_path / "deep.safetensors", nested))
 
@@ -208,13 +303,23 @@ except CheckpointError as error:
 
 
 def test_config_implying_far_more_parameters_than_stored_is_refused_before_allocating(
-        tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
-    """A valid config of about 10**10 parameters over the tiny model's tensors: refused by comparing names
-    and shapes on a storage-less model, within a 3 GiB address space (allocating it would need 40 GB)."""
-    config = {**TINY_CONFIG.to_dict(), "widths": [4096] * 4, "head_dim": 64, "attention_depth": 64, "resolution": 64}
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:  # noqa: F811
+    """A valid config of about 10**10 parameters over the tiny model's tensors: refused by comparing
+    names and shapes on a storage-less model, within a 3 GiB address space (allocating it would need
+    40 GB)."""
+    config = {
+        **TINY_CONFIG.to_dict(),
+        "widths": [4096] * 4,
+        "head_dim": 64,
+        "attention_depth": 64,
+        "resolution": 64,
+    }
     path = with_config(tiny_checkpoint, tmp_path / "huge.safetensors", json.dumps(config))
     done = run_python(HUGE_CONFIG, str(path))
-    assert done.returncode == 0 and "checkpoint of another configuration" in done.stdout, done.stderr[-3000:]
+    assert done.returncode == 0 and "checkpoint of another configuration" in done.stdout, (
+        done.stderr[-3000:]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,11 +335,16 @@ def damaged(tensor: torch.Tensor, damage: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("damage", ["nan", "inf", "1e30", "int8", "bool"])
-def test_damaged_weight_values_are_refused_at_load(damage: str, tiny_checkpoint: Path, tmp_path: Path,  # noqa: F811
-                                                   prompt_args: list[str], query: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """Weights full of NaN, Inf or 1e30, or of an integer or bool type: one line naming the file and the
-    tensor, and no output (they used to give a 100% NaN probability file with exit 0)."""
+def test_damaged_weight_values_are_refused_at_load(
+    damage: str,
+    tiny_checkpoint: Path,
+    tmp_path: Path,  # noqa: F811
+    prompt_args: list[str],
+    query: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Weights full of NaN, Inf or 1e30, or of an integer or bool type: one line naming the file and
+    the tensor, and no output (they used to give a 100% NaN probability file with exit 0)."""
     tensors = {name: damaged(t, damage) for name, t in load_file(str(tiny_checkpoint)).items()}
     path = tmp_path / "damaged.safetensors"
     save_file(tensors, str(path), metadata={CONFIG_KEY: TINY_CONFIG.to_json()})
@@ -246,9 +356,14 @@ def test_damaged_weight_values_are_refused_at_load(damage: str, tiny_checkpoint:
     assert files_in(out) == []
 
 
-def test_non_finite_probabilities_are_never_written(prompt_args: list[str], query: Path, tiny_checkpoint: Path,  # noqa: F811
-                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_finite_probabilities_are_never_written(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import promptseg.cli.segment as segment_command
 
     def nan_prediction(data, segmenter, prompts, axis, threshold):
@@ -256,7 +371,9 @@ def test_non_finite_probabilities_are_never_written(prompt_args: list[str], quer
 
     monkeypatch.setattr(segment_command, "predict", nan_prediction)
     out = tmp_path / "out"
-    assert main(segment_argv(prompt_args, [query], out, tiny_checkpoint, "--save-probabilities")) == 2
+    assert (
+        main(segment_argv(prompt_args, [query], out, tiny_checkpoint, "--save-probabilities")) == 2
+    )
     assert "non-finite probabilities" in one_error_line(capsys, str(query))
     assert files_in(out) == []
 
@@ -266,25 +383,57 @@ def test_non_finite_probabilities_are_never_written(prompt_args: list[str], quer
 
 
 BAD_TRAINING_VALUES = [
-    {"checkpoint_every": 0}, {"shots": [0, 4]}, {"shots": [4, 1]}, {"shots": [1, 65]}, {"shots": "lots"},
-    {"episodes_per_step": 0}, {"queries": 0}, {"lr": float("nan")}, {"lr": -1}, {"steps": "lots"}, {"steps": -5},
-    {"attention_kernel": "fastest"}, {"val_every": 0}, {"val_shots": 0}, {"axis": 3}, {"synthetic_fraction": 2},
-    {"grad_clip": float("inf")}, {"loader_workers": -1}, {"seed": -1}, {"mixed_precision": "yes"},
-    {"model": {"head_dim": 0}}, {"model": [1, 2]},
+    {"checkpoint_every": 0},
+    {"shots": [0, 4]},
+    {"shots": [4, 1]},
+    {"shots": [1, 65]},
+    {"shots": "lots"},
+    {"episodes_per_step": 0},
+    {"queries": 0},
+    {"lr": float("nan")},
+    {"lr": -1},
+    {"steps": "lots"},
+    {"steps": -5},
+    {"attention_kernel": "fastest"},
+    {"val_every": 0},
+    {"val_shots": 0},
+    {"axis": 3},
+    {"synthetic_fraction": 2},
+    {"grad_clip": float("inf")},
+    {"loader_workers": -1},
+    {"seed": -1},
+    {"mixed_precision": "yes"},
+    {"model": {"head_dim": 0}},
+    {"model": [1, 2]},
 ]
 
 
 @pytest.mark.parametrize("change", BAD_TRAINING_VALUES, ids=[str(c) for c in BAD_TRAINING_VALUES])
-def test_invalid_training_config_is_one_line_and_trains_nothing(change: dict, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """Each bad value: exit 2 with one line naming the file and the key, and no run folder (steps: -5
-    used to write an untrained model with exit 0)."""
+def test_invalid_training_config_is_one_line_and_trains_nothing(
+    change: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each bad value: exit 2 with one line naming the file and the key, and no run folder (steps:
+    -5 used to write an untrained model with exit 0)."""
     import yaml
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load(TINY_TRAIN.read_text()), **change}))
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     line = one_error_line(capsys, str(config))
     assert f"{next(iter(change))}:" in line
     assert not out.exists()
@@ -297,16 +446,32 @@ def test_training_config_built_in_code_is_checked_by_the_trainer(tmp_path: Path)
     from promptseg.train.trainer import Trainer
 
     with pytest.raises(InputError, match="training config: steps: must be an integer in 1.."):
-        Trainer(dataclasses.replace(TrainConfig.load(TINY_TRAIN), steps=-5), [], tmp_path, progress=False)
+        Trainer(
+            dataclasses.replace(TrainConfig.load(TINY_TRAIN), steps=-5),
+            [],
+            tmp_path,
+            progress=False,
+        )
     assert files_in(tmp_path) == []
 
 
 # --------------------------------------------------------------------------------------------------
-# 5-7. Training: file-system failures, damaged resume state, resuming before a checkpoint, stale temporaries
+# 5-7. Training: file-system failures, damaged resume state, resuming before a checkpoint, stale
+# temporaries
 
 
 def train_argv(out: Path, *extra: str) -> list[str]:
-    return ["train", "--config", str(TINY_TRAIN), "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+    return [
+        "train",
+        "--config",
+        str(TINY_TRAIN),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -316,9 +481,27 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("run")
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({**yaml.safe_load(TINY_TRAIN.read_text()), "steps": 2, "checkpoint_every": 1}))
+    config.write_text(
+        yaml.safe_dump(
+            {**yaml.safe_load(TINY_TRAIN.read_text()), "steps": 2, "checkpoint_every": 1}
+        )
+    )
     out = root / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -329,7 +512,9 @@ def copy_run(run: Path, target: Path) -> Path:
     return target
 
 
-def test_train_out_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_out_that_is_a_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     out.write_text("not a folder")
     assert main(train_argv(out)) == 2
@@ -337,10 +522,16 @@ def test_train_out_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.Cap
     assert out.read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("errno_, text", [(28, "No space left on device"), (30, "Read-only file system")])
-def test_disk_full_or_read_only_at_a_checkpoint_is_one_line(errno_: int, text: str, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "errno_, text", [(28, "No space left on device"), (30, "Read-only file system")]
+)
+def test_disk_full_or_read_only_at_a_checkpoint_is_one_line(
+    errno_: int,
+    text: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from promptseg.train import checkpoint
 
     def failing_save_file(tensors, filename, metadata=None):
@@ -350,7 +541,11 @@ def test_disk_full_or_read_only_at_a_checkpoint_is_one_line(errno_: int, text: s
     out = tmp_path / "run"
     assert main(train_argv(out, "--steps", "1")) == 2
     line = one_error_line(capsys)
-    assert "training stopped, cannot write the run folder" in line and text in line and str(out) in line
+    assert (
+        "training stopped, cannot write the run folder" in line
+        and text in line
+        and str(out) in line
+    )
     assert not [name for name in files_in(out) if name.startswith(".")]
 
 
@@ -369,21 +564,26 @@ def wrong_shaped_optimizer_tensor(run: Path) -> None:
     tensors = load_file(str(run / "step-2.safetensors"))
     name = next(n for n in tensors if n.endswith(".exp_avg") and tensors[n].dim() >= 2)
     tensors[name] = tensors[name].flatten()[:-1].clone()
-    save_file(tensors, str(run / "step-2.safetensors"), metadata={CONFIG_KEY: TINY_CONFIG.to_json()})
+    save_file(
+        tensors, str(run / "step-2.safetensors"), metadata={CONFIG_KEY: TINY_CONFIG.to_json()}
+    )
 
 
 RESUME_DAMAGE = {
     "step -5": lambda run: damage_meta(run, lambda data: data.update(step=-5)),
     "step 2.5": lambda run: damage_meta(run, lambda data: data.update(step=2.5)),
     "betas out of range": lambda run: damage_meta(run, set_betas),
-    "negative learning rate": lambda run: damage_meta(run, lambda data: data["param_groups"][1].update(lr=-1.0)),
+    "negative learning rate": lambda run: damage_meta(
+        run, lambda data: data["param_groups"][1].update(lr=-1.0)
+    ),
     "wrong-shaped optimizer tensor": wrong_shaped_optimizer_tensor,
 }
 
 
 @pytest.mark.parametrize("damage", list(RESUME_DAMAGE))
-def test_damaged_resume_state_is_one_line(damage: str, finished_run: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_damaged_resume_state_is_one_line(
+    damage: str, finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = copy_run(finished_run, tmp_path / "run")
     RESUME_DAMAGE[damage](run)
     assert main(train_argv(run, "--resume", "--steps", "3")) == 2
@@ -395,7 +595,9 @@ def test_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path: Path) 
     again at step 0, and log.jsonl holds each step once (the stopped run's 3 steps used to stay)."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "log.jsonl").write_text("".join(json.dumps({"step": n, "loss": 1.0}) + "\n" for n in (1, 2, 3)))
+    (out / "log.jsonl").write_text(
+        "".join(json.dumps({"step": n, "loss": 1.0}) + "\n" for n in (1, 2, 3))
+    )
     assert main(train_argv(out, "--resume", "--steps", "4")) == 0
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -408,9 +610,11 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_stale_checkpoint_temporaries_are_swept_on_resume(finished_run: Path, tmp_path: Path) -> None:
-    """A checkpoint temporary that a SIGKILLed run left behind is removed by the next run; a temporary
-    of a live process and a user's hidden file are kept."""
+def test_stale_checkpoint_temporaries_are_swept_on_resume(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    """A checkpoint temporary that a SIGKILLed run left behind is removed by the next run; a
+    temporary of a live process and a user's hidden file are kept."""
     run = copy_run(finished_run, tmp_path / "run")
     stale = run / f".step-3.promptseg-{dead_pid()}-abcd1234.safetensors"
     live = run / f".step-3.promptseg-{os.getppid()}-abcd1234.safetensors"
@@ -436,11 +640,17 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
-def test_sigterm_or_sighup_while_writing_leaves_no_file(signame: str, code: int, prompt_args: list[str], query: Path,
-                                                        tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
-    """The signal arrives once the probability file's temporary is written: exit 128 + N after the same
-    clean-up as Ctrl-C, with neither the mask, the probabilities nor a temporary left (they used to
-    stay, and a rerun refused "output exists")."""
+def test_sigterm_or_sighup_while_writing_leaves_no_file(
+    signame: str,
+    code: int,
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+) -> None:  # noqa: F811
+    """The signal arrives once the probability file's temporary is written: exit 128 + N after the
+    same clean-up as Ctrl-C, with neither the mask, the probabilities nor a temporary left (they
+    used to stay, and a rerun refused "output exists")."""
     out = tmp_path / "out"
     argv = segment_argv(prompt_args, [query], out, tiny_checkpoint, "--save-probabilities")
     done = run_python(SIGNAL_WHILE_WRITING, signame, *argv)
@@ -449,8 +659,9 @@ def test_sigterm_or_sighup_while_writing_leaves_no_file(signame: str, code: int,
     assert files_in(out) == []
 
 
-def test_stale_output_temporaries_are_swept_by_the_next_segment_run(prompt_args: list[str], query: Path,
-                                                                   tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_stale_output_temporaries_are_swept_by_the_next_segment_run(
+    prompt_args: list[str], query: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:  # noqa: F811
     out = tmp_path / "out"
     out.mkdir()
     stale = out / f".q_prob.promptseg-{dead_pid()}-x1y2z3w4.npy"
@@ -463,13 +674,21 @@ def test_stale_output_temporaries_are_swept_by_the_next_segment_run(prompt_args:
 # 8. Truncated image data
 
 
-def test_png_whose_pixel_data_ends_cleanly_half_way_is_refused(prompt_args: list[str], tiny_checkpoint: Path,  # noqa: F811
-                                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A 64x64 PNG whose compressed stream ends (cleanly) after 32 rows: Pillow fills the rest with zeros
-    and the image used to be segmented as complete."""
+def test_png_whose_pixel_data_ends_cleanly_half_way_is_refused(
+    prompt_args: list[str],
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 64x64 PNG whose compressed stream ends (cleanly) after 32 rows: Pillow fills the rest with
+    zeros and the image used to be segmented as complete."""
     half = tmp_path / "half.png"
     half.write_bytes(png_bytes(64, 64, b"".join(b"\0" + bytes([200] * 64) for _ in range(32))))
-    with pytest.raises(InputError, match="half.png: unreadable or corrupt image .truncated: the pixel data holds 2080 of the 4160"):
+    with pytest.raises(
+        InputError,
+        match="half.png: unreadable or corrupt image .truncated: the pixel data holds 2080 of the "
+        "4160",
+    ):
         read_image(half)
     out = tmp_path / "out"
     assert main(segment_argv(prompt_args, [half], out, tiny_checkpoint)) == 2
@@ -477,9 +696,20 @@ def test_png_whose_pixel_data_ends_cleanly_half_way_is_refused(prompt_args: list
     assert files_in(out) == []
 
 
-@pytest.mark.parametrize("mode, options", [("L", {}), ("RGB", {"interlace": 1}), ("P", {"interlace": 1}), ("1", {}),
-                                           ("I;16", {}), ("RGBA", {})])
-def test_complete_pngs_of_every_layout_pass_the_truncation_check(mode: str, options: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("L", {}),
+        ("RGB", {"interlace": 1}),
+        ("P", {"interlace": 1}),
+        ("1", {}),
+        ("I;16", {}),
+        ("RGBA", {}),
+    ],
+)
+def test_complete_pngs_of_every_layout_pass_the_truncation_check(
+    mode: str, options: dict, tmp_path: Path
+) -> None:
     """The row count of the check follows bit depth, channels and Adam7 interlacing."""
     rgb = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     path = tmp_path / "image.png"
@@ -492,16 +722,18 @@ def test_complete_pngs_of_every_layout_pass_the_truncation_check(mode: str, opti
 
 
 def test_a_querys_files_are_moved_into_place_together_under_a_folder_lock(tmp_path: Path) -> None:
-    """While another process holds the output folder's lock, a group of files is written to temporaries
-    but none is moved into place; once the lock is free all of them are (so two --overwrite runs can no
-    longer mix one query's files)."""
+    """While another process holds the output folder's lock, a group of files is written to
+    temporaries but none is moved into place; once the lock is free all of them are (so two
+    --overwrite runs can no longer mix one query's files)."""
     from promptseg.data.io import png_writer
     from promptseg.files import atomic_write_group
 
     folder = tmp_path / "out"
     folder.mkdir()
-    outputs = [(folder / "q_mask.png", png_writer(np.zeros((4, 4), np.uint8))),
-               (folder / "q_overlay.png", png_writer(np.zeros((4, 4, 3), np.uint8)))]
+    outputs = [
+        (folder / "q_mask.png", png_writer(np.zeros((4, 4), np.uint8))),
+        (folder / "q_overlay.png", png_writer(np.zeros((4, 4, 3), np.uint8))),
+    ]
     holder = os.open(folder, os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_EX)
     writer = threading.Thread(target=atomic_write_group, args=(outputs, True))
@@ -520,14 +752,31 @@ def test_a_querys_files_are_moved_into_place_together_under_a_folder_lock(tmp_pa
 
 
 @pytest.mark.parametrize("shots", ["0", "65"])
-def test_bench_shots_outside_the_prompt_limit_is_one_line(shots: str, tiny_checkpoint: Path,  # noqa: F811
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["bench", "--slices", "2", "--repeats", "1", "--shots", shots, "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+def test_bench_shots_outside_the_prompt_limit_is_one_line(
+    shots: str,
+    tiny_checkpoint: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "bench",
+        "--slices",
+        "2",
+        "--repeats",
+        "1",
+        "--shots",
+        shots,
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 2
     assert "--shots: must lie in 1..64" in one_error_line(capsys)
 
 
-def test_eval_queries_zero_and_out_folder_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_queries_zero_and_out_folder_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Refused before any model or dataset is loaded (--data names a folder that does not exist)."""
     base = ["eval", "--data", str(tmp_path / "none"), "--episodes", "1", "--no-progress"]
     assert main([*base, "--queries", "0"]) == 2
@@ -536,11 +785,18 @@ def test_eval_queries_zero_and_out_folder_are_one_line(tmp_path: Path, capsys: p
     assert "is a folder" in one_error_line(capsys, str(tmp_path))
 
 
-@pytest.mark.parametrize("text", ['{"labels": {"background": 0, "liver": 1' + "0" * 5000 + "}}",
-                                  '{"labels": {"1' + "0" * 5000 + '": "liver"}}',
-                                  '{"labels": {"liver": 99999999999}}',
-                                  '{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}"])
-def test_dataset_json_with_huge_integers_or_deep_nesting_is_one_line(text: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"labels": {"background": 0, "liver": 1' + "0" * 5000 + "}}",
+        '{"labels": {"1' + "0" * 5000 + '": "liver"}}',
+        '{"labels": {"liver": 99999999999}}',
+        '{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+)
+def test_dataset_json_with_huge_integers_or_deep_nesting_is_one_line(
+    text: str, tmp_path: Path
+) -> None:
     from promptseg.data.layouts import open_dataset
 
     root = tmp_path / "Dataset001"
@@ -558,8 +814,11 @@ def test_dataset_json_with_huge_integers_or_deep_nesting_is_one_line(text: str, 
 # 13. Python API gaps
 
 
-def test_soft_float_mask_array_is_refused_not_taken_as_all_foreground(tiny_checkpoint: Path) -> None:  # noqa: F811
-    """A soft mask (0.3 outside the disk) used to make the whole image the prompt; 0/1 floats still work."""
+def test_soft_float_mask_array_is_refused_not_taken_as_all_foreground(
+    tiny_checkpoint: Path,
+) -> None:  # noqa: F811
+    """A soft mask (0.3 outside the disk) used to make the whole image the prompt; 0/1 floats still
+    work."""
     from promptseg.engine.segmenter import Segmenter
 
     segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
@@ -588,7 +847,9 @@ def test_jpeg_mask_is_thresholded_at_half_its_range_with_a_warning(tmp_path: Pat
     _, mask = disk_example(np.random.default_rng(5), (96, 96))
     path = tmp_path / "mask.jpg"
     Image.fromarray(mask * 255).save(path, quality=60)
-    assert (np.asarray(Image.open(path)) > 0).sum() > mask.sum() * 1.02  # the ringing the reader must not keep
+    assert (
+        np.asarray(Image.open(path)) > 0
+    ).sum() > mask.sum() * 1.02  # the ringing the reader must not keep
     with pytest.warns(UserWarning, match="mask.jpg: JPEG is lossy"):
         label = read_label(path).array
     assert set(np.unique(label)) == {0, 255}
@@ -599,12 +860,28 @@ def test_jpeg_mask_is_thresholded_at_half_its_range_with_a_warning(tmp_path: Pat
 # 17. Existing report files
 
 
-def test_bench_out_keeps_an_existing_file_unless_overwrite(tiny_checkpoint: Path, tmp_path: Path,  # noqa: F811
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_out_keeps_an_existing_file_unless_overwrite(
+    tiny_checkpoint: Path,
+    tmp_path: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tmp_path / "bench.json"
     out.write_text("earlier figures")
-    argv = ["bench", "--slices", "2", "--repeats", "1", "--shots", "1", "--checkpoint", str(tiny_checkpoint),
-            "--device", "cpu", "--out", str(out)]
+    argv = [
+        "bench",
+        "--slices",
+        "2",
+        "--repeats",
+        "1",
+        "--shots",
+        "1",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     assert "output exists; pass --overwrite" in one_error_line(capsys, str(out))
     assert out.read_text() == "earlier figures"
@@ -613,11 +890,26 @@ def test_bench_out_keeps_an_existing_file_unless_overwrite(tiny_checkpoint: Path
 
 
 @pytest.mark.parametrize("option", ["--out", "--markdown", "--plot"])
-def test_eval_reports_keep_existing_files_unless_overwrite(option: str, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_reports_keep_existing_files_unless_overwrite(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     existing = tmp_path / "report"
     existing.write_text("earlier report")
-    assert main(["eval", "--data", str(tmp_path / "none"), "--episodes", "1", "--no-progress", option, str(existing)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--data",
+                str(tmp_path / "none"),
+                "--episodes",
+                "1",
+                "--no-progress",
+                option,
+                str(existing),
+            ]
+        )
+        == 2
+    )
     assert "output exists; pass --overwrite" in one_error_line(capsys, str(existing))
     assert existing.read_text() == "earlier report"
 
@@ -626,23 +918,38 @@ def test_eval_reports_keep_existing_files_unless_overwrite(option: str, tmp_path
 # 11. Stray stderr lines
 
 
-def test_nibabel_header_repairs_are_one_warning_each_not_stray_lines(prompt_args: list[str], tiny_checkpoint: Path,  # noqa: F811
-                                                                     tmp_path: Path) -> None:
-    """A NIfTI whose qform_code is invalid: nibabel repairs it and logs to stderr, once per read (twice per
-    query); now one `promptseg: warning:` line naming the file, and the query is segmented."""
+def test_nibabel_header_repairs_are_one_warning_each_not_stray_lines(
+    prompt_args: list[str],
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A NIfTI whose qform_code is invalid: nibabel repairs it and logs to stderr, once per read
+    (twice per query); now one `promptseg: warning:` line naming the file, and the query is
+    segmented."""
     import nibabel as nib
 
     path = tmp_path / "scan.nii"
-    nib.save(nib.Nifti1Image(np.random.default_rng(6).normal(size=(20, 24, 3)).astype(np.float32), np.eye(4)), path)
+    nib.save(
+        nib.Nifti1Image(
+            np.random.default_rng(6).normal(size=(20, 24, 3)).astype(np.float32), np.eye(4)
+        ),
+        path,
+    )
     raw = bytearray(path.read_bytes())
     raw[252:254] = struct.pack("<h", 7)  # qform_code 7: not a valid code
     path.write_bytes(bytes(raw))
     out = tmp_path / "out"
-    done = run_python("import sys; from promptseg.cli import main; sys.exit(main(sys.argv[1:]))",
-                      *segment_argv(prompt_args, [path], out, tiny_checkpoint))
+    done = run_python(
+        "import sys; from promptseg.cli import main; sys.exit(main(sys.argv[1:]))",
+        *segment_argv(prompt_args, [path], out, tiny_checkpoint),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.splitlines() == [(f"promptseg: warning: {path}: damaged header field repaired on reading "
-                                        "(qform_code 7 not valid; setting to 0)")]
+    assert done.stderr.splitlines() == [
+        (
+            f"promptseg: warning: {path}: damaged header field repaired on reading "
+            "(qform_code 7 not valid; setting to 0)"
+        )
+    ]
     assert files_in(out) == ["scan_mask.nii.gz"]
 
 
@@ -657,7 +964,9 @@ def test_click_at_1e308_gives_no_overflow_warning(tiny_checkpoint: Path) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(InputError, match="the click lies outside the image"):
-            segmenter.encode_prompts([Prompt(image=image, kind="click", points=[(1e308, 5.0)], name="image")])
+            segmenter.encode_prompts(
+                [Prompt(image=image, kind="click", points=[(1e308, 5.0)], name="image")]
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,9 +974,9 @@ def test_click_at_1e308_gives_no_overflow_warning(tiny_checkpoint: Path) -> None
 
 
 def test_volume_overlay_is_built_from_the_slices_it_shows(tmp_path: Path) -> None:
-    """Mask and overlay of a (64, 64, 256) volume: NumPy memory of a few bytes per voxel for the mask
-    itself, where the whole-volume label map behind the overlay used to add about 23 (int64 argmax,
-    values, maxima)."""
+    """Mask and overlay of a (64, 64, 256) volume: NumPy memory of a few bytes per voxel for the
+    mask itself, where the whole-volume label map behind the overlay used to add about 23 (int64
+    argmax, values, maxima)."""
     import argparse
     import tracemalloc
 
@@ -676,9 +985,15 @@ def test_volume_overlay_is_built_from_the_slices_it_shows(tmp_path: Path) -> Non
 
     rng = np.random.default_rng(8)
     shape = (64, 64, 256)
-    volume = ImageData(rng.integers(-1000, 1000, shape).astype(np.int16), True, np.eye(4), None, "scan.nii.gz")
+    volume = ImageData(
+        rng.integers(-1000, 1000, shape).astype(np.int16), True, np.eye(4), None, "scan.nii.gz"
+    )
     result = LabelResult((1,), rng.random((1, *shape), dtype=np.float32), 0.5)
-    job = QueryJob("scan.nii.gz", True, {"mask": str(tmp_path / "m.nii.gz"), "overlay": str(tmp_path / "o.png")})
+    job = QueryJob(
+        "scan.nii.gz",
+        True,
+        {"mask": str(tmp_path / "m.nii.gz"), "overlay": str(tmp_path / "o.png")},
+    )
     args = argparse.Namespace(threshold=0.5, axis=2, overwrite=False)
     tracemalloc.start()
     try:
@@ -694,7 +1009,9 @@ def test_volume_overlay_is_built_from_the_slices_it_shows(tmp_path: Path) -> Non
 # 9. Orientation through affines
 
 
-def test_the_same_scan_stored_lps_or_ras_gives_the_same_result_in_each_grid(tiny_checkpoint: Path) -> None:  # noqa: F811
+def test_the_same_scan_stored_lps_or_ras_gives_the_same_result_in_each_grid(
+    tiny_checkpoint: Path,
+) -> None:  # noqa: F811
     """One scan stored RAS and stored LPS (first two axes reversed, affine to match: the same world
     geometry) is segmented identically, each result in its own voxel grid; a prompt slice stored LPS
     is turned like the queries."""
@@ -709,17 +1026,25 @@ def test_the_same_scan_stored_lps_or_ras_gives_the_same_result_in_each_grid(tiny
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:2, 3] = [ras.shape[0] - 1, ras.shape[1] - 1]
     lps, lps_affine = ras[::-1, ::-1].copy(), ras_affine @ flip
-    np.testing.assert_allclose(lps_affine @ [0, 0, 0, 1], ras_affine @ [ras.shape[0] - 1, ras.shape[1] - 1, 0, 1])
+    np.testing.assert_allclose(
+        lps_affine @ [0, 0, 0, 1], ras_affine @ [ras.shape[0] - 1, ras.shape[1] - 1, 0, 1]
+    )
     assert np.array_equal(canonical_view(lps, lps_affine), ras)
     image, mask = disk_example(rng, (24, 20))
     prompts = segmenter.encode_prompts([image], [mask])
-    from_ras = segmenter.segment_volume(ImageData(ras, True, ras_affine, None, "ras.nii.gz"), prompts).probabilities
-    from_lps = segmenter.segment_volume(ImageData(lps, True, lps_affine, None, "lps.nii.gz"), prompts).probabilities
+    from_ras = segmenter.segment_volume(
+        ImageData(ras, True, ras_affine, None, "ras.nii.gz"), prompts
+    ).probabilities
+    from_lps = segmenter.segment_volume(
+        ImageData(lps, True, lps_affine, None, "lps.nii.gz"), prompts
+    ).probabilities
     assert from_lps.shape == lps.shape
     np.testing.assert_array_equal(from_lps[::-1, ::-1], from_ras)
 
 
-def test_a_prompt_slice_stored_lps_encodes_like_the_same_slice_stored_ras(tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_prompt_slice_stored_lps_encodes_like_the_same_slice_stored_ras(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:  # noqa: F811
     import nibabel as nib
 
     from promptseg.engine.segmenter import Segmenter
@@ -730,7 +1055,10 @@ def test_a_prompt_slice_stored_lps_encodes_like_the_same_slice_stored_ras(tiny_c
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:2, 3] = [23, 19]
     paths = {}
-    for name, affine, turn in (("ras", np.eye(4), lambda a: a), ("lps", flip, lambda a: a[::-1, ::-1])):
+    for name, affine, turn in (
+        ("ras", np.eye(4), lambda a: a),
+        ("lps", flip, lambda a: a[::-1, ::-1]),
+    ):
         paths[name] = []
         for kind, array in (("image", image), ("mask", mask)):
             path = tmp_path / f"{name}_{kind}.nii.gz"
@@ -776,7 +1104,10 @@ def test_prompts_encoded_by_another_model_are_one_line(tiny_checkpoint: Path) ->
     from promptseg.model import ModelConfig, PromptSegNet
 
     ours = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
-    other = Segmenter(PromptSegNet(ModelConfig(**{**TINY_CONFIG.to_dict(), "widths": (8, 16, 48, 48)})), device="cpu")
+    other = Segmenter(
+        PromptSegNet(ModelConfig(**{**TINY_CONFIG.to_dict(), "widths": (8, 16, 48, 48)})),
+        device="cpu",
+    )
     image, mask = disk_example(np.random.default_rng(12), (24, 20))
     with pytest.raises(InputError, match="prompts: were encoded by another Segmenter"):
         ours.segment([image], other.encode_prompts([image], [mask]))
@@ -786,13 +1117,14 @@ def test_prompts_encoded_by_another_model_are_one_line(tiny_checkpoint: Path) ->
 EXPORT_A_LINEAR = """
 import torch
 from promptseg.export.onnx_export import trace
-trace(torch.nn.Linear(3, 2), (torch.zeros(2, 3),), ["x"], ["y"], {"input": {0: torch.export.Dim("batch")}}, 18)
+dynamic = {"input": {0: torch.export.Dim("batch")}}
+trace(torch.nn.Linear(3, 2), (torch.zeros(2, 3),), ["x"], ["y"], dynamic, 18)
 """
 
 
 def test_onnx_export_prints_no_torchvision_lines() -> None:
-    """The exporter's registry used to print "torchvision is not installed. Skipping ..." to stderr once
-    per torchvision operator (eight lines per export) on machines without torchvision."""
+    """The exporter's registry used to print "torchvision is not installed. Skipping ..." to stderr
+    once per torchvision operator (eight lines per export) on machines without torchvision."""
     done = run_python(EXPORT_A_LINEAR)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torchvision" not in done.stderr

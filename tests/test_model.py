@@ -1,4 +1,6 @@
-"""PromptSegNet: shapes, prompt-order invariance, prompt-cache equivalence, size budget, backends."""
+"""PromptSegNet: shapes, prompt-order invariance, prompt-cache equivalence, size budget,
+backends."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,12 +9,20 @@ import torch
 from promptseg.kernels import cross_attention
 from promptseg.model import ModelConfig, PromptSegNet, count_parameters
 
-TINY = ModelConfig(resolution=32, widths=(8, 16, 32, 32), blocks_per_stage=1, attention_depth=1, head_dim=16,
-                   label_propagation=True)
+TINY = ModelConfig(
+    resolution=32,
+    widths=(8, 16, 32, 32),
+    blocks_per_stage=1,
+    attention_depth=1,
+    head_dim=16,
+    label_propagation=True,
+)
 ATOL = 1e-4  # float32 differences from reordering sums
 
 
-def prompt_set(groups: int, shots: int, config: ModelConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prompt_set(
+    groups: int, shots: int, config: ModelConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     r, c = config.resolution, config.in_channels
     images = torch.rand(groups, shots, c, r, r, generator=g)
@@ -85,8 +95,16 @@ def test_reference_and_sdpa_backends_agree(model: PromptSegNet) -> None:
 
 
 def test_one_channel_and_bottleneck_configuration() -> None:
-    config = ModelConfig(resolution=32, in_channels=1, widths=(8, 16, 32, 32), blocks_per_stage=1,
-                         attention_depth=1, head_dim=16, bottleneck_tokens=4, label_propagation=False)
+    config = ModelConfig(
+        resolution=32,
+        in_channels=1,
+        widths=(8, 16, 32, 32),
+        blocks_per_stage=1,
+        attention_depth=1,
+        head_dim=16,
+        bottleneck_tokens=4,
+        label_propagation=False,
+    )
     model = PromptSegNet(config).eval()
     images, maps, types = prompt_set(1, 3, config, seed=7)
     with torch.no_grad():
@@ -110,6 +128,7 @@ def test_gradients_reach_the_prompt_side(model: PromptSegNet) -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
     model.zero_grad(set_to_none=True)
+
 
 def test_reference_gives_zero_rows_and_gradients_for_an_empty_group() -> None:
     q = torch.randn(2, 1, 3, 4, dtype=torch.float64, requires_grad=True)

@@ -1,5 +1,6 @@
 """Label propagation: agreement with a float64 formula, label transfer by an untrained model,
 config checks and the optimiser's weight-decay groups."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY_CONFIG, disk_example
 
-from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.layers import sincos_position_encoding
+from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model.propagation import (
     LabelPropagation,
     probability_logit,
@@ -19,15 +20,24 @@ from promptseg.model.propagation import (
 from promptseg.train.trainer import decay_groups
 
 
-def float64_propagation(module: LabelPropagation, prompt_tokens: torch.Tensor, fractions: torch.Tensor,
-                        query_tokens: torch.Tensor, pos: torch.Tensor, valid: int) -> torch.Tensor:
+def float64_propagation(
+    module: LabelPropagation,
+    prompt_tokens: torch.Tensor,
+    fractions: torch.Tensor,
+    query_tokens: torch.Tensor,
+    pos: torch.Tensor,
+    valid: int,
+) -> torch.Tensor:
     """Direct float64 formula for one group: softmax over the first `valid` prompt tokens of
     temperature * cosine(query, prompt) per head, times the label fractions. -> (B, H, T)."""
     m = module.double()
     heads = prompt_tokens.shape[-1] // m.head_dim
 
     def unit(tokens: torch.Tensor) -> torch.Tensor:
-        x = m.projection(F.layer_norm(tokens.double(), tokens.shape[-1:], m.norm.weight, m.norm.bias) + pos.double())
+        x = m.projection(
+            F.layer_norm(tokens.double(), tokens.shape[-1:], m.norm.weight, m.norm.bias)
+            + pos.double()
+        )
         return F.normalize(x.reshape(*x.shape[:-1], heads, m.head_dim), dim=-1)
 
     k = unit(prompt_tokens).reshape(-1, heads, m.head_dim)[:valid]  # (K*T, H, D)
@@ -48,7 +58,9 @@ def test_propagation_matches_float64_formula(valid_prompts: int) -> None:
     k, v = module.prompt_keys(prompt_tokens, pos, fractions, groups=1)
     lengths = torch.tensor([valid_prompts * side * side])
     got = module(query_tokens, pos, k, v, lengths)
-    expected = float64_propagation(module, prompt_tokens, fractions, query_tokens, pos, valid_prompts * side * side)
+    expected = float64_propagation(
+        module, prompt_tokens, fractions, query_tokens, pos, valid_prompts * side * side
+    )
     assert got.shape == (5, dim // head_dim, side * side)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)  # float32 accumulation
 
@@ -85,14 +97,18 @@ def test_propagation_labels_leave_what_a_click_or_scribble_does_not_touch_unknow
     maps = torch.from_numpy((rng.random((4, 16, 16)) < 0.05).astype(np.float32))
     types = torch.tensor([PROMPT_TYPES[name] for name in ("mask", "box", "click", "scribble")])
     labels = propagation_labels(maps, types, (4, 4))
-    cells = maps.reshape(4, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(4, 16, 16)  # (N, token, pixel)
+    cells = (
+        maps.reshape(4, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(4, 16, 16)
+    )  # (N, token, pixel)
     fraction = cells.double().mean(dim=-1)
     touched = cells.amax(dim=-1).double()
     assert labels.shape == (4, 16)
     torch.testing.assert_close(labels[:2].double(), fraction[:2])
     torch.testing.assert_close(labels[2:].double(), 0.5 + 0.5 * touched[2:])
     # Without sparse_unknown (the shipped weights' setting) every kind reads like a mask.
-    torch.testing.assert_close(propagation_labels(maps, types, (4, 4), sparse_unknown=False).double(), fraction)
+    torch.testing.assert_close(
+        propagation_labels(maps, types, (4, 4), sparse_unknown=False).double(), fraction
+    )
 
 
 def test_probability_logit_is_finite_and_inverts_sigmoid() -> None:

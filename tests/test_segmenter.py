@@ -1,13 +1,14 @@
 """Segmenter: packaged weights, 2D and 3D inference back in the input's size, the prompt cache."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from promptseg import Prompt, Segmenter
-from promptseg.model.weights import packaged_weights_path
 from promptseg.errors import InputError
 from promptseg.model import count_parameters
+from promptseg.model.weights import packaged_weights_path
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,9 @@ def test_segment_returns_each_query_at_its_own_size(segmenter: Segmenter) -> Non
     mixed = segmenter.segment_each([image, other], prompts)
     assert [m.shape for m in mixed] == [(90, 70), (40, 50)]
     np.testing.assert_array_equal(mixed[0], same[0])
-    with pytest.raises(InputError, match=r"query 1: size 50x40 differs from query 0's 70x90; .* use segment_each"):
+    with pytest.raises(
+        InputError, match=r"query 1: size 50x40 differs from query 0's 70x90; .* use segment_each"
+    ):
         segmenter.segment([image, other], prompts)
 
 
@@ -54,7 +57,9 @@ def test_prompt_cache_reuses_an_encoding(segmenter: Segmenter) -> None:
 def test_volume_keeps_its_grid_and_matches_slice_by_slice(segmenter: Segmenter) -> None:
     rng = np.random.default_rng(2)
     volume = rng.random((40, 36, 6)).astype(np.float32)
-    prompts = segmenter.encode_prompts([Prompt(image=volume[:, :, 0], kind="box", box=(5, 5, 20, 25))])
+    prompts = segmenter.encode_prompts(
+        [Prompt(image=volume[:, :, 0], kind="box", box=(5, 5, 20, 25))]
+    )
     result = segmenter.segment_volume(volume, prompts, axis=2)
     assert result.probabilities.shape == volume.shape
     one = segmenter.segment([volume[:, :, 3]], prompts)[0]

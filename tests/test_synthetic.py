@@ -1,10 +1,17 @@
 """Synthetic examples, tasks and the 3D phantom."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from promptseg.data.synthetic import phantom_volume, render, sample_style, synthetic_example, synthetic_task
+from promptseg.data.synthetic import (
+    phantom_volume,
+    render,
+    sample_style,
+    synthetic_example,
+    synthetic_task,
+)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

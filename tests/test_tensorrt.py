@@ -14,6 +14,7 @@ Tolerances (max |logit error| over all pixels, logits of the tiny model span abo
         these K and B (bfloat16: 5.9e-2); TensorRT keeps some layers in float32, so 5e-2 leaves
         a ~6x margin. Dice of the masks (logit > 0) >= 0.98: eager float16 reached >= 0.999.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,12 +31,28 @@ import torch
 from promptseg.engine.backends import backend_availability
 from promptseg.engine.backends.base import FlatPromptState
 from promptseg.engine.backends.tensorrt_backend import TensorRTBackend, check_sidecar, torch_dtype
+from promptseg.engine.backends.tensorrt_runtime import (
+    SIDECAR_NAME,
+    import_tensorrt,
+    read_sidecar,
+    strongly_typed,
+    tensorrt_module,
+)
 from promptseg.errors import InputError, PromptSegError
 from promptseg.export.graphs import (
-    PROMPT_INPUT_NAMES, QUERY_INPUT_NAME, PromptEncoderGraph, QueryDecoderGraph, encoding_names, example_inputs,
+    PROMPT_INPUT_NAMES,
+    QUERY_INPUT_NAME,
+    PromptEncoderGraph,
+    QueryDecoderGraph,
+    encoding_names,
+    example_inputs,
 )
-from promptseg.export.tensorrt_build import _builder_config, build_engines, onnx_dtype_for, profile_shapes
-from promptseg.engine.backends.tensorrt_runtime import SIDECAR_NAME, import_tensorrt, read_sidecar, strongly_typed, tensorrt_module
+from promptseg.export.tensorrt_build import (
+    _builder_config,
+    build_engines,
+    onnx_dtype_for,
+    profile_shapes,
+)
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.weights import load_model, weights_sha256
 from tests.helpers import TINY_CONFIG, disk_example, tiny_checkpoint  # noqa: F401
@@ -60,8 +77,19 @@ MAX_BATCH, MAX_PROMPTS = 8, 8
 
 @pytest.mark.parametrize(
     "config",
-    [TINY_CONFIG, ModelConfig(), ModelConfig(resolution=32, widths=(8, 16, 32, 32), head_dim=16, attention_depth=1,
-                                             blocks_per_stage=1, bottleneck_tokens=4, label_propagation=False)],
+    [
+        TINY_CONFIG,
+        ModelConfig(),
+        ModelConfig(
+            resolution=32,
+            widths=(8, 16, 32, 32),
+            head_dim=16,
+            attention_depth=1,
+            blocks_per_stage=1,
+            bottleneck_tokens=4,
+            label_propagation=False,
+        ),
+    ],
     ids=["tiny", "default", "tiny-bottleneck"],
 )
 def test_profile_shapes_match_the_eager_graphs(config: ModelConfig) -> None:
@@ -91,9 +119,11 @@ def test_profile_shapes_match_the_eager_graphs(config: ModelConfig) -> None:
 
 @pytest.fixture()
 def fake_onnx_dir(tmp_path: Path) -> Path:
-    """Two empty ONNX graphs carrying export_onnx's metadata for the tiny model: enough for the checks
-    build_engines makes before TensorRT runs."""
-    onnx_export = pytest.importorskip("promptseg.export.onnx_export", reason="the ONNX exporter needs onnx")
+    """Two empty ONNX graphs carrying export_onnx's metadata for the tiny model: enough for the
+    checks build_engines makes before TensorRT runs."""
+    onnx_export = pytest.importorskip(
+        "promptseg.export.onnx_export", reason="the ONNX exporter needs onnx"
+    )
     helper = onnx_export.onnx.helper
     torch.manual_seed(0)
     model = PromptSegNet(TINY_CONFIG)
@@ -114,17 +144,23 @@ def fake_onnx_dir(tmp_path: Path) -> Path:
         ({"max_prompts": TINY_CONFIG.max_prompts + 1}, "max_prompts"),
     ],
 )
-def test_build_engines_rejects_bad_arguments(fake_onnx_dir: Path, options: dict, source: str) -> None:
+def test_build_engines_rejects_bad_arguments(
+    fake_onnx_dir: Path, options: dict, source: str
+) -> None:
     with pytest.raises(InputError) as caught:
         build_engines(fake_onnx_dir, fake_onnx_dir / "out", **options)
     assert caught.value.source == source and "\n" not in str(caught.value)
 
 
-def test_build_engines_names_missing_onnx_and_refuses_to_overwrite(fake_onnx_dir: Path, tmp_path: Path) -> None:
+def test_build_engines_names_missing_onnx_and_refuses_to_overwrite(
+    fake_onnx_dir: Path, tmp_path: Path
+) -> None:
     with pytest.raises(InputError, match="prompt_encoder.onnx: ONNX graph not found"):
         build_engines(tmp_path / "nowhere", tmp_path / "out")
     (fake_onnx_dir / "prompt_encoder.plan").write_bytes(b"old")
-    with pytest.raises(InputError, match="prompt_encoder.plan: output exists; pass --overwrite to replace it"):
+    with pytest.raises(
+        InputError, match="prompt_encoder.plan: output exists; pass --overwrite to replace it"
+    ):
         build_engines(fake_onnx_dir, fake_onnx_dir)
     assert (fake_onnx_dir / "prompt_encoder.plan").read_bytes() == b"old"
 
@@ -134,7 +170,9 @@ def test_build_engines_without_tensorrt_says_why(fake_onnx_dir: Path) -> None:
     with pytest.raises(PromptSegError) as caught:
         build_engines(fake_onnx_dir, fake_onnx_dir / "out")
     message = str(caught.value)
-    assert message.startswith("tensorrt export needs the tensorrt package (TensorRT 10 or 11) and a CUDA GPU: ")
+    assert message.startswith(
+        "tensorrt export needs the tensorrt package (TensorRT 10 or 11) and a CUDA GPU: "
+    )
     assert "\n" not in message and not (fake_onnx_dir / "out").exists()
 
 
@@ -151,7 +189,9 @@ def test_sidecar_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / SIDECAR_NAME).write_text("{not json")
     with pytest.raises(InputError, match="unreadable TensorRT sidecar"):
         read_sidecar(tmp_path)
-    pytest.importorskip("onnx", reason="the weights digest lives in the ONNX exporter, which needs onnx")
+    pytest.importorskip(
+        "onnx", reason="the weights digest lives in the ONNX exporter, which needs onnx"
+    )
     model = PromptSegNet(TINY_CONFIG)
     other = ModelConfig(resolution=64, widths=(8, 16, 32, 32), head_dim=16)
     with pytest.raises(InputError, match=r"another model configuration \(differs in .*resolution"):
@@ -176,8 +216,11 @@ def test_torch_dtype_mapping() -> None:
 def test_onnx_export_feeds_the_builder(tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
     """build_engines finds export_onnx's files and reads the config and weights digest from their
     metadata; the graphs' input names and static dimensions agree with the profile shapes."""
-    onnx_export = pytest.importorskip("promptseg.export.onnx_export", reason="the ONNX exporter needs onnx")
-    from promptseg.export.graphs import GRAPH_ROLES as ROLES, graph_path as onnx_path
+    onnx_export = pytest.importorskip(
+        "promptseg.export.onnx_export", reason="the ONNX exporter needs onnx"
+    )
+    from promptseg.export.graphs import GRAPH_ROLES as ROLES
+    from promptseg.export.graphs import graph_path as onnx_path
     from promptseg.export.tensorrt_build import read_graph_metadata
 
     model = load_model(tiny_checkpoint)
@@ -187,16 +230,29 @@ def test_onnx_export_feeds_the_builder(tiny_checkpoint: Path, tmp_path: Path) ->
     config, metadata = read_graph_metadata(sources)
     assert config == TINY_CONFIG and metadata["weights_sha256"] == weights_sha256(model)
     profile = profile_shapes(TINY_CONFIG, (1, 2, 5), (1, 3, 3))
-    expected = {"prompt_encoder": set(PROMPT_INPUT_NAMES), "query_decoder": {QUERY_INPUT_NAME, *encoding_names(config)}}
+    expected = {
+        "prompt_encoder": set(PROMPT_INPUT_NAMES),
+        "query_decoder": {QUERY_INPUT_NAME, *encoding_names(config)},
+    }
     for role, path in sources.items():
         inputs = onnx_export.onnx.load(str(path)).graph.input
         assert {value.name for value in inputs} == expected[role]
         for value in inputs:
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+            dims = [
+                d.dim_value if d.HasField("dim_value") else -1
+                for d in value.type.tensor_type.shape.dim
+            ]
             for level in profile[value.name]:
-                assert len(dims) == len(level) and all(d in (-1, s) for d, s in zip(dims, level)), value.name
-    swapped = {"prompt_encoder": sources["query_decoder"], "query_decoder": sources["prompt_encoder"]}
-    with pytest.raises(InputError, match="holds the query_decoder graph, expected the prompt_encoder"):
+                assert len(dims) == len(level) and all(d in (-1, s) for d, s in zip(dims, level)), (
+                    value.name
+                )
+    swapped = {
+        "prompt_encoder": sources["query_decoder"],
+        "query_decoder": sources["prompt_encoder"],
+    }
+    with pytest.raises(
+        InputError, match="holds the query_decoder graph, expected the prompt_encoder"
+    ):
         read_graph_metadata(swapped)
 
 
@@ -204,11 +260,16 @@ def test_onnx_export_feeds_the_builder(tiny_checkpoint: Path, tmp_path: Path) ->
 
 
 def stand_in_tensorrt(version: str) -> ModuleType:
-    """A module object named tensorrt with `version` and the builder-flag enum of that major release:
-    FP16 and BF16 exist up to TensorRT 10 and were removed in 11 (getattr raises AttributeError)."""
+    """A module object named tensorrt with `version` and the builder-flag enum of that major
+    release: FP16 and BF16 exist up to TensorRT 10 and were removed in 11 (getattr raises
+    AttributeError)."""
     module = ModuleType("tensorrt")
     module.__version__ = version
-    flags = {"TF32": "TF32"} if version.startswith("11") else {"TF32": "TF32", "FP16": "FP16", "BF16": "BF16"}
+    flags = (
+        {"TF32": "TF32"}
+        if version.startswith("11")
+        else {"TF32": "TF32", "FP16": "FP16", "BF16": "BF16"}
+    )
     module.BuilderFlag = SimpleNamespace(**flags)
     module.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
     return module
@@ -239,10 +300,20 @@ class RecordingBuilderConfig:
 
 @pytest.mark.parametrize(
     ("version", "supported"),
-    [("10.0.1", True), ("10.13.3.9", True), ("11.4.0.9", True), ("9.3.0", False), ("12.0.0", False), ("rc", False)],
+    [
+        ("10.0.1", True),
+        ("10.13.3.9", True),
+        ("11.4.0.9", True),
+        ("9.3.0", False),
+        ("12.0.0", False),
+        ("rc", False),
+    ],
 )
-def test_tensorrt_version_guard(monkeypatch: pytest.MonkeyPatch, version: str, supported: bool) -> None:
-    """TensorRT 10 and 11 are used; any other version (or an unreadable one) is refused in one line."""
+def test_tensorrt_version_guard(
+    monkeypatch: pytest.MonkeyPatch, version: str, supported: bool
+) -> None:
+    """TensorRT 10 and 11 are used; any other version (or an unreadable one) is refused in one
+    line."""
     stand_in = stand_in_tensorrt(version)
     monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
     trt, why = tensorrt_module()
@@ -269,7 +340,8 @@ def test_builder_flags_follow_the_tensorrt_version(precision: str) -> None:
 
 
 def test_onnx_dtype_for_each_tensorrt_version() -> None:
-    """The export an engine is built from: float32 on TensorRT 10; the engine's dtype on 11, bf16 refused."""
+    """The export an engine is built from: float32 on TensorRT 10; the engine's dtype on 11, bf16
+    refused."""
     ten, eleven = stand_in_tensorrt("10.13.0"), stand_in_tensorrt("11.4.0")
     assert not strongly_typed(ten) and strongly_typed(eleven)
     assert [onnx_dtype_for(p, ten) for p in ("fp32", "fp16", "bf16")] == ["float32"] * 3
@@ -279,12 +351,16 @@ def test_onnx_dtype_for_each_tensorrt_version() -> None:
     assert "\n" not in str(caught.value)
 
 
-def test_tensorrt_11_refuses_a_graph_of_another_dtype(fake_onnx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensorrt_11_refuses_a_graph_of_another_dtype(
+    fake_onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On TensorRT 11 an fp16 build from the float32 export is refused in one line naming the graph,
     before any builder call, and bf16 is refused outright; nothing is written."""
     monkeypatch.setitem(sys.modules, "tensorrt", stand_in_tensorrt("11.4.0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(InputError, match="prompt_encoder.onnx: is a float32 graph.*fp16 engine needs a float16") as caught:
+    with pytest.raises(
+        InputError, match="prompt_encoder.onnx: is a float32 graph.*fp16 engine needs a float16"
+    ) as caught:
         build_engines(fake_onnx_dir, fake_onnx_dir / "out", precision="fp16")
     assert "\n" not in str(caught.value)
     with pytest.raises(PromptSegError, match="bf16 engines need TensorRT 10"):
@@ -295,13 +371,26 @@ def test_tensorrt_11_refuses_a_graph_of_another_dtype(fake_onnx_dir: Path, monke
 # --- TensorRT on a CUDA GPU ------------------------------------------------------------------
 
 
-def disk_inputs(shots: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt images (1, K, 3, 32, 32), masks (1, K, 32, 32), types (1, K) and queries (B, 3, 32, 32) of noisy disks."""
+def disk_inputs(
+    shots: int, batch: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt images (1, K, 3, 32, 32), masks (1, K, 32, 32), types (1, K) and queries (B, 3, 32,
+    32) of noisy disks."""
     rng = np.random.default_rng(seed)
     pairs = [disk_example(rng, (TINY_CONFIG.resolution,) * 2) for _ in range(shots + batch)]
-    images = torch.tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32)[:, None].repeat(1, 3, 1, 1) / 255
+    images = (
+        torch.tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32)[:, None].repeat(
+            1, 3, 1, 1
+        )
+        / 255
+    )
     masks = torch.tensor(np.stack([p[1] for p in pairs]), dtype=torch.float32)
-    return images[:shots][None], masks[:shots][None], torch.ones(1, shots, dtype=torch.long), images[shots:]
+    return (
+        images[:shots][None],
+        masks[:shots][None],
+        torch.ones(1, shots, dtype=torch.long),
+        images[shots:],
+    )
 
 
 def dice(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -329,8 +418,15 @@ def engines(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         if not onnx_dir.exists():
             export_onnx(model, onnx_dir, dtype=getattr(torch, dtype))
         started = time.perf_counter()
-        build_engines(onnx_dir, root / precision, max_batch=MAX_BATCH, max_prompts=MAX_PROMPTS, opt_batch=5,
-                      precision=precision, timing_cache=cache)
+        build_engines(
+            onnx_dir,
+            root / precision,
+            max_batch=MAX_BATCH,
+            max_prompts=MAX_PROMPTS,
+            opt_batch=5,
+            precision=precision,
+            timing_cache=cache,
+        )
         result[f"{precision}_seconds"] = time.perf_counter() - started
         result[f"{precision}_cache_bytes"] = cache.stat().st_size
     return result
@@ -340,7 +436,9 @@ def engines(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("shots", [1, 4, 8])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_engines_match_the_eager_model(engines: dict, precision: str, shots: int, batch: int) -> None:
+def test_engines_match_the_eager_model(
+    engines: dict, precision: str, shots: int, batch: int
+) -> None:
     model = engines["model"]
     backend = TensorRTBackend(model, torch.device("cuda"), engine_dir=engines["root"] / precision)
     images, maps, types, queries = disk_inputs(shots, batch, seed=10 * shots + batch)
@@ -349,7 +447,11 @@ def test_engines_match_the_eager_model(engines: dict, precision: str, shots: int
     state = backend.encode(images, maps, types)
     assert isinstance(state, FlatPromptState) and all(t.is_cuda for t in state.tensors)
     logits = backend.decode(queries, state)
-    assert logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.shape == expected.shape
+    assert (
+        logits.dtype == torch.float32
+        and logits.device.type == "cpu"
+        and logits.shape == expected.shape
+    )
     error = float((logits - expected).abs().max())
     if precision == "fp32":
         assert error <= FP32_TOLERANCE, error
@@ -360,10 +462,12 @@ def test_engines_match_the_eager_model(engines: dict, precision: str, shots: int
 
 @needs_tensorrt
 def test_engine_io_types_follow_the_tensorrt_version(engines: dict) -> None:
-    """The runner reads the engines' I/O types from TensorRT: float32 inputs and logits on TensorRT 10
-    (flags lower only inner layers); on 11 the fp16 engine keeps the float16 graph's types, and the
-    backend still returns float32 logits."""
-    backend = TensorRTBackend(engines["model"], torch.device("cuda"), engine_dir=engines["root"] / "fp16")
+    """The runner reads the engines' I/O types from TensorRT: float32 inputs and logits on TensorRT
+    10 (flags lower only inner layers); on 11 the fp16 engine keeps the float16 graph's types, and
+    the backend still returns float32 logits."""
+    backend = TensorRTBackend(
+        engines["model"], torch.device("cuda"), engine_dir=engines["root"] / "fp16"
+    )
     expected = getattr(torch, onnx_dtype_for("fp16", _TRT))
     assert backend.encoder.dtypes[PROMPT_INPUT_NAMES[0]] == expected
     assert backend.decoder.dtypes[QUERY_INPUT_NAME] == expected
@@ -381,12 +485,24 @@ def test_timing_cache_is_written_and_reused(engines: dict) -> None:
     assert second["timing_cache_bytes_loaded"] == engines["fp32_cache_bytes"]
     assert engines["fp16_cache_bytes"] >= engines["fp32_cache_bytes"]
     started = time.perf_counter()
-    build_engines(engines["root"] / "onnx", engines["root"] / "fp32-again", max_batch=MAX_BATCH,
-                  max_prompts=MAX_PROMPTS, opt_batch=5, precision="fp32", timing_cache=engines["cache"])
+    build_engines(
+        engines["root"] / "onnx",
+        engines["root"] / "fp32-again",
+        max_batch=MAX_BATCH,
+        max_prompts=MAX_PROMPTS,
+        opt_batch=5,
+        precision="fp32",
+        timing_cache=engines["cache"],
+    )
     rebuild = time.perf_counter() - started
-    print(f"fp32 build {engines['fp32_seconds']:.1f} s, fp16 {engines['fp16_seconds']:.1f} s, "
-          f"fp32 rebuild with the cache {rebuild:.1f} s")
-    assert read_sidecar(engines["root"] / "fp32-again")["timing_cache_bytes_loaded"] == engines["fp16_cache_bytes"]
+    print(
+        f"fp32 build {engines['fp32_seconds']:.1f} s, fp16 {engines['fp16_seconds']:.1f} s, "
+        f"fp32 rebuild with the cache {rebuild:.1f} s"
+    )
+    assert (
+        read_sidecar(engines["root"] / "fp32-again")["timing_cache_bytes_loaded"]
+        == engines["fp16_cache_bytes"]
+    )
 
 
 @needs_tensorrt
@@ -396,10 +512,15 @@ def test_sidecar_describes_the_engines(engines: dict) -> None:
     sidecar = read_sidecar(engines["root"] / "fp16")
     config = engines["model"].config
     assert sidecar["precision"] == "fp16" and sidecar["tensorrt_version"] == _TRT.__version__
-    assert (sidecar["resolution"], sidecar["in_channels"]) == (config.resolution, config.in_channels)
+    assert (sidecar["resolution"], sidecar["in_channels"]) == (
+        config.resolution,
+        config.in_channels,
+    )
     assert ModelConfig.from_dict(sidecar["config"]) == config
     assert sidecar["weights_sha256"] == weights_sha256(engines["model"])
-    assert sidecar["onnx_dtype"] == onnx_dtype_for("fp16", _TRT)  # float16 on TensorRT 11, float32 on 10
+    assert sidecar["onnx_dtype"] == onnx_dtype_for(
+        "fp16", _TRT
+    )  # float16 on TensorRT 11, float32 on 10
     shapes = profile_shapes(config, (1, 5, MAX_BATCH), (1, 4, MAX_PROMPTS))
     assert set(sidecar["profiles"]["prompt_encoder"]) == set(PROMPT_INPUT_NAMES)
     assert set(sidecar["profiles"]["query_decoder"]) == {QUERY_INPUT_NAME, *encoding_names(config)}
@@ -407,19 +528,28 @@ def test_sidecar_describes_the_engines(engines: dict) -> None:
         for name, levels in entries.items():
             assert [tuple(levels[k]) for k in ("min", "opt", "max")] == list(shapes[name]), name
     with pytest.raises(InputError, match="built for fp16, not fp32"):
-        TensorRTBackend(engines["model"], torch.device("cuda"), engine_dir=engines["root"] / "fp16", precision="fp32")
+        TensorRTBackend(
+            engines["model"],
+            torch.device("cuda"),
+            engine_dir=engines["root"] / "fp16",
+            precision="fp32",
+        )
 
 
 @needs_tensorrt
 def test_batches_beyond_the_profile_are_refused(engines: dict) -> None:
-    backend = TensorRTBackend(engines["model"], torch.device("cuda"), engine_dir=engines["root"] / "fp32")
+    backend = TensorRTBackend(
+        engines["model"], torch.device("cuda"), engine_dir=engines["root"] / "fp32"
+    )
     assert (backend.max_batch, backend.max_prompts) == (MAX_BATCH, MAX_PROMPTS)
     images, maps, types, queries = disk_inputs(2, MAX_BATCH + 1, seed=0)
     state = backend.encode(images, maps, types)
     with pytest.raises(ValueError, match=f"exceeds the TensorRT engine's max_batch of {MAX_BATCH}"):
         backend.decode(queries, state)
     images, maps, types, _ = disk_inputs(MAX_PROMPTS + 1, 1, seed=0)
-    with pytest.raises(ValueError, match=f"exceed the TensorRT engine's max_prompts of {MAX_PROMPTS}"):
+    with pytest.raises(
+        ValueError, match=f"exceed the TensorRT engine's max_prompts of {MAX_PROMPTS}"
+    ):
         backend.encode(images, maps, types)
 
 
@@ -427,8 +557,14 @@ def test_batches_beyond_the_profile_are_refused(engines: dict) -> None:
 def test_backend_builds_its_own_engines(engines: dict) -> None:
     """Without engine_dir the backend exports and builds once, in a temporary folder."""
     model = engines["model"]
-    backend = TensorRTBackend(model, torch.device("cuda"), precision="fp32", max_batch=2, max_prompts=2,
-                              timing_cache=engines["cache"])
+    backend = TensorRTBackend(
+        model,
+        torch.device("cuda"),
+        precision="fp32",
+        max_batch=2,
+        max_prompts=2,
+        timing_cache=engines["cache"],
+    )
     images, maps, types, queries = disk_inputs(2, 2, seed=3)
     with torch.no_grad():
         expected = model.decode(queries, model.encode_prompts(images, maps, types))
@@ -449,6 +585,10 @@ def test_segmenter_runs_on_the_engines(engines: dict, monkeypatch: pytest.Monkey
     results = {}
     for backend, options in (("torch", {}), ("tensorrt", {"engine_dir": engines["root"] / "fp32"})):
         model = copy.deepcopy(engines["model"])  # the torch backend moves its model to the GPU
-        segmenter = Segmenter(model, device="cuda", backend=backend, backend_options=options, max_batch=MAX_BATCH)
-        results[backend] = segmenter.segment(queries, segmenter.encode_prompts(list(images), list(masks)))
+        segmenter = Segmenter(
+            model, device="cuda", backend=backend, backend_options=options, max_batch=MAX_BATCH
+        )
+        results[backend] = segmenter.segment(
+            queries, segmenter.encode_prompts(list(images), list(masks))
+        )
     assert np.abs(results["tensorrt"] - results["torch"]).max() <= FP32_TOLERANCE

@@ -1,4 +1,5 @@
 """Loading prebuilt TensorRT engines needs no onnx: the `gpu` extra does not install it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,6 +31,9 @@ print("ok")
 
 
 def test_engine_loading_path_imports_without_onnx() -> None:
-    """The TensorRT backend module imports, and checks a sidecar's weights digest, with onnx blocked."""
-    done = subprocess.run([sys.executable, "-c", BLOCK_ONNX_THEN_CHECK], capture_output=True, text=True, timeout=300)
+    """The TensorRT backend module imports, and checks a sidecar's weights digest, with onnx
+    blocked."""
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK_ONNX_THEN_CHECK], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

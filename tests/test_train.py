@@ -1,4 +1,5 @@
 """Training: the loss falls on synthetic tasks, checkpoints resume, torchrun/DDP runs with gloo."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from promptseg.train.checkpoint import load_run_model
 from promptseg.model.weights import load_model
+from promptseg.train.checkpoint import load_run_model
 from promptseg.train.config import TrainConfig
 from promptseg.train.trainer import Trainer, train
 
@@ -25,14 +26,25 @@ def read_log(run_dir: Path) -> list[dict]:
 
 
 def test_tiny_training_lowers_the_loss(tmp_path: Path) -> None:
-    """Plain synthetic episodes (no augmentation, mask prompts only): the loss must fall by > 10 %."""
-    config = dataclasses.replace(TINY, steps=200, warmup_steps=10, checkpoint_every=1000, lr=0.004,
-                                 task_augment=False, image_augment=False, sparse_fraction=0.0)
+    """Plain synthetic episodes (no augmentation, mask prompts only): the loss must fall by > 10
+    %."""
+    config = dataclasses.replace(
+        TINY,
+        steps=200,
+        warmup_steps=10,
+        checkpoint_every=1000,
+        lr=0.004,
+        task_augment=False,
+        image_augment=False,
+        sparse_fraction=0.0,
+    )
     train(config, [], tmp_path, device="cpu", progress=False)
     losses = [r["loss"] for r in read_log(tmp_path)]
     assert len(losses) == 200
     first, last = np.mean(losses[:30]), np.mean(losses[-30:])
-    assert last < 0.9 * first, f"loss did not fall: first 30 steps {first:.3f}, last 30 steps {last:.3f}"
+    assert last < 0.9 * first, (
+        f"loss did not fall: first 30 steps {first:.3f}, last 30 steps {last:.3f}"
+    )
     model = load_model(tmp_path / "final.safetensors")
     assert model.config == config.model_config()
 
@@ -64,9 +76,24 @@ def test_config_file_with_unknown_key_is_refused(tmp_path: Path) -> None:
 def test_torchrun_two_processes_with_gloo(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "promptseg", "train", "--config", str(REPO / "configs" / "tiny_test.yaml"),
-        "--out", str(tmp_path), "--steps", "4", "--device", "cpu", "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "promptseg",
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny_test.yaml"),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,5 +1,7 @@
-"""Training data: the packed dataset cache, the fixed case split, balanced and hardness-weighted task
-draws, batches built in worker processes, self-queried sparse episodes and sparse evaluation episodes."""
+"""Training data: the packed dataset cache, the fixed case split, balanced and hardness-weighted
+task draws, batches built in worker processes, self-queried sparse episodes and sparse evaluation
+episodes."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +33,9 @@ def disk_dataset(root: Path, name: str, cases: int, rgb: bool = False) -> Path:
             image = np.stack([image, 255 - image, image // 2], axis=-1)
         write_png(root / "images" / f"case{index:02d}.png", image)
         write_png(root / "labels" / f"case{index:02d}.png", mask)
-    (root / "dataset.json").write_text(json.dumps({"name": name, "labels": {"background": 0, "disk": 1}}))
+    (root / "dataset.json").write_text(
+        json.dumps({"name": name, "labels": {"background": 0, "disk": 1}})
+    )
     return root
 
 
@@ -63,7 +67,9 @@ def test_pack_round_trip_matches_the_decoded_data(tmp_path: Path, datasets: Path
     assert episode.prompt_images.shape == (2, 3, 32, 32)
 
 
-def test_pack_is_rebuilt_when_a_source_file_changes_and_usable_without_the_source(tmp_path: Path, datasets: Path) -> None:
+def test_pack_is_rebuilt_when_a_source_file_changes_and_usable_without_the_source(
+    tmp_path: Path, datasets: Path
+) -> None:
     cache = tmp_path / "cache"
     build_tasks([datasets / "grey"], 32, cache_dir=cache)
     label = datasets / "grey" / "labels" / "case00.png"
@@ -91,7 +97,9 @@ def test_case_split_is_disjoint_complete_and_stable(datasets: Path) -> None:
     split = held_cases("any", ids, 0.2)
     assert 20 <= split.sum() <= 60
     np.testing.assert_array_equal(split, held_cases("any", ids, 0.2))
-    np.testing.assert_array_equal(split[:50], held_cases("any", ids[:50], 0.2))  # independent of other cases
+    np.testing.assert_array_equal(
+        split[:50], held_cases("any", ids[:50], 0.2)
+    )  # independent of other cases
 
 
 def test_held_queries_are_prompted_from_training_cases(datasets: Path) -> None:
@@ -109,14 +117,22 @@ def test_held_queries_are_prompted_from_training_cases(datasets: Path) -> None:
             return bool((pool - image).abs().flatten(1).amax(dim=1).eq(0).any())
 
         for episode in fixed_episodes(task, shots=3, queries=2, count=3, seed=0):
-            assert all(among(image, held_images) and not among(image, train_images) for image in episode.query_images)
-            assert all(among(image, train_images) and not among(image, held_images) for image in episode.prompt_images)
+            assert all(
+                among(image, held_images) and not among(image, train_images)
+                for image in episode.query_images
+            )
+            assert all(
+                among(image, train_images) and not among(image, held_images)
+                for image in episode.prompt_images
+            )
 
 
 def test_base_weights_balance_datasets_then_labels() -> None:
     image = np.zeros((4, 1, 8, 8), np.uint8)
     masks = np.ones((4, 8, 8), bool)
-    tasks = [ArrayTask(f"a/{i}", "a", image, masks) for i in range(4)] + [ArrayTask("b/0", "b", image, masks)]
+    tasks = [ArrayTask(f"a/{i}", "a", image, masks) for i in range(4)] + [
+        ArrayTask("b/0", "b", image, masks)
+    ]
     np.testing.assert_allclose(base_task_weights(tasks), [0.125] * 4 + [0.5])
 
 
@@ -128,7 +144,10 @@ def test_hardness_weights_draw_harder_tasks_more_often() -> None:
     assert weights[1] > weights[2] > weights[0]
     clone = TaskHardness()
     clone.load_state(hardness.state())
-    np.testing.assert_allclose(clone.weights(["easy", "hard"], np.full(2, 0.5), 0.5), hardness.weights(["easy", "hard"], np.full(2, 0.5), 0.5))
+    np.testing.assert_allclose(
+        clone.weights(["easy", "hard"], np.full(2, 0.5), 0.5),
+        hardness.weights(["easy", "hard"], np.full(2, 0.5), 0.5),
+    )
 
 
 def test_sampler_follows_task_weights_and_refuses_bad_ones() -> None:
@@ -137,8 +156,16 @@ def test_sampler_follows_task_weights_and_refuses_bad_ones() -> None:
     masks = np.zeros((6, 16, 16), bool)
     masks[:, 4:12, 4:12] = True
     tasks = [ArrayTask("a/x", "a", images, masks), ArrayTask("b/y", "b", images, masks)]
-    sampler = EpisodeSampler(tasks, resolution=16, shots=(1, 1), queries=1, synthetic_fraction=0.0,
-                             task_augment=False, image_augment=False, sparse_fraction=0.0)
+    sampler = EpisodeSampler(
+        tasks,
+        resolution=16,
+        shots=(1, 1),
+        queries=1,
+        synthetic_fraction=0.0,
+        task_augment=False,
+        image_augment=False,
+        sparse_fraction=0.0,
+    )
     sampler.set_task_weights(np.array([0.0, 1.0]))
     assert {name for step in range(10) for name in sampler.sample_batch(step, 2).tasks} == {"b/y"}
     with pytest.raises(ValueError, match="task weights"):
@@ -158,8 +185,17 @@ def test_worker_batches_equal_in_process_batches() -> None:
 
 
 def test_self_queried_sparse_episode_queries_its_prompt_image() -> None:
-    sampler = EpisodeSampler([], resolution=32, shots=(1, 1), queries=2, synthetic_fraction=1.0, sparse_fraction=1.0,
-                             self_query_fraction=1.0, task_augment=False, image_augment=False)
+    sampler = EpisodeSampler(
+        [],
+        resolution=32,
+        shots=(1, 1),
+        queries=2,
+        synthetic_fraction=1.0,
+        sparse_fraction=1.0,
+        self_query_fraction=1.0,
+        task_augment=False,
+        image_augment=False,
+    )
     batch = sampler.sample_batch(0, 3)
     torch.testing.assert_close(batch.query_images[:, 0], batch.prompt_images[:, 0], rtol=0, atol=0)
     assert (batch.prompt_types > 1).all()  # click, box or scribble
@@ -168,8 +204,12 @@ def test_self_queried_sparse_episode_queries_its_prompt_image() -> None:
 @pytest.mark.parametrize("kind", ["click", "box", "scribble"])
 def test_sparse_evaluation_episodes(kind: str, datasets: Path) -> None:
     task = build_tasks([datasets / "grey"], 32)[0]
-    first = fixed_episodes(task, shots=1, queries=2, count=3, seed=0, prompt_kind=kind, query_prompts=True)
-    again = fixed_episodes(task, shots=1, queries=2, count=3, seed=0, prompt_kind=kind, query_prompts=True)
+    first = fixed_episodes(
+        task, shots=1, queries=2, count=3, seed=0, prompt_kind=kind, query_prompts=True
+    )
+    again = fixed_episodes(
+        task, shots=1, queries=2, count=3, seed=0, prompt_kind=kind, query_prompts=True
+    )
     for episode, same in zip(first, again):
         torch.testing.assert_close(episode.query_images, episode.prompt_images, rtol=0, atol=0)
         torch.testing.assert_close(episode.prompt_maps, same.prompt_maps, rtol=0, atol=0)
@@ -179,12 +219,35 @@ def test_sparse_evaluation_episodes(kind: str, datasets: Path) -> None:
         assert episode.prompt_maps.sum() < episode.query_masks.sum() or kind == "box"
 
 
-def test_eval_cli_scores_clicks_on_the_prompted_image(tmp_path: Path, datasets: Path, tiny_checkpoint: Path, capsys) -> None:  # noqa: F811
+def test_eval_cli_scores_clicks_on_the_prompted_image(
+    tmp_path: Path, datasets: Path, tiny_checkpoint: Path, capsys
+) -> None:  # noqa: F811
     out = tmp_path / "clicks.json"
-    code = main(["eval", "--data", str(datasets / "grey"), "--shots", "1", "--episodes", "2", "--prompt-kind", "click",
-                 "--query-prompts", "--methods", "promptseg", "nearest_prompt", "--checkpoint", str(tiny_checkpoint),
-                 "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--data",
+            str(datasets / "grey"),
+            "--shots",
+            "1",
+            "--episodes",
+            "2",
+            "--prompt-kind",
+            "click",
+            "--query-prompts",
+            "--methods",
+            "promptseg",
+            "nearest_prompt",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["settings"]["prompt_kind"] == "click" and report["settings"]["query_prompts"] is True
+    assert (
+        report["settings"]["prompt_kind"] == "click" and report["settings"]["query_prompts"] is True
+    )
     assert "click prompts" in capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""The fast training path: bf16 autocast with the propagation prior and CPU attention kept in float32,
-warm starts from a weights file with a cumulative compute record, and resume with hardness-weighted
-task draws."""
+"""The fast training path: bf16 autocast with the propagation prior and CPU attention kept in
+float32, warm starts from a weights file with a cumulative compute record, and resume with
+hardness-weighted task draws."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,12 +38,14 @@ def test_propagation_stays_float32_under_bf16_autocast() -> None:
         k16, v16 = layer.prompt_keys(prompt_tokens.bfloat16(), pos, fractions, groups=1)
         got = layer(tokens.bfloat16(), pos, k16, v16, None)
     assert k16.dtype == torch.float32 and got.dtype == torch.float32
-    # Only the bf16 rounding of the input tokens separates the two (logits reach the temperature, 150).
+    # Only the bf16 rounding of the input tokens separates the two (logits reach the temperature,
+    # 150).
     torch.testing.assert_close(got, expected, atol=0.08, rtol=0)
 
 
 def test_cpu_sdpa_computes_half_inputs_in_float32() -> None:
-    """bf16 q, k, v on the CPU: the result is bf16 and within bf16 rounding of a float64 reference."""
+    """bf16 q, k, v on the CPU: the result is bf16 and within bf16 rounding of a float64
+    reference."""
     generator = torch.Generator().manual_seed(1)
     q = torch.randn(4, 2, 10, 16, generator=generator)
     k = torch.randn(2, 2, 30, 16, generator=generator)
@@ -50,19 +53,35 @@ def test_cpu_sdpa_computes_half_inputs_in_float32() -> None:
     lengths = torch.tensor([30, 7])
     out = sdpa_cross_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), lengths)
     assert out.dtype == torch.bfloat16
-    expected = reference_cross_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), lengths)
+    expected = reference_cross_attention(
+        q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), lengths
+    )
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_bf16_training_step_lowers_the_loss_like_float32(tmp_path: Path) -> None:
     """The same 60 steps in float32 and in bf16 autocast (where this CPU has bf16; float32 again
     elsewhere): both lower the loss, and their mean losses agree within 10 %."""
-    config = dataclasses.replace(TINY, steps=60, warmup_steps=5, checkpoint_every=1000, lr=0.004,
-                                 task_augment=False, image_augment=False, sparse_fraction=0.0)
+    config = dataclasses.replace(
+        TINY,
+        steps=60,
+        warmup_steps=5,
+        checkpoint_every=1000,
+        lr=0.004,
+        task_augment=False,
+        image_augment=False,
+        sparse_fraction=0.0,
+    )
     means = []
     for precise in (False, True):
         run = tmp_path / f"mp{precise}"
-        train(dataclasses.replace(config, mixed_precision=precise), [], run, device="cpu", progress=False)
+        train(
+            dataclasses.replace(config, mixed_precision=precise),
+            [],
+            run,
+            device="cpu",
+            progress=False,
+        )
         losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
         assert np.mean(losses[-15:]) < np.mean(losses[:15])
         means.append(np.mean(losses[-30:]))
@@ -118,13 +137,16 @@ def test_resume_with_hardness_weighted_draws_is_exact(tmp_path: Path) -> None:
     thin = np.zeros_like(masks)
     thin[:, 15:17, 4:28] = True
     tasks = [ArrayTask("a/big", "a", images, masks), ArrayTask("b/thin", "b", images, thin)]
-    config = dataclasses.replace(TINY, steps=6, checkpoint_every=2, synthetic_fraction=0.2, hardness_mix=0.8)
+    config = dataclasses.replace(
+        TINY, steps=6, checkpoint_every=2, synthetic_fraction=0.2, hardness_mix=0.8
+    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(config, tasks, straight, device="cpu", progress=False)
     train(dataclasses.replace(config, steps=4), tasks, resumed, device="cpu", progress=False)
     trainer = Trainer(config, tasks, resumed, progress=False)
     assert trainer.resume() and trainer.step == 4 and trainer.hardness.losses
     trainer.run()
+
     def read(run: Path) -> list[float]:
         return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 

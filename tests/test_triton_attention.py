@@ -3,11 +3,13 @@
 Without CUDA the kernels run on the CPU through the Triton interpreter (TRITON_INTERPRET=1 must be
 set before triton / promptseg are imported, hence the environment line above the imports) on small
 shapes in fp32 and fp16. With CUDA they run natively on larger shapes and also in bf16.
-Every case checks the output and dq, dk, dv against `reference_cross_attention(compute_dtype=float64)`;
-the small-key-count cases check errors relative to max|reference|, so a wrong tail tile cannot hide
-under an absolute tolerance. Also here: the launch grids stay within CUDA's per-axis limits, the
-backend refuses a device it cannot run on, and the Triton version check.
+Every case checks the output and dq, dk, dv against
+`reference_cross_attention(compute_dtype=float64)`; the small-key-count cases check errors relative
+to max|reference|, so a wrong tail tile cannot hide under an absolute tolerance. Also here: the
+launch grids stay within CUDA's per-axis limits, the backend refuses a device it cannot run on, and
+the Triton version check.
 """
+
 import os
 import types
 from pathlib import Path
@@ -23,7 +25,9 @@ import pytest  # noqa: E402
 from promptseg.kernels import cross_attention  # noqa: E402
 from promptseg.kernels.reference import reference_cross_attention  # noqa: E402
 
-triton_attention = pytest.importorskip("promptseg.kernels.triton_attention", reason="triton is not installed")
+triton_attention = pytest.importorskip(
+    "promptseg.kernels.triton_attention", reason="triton is not installed"
+)
 _OK, _WHY = triton_attention.is_available()
 pytestmark = pytest.mark.skipif(not _OK, reason=_WHY or "triton backend unavailable")
 
@@ -41,49 +45,81 @@ RELATIVE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def make_inputs(
-    seed: int, batch: int, groups: int, heads: int, num_queries: int, num_keys: int, head_dim: int, dtype: torch.dtype
+    seed: int,
+    batch: int,
+    groups: int,
+    heads: int,
+    num_queries: int,
+    num_keys: int,
+    head_dim: int,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh random q (B, H, Nq, D), k, v (G, H, Nk, D) and upstream gradient dO (B, H, Nq, D)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(batch, heads, num_queries, head_dim), (groups, heads, num_keys, head_dim),
-              (groups, heads, num_keys, head_dim), (batch, heads, num_queries, head_dim)]
+    shapes = [
+        (batch, heads, num_queries, head_dim),
+        (groups, heads, num_keys, head_dim),
+        (groups, heads, num_keys, head_dim),
+        (batch, heads, num_queries, head_dim),
+    ]
     q, k, v, grad = (torch.randn(s, generator=gen).to(device=DEVICE, dtype=dtype) for s in shapes)
     return q, k, v, grad
 
 
 def reference_grads(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
-    key_lengths: torch.Tensor | None, bias: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    key_lengths: torch.Tensor | None,
+    bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
     """float64 reference output and dq, dk, dv (zero for rows of a group with no valid key)."""
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = reference_cross_attention(*leaves, key_lengths, None if bias is None else bias.double(),
-                                    compute_dtype=torch.float64)
+    out = reference_cross_attention(
+        *leaves, key_lengths, None if bias is None else bias.double(), compute_dtype=torch.float64
+    )
     out.backward(grad.double())
     return (out.detach(),) + tuple(t.grad for t in leaves)
 
 
 def triton_grads(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
-    key_lengths: torch.Tensor | None, bias: torch.Tensor | None, deterministic: bool = True,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    key_lengths: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Triton output and dq, dk, dv (through the autograd custom op)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = triton_attention.triton_cross_attention(*leaves, key_lengths, bias, deterministic=deterministic)
+    out = triton_attention.triton_cross_attention(
+        *leaves, key_lengths, bias, deterministic=deterministic
+    )
     out.backward(grad)
     return (out.detach(),) + tuple(t.grad for t in leaves)
 
 
 def assert_parity(
-    dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
-    key_lengths: torch.Tensor | None = None, bias: torch.Tensor | None = None, deterministic: bool = True,
+    dtype: torch.dtype,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    key_lengths: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    deterministic: bool = True,
 ) -> None:
-    """Output and gradients of the Triton kernels equal the float64 reference within the dtype's tolerance."""
+    """Output and gradients of the Triton kernels equal the float64 reference within the dtype's
+    tolerance."""
     actual = triton_grads(q, k, v, grad, key_lengths, bias, deterministic)
     expected = reference_grads(q, k, v, grad, key_lengths, bias)
     for name, a, e, like in zip(("out", "dq", "dk", "dv"), actual, expected, (q, q, k, v)):
         assert a.dtype == dtype and a.shape == like.shape, name
-        torch.testing.assert_close(a.double(), e, atol=ATOL[dtype], rtol=RTOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a.double(), e, atol=ATOL[dtype], rtol=RTOL[dtype], msg=lambda m: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -92,7 +128,9 @@ def assert_parity(
     [(2, 2, 2, 32), (6, 2, 2, 64), (4, 1, 1, 16)],
     ids=["G==B", "B6-G2", "G1-B4"],
 )
-def test_ragged_shapes(dtype: torch.dtype, batch: int, groups: int, heads: int, head_dim: int) -> None:
+def test_ragged_shapes(
+    dtype: torch.dtype, batch: int, groups: int, heads: int, head_dim: int
+) -> None:
     """Nq, Nk not multiples of the tile; shared key groups (G < B) and per-query groups (G == B)."""
     assert_parity(dtype, *make_inputs(1, batch, groups, heads, NQ, NK, head_dim, dtype))
 
@@ -121,7 +159,11 @@ def test_bias_with_lengths(dtype: torch.dtype, bias_shape: str) -> None:
 
 
 def assert_relative_parity(
-    dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor,
+    dtype: torch.dtype,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad: torch.Tensor,
     key_lengths: torch.Tensor | None = None,
 ) -> None:
     """max|triton - reference| <= RELATIVE[dtype] · max|reference| for the output and dq, dk, dv.
@@ -140,7 +182,8 @@ def assert_relative_parity(
 @pytest.mark.parametrize("num_keys", [1, 37, 65, 129])
 def test_small_and_awkward_key_counts(dtype: torch.dtype, num_keys: int) -> None:
     """Key counts where the last tile is a large share of all keys (one key; 37 = 32 + 5; one past
-    64 and 128), with shared groups (B / G = 3), against max|reference|; lengths ending one key short."""
+    64 and 128), with shared groups (B / G = 3), against max|reference|; lengths ending one key
+    short."""
     q, k, v, grad = make_inputs(12, 6, 2, 2, 19, num_keys, 32, dtype)
     assert_relative_parity(dtype, q, k, v, grad)
     lengths = torch.tensor([num_keys, max(num_keys - 1, 1)], device=DEVICE)
@@ -163,13 +206,15 @@ def test_strided_inputs_through_dispatcher() -> None:
     lengths = torch.tensor([NK, 7], device=DEVICE)
     out = cross_attention(q, k, v, lengths, kernel="triton")
     expected = reference_cross_attention(q, k, v, lengths, compute_dtype=torch.float64)
-    torch.testing.assert_close(out.double(), expected.double(), atol=ATOL[torch.float32], rtol=RTOL[torch.float32])
+    torch.testing.assert_close(
+        out.double(), expected.double(), atol=ATOL[torch.float32], rtol=RTOL[torch.float32]
+    )
 
 
 def test_deterministic_backward_is_bit_identical() -> None:
     """Two backward passes of the default (deterministic) mode give bit-identical dk, dv; the atomic
-    mode matches the reference within tolerance. The shape makes the dk/dv kernel split the 3 queries
-    of each group, so both modes go through their multi-split paths."""
+    mode matches the reference within tolerance. The shape makes the dk/dv kernel split the 3
+    queries of each group, so both modes go through their multi-split paths."""
     from promptseg.kernels.triton_backward import query_splits
 
     dtype = torch.float32
@@ -190,9 +235,19 @@ def test_autotuning_keys_on_length_buckets_and_prunes_oversized_tiles() -> None:
 
     from promptseg.kernels.triton_forward import fixed_config, prune_tiles, shape_bucket
 
-    assert [shape_bucket(n) for n in (0, 1, 5, 64, 65, 3 * 256, 16 * 256)] == [1, 1, 8, 64, 128, 1024, 4096]
-    tiles = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in
-             [(128, 128, 8), (64, 64, 4), (32, 64, 4), (128, 32, 4), (16, 16, 2)]]
+    assert [shape_bucket(n) for n in (0, 1, 5, 64, 65, 3 * 256, 16 * 256)] == [
+        1,
+        1,
+        8,
+        64,
+        128,
+        1024,
+        4096,
+    ]
+    tiles = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+        for m, n, w in [(128, 128, 8), (64, 64, 4), (32, 64, 4), (128, 32, 4), (16, 16, 2)]
+    ]
 
     def kept(rows: int, cols: int) -> list[tuple[int, int]]:
         pruned = prune_tiles(tiles, {"N_Q_BUCKET": rows, "N_K_BUCKET": cols})
@@ -202,7 +257,10 @@ def test_autotuning_keys_on_length_buckets_and_prunes_oversized_tiles() -> None:
     assert kept(64, 4096) == [(64, 64), (32, 64), (16, 16)]
     assert kept(8, 32) == [(16, 16)]
     assert kept(1, 1) == [(16, 16)]
-    assert prune_tiles(tiles[:2], {"N_Q_BUCKET": 1, "N_K_BUCKET": 1})[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert prune_tiles(tiles[:2], {"N_Q_BUCKET": 1, "N_K_BUCKET": 1})[0].kwargs == {
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+    }
     assert fixed_config(tiles, 40, 3000).kwargs == {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
@@ -220,7 +278,8 @@ def test_fixed_tiles_give_bit_identical_gradients_across_processes(tmp_path: Pat
         "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
         "g = torch.Generator().manual_seed(3)\n"
         f"q = torch.randn(6, 1, {NQ}, 32, generator=g).to(dev).requires_grad_()\n"
-        f"k, v = (torch.randn(2, 1, {NK}, 32, generator=g).to(dev).requires_grad_() for _ in range(2))\n"
+        f"k, v = (torch.randn(2, 1, {NK}, 32, generator=g).to(dev).requires_grad_() for _ in "
+        "range(2))\n"
         "triton_cross_attention(q, k, v).square().sum().backward()\n"
         "torch.save([t.grad.cpu() for t in (q, k, v)], sys.argv[1])\n"
     )
@@ -228,7 +287,9 @@ def test_fixed_tiles_give_bit_identical_gradients_across_processes(tmp_path: Pat
     runs = []
     for index in range(2):
         path = tmp_path / f"grads{index}.pt"
-        subprocess.run([sys.executable, str(script), str(path)], check=True, env=environment, timeout=600)
+        subprocess.run(
+            [sys.executable, str(script), str(path)], check=True, env=environment, timeout=600
+        )
         runs.append(torch.load(path))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
@@ -240,7 +301,9 @@ def test_torch_compile_and_export() -> None:
     q, k, v, grad = make_inputs(7, 4, 2, 1, 17, 21, 16, dtype)
     lengths = torch.tensor([21, 9], device=DEVICE)
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def attend(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
         return triton_attention.triton_cross_attention(q, k, v, lengths) * 2.0
 
     compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
@@ -251,7 +314,9 @@ def test_torch_compile_and_export() -> None:
         torch.testing.assert_close(a.grad, e, atol=0.0, rtol=0.0)
 
     class Attend(torch.nn.Module):
-        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        def forward(
+            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
+        ) -> torch.Tensor:
             return triton_attention.triton_cross_attention(q, k, v, lengths)
 
     program = torch.export.export(Attend(), (q, k, v, lengths))
@@ -260,7 +325,8 @@ def test_torch_compile_and_export() -> None:
 
 
 def test_opcheck() -> None:
-    """torch.library.opcheck: schema, autograd registration, fake tensor and AOT dispatch of the op."""
+    """torch.library.opcheck: schema, autograd registration, fake tensor and AOT dispatch of the
+    op."""
     q, k, v, _ = make_inputs(8, 4, 2, 1, 9, 11, 16, torch.float32)
     bias = torch.randn(2, 1, 1, 11, generator=torch.Generator().manual_seed(80)).to(DEVICE)
     lengths = torch.tensor([5, 11], device=DEVICE)
@@ -272,7 +338,9 @@ def test_rejects_unsupported_inputs() -> None:
     """Clear errors for a bias that does not broadcast, mixed dtypes and too large a head dim."""
     q, k, v, _ = make_inputs(9, 2, 2, 1, 5, 7, 16, torch.float32)
     with pytest.raises(ValueError, match="bias"):
-        triton_attention.triton_cross_attention(q, k, v, bias=torch.zeros(2, 1, 3, 7, device=DEVICE))
+        triton_attention.triton_cross_attention(
+            q, k, v, bias=torch.zeros(2, 1, 3, 7, device=DEVICE)
+        )
     with pytest.raises(ValueError, match="dtype"):
         triton_attention.triton_cross_attention(q, k.half(), v)
     wide = torch.zeros(2, 1, 5, 256, device=DEVICE)
@@ -280,24 +348,40 @@ def test_rejects_unsupported_inputs() -> None:
         triton_attention.triton_cross_attention(wide, wide, wide)
 
 
-def test_model_with_triton_backend_matches_reference_and_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_with_triton_backend_matches_reference_and_trains(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """PromptSegNet routed through the Triton kernels: same logits and gradients as the reference.
 
-    On a GPU the model and inputs live on CUDA, with cuDNN's TF32 off so both runs are float32 throughout."""
+    On a GPU the model and inputs live on CUDA, with cuDNN's TF32 off so both runs are float32
+    throughout."""
     from promptseg.model import ModelConfig, PromptSegNet
     from promptseg.model.loss import segmentation_loss
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
-    config = ModelConfig(resolution=32, widths=(8, 16, 32, 32), blocks_per_stage=1, attention_depth=1, head_dim=16,
-                         label_propagation=True)
+    config = ModelConfig(
+        resolution=32,
+        widths=(8, 16, 32, 32),
+        blocks_per_stage=1,
+        attention_depth=1,
+        head_dim=16,
+        label_propagation=True,
+    )
     torch.manual_seed(0)
-    model = PromptSegNet(config).to(DEVICE)  # the kernels take CUDA tensors on a GPU, CPU ones under the interpreter
+    model = PromptSegNet(config).to(
+        DEVICE
+    )  # the kernels take CUDA tensors on a GPU, CPU ones under the interpreter
     g = torch.Generator().manual_seed(11)
-    images, maps = torch.rand(2, 3, 3, 32, 32, generator=g), (torch.rand(2, 3, 32, 32, generator=g) > 0.5).float()
+    images, maps = (
+        torch.rand(2, 3, 3, 32, 32, generator=g),
+        (torch.rand(2, 3, 32, 32, generator=g) > 0.5).float(),
+    )
     types, queries = torch.ones(2, 3, dtype=torch.long), torch.rand(4, 3, 32, 32, generator=g)
     targets = (torch.rand(4, 32, 32, generator=g) > 0.5).float()
-    images, maps, types, queries, targets = (t.to(DEVICE) for t in (images, maps, types, queries, targets))
+    images, maps, types, queries, targets = (
+        t.to(DEVICE) for t in (images, maps, types, queries, targets)
+    )
     num_prompts = torch.tensor([3, 2], device=DEVICE)
     results = {}
     for backend in ("reference", "triton"):
@@ -305,25 +389,33 @@ def test_model_with_triton_backend_matches_reference_and_trains(monkeypatch: pyt
         model.set_attention_kernel(backend)
         logits = model(images, maps, types, queries, num_prompts=num_prompts)
         segmentation_loss(logits, targets).backward()
-        grads = (model.blocks[0][0].cross_attention.k_proj.weight.grad.clone(),
-                 model.propagations[0].projection.weight.grad.clone())
+        grads = (
+            model.blocks[0][0].cross_attention.k_proj.weight.grad.clone(),
+            model.propagations[0].projection.weight.grad.clone(),
+        )
         results[backend] = (logits.detach(), *grads)
         assert logits.device.type == torch.device(DEVICE).type
-    torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=ATOL[torch.float32] * 10, rtol=0)
+    torch.testing.assert_close(
+        results["triton"][0], results["reference"][0], atol=ATOL[torch.float32] * 10, rtol=0
+    )
     for triton_grad, reference_grad in zip(results["triton"][1:], results["reference"][1:]):
-        torch.testing.assert_close(triton_grad, reference_grad, atol=ATOL[torch.float32] * 10, rtol=1e-3)
+        torch.testing.assert_close(
+            triton_grad, reference_grad, atol=ATOL[torch.float32] * 10, rtol=1e-3
+        )
 
 
 class RecordingLaunch:
-    """Stands in for a Triton kernel: records the grid of each launch (a callable grid evaluated at the
-    smallest tile, 16, which gives the most programs) instead of running anything."""
+    """Stands in for a Triton kernel: records the grid of each launch (a callable grid evaluated at
+    the smallest tile, 16, which gives the most programs) instead of running anything."""
 
     def __init__(self) -> None:
         self.grids: list[tuple[int, ...]] = []
 
     def __getitem__(self, grid: object) -> object:
         def launch(*args: object, **kwargs: object) -> None:
-            self.grids.append(tuple(grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid))
+            self.grids.append(
+                tuple(grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid)
+            )
 
         return launch
 
@@ -333,32 +425,48 @@ def test_launch_grids_fit_cuda_limits_beyond_65535_rows(monkeypatch: pytest.Monk
     within 65,535 and axis 0 within 2**31 - 1, with one program per (row, tile) on axis 0."""
     from promptseg.kernels import triton_backward, triton_forward
 
-    kernels = {name: RecordingLaunch() for name in ("_forward_kernel", "_delta_kernel", "_dq_kernel", "_dkdv_kernel")}
+    kernels = {
+        name: RecordingLaunch()
+        for name in ("_forward_kernel", "_delta_kernel", "_dq_kernel", "_dkdv_kernel")
+    }
 
     def recorded(name: str, real: triton_forward.TiledKernel) -> triton_forward.TiledKernel:
         return triton_forward.TiledKernel(kernels[name], kernels[name], real.configs)
 
-    monkeypatch.setattr(triton_forward, "FORWARD_KERNEL", recorded("_forward_kernel", triton_forward.FORWARD_KERNEL))
+    monkeypatch.setattr(
+        triton_forward, "FORWARD_KERNEL", recorded("_forward_kernel", triton_forward.FORWARD_KERNEL)
+    )
     monkeypatch.setattr(triton_backward, "_delta_kernel", kernels["_delta_kernel"])
-    monkeypatch.setattr(triton_backward, "DQ_KERNEL", recorded("_dq_kernel", triton_backward.DQ_KERNEL))
-    monkeypatch.setattr(triton_backward, "DKDV_KERNEL", recorded("_dkdv_kernel", triton_backward.DKDV_KERNEL))
+    monkeypatch.setattr(
+        triton_backward, "DQ_KERNEL", recorded("_dq_kernel", triton_backward.DQ_KERNEL)
+    )
+    monkeypatch.setattr(
+        triton_backward, "DKDV_KERNEL", recorded("_dkdv_kernel", triton_backward.DKDV_KERNEL)
+    )
     rows, num_queries, num_keys = 70_000, 20, 3
     q = torch.zeros(rows, 1, num_queries, 16, device=DEVICE)
     k = v = torch.zeros(rows, 1, num_keys, 16, device=DEVICE)
     out, lse = triton_forward.attention_forward(q, k, v, None, None)
     triton_backward.attention_backward(out, q, k, v, out, lse, None, None)
     query_tiles, key_tiles = -(-num_queries // 16), -(-num_keys // 16)
-    expected = {"_forward_kernel": rows * query_tiles, "_dq_kernel": rows * query_tiles,
-                "_delta_kernel": rows * -(-num_queries // triton_backward.DELTA_BLOCK_M), "_dkdv_kernel": rows * key_tiles}
+    expected = {
+        "_forward_kernel": rows * query_tiles,
+        "_dq_kernel": rows * query_tiles,
+        "_delta_kernel": rows * -(-num_queries // triton_backward.DELTA_BLOCK_M),
+        "_dkdv_kernel": rows * key_tiles,
+    }
     for name, kernel in kernels.items():
         (grid,) = kernel.grids
         assert grid[0] == expected[name] and grid[0] <= 2**31 - 1, (name, grid)
         assert all(size <= 65_535 for size in grid[1:]), (name, grid)
 
 
-def test_backend_refuses_a_device_it_cannot_run_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_backend_refuses_a_device_it_cannot_run_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """With CUDA present and no interpreter, a CPU device is refused in one line by the inference
-    backend, by set_attention_kernel and by training; under the interpreter a CUDA device is refused."""
+    backend, by set_attention_kernel and by training; under the interpreter a CUDA device is
+    refused."""
     import dataclasses
 
     from promptseg.engine.backends import backend_availability
@@ -373,14 +481,29 @@ def test_backend_refuses_a_device_it_cannot_run_on(monkeypatch: pytest.MonkeyPat
     ok, why = backend_availability("triton", "cpu")
     assert not ok and "not cpu" in why and "\n" not in why
     assert backend_availability("triton", "cuda") == (True, "") and default_kernel("cpu") == "sdpa"
-    model = PromptSegNet(ModelConfig(resolution=32, widths=(8, 16, 32, 32), head_dim=16, attention_depth=1,
-                                     blocks_per_stage=1))
-    with pytest.raises(PromptSegError, match="attention kernel 'triton' cannot run on cpu") as caught:
+    model = PromptSegNet(
+        ModelConfig(
+            resolution=32,
+            widths=(8, 16, 32, 32),
+            head_dim=16,
+            attention_depth=1,
+            blocks_per_stage=1,
+        )
+    )
+    with pytest.raises(
+        PromptSegError, match="attention kernel 'triton' cannot run on cpu"
+    ) as caught:
         model.set_attention_kernel("triton")
     assert "\n" not in str(caught.value) and model.attention_kernel == "sdpa"
     tiny = TrainConfig.load(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml")
     with pytest.raises(PromptSegError, match="attention kernel 'triton' cannot run on cpu"):
-        train(dataclasses.replace(tiny, attention_kernel="triton", steps=1), [], tmp_path, device="cpu", progress=False)
+        train(
+            dataclasses.replace(tiny, attention_kernel="triton", steps=1),
+            [],
+            tmp_path,
+            device="cpu",
+            progress=False,
+        )
 
     monkeypatch.setattr(triton_attention, "INTERPRET", True)
     assert backend_availability("triton", "cpu") == (True, "")
@@ -391,8 +514,14 @@ def test_backend_refuses_a_device_it_cannot_run_on(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize(
     ("version", "knobs", "ok"),
-    [("3.4.0", True, True), ("3.9.1+git1234", True, True), ("4.0.0", True, True), ("3.3.1", False, False),
-     ("3.0.0", False, False), ("3.4.0", False, False)],
+    [
+        ("3.4.0", True, True),
+        ("3.9.1+git1234", True, True),
+        ("4.0.0", True, True),
+        ("3.3.1", False, False),
+        ("3.0.0", False, False),
+        ("3.4.0", False, False),
+    ],
 )
 def test_triton_version_check(version: str, knobs: bool, ok: bool) -> None:
     """The import-time check names the floor (3.4, which introduced triton.knobs) in one line."""
@@ -402,6 +531,8 @@ def test_triton_version_check(version: str, knobs: bool, ok: bool) -> None:
     if ok:
         check_triton_version(stand_in)
         return
-    with pytest.raises(ImportError, match=r"need triton>=3\.4 \(for triton\.knobs\), found triton " + version) as caught:
+    with pytest.raises(
+        ImportError, match=r"need triton>=3\.4 \(for triton\.knobs\), found triton " + version
+    ) as caught:
         check_triton_version(stand_in)
     assert "\n" not in str(caught.value)

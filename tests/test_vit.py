@@ -1,6 +1,7 @@
 """The "vit" architecture (promptseg.model.vit): cached prompt encoding + query decoding against the
 full masked sequence in float64, and the model's behaviour around the engine (order invariance,
 padded groups, ensembles, checkpoints, configs)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,15 +21,25 @@ PARITY_TOL = 1e-5  # float64: cached and full-sequence paths differ only by summ
 def vit_config(bottleneck: int = 0, **changes: object) -> ModelConfig:
     """A small vit config: 32 px, patch 8 (16 tokens per image), widths 32, head dim 16."""
     fields: dict[str, object] = {
-        "architecture": "vit", "label_propagation": False, "resolution": 32, "patch_size": 8, "encoder_depth": 2,
-        "encoder_width": 32, "decoder_width": 32, "attention_depth": 3, "head_dim": 16, "mlp_ratio": 2.0,
+        "architecture": "vit",
+        "label_propagation": False,
+        "resolution": 32,
+        "patch_size": 8,
+        "encoder_depth": 2,
+        "encoder_width": 32,
+        "decoder_width": 32,
+        "attention_depth": 3,
+        "head_dim": 16,
+        "mlp_ratio": 2.0,
         "bottleneck_tokens": bottleneck,
     }
     fields.update(changes)
     return ModelConfig(**fields)
 
 
-def prompt_set(groups: int, shots: int, config: ModelConfig, seed: int, dtype: torch.dtype = torch.float32):
+def prompt_set(
+    groups: int, shots: int, config: ModelConfig, seed: int, dtype: torch.dtype = torch.float32
+):
     """Fresh random images (G, K, C, R, R), binary maps (G, K, R, R) and prompt types (G, K)."""
     g = torch.Generator().manual_seed(seed)
     r, c = config.resolution, config.in_channels
@@ -62,8 +73,14 @@ def test_cached_decoding_matches_full_masked_sequence_float64(
     seed = 100 * groups + 10 * shots + queries + bottleneck
     model = fresh_model(config, seed, torch.float64).set_attention_kernel(backend)
     images, maps, types = prompt_set(groups, shots, config, seed, torch.float64)
-    query_images = torch.rand(groups * queries, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1),
-                              dtype=torch.float64)
+    query_images = torch.rand(
+        groups * queries,
+        3,
+        32,
+        32,
+        generator=torch.Generator().manual_seed(seed + 1),
+        dtype=torch.float64,
+    )
     num_prompts = torch.tensor([shots, max(1, shots // 2)])[:groups]
     with torch.no_grad():
         cache = model.encode_prompts(images, maps, types, num_prompts)
@@ -90,7 +107,8 @@ def test_full_sequence_mask_structure() -> None:
 
 
 def test_full_sequence_parity_detects_a_wrong_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The parity comparison has teeth: letting prompt rows also see the query changes the logits."""
+    """The parity comparison has teeth: letting prompt rows also see the query changes the
+    logits."""
     import promptseg.model.vit_reference as reference
 
     config = vit_config()
@@ -99,7 +117,9 @@ def test_full_sequence_parity_detects_a_wrong_mask(monkeypatch: pytest.MonkeyPat
     queries = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     original = reference.full_sequence_mask
 
-    def leaky(prompt_tokens: int, valid: torch.Tensor, latents: int, query_tokens: int) -> torch.Tensor:
+    def leaky(
+        prompt_tokens: int, valid: torch.Tensor, latents: int, query_tokens: int
+    ) -> torch.Tensor:
         mask = original(prompt_tokens, valid, latents, query_tokens).clone()
         mask[:, :prompt_tokens, prompt_tokens:] = True
         return mask
@@ -142,8 +162,14 @@ def test_gradients_reach_encoder_embeddings_and_latents() -> None:
     model = fresh_model(vit_config(4), 6).train()
     images, maps, types = prompt_set(1, 2, model.config, 6)
     model(images, maps, types, torch.rand(2, 3, 32, 32)).square().mean().backward()
-    for name in ("encoder.patch_embedding.weight", "embedding.map_embedding.weight", "embedding.type_embedding.weight",
-                 "prompt_encoder.latents", "blocks.0.attention.k_proj.weight", "query_decoder.head.weight"):
+    for name in (
+        "encoder.patch_embedding.weight",
+        "embedding.map_embedding.weight",
+        "embedding.type_embedding.weight",
+        "prompt_encoder.latents",
+        "blocks.0.attention.k_proj.weight",
+        "query_decoder.head.weight",
+    ):
         grad = model.get_parameter(name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
@@ -157,31 +183,48 @@ def test_checkpoint_round_trip_and_config_json(tmp_path: Path) -> None:
     images, maps, types = prompt_set(1, 2, config, 8)
     queries = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(restored(images, maps, types, queries), model(images, maps, types, queries))
+        torch.testing.assert_close(
+            restored(images, maps, types, queries), model(images, maps, types, queries)
+        )
 
 
 def test_default_config_serialises_without_the_architecture_fields() -> None:
-    """Configs of the conv design (and the shipped weights' JSON) are unchanged by the new fields."""
+    """Configs of the conv design (and the shipped weights' JSON) are unchanged by the new
+    fields."""
     data = ModelConfig().to_dict()
-    assert not {"architecture", "patch_size", "encoder_depth", "encoder_width", "decoder_width"} & set(data)
+    assert not {
+        "architecture",
+        "patch_size",
+        "encoder_depth",
+        "encoder_width",
+        "decoder_width",
+    } & set(data)
     assert ModelConfig.from_dict(data) == ModelConfig()
     assert vit_config().to_dict()["architecture"] == "vit"
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"label_propagation": True}, "no label propagation"),
-    ({"patch_size": 5}, "multiple of patch_size"),
-    ({"decoder_width": 40}, "decoder_width 40 is not a multiple of head_dim"),
-    ({"architecture": "rnn"}, "architecture must be"),
-    ({"encoder_depth": -1}, "encoder_depth must lie in"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"label_propagation": True}, "no label propagation"),
+        ({"patch_size": 5}, "multiple of patch_size"),
+        ({"decoder_width": 40}, "decoder_width 40 is not a multiple of head_dim"),
+        ({"architecture": "rnn"}, "architecture must be"),
+        ({"encoder_depth": -1}, "encoder_depth must lie in"),
+    ],
+)
 def test_invalid_vit_configs_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         vit_config(**changes)
 
 
-@pytest.mark.parametrize("name,low,high", [("promptseg_vit_small", 3_000_000, 5_000_000),
-                                           ("promptseg_vit_base", 160_000_000, 180_000_000)])
+@pytest.mark.parametrize(
+    "name,low,high",
+    [
+        ("promptseg_vit_small", 3_000_000, 5_000_000),
+        ("promptseg_vit_base", 160_000_000, 180_000_000),
+    ],
+)
 def test_shipped_vit_configs_build(name: str, low: int, high: int) -> None:
     config = TrainConfig.load(ROOT / "configs" / f"{name}.yaml").model_config()
     assert config.architecture == "vit"

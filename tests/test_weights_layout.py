@@ -1,4 +1,6 @@
-"""Each sub-module has one owner, so a state dict names every tensor once; legacy aliases still load."""
+"""Each sub-module has one owner, so a state dict names every tensor once; legacy aliases still
+load."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +15,9 @@ def test_state_dict_names_each_tensor_once() -> None:
     state = model.state_dict()
     storages = {(t.untyped_storage().data_ptr(), t.storage_offset()) for t in state.values()}
     assert len(storages) == len(state)
-    assert len(list(model.parameters())) == len(list(model.named_parameters(remove_duplicate=False)))
+    assert len(list(model.parameters())) == len(
+        list(model.named_parameters(remove_duplicate=False))
+    )
 
 
 def test_packaged_weights_hold_exactly_the_model_names() -> None:

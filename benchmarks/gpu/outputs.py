@@ -3,6 +3,7 @@ size, shallowly nested), the test report's one-line summary, and the log trimmed
 
 Standard library only, so that it imports before the vendored packages are on the path.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,8 +12,16 @@ from xml.etree import ElementTree
 
 WEIGHTS_NAME = "promptseg-gpu.safetensors"
 LOG_NAME = "session.log"
-OUTPUT_NAMES = ("summary.md", "summary.json", "tests.xml", "kernels.json", "engine.json", "eval.json", WEIGHTS_NAME,
-                LOG_NAME)
+OUTPUT_NAMES = (
+    "summary.md",
+    "summary.json",
+    "tests.xml",
+    "kernels.json",
+    "engine.json",
+    "eval.json",
+    WEIGHTS_NAME,
+    LOG_NAME,
+)
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
 MAX_FOLDERS_DOWN = 2  # OUT/a/b/file comes back, OUT/a/b/c/file does not
@@ -21,23 +30,30 @@ MAX_FOLDERS_DOWN = 2  # OUT/a/b/file comes back, OUT/a/b/c/file does not
 def output_problems(folder: Path) -> list[str]:
     """What in `folder` would not come back from a device run (empty when everything would)."""
     files = [path for path in folder.rglob("*") if path.is_file()]
-    problems = [f"{len(files)} files, at most {MAX_FILES} come back"] if len(files) > MAX_FILES else []
+    problems = (
+        [f"{len(files)} files, at most {MAX_FILES} come back"] if len(files) > MAX_FILES else []
+    )
     for path in files:
         relative = path.relative_to(folder)
         if path.stat().st_size > MAX_FILE_BYTES:
-            problems.append(f"{relative}: {path.stat().st_size / 2**20:.1f} MiB, over {MAX_FILE_BYTES // 2**20} MiB")
+            problems.append(
+                f"{relative}: {path.stat().st_size / 2**20:.1f} MiB, over "
+                f"{MAX_FILE_BYTES // 2**20} MiB"
+            )
         if len(relative.parts) - 1 > MAX_FOLDERS_DOWN:
             problems.append(f"{relative}: more than {MAX_FOLDERS_DOWN} folders down")
     return problems
 
 
 def trim_file(path: Path, limit: int = MAX_FILE_BYTES) -> bool:
-    """Cut a text file over `limit` bytes to its first sixteenth of `limit` and as much of its end as
-    fits, with a marker between them; True when it was cut."""
+    """Cut a text file over `limit` bytes to its first sixteenth of `limit` and as much of its end
+    as fits, with a marker between them; True when it was cut."""
     size = path.stat().st_size
     if size <= limit:
         return False
-    marker = f"\n\n[... {size} bytes in all: the middle was cut to fit {limit} bytes ...]\n\n".encode()
+    marker = (
+        f"\n\n[... {size} bytes in all: the middle was cut to fit {limit} bytes ...]\n\n".encode()
+    )
     head_bytes = limit // 16
     with open(path, "rb") as handle:
         head = handle.read(head_bytes)
@@ -63,12 +79,16 @@ class TestSummary:
         return self.tests - self.failures - self.errors - self.skipped
 
     def line(self) -> str:
-        return (f"{self.passed} passed, {self.failures} failed, {self.errors} errors, {self.skipped} skipped "
-                f"in {self.seconds:.1f} s")
+        return (
+            f"{self.passed} passed, {self.failures} failed, {self.errors} errors, {self.skipped} "
+            "skipped "
+            f"in {self.seconds:.1f} s"
+        )
 
 
 def junit_summary(path: Path) -> TestSummary | None:
-    """The summary of pytest's --junitxml report at `path`; None when it is missing or unreadable."""
+    """The summary of pytest's --junitxml report at `path`; None when it is missing or
+    unreadable."""
     try:
         root = ElementTree.parse(path).getroot()
     except (OSError, ElementTree.ParseError):

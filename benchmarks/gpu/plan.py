@@ -6,6 +6,7 @@ shipped weights with the four held-out datasets excluded, and `promptseg eval` o
 The dry plan runs the same commands on the CPU with tiny shapes: a CPU-runnable subset of those
 tests, the tiny config on generated packs, a few steps from random tiny weights, a short eval.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,31 +21,84 @@ import yaml
 from benchmarks.gpu.runner import REPO
 from benchmarks.kernels import bench_attention
 from promptseg.data.packed import FORMAT, write_pack
-from promptseg.model.weights import packaged_weights_path
 from promptseg.model import PromptSegNet
-from promptseg.model.weights import save_weights
+from promptseg.model.weights import packaged_weights_path, save_weights
 from promptseg.train.config import TrainConfig
 
 RECIPE = REPO / "configs" / "release_cpu.yaml"
 TINY_RECIPE = REPO / "configs" / "tiny_test.yaml"
-HELD_OUT = ("la_mri", "isbi_em", "ph2", "hc18")  # held out by the release recipe (configs/release_cpu.yaml)
-# Test files with CUDA-only parts, those that need the GPU most first (a stopped run keeps what ran).
-GPU_TESTS = ("tests/test_triton_attention.py", "tests/test_cuda_backends.py", "tests/test_tensorrt.py",
-             "tests/test_engine.py", "tests/test_export_onnx.py")
-DRY_TESTS = ("tests/test_triton_attention.py::test_rejects_unsupported_inputs",
-             "tests/test_engine.py::test_unknown_and_unavailable_backends_say_why",
-             "tests/test_export_onnx.py::test_availability_gives_one_line_reasons",
-             "tests/test_tensorrt.py::test_availability_reason_is_one_line")
+HELD_OUT = (
+    "la_mri",
+    "isbi_em",
+    "ph2",
+    "hc18",
+)  # held out by the release recipe (configs/release_cpu.yaml)
+# Test files with CUDA-only parts, those that need the GPU most first (a stopped run keeps what
+# ran).
+GPU_TESTS = (
+    "tests/test_triton_attention.py",
+    "tests/test_cuda_backends.py",
+    "tests/test_tensorrt.py",
+    "tests/test_engine.py",
+    "tests/test_export_onnx.py",
+)
+DRY_TESTS = (
+    "tests/test_triton_attention.py::test_rejects_unsupported_inputs",
+    "tests/test_engine.py::test_unknown_and_unavailable_backends_say_why",
+    "tests/test_export_onnx.py::test_availability_gives_one_line_reasons",
+    "tests/test_tensorrt.py::test_availability_reason_is_one_line",
+)
 VOLUME_256 = ["--slices", "256", "--volume-shots", "8"]
-# Eager backends: K 1/4/8/16 at 128 and 256 px, batch 1 to 256, volumes at batch 1/16/64. Backends that
+# Eager backends: K 1/4/8/16 at 128 and 256 px, batch 1 to 256, volumes at batch 1/16/64. Backends
+# that
 # compile or build per shape: the K = 8, 256 px rows at batch 1 and 64, and the volume at batch 64.
 EAGER = [*VOLUME_256, "--batches", "1", "4", "16", "64", "256", "--repeats", "5"]
-ONE_SHAPE = [*VOLUME_256, "--resolutions", "256", "--shots", "8", "--batches", "1", "64", "--volume-batches", "64"]
-GPU_ENGINE = {"triton": EAGER, "torch": EAGER, "compile": ONE_SHAPE, "onnxruntime": ONE_SHAPE, "tensorrt": ONE_SHAPE}
-DRY_ENGINE = {"torch": ["--resolutions", "32", "--shots", "1", "--batches", "1", "2", "--slices", "4",
-                        "--volume-shots", "1", "--volume-batches", "2", "--repeats", "1", "--volume-repeats", "1"]}
+ONE_SHAPE = [
+    *VOLUME_256,
+    "--resolutions",
+    "256",
+    "--shots",
+    "8",
+    "--batches",
+    "1",
+    "64",
+    "--volume-batches",
+    "64",
+]
+GPU_ENGINE = {
+    "triton": EAGER,
+    "torch": EAGER,
+    "compile": ONE_SHAPE,
+    "onnxruntime": ONE_SHAPE,
+    "tensorrt": ONE_SHAPE,
+}
+DRY_ENGINE = {
+    "torch": [
+        "--resolutions",
+        "32",
+        "--shots",
+        "1",
+        "--batches",
+        "1",
+        "2",
+        "--slices",
+        "4",
+        "--volume-shots",
+        "1",
+        "--volume-batches",
+        "2",
+        "--repeats",
+        "1",
+        "--volume-repeats",
+        "1",
+    ]
+}
 GPU_CHECKPOINT_EVERY = 100
-DRY_STEPS, DRY_CHECKPOINT_EVERY, DRY_STOP_AFTER = 1000, 2, 2  # the dry run is stopped like a GPU run out of time
+DRY_STEPS, DRY_CHECKPOINT_EVERY, DRY_STOP_AFTER = (
+    1000,
+    2,
+    2,
+)  # the dry run is stopped like a GPU run out of time
 DRY_PACKS = {"dry_train_a": 12, "dry_train_b": 12, "dry_held": 8}  # dataset name: examples
 
 
@@ -57,7 +111,9 @@ class Plan:
     tests: tuple[str, ...]
     kernel_runs: list[list[str]]  # bench_attention flags of each process, in the order they run
     engine: dict[str, list[str]]  # backend: bench_engine flags, in the order they run
-    train_config: dict[str, Any]  # the recipe with this machine's loader workers and checkpoint interval
+    train_config: dict[
+        str, Any
+    ]  # the recipe with this machine's loader workers and checkpoint interval
     init: Path
     packs: Path
     held_out: tuple[str, ...]
@@ -78,22 +134,47 @@ def quick_kernel_runs() -> list[list[str]]:
     """bench_attention's --quick grid as one process per K, the largest K first (shared and ragged
     prompt keys matter most), so that a run stopped by the budget keeps the K that finished."""
     quick = bench_attention.parse_args(["--quick"])
-    common = ["--nq", *map(str, quick.nq), "--dims", *map(str, quick.dims), "--dtypes", *quick.dtypes,
-              "--ratios", *map(str, quick.ratios)]
+    common = [
+        "--nq",
+        *map(str, quick.nq),
+        "--dims",
+        *map(str, quick.dims),
+        "--dtypes",
+        *quick.dtypes,
+        "--ratios",
+        *map(str, quick.ratios),
+    ]
     return [[*common, "--prompts", str(k)] for k in sorted(quick.prompts, reverse=True)]
 
 
 def gpu_plan(packs: Path, train_steps: int | None) -> Plan:
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-    return Plan(False, "cuda", GPU_TESTS, quick_kernel_runs(), GPU_ENGINE,
-                recipe(RECIPE, loader_workers=workers, checkpoint_every=GPU_CHECKPOINT_EVERY),
-                packaged_weights_path(), packs, HELD_OUT, train_steps, None, (1, 2, 4, 8, 16), 10)
+    return Plan(
+        False,
+        "cuda",
+        GPU_TESTS,
+        quick_kernel_runs(),
+        GPU_ENGINE,
+        recipe(RECIPE, loader_workers=workers, checkpoint_every=GPU_CHECKPOINT_EVERY),
+        packaged_weights_path(),
+        packs,
+        HELD_OUT,
+        train_steps,
+        None,
+        (1, 2, 4, 8, 16),
+        10,
+    )
 
 
 def dry_plan(scratch: Path) -> Plan:
     """The dry run's plan, with its generated packs and random tiny initial weights in `scratch`."""
-    config = recipe(TINY_RECIPE, steps=DRY_STEPS, checkpoint_every=DRY_CHECKPOINT_EVERY, loader_workers=1,
-                    synthetic_fraction=0.5)
+    config = recipe(
+        TINY_RECIPE,
+        steps=DRY_STEPS,
+        checkpoint_every=DRY_CHECKPOINT_EVERY,
+        loader_workers=1,
+        synthetic_fraction=0.5,
+    )
     train_config = TrainConfig.from_dict(config)
     init = scratch / "init.safetensors"
     torch.manual_seed(0)
@@ -101,12 +182,26 @@ def dry_plan(scratch: Path) -> Plan:
     packs = scratch / "packs"
     model_config = train_config.model_config()
     write_disk_packs(packs, model_config.resolution, model_config.in_channels, train_config.axis)
-    return Plan(True, "cpu", DRY_TESTS, quick_kernel_runs(), DRY_ENGINE, config, init, packs, ("dry_held",), None,
-                DRY_STOP_AFTER, (1, 2), 2)
+    return Plan(
+        True,
+        "cpu",
+        DRY_TESTS,
+        quick_kernel_runs(),
+        DRY_ENGINE,
+        config,
+        init,
+        packs,
+        ("dry_held",),
+        None,
+        DRY_STOP_AFTER,
+        (1, 2),
+        2,
+    )
 
 
 def write_disk_packs(folder: Path, resolution: int, channels: int, axis: int) -> None:
-    """Pack folders of DRY_PACKS: grey noisy images with a bright disk (label 1) and a dark square (label 2)."""
+    """Pack folders of DRY_PACKS: grey noisy images with a bright disk (label 1) and a dark square
+    (label 2)."""
     rng = np.random.default_rng(0)
     ys, xs = np.mgrid[:resolution, :resolution]
     for name, count in DRY_PACKS.items():
@@ -116,8 +211,22 @@ def write_disk_packs(folder: Path, resolution: int, channels: int, axis: int) ->
             label_map[(ys - cy) ** 2 + (xs - cx) ** 2 <= (0.2 * resolution) ** 2] = 1
             y, x = rng.integers(0, resolution // 2, 2)
             label_map[y : y + resolution // 4, x : x + resolution // 4] = 2
-        images = np.clip(90 + 100 * (labels == 1) - 60 * (labels == 2) + rng.normal(0, 15, labels.shape), 0, 255)
-        meta = {"format": FORMAT, "name": name, "labels": {"1": "disk", "2": "square"}, "resolution": resolution,
-                "axis": axis, "channels": channels, "signature": []}
-        write_pack(folder / f"{name}-r{resolution}-a{axis}-c{channels}", meta, images.astype(np.uint8)[:, None], labels,
-                   np.array([f"case{i}" for i in range(count)]))
+        images = np.clip(
+            90 + 100 * (labels == 1) - 60 * (labels == 2) + rng.normal(0, 15, labels.shape), 0, 255
+        )
+        meta = {
+            "format": FORMAT,
+            "name": name,
+            "labels": {"1": "disk", "2": "square"},
+            "resolution": resolution,
+            "axis": axis,
+            "channels": channels,
+            "signature": [],
+        }
+        write_pack(
+            folder / f"{name}-r{resolution}-a{axis}-c{channels}",
+            meta,
+            images.astype(np.uint8)[:, None],
+            labels,
+            np.array([f"case{i}" for i in range(count)]),
+        )

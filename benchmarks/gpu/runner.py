@@ -3,6 +3,7 @@ command's output, and commands stopped cleanly (SIGINT, then a kill) when their 
 
 Standard library only, so that it imports before the vendored packages are on the path.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,8 @@ class Budget:
         return max(0.0, self.total_s - self.elapsed())
 
     def allow(self, wanted: float, keep: float = 0.0) -> float:
-        """Seconds a part may take: `wanted`, but never into the last `keep` seconds of the budget."""
+        """Seconds a part may take: `wanted`, but never into the last `keep` seconds of the
+        budget."""
         return max(0.0, min(wanted, self.left() - keep))
 
 
@@ -58,8 +60,8 @@ class SessionLog:
 
 @dataclass
 class Outcome:
-    """How one command ended: its exit status, its seconds, whether it was stopped (its time ran out or
-    the monitor asked), and the end of its output."""
+    """How one command ended: its exit status, its seconds, whether it was stopped (its time ran out
+    or the monitor asked), and the end of its output."""
 
     returncode: int
     seconds: float
@@ -105,8 +107,15 @@ def run_command(
     started = time.monotonic()
     stopped = False
     with open(log.path, "ab") as output:
-        process = subprocess.Popen(list(command), cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            list(command),
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             while process.poll() is None:
                 elapsed = time.monotonic() - started
@@ -123,5 +132,7 @@ def run_command(
     with open(log.path, "rb") as handle:
         handle.seek(max(offset, log.path.stat().st_size - 4096))
         tail = handle.read().decode("utf-8", errors="replace")
-    log.write(f"===== exit {process.returncode}{' (stopped)' if stopped else ''} after {seconds:.1f} s\n")
+    log.write(
+        f"===== exit {process.returncode}{' (stopped)' if stopped else ''} after {seconds:.1f} s\n"
+    )
     return Outcome(process.returncode, seconds, stopped, tail)

@@ -1,9 +1,11 @@
-"""Inference-time spending benchmark (issue 13): CPU time per query of plain, --ensemble N and --adapt STEPS.
+"""Inference-time spending benchmark (issue 13): CPU time per query of plain, --ensemble N and
+--adapt STEPS.
 
 Run from the repository root (2 threads by default; add `nice -n 10` on a shared machine):
 
-    python -m benchmarks.inference.bench_ensemble_adapt                   # K = 1 and 8, 5 episodes each
-    python -m benchmarks.inference.bench_ensemble_adapt --shots 8 --episodes 3 --settings plain ens4
+    python -m benchmarks.inference.bench_ensemble_adapt                   # K = 1 and 8, 5 episodes
+    each python -m benchmarks.inference.bench_ensemble_adapt --shots 8 --episodes 3 --settings plain
+    ens4
 
 Two figures per setting and K, both medians over episodes of a synthetic task at the packaged
 model's resolution (timings do not depend on image content). The settings take turns within every
@@ -14,6 +16,7 @@ repeat, so that load from other processes on a shared machine falls on all of th
   divided by 16: the cost per slice of a long volume, where the prompt set is paid once.
 Results go to benchmarks/results/inference-ensemble-adapt-cpu.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +34,8 @@ from promptseg.data.episodes import Episode, fixed_episodes
 from promptseg.data.synthetic import synthetic_task
 from promptseg.engine.adaptation import Adaptation
 from promptseg.engine.segmenter import Segmenter
-from promptseg.model.weights import packaged_weights_path
 from promptseg.eval.baselines import ModelPredictor
-from promptseg.model.weights import load_model
+from promptseg.model.weights import load_model, packaged_weights_path
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 SETTINGS = {  # name -> (ensemble members, adaptation steps)
@@ -50,11 +52,15 @@ CACHED_QUERIES = 16
 
 def episodes(resolution: int, shots: int, count: int) -> list[Episode]:
     """`count` fixed episodes (K = shots, 4 queries) of one synthetic RGB task."""
-    task = synthetic_task(np.random.default_rng(0), resolution, shots + QUERIES_PER_EPISODE + 8, channels=3)
+    task = synthetic_task(
+        np.random.default_rng(0), resolution, shots + QUERIES_PER_EPISODE + 8, channels=3
+    )
     return fixed_episodes(task, shots=shots, queries=QUERIES_PER_EPISODE, count=count, seed=0)
 
 
-def episode_seconds(predictors: dict[str, ModelPredictor], drawn: list[Episode]) -> dict[str, float]:
+def episode_seconds(
+    predictors: dict[str, ModelPredictor], drawn: list[Episode]
+) -> dict[str, float]:
     """Median seconds per query of each predictor.predict over the episodes, the predictors in turn
     on every episode (one untimed warm-up each)."""
     times: dict[str, list[float]] = {name: [] for name in predictors}
@@ -73,14 +79,23 @@ def channels_last(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def cached_seconds(segmenters: dict[str, Segmenter], episode: Episode, repeats: int) -> dict[str, float]:
+def cached_seconds(
+    segmenters: dict[str, Segmenter], episode: Episode, repeats: int
+) -> dict[str, float]:
     """Median seconds per query of segmenting CACHED_QUERIES queries against a prompt set encoded
     (and adapted) once, the segmenters in turn on every repeat."""
-    queries = np.stack([channels_last(episode.query_images[n % len(episode.query_images)]) for n in range(CACHED_QUERIES)])
+    queries = np.stack(
+        [
+            channels_last(episode.query_images[n % len(episode.query_images)])
+            for n in range(CACHED_QUERIES)
+        ]
+    )
     prompts = {}
     for name, segmenter in segmenters.items():
-        prompts[name] = segmenter.encode_prompts([channels_last(i) for i in episode.prompt_images],
-                                                 [m.numpy().astype(np.uint8) for m in episode.prompt_maps])
+        prompts[name] = segmenter.encode_prompts(
+            [channels_last(i) for i in episode.prompt_images],
+            [m.numpy().astype(np.uint8) for m in episode.prompt_maps],
+        )
         segmenter.segment(queries, prompts[name])
     times: dict[str, list[float]] = {name: [] for name in segmenters}
     for _ in range(repeats):
@@ -94,7 +109,9 @@ def cached_seconds(segmenters: dict[str, Segmenter], episode: Episode, repeats: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 8], metavar="K")
-    parser.add_argument("--episodes", type=int, default=5, help="timed episodes (and cached repeats) per cell")
+    parser.add_argument(
+        "--episodes", type=int, default=5, help="timed episodes (and cached repeats) per cell"
+    )
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -104,26 +121,68 @@ def main() -> None:
     rows = []
     for shots in args.shots:
         drawn = episodes(model.config.resolution, shots, args.episodes)
-        adaptations = {name: Adaptation(SETTINGS[name][1]) if SETTINGS[name][1] else None for name in args.settings}
-        per_episode = episode_seconds({name: ModelPredictor(model, "cpu", adaptations[name], SETTINGS[name][0])
-                                       for name in args.settings}, drawn)
-        per_slice = cached_seconds({name: Segmenter(model, device="cpu", backend="torch", ensemble=SETTINGS[name][0],
-                                                    adaptation=adaptations[name]) for name in args.settings},
-                                   drawn[0], args.episodes)
+        adaptations = {
+            name: Adaptation(SETTINGS[name][1]) if SETTINGS[name][1] else None
+            for name in args.settings
+        }
+        per_episode = episode_seconds(
+            {
+                name: ModelPredictor(model, "cpu", adaptations[name], SETTINGS[name][0])
+                for name in args.settings
+            },
+            drawn,
+        )
+        per_slice = cached_seconds(
+            {
+                name: Segmenter(
+                    model,
+                    device="cpu",
+                    backend="torch",
+                    ensemble=SETTINGS[name][0],
+                    adaptation=adaptations[name],
+                )
+                for name in args.settings
+            },
+            drawn[0],
+            args.episodes,
+        )
         for name in args.settings:
-            rows.append({"setting": name, "shots": shots, "episode_seconds_per_query": per_episode[name],
-                         "cached_seconds_per_query": per_slice[name]})
-            print(f"K={shots:2d} {name:13s} episode {per_episode[name] * 1e3:8.1f} ms/query   "
-                  f"cached {per_slice[name] * 1e3:7.1f} ms/query", flush=True)
-    record = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-              "resolution": model.config.resolution, "episodes": args.episodes, "rows": rows}
+            rows.append(
+                {
+                    "setting": name,
+                    "shots": shots,
+                    "episode_seconds_per_query": per_episode[name],
+                    "cached_seconds_per_query": per_slice[name],
+                }
+            )
+            print(
+                f"K={shots:2d} {name:13s} episode {per_episode[name] * 1e3:8.1f} ms/query   "
+                f"cached {per_slice[name] * 1e3:7.1f} ms/query",
+                flush=True,
+            )
+    record = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "resolution": model.config.resolution,
+        "episodes": args.episodes,
+        "rows": rows,
+    }
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "inference-ensemble-adapt-cpu.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS_DIR / "inference-ensemble-adapt-cpu.json").write_text(
+        json.dumps(record, indent=2) + "\n"
+    )
     plain = {r["shots"]: r for r in rows if r["setting"] == "plain"}
-    lines = [(f"CPU ({record['cpu']}, {args.threads} threads), {record['date']}; ms per query, median over "
-              f"{args.episodes} episodes; x = against plain at the same K."), "",
-             "| setting | K | episode (eval) | x | cached prompt set | x |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            f"CPU ({record['cpu']}, {args.threads} threads), {record['date']}; ms per query, "
+            "median over "
+            f"{args.episodes} episodes; x = against plain at the same K."
+        ),
+        "",
+        "| setting | K | episode (eval) | x | cached prompt set | x |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         base = plain.get(r["shots"])
         cells = []

@@ -1,12 +1,17 @@
-"""pytest-benchmark suite of the cross-attention providers on a few representative shapes (CUDA only).
+"""pytest-benchmark suite of the cross-attention providers on a few representative shapes (CUDA
+only).
 
 Run from the repository root: python -m pytest benchmarks/kernels/test_bench_attention.py
-The full grid, TFLOP/s tables and result files come from `python -m benchmarks.kernels.bench_attention`.
+The full grid, TFLOP/s tables and result files come from `python -m
+benchmarks.kernels.bench_attention`.
 """
+
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="attention benchmarks need a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="attention benchmarks need a CUDA GPU"
+)
 
 from bench_attention import PROVIDERS, Shape, estimated_gib, make_inputs
 
@@ -15,15 +20,27 @@ SHAPES = [
     Shape(nq=1024, prompts=16, dim=64, dtype="fp16", ratio=8, ragged=True),
     Shape(nq=4096, prompts=4, dim=64, dtype="bf16", ratio=8, ragged=True),
     Shape(nq=256, prompts=64, dim=32, dtype="fp16", ratio=32, ragged=True),
-    # The PromptSeg paper's model (issue 20): 12 heads, 512 prompt tokens per pair, 16 queries on one prompt set.
-    Shape(nq=256, prompts=8, dim=64, dtype="bf16", ratio=16, ragged=False, groups=1, heads=12, per_prompt=512),
+    # The PromptSeg paper's model (issue 20): 12 heads, 512 prompt tokens per pair, 16 queries on
+    # one prompt set.
+    Shape(
+        nq=256,
+        prompts=8,
+        dim=64,
+        dtype="bf16",
+        ratio=16,
+        ragged=False,
+        groups=1,
+        heads=12,
+        per_prompt=512,
+    ),
 ]
 BENCH_PROVIDERS = ["triton", "triton_atomic", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
 MAX_GIB = 40.0
 
 
 def prepared(provider: str, shape: Shape):
-    """The provider's function and inputs, or a pytest skip when it does not fit or does not support the shape."""
+    """The provider's function and inputs, or a pytest skip when it does not fit or does not support
+    the shape."""
     if provider == "triton_atomic" and shape.ratio == 1:
         pytest.skip("the atomic backward equals the deterministic one when B == G")
     if estimated_gib(provider, shape) > MAX_GIB:

@@ -11,13 +11,14 @@ grid of G x G cells could reproduce the native-resolution mask: the mask is area
 (the exact label fraction of every cell), upsampled bilinearly back to the native size, thresholded
 at 0.5 and scored with Dice against the original. G = R / stride for the model's strides, plus
 G = 256 (what a 256 px model would keep; ../shared/data stores its images at 256 px or less,
-so there that column is the stored resolution and reads 100). Volumes are scored per slice along `--axis`, pooled over
-the case. A low ceiling at G = 16 says the prior alone cannot draw the target; a low ceiling at
-G = 128 says the model's input resolution already loses it.
+so there that column is the stored resolution and reads 100). Volumes are scored per slice along
+`--axis`, pooled over the case. A low ceiling at G = 16 says the prior alone cannot draw the target;
+a low ceiling at G = 128 says the model's input resolution already loses it.
 
 Results go to benchmarks/results/resolution-ceiling.json and .md (per task, mean over the first
 `--cases` labelled cases of each dataset).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,14 @@ from promptseg.data.layouts import find_datasets, open_dataset
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 GRIDS = (8, 16, 32, 64, 128, 256)  # strides 16, 8, 4, 2, 1 at 128 px, then a 256 px model
-GRID_NAMES = {8: "stride 16", 16: "stride 8", 32: "stride 4", 64: "stride 2", 128: "128 px", 256: "256 px"}
+GRID_NAMES = {
+    8: "stride 16",
+    16: "stride 8",
+    32: "stride 4",
+    64: "stride 2",
+    128: "128 px",
+    256: "256 px",
+}
 
 
 def grid_ceiling(masks: torch.Tensor, grid: int) -> tuple[float, float]:
@@ -43,7 +51,9 @@ def grid_ceiling(masks: torch.Tensor, grid: int) -> tuple[float, float]:
     (H, W) bilinearly and thresholded at 0.5; Dice = 2 * intersection / total.
     """
     truth = masks.float()[:, None]
-    coarse = F.interpolate(truth, size=(grid, grid), mode="bilinear", antialias=True, align_corners=False)
+    coarse = F.interpolate(
+        truth, size=(grid, grid), mode="bilinear", antialias=True, align_corners=False
+    )
     back = F.interpolate(coarse, size=truth.shape[-2:], mode="bilinear", align_corners=False) > 0.5
     intersection = float((back & masks[:, None]).sum())
     return intersection, float(back.sum() + masks.sum())
@@ -84,8 +94,10 @@ def markdown(table: dict[str, dict[int, float]], command: str) -> str:
         "",
         f"`{command}`",
         "",
-        "Each mask is area-averaged to G x G, upsampled bilinearly to its stored size and thresholded at 0.5.",
-        "At 128 px the model's attention and label-propagation prior work at strides 8 and 16; strides 4, 2",
+        "Each mask is area-averaged to G x G, upsampled bilinearly to its stored size and "
+        "thresholded at 0.5.",
+        "At 128 px the model's attention and label-propagation prior work at strides 8 and 16; "
+        "strides 4, 2",
         "and 1 are reached by the convolutional decoder only.",
         "",
         header,
@@ -100,11 +112,19 @@ def markdown(table: dict[str, dict[int, float]], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", nargs="+", required=True, help="dataset folders, or folders of them")
-    parser.add_argument("--cases", type=int, default=12, help="labelled cases read per dataset (default 12)")
+    parser.add_argument(
+        "--data", nargs="+", required=True, help="dataset folders, or folders of them"
+    )
+    parser.add_argument(
+        "--cases", type=int, default=12, help="labelled cases read per dataset (default 12)"
+    )
     parser.add_argument("--axis", type=int, default=2, help="slicing axis of volumes (default 2)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "resolution-ceiling",
-                        help="output path without suffix (default benchmarks/results/resolution-ceiling)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR / "resolution-ceiling",
+        help="output path without suffix (default benchmarks/results/resolution-ceiling)",
+    )
     args = parser.parse_args(argv)
     table: dict[str, dict[int, float]] = {}
     for given in args.data:
@@ -115,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         ["--data", *args.data, "--cases", str(args.cases), "--axis", str(args.axis)]
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "dice": table}, indent=1))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"command": command, "dice": table}, indent=1)
+    )
     text = markdown(table, command)
     args.out.with_suffix(".md").write_text(text)
     print(text)

@@ -16,8 +16,10 @@ Random weights (timing only). One prompt set of K prompts, B queries, torch.infe
 
 The full-sequence path already encodes the prompt images once per batch rather than once per query,
 so its per-query time is a lower bound on recomputing everything. The logits of cached and full
-decoding are compared (max abs difference, float32). Results: benchmarks/results/vit-cache-cpu-<name>.json and .md.
+decoding are compared (max abs difference, float32). Results:
+benchmarks/results/vit-cache-cpu-<name>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +52,8 @@ def median_seconds(fn: Callable[[], torch.Tensor], repeats: int) -> float:
 
 
 def measure(config_path: Path, shots: int, batch: int, repeats: int, seed: int) -> dict:
-    """Per-query milliseconds of cached and full-sequence decoding for the model of `config_path`."""
+    """Per-query milliseconds of cached and full-sequence decoding for the model of
+    `config_path`."""
     config = TrainConfig.load(config_path).model_config()
     if config.architecture != "vit":
         raise SystemExit(f"{config_path}: not a vit model config")
@@ -73,20 +76,33 @@ def measure(config_path: Path, shots: int, batch: int, repeats: int, seed: int) 
         seconds = {
             "encode": median_seconds(lambda: model.encode_prompts(images, maps, types), repeats),
             "cached": median_seconds(lambda: model.decode(queries, cache), repeats),
-            "full": median_seconds(lambda: full_sequence_logits(model, images, maps, types, queries, explicit=False),
-                                   repeats),
-            "cached_decoder": median_seconds(lambda: model.decode_features(features, queries, cache),
-                                             repeats),
-            "full_decoder": median_seconds(lambda: full_sequence_decode(model, prompt_tokens, query_tokens, None, r,
-                                                                        explicit=False), repeats),
+            "full": median_seconds(
+                lambda: full_sequence_logits(model, images, maps, types, queries, explicit=False),
+                repeats,
+            ),
+            "cached_decoder": median_seconds(
+                lambda: model.decode_features(features, queries, cache), repeats
+            ),
+            "full_decoder": median_seconds(
+                lambda: full_sequence_decode(
+                    model, prompt_tokens, query_tokens, None, r, explicit=False
+                ),
+                repeats,
+            ),
         }
     per_query = {name: 1000.0 * value / batch for name, value in seconds.items()}
     per_query["encode"] = 1000.0 * seconds["encode"]  # once per prompt set
     return {
-        "config": str(config_path), "parameters": count_parameters(model), "shots": shots, "batch": batch,
-        "repeats": repeats, "threads": torch.get_num_threads(),
-        "prompt_tokens": int(cache.keys[0][0].shape[2]), "query_tokens": int(query_tokens.shape[1]),
-        "ms_per_query": per_query, "encode_ms_per_prompt_set": per_query.pop("encode"),
+        "config": str(config_path),
+        "parameters": count_parameters(model),
+        "shots": shots,
+        "batch": batch,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": int(cache.keys[0][0].shape[2]),
+        "query_tokens": int(query_tokens.shape[1]),
+        "ms_per_query": per_query,
+        "encode_ms_per_prompt_set": per_query.pop("encode"),
         "speedup": seconds["full"] / seconds["cached"],
         "speedup_decoder": seconds["full_decoder"] / seconds["cached_decoder"],
         "max_abs_logit_difference": float((cached - full).abs().max()),
@@ -95,22 +111,31 @@ def measure(config_path: Path, shots: int, batch: int, repeats: int, seed: int) 
 
 def markdown(row: dict) -> str:
     ms = row["ms_per_query"]
-    return "\n".join([
-        f"# Cached vs full-sequence decoding, CPU ({row['threads']} thread(s)): {row['config']}",
-        "",
-        (f"{row['parameters']:,} parameters (random weights), K = {row['shots']} prompts "
-        f"({row['prompt_tokens']} prompt tokens), batch {row['batch']} queries of {row['query_tokens']} tokens, "
-        f"median of {row['repeats']} after a warm-up. Prompt encoding: {row['encode_ms_per_prompt_set']:.1f} ms "
-        "once per prompt set."),
-        "",
-        "| ms per query | cached | full sequence | full / cached |",
-        "|---|---|---|---|",
-        f"| query encoding + decoder | {ms['cached']:.2f} | {ms['full']:.2f} | {row['speedup']:.1f}x |",
-        f"| decoder only | {ms['cached_decoder']:.2f} | {ms['full_decoder']:.2f} | {row['speedup_decoder']:.1f}x |",
-        "",
-        f"max |cached - full| logits: {row['max_abs_logit_difference']:.2e} (float32)",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# Cached vs full-sequence decoding, CPU ({row['threads']} thread(s)): "
+            f"{row['config']}",
+            "",
+            (
+                f"{row['parameters']:,} parameters (random weights), K = {row['shots']} prompts "
+                f"({row['prompt_tokens']} prompt tokens), batch {row['batch']} queries of "
+                f"{row['query_tokens']} tokens, "
+                f"median of {row['repeats']} after a warm-up. Prompt encoding: "
+                f"{row['encode_ms_per_prompt_set']:.1f} ms "
+                "once per prompt set."
+            ),
+            "",
+            "| ms per query | cached | full sequence | full / cached |",
+            "|---|---|---|---|",
+            f"| query encoding + decoder | {ms['cached']:.2f} | {ms['full']:.2f} | "
+            f"{row['speedup']:.1f}x |",
+            f"| decoder only | {ms['cached_decoder']:.2f} | {ms['full_decoder']:.2f} | "
+            f"{row['speedup_decoder']:.1f}x |",
+            "",
+            f"max |cached - full| logits: {row['max_abs_logit_difference']:.2e} (float32)",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

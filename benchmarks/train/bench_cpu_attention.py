@@ -1,4 +1,5 @@
-"""CPU attention at training shapes: SDPA forward + backward in float32 and bf16, flash and math kernels.
+"""CPU attention at training shapes: SDPA forward + backward in float32 and bf16, flash and math
+kernels.
 
     python -m benchmarks.train.bench_cpu_attention
 
@@ -6,6 +7,7 @@ Why promptseg.kernels.sdpa computes half inputs in float32 on the CPU: at the re
 shapes (8 queries of 16x16 tokens, 2 heads of width 32, K * 256 prompt keys) SDPA's float32
 flash kernel is faster than its bf16 one, forward and backward. Prints one row per shape.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +20,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
 
-def milliseconds(batch: int, heads: int, queries: int, keys: int, dim: int, dtype: torch.dtype,
-                 kernel: SDPBackend, repeats: int) -> float:
+def milliseconds(
+    batch: int,
+    heads: int,
+    queries: int,
+    keys: int,
+    dim: int,
+    dtype: torch.dtype,
+    kernel: SDPBackend,
+    repeats: int,
+) -> float:
     """Median milliseconds of one forward + backward of SDPA on random inputs."""
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, queries, dim, generator=generator).to(dtype).requires_grad_()
@@ -37,16 +47,22 @@ def milliseconds(batch: int, heads: int, queries: int, keys: int, dim: int, dtyp
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, nargs="+", default=[1, 2, 8], help="K (keys = K * 256)")
+    parser.add_argument(
+        "--prompts", type=int, nargs="+", default=[1, 2, 8], help="K (keys = K * 256)"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; q (8, 2, 256, 32), k/v (8, 2, K*256, 32)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; q (8, 2, 256, 32), k/v (8, "
+        "2, K*256, 32)"
+    )
     print("| K | fp32 flash ms | bf16 flash ms | fp32 math ms | bf16 math ms |")
     print("|---:|---:|---:|---:|---:|")
     for shots in args.prompts:
         cells = [
             milliseconds(8, 2, 256, 256 * shots, 32, dtype, KERNELS[kernel], args.repeats)
-            for kernel in ("flash", "math") for dtype in (torch.float32, torch.bfloat16)
+            for kernel in ("flash", "math")
+            for dtype in (torch.float32, torch.bfloat16)
         ]
         print(f"| {shots} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 

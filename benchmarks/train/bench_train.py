@@ -1,4 +1,5 @@
-"""Training throughput: episodes/s and images/s of a training recipe, data path and model step timed apart.
+"""Training throughput: episodes/s and images/s of a training recipe, data path and model step timed
+apart.
 
 Run from the repository root:
 
@@ -18,6 +19,7 @@ training loop (batches from `step_batches`, as `Trainer.run` draws them). Episod
 (prompts + queries) are end-to-end. With --compare the run ends with `speed-up: N.Nx` (end-to-end
 episodes/s, current over previous). Results go to benchmarks/results/train-<device>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +48,18 @@ def previous_path(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, mixed_precision=False, loader_workers=0, hardness_mix=0.0)
 
 
-def bench_path(name: str, config: TrainConfig, folders: list[str], cache: str | None, args: argparse.Namespace) -> dict:
+def bench_path(
+    name: str, config: TrainConfig, folders: list[str], cache: str | None, args: argparse.Namespace
+) -> dict:
     """Time one path; returns its row of figures."""
     start = time.perf_counter()
-    tasks = build_tasks(folders, config.model_config().resolution, axis=config.axis, cache_dir=cache, cases=args.cases)
+    tasks = build_tasks(
+        folders,
+        config.model_config().resolution,
+        axis=config.axis,
+        cache_dir=cache,
+        cases=args.cases,
+    )
     startup = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, tasks, out, context=init_distributed(args.device), progress=False)
@@ -66,14 +76,18 @@ def bench_path(name: str, config: TrainConfig, folders: list[str], cache: str | 
                 data.append(t1 - t0)
                 model.append(t2 - t1)
         first = args.warmup + args.steps
-        iterator = step_batches(batches, first, first + args.warmup + args.steps, config.loader_workers)
+        iterator = step_batches(
+            batches, first, first + args.warmup + args.steps, config.loader_workers
+        )
         for step in range(first, first + args.warmup):  # end to end, as Trainer.run draws batches
             trainer.train_step(step, next(iterator))
         synchronize(trainer.context.device)
         t0 = time.perf_counter()
         for step in range(first + args.warmup, first + args.warmup + args.steps):
             batch = next(iterator)
-            images += batch.prompt_images.shape[0] * (batch.prompt_images.shape[1] + batch.query_images.shape[1])
+            images += batch.prompt_images.shape[0] * (
+                batch.prompt_images.shape[1] + batch.query_images.shape[1]
+            )
             trainer.train_step(step, batch)
         synchronize(trainer.context.device)
         elapsed = time.perf_counter() - t0
@@ -99,18 +113,24 @@ def synchronize(device: torch.device) -> None:
 
 def markdown(rows: list[dict], header: dict) -> str:
     lines = [
-        (f"Training throughput: {header['recipe']}, {header['steps']} timed steps after {header['warmup']} warm-up "
-        f"steps, {header['device']}, torch {header['torch']}, {header['date']}."),
+        (
+            f"Training throughput: {header['recipe']}, {header['steps']} timed steps after "
+            f"{header['warmup']} warm-up "
+            f"steps, {header['device']}, torch {header['torch']}, {header['date']}."
+        ),
         "",
         f"Command: `{header['command']}`",
         "",
-        "| path | start-up s | data s/step | model s/step | end-to-end s/step | episodes/s | images/s |",
+        "| path | start-up s | data s/step | model s/step | end-to-end s/step | episodes/s | "
+        "images/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['path']} | {row['startup_s']:.1f} | {row['data_s_per_step']:.3f} | {row['model_s_per_step']:.3f} | "
-            f"{row['end_to_end_s_per_step']:.3f} | {row['episodes_per_s']:.2f} | {row['images_per_s']:.1f} |"
+            f"| {row['path']} | {row['startup_s']:.1f} | {row['data_s_per_step']:.3f} | "
+            f"{row['model_s_per_step']:.3f} | "
+            f"{row['end_to_end_s_per_step']:.3f} | {row['episodes_per_s']:.2f} | "
+            f"{row['images_per_s']:.1f} |"
         )
     if "speed_up" in header:
         lines += ["", f"speed-up: {header['speed_up']:.1f}x"]
@@ -119,15 +139,29 @@ def markdown(rows: list[dict], header: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "release_cpu.yaml"), help="training recipe")
-    parser.add_argument("--data", nargs="+", default=[str(REPO.parent / "shared" / "data")], metavar="DIR")
-    parser.add_argument("--cache", metavar="DIR", help="packed cache for the current path (default: a temporary one)")
+    parser.add_argument(
+        "--config", default=str(REPO / "configs" / "release_cpu.yaml"), help="training recipe"
+    )
+    parser.add_argument(
+        "--data", nargs="+", default=[str(REPO.parent / "shared" / "data")], metavar="DIR"
+    )
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="packed cache for the current path (default: a temporary one)",
+    )
     parser.add_argument("--cases", default="train", choices=("all", "train"))
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--compare", action="store_true", help="also run the previous training path and print the speed-up")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the previous training path and print the speed-up",
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/train-<device>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON output (default benchmarks/results/train-<device>.json)"
+    )
     return parser.parse_args(argv)
 
 
@@ -145,7 +179,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.compare:
             rows.append(bench_path("previous", previous_path(config), folders, None, args))
         rows.append(bench_path("current", config, folders, cache, args))
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    label = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
     header = {
         "recipe": Path(args.config).name,
         "steps": args.steps,
@@ -155,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "pack_build_s": pack_seconds,
         "command": (
-            "python -m benchmarks.train.bench_train" + (" --compare" if args.compare else "")
+            "python -m benchmarks.train.bench_train"
+            + (" --compare" if args.compare else "")
             + ("" if args.steps == 40 else f" --steps {args.steps}")
         ),
     }

@@ -1,4 +1,5 @@
-"""Command-line interface: `promptseg segment | batch | train | eval | export | bench | demo` (docs/design.md section 5.6).
+"""Command-line interface: `promptseg segment | batch | train | eval | export | bench | demo`
+(docs/design.md section 5.6).
 
 Failures a user can fix (PromptSegError and its subclasses, bad arguments, and running out of
 memory) print one line `promptseg: error: <reason>` to stderr and exit with 2; Ctrl-C exits with
@@ -6,6 +7,7 @@ memory) print one line `promptseg: error: <reason>` to stderr and exit with 2; C
 left). Any other exception is a bug and propagates with its traceback. Warnings print as one line
 `promptseg: warning: ...`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +36,14 @@ class DefaultsShownFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (not action.option_strings or "default" in text.lower() or default is None or default is False
-                or default is argparse.SUPPRESS or default == []):
+        if (
+            not action.option_strings
+            or "default" in text.lower()
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+        ):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
@@ -61,7 +69,8 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
     """
     parser = OneLineParser(
         prog="promptseg",
-        description="Universal medical image segmentation by visual prompts: give a few images with masks "
+        description="Universal medical image segmentation by visual prompts: give a few images "
+        "with masks "
         "(or clicks, boxes, scribbles) of a structure and segment it in new images or volumes.",
     )
     parser.add_argument("--version", action="version", version=f"promptseg {__version__}")
@@ -75,12 +84,19 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
 
 
 def command_named(argv: Sequence[str]) -> str | None:
-    """The subcommand that `argv` runs: its first argument that is not an option (None when none)."""
+    """The subcommand that `argv` runs: its first argument that is not an option (None when
+    none)."""
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: TextIO | None = None, line: str | None = None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     print(f"promptseg: warning: {_one_line(message)}", file=sys.stderr)
 
 
@@ -117,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted, 128 + N for signal N among SIGTERM and SIGHUP)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser(load=[command_named(argv)] if command_named(argv) in COMMANDS else []).parse_args(argv)
+        args = build_parser(
+            load=[command_named(argv)] if command_named(argv) in COMMANDS else []
+        ).parse_args(argv)
     except SystemExit as done:  # --help, --version or a usage error already printed
         return done.code if isinstance(done.code, int) else int(done.code is not None)
     with warnings.catch_warnings(), terminate_like_interrupt():
@@ -128,7 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"promptseg: error: {_one_line(error)}", file=sys.stderr)
             return 2
         except MemoryError:
-            print(f"promptseg: error: {args.command}: out of memory; use smaller or fewer inputs", file=sys.stderr)
+            print(
+                f"promptseg: error: {args.command}: out of memory; use smaller or fewer inputs",
+                file=sys.stderr,
+            )
             return 2
         except Terminated as stop:
             print(f"promptseg: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)

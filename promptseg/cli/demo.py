@@ -1,10 +1,12 @@
-"""`promptseg demo`: segment a synthetic 3D phantom from a few annotated slices, offline, in seconds.
+"""`promptseg demo`: segment a synthetic 3D phantom from a few annotated slices, offline, in
+seconds.
 
 The target is the phantom's organ (label 1, with the lesion inside it, label 2). `--prompts`
 evenly spaced slices that contain it are annotated with their true masks; the model segments every
 slice along axis 0, and so does a nearest-prompt baseline (each slice copies the mask of its most
 similar prompt slice). Dice is scored on the slices that were not prompts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,30 +33,47 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help=COMMANDS["demo"].help,
-        description="Builds a synthetic 3D phantom, takes --prompts annotated slices as prompts, segments the "
-        "whole volume along axis 0, prints Dice on the other slices for the model and for a nearest-prompt "
+        description="Builds a synthetic 3D phantom, takes --prompts annotated slices as prompts, "
+        "segments the "
+        "whole volume along axis 0, prints Dice on the other slices for the model and for a "
+        "nearest-prompt "
         "baseline, and writes phantom.nii.gz, phantom_truth.nii.gz, phantom_prediction.nii.gz and "
         "phantom_overlay.png (truth green, prediction red) to --out, replacing earlier demo files.",
     )
-    parser.add_argument("--out", default="promptseg-demo", metavar="DIR", help="output folder (default: promptseg-demo)")
+    parser.add_argument(
+        "--out",
+        default="promptseg-demo",
+        metavar="DIR",
+        help="output folder (default: promptseg-demo)",
+    )
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    parser.add_argument("--prompts", type=int, default=3, metavar="K", help="annotated slices used as prompts (default 3)")
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=3,
+        metavar="K",
+        help="annotated slices used as prompts (default 3)",
+    )
     parser.add_argument("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
 def prompt_slices(truth: np.ndarray, count: int) -> np.ndarray:
-    """`count` evenly spaced indices among the axis-0 slices of `truth` (D, H, W) that contain the target."""
+    """`count` evenly spaced indices among the axis-0 slices of `truth` (D, H, W) that contain the
+    target."""
     wanted = truth.reshape(truth.shape[0], -1).any(axis=1)
     if not 1 <= count <= int(wanted.sum()):
-        raise InputError("--prompts", f"must lie in 1..{int(wanted.sum())} (slices showing the "
-                         f"target), got {count}")
+        raise InputError(
+            "--prompts",
+            f"must lie in 1..{int(wanted.sum())} (slices showing the target), got {count}",
+        )
     return choose_slices(wanted, count, empty=0)
 
 
 def nearest_prompt(volume: np.ndarray, truth: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    """Each slice of `volume` (D, H, W) takes the truth mask of its most similar prompt slice -> (D, H, W) bool."""
+    """Each slice of `volume` (D, H, W) takes the truth mask of its most similar prompt slice -> (D,
+    H, W) bool."""
     slices = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None]
     best = NearestPromptBaseline().similarity(slices, slices[chosen]).argmax(dim=1).numpy()
     return truth[chosen][best]
@@ -74,16 +93,33 @@ def run(args: argparse.Namespace) -> int:
     prediction = segmenter.segment_volume(reference, encoded, axis=0).mask
     baseline = nearest_prompt(volume, truth, chosen)
     held_out = np.setdiff1d(np.arange(volume.shape[0]), chosen)
-    print(f"phantom {volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]} (seed {args.seed}); "
-          f"prompts: slices {', '.join(str(i) for i in chosen)} of axis 0")
-    print(f"Dice on the {len(held_out)} other slices: promptseg {dice_percent(prediction[held_out], truth[held_out]):.1f}, "
-          f"nearest-prompt baseline {dice_percent(baseline[held_out], truth[held_out]):.1f}")
+    print(
+        f"phantom {volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]} (seed {args.seed}); "
+        f"prompts: slices {', '.join(str(i) for i in chosen)} of axis 0"
+    )
+    print(
+        f"Dice on the {len(held_out)} other slices: promptseg "
+        f"{dice_percent(prediction[held_out], truth[held_out]):.1f}, "
+        f"nearest-prompt baseline {dice_percent(baseline[held_out], truth[held_out]):.1f}"
+    )
     folder = args.out
     write_nifti_like(os.path.join(folder, "phantom.nii.gz"), volume, reference, overwrite=True)
-    write_nifti_like(os.path.join(folder, "phantom_truth.nii.gz"), labels, reference, overwrite=True)
-    write_nifti_like(os.path.join(folder, "phantom_prediction.nii.gz"), prediction.astype(np.uint8), reference, overwrite=True)
-    picture = with_legend(montage(volume, [(truth, GREEN), (prediction, RED)], axis=0),
-                          [("truth", GREEN), ("prediction", RED)])
+    write_nifti_like(
+        os.path.join(folder, "phantom_truth.nii.gz"), labels, reference, overwrite=True
+    )
+    write_nifti_like(
+        os.path.join(folder, "phantom_prediction.nii.gz"),
+        prediction.astype(np.uint8),
+        reference,
+        overwrite=True,
+    )
+    picture = with_legend(
+        montage(volume, [(truth, GREEN), (prediction, RED)], axis=0),
+        [("truth", GREEN), ("prediction", RED)],
+    )
     write_png(os.path.join(folder, "phantom_overlay.png"), picture, overwrite=True)
-    print(f"wrote phantom.nii.gz, phantom_truth.nii.gz, phantom_prediction.nii.gz and phantom_overlay.png to {args.out}")
+    print(
+        "wrote phantom.nii.gz, phantom_truth.nii.gz, phantom_prediction.nii.gz and "
+        f"phantom_overlay.png to {args.out}"
+    )
     return 0

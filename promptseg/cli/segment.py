@@ -1,4 +1,5 @@
-"""`promptseg segment`: segment 2D images and 3D NIfTI volumes from prompt images with masks or sparse prompts.
+"""`promptseg segment`: segment 2D images and 3D NIfTI volumes from prompt images with masks or
+sparse prompts.
 
 Everything is validated before any output is written: the prompts, every query and every output
 path. Each query then gets `<name>_mask.png` (2D) or `<name>_mask.nii.gz` (NIfTI, same affine and
@@ -10,6 +11,7 @@ files are written as one unit (files.atomic_write_group: all of them or none, un
 output folder), and temporary files that a killed earlier run left in the output folder are
 removed first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +41,14 @@ from promptseg.data.dicom import (
     segmentation_kinds,
     segmentation_writers,
 )
-from promptseg.data.io import NIFTI_EXTENSIONS, ImageData, canonical_view, nifti_writer, npy_writer, png_writer
-from promptseg.files import Writer, atomic_write_group, file_extension, refuse_existing, strip_extension, sweep_stale_temporaries
+from promptseg.data.io import (
+    NIFTI_EXTENSIONS,
+    ImageData,
+    canonical_view,
+    nifti_writer,
+    npy_writer,
+    png_writer,
+)
 from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, check_image
 from promptseg.data.volumes import has_volume_outputs
@@ -62,9 +70,18 @@ from promptseg.engine.volume_prompts import (
     with_label_resolved,
 )
 from promptseg.errors import InputError, PromptSegError
+from promptseg.files import (
+    Writer,
+    atomic_write_group,
+    file_extension,
+    refuse_existing,
+    strip_extension,
+    sweep_stale_temporaries,
+)
 
 SPARSE_DEST = "sparse_prompts"
-# Query arrays kept in memory from validation for segmentation, in all; queries beyond are read again.
+# Query arrays kept in memory from validation for segmentation, in all; queries beyond are read
+# again.
 KEPT_QUERY_BYTES = 256 * 2**20
 
 
@@ -72,8 +89,13 @@ class _InOrder(argparse.Action):
     """Record (option, value) in command-line order, so that --click/--box/--scribble attach to the
     --prompt-image before them."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         events = list(getattr(namespace, self.dest) or [])
         events.append((self.option_strings[0], values))
         setattr(namespace, self.dest, events)
@@ -83,102 +105,237 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "segment",
         help=COMMANDS["segment"].help,
-        description="Segment each --query from prompts: prompt images with masks (--prompt IMAGE MASK), or a "
-        "prompt image with clicks, boxes or a scribble (--prompt-image IMAGE --click X Y ...). 2D queries "
-        "(PNG, JPEG, TIFF, BMP, NPY) give DIR/<name>_mask.png (0/255); NIfTI queries give DIR/<name>_mask.nii.gz "
-        "in the query's own geometry, segmented slice by slice along --axis, and so do DICOM series and "
-        "(X, Y, Z) .npy/.npz volumes (3D arrays whose first and last axes are not 1, 3 or 4 long; no geometry).",
+        description="Segment each --query from prompts: prompt images with masks (--prompt IMAGE "
+        "MASK), or a "
+        "prompt image with clicks, boxes or a scribble (--prompt-image IMAGE --click X Y ...). 2D "
+        "queries "
+        "(PNG, JPEG, TIFF, BMP, NPY) give DIR/<name>_mask.png (0/255); NIfTI queries give "
+        "DIR/<name>_mask.nii.gz "
+        "in the query's own geometry, segmented slice by slice along --axis, and so do DICOM "
+        "series and "
+        "(X, Y, Z) .npy/.npz volumes (3D arrays whose first and last axes are not 1, 3 or 4 long; "
+        "no geometry).",
     )
-    prompts = parser.add_argument_group("prompts (at least one; up to the model's limit, 64 by default)")
-    prompts.add_argument("--prompt", action="append", nargs=2, default=[], metavar=("IMAGE", "MASK"),
-                         help="a prompt image and its mask or label map (repeatable)")
-    prompts.add_argument("--label", type=int, nargs="+", metavar="N",
-                         help="segment label N of the prompt label maps (default: any non-zero value); several "
-                         "labels give one label map per query (<name>_mask holds the label values) and, with "
-                         "--save-probabilities, one probability file per label")
-    prompts.add_argument("--prompt-volume", action="append", nargs=2, default=[],
-                         metavar=("IMAGE", "LABELS"),
-                         help="an annotated volume (NIfTI or DICOM series folder) and its label "
-                         "volume: --prompt-slices of its slices along --axis become prompts "
-                         "(repeatable; volumes mix)")
-    prompts.add_argument("--prompt-slices", type=int, default=8, metavar="N",
-                         help="slices taken from each --prompt-volume: over the labelled extent, "
-                         "one in four just outside it (default 8)")
-    prompts.add_argument("--prompt-image", action=_InOrder, dest=SPARSE_DEST, metavar="IMAGE",
-                         help="a prompt image annotated by the --click, --box and --scribble options after it (repeatable)")
-    prompts.add_argument("--click", action=_InOrder, dest=SPARSE_DEST, nargs=2, type=float, metavar=("X", "Y"),
-                         help="a click on the target in pixels (repeatable; the clicks of one image form one prompt)")
-    prompts.add_argument("--box", action=_InOrder, dest=SPARSE_DEST, nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
-                         help="a box around the target in pixels, corners inclusive (repeatable; one prompt each)")
-    prompts.add_argument("--scribble", action=_InOrder, dest=SPARSE_DEST, metavar="MASK",
-                         help="a mask of strokes drawn on the target (repeatable; one prompt each)")
-    parser.add_argument("--query", nargs="+", required=True, metavar="PATH",
-                        help="images, NIfTI volumes or DICOM series (a folder or a multi-frame "
-                        "file) to segment; a DICOM query also gets <name>_seg.dcm, a DICOM-SEG "
-                        "referencing its series")
-    parser.add_argument("--series", action="append", default=[], metavar="UID",
-                        help="segment the series of this SeriesInstanceUID in the DICOM query "
-                        "folder holding it (repeatable; a folder of several series is refused "
-                        "without it)")
-    parser.add_argument("--label-names", nargs="+", default=[], metavar="N=NAME",
-                        help="segment names in DICOM-SEG outputs (default: the labels of a "
-                        "dataset.json beside the prompt masks or the query, else 'label N')")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created when needed)")
-    parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
-                        help="slicing axis of NIfTI volumes in their closest RAS orientation: 0 sagittal, 1 coronal, "
-                        "2 axial (default 2); results are written in each query's own voxel grid")
-    parser.add_argument("--correct", action="append", nargs="+", default=[], metavar="X Y [Z] +|-",
-                        help="a correction click on the query (one --query): X Y on a 2D image "
-                        "(X the column), X Y Z voxel indices on a volume, then + (target here) "
-                        "or - (not target); repeatable, applied in order "
-                        "(promptseg.engine.corrections)")
-    parser.add_argument("--planes", action="store_true",
-                        help="with --prompt-volume: segment NIfTI/DICOM queries along all three "
-                        "axes, each from prompt-volume slices along that axis, and average (3x "
-                        "the time; fewer false positives on slices without the target)")
-    parser.add_argument("--slice-consistency", action="store_true",
-                        help="make volume slices agree through the plane: logits smoothed over "
-                        "neighbouring slices, small 3D components apart from the target dropped")
-    parser.add_argument("--threshold", type=float, default=0.5, metavar="P", help="probability above which a pixel is foreground")
-    parser.add_argument("--save-probabilities", action="store_true",
-                        help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), "
-                        "float32 in [0, 1], and for DICOM queries <name>_prob_seg.dcm, a "
-                        "FRACTIONAL DICOM-SEG")
-    parser.add_argument("--overlay", action="store_true",
-                        help="also write <name>_overlay.png: the contour on the image, or a montage of up to 16 slices, "
-                        "with a legend below naming each colour (prediction, or label N)")
+    prompts = parser.add_argument_group(
+        "prompts (at least one; up to the model's limit, 64 by default)"
+    )
+    prompts.add_argument(
+        "--prompt",
+        action="append",
+        nargs=2,
+        default=[],
+        metavar=("IMAGE", "MASK"),
+        help="a prompt image and its mask or label map (repeatable)",
+    )
+    prompts.add_argument(
+        "--label",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="segment label N of the prompt label maps (default: any non-zero value); several "
+        "labels give one label map per query (<name>_mask holds the label values) and, with "
+        "--save-probabilities, one probability file per label",
+    )
+    prompts.add_argument(
+        "--prompt-volume",
+        action="append",
+        nargs=2,
+        default=[],
+        metavar=("IMAGE", "LABELS"),
+        help="an annotated volume (NIfTI or DICOM series folder) and its label "
+        "volume: --prompt-slices of its slices along --axis become prompts "
+        "(repeatable; volumes mix)",
+    )
+    prompts.add_argument(
+        "--prompt-slices",
+        type=int,
+        default=8,
+        metavar="N",
+        help="slices taken from each --prompt-volume: over the labelled extent, "
+        "one in four just outside it (default 8)",
+    )
+    prompts.add_argument(
+        "--prompt-image",
+        action=_InOrder,
+        dest=SPARSE_DEST,
+        metavar="IMAGE",
+        help="a prompt image annotated by the --click, --box and --scribble options after it "
+        "(repeatable)",
+    )
+    prompts.add_argument(
+        "--click",
+        action=_InOrder,
+        dest=SPARSE_DEST,
+        nargs=2,
+        type=float,
+        metavar=("X", "Y"),
+        help="a click on the target in pixels (repeatable; the clicks of one image form one "
+        "prompt)",
+    )
+    prompts.add_argument(
+        "--box",
+        action=_InOrder,
+        dest=SPARSE_DEST,
+        nargs=4,
+        type=float,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="a box around the target in pixels, corners inclusive (repeatable; one prompt each)",
+    )
+    prompts.add_argument(
+        "--scribble",
+        action=_InOrder,
+        dest=SPARSE_DEST,
+        metavar="MASK",
+        help="a mask of strokes drawn on the target (repeatable; one prompt each)",
+    )
+    parser.add_argument(
+        "--query",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="images, NIfTI volumes or DICOM series (a folder or a multi-frame "
+        "file) to segment; a DICOM query also gets <name>_seg.dcm, a DICOM-SEG "
+        "referencing its series",
+    )
+    parser.add_argument(
+        "--series",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="segment the series of this SeriesInstanceUID in the DICOM query "
+        "folder holding it (repeatable; a folder of several series is refused "
+        "without it)",
+    )
+    parser.add_argument(
+        "--label-names",
+        nargs="+",
+        default=[],
+        metavar="N=NAME",
+        help="segment names in DICOM-SEG outputs (default: the labels of a "
+        "dataset.json beside the prompt masks or the query, else 'label N')",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (created when needed)"
+    )
+    parser.add_argument(
+        "--axis",
+        type=int,
+        default=2,
+        choices=(0, 1, 2),
+        help="slicing axis of NIfTI volumes in their closest RAS orientation: 0 sagittal, 1 "
+        "coronal, "
+        "2 axial (default 2); results are written in each query's own voxel grid",
+    )
+    parser.add_argument(
+        "--correct",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="X Y [Z] +|-",
+        help="a correction click on the query (one --query): X Y on a 2D image "
+        "(X the column), X Y Z voxel indices on a volume, then + (target here) "
+        "or - (not target); repeatable, applied in order "
+        "(promptseg.engine.corrections)",
+    )
+    parser.add_argument(
+        "--planes",
+        action="store_true",
+        help="with --prompt-volume: segment NIfTI/DICOM queries along all three "
+        "axes, each from prompt-volume slices along that axis, and average (3x "
+        "the time; fewer false positives on slices without the target)",
+    )
+    parser.add_argument(
+        "--slice-consistency",
+        action="store_true",
+        help="make volume slices agree through the plane: logits smoothed over "
+        "neighbouring slices, small 3D components apart from the target dropped",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="probability above which a pixel is foreground",
+    )
+    parser.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <name>_prob.npy (2D) or <name>_prob.nii.gz (NIfTI), "
+        "float32 in [0, 1], and for DICOM queries <name>_prob_seg.dcm, a "
+        "FRACTIONAL DICOM-SEG",
+    )
+    parser.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write <name>_overlay.png: the contour on the image, or a montage of up to 16 "
+        "slices, "
+        "with a legend below naming each colour (prediction, or label N)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_model_arguments(parser)
-    parser.add_argument("--ensemble", type=int, default=1, metavar="N",
-                        help=f"average over N ensemble members: drop-one prompt subsets, then flips of prompts and "
-                        f"queries, calibrated on the prompts they leave out (1..{MAX_ENSEMBLE}, default 1: off; "
-                        "a single prompt gives at most 4 members)")
-    parser.add_argument("--ensemble-shift", choices=("on", "off"), default="on",
-                        help="with --ensemble: move the mask threshold by the logit shift that scores best on the "
-                        "prompts the members leave out, and divide the members' logits by the temperature that fits "
-                        "those prompts best (on, default), or neither (off); the probabilities are never shifted")
-    parser.add_argument("--uncertainty", action="store_true",
-                        help="also write <name>_uncertainty (predictive entropy in bits) and, with --ensemble, "
-                        "<name>_variance (variance of the members' probabilities): float32 .nii.gz for NIfTI "
-                        "queries, 8-bit .png for 2D (255 = 1 bit of entropy, or a variance of 0.25)")
-    parser.add_argument("--candidates", type=int, default=0, metavar="N",
-                        help="also write N plausible masks <name>_candidate1..N, those of the first N ensemble "
-                        "members (needs --ensemble M with N <= M)")
-    parser.add_argument("--adapt", type=int, default=0, metavar="STEPS",
-                        help="adapt a copy of the model to the prompts first: STEPS leave-one-out steps on its "
-                        "normalisation scales and output head (PyTorch backends; default 0: off)")
-    parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="slices per forward pass (default 16)")
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"average over N ensemble members: drop-one prompt subsets, then flips of prompts and "
+        f"queries, calibrated on the prompts they leave out (1..{MAX_ENSEMBLE}, default 1: off; "
+        "a single prompt gives at most 4 members)",
+    )
+    parser.add_argument(
+        "--ensemble-shift",
+        choices=("on", "off"),
+        default="on",
+        help="with --ensemble: move the mask threshold by the logit shift that scores best on the "
+        "prompts the members leave out, and divide the members' logits by the temperature that "
+        "fits "
+        "those prompts best (on, default), or neither (off); the probabilities are never shifted",
+    )
+    parser.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also write <name>_uncertainty (predictive entropy in bits) and, with --ensemble, "
+        "<name>_variance (variance of the members' probabilities): float32 .nii.gz for NIfTI "
+        "queries, 8-bit .png for 2D (255 = 1 bit of entropy, or a variance of 0.25)",
+    )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write N plausible masks <name>_candidate1..N, those of the first N ensemble "
+        "members (needs --ensemble M with N <= M)",
+    )
+    parser.add_argument(
+        "--adapt",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="adapt a copy of the model to the prompts first: STEPS leave-one-out steps on its "
+        "normalisation scales and output head (PyTorch backends; default 0: off)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        metavar="N",
+        help="slices per forward pass (default 16)",
+    )
     add_backend_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run, **{SPARSE_DEST: None})
 
 
-def collect_prompts(mask_pairs: Sequence[Sequence[str]], sparse: Sequence[tuple[str, Any]] | None) -> list[Prompt]:
+def collect_prompts(
+    mask_pairs: Sequence[Sequence[str]], sparse: Sequence[tuple[str, Any]] | None
+) -> list[Prompt]:
     """Prompts from --prompt pairs and the in-order sparse options; InputError when there are none.
 
     The clicks of one --prompt-image form one prompt; each --box and each --scribble is a prompt.
     """
-    prompts = [Prompt(image=image, kind="mask", mask=mask, name=image) for image, mask in mask_pairs]
+    prompts = [
+        Prompt(image=image, kind="mask", mask=mask, name=image) for image, mask in mask_pairs
+    ]
     groups: list[tuple[str, list[tuple[str, Any]]]] = []
     for option, value in sparse or []:
         if option == "--prompt-image":
@@ -199,8 +356,11 @@ def collect_prompts(mask_pairs: Sequence[Sequence[str]], sparse: Sequence[tuple[
             elif option == "--scribble":
                 prompts.append(Prompt(image=image, kind="scribble", mask=value, name=image))
     if not prompts:
-        raise InputError("--prompt", "no prompts given: pass --prompt IMAGE MASK, or --prompt-image IMAGE with "
-                         "--click X Y, --box X0 Y0 X1 Y1 or --scribble MASK")
+        raise InputError(
+            "--prompt",
+            "no prompts given: pass --prompt IMAGE MASK, or --prompt-image IMAGE with "
+            "--click X Y, --box X0 Y0 X1 Y1 or --scribble MASK",
+        )
     return prompts
 
 
@@ -218,10 +378,18 @@ class QueryJob:
 
 
 def plan_outputs(
-    queries: Sequence[str], out_dir: str, probabilities: bool, overlay_png: bool, overwrite: bool,
-    labels: Sequence[int] = (), uncertainty: bool = False, variance: bool = False, candidates: int = 0,
+    queries: Sequence[str],
+    out_dir: str,
+    probabilities: bool,
+    overlay_png: bool,
+    overwrite: bool,
+    labels: Sequence[int] = (),
+    uncertainty: bool = False,
+    variance: bool = False,
+    candidates: int = 0,
 ) -> list[QueryJob]:
-    """Output paths of every query; InputError on clashing names or (without overwrite) existing files.
+    """Output paths of every query; InputError on clashing names or (without overwrite) existing
+    files.
 
     With several labels, probabilities, uncertainty and variance maps go to one file per label
     (kinds prob_label{N}, uncertainty_label{N}, variance_label{N}); candidates are kinds
@@ -233,32 +401,43 @@ def plan_outputs(
     for path in queries:
         name = strip_extension(os.path.basename(path.rstrip(os.sep)))
         if name in owners:
-            raise InputError(path, f"gives the same output name '{name}' as {owners[name]}; rename one of them")
+            raise InputError(
+                path, f"gives the same output name '{name}' as {owners[name]}; rename one of them"
+            )
         owners[name] = path
         nifti = has_volume_outputs(path)  # NIfTI, DICOM and .npy/.npz volumes: NIfTI outputs
         extensions = {"mask": ".nii.gz" if nifti else ".png"}
         if probabilities:
-            extensions.update({kind: ".nii.gz" if nifti else ".npy" for kind in per_label_kinds("prob", labels)})
+            extensions.update(
+                {kind: ".nii.gz" if nifti else ".npy" for kind in per_label_kinds("prob", labels)}
+            )
         for wanted, kind in ((uncertainty, "uncertainty"), (uncertainty and variance, "variance")):
             if wanted:
-                extensions.update({k: ".nii.gz" if nifti else ".png" for k in per_label_kinds(kind, labels)})
+                extensions.update(
+                    {k: ".nii.gz" if nifti else ".png" for k in per_label_kinds(kind, labels)}
+                )
         extensions.update({f"candidate{n}": extensions["mask"] for n in range(1, candidates + 1)})
         if overlay_png:
             extensions["overlay"] = ".png"
         if is_dicom_input(path) and file_extension(path) not in NIFTI_EXTENSIONS:
             extensions.update(segmentation_kinds(probabilities))
-        outputs = {kind: os.path.join(out_dir, f"{name}_{kind}{ext}") for kind, ext in extensions.items()}
+        outputs = {
+            kind: os.path.join(out_dir, f"{name}_{kind}{ext}") for kind, ext in extensions.items()
+        }
         refuse_existing(list(outputs.values()), overwrite)
         jobs.append(QueryJob(path, nifti, outputs))
     return jobs
 
 
 def per_label_kinds(kind: str, labels: Sequence[int]) -> list[str]:
-    """Output kinds of a per-label map: `kind` for one label, `kind`_label{N} for each of several."""
+    """Output kinds of a per-label map: `kind` for one label, `kind`_label{N} for each of
+    several."""
     return [f"{kind}_label{label}" for label in labels] if len(labels) > 1 else [kind]
 
 
-def encode(segmenter: Segmenter, prompts: list[Prompt], labels: Sequence[int] | None) -> dict[int, EncodedPrompts]:
+def encode(
+    segmenter: Segmenter, prompts: list[Prompt], labels: Sequence[int] | None
+) -> dict[int, EncodedPrompts]:
     """Encode the prompts, one set per label (key 1 when no --label is given: any non-zero value).
 
     Problems of the prompt set as a whole are reported against --prompt."""
@@ -270,8 +449,14 @@ def encode(segmenter: Segmenter, prompts: list[Prompt], labels: Sequence[int] | 
     try:
         if labels is not None and len(labels) > 1:
             if any(p.kind != "mask" for p in prompts):
-                raise InputError("--label", "several labels need --prompt IMAGE LABEL_MAP pairs only (no clicks, boxes or scribbles)")
-            return segmenter.encode_labels([p.image for p in prompts], [p.mask for p in prompts], labels)
+                raise InputError(
+                    "--label",
+                    "several labels need --prompt IMAGE LABEL_MAP pairs only (no clicks, boxes or "
+                    "scribbles)",
+                )
+            return segmenter.encode_labels(
+                [p.image for p in prompts], [p.mask for p in prompts], labels
+            )
         label = labels[0] if labels else None
         return {label or 1: segmenter.encode_prompts(prompts, label=label)}
     except InputError as error:
@@ -287,8 +472,8 @@ def is_volume(data: ImageData) -> bool:
 
 
 def validate_query(data: ImageData, segmenter: Segmenter) -> None:
-    """Raise InputError naming the file if the query cannot be segmented (channels, non-finite values),
-    without preparing it (the segmenter prepares each query once)."""
+    """Raise InputError naming the file if the query cannot be segmented (channels, non-finite
+    values), without preparing it (the segmenter prepares each query once)."""
     if is_volume(data):
         if not all_finite(data.array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
@@ -296,9 +481,12 @@ def validate_query(data: ImageData, segmenter: Segmenter) -> None:
         check_image(data.array, segmenter.channels, source=data.path)
 
 
-def read_and_validate(jobs: Sequence[QueryJob], segmenter: Segmenter, keep_bytes: int) -> dict[str, ImageData]:
+def read_and_validate(
+    jobs: Sequence[QueryJob], segmenter: Segmenter, keep_bytes: int
+) -> dict[str, ImageData]:
     """Read and validate every query before anything is written; returns those read (path -> data)
-    that fit in `keep_bytes` together, in job order, so that segmentation does not read them again."""
+    that fit in `keep_bytes` together, in job order, so that segmentation does not read them
+    again."""
     kept: dict[str, ImageData] = {}
     for job in jobs:
         with out_of_memory_names(job.path):
@@ -310,68 +498,105 @@ def read_and_validate(jobs: Sequence[QueryJob], segmenter: Segmenter, keep_bytes
     return kept
 
 
-def predict(data: ImageData, segmenter: Segmenter, prompts: dict[int, EncodedPrompts], axis: int,
-            threshold: float, consistency: bool = False) -> LabelResult:
-    """Per-label probabilities in the query's own grid: (L, H, W) for images, (L, X, Y, Z) for volumes."""
+def predict(
+    data: ImageData,
+    segmenter: Segmenter,
+    prompts: dict[int, EncodedPrompts],
+    axis: int,
+    threshold: float,
+    consistency: bool = False,
+) -> LabelResult:
+    """Per-label probabilities in the query's own grid: (L, H, W) for images, (L, X, Y, Z) for
+    volumes."""
     if is_volume(data):
-        return segmenter.segment_volume_labels(data, prompts, axis=axis, threshold=threshold,
-                                               consistency=consistency)
+        return segmenter.segment_volume_labels(
+            data, prompts, axis=axis, threshold=threshold, consistency=consistency
+        )
     return segmenter.segment_labels([data.array], prompts, threshold=threshold)[0]
 
 
-def render_outputs(job: QueryJob, data: ImageData, result: LabelResult, args: argparse.Namespace) -> dict[str, Writer]:
-    """kind -> a writer of that output (all arrays computed up front, so writing cannot fail on them).
+def render_outputs(
+    job: QueryJob, data: ImageData, result: LabelResult, args: argparse.Namespace
+) -> dict[str, Writer]:
+    """kind -> a writer of that output (all arrays computed up front, so writing cannot fail on
+    them).
 
     One label: the mask is 0/255 (PNG) or 0/1 (NIfTI); several labels: the label map itself.
     PromptSegError naming the query when the model gave non-finite probabilities (never written)."""
     if not all_finite(result.probabilities):
-        raise PromptSegError(f"{job.path}: the model gave non-finite probabilities (NaN or Inf); "
-                             "the weights are damaged or unsuited to this input, nothing was written")
+        raise PromptSegError(
+            f"{job.path}: the model gave non-finite probabilities (NaN or Inf); "
+            "the weights are damaged or unsuited to this input, nothing was written"
+        )
     several = len(result.labels) > 1
     mask = label_mask(result, result.probabilities, args.threshold, job.nifti)
-    writers: dict[str, Writer] = {"mask": nifti_writer(mask, data) if job.nifti else png_writer(mask)}
-    uncertainty = result.uncertainty if any(k.startswith("uncertainty") for k in job.outputs) else None
+    writers: dict[str, Writer] = {
+        "mask": nifti_writer(mask, data) if job.nifti else png_writer(mask)
+    }
+    uncertainty = (
+        result.uncertainty if any(k.startswith("uncertainty") for k in job.outputs) else None
+    )
     for index, label in enumerate(result.labels):
         suffix = f"_label{label}" if several else ""
         if f"prob{suffix}" in job.outputs:
             probabilities = result.probabilities[index]
-            writers[f"prob{suffix}"] = nifti_writer(probabilities, data) if job.nifti else npy_writer(probabilities)
-        for kind, values, full_scale in (("uncertainty", uncertainty, 1.0), ("variance", result.variance, 0.25)):
+            writers[f"prob{suffix}"] = (
+                nifti_writer(probabilities, data) if job.nifti else npy_writer(probabilities)
+            )
+        for kind, values, full_scale in (
+            ("uncertainty", uncertainty, 1.0),
+            ("variance", result.variance, 0.25),
+        ):
             if f"{kind}{suffix}" in job.outputs and values is not None:
                 writers[f"{kind}{suffix}"] = map_writer(values[index], full_scale, data, job.nifti)
     for number in range(1, len(result.candidates) + 1 if result.candidates is not None else 1):
         if f"candidate{number}" in job.outputs:
             candidate = label_mask(result, result.candidates[number - 1], args.threshold, job.nifti)
-            writers[f"candidate{number}"] = nifti_writer(candidate, data) if job.nifti else png_writer(candidate)
+            writers[f"candidate{number}"] = (
+                nifti_writer(candidate, data) if job.nifti else png_writer(candidate)
+            )
     if "overlay" in job.outputs:
         writers["overlay"] = png_writer(overlay_picture(data, result, args.axis))
     if "seg" in job.outputs:
         probabilities = result.probabilities if "prob_seg" in job.outputs else None
         source = data.dicom  # type: ignore[attr-defined]
-        writers.update(segmentation_writers(source, label_masks(result),
-                                            probabilities, result.labels, job.label_names))
+        writers.update(
+            segmentation_writers(
+                source, label_masks(result), probabilities, result.labels, job.label_names
+            )
+        )
     return writers
 
 
 def overlay_picture(data: ImageData, result: LabelResult, axis: int) -> np.ndarray:
     """The label contours on a 2D query, or on a montage of up to 16 slices of a volume, built from
-    those slices alone (their label map and intensities: memory of the slices shown, not the volume)."""
+    those slices alone (their label map and intensities: memory of the slices shown, not the
+    volume)."""
     image, shown = data.array, result
     if is_volume(data):
         image = canonical_view(image, data.affine)  # slices as they were segmented
         indices = montage_indices(image.shape[axis])
         image = np.take(image, indices, axis=axis)
-        shown_probabilities = [np.take(canonical_view(p, data.affine), indices, axis=axis) for p in result.probabilities]
-        shown = LabelResult(result.labels, np.stack(shown_probabilities), result.threshold, shifts=result.shifts)
+        shown_probabilities = [
+            np.take(canonical_view(p, data.affine), indices, axis=axis)
+            for p in result.probabilities
+        ]
+        shown = LabelResult(
+            result.labels, np.stack(shown_probabilities), result.threshold, shifts=result.shifts
+        )
     label_map = shown.label_map
     colours = [LABEL_COLOURS[n % len(LABEL_COLOURS)] for n in range(len(result.labels))]
     contours = [(label_map == label, colour) for label, colour in zip(result.labels, colours)]
     picture = montage(image, contours, axis) if is_volume(data) else overlay(image, contours)
-    names = [f"label {label}" for label in result.labels] if len(result.labels) > 1 else ["prediction"]
+    names = (
+        [f"label {label}" for label in result.labels] if len(result.labels) > 1 else ["prediction"]
+    )
     return with_legend(picture, list(zip(names, colours)))
 
 
-def label_mask(result: LabelResult, probabilities: np.ndarray, threshold: float, nifti: bool) -> np.ndarray:
+def label_mask(
+    result: LabelResult, probabilities: np.ndarray, threshold: float, nifti: bool
+) -> np.ndarray:
     """The mask written for probabilities (L, *spatial) of result's labels: 0/255 (PNG) or 0/1
     (NIfTI) for one label, the label map for several."""
     if len(result.labels) > 1:
@@ -381,7 +606,8 @@ def label_mask(result: LabelResult, probabilities: np.ndarray, threshold: float,
 
 
 def map_writer(values: np.ndarray, full_scale: float, data: ImageData, nifti: bool) -> Writer:
-    """A writer of a float map: float32 NIfTI in the query's space, or an 8-bit PNG with 255 = full_scale."""
+    """A writer of a float map: float32 NIfTI in the query's space, or an 8-bit PNG with 255 =
+    full_scale."""
     if nifti:
         return nifti_writer(values.astype(np.float32), data)
     return png_writer(np.round(np.clip(values / full_scale, 0.0, 1.0) * 255.0).astype(np.uint8))
@@ -401,13 +627,20 @@ def out_of_memory_names(path: str) -> Iterator[None]:
         raise InputError(path, "not enough memory to segment it") from None
 
 
-def segment_query(job: QueryJob, segmenter: Segmenter, encoded: dict[int, EncodedPrompts], args: argparse.Namespace,
-                  data: ImageData | None = None) -> None:
+def segment_query(
+    job: QueryJob,
+    segmenter: Segmenter,
+    encoded: dict[int, EncodedPrompts],
+    args: argparse.Namespace,
+    data: ImageData | None = None,
+) -> None:
     """Segment and write one query (read first unless `data` is given); running out of memory is an
     InputError naming the query."""
     with out_of_memory_names(job.path):
         data = read_input(job.path, job.series) if data is None else data
-        extra = {"consistency": True} if args.slice_consistency else {}  # predict's own call otherwise
+        extra = (
+            {"consistency": True} if args.slice_consistency else {}
+        )  # predict's own call otherwise
         result = predict(data, segmenter, encoded, args.axis, args.threshold, **extra)
         if args.correct:
             result = corrected(result, data, parse_corrections(args.correct))
@@ -423,9 +656,13 @@ def check_ensemble_options(ensemble: int, candidates: int) -> None:
     if candidates < 0:
         raise InputError("--candidates", f"must be positive, got {candidates}")
     if candidates and ensemble < 2:
-        raise InputError("--candidates", "needs --ensemble N with N >= 2: the candidates are ensemble members")
+        raise InputError(
+            "--candidates", "needs --ensemble N with N >= 2: the candidates are ensemble members"
+        )
     if candidates > ensemble:
-        raise InputError("--candidates", f"must lie in 1..{ensemble} (the --ensemble members), got {candidates}")
+        raise InputError(
+            "--candidates", f"must lie in 1..{ensemble} (the --ensemble members), got {candidates}"
+        )
 
 
 def prepare_dicom_jobs(
@@ -460,8 +697,9 @@ def gather_prompts(args: argparse.Namespace, axis: int | None = None) -> list[Pr
     return prompts + volume_prompts(images, labels, args.label, args.prompt_slices, axis)
 
 
-def encode_all(segmenter: Segmenter, prompts: list[Prompt],
-               args: argparse.Namespace) -> dict[int, Any]:
+def encode_all(
+    segmenter: Segmenter, prompts: list[Prompt], args: argparse.Namespace
+) -> dict[int, Any]:
     """encode() of the gathered prompts; with --planes, PlanePrompts per label (the prompt volumes
     sliced along each axis). With prompt volumes, empty masks (their slices without the label,
     chosen on purpose) do not warn."""
@@ -475,10 +713,14 @@ def encode_all(segmenter: Segmenter, prompts: list[Prompt],
 
     if not args.planes:
         return encoded(prompts)
-    per_axis = {axis: encoded(prompts if axis == args.axis else gather_prompts(args, axis))
-                for axis in ALL_AXES}
-    return {label: PlanePrompts({axis: per_axis[axis][label] for axis in ALL_AXES})
-            for label in per_axis[args.axis]}
+    per_axis = {
+        axis: encoded(prompts if axis == args.axis else gather_prompts(args, axis))
+        for axis in ALL_AXES
+    }
+    return {
+        label: PlanePrompts({axis: per_axis[axis][label] for axis in ALL_AXES})
+        for label in per_axis[args.axis]
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -488,26 +730,58 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
     check_ensemble_options(args.ensemble, args.candidates)
     check_corrections(args.correct, args.query, args.label)
-    jobs = plan_outputs(args.query, args.out, args.save_probabilities, args.overlay, args.overwrite, args.label or (),
-                        args.uncertainty, args.ensemble > 1, args.candidates)
+    jobs = plan_outputs(
+        args.query,
+        args.out,
+        args.save_probabilities,
+        args.overlay,
+        args.overwrite,
+        args.label or (),
+        args.uncertainty,
+        args.ensemble > 1,
+        args.candidates,
+    )
     prepare_dicom_jobs(jobs, prompts, args)
-    segmenter = load_segmenter(args.checkpoint, args.device, args.max_batch, args.backend,
-                               backend_options(args.backend, args.export_dir), args.ensemble, args.adapt,
-                               args.candidates, args.ensemble_shift == "on", args.uncertainty)
+    segmenter = load_segmenter(
+        args.checkpoint,
+        args.device,
+        args.max_batch,
+        args.backend,
+        backend_options(args.backend, args.export_dir),
+        args.ensemble,
+        args.adapt,
+        args.candidates,
+        args.ensemble_shift == "on",
+        args.uncertainty,
+    )
     encoded = encode_all(segmenter, prompts, args)
-    members = min(len(e.ensemble.members) if getattr(e, "ensemble", None) is not None else 1
-                  for e in encoded.values())
+    members = min(
+        len(e.ensemble.members) if getattr(e, "ensemble", None) is not None else 1
+        for e in encoded.values()
+    )
     if args.candidates > members:
-        raise InputError("--candidates", f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "
-                         f"ensemble members, fewer than the {args.candidates} candidates asked for")
+        raise InputError(
+            "--candidates",
+            f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''} give only {members} "
+            f"ensemble members, fewer than the {args.candidates} candidates asked for",
+        )
     kept = read_and_validate(jobs, segmenter, KEPT_QUERY_BYTES)
     sweep_stale_temporaries(args.out)
-    progress = tqdm(jobs, desc="segment", unit="query", file=sys.stderr, disable=True if args.no_progress else None)
+    progress = tqdm(
+        jobs,
+        desc="segment",
+        unit="query",
+        file=sys.stderr,
+        disable=True if args.no_progress else None,
+    )
     for job in progress:
         segment_query(job, segmenter, encoded, args, kept.pop(job.path, None))
-    print(f"segmented {len(jobs)} {'query' if len(jobs) == 1 else 'queries'} with {len(prompts)} "
-          f"prompt{'s' if len(prompts) != 1 else ''}; wrote {', '.join(sorted({k for j in jobs for k in j.outputs}))} "
-          f"files to {args.out}")
+    print(
+        f"segmented {len(jobs)} {'query' if len(jobs) == 1 else 'queries'} with {len(prompts)} "
+        f"prompt{'s' if len(prompts) != 1 else ''}; wrote "
+        f"{', '.join(sorted({k for j in jobs for k in j.outputs}))} "
+        f"files to {args.out}"
+    )
     return 0
 
 
@@ -517,8 +791,9 @@ def check_planes(args: argparse.Namespace) -> None:
     if not args.planes:
         return
     if args.prompt or getattr(args, SPARSE_DEST) or not args.prompt_volume:
-        raise InputError("--planes", "needs --prompt-volume prompts only (2D prompt images have "
-                         "one plane)")
+        raise InputError(
+            "--planes", "needs --prompt-volume prompts only (2D prompt images have one plane)"
+        )
     if args.ensemble > 1 or args.candidates:
         raise InputError("--planes", "does not combine with --ensemble or --candidates")
     for query in args.query:
@@ -531,8 +806,9 @@ def parse_corrections(values: Sequence[Sequence[str]]) -> list[tuple]:
     return [parse_click(v) for v in values]
 
 
-def check_corrections(values: Sequence[Sequence[str]], queries: Sequence[str],
-                      labels: Sequence[int] | None) -> None:
+def check_corrections(
+    values: Sequence[Sequence[str]], queries: Sequence[str], labels: Sequence[int] | None
+) -> None:
     """InputError naming --correct unless its clicks parse and apply to one query and one label."""
     if not values:
         return
@@ -548,5 +824,6 @@ def corrected(result: LabelResult, data: ImageData, clicks: Sequence[tuple]) -> 
     wrong dimension for the query or outside it is an InputError naming --correct."""
     spacing = voxel_spacing(data.affine) if is_volume(data) else None
     refined = refine_probabilities(result.probabilities[0], data.array, clicks, spacing=spacing)
-    return LabelResult(result.labels, refined[None], result.threshold, result.variance,
-                       result.candidates)
+    return LabelResult(
+        result.labels, refined[None], result.threshold, result.variance, result.candidates
+    )

@@ -1,18 +1,19 @@
 """Task augmentation (one random transform shared by a whole episode) and per-image augmentation.
 
-Images are (N, C, R, R) float32 in [0, 1], masks (N, R, R) float32 in {0, 1}. Geometric parameters are
-in normalised coordinates ([-1, 1] across the image) and filter widths in fractions of the image size,
-so the same parameters mean the same thing at any resolution. Masks follow geometric transforms by
-bilinear resampling thresholded at 0.5.
+Images are (N, C, R, R) float32 in [0, 1], masks (N, R, R) float32 in {0, 1}. Geometric parameters
+are in normalised coordinates ([-1, 1] across the image) and filter widths in fractions of the image
+size, so the same parameters mean the same thing at any resolution. Masks follow geometric
+transforms by bilinear resampling thresholded at 0.5.
 
 Task augmentations (PromptSeg's ten, plus both flip axes), applied in this order, each with its own
 probability (TASK_AUGMENTATION_PROBS):
   hflip 0.5, vflip 0.5, affine 0.5 (rotation +-20 deg, scale 0.85-1.15, shift +-10% of the image),
   elastic 0.25 (smooth displacement, up to ~3% of the image), flip_labels 0.1 (mask -> 1 - mask),
-  sobel_edge 0.1 (mask -> its 2 px morphological-gradient boundary; at most one of the two label ops),
-  brightness_contrast 0.5, blur 0.2, sharpness 0.2, noise 0.25 (one noise field for the episode),
-  flip_intensity 0.2 (image -> 1 - image).
+  sobel_edge 0.1 (mask -> its 2 px morphological-gradient boundary; at most one of the two label
+  ops), brightness_contrast 0.5, blur 0.2, sharpness 0.2, noise 0.25 (one noise field for the
+  episode), flip_intensity 0.2 (image -> 1 - image).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,8 @@ def boundary(masks: torch.Tensor) -> torch.Tensor:
 
 
 def _affine_theta(angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """(N, 2, 3) output->input sampling matrices for rotation `angle` (N,) radians, zoom `scale` (N,)
-    and translation `shift` (N, 2) in normalised coordinates."""
+    """(N, 2, 3) output->input sampling matrices for rotation `angle` (N,) radians, zoom `scale`
+    (N,) and translation `shift` (N, 2) in normalised coordinates."""
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     row0 = torch.stack([cos, -sin, shift[:, 0]], dim=1)
     row1 = torch.stack([sin, cos, shift[:, 1]], dim=1)
@@ -79,7 +80,9 @@ def _resample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (N, C, H, W) images and (N, H, W) masks at grid (N, H, W, 2); masks re-binarised."""
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    warped = F.grid_sample(masks[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = F.grid_sample(
+        masks[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return images, (warped[:, 0] > 0.5).float()
 
 
@@ -123,9 +126,15 @@ class TaskAugmentation:
             },
             "flip_labels": lambda: {},
             "sobel_edge": lambda: {},
-            "brightness_contrast": lambda: {"brightness": rng.uniform(-0.2, 0.2), "contrast": rng.uniform(0.6, 1.4)},
+            "brightness_contrast": lambda: {
+                "brightness": rng.uniform(-0.2, 0.2),
+                "contrast": rng.uniform(0.6, 1.4),
+            },
             "blur": lambda: {"sigma": rng.uniform(0.3, 1.2) / 128},
-            "sharpness": lambda: {"amount": rng.uniform(0.5, 2.0), "sigma": rng.uniform(0.5, 1.5) / 128},
+            "sharpness": lambda: {
+                "amount": rng.uniform(0.5, 2.0),
+                "sigma": rng.uniform(0.5, 1.5) / 128,
+            },
             "noise": lambda: {"std": rng.uniform(0.01, 0.08), "seed": float(rng.integers(2**31))},
             "flip_intensity": lambda: {},
         }
@@ -134,7 +143,8 @@ class TaskAugmentation:
     def apply(
         self, images: torch.Tensor, masks: torch.Tensor, ops: list[TaskOp]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply `ops` to (N, C, R, R) images and (N, R, R) masks -> same shapes, images in [0, 1]."""
+        """Apply `ops` to (N, C, R, R) images and (N, R, R) masks -> same shapes, images in [0,
+        1]."""
         ops_by_name = dict(ops)
         images, masks = self._geometric(images, masks, ops_by_name)
         size = images.shape[-1]
@@ -220,7 +230,10 @@ def augment_examples(
         images[tone] = ((images[tone] - 0.5) * contrast + 0.5 + brightness).clamp(0.0, 1.0)
     curve = chosen(p)
     if len(curve):
-        images[curve] = images[curve].clamp(0.0, 1.0) ** uniform(math.log(0.7), math.log(1.4), curve, 1, 1, 1).exp()
+        images[curve] = (
+            images[curve].clamp(0.0, 1.0)
+            ** uniform(math.log(0.7), math.log(1.4), curve, 1, 1, 1).exp()
+        )
     noisy = chosen(p / 2)
     if len(noisy):
         generator = _torch_generator(rng.integers(2**31))

@@ -1,4 +1,5 @@
-"""DICOM input: a folder holding one series of single-frame images, or one multi-frame file (issue 19).
+"""DICOM input: a folder holding one series of single-frame images, or one multi-frame file (issue
+19).
 
 The volume keeps the engine's NIfTI convention (io.ImageData): the array is (X, Y, Z) with X the
 column index of a DICOM frame (along ImageOrientationPatient's row direction), Y its row index and Z
@@ -16,6 +17,7 @@ without a decoder, no pixel data) is one InputError naming the folder or file. p
 only here, and is imported when a DICOM input is read: without it the error names the extra to
 install.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,7 +42,9 @@ DICOM_EXTENSIONS = (".dcm", ".dicom")
 DICOM_EXTRA = "pip install 'promptseg[dicom]'"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines that differ by more are "mixed orientations"
-SPACING_TOLERANCE = 0.01  # slice gaps may differ by this fraction of the typical gap (as highdicom's rtol)
+SPACING_TOLERANCE = (
+    0.01  # slice gaps may differ by this fraction of the typical gap (as highdicom's rtol)
+)
 SPACING_FLOOR_MM = 1e-3  # and at least by this much, for positions rounded in their decimal strings
 
 
@@ -49,7 +53,9 @@ def _pydicom(source: str) -> Any:
     try:
         import pydicom
     except ImportError:
-        raise InputError(source, f"reading DICOM needs pydicom, which is not installed: {DICOM_EXTRA}") from None
+        raise InputError(
+            source, f"reading DICOM needs pydicom, which is not installed: {DICOM_EXTRA}"
+        ) from None
     return pydicom
 
 
@@ -64,13 +70,17 @@ def has_dicom_magic(path: str) -> bool:
 
 
 def is_dicom_input(path: str | os.PathLike) -> bool:
-    """Whether `path` is read as DICOM: a folder, a .dcm/.dicom file, or a file with the DICOM magic bytes.
+    """Whether `path` is read as DICOM: a folder, a .dcm/.dicom file, or a file with the DICOM magic
+    bytes.
 
-    Decided without pydicom, so that a DICOM input without the extra installed is recognised and refused."""
+    Decided without pydicom, so that a DICOM input without the extra installed is recognised and
+    refused."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return True
-    return path.lower().endswith(DICOM_EXTENSIONS) or (os.path.isfile(path) and has_dicom_magic(path))
+    return path.lower().endswith(DICOM_EXTENSIONS) or (
+        os.path.isfile(path) and has_dicom_magic(path)
+    )
 
 
 @dataclass
@@ -78,8 +88,8 @@ class DicomSource:
     """Where a DICOM volume came from, for writing results that reference it (DICOM-SEG).
 
     datasets: the source instances' headers (no pixel data); a series gives one per slice in the
-    volume's Z order, a multi-frame file one. frame_order: for a multi-frame file, the Z index of each
-    of its frames in file order (None for a series)."""
+    volume's Z order, a multi-frame file one. frame_order: for a multi-frame file, the Z index of
+    each of its frames in file order (None for a series)."""
 
     path: str
     series_uid: str
@@ -93,8 +103,8 @@ class DicomSource:
 
 @dataclass
 class DicomImage(ImageData):
-    """An ImageData read from DICOM: array (X, Y, Z) float32, RAS+ affine, a NIfTI header carrying the
-    same geometry (so NIfTI outputs are written in the source's space) and the DICOM source."""
+    """An ImageData read from DICOM: array (X, Y, Z) float32, RAS+ affine, a NIfTI header carrying
+    the same geometry (so NIfTI outputs are written in the source's space) and the DICOM source."""
 
     dicom: DicomSource | None = field(default=None)
 
@@ -107,16 +117,21 @@ class _Frame:
     spacing: (row spacing, column spacing) = PixelSpacing; shape: (rows, columns)."""
 
     file: str
-    index: int | None  # frame number (0-based) within a multi-frame file; None for a single-frame file
+    index: (
+        int | None
+    )  # frame number (0-based) within a multi-frame file; None for a single-frame file
     position: np.ndarray
     orientation: np.ndarray
     spacing: tuple[float, float]
     shape: tuple[int, int]
-    rescale: tuple[float, float] | None  # (slope, intercept) of a multi-frame file's frame; None: the dataset's
+    rescale: (
+        tuple[float, float] | None
+    )  # (slope, intercept) of a multi-frame file's frame; None: the dataset's
 
 
 def read_dicom(path: str | os.PathLike, series: str | None = None) -> DicomImage:
-    """Read a DICOM series folder (one series, or `series` by SeriesInstanceUID) or a multi-frame file.
+    """Read a DICOM series folder (one series, or `series` by SeriesInstanceUID) or a multi-frame
+    file.
 
     Returns a DicomImage: array (X, Y, Z) float32 after the modality transform, affine RAS+ (4, 4).
     Raises InputError, one line naming the folder or file, for any problem with the series."""
@@ -128,12 +143,17 @@ def read_dicom(path: str | os.PathLike, series: str | None = None) -> DicomImage
     datasets = _one_series(path, headers, series)
     multiframe = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if multiframe and len(datasets) > 1:
-        raise InputError(path, f"series {datasets[0].SeriesInstanceUID} mixes {len(multiframe)} multi-frame and "
-                         f"{len(datasets) - len(multiframe)} single-frame files; pass one multi-frame file")
+        raise InputError(
+            path,
+            f"series {datasets[0].SeriesInstanceUID} mixes {len(multiframe)} multi-frame and "
+            f"{len(datasets) - len(multiframe)} single-frame files; pass one multi-frame file",
+        )
     _check_claimed_voxels(path, datasets)
     for ds in datasets:
         _check_decodable(ds, pydicom)
-    frames = _multiframe_frames(datasets[0]) if multiframe else [_single_frame(ds) for ds in datasets]
+    frames = (
+        _multiframe_frames(datasets[0]) if multiframe else [_single_frame(ds) for ds in datasets]
+    )
     order, step = _slice_order(path, frames)
     sorted_frames = [frames[n] for n in order]
     array = _pixels(datasets, sorted_frames, multiframe=bool(multiframe), pydicom=pydicom)
@@ -151,17 +171,24 @@ def read_dicom(path: str | os.PathLike, series: str | None = None) -> DicomImage
     else:
         source = DicomSource(path, str(datasets[0].SeriesInstanceUID), [datasets[n] for n in order])
     array = check_image_array(array, path)
-    return DicomImage(array=array, is_volume=True, affine=affine, header=header, path=path, dicom=source)
+    return DicomImage(
+        array=array, is_volume=True, affine=affine, header=header, path=path, dicom=source
+    )
 
 
 def _headers(path: str, pydicom: Any) -> list[Any]:
-    """The headers (no pixel data) of the DICOM files at `path`: the file itself, or every file in the
-    folder and its subfolders that parses as DICOM (other files and DICOMDIR indexes are skipped)."""
+    """The headers (no pixel data) of the DICOM files at `path`: the file itself, or every file in
+    the folder and its subfolders that parses as DICOM (other files and DICOMDIR indexes are
+    skipped)."""
     if os.path.isfile(path):
         files = [path]
     else:
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                       if not name.startswith("."))
+        files = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(path)
+            for name in names
+            if not name.startswith(".")
+        )
     headers = []
     for file in files:
         try:
@@ -186,7 +213,9 @@ def _series_groups(path: str, headers: Sequence[Any]) -> dict[str, list[Any]]:
     images = [ds for ds in headers if "Rows" in ds and "Columns" in ds]
     if not images:
         kinds = sorted({str(ds.get("Modality", "?")) for ds in headers})
-        raise InputError(path, f"no pixel data: the DICOM files hold no images (modality {', '.join(kinds)})")
+        raise InputError(
+            path, f"no pixel data: the DICOM files hold no images (modality {', '.join(kinds)})"
+        )
     groups: dict[str, list[Any]] = {}
     for ds in images:
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
@@ -202,8 +231,11 @@ def _one_series(path: str, headers: Sequence[Any], series: str | None) -> list[A
             raise InputError(path, f"no series {series} here; series present: {_describe(groups)}")
         return groups[series]
     if len(groups) > 1:
-        raise InputError(path, f"holds {len(groups)} series, pass one series' folder or choose "
-                         f"one with --series UID: {_describe(groups)}")
+        raise InputError(
+            path,
+            f"holds {len(groups)} series, pass one series' folder or choose "
+            f"one with --series UID: {_describe(groups)}",
+        )
     return next(iter(groups.values()))
 
 
@@ -235,8 +267,9 @@ def choose_series(
         held = set(series_uids(path))
         present = [uid for uid in dict.fromkeys(chosen) if uid in held]
         if len(present) > 1:
-            raise InputError(path, f"holds several of the {flag} series ({', '.join(present)}); "
-                             "pass one")
+            raise InputError(
+                path, f"holds several of the {flag} series ({', '.join(present)}); pass one"
+            )
         if present:
             picks[path] = present[0]
             used.add(present[0])
@@ -251,8 +284,9 @@ def read_input(path: str | os.PathLike, series: str | None = None) -> ImageData:
     if series is None:
         return read_image(path)
     if not is_dicom_input(path):
-        raise InputError(os.fspath(path), f"series {series} was chosen, but this is not a DICOM "
-                         "input")
+        raise InputError(
+            os.fspath(path), f"series {series} was chosen, but this is not a DICOM input"
+        )
     return read_dicom(path, series=series)
 
 
@@ -263,7 +297,10 @@ def _describe(groups: dict[str, list[Any]]) -> str:
         first = members[0]
         description = str(first.get("SeriesDescription", "") or "")
         label = f"{first.get('Modality', '?')}" + (f" '{description}'" if description else "")
-        parts.append(f"{uid or '(no SeriesInstanceUID)'} ({label}, {len(members)} file{'s' if len(members) != 1 else ''})")
+        parts.append(
+            f"{uid or '(no SeriesInstanceUID)'} ({label}, {len(members)} "
+            f"file{'s' if len(members) != 1 else ''})"
+        )
     return "; ".join(parts)
 
 
@@ -292,7 +329,8 @@ def _check_claimed_voxels(path: str, datasets: Sequence[Any]) -> None:
 
 
 def _check_decodable(ds: Any, pydicom: Any) -> None:
-    """InputError naming the file when its transfer syntax is compressed and no installed plugin decodes it."""
+    """InputError naming the file when its transfer syntax is compressed and no installed plugin
+    decodes it."""
     if not _compressed(ds):
         return
     syntax = ds.file_meta.TransferSyntaxUID
@@ -301,15 +339,24 @@ def _check_decodable(ds: Any, pydicom: Any) -> None:
     except NotImplementedError:
         available = False
     if not available:
-        raise InputError(ds.filename, f"compressed transfer syntax {syntax.name} ({syntax}) and no decoder for it is "
-                         "installed (see pydicom's pixel data handlers: pylibjpeg, gdcm)")
+        raise InputError(
+            ds.filename,
+            f"compressed transfer syntax {syntax.name} ({syntax}) and no decoder for it is "
+            "installed (see pydicom's pixel data handlers: pylibjpeg, gdcm)",
+        )
 
 
 def _required(ds: Any, keyword: str, file: str, count: int) -> list[float]:
-    """The `count` numbers of attribute `keyword` of `ds`; InputError naming `file` when absent or malformed."""
+    """The `count` numbers of attribute `keyword` of `ds`; InputError naming `file` when absent or
+    malformed."""
     value = ds.get(keyword)
     try:
-        numbers = [float(v) for v in (value if isinstance(value, Sequence) and not isinstance(value, str) else [value])]
+        numbers = [
+            float(v)
+            for v in (
+                value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+            )
+        ]
     except (TypeError, ValueError):
         numbers = []
     if len(numbers) != count or not np.all(np.isfinite(numbers)):
@@ -323,14 +370,24 @@ def _single_frame(ds: Any) -> _Frame:
     file = str(ds.filename)
     rows, columns = int(ds.Rows), int(ds.Columns)
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise InputError(file, f"colour DICOM images ({ds.get('PhotometricInterpretation', '?')}) are not supported")
-    return _Frame(file, None, np.array(_required(ds, "ImagePositionPatient", file, 3)),
-                  np.array(_required(ds, "ImageOrientationPatient", file, 6)),
-                  tuple(_required(ds, "PixelSpacing", file, 2)), (rows, columns), None)  # type: ignore[arg-type]
+        raise InputError(
+            file,
+            f"colour DICOM images ({ds.get('PhotometricInterpretation', '?')}) are not supported",
+        )
+    return _Frame(
+        file,
+        None,
+        np.array(_required(ds, "ImagePositionPatient", file, 3)),
+        np.array(_required(ds, "ImageOrientationPatient", file, 6)),
+        tuple(_required(ds, "PixelSpacing", file, 2)),
+        (rows, columns),
+        None,
+    )  # type: ignore[arg-type]
 
 
 def _group(ds: Any, frame: Any, keyword: str) -> Any | None:
-    """The first item of functional group sequence `keyword` for one frame: its own, else the shared one."""
+    """The first item of functional group sequence `keyword` for one frame: its own, else the shared
+    one."""
     for groups in (frame, ds.get("SharedFunctionalGroupsSequence", [None])[0]):
         if groups is not None and keyword in groups and len(groups[keyword].value):
             return groups[keyword].value[0]
@@ -342,27 +399,53 @@ def _multiframe_frames(ds: Any) -> list[_Frame]:
     file = str(ds.filename)
     count = int(ds.NumberOfFrames)
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise InputError(file, f"colour DICOM images ({ds.get('PhotometricInterpretation', '?')}) are not supported")
+        raise InputError(
+            file,
+            f"colour DICOM images ({ds.get('PhotometricInterpretation', '?')}) are not supported",
+        )
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
     if len(per_frame) != count:
-        raise InputError(file, f"multi-frame file with {count} frames but {len(per_frame)} per-frame functional groups "
-                         "(no plane positions to place them in space)")
+        raise InputError(
+            file,
+            f"multi-frame file with {count} frames but {len(per_frame)} per-frame functional "
+            "groups "
+            "(no plane positions to place them in space)",
+        )
     frames = []
     for index, groups in enumerate(per_frame):
         where = f"{file} frame {index + 1}"
-        position, orientation = _group(ds, groups, "PlanePositionSequence"), _group(ds, groups, "PlaneOrientationSequence")
+        position, orientation = (
+            _group(ds, groups, "PlanePositionSequence"),
+            _group(ds, groups, "PlaneOrientationSequence"),
+        )
         measures = _group(ds, groups, "PixelMeasuresSequence")
-        for name, item in (("PlanePositionSequence", position), ("PlaneOrientationSequence", orientation),
-                           ("PixelMeasuresSequence", measures)):
+        for name, item in (
+            ("PlanePositionSequence", position),
+            ("PlaneOrientationSequence", orientation),
+            ("PixelMeasuresSequence", measures),
+        ):
             if item is None:
                 raise InputError(where, f"lacks {name} (needed to place the frames in space)")
         transform = _group(ds, groups, "PixelValueTransformationSequence")
-        rescale = None if transform is None else (float(transform.get("RescaleSlope", 1) or 1),
-                                                  float(transform.get("RescaleIntercept", 0) or 0))
-        frames.append(_Frame(file, index, np.array(_required(position, "ImagePositionPatient", where, 3)),
-                             np.array(_required(orientation, "ImageOrientationPatient", where, 6)),
-                             tuple(_required(measures, "PixelSpacing", where, 2)),  # type: ignore[arg-type]
-                             (int(ds.Rows), int(ds.Columns)), rescale))
+        rescale = (
+            None
+            if transform is None
+            else (
+                float(transform.get("RescaleSlope", 1) or 1),
+                float(transform.get("RescaleIntercept", 0) or 0),
+            )
+        )
+        frames.append(
+            _Frame(
+                file,
+                index,
+                np.array(_required(position, "ImagePositionPatient", where, 3)),
+                np.array(_required(orientation, "ImageOrientationPatient", where, 6)),
+                tuple(_required(measures, "PixelSpacing", where, 2)),  # type: ignore[arg-type]
+                (int(ds.Rows), int(ds.Columns)),
+                rescale,
+            )
+        )
     return frames
 
 
@@ -372,20 +455,26 @@ def _name(frame: _Frame) -> str:
 
 
 def _slice_order(path: str, frames: Sequence[_Frame]) -> tuple[list[int], np.ndarray]:
-    """(indices of `frames` sorted along the slice normal, (3,) LPS step from one slice to the next).
+    """(indices of `frames` sorted along the slice normal, (3,) LPS step from one slice to the
+    next).
 
     InputError naming `path` for mixed sizes, orientations or pixel spacings, duplicated or missing
     slices, uneven spacing, or slices that do not lie on one line."""
     for attribute, what in (("shape", "image sizes"), ("spacing", "pixel spacings")):
         values = Counter(tuple(getattr(f, attribute)) for f in frames)
         if len(values) > 1:
-            shown = ", ".join(f"{'x'.join(f'{v:g}' for v in value)} ({n})" for value, n in values.most_common(3))
+            shown = ", ".join(
+                f"{'x'.join(f'{v:g}' for v in value)} ({n})" for value, n in values.most_common(3)
+            )
             raise InputError(path, f"mixed {what} in one series: {shown}")
     orientation = frames[0].orientation
     for frame in frames[1:]:
         if np.abs(frame.orientation - orientation).max() > ORIENTATION_TOLERANCE:
-            raise InputError(path, f"mixed orientations in one series: {_name(frames[0])} and {_name(frame)} differ "
-                             f"({' '.join(f'{v:g}' for v in frame.orientation)})")
+            raise InputError(
+                path,
+                f"mixed orientations in one series: {_name(frames[0])} and {_name(frame)} differ "
+                f"({' '.join(f'{v:g}' for v in frame.orientation)})",
+            )
     normal = np.cross(orientation[:3], orientation[3:])
     if not 0.99 < np.linalg.norm(normal) < 1.01:
         raise InputError(path, "ImageOrientationPatient does not hold two orthogonal unit vectors")
@@ -397,27 +486,43 @@ def _slice_order(path: str, frames: Sequence[_Frame]) -> tuple[list[int], np.nda
     gaps = np.diff(sorted_heights)
     typical = float(np.median(gaps))
     tolerance = max(SPACING_FLOOR_MM, SPACING_TOLERANCE * typical)
-    duplicates = np.flatnonzero(gaps <= tolerance if typical > tolerance else gaps <= SPACING_FLOOR_MM)
+    duplicates = np.flatnonzero(
+        gaps <= tolerance if typical > tolerance else gaps <= SPACING_FLOOR_MM
+    )
     if duplicates.size:
         first, second = frames[order[duplicates[0]]], frames[order[duplicates[0] + 1]]
-        raise InputError(path, f"duplicated slices: {_name(first)} and {_name(second)} lie at the same position "
-                         f"({sorted_heights[duplicates[0]]:g} mm along the slice normal)")
+        raise InputError(
+            path,
+            f"duplicated slices: {_name(first)} and {_name(second)} lie at the same position "
+            f"({sorted_heights[duplicates[0]]:g} mm along the slice normal)",
+        )
     wide = np.flatnonzero(gaps > typical + tolerance)
     for n in wide:
         missing = gaps[n] / typical - 1
         if abs(missing - round(missing)) * typical <= tolerance:
-            raise InputError(path, f"missing slice{'s' if round(missing) > 1 else ''}: a gap of {gaps[n]:g} mm between "
-                             f"{sorted_heights[n]:g} and {sorted_heights[n + 1]:g} mm along the slice normal where the "
-                             f"spacing is {typical:g} mm ({round(missing)} slice{'s' if round(missing) > 1 else ''} "
-                             "absent)")
+            raise InputError(
+                path,
+                f"missing slice{'s' if round(missing) > 1 else ''}: a gap of {gaps[n]:g} mm "
+                "between "
+                f"{sorted_heights[n]:g} and {sorted_heights[n + 1]:g} mm along the slice normal "
+                "where the "
+                f"spacing is {typical:g} mm ({round(missing)} "
+                f"slice{'s' if round(missing) > 1 else ''} "
+                "absent)",
+            )
     if np.abs(gaps - typical).max() > tolerance:
-        raise InputError(path, f"uneven slice spacing: gaps from {gaps.min():g} to {gaps.max():g} mm along the slice "
-                         "normal")
+        raise InputError(
+            path,
+            f"uneven slice spacing: gaps from {gaps.min():g} to {gaps.max():g} mm along the slice "
+            "normal",
+        )
     positions = np.stack([frames[n].position for n in order])
     step = (positions[-1] - positions[0]) / (len(frames) - 1)
     expected = positions[0] + np.arange(len(frames))[:, None] * step
     if np.linalg.norm(positions - expected, axis=1).max() > tolerance:
-        raise InputError(path, "the slice positions do not lie on one line (slices shifted within their planes)")
+        raise InputError(
+            path, "the slice positions do not lie on one line (slices shifted within their planes)"
+        )
     return order, step
 
 
@@ -433,15 +538,21 @@ def _lps_affine(first: _Frame, step: np.ndarray) -> np.ndarray:
     return affine
 
 
-def _pixels(datasets: Sequence[Any], frames: Sequence[_Frame], multiframe: bool, pydicom: Any) -> np.ndarray:
-    """(X, Y, Z) float32 modality values of the sorted `frames` (pixel data read here, file by file)."""
+def _pixels(
+    datasets: Sequence[Any], frames: Sequence[_Frame], multiframe: bool, pydicom: Any
+) -> np.ndarray:
+    """(X, Y, Z) float32 modality values of the sorted `frames` (pixel data read here, file by
+    file)."""
     rows, columns = frames[0].shape
     out = np.empty((columns, rows, len(frames)), dtype=np.float32)
     if multiframe:
         ds = _full(datasets[0].filename, pydicom)
         stored = _decode(ds)
         if stored.shape != (len(frames), rows, columns):
-            raise InputError(ds.filename, f"pixel data of shape {stored.shape}, expected {(len(frames), rows, columns)}")
+            raise InputError(
+                ds.filename,
+                f"pixel data of shape {stored.shape}, expected {(len(frames), rows, columns)}",
+            )
         for z, frame in enumerate(frames):
             transform = _modality_transform(ds, frame.rescale, pydicom)
             out[:, :, z] = _inverted_if_monochrome1(transform(stored[frame.index]), ds, transform).T
@@ -450,7 +561,9 @@ def _pixels(datasets: Sequence[Any], frames: Sequence[_Frame], multiframe: bool,
         ds = _full(frame.file, pydicom)
         stored = _decode(ds)
         if stored.shape != (rows, columns):
-            raise InputError(frame.file, f"pixel data of shape {stored.shape}, expected {(rows, columns)}")
+            raise InputError(
+                frame.file, f"pixel data of shape {stored.shape}, expected {(rows, columns)}"
+            )
         transform = _modality_transform(ds, None, pydicom)
         out[:, :, z] = _inverted_if_monochrome1(transform(stored), ds, transform).T
     return out
@@ -492,7 +605,8 @@ def _full(file: str, pydicom: Any) -> Any:
 
 
 def _decode(ds: Any) -> np.ndarray:
-    """The stored pixel values of `ds`: (rows, columns) or (frames, rows, columns); InputError naming its file."""
+    """The stored pixel values of `ds`: (rows, columns) or (frames, rows, columns); InputError
+    naming its file."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(ds.filename, "no pixel data")
     try:
@@ -506,7 +620,9 @@ def highdicom_module(source: str) -> Any:
     try:
         import highdicom
     except ImportError:
-        raise InputError(source, f"writing DICOM-SEG needs highdicom, which is not installed: {DICOM_EXTRA}") from None
+        raise InputError(
+            source, f"writing DICOM-SEG needs highdicom, which is not installed: {DICOM_EXTRA}"
+        ) from None
     return highdicom
 
 
@@ -516,16 +632,22 @@ def label_name(label: int, names: Mapping[int, str] | None) -> str:
 
 
 def segmentation(
-    source: DicomSource, values: np.ndarray, labels: Sequence[int], names: Mapping[int, str] | None = None,
-    fractional: bool = False, series_number: int = 900, uid_seed: str | None = None,
+    source: DicomSource,
+    values: np.ndarray,
+    labels: Sequence[int],
+    names: Mapping[int, str] | None = None,
+    fractional: bool = False,
+    series_number: int = 900,
+    uid_seed: str | None = None,
 ) -> Any:
-    """A DICOM Segmentation (highdicom) of the source series: one segment per label, named by label_name.
+    """A DICOM Segmentation (highdicom) of the source series: one segment per label, named by
+    label_name.
 
     values: (L, X, Y, Z) in the source volume's grid (as read_dicom gives it): bool masks, or with
     `fractional` probabilities in [0, 1] (stored as a FRACTIONAL SEG, 8 bits). The frames reference
     the source instances (or frames of a multi-frame source) and copy their plane positions.
-    uid_seed: derive the new series and instance UIDs from it and the source series (so a rerun gives
-    the same UIDs); None: random UIDs."""
+    uid_seed: derive the new series and instance UIDs from it and the source series (so a rerun
+    gives the same UIDs); None: random UIDs."""
     hd = highdicom_module(source.path)
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -534,29 +656,55 @@ def segmentation(
 
     values = np.asarray(values)
     if values.ndim != 4 or values.shape[0] != len(labels):
-        raise ValueError(f"values must be (L, X, Y, Z) with L = {len(labels)} labels, got shape {values.shape}")
+        raise ValueError(
+            f"values must be (L, X, Y, Z) with L = {len(labels)} labels, got shape {values.shape}"
+        )
     order = range(values.shape[3]) if source.frame_order is None else source.frame_order
-    pixels = np.stack([values[:, :, :, z].transpose(2, 1, 0) for z in order])  # (frames, rows, columns, L)
+    pixels = np.stack(
+        [values[:, :, :, z].transpose(2, 1, 0) for z in order]
+    )  # (frames, rows, columns, L)
     if not fractional:
         pixels = pixels.astype(bool)
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="PromptSeg", version=__version__, family=codes.cid7162.ArtificialIntelligence)
+        name="PromptSeg", version=__version__, family=codes.cid7162.ArtificialIntelligence
+    )
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label_name(label, names),
+            segment_number=number,
+            segment_label=label_name(label, names),
             segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=codes.SCT.AnatomicalStructure,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
         for number, label in enumerate(labels, start=1)
     ]
-    seeds = [None, None] if uid_seed is None else [[source.series_uid, uid_seed, role] for role in ("series", "instance")]
-    series_uid, instance_uid = (hd.UID() if seed is None else generate_uid(entropy_srcs=seed) for seed in seeds)
-    kind = hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+    seeds = (
+        [None, None]
+        if uid_seed is None
+        else [[source.series_uid, uid_seed, role] for role in ("series", "instance")]
+    )
+    series_uid, instance_uid = (
+        hd.UID() if seed is None else generate_uid(entropy_srcs=seed) for seed in seeds
+    )
+    kind = (
+        hd.seg.SegmentationTypeValues.FRACTIONAL
+        if fractional
+        else hd.seg.SegmentationTypeValues.BINARY
+    )
     return hd.seg.Segmentation(
-        source_images=source.datasets, pixel_array=pixels, segmentation_type=kind,
-        segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=series_number,
-        sop_instance_uid=instance_uid, instance_number=1, manufacturer="PromptSeg",
-        manufacturer_model_name="PromptSeg", software_versions=__version__, device_serial_number="0",
+        source_images=source.datasets,
+        pixel_array=pixels,
+        segmentation_type=kind,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=1,
+        manufacturer="PromptSeg",
+        manufacturer_model_name="PromptSeg",
+        software_versions=__version__,
+        device_serial_number="0",
         series_description="PromptSeg probabilities" if fractional else "PromptSeg segmentation",
     )
 
@@ -573,8 +721,12 @@ def segmentation_kinds(probabilities: bool) -> dict[str, str]:
 
 
 def segmentation_writers(
-    source: DicomSource, masks: np.ndarray, probabilities: np.ndarray | None, labels: Sequence[int],
-    names: Mapping[int, str] | None = None, uid_seed: str | None = None,
+    source: DicomSource,
+    masks: np.ndarray,
+    probabilities: np.ndarray | None,
+    labels: Sequence[int],
+    names: Mapping[int, str] | None = None,
+    uid_seed: str | None = None,
 ) -> dict[str, Callable[[str], None]]:
     """kind (segmentation_kinds) -> writer (for files.atomic_write) of the DICOM-SEG outputs of one
     DICOM volume: "seg" from masks (L, X, Y, Z) bool and, when probabilities (L, X, Y, Z) in [0, 1]

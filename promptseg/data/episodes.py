@@ -2,8 +2,10 @@
 
 Training batches come from `EpisodeSampler.sample_batch(step, episodes)`, a pure function of
 (seed, step, episodes) so that a run resumed at step N sees exactly the same data. Evaluation uses
-`fixed_episodes`, deterministic and unaugmented, so the model and the baselines see identical episodes.
+`fixed_episodes`, deterministic and unaugmented, so the model and the baselines see identical
+episodes.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,11 +18,13 @@ import torch
 from promptseg.data.augment import TaskAugmentation, augment_examples
 from promptseg.data.preprocess import resize_image, resize_mask
 from promptseg.data.prompts import SPARSE_KINDS, sparse_prompt_map
-from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.data.synthetic import synthetic_task, synthetic_volume_task
 from promptseg.data.tasks import ArrayTask
+from promptseg.model.prompt_types import PROMPT_TYPES
 
-CHANNELS = 3  # default image channels: ModelConfig.in_channels' default (docs/design.md section 2.1)
+CHANNELS = (
+    3  # default image channels: ModelConfig.in_channels' default (docs/design.md section 2.1)
+)
 VOLUME_QUERY_NONEMPTY_FRACTION = 0.6  # phantom-volume queries: 40 % may lack the target
 
 
@@ -95,18 +99,23 @@ def _draw_examples(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of `prompts` prompts and `queries` queries, all distinct when the task is big enough.
 
-    Each slot asks for a non-empty mask with probability `nonempty_fraction` (any example otherwise);
-    query slots use `query_nonempty_fraction` instead when it is given.
+    Each slot asks for a non-empty mask with probability `nonempty_fraction` (any example
+    otherwise); query slots use `query_nonempty_fraction` instead when it is given.
     Queries are drawn first; when distinct examples run out, prompts repeat examples (avoiding the
     queries where possible) and queries repeat as a last resort.
     """
     size = len(task)
     nonempty = task.nonempty()
-    orders = {True: rng.permutation(nonempty) if len(nonempty) else rng.permutation(size), False: rng.permutation(size)}
+    orders = {
+        True: rng.permutation(nonempty) if len(nonempty) else rng.permutation(size),
+        False: rng.permutation(size),
+    }
     cursor = {True: 0, False: 0}
     used = np.zeros(size, dtype=bool)
     draws = rng.random(queries + prompts)
-    query_fraction = nonempty_fraction if query_nonempty_fraction is None else query_nonempty_fraction
+    query_fraction = (
+        nonempty_fraction if query_nonempty_fraction is None else query_nonempty_fraction
+    )
     wants = np.concatenate([draws[:queries] < query_fraction, draws[queries:] < nonempty_fraction])
     chosen = np.empty(queries + prompts, dtype=np.int64)
     for slot, want in enumerate(wants):
@@ -132,13 +141,13 @@ class EpisodeSampler:
 
     Real tasks are drawn with probabilities `task_weights` (see `base_task_weights`: uniform over
     groups (datasets), then uniformly over the group's tasks, i.e. its labels, unless the trainer
-    reweights them by hardness); with probability `synthetic_fraction` (always when `tasks` is empty)
-    an episode uses a new synthetic task instead. K is drawn log-uniformly in `shots` (inclusive) once per batch; Q = `queries`.
-    Each episode gets one task augmentation (all its images alike) and per-image augmentation; with
-    probability `sparse_fraction` every prompt map becomes a click, box or scribble (kind drawn per
-    prompt) derived from the augmented mask, and with probability `self_query_fraction` such an
-    episode's first query is its first prompt image itself (interactive use: segment the image that
-    was clicked).
+    reweights them by hardness); with probability `synthetic_fraction` (always when `tasks` is
+    empty) an episode uses a new synthetic task instead. K is drawn log-uniformly in `shots`
+    (inclusive) once per batch; Q = `queries`. Each episode gets one task augmentation (all its
+    images alike) and per-image augmentation; with probability `sparse_fraction` every prompt map
+    becomes a click, box or scribble (kind drawn per prompt) derived from the augmented mask, and
+    with probability `self_query_fraction` such an episode's first query is its first prompt image
+    itself (interactive use: segment the image that was clicked).
     """
 
     def __init__(
@@ -178,8 +187,16 @@ class EpisodeSampler:
     def set_task_weights(self, weights: np.ndarray) -> None:
         """Draw real tasks with probabilities proportional to `weights` (len(tasks),), all >= 0."""
         weights = np.asarray(weights, dtype=np.float64)
-        if weights.shape != (len(self.tasks),) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"task weights must be {len(self.tasks)} finite non-negative numbers with a positive sum")
+        if (
+            weights.shape != (len(self.tasks),)
+            or not np.isfinite(weights).all()
+            or (weights < 0).any()
+            or weights.sum() <= 0
+        ):
+            raise ValueError(
+                f"task weights must be {len(self.tasks)} finite non-negative numbers with a "
+                "positive sum"
+            )
         self.task_weights = weights / weights.sum()
 
     def sample_shots(self, rng: np.random.Generator) -> int:
@@ -198,13 +215,20 @@ class EpisodeSampler:
     def sample_episode(self, rng: np.random.Generator, shots: int) -> Episode:
         """One augmented episode with `shots` prompts and `queries` queries."""
         task = self.choose_task(rng, shots + self.queries)
-        # Volume tasks ask for more queries without the target, as whole-volume inference meets them.
-        query_nonempty = VOLUME_QUERY_NONEMPTY_FRACTION if task.group == "synthetic_volume" else None
-        prompts, queries = _draw_examples(task, shots, self.queries, self.nonempty_fraction, rng, query_nonempty)
+        # Volume tasks ask for more queries without the target, as whole-volume inference meets
+        # them.
+        query_nonempty = (
+            VOLUME_QUERY_NONEMPTY_FRACTION if task.group == "synthetic_volume" else None
+        )
+        prompts, queries = _draw_examples(
+            task, shots, self.queries, self.nonempty_fraction, rng, query_nonempty
+        )
         sparse = rng.random() < self.sparse_fraction
         if sparse and rng.random() < self.self_query_fraction:
             queries[0] = prompts[0]
-        images, masks = load_examples(task, np.concatenate([prompts, queries]), self.resolution, self.channels)
+        images, masks = load_examples(
+            task, np.concatenate([prompts, queries]), self.resolution, self.channels
+        )
         if self.task_augment:
             images, masks = self.augmentation(images, masks, rng)
         if self.image_augment:
@@ -213,7 +237,9 @@ class EpisodeSampler:
         types = torch.full((shots,), PROMPT_TYPES["mask"], dtype=torch.int64)
         if sparse:
             kinds = rng.choice(SPARSE_KINDS, size=shots)
-            maps = torch.stack([sparse_prompt_map(m, str(kind), rng) for m, kind in zip(maps, kinds)])
+            maps = torch.stack(
+                [sparse_prompt_map(m, str(kind), rng) for m, kind in zip(maps, kinds)]
+            )
             types = torch.tensor([PROMPT_TYPES[str(kind)] for kind in kinds], dtype=torch.int64)
         return Episode(images[:shots], maps, types, images[shots:], masks[shots:], task.name)
 
@@ -249,24 +275,33 @@ def fixed_episodes(
     """`count` deterministic, unaugmented evaluation episodes of `task` at its own resolution.
 
     Queries and prompts are non-empty examples; queries walk through one random permutation of them
-    (so successive episodes query different examples, wrapping around when exhausted), Q = min(queries,
-    non-empty examples - 1); prompts are drawn among the other non-empty examples (with replacement
-    only when fewer than `shots` remain). With `task.query_examples`, queries come from the marked
-    examples and prompts from the others. `prompt_kind` "click", "box" or "scribble" turns every prompt
-    mask into that sparse prompt (drawn from the episode's seed); `query_prompts` makes the queries the
-    prompt images themselves (Q = K: how well the model segments the image it was prompted on).
-    Raises ValueError when the task has < 2 non-empty examples.
+    (so successive episodes query different examples, wrapping around when exhausted), Q =
+    min(queries, non-empty examples - 1); prompts are drawn among the other non-empty examples (with
+    replacement only when fewer than `shots` remain). With `task.query_examples`, queries come from
+    the marked examples and prompts from the others. `prompt_kind` "click", "box" or "scribble"
+    turns every prompt mask into that sparse prompt (drawn from the episode's seed); `query_prompts`
+    makes the queries the prompt images themselves (Q = K: how well the model segments the image it
+    was prompted on). Raises ValueError when the task has < 2 non-empty examples.
     """
     if prompt_kind != "mask" and prompt_kind not in SPARSE_KINDS:
-        raise ValueError(f"unknown prompt kind {prompt_kind!r}; expected mask or one of {SPARSE_KINDS}")
+        raise ValueError(
+            f"unknown prompt kind {prompt_kind!r}; expected mask or one of {SPARSE_KINDS}"
+        )
     nonempty = task.nonempty()
     if len(nonempty) < 2:
-        raise ValueError(f"task {task.name}: fixed episodes need at least 2 non-empty examples, got {len(nonempty)}")
+        raise ValueError(
+            f"task {task.name}: fixed episodes need at least 2 non-empty examples, got "
+            f"{len(nonempty)}"
+        )
     rng = np.random.default_rng(seed)
     pool = nonempty if task.query_examples is None else nonempty[task.query_examples[nonempty]]
-    prompt_pool = nonempty if task.query_examples is None else nonempty[~task.query_examples[nonempty]]
+    prompt_pool = (
+        nonempty if task.query_examples is None else nonempty[~task.query_examples[nonempty]]
+    )
     if len(pool) == 0 or len(prompt_pool) == 0:
-        raise ValueError(f"task {task.name}: fixed episodes need a non-empty query and prompt example")
+        raise ValueError(
+            f"task {task.name}: fixed episodes need a non-empty query and prompt example"
+        )
     order = rng.permutation(pool)
     q = min(queries, len(nonempty) - 1, len(pool))
     resolution = task.images.shape[-1]

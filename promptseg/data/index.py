@@ -1,7 +1,9 @@
-"""The task index: dataset folders -> in-memory ArrayTasks at the model resolution (docs/design.md section 4).
+"""The task index: dataset folders -> in-memory ArrayTasks at the model resolution (docs/design.md
+section 4).
 
 Each non-zero label value of a dataset is one task; 3D cases contribute their slices along one axis.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,10 +21,10 @@ import torch.nn.functional as F
 from promptseg.data.io import read_image, read_label, slice_volume
 from promptseg.data.layouts import Case, DatasetInfo, find_datasets, open_dataset
 from promptseg.data.packed import PackedExamples, cached_examples, find_packs, read_pack
-from promptseg.torch_threads import single_torch_thread
 from promptseg.data.preprocess import normalize_intensity, resize_image, to_channels_first
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import InputError
+from promptseg.torch_threads import single_torch_thread
 
 HELD_CASE_FRACTION = 0.2  # share of each dataset's cases kept out of training to measure fit
 CASE_SETS = ("all", "train", "held", "held-queries")
@@ -38,10 +40,11 @@ def load_examples(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read the labelled cases of `dataset` as 2D examples at `resolution` R.
 
-    Returns images (N, channels, R, R) uint8, labels (N, R, R) uint8 (label values) and case_ids (N,)
-    (case names). A 2D case is one example; a 3D case is sliced along `axis`, keeping its slices with a
-    non-empty label plus, evenly spaced, `max_empty_fraction` of its empty slices (rounded down).
-    Cases without a label map are skipped; `max_cases` keeps the first cases (by name).
+    Returns images (N, channels, R, R) uint8, labels (N, R, R) uint8 (label values) and case_ids
+    (N,) (case names). A 2D case is one example; a 3D case is sliced along `axis`, keeping its
+    slices with a non-empty label plus, evenly spaced, `max_empty_fraction` of its empty slices
+    (rounded down). Cases without a label map are skipped; `max_cases` keeps the first cases (by
+    name).
 
     Cases are read by torch.get_num_threads() worker threads while torch itself runs single-threaded
     (many small per-image operations scale badly with intra-op threads, worst on a busy machine).
@@ -50,11 +53,16 @@ def load_examples(
     workers = max(1, torch.get_num_threads())
     with single_torch_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(
-            pool.map(lambda case: _case_examples(case, resolution, channels, axis, max_empty_fraction), cases)
+            pool.map(
+                lambda case: _case_examples(case, resolution, channels, axis, max_empty_fraction),
+                cases,
+            )
         )
     images = [case_images for case_images, _ in results]
     labels = [case_labels for _, case_labels in results]
-    case_ids = [np.full(len(case_labels), case.name) for case, (_, case_labels) in zip(cases, results)]
+    case_ids = [
+        np.full(len(case_labels), case.name) for case, (_, case_labels) in zip(cases, results)
+    ]
     if not images:
         return (
             np.zeros((0, channels, resolution, resolution), np.uint8),
@@ -69,25 +77,40 @@ def _case_examples(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One case -> images (S, channels, R, R) uint8 and labels (S, R, R) uint8."""
     label = read_label(case.label_path)  # type: ignore[arg-type]
-    # Three channel files feed an RGB-style model directly; otherwise channel 0 (replicated as needed).
-    paths = case.image_paths if len(case.image_paths) == 3 and channels == 3 else case.image_paths[:1]
+    # Three channel files feed an RGB-style model directly; otherwise channel 0 (replicated as
+    # needed).
+    paths = (
+        case.image_paths if len(case.image_paths) == 3 and channels == 3 else case.image_paths[:1]
+    )
     image_data = [read_image(path) for path in paths]
     for data in image_data:
-        if data.array.shape[: label.array.ndim] != label.array.shape or data.is_volume != label.is_volume:
+        if (
+            data.array.shape[: label.array.ndim] != label.array.shape
+            or data.is_volume != label.is_volume
+        ):
             raise InputError(
-                case.label_path, f"label shape {label.array.shape} does not match image shape {data.array.shape}"
+                case.label_path,
+                f"label shape {label.array.shape} does not match image shape {data.array.shape}",
             )
     if int(label.array.max()) > 255:
-        raise InputError(case.label_path, f"label values above 255 are not supported (found {label.array.max()})")
+        raise InputError(
+            case.label_path, f"label values above 255 are not supported (found {label.array.max()})"
+        )
     if label.is_volume:
         label_slices = slice_volume(label.array, axis)
         keep = _slices_to_keep(label_slices, max_empty_fraction)
         planes = np.stack([slice_volume(data.array, axis)[keep] for data in image_data], axis=1)
         label_slices = label_slices[keep]
     else:
-        planes = np.stack([data.array for data in image_data])[None] if len(paths) > 1 else image_data[0].array[None]
+        planes = (
+            np.stack([data.array for data in image_data])[None]
+            if len(paths) > 1
+            else image_data[0].array[None]
+        )
         label_slices = label.array[None]
-    return _prepare_images(planes, resolution, channels, paths[0]), _resize_labels(label_slices, resolution)
+    return _prepare_images(planes, resolution, channels, paths[0]), _resize_labels(
+        label_slices, resolution
+    )
 
 
 def _slices_to_keep(label_slices: np.ndarray, max_empty_fraction: float) -> np.ndarray:
@@ -95,14 +118,22 @@ def _slices_to_keep(label_slices: np.ndarray, max_empty_fraction: float) -> np.n
     filled = label_slices.reshape(len(label_slices), -1).any(axis=1)
     empty = np.flatnonzero(~filled)
     count = int(max_empty_fraction * len(empty))
-    chosen = empty[np.unique(np.linspace(0, len(empty) - 1, count).round().astype(int))] if count else empty[:0]
+    chosen = (
+        empty[np.unique(np.linspace(0, len(empty) - 1, count).round().astype(int))]
+        if count
+        else empty[:0]
+    )
     return np.sort(np.concatenate([np.flatnonzero(filled), chosen]))
 
 
 def _prepare_images(planes: np.ndarray, resolution: int, channels: int, source: str) -> np.ndarray:
-    """(S, k, H, W) or (S, H, W, k) raw planes -> (S, channels, R, R) uint8, normalised per slice."""
+    """(S, k, H, W) or (S, H, W, k) raw planes -> (S, channels, R, R) uint8, normalised per
+    slice."""
     prepared = np.stack(
-        [normalize_intensity(to_channels_first(plane, channels, source), source) for plane in planes]
+        [
+            normalize_intensity(to_channels_first(plane, channels, source), source)
+            for plane in planes
+        ]
     )
     resized = resize_image(torch.from_numpy(prepared), resolution)
     return (resized * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
@@ -128,7 +159,8 @@ def build_tasks(
     cases: str = "all",
     held_fraction: float = HELD_CASE_FRACTION,
 ) -> list[ArrayTask]:
-    """One ArrayTask per (dataset, non-zero label value) with at least `min_examples` non-empty masks.
+    """One ArrayTask per (dataset, non-zero label value) with at least `min_examples` non-empty
+    masks.
 
     Each root is a dataset folder or a folder of dataset folders, or a pack folder or a folder of
     them (promptseg.data.packed; used as they are, without their source). Task names are
@@ -139,7 +171,8 @@ def build_tasks(
     afterwards. `cases` keeps "all" cases, only the "train" cases or only the "held" cases of the
     fixed case split (`held_cases`, `held_fraction` of each dataset's cases), so that fit can be
     measured on cases a run never trained on; "held-queries" keeps all cases and marks the held ones
-    as the only queries (ArrayTask.query_examples), so that they are prompted from training cases. `progress` prints one line per dataset to stderr.
+    as the only queries (ArrayTask.query_examples), so that they are prompted from training cases.
+    `progress` prints one line per dataset to stderr.
     """
     if cases not in CASE_SETS:
         raise ValueError(f"cases must be one of {', '.join(CASE_SETS)}, got {cases!r}")
@@ -149,16 +182,23 @@ def build_tasks(
         sources = packs or find_datasets(Path(given))
         for root in sources:
             start = time.perf_counter()
-            examples = _pack_examples(root, resolution) if packs else _dataset_examples(
-                root, resolution, channels, axis, max_cases, cache_dir
+            examples = (
+                _pack_examples(root, resolution)
+                if packs
+                else _dataset_examples(root, resolution, channels, axis, max_cases, cache_dir)
             )
-            queries = held_cases(examples.name, examples.case_ids, held_fraction) if cases == "held-queries" else None
+            queries = (
+                held_cases(examples.name, examples.case_ids, held_fraction)
+                if cases == "held-queries"
+                else None
+            )
             if cases in ("train", "held"):
                 examples = _select_cases(examples, cases, held_fraction)
             added = _add_tasks(tasks, examples, min_examples, queries)
             if progress:
                 print(
-                    f"{examples.name}: {len(examples.images)} examples, {added} tasks ({time.perf_counter() - start:.1f}s)",
+                    f"{examples.name}: {len(examples.images)} examples, {added} tasks "
+                    f"({time.perf_counter() - start:.1f}s)",
                     file=sys.stderr,
                 )
     return tasks
@@ -183,7 +223,10 @@ def _select_cases(examples: PackedExamples, cases: str, fraction: float) -> Pack
     held = held_cases(examples.name, examples.case_ids, fraction)
     keep = held if cases == "held" else ~held
     return PackedExamples(
-        examples.name, examples.labels, np.asarray(examples.images[keep]), np.asarray(examples.label_maps[keep]),
+        examples.name,
+        examples.labels,
+        np.asarray(examples.images[keep]),
+        np.asarray(examples.label_maps[keep]),
         examples.case_ids[keep],
     )
 
@@ -191,12 +234,19 @@ def _select_cases(examples: PackedExamples, cases: str, fraction: float) -> Pack
 def _pack_examples(folder: Path, resolution: int) -> PackedExamples:
     packed = read_pack(folder, resolution=resolution)
     if packed is None:
-        raise InputError(folder, f"unreadable pack folder, or packed at another resolution than {resolution}")
+        raise InputError(
+            folder, f"unreadable pack folder, or packed at another resolution than {resolution}"
+        )
     return packed
 
 
 def _dataset_examples(
-    root: Path, resolution: int, channels: int, axis: int, max_cases: int | None, cache_dir: str | os.PathLike | None
+    root: Path,
+    resolution: int,
+    channels: int,
+    axis: int,
+    max_cases: int | None,
+    cache_dir: str | os.PathLike | None,
 ) -> PackedExamples:
     dataset = open_dataset(root)
     build = lambda: load_examples(dataset, resolution, channels, axis, max_cases=max_cases)  # noqa: E731
@@ -207,7 +257,10 @@ def _dataset_examples(
 
 
 def _add_tasks(
-    tasks: list[ArrayTask], examples: PackedExamples, min_examples: int, queries: np.ndarray | None = None
+    tasks: list[ArrayTask],
+    examples: PackedExamples,
+    min_examples: int,
+    queries: np.ndarray | None = None,
 ) -> int:
     """Append one task per usable label value of `examples`; returns how many were added. With
     `queries` (N,) bool (the query examples), a task also needs a non-empty query and prompt."""
@@ -223,7 +276,14 @@ def _add_tasks(
             continue
         name = examples.labels.get(int(value), f"label_{int(value)}")
         tasks.append(
-            ArrayTask(f"{examples.name}/{name}", examples.name, examples.images, masks, examples.case_ids, queries)
+            ArrayTask(
+                f"{examples.name}/{name}",
+                examples.name,
+                examples.images,
+                masks,
+                examples.case_ids,
+                queries,
+            )
         )
         added += 1
     return added

@@ -1,8 +1,9 @@
 """Reading and writing single images and volumes (docs/design.md section 4).
 
-Supported inputs: NIfTI (.nii, .nii.gz), PNG, TIFF, BMP, JPEG and NumPy (.npy, .npz). Every failure to
-read an input is reported as one InputError line naming the file; outputs are written atomically.
+Supported inputs: NIfTI (.nii, .nii.gz), PNG, TIFF, BMP, JPEG and NumPy (.npy, .npz). Every failure
+to read an input is reported as one InputError line naming the file; outputs are written atomically.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,9 +51,9 @@ class ImageData:
     path: str
 
 
-
 def read_image(path: str | bytes | os.PathLike) -> ImageData:
-    """Read one image or volume; see ImageData for the array layout. Raises InputError on bad input."""
+    """Read one image or volume; see ImageData for the array layout. Raises InputError on bad
+    input."""
     return _read(os.fsdecode(path), label=False)
 
 
@@ -62,8 +63,8 @@ def read_label(path: str | bytes | os.PathLike) -> ImageData:
     Float maps holding integer values are cast to the smallest unsigned integer type that fits; a
     grayscale-looking RGB(A) map (identical channels) is reduced to one channel. Raises InputError
     "label map must hold integers" for fractional or non-finite values, and on negative values.
-    JPEG masks (lossy: compression rings around edges) are taken as binary masks, thresholded at half
-    their range, with a warning.
+    JPEG masks (lossy: compression rings around edges) are taken as binary masks, thresholded at
+    half their range, with a warning.
     """
     path = os.fsdecode(path)
     data = _read(path, label=True)
@@ -71,7 +72,9 @@ def read_label(path: str | bytes | os.PathLike) -> ImageData:
     if file_extension(path) in LOSSY_EXTENSIONS:
         array = _binarized_lossy_mask(array, path)
     if not data.is_volume and array.ndim == 3:
-        if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(array.shape[-1], 3))):
+        if not all(
+            np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(array.shape[-1], 3))
+        ):
             raise InputError(path, f"label map must have one channel, got shape {array.shape}")
         array = array[..., 0]
     data.array = as_label_values(array, path)
@@ -82,8 +85,11 @@ def _binarized_lossy_mask(array: np.ndarray, path: str) -> np.ndarray:
     """A JPEG mask snapped to 0 and its type's maximum (255 for 8 bits) at half that range: JPEG
     ringing otherwise turns near-zero pixels around every edge into foreground. Warns once."""
     high = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else 1.0
-    warnings.warn(f"{path}: JPEG is lossy; the mask is read as binary, thresholded at half its range "
-                  f"({high / 2:g}); store masks as PNG to keep exact labels", stacklevel=4)
+    warnings.warn(
+        f"{path}: JPEG is lossy; the mask is read as binary, thresholded at half its range "
+        f"({high / 2:g}); store masks as PNG to keep exact labels",
+        stacklevel=4,
+    )
     return np.where(array > high / 2, high, 0).astype(array.dtype)
 
 
@@ -119,7 +125,9 @@ def _read(path: str, label: bool) -> ImageData:
             dicom,  # here: promptseg.data.dicom imports this module
         )
 
-        if dicom.is_dicom_input(path):  # a series folder, a .dcm file or a file with the DICOM magic bytes
+        if dicom.is_dicom_input(
+            path
+        ):  # a series folder, a .dcm file or a file with the DICOM magic bytes
             return dicom.read_dicom(path)
         raise InputError(path, f"unsupported file type '{ext or os.path.basename(path)}'")
     if not os.path.isfile(path):
@@ -144,13 +152,16 @@ def _read(path: str, label: bool) -> ImageData:
 
 
 def check_image_array(array: np.ndarray, source: str | None) -> np.ndarray:
-    """Validate an image or volume array (from a file or a caller); raise InputError naming `source`.
+    """Validate an image or volume array (from a file or a caller); raise InputError naming
+    `source`.
 
     Accepts bool, integer and real floating data of 2 or 3 dimensions (a trailing axis of length 1
     after three is dropped) with at least one element; returns the (possibly squeezed) array.
     """
     if array.dtype.kind not in "biuf":
-        raise InputError(source, f"unreadable or corrupt image (unsupported data type {array.dtype})")
+        raise InputError(
+            source, f"unreadable or corrupt image (unsupported data type {array.dtype})"
+        )
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim > 3:
@@ -162,14 +173,16 @@ def check_image_array(array: np.ndarray, source: str | None) -> np.ndarray:
     return array
 
 
-# Deflate cannot compress better than 1032:1, so a .nii.gz of n bytes holds at most about 1032 n bytes.
+# Deflate cannot compress better than 1032:1, so a .nii.gz of n bytes holds at most about 1032 n
+# bytes.
 _DEFLATE_MAX_RATIO = 1032
 # Above any image format's honest compression (TIFF's LZW reaches about 2560:1, deflate 1032:1).
 _IMAGE_MAX_RATIO = 4096
 
 
 def max_pixels() -> int:
-    """The most pixels (2D) or voxels (3D) one input may hold: $PROMPTSEG_MAX_PIXELS, else DEFAULT_MAX_PIXELS.
+    """The most pixels (2D) or voxels (3D) one input may hold: $PROMPTSEG_MAX_PIXELS, else
+    DEFAULT_MAX_PIXELS.
 
     Inputs are refused against it from their headers, before their data is decoded."""
     text = os.environ.get(MAX_PIXELS_VARIABLE)
@@ -184,7 +197,9 @@ def max_pixels() -> int:
     return value
 
 
-def check_claimed_size(path: str, shape: tuple[int, ...], itemsize: int, capacity: int, what: str = "pixels") -> None:
+def check_claimed_size(
+    path: str, shape: tuple[int, ...], itemsize: int, capacity: int, what: str = "pixels"
+) -> None:
     """Refuse, before anything is allocated, an input whose header claims more than max_pixels()
     elements (the channels of a pixel count as one) or more data bytes than `capacity`, the most its
     stored bytes can hold (a corrupt or hostile size field)."""
@@ -192,12 +207,19 @@ def check_claimed_size(path: str, shape: tuple[int, ...], itemsize: int, capacit
     count = int(np.prod(spatial, dtype=np.float64))
     limit = max_pixels()
     if count > limit:
-        raise InputError(path, f"too large: the header claims {count} {what}, more than the limit of {limit} "
-                         f"(set {MAX_PIXELS_VARIABLE} to raise it)")
+        raise InputError(
+            path,
+            f"too large: the header claims {count} {what}, more than the limit of {limit} "
+            f"(set {MAX_PIXELS_VARIABLE} to raise it)",
+        )
     claimed = int(np.prod(shape, dtype=np.float64)) * itemsize
     if claimed > capacity:
-        raise InputError(path, f"unreadable or corrupt image (truncated: the header claims {claimed} bytes of "
-                         f"{'voxel' if what == 'voxels' else 'pixel'} data, the file can hold at most {capacity})")
+        raise InputError(
+            path,
+            f"unreadable or corrupt image (truncated: the header claims {claimed} bytes of "
+            f"{'voxel' if what == 'voxels' else 'pixel'} data, the file can hold at most "
+            f"{capacity})",
+        )
 
 
 class _Collector(logging.Handler):
@@ -217,8 +239,8 @@ _REPORTED_REPAIRS: set[tuple[str, str]] = set()
 
 def _load_nibabel(path: str) -> Any:
     """nib.load(path), with the header repairs nibabel logs straight to stderr ("qform_code 7 not
-    valid; setting to 0") turned into one `path: ...` warning each, once per file and message however
-    often the file is read."""
+    valid; setting to 0") turned into one `path: ...` warning each, once per file and message
+    however often the file is read."""
     logger = nib.imageglobals.logger
     collector = _Collector()
     with _NIBABEL_LOG_LOCK:
@@ -236,7 +258,8 @@ def _load_nibabel(path: str) -> Any:
 
 
 def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Load a NIfTI file fully (so truncated gzip streams fail here); returns (array, affine, header).
+    """Load a NIfTI file fully (so truncated gzip streams fail here); returns (array, affine,
+    header).
 
     A header claiming more voxel data than the file can hold (a corrupt or hostile size field) is
     refused before any buffer of that size is allocated.
@@ -244,7 +267,9 @@ def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
     image = _load_nibabel(path)
     stored = os.path.getsize(path)
     capacity = stored * _DEFLATE_MAX_RATIO if path.lower().endswith(".gz") else stored
-    check_claimed_size(path, tuple(image.shape), image.get_data_dtype().itemsize, capacity, what="voxels")
+    check_claimed_size(
+        path, tuple(image.shape), image.get_data_dtype().itemsize, capacity, what="voxels"
+    )
     array = np.asarray(image.dataobj)
     return array, np.asarray(image.affine, dtype=np.float64), image.header.copy()
 
@@ -257,16 +282,23 @@ def _load_pillow(path: str, label: bool) -> np.ndarray:
     before the last row (which Pillow would fill with zeros) is refused (check_png_data).
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels() is the limit that applies
+        warnings.simplefilter(
+            "ignore", Image.DecompressionBombWarning
+        )  # max_pixels() is the limit that applies
         try:
             opened = Image.open(path)
         except Image.DecompressionBombError:
-            raise InputError(path, f"too large: more pixels than Pillow decodes (set {MAX_PIXELS_VARIABLE} "
-                             "and PIL.Image.MAX_IMAGE_PIXELS to raise the limits)") from None
+            raise InputError(
+                path,
+                f"too large: more pixels than Pillow decodes (set {MAX_PIXELS_VARIABLE} "
+                "and PIL.Image.MAX_IMAGE_PIXELS to raise the limits)",
+            ) from None
     with opened as image:
         width, height = image.size
         bands = len(image.getbands())
-        check_claimed_size(path, (height, width, bands), 1, os.path.getsize(path) * _IMAGE_MAX_RATIO)
+        check_claimed_size(
+            path, (height, width, bands), 1, os.path.getsize(path) * _IMAGE_MAX_RATIO
+        )
         if image.format == "PNG":
             check_png_data(path)
         image.load()
@@ -294,7 +326,8 @@ _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pix
 
 
 def _png_row_bytes(width: int, bits_per_pixel: int) -> int:
-    """Bytes of one filtered PNG scanline: the filter byte and the packed samples (0 for an empty pass)."""
+    """Bytes of one filtered PNG scanline: the filter byte and the packed samples (0 for an empty
+    pass)."""
     return 0 if width == 0 else 1 + (width * bits_per_pixel + 7) // 8
 
 
@@ -302,7 +335,15 @@ def _png_data_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bo
     """Bytes the decompressed PNG image data must hold (the seven Adam7 passes when interlaced)."""
     if not interlaced:
         return height * _png_row_bytes(width, bits_per_pixel)
-    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    passes = (
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    )
     total = 0
     for x0, y0, dx, dy in passes:
         pass_width, pass_height = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
@@ -311,10 +352,12 @@ def _png_data_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bo
 
 
 def check_png_data(path: str, chunk_bytes: int = 1 << 20) -> None:
-    """Refuse a PNG whose image data decompresses to fewer bytes than its header's rows need (a file cut
-    off, or a compressed stream that ends cleanly half-way: Pillow fills the missing rows with zeros).
+    """Refuse a PNG whose image data decompresses to fewer bytes than its header's rows need (a file
+    cut off, or a compressed stream that ends cleanly half-way: Pillow fills the missing rows with
+    zeros).
 
-    The data is inflated a block at a time and only counted, so memory stays small whatever it claims."""
+    The data is inflated a block at a time and only counted, so memory stays small whatever it
+    claims."""
     with open(path, "rb") as handle:
         if handle.read(8) != _PNG_SIGNATURE:
             return  # not a PNG after all: Pillow reports it
@@ -322,7 +365,9 @@ def check_png_data(path: str, chunk_bytes: int = 1 << 20) -> None:
         if len(header) < 25 or header[4:8] != b"IHDR":
             return
         width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header[8:21])
-        expected = _png_data_bytes(width, height, depth * _PNG_CHANNELS.get(colour, 1), interlace == 1)
+        expected = _png_data_bytes(
+            width, height, depth * _PNG_CHANNELS.get(colour, 1), interlace == 1
+        )
         inflater, produced = zlib.decompressobj(), 0
         while produced < expected and not inflater.eof:
             head = handle.read(8)
@@ -343,12 +388,16 @@ def check_png_data(path: str, chunk_bytes: int = 1 << 20) -> None:
                 produced += _inflated_size(inflater, data, expected - produced, chunk_bytes)
             handle.seek(remaining + 4, os.SEEK_CUR)
     if produced < expected:
-        raise InputError(path, f"unreadable or corrupt image (truncated: the pixel data holds {produced} of the "
-                         f"{expected} bytes its {width}x{height} header needs)")
+        raise InputError(
+            path,
+            f"unreadable or corrupt image (truncated: the pixel data holds {produced} of the "
+            f"{expected} bytes its {width}x{height} header needs)",
+        )
 
 
 def _inflated_size(inflater: zlib._Decompress, data: bytes, wanted: int, chunk_bytes: int) -> int:
-    """Feed `data` to `inflater` and count what it gives, up to `wanted` bytes, `chunk_bytes` at a time."""
+    """Feed `data` to `inflater` and count what it gives, up to `wanted` bytes, `chunk_bytes` at a
+    time."""
     produced = 0
     while data and produced < wanted:
         produced += len(inflater.decompress(data, min(chunk_bytes, wanted - produced)))
@@ -363,7 +412,9 @@ def _load_numpy(path: str, ext: str, label: bool) -> np.ndarray:
     if ext == ".npy":
         with open(path, "rb") as handle:
             shape, dtype = _npy_header(handle)
-            check_claimed_size(path, shape, dtype.itemsize, os.path.getsize(path) - handle.tell(), _npy_unit(shape))
+            check_claimed_size(
+                path, shape, dtype.itemsize, os.path.getsize(path) - handle.tell(), _npy_unit(shape)
+            )
         return np.load(path, allow_pickle=False)
     with np.load(path, allow_pickle=False) as archive:
         keys = list(archive.files)
@@ -371,24 +422,34 @@ def _load_numpy(path: str, ext: str, label: bool) -> np.ndarray:
             raise InputError(path, "image is empty (the archive holds no arrays)")
         preferred = ("label", "image") if label else ("image", "label")
         key = next((k for k in preferred if k in keys), keys[0])
-        member = archive.zip.getinfo(f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key)
+        member = archive.zip.getinfo(
+            f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key
+        )
         with archive.zip.open(member) as handle:
             shape, dtype = _npy_header(handle)
         ratio = 1 if member.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO
-        check_claimed_size(path, shape, dtype.itemsize, member.compress_size * ratio, _npy_unit(shape))
+        check_claimed_size(
+            path, shape, dtype.itemsize, member.compress_size * ratio, _npy_unit(shape)
+        )
         return np.asarray(archive[key])
 
 
 def _npy_header(handle: Any) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) from the header of a .npy stream, leaving `handle` at the start of the data."""
+    """(shape, dtype) from the header of a .npy stream, leaving `handle` at the start of the
+    data."""
     version = np.lib.format.read_magic(handle)
-    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    reader = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
     shape, _, dtype = reader(handle, max_header_size=10_000)
     return tuple(int(n) for n in shape), dtype
 
 
 def _npy_unit(shape: tuple[int, ...]) -> str:
-    """What an array's elements are for the pixel limit: voxels of a volume (volumes.is_volume_shape)."""
+    """What an array's elements are for the pixel limit: voxels of a volume
+    (volumes.is_volume_shape)."""
     four_d = len(shape) > 3 and shape[-1] not in CHANNEL_COUNTS
     return "voxels" if four_d or is_volume_shape(shape, has_geometry=False) else "pixels"
 
@@ -402,7 +463,10 @@ def stored_array_shape(path: str) -> tuple[int, ...] | None:
                 return _npy_header(handle)[0]
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-            key = next((f"{k}.npy" for k in ("image", "label") if f"{k}.npy" in names), names[0] if names else None)
+            key = next(
+                (f"{k}.npy" for k in ("image", "label") if f"{k}.npy" in names),
+                names[0] if names else None,
+            )
             if key is None:
                 return None
             with archive.open(key) as handle:
@@ -420,18 +484,24 @@ def write_nifti_like(
 
 
 def nifti_writer(array: np.ndarray, reference: ImageData) -> Writer:
-    """A writer storing `array` (same spatial shape as `reference.array`) as NIfTI in the reference's space.
+    """A writer storing `array` (same spatial shape as `reference.array`) as NIfTI in the
+    reference's space.
 
     Bool and integer arrays (label maps) are stored as uint8 (uint16 when values exceed 255), float
     arrays (probabilities) as float32. The reference's affine and header are kept (intensity scaling
-    reset), also an affine nibabel cannot turn into a qform (singular or non-finite), which is written
-    back as stored in the reference header; a non-NIfTI reference gets an identity affine and a fresh header.
+    reset), also an affine nibabel cannot turn into a qform (singular or non-finite), which is
+    written back as stored in the reference header; a non-NIfTI reference gets an identity affine
+    and a fresh header.
     """
     array = np.asarray(array)
     if array.shape != reference.array.shape[: array.ndim] or array.ndim not in (2, 3):
-        raise ValueError(f"array shape {array.shape} does not match reference shape {reference.array.shape}")
+        raise ValueError(
+            f"array shape {array.shape} does not match reference shape {reference.array.shape}"
+        )
     if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
-        dtype = np.uint8 if array.size == 0 or (array.min() >= 0 and array.max() <= 255) else np.uint16
+        dtype = (
+            np.uint8 if array.size == 0 or (array.min() >= 0 and array.max() <= 255) else np.uint16
+        )
         if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint16).max):
             raise ValueError("label values must lie in 0..65535")
     elif np.issubdtype(array.dtype, np.floating):
@@ -446,7 +516,9 @@ def nifti_writer(array: np.ndarray, reference: ImageData) -> Writer:
         image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
         try:
             image = image_class(data, reference.affine, header=header)
-        except HeaderDataError:  # an affine with no qform (singular, non-finite): keep the stored header's geometry
+        except (
+            HeaderDataError
+        ):  # an affine with no qform (singular, non-finite): keep the stored header's geometry
             image = image_class(data, None, header=header)
     else:
         image = nib.Nifti1Image(data, np.eye(4))
@@ -476,8 +548,8 @@ def npy_writer(array: np.ndarray) -> Writer:
 
 
 def canonical_view(array: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
-    """A view of a 3D `array` with its axes permuted and flipped to the closest RAS orientation of its
-    voxel-to-world `affine` (nibabel's io_orientation): the same scan stored in any voxel order
+    """A view of a 3D `array` with its axes permuted and flipped to the closest RAS orientation of
+    its voxel-to-world `affine` (nibabel's io_orientation): the same scan stored in any voxel order
     (LPS, RAS, axes swapped) gives the same view, and writing into the view writes the stored grid.
 
     `array` itself when `affine` is None or gives no orientation (non-finite or singular)."""

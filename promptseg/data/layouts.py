@@ -1,10 +1,13 @@
-"""Dataset folders: the nnU-Net v2 raw layout and the simple images/ + labels/ layout (docs/design.md section 4).
+"""Dataset folders: the nnU-Net v2 raw layout and the simple images/ + labels/ layout
+(docs/design.md section 4).
 
-nnU-Net v2:  ROOT/dataset.json, ROOT/imagesTr/NAME_0000.ext (one file per channel), ROOT/labelsTr/NAME.ext
+nnU-Net v2:  ROOT/dataset.json, ROOT/imagesTr/NAME_0000.ext (one file per channel),
+ROOT/labelsTr/NAME.ext
 simple:      ROOT/images/NAME.ext, ROOT/labels/NAME.ext (same NAME, any supported extensions),
              optional ROOT/dataset.json; an image may also be a DICOM series folder
              ROOT/images/NAME/ or a DICOM file ROOT/images/NAME.dcm (read by promptseg.data.dicom)
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +20,12 @@ from typing import Any, Literal
 
 from promptseg.data.dicom import DICOM_EXTENSIONS
 from promptseg.data.io import SUPPORTED_EXTENSIONS
-from promptseg.files import file_extension, strip_extension
 from promptseg.errors import InputError, short_reason
+from promptseg.files import file_extension, strip_extension
 
-MAX_LABEL_VALUE = 2**31 - 1  # label maps are read into at most 64-bit integers; values beyond this are damage
+MAX_LABEL_VALUE = (
+    2**31 - 1
+)  # label maps are read into at most 64-bit integers; values beyond this are damage
 
 _CHANNEL_FILE = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 
@@ -36,7 +41,8 @@ class Case:
 
 @dataclass
 class DatasetInfo:
-    """A dataset folder: `labels` maps each non-zero label value to its name (empty when unnamed)."""
+    """A dataset folder: `labels` maps each non-zero label value to its name (empty when
+    unnamed)."""
 
     root: str
     name: str
@@ -72,7 +78,8 @@ _NOT_A_DATASET = (
 
 
 def open_dataset(root: str | os.PathLike) -> DatasetInfo:
-    """Detect the layout of `root` and list its cases (sorted by name). Raises InputError on bad folders."""
+    """Detect the layout of `root` and list its cases (sorted by name). Raises InputError on bad
+    folders."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "dataset folder not found")
@@ -84,7 +91,9 @@ def open_dataset(root: str | os.PathLike) -> DatasetInfo:
     else:
         raise InputError(root, _NOT_A_DATASET)
     if not cases:
-        raise InputError(root, f"no images found in {'imagesTr' if layout == 'nnunet' else 'images'}/")
+        raise InputError(
+            root, f"no images found in {'imagesTr' if layout == 'nnunet' else 'images'}/"
+        )
     return DatasetInfo(
         root=str(root),
         name=str(meta.get("name") or root.name),
@@ -115,7 +124,10 @@ def _read_dataset_json(root: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
         raise InputError(path, "unreadable dataset.json (nested too deeply)") from None
-    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, integers of more than 4300 digits
+    except (
+        OSError,
+        ValueError,
+    ) as exc:  # JSONDecodeError, UnicodeDecodeError, integers of more than 4300 digits
         raise InputError(path, f"unreadable dataset.json ({short_reason(exc)})") from None
     if not isinstance(meta, dict):
         raise InputError(path, "dataset.json must hold a JSON object")
@@ -132,7 +144,7 @@ def _label_names(labels: Any, root: Path) -> dict[int, str]:
         return {}
     source = root / "dataset.json"
     if not isinstance(labels, dict):
-        raise InputError(source, "\"labels\" must be an object mapping names to values")
+        raise InputError(source, '"labels" must be an object mapping names to values')
     names: dict[int, str] = {}
     for key, value in labels.items():
         if isinstance(value, list):
@@ -144,18 +156,23 @@ def _label_names(labels: Any, root: Path) -> dict[int, str]:
                 raise InputError(source, f"label key {str(key)[:20]}... is above {MAX_LABEL_VALUE}")
             number, name = int(key), value
         else:
-            raise InputError(source, f"label entry {key!r}: {value!r} is neither name -> value nor value -> name")
+            raise InputError(
+                source, f"label entry {key!r}: {value!r} is neither name -> value nor value -> name"
+            )
         if number < 0:
             raise InputError(source, f"label {name!r} has negative value {number}")
         if number > MAX_LABEL_VALUE:
-            raise InputError(source, f"label {name!r} has value {str(number)[:20]}..., above {MAX_LABEL_VALUE}")
+            raise InputError(
+                source, f"label {name!r} has value {str(number)[:20]}..., above {MAX_LABEL_VALUE}"
+            )
         if number != 0:
             names[number] = name
     return names
 
 
 def _modality(meta: dict[str, Any]) -> str:
-    """dataset.json "modality" (text or nnU-Net v1 {"0": "CT"}) or v2 "channel_names", else "unknown"."""
+    """dataset.json "modality" (text or nnU-Net v1 {"0": "CT"}) or v2 "channel_names", else
+    "unknown"."""
     for key in ("modality", "channel_names"):
         value = meta.get(key)
         if isinstance(value, str) and value:
@@ -177,8 +194,9 @@ def _image_files(folder: Path, ending: str | None = None, dicom: bool = False) -
             files.append(entry)
         elif not entry.is_file():
             continue
-        elif (entry.name.endswith(ending) if ending
-              else file_extension(entry) in SUPPORTED_EXTENSIONS):
+        elif (
+            entry.name.endswith(ending) if ending else file_extension(entry) in SUPPORTED_EXTENSIONS
+        ):
             files.append(entry)
     return files
 
@@ -192,7 +210,9 @@ def _by_name(files: list[Path], folder: Path, ending: str | None = None) -> dict
         else:
             name = path.name[: -len(ending)] if ending else strip_extension(path.name)
         if name in named:
-            raise InputError(folder, f"two files for case '{name}': {named[name].name} and {path.name}")
+            raise InputError(
+                folder, f"two files for case '{name}': {named[name].name} and {path.name}"
+            )
         named[name] = path
     return named
 
@@ -203,9 +223,15 @@ def _simple_cases(root: Path) -> list[Case]:
     labels = _by_name(_image_files(labels_dir), labels_dir) if labels_dir.is_dir() else {}
     orphans = sorted(set(labels) - set(images))
     if orphans:
-        raise InputError(root, f"label without image: labels/{labels[orphans[0]].name} ({len(orphans)} in all)")
+        raise InputError(
+            root, f"label without image: labels/{labels[orphans[0]].name} ({len(orphans)} in all)"
+        )
     return [
-        Case(name=name, image_paths=[str(images[name])], label_path=str(labels[name]) if name in labels else None)
+        Case(
+            name=name,
+            image_paths=[str(images[name])],
+            label_path=str(labels[name]) if name in labels else None,
+        )
         for name in sorted(images)
     ]
 
@@ -215,18 +241,30 @@ def _nnunet_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
         raise InputError(root, "nnU-Net layout (imagesTr/) needs a dataset.json")
     ending = meta.get("file_ending")
     if ending is not None and (not isinstance(ending, str) or not ending.startswith(".")):
-        raise InputError(root / "dataset.json", f"\"file_ending\" must look like \".nii.gz\", got {ending!r}")
+        raise InputError(
+            root / "dataset.json", f'"file_ending" must look like ".nii.gz", got {ending!r}'
+        )
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     channels: dict[str, dict[int, Path]] = {}
     for path in _image_files(images_dir, ending):
-        match = _CHANNEL_FILE.match(path.name[: -len(ending)] if ending else strip_extension(path.name))
+        match = _CHANNEL_FILE.match(
+            path.name[: -len(ending)] if ending else strip_extension(path.name)
+        )
         if match is None:
-            raise InputError(path, "nnU-Net image files must be named NAME_0000.ext (one per channel)")
+            raise InputError(
+                path, "nnU-Net image files must be named NAME_0000.ext (one per channel)"
+            )
         channels.setdefault(match["name"], {})[int(match["channel"])] = path
-    labels = _by_name(_image_files(labels_dir, ending), labels_dir, ending) if labels_dir.is_dir() else {}
+    labels = (
+        _by_name(_image_files(labels_dir, ending), labels_dir, ending)
+        if labels_dir.is_dir()
+        else {}
+    )
     orphans = sorted(set(labels) - set(channels))
     if orphans:
-        raise InputError(root, f"label without image: labelsTr/{labels[orphans[0]].name} ({len(orphans)} in all)")
+        raise InputError(
+            root, f"label without image: labelsTr/{labels[orphans[0]].name} ({len(orphans)} in all)"
+        )
     expected = len(meta["channel_names"]) if isinstance(meta.get("channel_names"), dict) else None
     cases = []
     for name in sorted(channels):
@@ -234,8 +272,12 @@ def _nnunet_cases(root: Path, meta: dict[str, Any]) -> list[Case]:
         count = expected or len(found)
         if sorted(found) != list(range(count)):
             raise InputError(
-                images_dir, f"case '{name}' has channels {sorted(found)}, expected 0..{count - 1} (NAME_0000...)"
+                images_dir,
+                f"case '{name}' has channels {sorted(found)}, expected 0..{count - 1} "
+                "(NAME_0000...)",
             )
         label = str(labels[name]) if name in labels else None
-        cases.append(Case(name=name, image_paths=[str(found[c]) for c in range(count)], label_path=label))
+        cases.append(
+            Case(name=name, image_paths=[str(found[c]) for c in range(count)], label_path=label)
+        )
     return cases

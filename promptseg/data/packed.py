@@ -1,18 +1,22 @@
-"""Packed dataset cache: a dataset's examples at one resolution, decoded once and memory-mapped after.
+"""Packed dataset cache: a dataset's examples at one resolution, decoded once and memory-mapped
+after.
 
 `build_tasks(..., cache_dir=DIR)` reads each dataset folder once (PNG / JPEG / NIfTI decoding,
 normalisation, resizing) and writes DIR/<dataset>-r<R>-a<axis>-c<C>/ with
 
-    images.npy    (N, c, R, R) uint8, c = 1 when every example is grey (replicated to C on use), else C
+    images.npy    (N, c, R, R) uint8, c = 1 when every example is grey (replicated to C on use),
+    else C
     labels.npy    (N, R, R) uint8 label values
     case_ids.npy  (N,) case names
-    packed.json   dataset name, label names, the build parameters and a signature of the source files
+    packed.json   dataset name, label names, the build parameters and a signature of the source
+    files
 
 Later runs memory-map the arrays (no decoding, pages shared between processes) as long as the
 signature (every case file's name, size and modification time) still matches; a changed source
 folder is packed again. A pack folder is written under a temporary name and renamed into place, so
 an interrupted pack never leaves a half-written cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +47,9 @@ class PackedExamples:
 
 def source_signature(dataset: DatasetInfo) -> list[list]:
     """[relative path, size, mtime_ns] of every file the examples are read from, sorted."""
-    paths = {p for case in dataset.cases if case.label_path for p in [*case.image_paths, case.label_path]}
+    paths = {
+        p for case in dataset.cases if case.label_path for p in [*case.image_paths, case.label_path]
+    }
     entries = []
     for path in sorted(paths):
         stat = os.stat(path)
@@ -51,7 +57,9 @@ def source_signature(dataset: DatasetInfo) -> list[list]:
     return entries
 
 
-def pack_folder(cache_dir: str | os.PathLike, dataset: DatasetInfo, resolution: int, axis: int, channels: int) -> Path:
+def pack_folder(
+    cache_dir: str | os.PathLike, dataset: DatasetInfo, resolution: int, axis: int, channels: int
+) -> Path:
     """The pack folder of `dataset` at these build parameters under `cache_dir`."""
     return Path(cache_dir) / f"{dataset.name}-r{resolution}-a{axis}-c{channels}"
 
@@ -78,7 +86,11 @@ def find_packs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if is_pack(root):
         return [root]
-    return sorted(child for child in root.iterdir() if child.is_dir() and is_pack(child)) if root.is_dir() else []
+    return (
+        sorted(child for child in root.iterdir() if child.is_dir() and is_pack(child))
+        if root.is_dir()
+        else []
+    )
 
 
 def pack_dataset_name(folder: str | os.PathLike) -> str:
@@ -89,10 +101,13 @@ def pack_dataset_name(folder: str | os.PathLike) -> str:
         return ""
 
 
-def read_pack(folder: Path, expected: dict | None = None, resolution: int | None = None) -> PackedExamples | None:
+def read_pack(
+    folder: Path, expected: dict | None = None, resolution: int | None = None
+) -> PackedExamples | None:
     """The memory-mapped examples of `folder`, or None when it is unreadable, when its packed.json
     differs from `expected` (given when the source folder is at hand) or when it was packed at
-    another `resolution` (checked when the source is not at hand, e.g. a cache carried to a GPU machine)."""
+    another `resolution` (checked when the source is not at hand, e.g. a cache carried to a GPU
+    machine)."""
     try:
         meta = json.loads((folder / "packed.json").read_text())
     except (OSError, ValueError):
@@ -115,7 +130,9 @@ def read_pack(folder: Path, expected: dict | None = None, resolution: int | None
     return PackedExamples(meta["name"], labels, images, label_maps, case_ids)
 
 
-def write_pack(folder: Path, meta: dict, images: np.ndarray, label_maps: np.ndarray, case_ids: np.ndarray) -> None:
+def write_pack(
+    folder: Path, meta: dict, images: np.ndarray, label_maps: np.ndarray, case_ids: np.ndarray
+) -> None:
     """Write a pack folder atomically (temporary sibling folder, then rename). Grey images
     (all channels equal) are stored with one channel."""
     if images.shape[1] > 1 and bool((images == images[:, :1]).all()):

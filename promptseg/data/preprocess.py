@@ -1,7 +1,9 @@
-"""Intensity normalisation and resizing to the model's input convention (docs/design.md section 2.1).
+"""Intensity normalisation and resizing to the model's input convention (docs/design.md section
+2.1).
 
 Model inputs are (C, R, R) float32 in [0, 1] with C = 3 (grayscale replicated); masks are (R, R).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,14 +21,18 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 
 
 def all_finite(array: np.ndarray, chunk_elements: int = 1 << 20) -> bool:
-    """Whether every value of `array` is finite, checked a slab at a time (memory independent of size)."""
+    """Whether every value of `array` is finite, checked a slab at a time (memory independent of
+    size)."""
     if array.dtype.kind not in "fc":
         return True
     if array.ndim == 0:
         return bool(np.isfinite(array))
     per_row = max(1, array[:1].size)
     step = max(1, chunk_elements // per_row)  # slabs along the first axis are views of any array
-    return all(bool(np.isfinite(array[start : start + step]).all()) for start in range(0, array.shape[0], step))
+    return all(
+        bool(np.isfinite(array[start : start + step]).all())
+        for start in range(0, array.shape[0], step)
+    )
 
 
 def normalize_intensity(
@@ -42,11 +48,18 @@ def normalize_intensity(
     Any intensities within the float64 range work (the arithmetic is float64, pre-scaled when
     differences could overflow). Raises InputError (naming `source`) on non-finite intensities.
     """
-    with np.errstate(invalid="ignore", over="ignore"):  # values float64 cannot hold become inf/NaN, refused below
+    with np.errstate(
+        invalid="ignore", over="ignore"
+    ):  # values float64 cannot hold become inf/NaN, refused below
         data = np.asarray(image).astype(np.float64)
-    lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)  # NaN and Inf propagate
+    lo, hi = (
+        (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    )  # NaN and Inf propagate
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise InputError(source, "image contains non-finite intensities (NaN or Inf, or beyond the float64 range)")
+        raise InputError(
+            source,
+            "image contains non-finite intensities (NaN or Inf, or beyond the float64 range)",
+        )
     if window is not None:
         low, high = CT_WINDOWS[window] if isinstance(window, str) else window
     else:
@@ -60,9 +73,11 @@ def normalize_intensity(
 
 
 def image_layout(image: np.ndarray) -> str:
-    """The layout of a 2D image array: "hw", "hwc" (C in 1, 3, 4) or "chw" (C in 1, 3, 4); "" for none.
+    """The layout of a 2D image array: "hw", "hwc" (C in 1, 3, 4) or "chw" (C in 1, 3, 4); "" for
+    none.
 
-    Channels-last wins when both ends could be channels (a 1- or 3-pixel-high RGB image is (H, W, 3)).
+    Channels-last wins when both ends could be channels (a 1- or 3-pixel-high RGB image is (H, W,
+    3)).
     """
     if image.ndim == 2:
         return "hw"
@@ -92,7 +107,9 @@ def to_channels_first(image: np.ndarray, channels: int, source: str | None = Non
     elif layout == "chw":
         planes = image
     else:
-        raise InputError(source, f"expected a 2D image with 1, 3 or 4 channels, got shape {image.shape}")
+        raise InputError(
+            source, f"expected a 2D image with 1, 3 or 4 channels, got shape {image.shape}"
+        )
     if planes.shape[0] == 4:
         planes = planes[:3]
     if planes.shape[0] == channels:
@@ -100,7 +117,9 @@ def to_channels_first(image: np.ndarray, channels: int, source: str | None = Non
     if channels == 3 and planes.shape[0] == 1:
         return np.repeat(planes, 3, axis=0)
     if channels == 1 and planes.shape[0] == 3:
-        return (0.299 * planes[0] + 0.587 * planes[1] + 0.114 * planes[2])[None].astype(planes.dtype)
+        return (0.299 * planes[0] + 0.587 * planes[1] + 0.114 * planes[2])[None].astype(
+            planes.dtype
+        )
     raise InputError(source, f"cannot convert {planes.shape[0]} channels to {channels}")
 
 
@@ -132,20 +151,29 @@ def resize_mask(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor
 
 
 def check_image(image: np.ndarray, channels: int = 3, source: str | None = None) -> None:
-    """The InputErrors prepare_image raises on `image` (layout and channels, non-finite intensities),
-    without preparing it."""
+    """The InputErrors prepare_image raises on `image` (layout and channels, non-finite
+    intensities), without preparing it."""
     to_channels_first(np.asarray(image), channels, source)
     with np.errstate(invalid="ignore", over="ignore"):
         lo, hi = (float(np.min(image)), float(np.max(image))) if np.size(image) else (0.0, 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise InputError(source, "image contains non-finite intensities (NaN or Inf, or beyond the float64 range)")
+        raise InputError(
+            source,
+            "image contains non-finite intensities (NaN or Inf, or beyond the float64 range)",
+        )
 
 
 def prepare_image(
-    image: np.ndarray, resolution: int, channels: int = 3, source: str | None = None, normalize: bool = True
+    image: np.ndarray,
+    resolution: int,
+    channels: int = 3,
+    source: str | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """A raw 2D image (H, W[, C]) -> model input (channels, R, R) float32 in [0, 1]."""
     planes = to_channels_first(np.asarray(image), channels, source)
     if normalize:
         planes = normalize_intensity(planes, source)
-    return resize_image(torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32)), resolution)
+    return resize_image(
+        torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32)), resolution
+    )

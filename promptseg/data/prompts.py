@@ -4,6 +4,7 @@ A prompt map is an (H, W) float32 tensor in {0, 1} on the image grid: the mask i
 prompt, or the rasterised click / box / scribble for a sparse (One-Prompt style) prompt. Coordinates
 are pixels, x along the columns (width) and y along the rows (height).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy import ndimage
-
 
 CLICK_COORDINATE_LIMIT = 1e7  # |x|, |y| beyond any image; its square still fits float32
 SPARSE_KINDS: tuple[str, ...] = ("click", "box", "scribble")
@@ -43,7 +43,9 @@ def rasterize_clicks(
         return out
     # Clicks far outside (up to the float64 limit) are clipped first: float32 would overflow to inf.
     far = float(CLICK_COORDINATE_LIMIT)
-    pts = torch.as_tensor(np.clip(np.asarray(points, dtype=np.float64), -far, far).astype(np.float32).reshape(-1, 2))
+    pts = torch.as_tensor(
+        np.clip(np.asarray(points, dtype=np.float64), -far, far).astype(np.float32).reshape(-1, 2)
+    )
     ys = torch.arange(height, dtype=torch.float32)[None, :, None]
     xs = torch.arange(width, dtype=torch.float32)[None, None, :]
     dist2 = (xs - pts[:, 0, None, None]) ** 2 + (ys - pts[:, 1, None, None]) ** 2
@@ -91,7 +93,8 @@ def box_from_mask(
     mask: MaskLike, rng: np.random.Generator, jitter: float = 0.05
 ) -> tuple[float, float, float, float] | None:
     """The bounding box (x0, y0, x1, y1) of the (H, W) mask, each side moved by Gaussian noise of
-    std `jitter` x the box extent (at most one image size off), clipped to the image; None if empty."""
+    std `jitter` x the box extent (at most one image size off), clipped to the image; None if
+    empty."""
     fg = _as_bool(mask)
     if not fg.any():
         return None

@@ -1,15 +1,16 @@
 """Synthetic segmentation tasks for pretraining and for tests that need no real data.
 
 A *style* fixes how a family of images is generated: which structures exist (shape family, size
-range, typical location and orientation, nesting inside a host), how each looks (mean colour, texture
-scale and strength) and the imaging conditions (blur, bias field, noise). A task draws all its
-examples from one style and takes one structure (the target) as the mask, so prompts and queries
+range, typical location and orientation, nesting inside a host), how each looks (mean colour,
+texture scale and strength) and the imaging conditions (blur, bias field, noise). A task draws all
+its examples from one style and takes one structure (the target) as the mask, so prompts and queries
 agree; the other structures are distractors whose intensity differs from the target's, some brighter
 and some darker, so that the target is defined by its appearance, shape and context together.
 
 Everything is rendered batched in torch at the requested resolution; geometry is in normalised
 coordinates ([-1, 1] across the image) so styles mean the same at any resolution.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,8 @@ class StructureStyle:
 
 @dataclass(frozen=True)
 class SyntheticStyle:
-    """A generative style: structures in drawing order, the target's index, and imaging conditions."""
+    """A generative style: structures in drawing order, the target's index, and imaging
+    conditions."""
 
     structures: tuple[StructureStyle, ...]
     target: int
@@ -64,10 +66,12 @@ class SyntheticStyle:
     noise: float  # additive noise std
 
 
-def smooth_noise(generator: torch.Generator, n: int, size: int, scale: float, channels: int = 1) -> torch.Tensor:
-    """Smooth random fields (n, channels, size, size), zero mean and unit std (estimated on every 4th
-    pixel), with correlation length `scale` (normalised units: 2 = the whole image), made by bicubic
-    upsampling of coarse white noise."""
+def smooth_noise(
+    generator: torch.Generator, n: int, size: int, scale: float, channels: int = 1
+) -> torch.Tensor:
+    """Smooth random fields (n, channels, size, size), zero mean and unit std (estimated on every
+    4th pixel), with correlation length `scale` (normalised units: 2 = the whole image), made by
+    bicubic upsampling of coarse white noise."""
     cells = int(min(size, max(2, round(2.0 / max(scale, 1e-3))))) + 2
     coarse = torch.randn((n, channels, cells, cells), generator=generator)
     field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
@@ -83,7 +87,8 @@ def _pixel_grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class _Geometry:
-    """Per-example placement of one structure: centre (n, 2), radius (n,), aspect (n,), angle (n,)."""
+    """Per-example placement of one structure: centre (n, 2), radius (n,), aspect (n,), angle
+    (n,)."""
 
     center: np.ndarray
     radius: np.ndarray
@@ -101,7 +106,9 @@ class _Geometry:
         return (cos * dx + sin * dy) / semi_u, (-sin * dx + cos * dy) / semi_v
 
 
-def _place(s: StructureStyle, parent: _Geometry | None, n: int, rng: np.random.Generator) -> _Geometry:
+def _place(
+    s: StructureStyle, parent: _Geometry | None, n: int, rng: np.random.Generator
+) -> _Geometry:
     """Draw the per-example geometry of structure `s` (inside `parent`'s ellipse when nested)."""
     radius = rng.uniform(*s.radius, n)
     aspect = s.aspect * np.exp(rng.normal(0, 0.1, n))
@@ -117,9 +124,11 @@ def _place(s: StructureStyle, parent: _Geometry | None, n: int, rng: np.random.G
     return _Geometry(center, radius * parent.radius, aspect, angle)
 
 
-def _polygon(u: torch.Tensor, v: torch.Tensor, vertices: int, rng: np.random.Generator) -> torch.Tensor:
-    """Inside test (n, H, W) of random star-shaped polygons with `vertices` corners around the origin
-    of the local frame (u, v), corner radii 0.55-1."""
+def _polygon(
+    u: torch.Tensor, v: torch.Tensor, vertices: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """Inside test (n, H, W) of random star-shaped polygons with `vertices` corners around the
+    origin of the local frame (u, v), corner radii 0.55-1."""
     n = u.shape[0]
     base = 2 * np.pi * np.arange(vertices) / vertices
     phi = np.sort(base + rng.uniform(-0.25, 0.25, (n, vertices)) * 2 * np.pi / vertices, axis=1)
@@ -166,7 +175,8 @@ def _spots(s: StructureStyle, geo: _Geometry, size: int, rng: np.random.Generato
 def _shape(
     s: StructureStyle, geo: _Geometry, size: int, rng: np.random.Generator, gen: torch.Generator
 ) -> torch.Tensor:
-    """Occupancy (n, H, W) bool of structure `s` at geometry `geo` (before nesting and occlusion)."""
+    """Occupancy (n, H, W) bool of structure `s` at geometry `geo` (before nesting and
+    occlusion)."""
     n = geo.radius.shape[0]
     u, v = geo.local(size)
     rho = torch.sqrt(u * u + v * v)
@@ -232,11 +242,23 @@ def render(
 
 
 def _structure(
-    rng: np.random.Generator, family: str, radius: tuple[float, float], parent: int, intensity: np.ndarray
+    rng: np.random.Generator,
+    family: str,
+    radius: tuple[float, float],
+    parent: int,
+    intensity: np.ndarray,
 ) -> StructureStyle:
     """A random structure style of `family` with radius range `radius`."""
-    detail = {"spots": rng.uniform(0.03, 0.08), "tubes": rng.uniform(0.15, 0.4), "field": rng.uniform(0.08, 0.3)}
-    thickness = {"ring": rng.uniform(0.2, 0.5), "tubes": rng.uniform(0.06, 0.15), "field": rng.uniform(0.15, 0.45)}
+    detail = {
+        "spots": rng.uniform(0.03, 0.08),
+        "tubes": rng.uniform(0.15, 0.4),
+        "field": rng.uniform(0.08, 0.3),
+    }
+    thickness = {
+        "ring": rng.uniform(0.2, 0.5),
+        "tubes": rng.uniform(0.06, 0.15),
+        "field": rng.uniform(0.15, 0.45),
+    }
     return StructureStyle(
         family=family,
         radius=radius,
@@ -245,7 +267,9 @@ def _structure(
         angle_spread=float(rng.choice([0.1, 0.4, np.pi])),
         center=tuple(rng.uniform(-0.45, 0.45, 2)),
         center_spread=float(rng.uniform(0.05, 0.25)),
-        irregularity=float(rng.choice([0.0, rng.uniform(0.05, 0.3)], p=[0.3, 0.7])) if family != "polygon" else 0.0,
+        irregularity=float(rng.choice([0.0, rng.uniform(0.05, 0.3)], p=[0.3, 0.7]))
+        if family != "polygon"
+        else 0.0,
         thickness=float(thickness.get(family, 0.0)),
         detail=float(detail.get(family, 0.0)),
         count=(int(rng.integers(1, 6)), int(rng.integers(6, 20))),
@@ -257,7 +281,9 @@ def _structure(
     )
 
 
-def _intensities(rng: np.random.Generator, count: int, channels: int, color: bool, target: int) -> np.ndarray:
+def _intensities(
+    rng: np.random.Generator, count: int, channels: int, color: bool, target: int
+) -> np.ndarray:
     """Mean colours (count + 1, C) for background (row 0) and structures, the target differing from
     the background by >= 0.2 and from every distractor by >= 0.12 (max over channels)."""
     for _ in range(200):
@@ -306,21 +332,27 @@ def sample_style(rng: np.random.Generator, channels: int = 3) -> SyntheticStyle:
     color = channels == 3 and rng.random() < 0.3
     colors = _intensities(rng, len(plan), channels, color, target)
     structures = tuple(
-        _structure(rng, kind, radius, parent, colors[i + 1]) for i, (kind, radius, parent) in enumerate(plan)
+        _structure(rng, kind, radius, parent, colors[i + 1])
+        for i, (kind, radius, parent) in enumerate(plan)
     )
     return SyntheticStyle(
         structures=structures,
         target=target,
         background=colors[0],
         color=color,
-        background_texture=(float(np.exp(rng.uniform(np.log(0.02), np.log(0.5)))), float(rng.uniform(0, 0.12))),
+        background_texture=(
+            float(np.exp(rng.uniform(np.log(0.02), np.log(0.5)))),
+            float(rng.uniform(0, 0.12)),
+        ),
         blur=float(rng.uniform(0.0, 0.015)),
         bias=float(rng.choice([0.0, rng.uniform(0.05, 0.3)])),
         noise=float(rng.uniform(0.0, 0.05)),
     )
 
 
-def synthetic_example(rng: np.random.Generator, resolution: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_example(
+    rng: np.random.Generator, resolution: int, channels: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
     """One image of a fresh random style: (C, R, R) float32 in [0, 1] and its (R, R) int64 label map
     (0 = background, 1..L the structures)."""
     image, labels = render(sample_style(rng, channels), 1, resolution, rng)
@@ -328,11 +360,17 @@ def synthetic_example(rng: np.random.Generator, resolution: int, channels: int =
 
 
 def synthetic_task(
-    rng: np.random.Generator, resolution: int, num_examples: int, channels: int = 3, name: str = "synthetic"
+    rng: np.random.Generator,
+    resolution: int,
+    num_examples: int,
+    channels: int = 3,
+    name: str = "synthetic",
 ) -> ArrayTask:
-    """A task of `num_examples` examples from one random style, masks = the style's target structure.
+    """A task of `num_examples` examples from one random style, masks = the style's target
+    structure.
 
-    Images (N, C, R, R) float32 in [0, 1], masks (N, R, R) bool, every mask non-empty; group 'synthetic'.
+    Images (N, C, R, R) float32 in [0, 1], masks (N, R, R) bool, every mask non-empty; group
+    'synthetic'.
     """
     while True:
         style = sample_style(rng, channels)
@@ -370,11 +408,22 @@ def phantom_volume(
     vessels = ((x + 0.15) / 0.07) ** 2 + ((y - 0.25) / 0.07) ** 2 <= 1
     centre = rng.uniform(-0.08, 0.08, 3) + np.array([0.0, -0.1, 0.25])
     radii = rng.uniform(0.85, 1.15, 3) * np.array([0.6, 0.3, 0.28])
-    rho = torch.sqrt(((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2)
+    rho = torch.sqrt(
+        ((z - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((x - centre[2]) / radii[2]) ** 2
+    )
     organ = (rho + 0.12 * noise3d(5)) <= 1
     offset = rng.uniform(-0.3, 0.3, 3) * radii
     lesion_r = rng.uniform(0.2, 0.35) * radii
-    lesion = organ & ((((z - centre[0] - offset[0]) / lesion_r[0]) ** 2 + ((y - centre[1] - offset[1]) / lesion_r[1]) ** 2 + ((x - centre[2] - offset[2]) / lesion_r[2]) ** 2) <= 1)
+    lesion = organ & (
+        (
+            ((z - centre[0] - offset[0]) / lesion_r[0]) ** 2
+            + ((y - centre[1] - offset[1]) / lesion_r[1]) ** 2
+            + ((x - centre[2] - offset[2]) / lesion_r[2]) ** 2
+        )
+        <= 1
+    )
 
     volume = torch.where(body, 0.35 + 0.05 * noise3d(12), torch.zeros(shape))
     volume = torch.where(vessels & body, torch.full(shape, 0.75), volume)
@@ -386,12 +435,14 @@ def phantom_volume(
     return volume.clamp(0.0, 1.0).numpy(), label.numpy()
 
 
-def synthetic_volume_task(rng: np.random.Generator, resolution: int, depth: int = 32, channels: int = 3) -> ArrayTask:
+def synthetic_volume_task(
+    rng: np.random.Generator, resolution: int, depth: int = 32, channels: int = 3
+) -> ArrayTask:
     """A task made of the axis-0 slices of a fresh phantom_volume, empty slices included.
 
-    The target is the organ (with its lesion) or the lesion alone, so the model sees volumes in which
-    the structure appears, grows, shrinks and is absent. Returns an ArrayTask of `depth` examples,
-    images (depth, channels, R, R) float32, group "synthetic_volume".
+    The target is the organ (with its lesion) or the lesion alone, so the model sees volumes in
+    which the structure appears, grows, shrinks and is absent. Returns an ArrayTask of `depth`
+    examples, images (depth, channels, R, R) float32, group "synthetic_volume".
     """
     volume, labels = phantom_volume(rng, (depth, resolution, resolution))
     target = labels > 0 if rng.random() < 0.7 else labels == 2

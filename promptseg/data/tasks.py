@@ -1,4 +1,5 @@
 """In-memory segmentation tasks: one target structure (dataset + label value) and its examples."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,9 +29,14 @@ class ArrayTask:
         if self.case_ids is None:
             self.case_ids = np.arange(len(self.images))
         if len(self.images) != len(self.masks):
-            raise ValueError(f"task {self.name}: {len(self.images)} images but {len(self.masks)} masks")
+            raise ValueError(
+                f"task {self.name}: {len(self.images)} images but {len(self.masks)} masks"
+            )
         if self.query_examples is not None and len(self.query_examples) != len(self.images):
-            raise ValueError(f"task {self.name}: {len(self.query_examples)} query flags for {len(self.images)} examples")
+            raise ValueError(
+                f"task {self.name}: {len(self.query_examples)} query flags for {len(self.images)} "
+                "examples"
+            )
 
     def __len__(self) -> int:
         return len(self.images)

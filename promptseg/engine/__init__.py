@@ -1,4 +1,5 @@
 """Inference: the Segmenter, its prompt cache and volume streaming."""
+
 from promptseg.engine.prompt_cache import PromptCache
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter, VolumeResult

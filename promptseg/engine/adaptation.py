@@ -8,6 +8,7 @@ the output head, the prior gain and the propagation temperatures move (Adam), so
 cost seconds and cannot drift far. The model passed in is never changed: adaptation returns a
 deep copy. Everything is drawn from `seed`, so a run is reproducible on the CPU.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,9 +19,9 @@ import torch
 from torch import nn
 
 from promptseg.data.augment import augment_examples
-from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model import PromptSegNet
 from promptseg.model.loss import segmentation_loss
+from promptseg.model.prompt_types import PROMPT_TYPES
 
 MAX_ADAPT_STEPS = 500
 
@@ -61,7 +62,11 @@ def adapted_parameters(model: PromptSegNet) -> list[nn.Parameter]:
 
 
 def adapt_to_prompts(
-    model: PromptSegNet, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, adaptation: Adaptation
+    model: PromptSegNet,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    types: torch.Tensor,
+    adaptation: Adaptation,
 ) -> PromptSegNet:
     """A copy of `model` adapted to one prompt set: images (K, C, R, R) in [0, 1], maps (K, R, R)
     masks, types (K,). Sparse prompts (clicks, boxes, scribbles) are no training targets: with
@@ -83,7 +88,9 @@ def adapt_to_prompts(
     adapted.train()
     with torch.enable_grad():
         for _ in range(adaptation.steps):
-            context, context_maps, context_types, queries, targets = _episodes(images, maps, types, masks, adaptation, rng)
+            context, context_maps, context_types, queries, targets = _episodes(
+                images, maps, types, masks, adaptation, rng
+            )
             logits = adapted(context, context_maps, context_types, queries)
             loss = segmentation_loss(logits, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -105,7 +112,9 @@ def _episodes(
     """`groups` leave-one-out episodes of equal context size: context images (G, k, C, R, R), maps
     (G, k, R, R), types (G, k), queries (G, C, R, R) and their masks (G, R, R)."""
     shots = images.shape[0]
-    held = rng.choice(masks.cpu().numpy(), size=adaptation.groups, replace=len(masks) < adaptation.groups)
+    held = rng.choice(
+        masks.cpu().numpy(), size=adaptation.groups, replace=len(masks) < adaptation.groups
+    )
     size = max(1, min(adaptation.max_context, shots - 1))
     context, queries, targets = [], [], []
     for index in held:
@@ -115,7 +124,9 @@ def _episodes(
         if shots == 1:  # the only prompt, queried through an augmented copy of itself
             flips = [d for d, flip in zip((-1, -2), rng.random(2) < 0.5) if flip]
             query, target = (query.flip(flips), target.flip(flips)) if flips else (query, target)
-            augmented, augmented_mask = augment_examples(query[None].cpu(), target[None].cpu(), rng, p=0.8)
+            augmented, augmented_mask = augment_examples(
+                query[None].cpu(), target[None].cpu(), rng, p=0.8
+            )
             query, target = augmented[0].to(images.device), augmented_mask[0].to(images.device)
         queries.append(query)
         targets.append(target)

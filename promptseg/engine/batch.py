@@ -1,23 +1,26 @@
-"""Batch segmentation jobs (`promptseg batch`, issue 19): a JSONL file of jobs, a job log that makes a
-rerun resume, prompt sets encoded once, and queries of one prompt set decoded together.
+"""Batch segmentation jobs (`promptseg batch`, issue 19): a JSONL file of jobs, a job log that makes
+a rerun resume, prompt sets encoded once, and queries of one prompt set decoded together.
 
 A job is one JSON object a line:
 
-    {"query": "scan.nii.gz", "prompts": [["p0.png", "p0_mask.png"], ...], "label": 2, "out": "case7",
+    {"query": "scan.nii.gz", "prompts": [["p0.png", "p0_mask.png"], ...], "label": 2, "out":
+    "case7",
      "truth": "scan_labels.nii.gz"}
-    {"query": "ct_series/", "prompt_volume": ["atlas.nii.gz", "atlas_labels.nii.gz"], "label": [1, 2]}
-    {"query": "study/", "series": "1.2.840.1.7", "prompts": [["p0.png", "p0_mask.png"]]}
+    {"query": "ct_series/", "prompt_volume": ["atlas.nii.gz", "atlas_labels.nii.gz"], "label": [1,
+    2]} {"query": "study/", "series": "1.2.840.1.7", "prompts": [["p0.png", "p0_mask.png"]]}
 
 ("series" picks one series of a DICOM folder holding several; "prompt_series" the same for a DICOM
 prompt volume.)
 
 Relative paths are taken from the jobs file's folder. The work is cut into units (run_unit): the 2D
-queries of one prompt set in fixed groups of max_batch (fixed by the jobs file, not by what is left to
-do, so a resumed run batches exactly as a clean one and gives the same bits), and each volume alone.
-The driver (run_batch) appends to DIR/batch_log.jsonl a "start" record before a job runs and a "done"
-or "failed" one after its files are in place; a rerun skips the done jobs of unchanged specification,
-and a started job may replace its own files. Both engines (local, ray) run the same units.
+queries of one prompt set in fixed groups of max_batch (fixed by the jobs file, not by what is left
+to do, so a resumed run batches exactly as a clean one and gives the same bits), and each volume
+alone. The driver (run_batch) appends to DIR/batch_log.jsonl a "start" record before a job runs and
+a "done" or "failed" one after its files are in place; a rerun skips the done jobs of unchanged
+specification, and a started job may replace its own files. Both engines (local, ray) run the same
+units.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,10 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from promptseg.data.dicom import is_dicom_input, read_input, segmentation_kinds, segmentation_writers
+from promptseg.data.dicom import (
+    is_dicom_input,
+    read_input,
+    segmentation_kinds,
+    segmentation_writers,
+)
 from promptseg.data.io import ImageData, read_label, write_nifti_like, write_png
-from promptseg.files import atomic_write, strip_extension, write_text
-from promptseg.metrics import dice_percent
 from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.data.volumes import has_volume_outputs
@@ -44,6 +50,8 @@ from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.engine.volume_prompts import empty_masks_expected, volume_slices
 from promptseg.errors import InputError, PromptSegError, short_reason
+from promptseg.files import atomic_write, strip_extension, write_text
+from promptseg.metrics import dice_percent
 
 LOG_NAME = "batch_log.jsonl"
 SUMMARY_NAME = "summary.csv"
@@ -86,7 +94,8 @@ class Job:
 
 @dataclass(frozen=True)
 class Options:
-    """Options every job shares: threshold, slicing axis, probability files, label names, overwrite."""
+    """Options every job shares: threshold, slicing axis, probability files, label names,
+    overwrite."""
 
     threshold: float = 0.5
     axis: int = 2
@@ -111,7 +120,8 @@ class JobResult:
 class Unit:
     """Jobs run together: the 2D queries of one prompt set (at most max_batch), or one volume.
     pending: the names of the unit's jobs still to do (the others are computed but not written);
-    replace: those allowed to replace their existing files (--overwrite, or started by an earlier run)."""
+    replace: those allowed to replace their existing files (--overwrite, or started by an earlier
+    run)."""
 
     jobs: list[Job]
     pending: set[str] = field(default_factory=set)
@@ -134,8 +144,12 @@ def _labels(value: Any, where: str) -> tuple[int, ...] | None:
     if value is None:
         return None
     values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-        raise InputError(where, f"'label' must be a positive integer or a list of them, got {json.dumps(value)}")
+    if not values or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+    ):
+        raise InputError(
+            where, f"'label' must be a positive integer or a list of them, got {json.dumps(value)}"
+        )
     if len(set(values)) != len(values):
         raise InputError(where, f"'label' repeats a value: {json.dumps(value)}")
     return tuple(values)
@@ -147,24 +161,47 @@ def _path(value: Any, base: str, where: str, key: str) -> str:
     return os.path.normpath(os.path.join(base, value))
 
 
-def _prompt_spec(entry: Mapping[str, Any], base: str, where: str, labels: tuple[int, ...] | None, options: Options) -> PromptSpec:
+def _prompt_spec(
+    entry: Mapping[str, Any],
+    base: str,
+    where: str,
+    labels: tuple[int, ...] | None,
+    options: Options,
+) -> PromptSpec:
     if ("prompts" in entry) == ("prompt_volume" in entry):
-        raise InputError(where, "needs exactly one of 'prompts' ([[image, mask], ...]) and 'prompt_volume' ([image, labels])")
+        raise InputError(
+            where,
+            "needs exactly one of 'prompts' ([[image, mask], ...]) and 'prompt_volume' ([image, "
+            "labels])",
+        )
     if "prompts" in entry:
         if "prompt_series" in entry:
             raise InputError(where, "'prompt_series' applies to a 'prompt_volume' only")
         pairs = entry["prompts"]
-        if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        if (
+            not isinstance(pairs, list)
+            or not pairs
+            or not all(isinstance(p, list) and len(p) == 2 for p in pairs)
+        ):
             raise InputError(where, "'prompts' must be a non-empty list of [image, mask] pairs")
-        return PromptSpec(pairs=tuple((_path(i, base, where, "prompts"), _path(m, base, where, "prompts")) for i, m in pairs),
-                          labels=labels)
+        return PromptSpec(
+            pairs=tuple(
+                (_path(i, base, where, "prompts"), _path(m, base, where, "prompts"))
+                for i, m in pairs
+            ),
+            labels=labels,
+        )
     volume = entry["prompt_volume"]
     if not isinstance(volume, list) or len(volume) != 2:
         raise InputError(where, "'prompt_volume' must be [image, labels]")
     image = _path(volume[0], base, where, "prompt_volume")
-    return PromptSpec(volume=(image, _path(volume[1], base, where, "prompt_volume")),
-                      labels=labels, axis=options.axis, slices=options.prompt_slices,
-                      series=_series(entry, "prompt_series", image, where))
+    return PromptSpec(
+        volume=(image, _path(volume[1], base, where, "prompt_volume")),
+        labels=labels,
+        axis=options.axis,
+        slices=options.prompt_slices,
+        series=_series(entry, "prompt_series", image, where),
+    )
 
 
 def _series(entry: Mapping[str, Any], key: str, path: str, where: str) -> str | None:
@@ -174,16 +211,19 @@ def _series(entry: Mapping[str, Any], key: str, path: str, where: str) -> str | 
     if value is None:
         return None
     if not isinstance(value, str) or not all(part.isdigit() for part in value.split(".")):
-        raise InputError(where, f"'{key}' must be a SeriesInstanceUID (digits and dots), "
-                         f"got {json.dumps(value)}")
+        raise InputError(
+            where, f"'{key}' must be a SeriesInstanceUID (digits and dots), got {json.dumps(value)}"
+        )
     if not is_dicom_input(path):
         raise InputError(where, f"'{key}' chooses a DICOM series, but {path} is not a DICOM input")
     return value
 
 
-def output_paths(name: str, kind: str, labels: tuple[int, ...] | None, out_dir: str, probabilities: bool) -> tuple[tuple[str, str], ...]:
-    """(kind, path) of every file a job writes: the mask (PNG for 2D, NIfTI for volumes), per-label or
-    single probabilities (.npy / NIfTI) with `probabilities`, and for DICOM queries a DICOM-SEG
+def output_paths(
+    name: str, kind: str, labels: tuple[int, ...] | None, out_dir: str, probabilities: bool
+) -> tuple[tuple[str, str], ...]:
+    """(kind, path) of every file a job writes: the mask (PNG for 2D, NIfTI for volumes), per-label
+    or single probabilities (.npy / NIfTI) with `probabilities`, and for DICOM queries a DICOM-SEG
     (`_seg.dcm`, and `_prob_seg.dcm` FRACTIONAL with `probabilities`)."""
     volume = kind != "2d"
     kinds = {"mask": ".nii.gz" if volume else ".png"}
@@ -197,7 +237,8 @@ def output_paths(name: str, kind: str, labels: tuple[int, ...] | None, out_dir: 
 
 
 def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
-    """Parse and check the jobs file; InputError naming `path:LINE` for the first bad line (before any work)."""
+    """Parse and check the jobs file; InputError naming `path:LINE` for the first bad line (before
+    any work)."""
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
@@ -207,7 +248,15 @@ def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
     out_dir = os.path.abspath(out_dir)  # the Ray engine's actors may run in other folders
     jobs: list[Job] = []
     owners: dict[str, int] = {}
-    shared = json.dumps([options.threshold, options.axis, options.probabilities, options.label_names, options.prompt_slices])
+    shared = json.dumps(
+        [
+            options.threshold,
+            options.axis,
+            options.probabilities,
+            options.label_names,
+            options.prompt_slices,
+        ]
+    )
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -220,7 +269,11 @@ def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
             raise InputError(where, "not a JSON object")
         unknown = sorted(set(entry) - set(JOB_KEYS))
         if unknown:
-            raise InputError(where, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (known: {', '.join(JOB_KEYS)})")
+            raise InputError(
+                where,
+                f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (known: "
+                f"{', '.join(JOB_KEYS)})",
+            )
         if "query" not in entry:
             raise InputError(where, "needs a 'query'")
         query = _path(entry["query"], base, where, "query")
@@ -230,10 +283,16 @@ def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
         if not isinstance(name, str) or not name or os.sep in name or name.startswith("."):
             raise InputError(where, f"'out' must be a plain file name, got {json.dumps(name)}")
         if name in owners:
-            raise InputError(where, f"gives the same output name '{name}' as line {owners[name]}; set 'out' on one of them")
+            raise InputError(
+                where,
+                f"gives the same output name '{name}' as line {owners[name]}; set 'out' on one of "
+                "them",
+            )
         owners[name] = number
         truth = None if entry.get("truth") is None else _path(entry["truth"], base, where, "truth")
-        digest = hashlib.sha256(json.dumps([entry, shared], sort_keys=True).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps([entry, shared], sort_keys=True).encode()).hexdigest()[
+            :16
+        ]
         outputs = output_paths(name, _kind_of(query), labels, out_dir, options.probabilities)
         series = _series(entry, "series", query, where)
         jobs.append(Job(name, number, query, prompts, truth, digest, outputs, series))
@@ -257,7 +316,8 @@ def plan_units(jobs: Sequence[Job], max_batch: int) -> list[Unit]:
 
 
 class JobLog:
-    """The append-only job log DIR/batch_log.jsonl: one JSON record a line, flushed to disk each time.
+    """The append-only job log DIR/batch_log.jsonl: one JSON record a line, flushed to disk each
+    time.
 
     A line torn by a kill is ignored when read back."""
 
@@ -281,13 +341,25 @@ class JobLog:
         if event == "start":
             self.started[name] = digest
         elif event in ("done", "failed"):
-            self.finished[name] = (digest, JobResult(name, event, float(record.get("seconds", 0.0)),
-                                                     record.get("dice"), record.get("reason", "")))
+            self.finished[name] = (
+                digest,
+                JobResult(
+                    name,
+                    event,
+                    float(record.get("seconds", 0.0)),
+                    record.get("dice"),
+                    record.get("reason", ""),
+                ),
+            )
 
     def done(self, job: Job) -> JobResult | None:
         """The logged result of `job` if it finished successfully with the same specification."""
         entry = self.finished.get(job.name)
-        return entry[1] if entry is not None and entry[0] == job.digest and entry[1].status == "done" else None
+        return (
+            entry[1]
+            if entry is not None and entry[0] == job.digest and entry[1].status == "done"
+            else None
+        )
 
     def was_started(self, job: Job) -> bool:
         return self.started.get(job.name) == job.digest
@@ -343,10 +415,14 @@ def _score(job: Job, result: LabelResult, masks: np.ndarray) -> float | None:
         return None
     truth = read_label(job.truth).array
     if truth.shape != masks.shape[1:]:
-        raise InputError(job.truth, f"truth of shape {truth.shape} does not match the query's {masks.shape[1:]}")
+        raise InputError(
+            job.truth, f"truth of shape {truth.shape} does not match the query's {masks.shape[1:]}"
+        )
     if job.prompts.labels is None:
         return dice_percent(masks[0], truth > 0)
-    return float(np.mean([dice_percent(m, truth == label) for m, label in zip(masks, result.labels)]))
+    return float(
+        np.mean([dice_percent(m, truth == label) for m, label in zip(masks, result.labels)])
+    )
 
 
 def label_masks(result: LabelResult) -> np.ndarray:
@@ -366,11 +442,15 @@ def label_names(job: Job, options: Options) -> dict[int, str]:
     return {**nearby_label_names([*maps, job.query]), **dict(options.label_names)}
 
 
-def _writers(job: Job, data: ImageData, result: LabelResult, options: Options) -> tuple[list[tuple[str, Callable[[str, bool], None]]], np.ndarray]:
-    """(path, write(path, overwrite)) of every output of `job` (all arrays computed up front) and the
-    (L, *spatial) bool masks. PromptSegError when the model gave non-finite probabilities."""
+def _writers(
+    job: Job, data: ImageData, result: LabelResult, options: Options
+) -> tuple[list[tuple[str, Callable[[str, bool], None]]], np.ndarray]:
+    """(path, write(path, overwrite)) of every output of `job` (all arrays computed up front) and
+    the (L, *spatial) bool masks. PromptSegError when the model gave non-finite probabilities."""
     if not all_finite(result.probabilities):
-        raise PromptSegError("the model gave non-finite probabilities (NaN or Inf); nothing was written")
+        raise PromptSegError(
+            "the model gave non-finite probabilities (NaN or Inf); nothing was written"
+        )
     outputs = dict(job.outputs)
     several = len(result.labels) > 1
     masks = label_masks(result)
@@ -386,14 +466,27 @@ def _writers(job: Job, data: ImageData, result: LabelResult, options: Options) -
         if kind in outputs:
             values = result.probabilities[index]
             if volume:
-                writes.append((outputs[kind], lambda p, o, v=values: write_nifti_like(p, v, data, o)))
+                writes.append(
+                    (outputs[kind], lambda p, o, v=values: write_nifti_like(p, v, data, o))
+                )
             else:
-                writes.append((outputs[kind], lambda p, o, v=values: atomic_write(p, lambda t: np.save(t, v), o)))
+                writes.append(
+                    (
+                        outputs[kind],
+                        lambda p, o, v=values: atomic_write(p, lambda t: np.save(t, v), o),
+                    )
+                )
     if "seg" in outputs:
         probabilities = result.probabilities if "prob_seg" in outputs else None
         source = data.dicom  # type: ignore[attr-defined]
-        writers = segmentation_writers(source, masks, probabilities, result.labels,
-                                       label_names(job, options), uid_seed=job.digest)
+        writers = segmentation_writers(
+            source,
+            masks,
+            probabilities,
+            result.labels,
+            label_names(job, options),
+            uid_seed=job.digest,
+        )
         for kind, writer in writers.items():
             writes.append((outputs[kind], lambda p, o, w=writer: atomic_write(p, w, o)))
     return writes, masks
@@ -409,24 +502,38 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
         encoded = encode(segmenter, unit.prompts)
     except (PromptSegError, MemoryError) as exc:
         reason = f"prompts: {_reason(exc)}"
-        return [JobResult(job.name, "failed", 0.0, None, reason) for job in unit.jobs if job.name in unit.pending]
+        return [
+            JobResult(job.name, "failed", 0.0, None, reason)
+            for job in unit.jobs
+            if job.name in unit.pending
+        ]
     loaded: list[tuple[Job, ImageData]] = []
     for job in unit.jobs:
         try:
             data = read_input(job.query, job.series)
-            if job.volume and not data.is_volume:  # the rule of promptseg.data.volumes, as in the API
+            if (
+                job.volume and not data.is_volume
+            ):  # the rule of promptseg.data.volumes, as in the API
                 raise InputError(job.query, f"expected a 3D volume, got shape {data.array.shape}")
             if not job.volume:
-                prepare_image(data.array, segmenter.resolution, segmenter.channels, source=data.path)
+                prepare_image(
+                    data.array, segmenter.resolution, segmenter.channels, source=data.path
+                )
             loaded.append((job, data))
         except (PromptSegError, MemoryError) as exc:
             results[job.name] = JobResult(job.name, "failed", 0.0, None, _reason(exc))
     if loaded:
         try:
             if unit.jobs[0].volume:
-                predictions = [segmenter.segment_volume_labels(loaded[0][1], encoded, options.axis, options.threshold)]
+                predictions = [
+                    segmenter.segment_volume_labels(
+                        loaded[0][1], encoded, options.axis, options.threshold
+                    )
+                ]
             else:
-                predictions = segmenter.segment_labels([d.array for _, d in loaded], encoded, options.threshold)
+                predictions = segmenter.segment_labels(
+                    [d.array for _, d in loaded], encoded, options.threshold
+                )
         except (PromptSegError, MemoryError) as exc:
             predictions = None
             for job, _ in loaded:
@@ -441,7 +548,9 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
                 score = _score(job, result, masks)
                 for path, write in writes:
                     write(path, job.name in unit.replace)
-                results[job.name] = JobResult(job.name, "done", share + time.perf_counter() - began, score)
+                results[job.name] = JobResult(
+                    job.name, "done", share + time.perf_counter() - began, score
+                )
             except (PromptSegError, MemoryError) as exc:
                 results[job.name] = JobResult(job.name, "failed", share, None, _reason(exc))
     return [results[job.name] for job in unit.jobs if job.name in unit.pending]
@@ -453,14 +562,18 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-Executor = Callable[[Sequence[Unit], Callable[[Unit], None]], Iterator[tuple[Unit, list[JobResult]]]]
+Executor = Callable[
+    [Sequence[Unit], Callable[[Unit], None]], Iterator[tuple[Unit, list[JobResult]]]
+]
 
 
 def local_executor(segmenter: Segmenter, options: Options) -> Executor:
     """Run the units one after the other in this process with `segmenter` (its prompt cache keeps
     each prompt set's encoding across units)."""
 
-    def execute(units: Sequence[Unit], started: Callable[[Unit], None]) -> Iterator[tuple[Unit, list[JobResult]]]:
+    def execute(
+        units: Sequence[Unit], started: Callable[[Unit], None]
+    ) -> Iterator[tuple[Unit, list[JobResult]]]:
         for unit in units:
             started(unit)
             yield unit, run_unit(segmenter, unit, options)
@@ -469,13 +582,18 @@ def local_executor(segmenter: Segmenter, options: Options) -> Executor:
 
 
 def run_batch(
-    jobs: Sequence[Job], out_dir: str, options: Options, max_batch: int, execute: Executor,
+    jobs: Sequence[Job],
+    out_dir: str,
+    options: Options,
+    max_batch: int,
+    execute: Executor,
     progress: Callable[[int, int], Any] | None = None,
 ) -> list[JobResult]:
     """Run the jobs not yet done (per the job log in `out_dir`) with `execute`, log each job's start
     and end, and write `out_dir`/summary.csv; returns one JobResult per job in file order.
 
-    progress(total, already_done) returns an object with update(n) and close() (a tqdm bar), or None."""
+    progress(total, already_done) returns an object with update(n) and close() (a tqdm bar), or
+    None."""
     os.makedirs(out_dir, exist_ok=True)
     log = JobLog(out_dir)
     results: dict[str, JobResult] = {}
@@ -490,7 +608,11 @@ def run_batch(
                 replace = options.overwrite or log.was_started(job)
                 existing = [path for _, path in job.outputs if os.path.exists(path)]
                 if existing and not replace:
-                    failure = JobResult(job.name, "failed", reason=f"{existing[0]}: output exists; pass --overwrite to replace it")
+                    failure = JobResult(
+                        job.name,
+                        "failed",
+                        reason=f"{existing[0]}: output exists; pass --overwrite to replace it",
+                    )
                     log.append(job, "failed", failure)
                     results[job.name] = failure
                     continue
@@ -522,11 +644,20 @@ def run_batch(
 
 
 def write_summary(path: str, jobs: Sequence[Job], results: Sequence[JobResult]) -> None:
-    """The summary CSV: job, status, seconds, dice (empty without truth), reason and query, one row a job."""
+    """The summary CSV: job, status, seconds, dice (empty without truth), reason and query, one row
+    a job."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["job", "status", "seconds", "dice", "reason", "query"])
     for job, result in zip(jobs, results):
-        writer.writerow([job.name, result.status, f"{result.seconds:.4f}",
-                         "" if result.dice is None else f"{result.dice:.2f}", result.reason, job.query])
+        writer.writerow(
+            [
+                job.name,
+                result.status,
+                f"{result.seconds:.4f}",
+                "" if result.dice is None else f"{result.dice:.2f}",
+                result.reason,
+                job.query,
+            ]
+        )
     write_text(path, buffer.getvalue(), overwrite=True)

@@ -1,4 +1,5 @@
-"""The Ray engine of `promptseg batch` (--engine ray): the batch units run on Ray actors, one model each.
+"""The Ray engine of `promptseg batch` (--engine ray): the batch units run on Ray actors, one model
+each.
 
 Each actor (one per GPU where the cluster has GPUs, else one per CPU asked for) builds its own
 Segmenter and runs batch.run_unit, writing the outputs itself, so DIR must be storage every node
@@ -7,6 +8,7 @@ so each prompt set is encoded once per actor that needs it. The driver keeps the
 jobs are logged as started when it is submitted and as done or failed as its results come back, so
 a rerun resumes exactly as with the local engine.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +35,9 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise InputError("--engine", f"ray needs Ray, which is not installed: {RAY_EXTRA}") from None
+        raise InputError(
+            "--engine", f"ray needs Ray, which is not installed: {RAY_EXTRA}"
+        ) from None
     return ray
 
 
@@ -42,7 +46,9 @@ class BatchWorker:
 
     threads: torch intra-op threads of this actor (its share of the node's CPUs)."""
 
-    def __init__(self, make_segmenter: Callable[[], Segmenter], options: Options, threads: int) -> None:
+    def __init__(
+        self, make_segmenter: Callable[[], Segmenter], options: Options, threads: int
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -68,14 +74,20 @@ def assign(units: Sequence[Unit], workers: int) -> list[list[Unit]]:
     return queues
 
 
-def ray_executor(make_segmenter: Callable[[], Segmenter], options: Options, workers: int | None,
-                 address: str | None) -> Executor:
+def ray_executor(
+    make_segmenter: Callable[[], Segmenter],
+    options: Options,
+    workers: int | None,
+    address: str | None,
+) -> Executor:
     """An Executor running the units on `workers` Ray actors (default: one per GPU, else 2) of the
     cluster at `address`, or of a Ray instance started here when None (shut down afterwards).
     make_segmenter must be picklable (it is called in each actor)."""
     ray = _ray()
 
-    def execute(units: Sequence[Unit], started: Callable[[Unit], None]) -> Iterator[tuple[Unit, list[JobResult]]]:
+    def execute(
+        units: Sequence[Unit], started: Callable[[Unit], None]
+    ) -> Iterator[tuple[Unit, list[JobResult]]]:
         if not units:
             return
         owns = not ray.is_initialized()
@@ -83,10 +95,18 @@ def ray_executor(make_segmenter: Callable[[], Segmenter], options: Options, work
             wanted = workers or DEFAULT_CPU_WORKERS
             local = {} if address is not None else {"num_cpus": max(wanted, os.cpu_count() or 1)}
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         logging_level="ERROR", **local)
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level="ERROR",
+                    **local,
+                )
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise InputError("--address" if address else "--engine", f"cannot start or join Ray ({short_reason(exc)})") from None
+                raise InputError(
+                    "--address" if address else "--engine",
+                    f"cannot start or join Ray ({short_reason(exc)})",
+                ) from None
         try:
             gpus = int(ray.cluster_resources().get("GPU", 0))
             count = workers or (gpus if gpus else DEFAULT_CPU_WORKERS)
@@ -102,9 +122,13 @@ def ray_executor(make_segmenter: Callable[[], Segmenter], options: Options, work
                 unit = pending.pop(ready[0])
                 try:
                     results = ray.get(ready[0])
-                except ray.exceptions.RayActorError as exc:  # the actor died (killed, out of memory)
+                except (
+                    ray.exceptions.RayActorError
+                ) as exc:  # the actor died (killed, out of memory)
                     reason = f"Ray worker died ({short_reason(exc)})"
-                    results = [JobResult(name, "failed", reason=reason) for name in sorted(unit.pending)]
+                    results = [
+                        JobResult(name, "failed", reason=reason) for name in sorted(unit.pending)
+                    ]
                 yield unit, results
         finally:
             if owns:

@@ -33,6 +33,7 @@ each flip of the prompt set is encoded once (`InferenceBackend.select_prompts`; 
 cannot slice encode each subset once). The members of one flip share one computation of the
 query features (`InferenceBackend.decode_mean`, `InferenceBackend.decode_members`).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,15 +44,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.engine.backends.base import InferenceBackend, PromptState
-from promptseg.model.propagation import probability_logit
 from promptseg.metrics import hard_dice
+from promptseg.model.prompt_types import PROMPT_TYPES
+from promptseg.model.propagation import probability_logit
 
 MAX_ENSEMBLE = 16
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # none, left-right, up-down, both
 BIAS_GRID = torch.linspace(-4.0, 4.0, 33)  # logit shifts tried by calibration_bias, 0.25 apart
-TEMPERATURE_GRID = torch.logspace(-2.0, 2.0, 33, base=2.0)  # tried by calibration_temperature, 1/4..4
+TEMPERATURE_GRID = torch.logspace(
+    -2.0, 2.0, 33, base=2.0
+)  # tried by calibration_temperature, 1/4..4
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ def flipped(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 def decision_threshold(threshold: float, shift: float) -> float:
     """The probability threshold equivalent to `threshold` on logits shifted by `shift`:
-    sigmoid(logit(threshold) - shift), so that p > it exactly when logit(p) + shift > logit(threshold)."""
+    sigmoid(logit(threshold) - shift), so that p > it exactly when logit(p) + shift >
+    logit(threshold)."""
     return 1.0 / (1.0 + math.exp(shift - math.log(threshold / (1.0 - threshold))))
 
 
@@ -107,7 +111,9 @@ def calibration_temperature(logits: torch.Tensor, masks: torch.Tensor) -> float:
     if logits.shape[0] == 0:
         return 1.0
     targets = (masks > 0.5).float()
-    losses = torch.stack([F.binary_cross_entropy_with_logits(logits.float() / t, targets) for t in TEMPERATURE_GRID])
+    losses = torch.stack(
+        [F.binary_cross_entropy_with_logits(logits.float() / t, targets) for t in TEMPERATURE_GRID]
+    )
     best = torch.nonzero(losses <= losses.min() + 1e-7).flatten()
     return float(TEMPERATURE_GRID[best][TEMPERATURE_GRID[best].log().abs().argmin()])
 
@@ -125,12 +131,13 @@ class Ensemble:
 
     @property
     def shift(self) -> float:
-        """The shift in the logits of the reported probabilities (the members' logits / temperature):
-        logit / T + bias / T > 0 exactly where logit + bias > 0."""
+        """The shift in the logits of the reported probabilities (the members' logits /
+        temperature): logit / T + bias / T > 0 exactly where logit + bias > 0."""
         return self.bias / self.temperature
 
     def nbytes(self) -> int:
-        """Bytes of the distinct prompt states (subset slices of one encoding count on their own)."""
+        """Bytes of the distinct prompt states (subset slices of one encoding count on their
+        own)."""
         return sum({id(s): s.nbytes() for s in self.states}.values())
 
 
@@ -146,9 +153,10 @@ def build_ensemble(
     """Prompt states of every member and the leave-one-out shift of the decision threshold and
     temperature (0.0 and 1.0, without decoding the held-out prompts, when `shift` is False).
 
-    images (1, K, C, R, R), maps (1, K, R, R), types (1, K) as prepared for the backend; encode(flip,
-    keep) encodes the prompts `keep` flipped by `flip` (the caller caches it). A subset's state is a
-    slice of its flip's full encoding where the backend can slice (`select_prompts`).
+    images (1, K, C, R, R), maps (1, K, R, R), types (1, K) as prepared for the backend;
+    encode(flip, keep) encodes the prompts `keep` flipped by `flip` (the caller caches it). A
+    subset's state is a slice of its flip's full encoding where the backend can slice
+    (`select_prompts`).
     """
     num_prompts = images.shape[1]
     everything = tuple(range(num_prompts))
@@ -156,22 +164,33 @@ def build_ensemble(
     for member in members:
         state = None
         if member.keep != everything:
-            state = backend.select_prompts(encode(member.flip, everything), member.keep, num_prompts)
+            state = backend.select_prompts(
+                encode(member.flip, everything), member.keep, num_prompts
+            )
         states.append(state if state is not None else encode(member.flip, member.keep))
-    held = [(m, s) for m, s in zip(members, states)
-            if shift and m.held is not None and int(types[0, m.held]) == PROMPT_TYPES["mask"]]
+    held = [
+        (m, s)
+        for m, s in zip(members, states)
+        if shift and m.held is not None and int(types[0, m.held]) == PROMPT_TYPES["mask"]
+    ]
     if not held:
         return Ensemble(tuple(members), tuple(states), 0.0)
     queries = torch.stack([flipped(images[0, m.held], m.flip) for m, _ in held])
     logits = backend.decode_each(queries, [s for _, s in held])
     logits = torch.stack([flipped(logit, m.flip) for logit, (m, _) in zip(logits, held)])
     targets = torch.stack([maps[0, m.held] for m, _ in held])
-    return Ensemble(tuple(members), tuple(states), calibration_bias(logits, targets),
-                    calibration_temperature(logits, targets))
+    return Ensemble(
+        tuple(members),
+        tuple(states),
+        calibration_bias(logits, targets),
+        calibration_temperature(logits, targets),
+    )
 
 
 def member_probabilities(
-    ensemble: Ensemble, queries: torch.Tensor, decode_members: Callable[[torch.Tensor, list[PromptState]], torch.Tensor]
+    ensemble: Ensemble,
+    queries: torch.Tensor,
+    decode_members: Callable[[torch.Tensor, list[PromptState]], torch.Tensor],
 ) -> torch.Tensor:
     """Probabilities (M, B, R, R) float32 of every member for queries (B, C, R, R): sigmoid of the
     logits over the ensemble's temperature, unshifted (its shift moves the decision threshold).
@@ -213,5 +232,6 @@ def mean_probabilities(
 
 
 def mean_logits(probabilities: torch.Tensor) -> torch.Tensor:
-    """Member probabilities (M, B, R, R) -> the logit (B, R, R) of their mean, clamped to logit(1e-6)."""
+    """Member probabilities (M, B, R, R) -> the logit (B, R, R) of their mean, clamped to
+    logit(1e-6)."""
     return probability_logit(probabilities.mean(0), eps=1e-6)

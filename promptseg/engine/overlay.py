@@ -2,6 +2,7 @@
 
 Contours are the mask minus its erosion (one pixel wide). Colours are RGB uint8 triples.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,14 +17,24 @@ from promptseg.data.preprocess import normalize_intensity, to_channels_first
 Colour = tuple[int, int, int]
 RED: Colour = (255, 40, 40)
 GREEN: Colour = (40, 220, 40)
-LABEL_COLOURS: tuple[Colour, ...] = (RED, GREEN, (60, 120, 255), (255, 200, 0), (220, 60, 220), (0, 210, 210))
+LABEL_COLOURS: tuple[Colour, ...] = (
+    RED,
+    GREEN,
+    (60, 120, 255),
+    (255, 200, 0),
+    (220, 60, 220),
+    (0, 210, 210),
+)
 Contour = tuple[np.ndarray, Colour]  # (mask (H, W) bool, colour)
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
-    """(H, W) mask -> (H, W) bool boundary: mask XOR its 3x3 erosion (the image border counts as outside)."""
+    """(H, W) mask -> (H, W) bool boundary: mask XOR its 3x3 erosion (the image border counts as
+    outside)."""
     mask = np.asarray(mask, dtype=bool)
-    return mask ^ ndimage.binary_erosion(mask, structure=np.ones((3, 3), dtype=bool), border_value=0)
+    return mask ^ ndimage.binary_erosion(
+        mask, structure=np.ones((3, 3), dtype=bool), border_value=0
+    )
 
 
 def display_rgb(image: np.ndarray) -> np.ndarray:
@@ -41,7 +52,8 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def draw_contours(rgb: np.ndarray, contours: Sequence[Contour]) -> np.ndarray:
-    """Paint the contour of each mask, in its colour, onto a copy of `rgb` (H, W, 3) uint8 (later ones on top)."""
+    """Paint the contour of each mask, in its colour, onto a copy of `rgb` (H, W, 3) uint8 (later
+    ones on top)."""
     out = rgb.copy()
     for mask, colour in contours:
         if mask.shape != rgb.shape[:2]:
@@ -67,16 +79,22 @@ def montage(
 
     volume: (X, Y, Z); each contour mask has the volume's shape. Intensities are scaled jointly over
     the chosen slices. Slices appear in array order (rows of the slice downwards), left to right and
-    top to bottom, separated by `gap` black pixels. Returns (rows * h + gaps, cols * w + gaps, 3) uint8.
+    top to bottom, separated by `gap` black pixels. Returns (rows * h + gaps, cols * w + gaps, 3)
+    uint8.
     """
     slices = slice_volume(np.asarray(volume), axis)
     indices = montage_indices(slices.shape[0], max_slices)
     shown = normalize_intensity(slices[indices], source="overlay volume")
-    masks = [(slice_volume(np.asarray(mask, dtype=bool), axis)[indices], colour) for mask, colour in contours]
+    masks = [
+        (slice_volume(np.asarray(mask, dtype=bool), axis)[indices], colour)
+        for mask, colour in contours
+    ]
     height, width = shown.shape[1:]
     cols = math.ceil(math.sqrt(len(indices)))
     rows = math.ceil(len(indices) / cols)
-    grid = np.zeros((rows * height + (rows - 1) * gap, cols * width + (cols - 1) * gap, 3), dtype=np.uint8)
+    grid = np.zeros(
+        (rows * height + (rows - 1) * gap, cols * width + (cols - 1) * gap, 3), dtype=np.uint8
+    )
     for n in range(len(indices)):
         tile = np.repeat(np.round(shown[n] * 255).astype(np.uint8)[..., None], 3, axis=-1)
         tile = draw_contours(tile, [(m[n], colour) for m, colour in masks])

@@ -1,4 +1,5 @@
 """A bounded, thread-safe, content-keyed cache of encoded prompt sets."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +8,6 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
-
 
 
 def content_key(*tensors: torch.Tensor, extra: str = "") -> str:
@@ -21,7 +21,8 @@ def content_key(*tensors: torch.Tensor, extra: str = "") -> str:
 
 
 class PromptCache:
-    """Least-recently-used map from content keys to encoded prompt states (anything with nbytes()), bounded in bytes."""
+    """Least-recently-used map from content keys to encoded prompt states (anything with nbytes()),
+    bounded in bytes."""
 
     def __init__(self, max_bytes: int = 512 * 2**20) -> None:
         self.max_bytes = max_bytes

@@ -1,11 +1,12 @@
 """Segmenter: the user-facing inference API (docs/design.md section 5).
 
-    seg = Segmenter.from_pretrained(device="cuda")
-    prompts = seg.encode_prompts(images, masks)          # K pairs, encoded once
-    probs = seg.segment(queries, prompts)                # (N, H, W) float32 in [0, 1]; one size
-    maps = seg.segment_each(queries, prompts)            # any sizes: N arrays (H_n, W_n)
-    result = seg.segment_volume("scan.nii.gz", prompts, axis=2)
+seg = Segmenter.from_pretrained(device="cuda")
+prompts = seg.encode_prompts(images, masks)          # K pairs, encoded once
+probs = seg.segment(queries, prompts)                # (N, H, W) float32 in [0, 1]; one size
+maps = seg.segment_each(queries, prompts)            # any sizes: N arrays (H_n, W_n)
+result = seg.segment_volume("scan.nii.gz", prompts, axis=2)
 """
+
 from __future__ import annotations
 
 import gc
@@ -62,7 +63,12 @@ from promptseg.kernels import default_kernel
 from promptseg.model import PromptSegNet
 from promptseg.model.weights import load_model, packaged_weights_path
 
-ADAPTABLE_BACKENDS = ("torch", "triton", "compile", "reference")  # backends that run a PyTorch model copy
+ADAPTABLE_BACKENDS = (
+    "torch",
+    "triton",
+    "compile",
+    "reference",
+)  # backends that run a PyTorch model copy
 
 
 @dataclass
@@ -182,7 +188,11 @@ class LabelResult:
         return np.log(p) - np.log1p(-p) + shifts
 
     def _cut(self) -> float:
-        return float(np.log(self.threshold / (1.0 - self.threshold))) if any(self.shifts) else self.threshold
+        return (
+            float(np.log(self.threshold / (1.0 - self.threshold)))
+            if any(self.shifts)
+            else self.threshold
+        )
 
     @property
     def masks(self) -> np.ndarray:
@@ -191,12 +201,14 @@ class LabelResult:
 
     @property
     def uncertainty(self) -> np.ndarray:
-        """(L, *spatial) float32 predictive entropy in bits (`binary_entropy` of the probabilities)."""
+        """(L, *spatial) float32 predictive entropy in bits (`binary_entropy` of the
+        probabilities)."""
         return binary_entropy(self.probabilities)
 
     @property
     def label_map(self) -> np.ndarray:
-        """(*spatial) integer map: at each pixel the most probable label above the threshold, else 0."""
+        """(*spatial) integer map: at each pixel the most probable label above the threshold, else
+        0."""
         scores = self.scores()
         best = scores.argmax(axis=0)
         values = np.asarray(self.labels)[best]
@@ -205,7 +217,8 @@ class LabelResult:
 
 
 class Segmenter:
-    """Runs a PromptSegNet on user images: preprocessing, prompt caching, batching, resizing back."""
+    """Runs a PromptSegNet on user images: preprocessing, prompt caching, batching, resizing
+    back."""
 
     def __init__(
         self,
@@ -241,9 +254,14 @@ class Segmenter:
         if not 1 <= ensemble <= MAX_ENSEMBLE:
             raise InputError("--ensemble", f"must lie in 1..{MAX_ENSEMBLE}, got {ensemble}")
         if candidates and ensemble < 2:
-            raise InputError("--candidates", "needs --ensemble N with N >= 2: candidates are ensemble members")
+            raise InputError(
+                "--candidates", "needs --ensemble N with N >= 2: candidates are ensemble members"
+            )
         if not 0 <= candidates <= ensemble:
-            raise InputError("--candidates", f"must lie in 0..{ensemble} (the --ensemble members), got {candidates}")
+            raise InputError(
+                "--candidates",
+                f"must lie in 0..{ensemble} (the --ensemble members), got {candidates}",
+            )
         self.device = checked_device(device)
         self.token = object()  # marks the prompts this Segmenter encodes
         if max_batch < 1:
@@ -253,8 +271,16 @@ class Segmenter:
         self.model = model  # the backends run copies of their own; adaptation copies it too
         self.backend_options = dict(backend_options or {})
         self.backend = create_backend(backend, model, self.device, **self.backend_options)
-        if adaptation is not None and adaptation.steps > 0 and self.backend.name not in ADAPTABLE_BACKENDS:
-            raise InputError("--adapt", f"needs a PyTorch backend ({', '.join(ADAPTABLE_BACKENDS)}), not {self.backend.name}")
+        if (
+            adaptation is not None
+            and adaptation.steps > 0
+            and self.backend.name not in ADAPTABLE_BACKENDS
+        ):
+            raise InputError(
+                "--adapt",
+                f"needs a PyTorch backend ({', '.join(ADAPTABLE_BACKENDS)}), not "
+                f"{self.backend.name}",
+            )
         self.ensemble = ensemble
         self.ensemble_shift = ensemble_shift
         self.member_maps = member_maps or candidates > 0
@@ -263,7 +289,8 @@ class Segmenter:
         limit = self.backend.max_batch
         if limit is not None and max_batch > limit:
             warnings.warn(
-                f"max_batch {max_batch} exceeds the {self.backend.name} backend's limit of {limit} queries; "
+                f"max_batch {max_batch} exceeds the {self.backend.name} backend's limit of {limit} "
+                "queries; "
                 f"using {limit}",
                 stacklevel=2,
             )
@@ -301,15 +328,25 @@ class Segmenter:
     ) -> EncodedPrompts:
         """Encode K prompts (1..max_prompts): images with masks, or a list of Prompt objects.
 
-        images: K arrays (H, W[, C]) or paths, or a (K, H, W[, C]) array; masks likewise (label maps:
-        `label` picks one value, else any non-zero value is foreground). Cached by content.
+        images: K arrays (H, W[, C]) or paths, or a (K, H, W[, C]) array; masks likewise (label
+        maps: `label` picks one value, else any non-zero value is foreground). Cached by content.
         """
-        prompts = list(images) if masks is None and images is not None and all(isinstance(p, Prompt) for p in images) else as_prompts(images, masks)
+        prompts = (
+            list(images)
+            if masks is None and images is not None and all(isinstance(p, Prompt) for p in images)
+            else as_prompts(images, masks)
+        )
         if not prompts:
-            raise InputError(None, "no prompts given: at least one prompt image with a mask, click, box or scribble is needed")
+            raise InputError(
+                None,
+                "no prompts given: at least one prompt image with a mask, click, box or scribble "
+                "is needed",
+            )
         limit = self.model.config.max_prompts
         if len(prompts) > limit:
-            raise InputError(None, f"too many prompts: {len(prompts)} given, at most {limit} are supported")
+            raise InputError(
+                None, f"too many prompts: {len(prompts)} given, at most {limit} are supported"
+            )
         prepared = [prepare_prompt(p, self.resolution, self.channels, label) for p in prompts]
         prompt_images = torch.stack([p[0] for p in prepared])[None]
         prompt_maps = torch.stack([p[1] for p in prepared])[None]
@@ -319,7 +356,8 @@ class Segmenter:
         if self.adaptation is not None:
             adapted_key = f"{key}:adapted:{self.adaptation}"
             backend = self.cache.get_or_create(
-                adapted_key, lambda: self._adapted(prompt_images[0], prompt_maps[0], prompt_types[0])
+                adapted_key,
+                lambda: self._adapted(prompt_images[0], prompt_maps[0], prompt_types[0]),
             ).backend
             key = f"{adapted_key}:encoding"
         run = backend or self.backend
@@ -327,20 +365,36 @@ class Segmenter:
         def encode(flip: tuple[int, ...], keep: tuple[int, ...]) -> PromptState:
             """The prompts `keep` flipped by `flip`, encoded once (cached)."""
             index = list(keep)
-            images, maps = flipped(prompt_images[:, index], flip), flipped(prompt_maps[:, index], flip)
+            images, maps = (
+                flipped(prompt_images[:, index], flip),
+                flipped(prompt_maps[:, index], flip),
+            )
             everything = len(keep) == len(prompts)
-            member_key = key + (f":flip{flip}" if flip else "") + ("" if everything else f":keep{keep}")
-            return self.cache.get_or_create(member_key, lambda: self._encode(images, maps, prompt_types[:, index], run))
+            member_key = (
+                key + (f":flip{flip}" if flip else "") + ("" if everything else f":keep{keep}")
+            )
+            return self.cache.get_or_create(
+                member_key, lambda: self._encode(images, maps, prompt_types[:, index], run)
+            )
 
         ensemble = None
         if self.ensemble > 1:
             members = plan_members(len(prompts), self.ensemble)
             ensemble = self.cache.get_or_create(
                 f"{key}:ensemble{self.ensemble}" + ("" if self.ensemble_shift else ":noshift"),
-                lambda: build_ensemble(run, prompt_images, prompt_maps, prompt_types, members, encode,
-                                       self.ensemble_shift),
+                lambda: build_ensemble(
+                    run,
+                    prompt_images,
+                    prompt_maps,
+                    prompt_types,
+                    members,
+                    encode,
+                    self.ensemble_shift,
+                ),
             )
-        return EncodedPrompts(encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend, self.token)
+        return EncodedPrompts(
+            encode((), tuple(range(len(prompts)))), len(prompts), key, ensemble, backend, self.token
+        )
 
     def encode_volume_prompts(
         self,
@@ -361,65 +415,98 @@ class Segmenter:
         set per axis, for segment_volume to segment along each and average."""
         if not isinstance(axis, int):
             image, labels = read_volumes(image, labels)  # read once for every axis
-            return PlanePrompts({plane: self.encode_volume_prompts(image, labels, label, slices,
-                                                                   plane, empty) for plane in axis})
+            return PlanePrompts(
+                {
+                    plane: self.encode_volume_prompts(image, labels, label, slices, plane, empty)
+                    for plane in axis
+                }
+            )
         with empty_masks_expected():
             return self.encode_prompts(volume_prompts(image, labels, label, slices, axis, empty))
 
-    def _adapted(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> AdaptedModel:
+    def _adapted(
+        self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor
+    ) -> AdaptedModel:
         """A backend (same kind and options) on a copy of the model adapted to one prompt set."""
         model = adapt_to_prompts(self.model, images, maps, types, self.adaptation)
         size = sum(p.numel() * p.element_size() for p in model.parameters())
-        return AdaptedModel(create_backend(self.backend.name, model, self.device, **self.backend_options), size)
+        return AdaptedModel(
+            create_backend(self.backend.name, model, self.device, **self.backend_options), size
+        )
 
     def _encode(
-        self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, backend: InferenceBackend
+        self,
+        images: torch.Tensor,
+        maps: torch.Tensor,
+        types: torch.Tensor,
+        backend: InferenceBackend,
     ) -> PromptState:
-        """backend.encode; after an out-of-memory error the prompt cache (whose encodings hold device
-        memory) is emptied and the encoding retried once, then PromptSegError (one line).
+        """backend.encode; after an out-of-memory error the prompt cache (whose encodings hold
+        device memory) is emptied and the encoding retried once, then PromptSegError (one line).
 
-        The K prompts are encoded in one call: the prompt encoder may mix them (a prompt bottleneck),
-        so they cannot be split into smaller chunks.
+        The K prompts are encoded in one call: the prompt encoder may mix them (a prompt
+        bottleneck), so they cannot be split into smaller chunks.
         """
         for attempt in range(2):
             try:
                 return backend.encode(images, maps, types)
             except torch.OutOfMemoryError:
-                pass  # handled below, after the exception (and the frames holding its tensors) is gone
+                # handled below, after the exception (and the frames holding its tensors) is gone
+                pass
             if attempt == 0:
                 self.cache.clear()
                 self._release_cached_memory()
         raise PromptSegError(
-            f"{self.device}: out of memory encoding {images.shape[1]} prompts with the {self.backend.name} backend, "
+            f"{self.device}: out of memory encoding {images.shape[1]} prompts with the "
+            f"{self.backend.name} backend, "
             "even with the prompt cache emptied; use fewer prompts"
         )
 
-    def _predict(self, batch: torch.Tensor, prompts: EncodedPrompts) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _predict(
+        self, batch: torch.Tensor, prompts: EncodedPrompts
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C, R, R) prepared queries -> (N, R, R) float32 logits (an ensemble's: the logit of
         `mean_probabilities`) and, for an ensemble with member_maps, the members' (unshifted)
         probabilities (M, N, R, R) (else None). InputError for prompts another Segmenter encoded."""
         if prompts.owner is not self.token:
-            raise InputError("prompts", "were encoded by another Segmenter (another model or backend); "
-                             "encode them with this Segmenter's encode_prompts")
+            raise InputError(
+                "prompts",
+                "were encoded by another Segmenter (another model or backend); "
+                "encode them with this Segmenter's encode_prompts",
+            )
         backend = prompts.backend or self.backend
         if prompts.ensemble is None:
-            return self._decode(batch, lambda chunk: backend.decode(chunk, prompts.encoding), backend.name, 1), None
+            return self._decode(
+                batch, lambda chunk: backend.decode(chunk, prompts.encoding), backend.name, 1
+            ), None
         members = len(prompts.ensemble.members)
 
         def decode_members(view: torch.Tensor, states: list[PromptState]) -> torch.Tensor:
-            return self._decode(view, lambda chunk: backend.decode_members(chunk, states), backend.name, len(states))
+            return self._decode(
+                view, lambda chunk: backend.decode_members(chunk, states), backend.name, len(states)
+            )
 
         def decode_mean(view: torch.Tensor, states: list[PromptState]) -> torch.Tensor | None:
             if not backend.decodes_means():
                 return None
-            return self._decode(view, lambda chunk: backend.decode_mean(chunk, states), backend.name, len(states))
+            return self._decode(
+                view, lambda chunk: backend.decode_mean(chunk, states), backend.name, len(states)
+            )
 
-        mean = mean_logits(mean_probabilities(prompts.ensemble, batch, decode_mean, decode_members)[None])
+        mean = mean_logits(
+            mean_probabilities(prompts.ensemble, batch, decode_mean, decode_members)[None]
+        )
         if not self.member_maps or members == 1:
             return mean, None
         return mean, member_probabilities(prompts.ensemble, batch, decode_members)
 
-    def _decode(self, batch: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor], backend_name: str, width: int) -> torch.Tensor:
+    def _decode(
+        self,
+        batch: torch.Tensor,
+        call: Callable[[torch.Tensor], torch.Tensor],
+        backend_name: str,
+        width: int,
+    ) -> torch.Tensor:
         """(N, C, R, R) prepared queries -> call(chunk) logits (..., n, R, R) joined along the query
         axis, in chunks of max_batch // width queries (each query costs `width` decodes).
 
@@ -434,11 +521,13 @@ class Segmenter:
             try:
                 logits = call(chunk)
             except torch.OutOfMemoryError:
-                logits = None  # handled below: past the except block the error no longer holds the call's frames
+                # handled below: past the except block the error no longer holds the call's frames
+                logits = None
             if logits is None:
                 if chunk.shape[0] == 1:
                     raise PromptSegError(
-                        f"{self.device}: out of memory decoding a single query with the {backend_name} backend"
+                        f"{self.device}: out of memory decoding a single query with the "
+                        f"{backend_name} backend"
                     )
                 self.max_batch = max(1, chunk.shape[0] * width // 2)
                 self._release_cached_memory()
@@ -448,7 +537,8 @@ class Segmenter:
         return torch.cat(outputs, dim=-3)
 
     def _release_cached_memory(self) -> None:
-        """Collect unreachable tensors, then give the CUDA caching allocator's free blocks back before a retry."""
+        """Collect unreachable tensors, then give the CUDA caching allocator's free blocks back
+        before a retry."""
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
@@ -456,85 +546,145 @@ class Segmenter:
     @staticmethod
     def _to_probabilities(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         """(N, R, R) logits -> (N, H, W) probabilities resized to the query's own size."""
-        resized = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        resized = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[
+            :, 0
+        ]
         return torch.sigmoid(resized).numpy().astype(np.float32)
 
-    def _resized(self, logits: torch.Tensor, members: torch.Tensor | None, size: tuple[int, int]) -> QueryMaps:
-        """`_predict`'s logits (N, R, R) and member probabilities (M, N, R, R) or None -> QueryMaps at
-        the query size (H, W): the members' variance resized bilinearly, each candidate through its logits."""
+    def _resized(
+        self, logits: torch.Tensor, members: torch.Tensor | None, size: tuple[int, int]
+    ) -> QueryMaps:
+        """`_predict`'s logits (N, R, R) and member probabilities (M, N, R, R) or None -> QueryMaps
+        at the query size (H, W): the members' variance resized bilinearly, each candidate through
+        its logits."""
         probabilities = self._to_probabilities(logits, size)
         if members is None:
             return QueryMaps(probabilities, None, None)
         variance = members.var(dim=0, unbiased=False)[:, None]
-        variance = F.interpolate(variance, size=size, mode="bilinear", align_corners=False)[:, 0].clamp_min(0.0)
+        variance = F.interpolate(variance, size=size, mode="bilinear", align_corners=False)[
+            :, 0
+        ].clamp_min(0.0)
         count = min(self.candidates, members.shape[0])
-        candidates = np.stack([self._to_probabilities(mean_logits(members[i : i + 1]), size) for i in range(count)]) if count else None
+        candidates = (
+            np.stack(
+                [
+                    self._to_probabilities(mean_logits(members[i : i + 1]), size)
+                    for i in range(count)
+                ]
+            )
+            if count
+            else None
+        )
         return QueryMaps(probabilities, variance.numpy().astype(np.float32), candidates)
 
-    def segment(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> np.ndarray:
+    def segment(
+        self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts
+    ) -> np.ndarray:
         """Segment 2D queries of one size: a (N, H, W[, C]) array or a list of arrays/paths.
 
         Returns (N, H, W) float32 probabilities in [0, 1], always an array: queries of different
         sizes are an InputError naming the first that differs (segment_each takes any sizes); the
-        mask is the probabilities above `prompts.mask_threshold()` (0.5 unless an ensemble shifts it).
+        mask is the probabilities above `prompts.mask_threshold()` (0.5 unless an ensemble shifts
+        it).
         """
         prepared, sizes = self._prepare_queries(queries)
         for n, size in enumerate(sizes):
             if size != sizes[0]:
-                raise InputError(f"query {n}", f"size {size[1]}x{size[0]} differs from query 0's {sizes[0][1]}x"
-                                 f"{sizes[0][0]}; segment() returns one (N, H, W) array, use segment_each()")
+                raise InputError(
+                    f"query {n}",
+                    f"size {size[1]}x{size[0]} differs from query 0's {sizes[0][1]}x"
+                    f"{sizes[0][0]}; segment() returns one (N, H, W) array, use segment_each()",
+                )
         return np.stack([maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)])
 
-    def segment_each(self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts) -> list[np.ndarray]:
+    def segment_each(
+        self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: EncodedPrompts
+    ) -> list[np.ndarray]:
         """Segment 2D queries of any sizes: a list of N (H_n, W_n) float32 probability maps, one
         per query at its own size (the same values as segment() gives for queries of one size)."""
         prepared, sizes = self._prepare_queries(queries)
         return [maps.probabilities for maps in self._query_maps(prepared, sizes, prompts)]
 
-    def _prepare_queries(self, queries: Sequence[ArrayOrPath] | np.ndarray) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def _prepare_queries(
+        self, queries: Sequence[ArrayOrPath] | np.ndarray
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Read and prepare 2D queries once: (N, C, R, R) tensor and each query's own (H, W)."""
         items = [load_2d(q, is_label=False, what=f"query {n}") for n, q in enumerate(queries)]
         if not items:
             raise InputError(None, "no query images given")
-        prepared = torch.stack([prepare_image(a, self.resolution, self.channels, source=s) for a, s in items])
+        prepared = torch.stack(
+            [prepare_image(a, self.resolution, self.channels, source=s) for a, s in items]
+        )
         return prepared, [array.shape[:2] for array, _ in items]
 
-    def _query_maps(self, prepared: torch.Tensor, sizes: Sequence[tuple[int, int]], prompts: EncodedPrompts) -> list[QueryMaps]:
+    def _query_maps(
+        self, prepared: torch.Tensor, sizes: Sequence[tuple[int, int]], prompts: EncodedPrompts
+    ) -> list[QueryMaps]:
         """(N, C, R, R) prepared queries -> N QueryMaps of one query each (probabilities (H, W)),
         decoded max_batch at a time."""
         logits, members = self._predict(prepared, prompts)
-        maps = [self._resized(logits[n : n + 1], None if members is None else members[:, n : n + 1], size)
-                for n, size in enumerate(sizes)]
-        return [QueryMaps(m.probabilities[0], None if m.variance is None else m.variance[0],
-                          None if m.candidates is None else m.candidates[:, 0]) for m in maps]
+        maps = [
+            self._resized(
+                logits[n : n + 1], None if members is None else members[:, n : n + 1], size
+            )
+            for n, size in enumerate(sizes)
+        ]
+        return [
+            QueryMaps(
+                m.probabilities[0],
+                None if m.variance is None else m.variance[0],
+                None if m.candidates is None else m.candidates[:, 0],
+            )
+            for m in maps
+        ]
 
-    def iter_volume_batches(self, slices: np.ndarray, source: str) -> Iterator[tuple[int, torch.Tensor]]:
-        """(S, H, W) slices -> (start index, (n, C, R, R) prepared batch), max_batch slices at a time."""
+    def iter_volume_batches(
+        self, slices: np.ndarray, source: str
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(S, H, W) slices -> (start index, (n, C, R, R) prepared batch), max_batch slices at a
+        time."""
         for start in range(0, slices.shape[0], self.max_batch):
             chunk = slices[start : start + self.max_batch]
-            yield start, torch.stack([prepare_image(s, self.resolution, self.channels, source=source) for s in chunk])
+            yield (
+                start,
+                torch.stack(
+                    [prepare_image(s, self.resolution, self.channels, source=source) for s in chunk]
+                ),
+            )
 
-    def segment_volume(self, volume: ArrayOrPath | ImageData,
-                       prompts: EncodedPrompts | PlanePrompts, axis: int = 2,
-                       consistency: bool = False) -> VolumeResult:
+    def segment_volume(
+        self,
+        volume: ArrayOrPath | ImageData,
+        prompts: EncodedPrompts | PlanePrompts,
+        axis: int = 2,
+        consistency: bool = False,
+    ) -> VolumeResult:
         """Segment a 3D volume slice by slice along `axis`, streaming max_batch slices at a time.
 
-        volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's grid.
-        With an affine, `axis` and the slices' in-plane orientation are those of the volume's closest
-        RAS orientation (io.canonical_view), so the storage order (LPS, RAS, ...) does not matter.
-        consistency: make the slices agree through the plane (promptseg.engine.slice_context),
-        along `axis`. PlanePrompts (encode_volume_prompts with several axes): the mean of the
-        volume segmented along each of their axes (promptseg.engine.planes).
+        volume: a NIfTI path, an ImageData, or an (X, Y, Z) array. The result keeps the input's
+        grid. With an affine, `axis` and the slices' in-plane orientation are those of the volume's
+        closest RAS orientation (io.canonical_view), so the storage order (LPS, RAS, ...) does not
+        matter. consistency: make the slices agree through the plane
+        (promptseg.engine.slice_context), along `axis`. PlanePrompts (encode_volume_prompts with
+        several axes): the mean of the volume segmented along each of their axes
+        (promptseg.engine.planes).
         """
         data = as_volume(volume)
         maps = self._plane_maps(data, [prompts], axis)
         if consistency:
             make_consistent(maps.probabilities, data, axis)
-        return VolumeResult(maps.probabilities[0], data, axis, None if maps.variance is None else maps.variance[0],
-                            None if maps.candidates is None else maps.candidates[:, 0], prompts.shift)
+        return VolumeResult(
+            maps.probabilities[0],
+            data,
+            axis,
+            None if maps.variance is None else maps.variance[0],
+            None if maps.candidates is None else maps.candidates[:, 0],
+            prompts.shift,
+        )
 
-    def _plane_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts | PlanePrompts],
-                    axis: int) -> QueryMaps:
+    def _plane_maps(
+        self, data: ImageData, prompt_sets: Sequence[EncodedPrompts | PlanePrompts], axis: int
+    ) -> QueryMaps:
         """_volume_maps; for PlanePrompts (promptseg.engine.planes) the mean of the probabilities
         segmented along each of their axes (no ensemble variance or candidates)."""
         planes = [isinstance(p, PlanePrompts) for p in prompt_sets]
@@ -542,8 +692,9 @@ class Segmenter:
             return self._volume_maps(data, prompt_sets, axis)  # type: ignore[arg-type]
         axes = prompt_sets[0].axes if planes[0] else ()  # type: ignore[union-attr]
         if not all(planes) or any(p.axes != axes for p in prompt_sets):  # type: ignore[union-attr]
-            raise InputError("prompts", "mix plane prompts of other axes, or plane and "
-                             "single-axis prompts")
+            raise InputError(
+                "prompts", "mix plane prompts of other axes, or plane and single-axis prompts"
+            )
         total = None
         for plane in axes:
             sets = [p.per_axis[plane] for p in prompt_sets]  # type: ignore[union-attr]
@@ -551,30 +702,50 @@ class Segmenter:
             total = maps.probabilities if total is None else total + maps.probabilities
         return QueryMaps(total / len(axes), None, None)
 
-    def _volume_maps(self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int) -> QueryMaps:
-        """(X, Y, Z) volume -> QueryMaps of L = len(prompt_sets): probabilities (L, X, Y, Z) float32,
-        with an ensemble the variance (L, X, Y, Z) and candidates (C, L, X, Y, Z) when asked for.
+    def _volume_maps(
+        self, data: ImageData, prompt_sets: Sequence[EncodedPrompts], axis: int
+    ) -> QueryMaps:
+        """(X, Y, Z) volume -> QueryMaps of L = len(prompt_sets): probabilities (L, X, Y, Z)
+        float32, with an ensemble the variance (L, X, Y, Z) and candidates (C, L, X, Y, Z) when
+        asked for.
 
-        Peak memory beyond the outputs is one batch of prepared slices and its logits, whatever the depth.
+        Peak memory beyond the outputs is one batch of prepared slices and its logits, whatever the
+        depth.
         """
         array = data.array
-        if array.ndim != 3 or not data.is_volume:  # the rule of promptseg.data.volumes, as in the CLI
+        if (
+            array.ndim != 3 or not data.is_volume
+        ):  # the rule of promptseg.data.volumes, as in the CLI
             raise InputError(data.path, f"expected a 3D volume, got shape {array.shape}")
         if not all_finite(array):
             raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
-        slices = slice_volume(canonical_view(array, data.affine), axis)  # RAS axes: any storage order alike
+        slices = slice_volume(
+            canonical_view(array, data.affine), axis
+        )  # RAS axes: any storage order alike
         shape = (len(prompt_sets),) + array.shape
         ensembles = [p.ensemble for p in prompt_sets]
         several = self.member_maps and all(e is not None and len(e.members) > 1 for e in ensembles)
         count = min(self.candidates, *(len(e.members) for e in ensembles)) if several else 0
-        out = QueryMaps(np.empty(shape, np.float32), np.empty(shape, np.float32) if several else None,
-                        np.empty((count,) + shape, np.float32) if count else None)
+        out = QueryMaps(
+            np.empty(shape, np.float32),
+            np.empty(shape, np.float32) if several else None,
+            np.empty((count,) + shape, np.float32) if count else None,
+        )
         # views: batches land in place, no whole-volume copy
         views = [slice_volume(canonical_view(o, data.affine), axis) for o in out.probabilities]
-        variance_views = ([slice_volume(canonical_view(o, data.affine), axis) for o in out.variance]
-                          if out.variance is not None else [])
-        candidate_views = ([[slice_volume(canonical_view(o, data.affine), axis) for o in c] for c in out.candidates]
-                           if out.candidates is not None else [])
+        variance_views = (
+            [slice_volume(canonical_view(o, data.affine), axis) for o in out.variance]
+            if out.variance is not None
+            else []
+        )
+        candidate_views = (
+            [
+                [slice_volume(canonical_view(o, data.affine), axis) for o in c]
+                for c in out.candidates
+            ]
+            if out.candidates is not None
+            else []
+        )
         for start, batch in self.iter_volume_batches(slices, data.path):
             stop = start + batch.shape[0]
             for index, prompts in enumerate(prompt_sets):
@@ -602,10 +773,12 @@ class Segmenter:
         run again and the prompts' cache is kept."""
         if isinstance(result, VolumeResult):
             spacing = voxel_spacing(result.source.affine)
-            refined = refine_probabilities(result.probabilities, result.source.array, clicks,
-                                           scribbles, spacing)
-            return VolumeResult(refined, result.source, result.axis, result.variance,
-                                result.candidates)
+            refined = refine_probabilities(
+                result.probabilities, result.source.array, clicks, scribbles, spacing
+            )
+            return VolumeResult(
+                refined, result.source, result.axis, result.variance, result.candidates
+            )
         query = None if image is None else load_2d(image, is_label=False, what="query")[0]
         return refine_probabilities(np.asarray(result), query, clicks, scribbles)
 
@@ -621,32 +794,52 @@ class Segmenter:
         prompt whose map lacks a label counts as an example without that structure; each label must
         appear in at least one map.
         """
-        loaded_images = [load_2d(image, is_label=False, what=f"prompt {n}") for n, image in enumerate(images)]
-        loaded_maps = [load_2d(m, is_label=True, what=f"prompt {n} label map") for n, m in enumerate(label_maps)]
+        loaded_images = [
+            load_2d(image, is_label=False, what=f"prompt {n}") for n, image in enumerate(images)
+        ]
+        loaded_maps = [
+            load_2d(m, is_label=True, what=f"prompt {n} label map")
+            for n, m in enumerate(label_maps)
+        ]
         if len(loaded_images) != len(loaded_maps):
-            raise InputError(None, f"{len(loaded_images)} prompt images but {len(loaded_maps)} label maps")
+            raise InputError(
+                None, f"{len(loaded_images)} prompt images but {len(loaded_maps)} label maps"
+            )
         if labels is None:  # every non-zero value is a label: not of a grayscale image
             for label_map, source in loaded_maps:
                 check_not_grayscale(label_map, source)
         present = sorted({int(v) for m, _ in loaded_maps for v in np.unique(m) if v != 0})
         chosen = present if labels is None else [int(label) for label in labels]
         if not chosen:
-            raise InputError(loaded_maps[0][1] if loaded_maps else None, "the label maps contain no foreground label")
+            raise InputError(
+                loaded_maps[0][1] if loaded_maps else None,
+                "the label maps contain no foreground label",
+            )
         for label in chosen:
             if label not in present:
-                raise InputError(None, f"label {label} appears in none of the prompt label maps (labels present: {present})")
+                raise InputError(
+                    None,
+                    f"label {label} appears in none of the prompt label maps (labels present: "
+                    f"{present})",
+                )
         return {
             label: self.encode_prompts(
-                [Prompt(image=a, kind="mask", mask=(m == label).astype(np.uint8), name=src)
-                 for (a, src), (m, _) in zip(loaded_images, loaded_maps)]
+                [
+                    Prompt(image=a, kind="mask", mask=(m == label).astype(np.uint8), name=src)
+                    for (a, src), (m, _) in zip(loaded_images, loaded_maps)
+                ]
             )
             for label in chosen
         }
 
     def segment_labels(
-        self, queries: Sequence[ArrayOrPath] | np.ndarray, prompts: Mapping[int, EncodedPrompts], threshold: float = 0.5
+        self,
+        queries: Sequence[ArrayOrPath] | np.ndarray,
+        prompts: Mapping[int, EncodedPrompts],
+        threshold: float = 0.5,
     ) -> list[LabelResult]:
-        """Segment several labels of 2D queries, each label with its own prompts: one LabelResult per query."""
+        """Segment several labels of 2D queries, each label with its own prompts: one LabelResult
+        per query."""
         check_threshold(threshold)
         if not prompts:
             raise InputError(None, "no labels to segment")
@@ -656,18 +849,34 @@ class Segmenter:
         results = []
         for n in range(len(sizes)):
             maps = [label_maps[n] for label_maps in per_label]
-            variance = np.stack([m.variance for m in maps]) if all(m.variance is not None for m in maps) else None
+            variance = (
+                np.stack([m.variance for m in maps])
+                if all(m.variance is not None for m in maps)
+                else None
+            )
             candidates = None
             if all(m.candidates is not None for m in maps):
                 count = min(len(m.candidates) for m in maps)
                 candidates = np.stack([m.candidates[:count] for m in maps], axis=1)
-            results.append(LabelResult(labels, np.stack([m.probabilities for m in maps]), threshold, variance, candidates,
-                                       label_shifts(prompts)))
+            results.append(
+                LabelResult(
+                    labels,
+                    np.stack([m.probabilities for m in maps]),
+                    threshold,
+                    variance,
+                    candidates,
+                    label_shifts(prompts),
+                )
+            )
         return results
 
     def segment_volume_labels(
-        self, volume: ArrayOrPath | ImageData, prompts: Mapping[int, EncodedPrompts], axis: int = 2,
-        threshold: float = 0.5, consistency: bool = False,
+        self,
+        volume: ArrayOrPath | ImageData,
+        prompts: Mapping[int, EncodedPrompts],
+        axis: int = 2,
+        threshold: float = 0.5,
+        consistency: bool = False,
     ) -> LabelResult:
         """Segment several labels of a 3D volume in one streamed pass; probabilities (L, X, Y, Z).
         consistency: as for segment_volume, each label apart."""
@@ -678,8 +887,14 @@ class Segmenter:
         maps = self._plane_maps(data, list(prompts.values()), axis)
         if consistency:
             make_consistent(maps.probabilities, data, axis)
-        return LabelResult(tuple(prompts), maps.probabilities, threshold, maps.variance, maps.candidates,
-                           label_shifts(prompts))
+        return LabelResult(
+            tuple(prompts),
+            maps.probabilities,
+            threshold,
+            maps.variance,
+            maps.candidates,
+            label_shifts(prompts),
+        )
 
 
 def label_shifts(prompts: Mapping[int, EncodedPrompts]) -> tuple[float, ...]:
@@ -698,7 +913,8 @@ def make_consistent(probabilities: np.ndarray, data: ImageData, axis: int) -> No
 
 def checked_device(device: str | torch.device | None, option: str = "device") -> torch.device:
     """The torch device for `device` (None: cuda when present, else cpu); InputError naming `option`
-    for unknown devices, devices other than cpu and cuda (meta, mps, ...) and absent CUDA devices."""
+    for unknown devices, devices other than cpu and cuda (meta, mps, ...) and absent CUDA
+    devices."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -709,7 +925,10 @@ def checked_device(device: str | torch.device | None, option: str = "device") ->
         if not torch.cuda.is_available():
             raise InputError(option, f"{device} requested but no CUDA GPU is available")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise InputError(option, f"{device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise InputError(
+                option,
+                f"{device} requested but only {torch.cuda.device_count()} CUDA device(s) exist",
+            )
     elif resolved.type != "cpu":
         raise InputError(option, f"unsupported device {str(device)!r}; use cpu, cuda or cuda:N")
     return resolved
@@ -717,7 +936,11 @@ def checked_device(device: str | torch.device | None, option: str = "device") ->
 
 def check_threshold(threshold: float) -> None:
     """InputError unless `threshold` is a number strictly between 0 and 1 (NaN is not)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or not 0 < threshold < 1:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float, np.floating))
+        or not 0 < threshold < 1
+    ):
         raise InputError("threshold", f"must lie strictly between 0 and 1, got {threshold!r}")
 
 

@@ -9,6 +9,7 @@ Every predictor maps an Episode (K prompts, Q queries at resolution R) to foregr
 
 The baselines treat the prompt map as the label, so they are meant for mask prompts.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -48,7 +49,9 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     shrink = size < x.shape[-1]
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return F.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
+    )
 
 
 class NearestPromptBaseline:
@@ -57,7 +60,8 @@ class NearestPromptBaseline:
     Similarity of two images: each is area-downsampled (or replicated up) to 32x32 per channel,
     flattened and normalised to zero mean and unit variance; the score is the cosine similarity of
     those vectors (i.e. their Pearson correlation), so it ignores global brightness and contrast.
-    Each query receives the binarised (> 0.5) prompt map of its best-scoring prompt (the first on ties).
+    Each query receives the binarised (> 0.5) prompt map of its best-scoring prompt (the first on
+    ties).
     """
 
     def __init__(self, size: int = 32) -> None:
@@ -115,13 +119,20 @@ class SmallUNet(nn.Module):
         s1 = self.enc1(x)
         s2 = self.enc2(F.max_pool2d(s1, 2))
         s3 = self.enc3(F.max_pool2d(s2, 2))
-        d2 = self.dec2(torch.cat([s2, F.interpolate(self.up2(s3), scale_factor=2.0, mode="bilinear")], dim=1))
-        d1 = self.dec1(torch.cat([s1, F.interpolate(self.up1(d2), scale_factor=2.0, mode="bilinear")], dim=1))
+        d2 = self.dec2(
+            torch.cat([s2, F.interpolate(self.up2(s3), scale_factor=2.0, mode="bilinear")], dim=1)
+        )
+        d1 = self.dec1(
+            torch.cat([s1, F.interpolate(self.up1(d2), scale_factor=2.0, mode="bilinear")], dim=1)
+        )
         return self.head(d1)[:, 0]
 
 
-def _random_flips(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent random horizontal and vertical flips per example of images (N, C, H, W), masks (N, H, W)."""
+def _random_flips(
+    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent random horizontal and vertical flips per example of images (N, C, H, W), masks
+    (N, H, W)."""
     for image_dim, mask_dim in ((-1, -1), (-2, -2)):
         flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(image_dim), images)
@@ -130,12 +141,13 @@ def _random_flips(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
 
 
 class FineTunedUNetBaseline:
-    """A `SmallUNet` trained from scratch on the K prompt pairs of each episode, then applied to its queries.
+    """A `SmallUNet` trained from scratch on the K prompt pairs of each episode, then applied to its
+    queries.
 
     Budget per episode: `steps` AdamW steps (weight decay 1e-4) at learning rate `lr` on BCE + soft
-    Dice, each on a minibatch of min(K, batch_size) prompt pairs drawn without replacement, with random
-    horizontal / vertical flips. Images and maps are resized to `resolution` (a multiple of 4; the
-    episode resolution when that is smaller, rounded down to a multiple of 4) and the query
+    Dice, each on a minibatch of min(K, batch_size) prompt pairs drawn without replacement, with
+    random horizontal / vertical flips. Images and maps are resized to `resolution` (a multiple of
+    4; the episode resolution when that is smaller, rounded down to a multiple of 4) and the query
     probabilities are resized back to R. Every episode starts from the same initialisation, and the
     whole run is a function of `seed` (the global torch RNG is left untouched). Training runs on
     `device`; on 2 CPU cores the defaults cost about 1-5 s per episode (K = 1 to 16, R >= 64).
@@ -162,7 +174,8 @@ class FineTunedUNetBaseline:
         return min(self.resolution, size // 4 * 4)
 
     def fit(self, images: torch.Tensor, masks: torch.Tensor) -> SmallUNet:
-        """Train a fresh SmallUNet on images (K, C, S, S) and masks (K, S, S) in [0, 1]; returns it in eval mode."""
+        """Train a fresh SmallUNet on images (K, C, S, S) and masks (K, S, S) in [0, 1]; returns it
+        in eval mode."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = SmallUNet(images.shape[1], self.width).to(self.device)
@@ -218,7 +231,8 @@ class ModelPredictor:
         self.ensemble_shift = ensemble_shift
 
     def predict(self, episode: Episode) -> torch.Tensor:
-        """-> (Q, R, R) float32 probabilities (sigmoid of the logits; an ensemble's unshifted mean)."""
+        """-> (Q, R, R) float32 probabilities (sigmoid of the logits; an ensemble's unshifted
+        mean)."""
         return self.predict_with_threshold(episode).probabilities
 
     def predict_with_threshold(self, episode: Episode) -> Prediction:
@@ -235,35 +249,65 @@ class ModelPredictor:
         work_queries = _resize(queries, work)
         threshold = 0.5
         if self.ensemble > 1:
-            probs, shift = ensemble_probabilities(create_backend("torch", model, self.device), images, maps, types,
-                                                  work_queries, self.ensemble, self.ensemble_shift)
+            probs, shift = ensemble_probabilities(
+                create_backend("torch", model, self.device),
+                images,
+                maps,
+                types,
+                work_queries,
+                self.ensemble,
+                self.ensemble_shift,
+            )
             threshold = decision_threshold(0.5, shift)
         else:
             with torch.inference_mode():
-                logits = model(images[None].to(self.device), maps[None].to(self.device), types[None].to(self.device),
-                               work_queries.to(self.device))
+                logits = model(
+                    images[None].to(self.device),
+                    maps[None].to(self.device),
+                    types[None].to(self.device),
+                    work_queries.to(self.device),
+                )
             probs = torch.sigmoid(logits.float())
-        return Prediction(_resize(probs.float().cpu()[:, None], size)[:, 0].clamp(0.0, 1.0), threshold)
+        return Prediction(
+            _resize(probs.float().cpu()[:, None], size)[:, 0].clamp(0.0, 1.0), threshold
+        )
 
 
 def ensemble_probabilities(
-    backend: InferenceBackend, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor, queries: torch.Tensor,
-    members: int, shift: bool = True,
+    backend: InferenceBackend,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    types: torch.Tensor,
+    queries: torch.Tensor,
+    members: int,
+    shift: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """The probability (Q, R, R) of the first `members` ensemble members (mean_probabilities of
-    promptseg.engine.ensemble, as the Segmenter builds them) and the logit shift of their decision threshold (0.0 unless
-    `shift`): images (K, C, R, R), maps (K, R, R), types (K,), queries (Q, C, R, R). Each flip of
-    the prompt set is encoded once."""
+    promptseg.engine.ensemble, as the Segmenter builds them) and the logit shift of their decision
+    threshold (0.0 unless `shift`): images (K, C, R, R), maps (K, R, R), types (K,), queries (Q, C,
+    R, R). Each flip of the prompt set is encoded once."""
     encoded: dict[tuple[int, ...], PromptState] = {}
 
     def encode(flip: tuple[int, ...], keep: tuple[int, ...]) -> PromptState:
         index = list(keep)
         key = (flip, keep)
         if key not in encoded:
-            encoded[key] = backend.encode(flipped(images[None, index], flip), flipped(maps[None, index], flip),
-                                          types[None, index])
+            encoded[key] = backend.encode(
+                flipped(images[None, index], flip),
+                flipped(maps[None, index], flip),
+                types[None, index],
+            )
         return encoded[key]
 
-    ensemble = build_ensemble(backend, images[None], maps[None], types[None], plan_members(len(images), members),
-                              encode, shift)
-    return mean_probabilities(ensemble, queries, backend.decode_mean, backend.decode_members), ensemble.shift
+    ensemble = build_ensemble(
+        backend,
+        images[None],
+        maps[None],
+        types[None],
+        plan_members(len(images), members),
+        encode,
+        shift,
+    )
+    return mean_probabilities(
+        ensemble, queries, backend.decode_mean, backend.decode_members
+    ), ensemble.shift

@@ -1,4 +1,5 @@
-"""Few-shot evaluation: Dice of several predictors on identical fixed episodes (docs/design.md section 8).
+"""Few-shot evaluation: Dice of several predictors on identical fixed episodes (docs/design.md
+section 8).
 
 For every task and K, `fixed_episodes` is built once and every predictor sees the same episodes,
 so the rows of the report are directly comparable (and per-episode scores are paired).
@@ -12,6 +13,7 @@ of each episode's query pixels, averaged like Dice; and the Pearson correlation,
 of a method at one K, between the query's mean predictive entropy (bits) and its error 1 - Dice
 (a positive correlation: the model knows when it fails).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +35,10 @@ from promptseg.eval.baselines import Predictor
 from promptseg.eval.prediction import predict
 from promptseg.metrics import expected_calibration_error, mean_entropy, query_dice
 
+
 def correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson correlation of two equally long sequences; None with fewer than 2 values or when one is constant."""
+    """Pearson correlation of two equally long sequences; None with fewer than 2 values or when one
+    is constant."""
     a, b = np.asarray(x, float), np.asarray(y, float)
     if len(a) < 2 or a.std() == 0 or b.std() == 0:
         return None
@@ -65,18 +69,30 @@ class CellScore:
         return float(np.mean(self.ece)) if self.ece else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "episodes": len(self.dice), "dice": self.dice,
-                "ece": self.ece, "query_entropy": self.query_entropy, "query_error": self.query_error}
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "episodes": len(self.dice),
+            "dice": self.dice,
+            "ece": self.ece,
+            "query_entropy": self.query_entropy,
+            "query_error": self.query_error,
+        }
 
     @classmethod
     def from_json(cls, cell: Mapping[str, Any]) -> CellScore:
-        return cls(list(cell["dice"]), list(cell.get("ece", [])), list(cell.get("query_entropy", [])),
-                   list(cell.get("query_error", [])))
+        return cls(
+            list(cell["dice"]),
+            list(cell.get("ece", [])),
+            list(cell.get("query_entropy", [])),
+            list(cell.get("query_error", [])),
+        )
 
 
 @dataclass
 class EvalReport:
-    """Scores keyed scores[method][(group, task)][K]; skipped (task, K) pairs are listed in `skipped`."""
+    """Scores keyed scores[method][(group, task)][K]; skipped (task, K) pairs are listed in
+    `skipped`."""
 
     methods: list[str]
     shots: list[int]
@@ -87,15 +103,20 @@ class EvalReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def mean_over_tasks(self, method: str, shots: int) -> tuple[float, float, int] | None:
-        """(mean, std over tasks, number of tasks) of the per-task means at K = shots; None when none ran."""
+        """(mean, std over tasks, number of tasks) of the per-task means at K = shots; None when
+        none ran."""
         means = [cells[shots].mean for cells in self.scores[method].values() if shots in cells]
         if not means:
             return None
-        return float(np.mean(means)), float(np.std(means, ddof=1)) if len(means) > 1 else 0.0, len(means)
+        return (
+            float(np.mean(means)),
+            float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
+            len(means),
+        )
 
     def calibration(self, method: str, shots: int) -> tuple[float | None, float | None]:
-        """(mean over tasks of the per-task mean ECE, correlation of mean entropy and error over every
-        query of every task) at K = shots; None where nothing was scored."""
+        """(mean over tasks of the per-task mean ECE, correlation of mean entropy and error over
+        every query of every task) at K = shots; None where nothing was scored."""
         cells = [cells[shots] for cells in self.scores[method].values() if shots in cells]
         eces = [c.mean_ece for c in cells if c.mean_ece is not None]
         entropy = [v for c in cells for v in c.query_entropy]
@@ -103,7 +124,8 @@ class EvalReport:
         return (float(np.mean(eces)) if eces else None), correlation(entropy, error)
 
     def dataset_means(self, method: str, shots: int) -> dict[str, float]:
-        """{dataset (group): mean over its tasks of the per-task mean Dice at K = shots}, in task order."""
+        """{dataset (group): mean over its tasks of the per-task mean Dice at K = shots}, in task
+        order."""
         by_group: dict[str, list[float]] = {}
         for (group, _), cells in self.scores[method].items():
             if shots in cells:
@@ -111,15 +133,22 @@ class EvalReport:
         return {group: float(np.mean(values)) for group, values in by_group.items()}
 
     def episodes_run(self, method: str) -> int:
-        return sum(len(cell.dice) for cells in self.scores[method].values() for cell in cells.values())
+        return sum(
+            len(cell.dice) for cells in self.scores[method].values() for cell in cells.values()
+        )
 
     def to_json(self) -> dict[str, Any]:
-        """{"settings", "skipped", "methods": {method: {"tasks": [{"group", "task", "shots": {"K": cell}}],
-        "mean_over_tasks": {"K": {"mean", "std", "tasks"}}, "seconds_per_episode"}}} (K as strings)."""
+        """{"settings", "skipped", "methods": {method: {"tasks": [{"group", "task", "shots": {"K":
+        cell}}], "mean_over_tasks": {"K": {"mean", "std", "tasks"}}, "seconds_per_episode"}}} (K as
+        strings)."""
         methods = {}
         for method in self.methods:
             rows = [
-                {"group": group, "task": name, "shots": {str(k): cell.to_json() for k, cell in cells.items()}}
+                {
+                    "group": group,
+                    "task": name,
+                    "shots": {str(k): cell.to_json() for k, cell in cells.items()},
+                }
                 for (group, name), cells in self.scores[method].items()
             ]
             summary = {}
@@ -127,8 +156,13 @@ class EvalReport:
                 overall = self.mean_over_tasks(method, k)
                 if overall is not None:
                     ece, corr = self.calibration(method, k)
-                    summary[str(k)] = {"mean": overall[0], "std": overall[1], "tasks": overall[2], "ece": ece,
-                                       "uncertainty_error_correlation": corr}
+                    summary[str(k)] = {
+                        "mean": overall[0],
+                        "std": overall[1],
+                        "tasks": overall[2],
+                        "ece": ece,
+                        "uncertainty_error_correlation": corr,
+                    }
             runs = self.episodes_run(method)
             methods[method] = {
                 "tasks": rows,
@@ -138,36 +172,71 @@ class EvalReport:
         return {"settings": self.settings, "skipped": self.skipped, "methods": methods}
 
     def to_markdown(self) -> str:
-        """A summary table (method x K, mean over tasks) and, per method, a task x K table of mean ± std."""
+        """A summary table (method x K, mean over tasks) and, per method, a task x K table of mean ±
+        std."""
         header = "| {} | " + " | ".join(f"K={k}" for k in self.shots) + " |"
         rule = "|---|" + "---:|" * len(self.shots)
         kind = self.settings.get("prompt_kind", "mask")
-        scored = "the prompted images themselves" if self.settings.get("query_prompts") else f"{self.settings['queries']} queries each"
-        lines = [(f"Dice (0-100); {self.settings['episodes']} episodes, {scored}, {kind} prompts, "
-                 f"seed {self.settings['seed']}."), "", "Mean over tasks (number of tasks):", "", header.format("method"), rule]
+        scored = (
+            "the prompted images themselves"
+            if self.settings.get("query_prompts")
+            else f"{self.settings['queries']} queries each"
+        )
+        lines = [
+            (
+                f"Dice (0-100); {self.settings['episodes']} episodes, {scored}, {kind} prompts, "
+                f"seed {self.settings['seed']}."
+            ),
+            "",
+            "Mean over tasks (number of tasks):",
+            "",
+            header.format("method"),
+            rule,
+        ]
         for method in self.methods:
             cells = [self.mean_over_tasks(method, k) for k in self.shots]
-            lines.append(f"| {method} | " + " | ".join("–" if c is None else f"{c[0]:.1f} ({c[2]})" for c in cells) + " |")
+            lines.append(
+                f"| {method} | "
+                + " | ".join("–" if c is None else f"{c[0]:.1f} ({c[2]})" for c in cells)
+                + " |"
+            )
         lines += self._calibration_table()
         lines += self._dataset_table()
         for method in self.methods:
             lines += ["", f"{method} (mean ± std over episodes):", "", header.format("task"), rule]
             for group, name in self.tasks:
                 cells = self.scores[method].get((group, name), {})
-                values = ["–" if k not in cells else f"{cells[k].mean:.1f} ± {cells[k].std:.1f}" for k in self.shots]
+                values = [
+                    "–" if k not in cells else f"{cells[k].mean:.1f} ± {cells[k].std:.1f}"
+                    for k in self.shots
+                ]
                 lines.append(f"| {name} | " + " | ".join(values) + " |")
         if self.skipped:
-            lines += ["", "Skipped:"] + [f"- {s['task']} K={s['shots']}: {s['reason']}" for s in self.skipped]
+            lines += ["", "Skipped:"] + [
+                f"- {s['task']} K={s['shots']}: {s['reason']}" for s in self.skipped
+            ]
         return "\n".join(lines) + "\n"
 
     def _calibration_table(self) -> list[str]:
-        """Per method and K: mean ECE over tasks / correlation of mean entropy and error over queries."""
-        lines = ["", ("Calibration: expected calibration error (0-100, mean over tasks) / correlation of a query's "
-                 "mean entropy with its error:"), "", "| method | " + " | ".join(f"K={k}" for k in self.shots) + " |",
-                 "|---|" + "---:|" * len(self.shots)]
+        """Per method and K: mean ECE over tasks / correlation of mean entropy and error over
+        queries."""
+        lines = [
+            "",
+            (
+                "Calibration: expected calibration error (0-100, mean over tasks) / correlation of "
+                "a query's "
+                "mean entropy with its error:"
+            ),
+            "",
+            "| method | " + " | ".join(f"K={k}" for k in self.shots) + " |",
+            "|---|" + "---:|" * len(self.shots),
+        ]
         for method in self.methods:
             cells = [self.calibration(method, k) for k in self.shots]
-            text = [" / ".join("–" if v is None else f"{v:.{digits}f}" for v, digits in zip(c, (1, 2))) for c in cells]
+            text = [
+                " / ".join("–" if v is None else f"{v:.{digits}f}" for v, digits in zip(c, (1, 2)))
+                for c in cells
+            ]
             lines.append(f"| {method} | " + " | ".join(text) + " |")
         return lines
 
@@ -176,11 +245,23 @@ class EvalReport:
         over datasets (each dataset weighted alike)."""
         means = {m: {k: self.dataset_means(m, k) for k in self.shots} for m in self.methods}
         groups = list(dict.fromkeys(group for group, _ in self.tasks))
-        lines = ["", f"Per dataset, mean over its labels ({' / '.join(self.methods)}):", "",
-                 "| dataset | " + " | ".join(f"K={k}" for k in self.shots) + " |", "|---|" + "---:|" * len(self.shots)]
-        rows = [(g, [[means[m][k].get(g) for m in self.methods] for k in self.shots]) for g in groups]
-        overall = [[float(np.mean(list(means[m][k].values()))) if means[m][k] else None for m in self.methods]
-                   for k in self.shots]
+        lines = [
+            "",
+            f"Per dataset, mean over its labels ({' / '.join(self.methods)}):",
+            "",
+            "| dataset | " + " | ".join(f"K={k}" for k in self.shots) + " |",
+            "|---|" + "---:|" * len(self.shots),
+        ]
+        rows = [
+            (g, [[means[m][k].get(g) for m in self.methods] for k in self.shots]) for g in groups
+        ]
+        overall = [
+            [
+                float(np.mean(list(means[m][k].values()))) if means[m][k] else None
+                for m in self.methods
+            ]
+            for k in self.shots
+        ]
         for name, cells in [*rows, ("**mean over datasets**", overall)]:
             text = [" / ".join("–" if v is None else f"{v:.1f}" for v in cell) for cell in cells]
             lines.append(f"| {name} | " + " | ".join(text) + " |")
@@ -196,13 +277,23 @@ class EvalReport:
         tasks: list[tuple[str, str]] = []
         for method, body in data["methods"].items():
             scores[method] = {
-                (row["group"], row["task"]): {int(k): CellScore.from_json(cell) for k, cell in row["shots"].items()}
+                (row["group"], row["task"]): {
+                    int(k): CellScore.from_json(cell) for k, cell in row["shots"].items()
+                }
                 for row in body["tasks"]
             }
             tasks += [key for key in scores[method] if key not in tasks]
             runs = sum(len(c.dice) for cells in scores[method].values() for c in cells.values())
             seconds[method] = (body.get("seconds_per_episode") or 0.0) * runs
-        return cls(methods, list(settings["shots"]), tasks, settings, scores, seconds, list(data.get("skipped", [])))
+        return cls(
+            methods,
+            list(settings["shots"]),
+            tasks,
+            settings,
+            scores,
+            seconds,
+            list(data.get("skipped", [])),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvalReport:
@@ -212,18 +303,30 @@ class EvalReport:
         except FileNotFoundError:
             raise InputError(path, "file not found") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(path, f"not a promptseg eval report ({type(exc).__name__}: {exc})") from None
+            raise InputError(
+                path, f"not a promptseg eval report ({type(exc).__name__}: {exc})"
+            ) from None
 
-    def check_same_episodes(self, settings: Mapping[str, Any], source: str | os.PathLike | None) -> None:
+    def check_same_episodes(
+        self, settings: Mapping[str, Any], source: str | os.PathLike | None
+    ) -> None:
         """InputError naming `source` unless this report drew its episodes as `settings` describe
         (same episodes, queries, seed and shots: then a task's episodes are identical in both)."""
-        defaults = {"prompt_kind": "mask", "query_prompts": False}  # reports written before these settings
+        defaults = {
+            "prompt_kind": "mask",
+            "query_prompts": False,
+        }  # reports written before these settings
         for key in ("episodes", "queries", "seed", "shots", "prompt_kind", "query_prompts"):
             if self.settings.get(key, defaults.get(key)) != settings.get(key, defaults.get(key)):
-                raise InputError(source, f"was evaluated with {key}={self.settings.get(key)}, this run uses {settings.get(key)}")
+                raise InputError(
+                    source,
+                    f"was evaluated with {key}={self.settings.get(key)}, this run uses "
+                    f"{settings.get(key)}",
+                )
 
     def merged(self, other: EvalReport, source: str | os.PathLike | None = None) -> EvalReport:
-        """The union of two reports of the same episode settings: other methods, other tasks or both.
+        """The union of two reports of the same episode settings: other methods, other tasks or
+        both.
 
         InputError naming `source` when the settings differ or both reports scored the same method
         on the same task (the cells would be ambiguous).
@@ -235,7 +338,11 @@ class EvalReport:
         for method, cells in other.scores.items():
             for task, by_shots in cells.items():
                 if task in scores[method]:
-                    raise InputError(source, f"scores {method} on {task[1]} again; merge reports of different methods or tasks")
+                    raise InputError(
+                        source,
+                        f"scores {method} on {task[1]} again; merge reports of different methods "
+                        "or tasks",
+                    )
                 scores[method][task] = by_shots
         seconds = {m: self.seconds.get(m, 0.0) + other.seconds.get(m, 0.0) for m in methods}
         settings = {**self.settings, "methods": methods, "tasks": len(tasks)}
@@ -269,7 +376,8 @@ def evaluate(
     query_prompts: bool = False,
     channels: int = CHANNELS,
 ) -> EvalReport:
-    """Score every predictor on `episodes` fixed episodes per task and K (the same episodes for all).
+    """Score every predictor on `episodes` fixed episodes per task and K (the same episodes for
+    all).
 
     A task with fewer than K + 1 non-empty examples is skipped at that K, with a note in `skipped`.
     Predictors return (Q, R, R) probabilities; see the module docstring for the Dice convention.
@@ -281,26 +389,50 @@ def evaluate(
         methods=list(predictors),
         shots=list(shots),
         tasks=[(task.group, task.name) for task in tasks],
-        settings={"episodes": episodes, "queries": queries, "seed": seed, "shots": list(shots),
-                  "methods": list(predictors), "tasks": len(tasks), "prompt_kind": prompt_kind,
-                  "query_prompts": query_prompts},
+        settings={
+            "episodes": episodes,
+            "queries": queries,
+            "seed": seed,
+            "shots": list(shots),
+            "methods": list(predictors),
+            "tasks": len(tasks),
+            "prompt_kind": prompt_kind,
+            "query_prompts": query_prompts,
+        },
         scores={method: {} for method in predictors},
         seconds={method: 0.0 for method in predictors},
     )
     runnable = [(task, k) for task in tasks for k in shots if len(task.nonempty()) >= k + 1]
-    bar = tqdm(total=len(runnable) * episodes * len(predictors), desc="eval", unit="episode", disable=not progress)
+    bar = tqdm(
+        total=len(runnable) * episodes * len(predictors),
+        desc="eval",
+        unit="episode",
+        disable=not progress,
+    )
     for task in tasks:
         available = len(task.nonempty())
         for k in shots:
             if available < k + 1:
-                report.skipped.append({
-                    "group": task.group, "task": task.name, "shots": k,
-                    "reason": f"{available} non-empty examples, need at least {k + 1}",
-                })
+                report.skipped.append(
+                    {
+                        "group": task.group,
+                        "task": task.name,
+                        "shots": k,
+                        "reason": f"{available} non-empty examples, need at least {k + 1}",
+                    }
+                )
                 continue
             bar.set_postfix_str(f"{task.name} K={k}")
-            drawn = fixed_episodes(task, shots=k, queries=queries, count=episodes, seed=seed,
-                                   prompt_kind=prompt_kind, query_prompts=query_prompts, channels=channels)
+            drawn = fixed_episodes(
+                task,
+                shots=k,
+                queries=queries,
+                count=episodes,
+                seed=seed,
+                prompt_kind=prompt_kind,
+                query_prompts=query_prompts,
+                channels=channels,
+            )
             for method, predictor in predictors.items():
                 cell, elapsed = _run(predictor, drawn, bar)
                 report.scores[method].setdefault((task.group, task.name), {})[k] = cell

@@ -22,7 +22,6 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from promptseg.data.episodes import fixed_episodes
-from promptseg.files import write_text
 from promptseg.data.tasks import ArrayTask
 from promptseg.engine.corrections import (
     DEFAULT_SETTINGS,
@@ -30,6 +29,7 @@ from promptseg.engine.corrections import (
     refine_probabilities,
 )
 from promptseg.eval.baselines import Predictor
+from promptseg.files import write_text
 
 CAP = 20  # clicks at most, for clicks-to-90
 TARGET = 90.0

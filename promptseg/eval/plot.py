@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from promptseg.files import atomic_write
 from promptseg.errors import InputError, PromptSegError, short_reason
 from promptseg.eval.evaluate import EvalReport
+from promptseg.files import atomic_write
 from promptseg.train.training_log import read_log_records
 
 SIZE = (720, 440)  # pixels (at DPI)

@@ -6,6 +6,7 @@
 `from promptseg.export import export_onnx` works, but the exporters (and onnx) are imported only
 when one of their names is first used, so importing this package stays light.
 """
+
 from __future__ import annotations
 
 import importlib

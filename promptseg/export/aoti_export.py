@@ -2,10 +2,12 @@
 
 `export_aoti(model, DIR)` writes
 
-    DIR/prompt_encoder.pt2    prompt_images (1, K, C, R, R) float32, prompt_maps (1, K, R, R) float32,
-                              prompt_types (1, K) int64 -> encoding tensors (1, H, K * n_i, D) float32,
-                              in the order of `encoding_names`
-    DIR/query_decoder.pt2     queries (B, C, R, R) float32, encoding tensors -> logits (B, R, R) float32
+    DIR/prompt_encoder.pt2    prompt_images (1, K, C, R, R) float32, prompt_maps (1, K, R, R)
+    float32,
+                              prompt_types (1, K) int64 -> encoding tensors (1, H, K * n_i, D)
+                              float32, in the order of `encoding_names`
+    DIR/query_decoder.pt2     queries (B, C, R, R) float32, encoding tensors -> logits (B, R, R)
+    float32
     DIR/promptseg_aoti.json   metadata: resolution, channels, model config, tensor names, device
 
 Dynamic shapes: one Dim `prompts` (K, 1..max_prompts) and one Dim `batch` (B, 1..). The encoding
@@ -21,6 +23,7 @@ convolution backend (batch < 16), while the compiled code is correct for every K
 (tests/test_export_aoti.py runs K = 1, B = 1 and K = 16, B = 20). `AOTIRunner` and examples/cpp
 check shapes themselves instead.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,9 +39,13 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 import promptseg
-from promptseg.model.prompt_types import PROMPT_TYPES
+from promptseg.engine.backends.aoti_runner import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    FORMAT_VERSION,
+    METADATA_FILE,
+)
 from promptseg.errors import PromptSegError
-from promptseg.files import refuse_existing
 from promptseg.export.graphs import (
     LOGITS_NAME,
     PROMPT_INPUT_NAMES,
@@ -50,21 +57,28 @@ from promptseg.export.graphs import (
     example_inputs,
     tokens_per_prompt,
 )
-from promptseg.engine.backends.aoti_runner import DECODER_FILE, ENCODER_FILE, FORMAT_VERSION, METADATA_FILE
+from promptseg.files import refuse_existing
 from promptseg.model import ModelConfig, PromptSegNet
+from promptseg.model.prompt_types import PROMPT_TYPES
 
 EXPORT_BACKEND = "sdpa"
 
 
-def export_aoti(model: PromptSegNet, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
-    """Compile both graphs of `model` into `out_dir`; returns {"prompt_encoder", "query_decoder", "metadata": path}.
+def export_aoti(
+    model: PromptSegNet, out_dir: str | os.PathLike, overwrite: bool = False
+) -> dict[str, Path]:
+    """Compile both graphs of `model` into `out_dir`; returns {"prompt_encoder", "query_decoder",
+    "metadata": path}.
 
     The packages run in float32 on the model's device (cpu, or cuda when the model is there). Files
     are built in a temporary folder inside `out_dir` and moved in at the end, metadata last.
     """
     out_dir = Path(out_dir)
-    targets = {"prompt_encoder": out_dir / ENCODER_FILE, "query_decoder": out_dir / DECODER_FILE,
-               "metadata": out_dir / METADATA_FILE}
+    targets = {
+        "prompt_encoder": out_dir / ENCODER_FILE,
+        "query_decoder": out_dir / DECODER_FILE,
+        "metadata": out_dir / METADATA_FILE,
+    }
     refuse_existing(list(targets.values()), overwrite)
     check_compiler()
     device = next(model.parameters()).device
@@ -77,7 +91,9 @@ def export_aoti(model: PromptSegNet, out_dir: str | os.PathLike, overwrite: bool
     try:
         compile_package(encoder_program, staging / ENCODER_FILE, package_metadata)
         compile_package(decoder_program, staging / DECODER_FILE, package_metadata)
-        (staging / METADATA_FILE).write_text(json.dumps(export_metadata(model.config, device), indent=2) + "\n")
+        (staging / METADATA_FILE).write_text(
+            json.dumps(export_metadata(model.config, device), indent=2) + "\n"
+        )
         for path in targets.values():
             os.replace(staging / path.name, path)
     finally:
@@ -93,18 +109,25 @@ def check_compiler() -> None:
     try:
         get_cpp_compiler()
     except InvalidCxxCompiler as exc:
-        raise PromptSegError(f"AOTInductor export needs a C++ compiler (install g++ or set CXX): {exc}") from None
+        raise PromptSegError(
+            f"AOTInductor export needs a C++ compiler (install g++ or set CXX): {exc}"
+        ) from None
 
 
-def export_programs(model: PromptSegNet, device: torch.device) -> tuple[ExportedProgram, ExportedProgram]:
-    """torch.export both graphs of a float32 eval-mode `model` with dynamic K (and B for the decoder)."""
+def export_programs(
+    model: PromptSegNet, device: torch.device
+) -> tuple[ExportedProgram, ExportedProgram]:
+    """torch.export both graphs of a float32 eval-mode `model` with dynamic K (and B for the
+    decoder)."""
     config = model.config
     (images, maps, types), queries = example_inputs(config)
     images, maps, types, queries = (t.to(device) for t in (images, maps, types, queries))
     prompts = Dim("prompts", min=1, max=config.max_prompts)
     batch = Dim("batch", min=1)
     encoder = torch.export.export(
-        PromptEncoderGraph(model), (images, maps, types), dynamic_shapes=({1: prompts}, {1: prompts}, {1: prompts})
+        PromptEncoderGraph(model),
+        (images, maps, types),
+        dynamic_shapes=({1: prompts}, {1: prompts}, {1: prompts}),
     )
     with torch.no_grad():
         encoding = PromptEncoderGraph(model)(images, maps, types)
@@ -119,7 +142,8 @@ def export_programs(model: PromptSegNet, device: torch.device) -> tuple[Exported
 
 
 def embedded_metadata(config: ModelConfig) -> dict[str, str]:
-    """String metadata stored inside each package (read by the C++ example through get_metadata())."""
+    """String metadata stored inside each package (read by the C++ example through
+    get_metadata())."""
     return {
         "promptseg.resolution": str(config.resolution),
         "promptseg.in_channels": str(config.in_channels),
@@ -131,9 +155,13 @@ def compile_package(program: ExportedProgram, path: Path, metadata: dict[str, st
     """AOTInductor-compile `program` into the .pt2 file `path`, embedding `metadata`."""
     with warnings.catch_warnings():
         # torch's own packaging code trips a pytree deprecation warning that users cannot act on.
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
+        )
         torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs={"aot_inductor.metadata": dict(metadata)}
+            program,
+            package_path=str(path),
+            inductor_configs={"aot_inductor.metadata": dict(metadata)},
         )
 
 
@@ -154,8 +182,14 @@ def export_metadata(config: ModelConfig, device: torch.device) -> dict[str, Any]
         "encoding_names": names,
         "tokens_per_prompt": tokens_per_prompt(config),
         "dynamic": {"prompts": [1, config.max_prompts], "batch": [1, None]},
-        "prompt_encoder": {"file": ENCODER_FILE, "inputs": list(PROMPT_INPUT_NAMES), "outputs": names},
-        "query_decoder": {"file": DECODER_FILE, "inputs": [QUERY_INPUT_NAME, *names], "outputs": [LOGITS_NAME]},
+        "prompt_encoder": {
+            "file": ENCODER_FILE,
+            "inputs": list(PROMPT_INPUT_NAMES),
+            "outputs": names,
+        },
+        "query_decoder": {
+            "file": DECODER_FILE,
+            "inputs": [QUERY_INPUT_NAME, *names],
+            "outputs": [LOGITS_NAME],
+        },
     }
-
-

@@ -4,15 +4,19 @@ A PromptEncoding is a nested list of tensors; exporters and runtimes need a flat
 stable names. With one prompt set (G = 1) and every prompt valid, key_lengths is None and the
 encoding is fully described by its keys and values, so:
 
-    PromptEncoderGraph:  prompt_images (1, K, C, R, R), prompt_maps (1, K, R, R), prompt_types (1, K) int64
+    PromptEncoderGraph:  prompt_images (1, K, C, R, R), prompt_maps (1, K, R, R), prompt_types (1,
+    K) int64
                          -> keys_s{i}_{e}, values_s{i}_{e}: (1, H, K * n_i, D) each
-    QueryDecoderGraph:   queries (B, C, R, R), keys_s{i}_{e}, values_s{i}_{e}, ... -> logits (B, R, R)
+    QueryDecoderGraph:   queries (B, C, R, R), keys_s{i}_{e}, values_s{i}_{e}, ... -> logits (B, R,
+    R)
 
 where i runs over attention stages, e over the entries of a stage (ModelConfig.encoding_entries:
 blocks b0, b1, ..., then `propagation` for models with label propagation) and n_i is the number
 of tokens one prompt contributes at stage i. Both are dynamic in K; the decoder is dynamic in B.
-A "vit" model has one stage (i = 0) whose entries are its transformer layers, with n_0 = 2 (R / p) ** 2.
+A "vit" model has one stage (i = 0) whose entries are its transformer layers, with n_0 = 2 (R / p)
+** 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,19 +57,26 @@ def stage_widths(config: ModelConfig) -> list[int]:
 def encoding_names(config: ModelConfig) -> list[str]:
     """Names of the flattened PromptEncoding tensors, keys then values, stage-major."""
     stages = range(len(stage_widths(config)))
-    return [f"{kind}_s{s}_{entry}" for kind in ENCODING_KINDS for s in stages for entry in config.encoding_entries]
+    return [
+        f"{kind}_s{s}_{entry}"
+        for kind in ENCODING_KINDS
+        for s in stages
+        for entry in config.encoding_entries
+    ]
 
 
 def encoding_stages(config: ModelConfig) -> list[int]:
-    """Attention-stage index i (into config.attention_stages) of each tensor, in `encoding_names` order."""
+    """Attention-stage index i (into config.attention_stages) of each tensor, in `encoding_names`
+    order."""
     stages = range(len(stage_widths(config)))
     return [s for _kind in ENCODING_KINDS for s in stages for _entry in config.encoding_entries]
 
 
 def tokens_per_prompt(config: ModelConfig) -> list[int | None]:
-    """n_i per attention-stage index i: the encoding tokens one prompt adds, (R / 2 ** (s_i + 1)) ** 2
-    for stage s_i of stride 2 ** (s_i + 1), 2 (R / patch_size) ** 2 (image and map tokens) for a
-    "vit" model; None with a prompt bottleneck, whose count is fixed (bottleneck_tokens) whatever K is."""
+    """n_i per attention-stage index i: the encoding tokens one prompt adds, (R / 2 ** (s_i + 1)) **
+    2 for stage s_i of stride 2 ** (s_i + 1), 2 (R / patch_size) ** 2 (image and map tokens) for a
+    "vit" model; None with a prompt bottleneck, whose count is fixed (bottleneck_tokens) whatever K
+    is."""
     if config.bottleneck_tokens > 0:
         return [None] * len(stage_widths(config))
     if config.architecture == "vit":
@@ -74,15 +85,20 @@ def tokens_per_prompt(config: ModelConfig) -> list[int | None]:
 
 
 def config_differences(exported: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Sorted keys whose values differ between two model configs as JSON dicts (missing keys count)."""
-    return sorted(key for key in exported.keys() | current.keys() if exported.get(key) != current.get(key))
+    """Sorted keys whose values differ between two model configs as JSON dicts (missing keys
+    count)."""
+    return sorted(
+        key for key in exported.keys() | current.keys() if exported.get(key) != current.get(key)
+    )
 
 
 def flatten_encoding(encoding: PromptEncoding) -> tuple[torch.Tensor, ...]:
     """PromptEncoding -> tuple ordered as `encoding_names`; only full, single-set encodings."""
     if any(n is not None for n in encoding.key_lengths):
         raise ValueError("only encodings without key_lengths (every prompt valid) can be flattened")
-    return tuple(t for stage in encoding.keys for t in stage) + tuple(t for stage in encoding.values for t in stage)
+    return tuple(t for stage in encoding.keys for t in stage) + tuple(
+        t for stage in encoding.values for t in stage
+    )
 
 
 def unflatten_encoding(tensors: Sequence[torch.Tensor], config: ModelConfig) -> PromptEncoding:
@@ -103,8 +119,12 @@ class PromptEncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, prompt_images: torch.Tensor, prompt_maps: torch.Tensor, prompt_types: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return flatten_encoding(self.model.prompt_encoding(prompt_images, prompt_maps, prompt_types))
+    def forward(
+        self, prompt_images: torch.Tensor, prompt_maps: torch.Tensor, prompt_types: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        return flatten_encoding(
+            self.model.prompt_encoding(prompt_images, prompt_maps, prompt_types)
+        )
 
 
 class QueryDecoderGraph(nn.Module):
@@ -118,7 +138,9 @@ class QueryDecoderGraph(nn.Module):
         return self.model.decode(queries, unflatten_encoding(encoding, self.model.config))
 
 
-def example_inputs(config: ModelConfig, shots: int = 2, batch: int = 2) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+def example_inputs(
+    config: ModelConfig, shots: int = 2, batch: int = 2
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Random float32 example inputs for tracing: ((images, maps, types), queries)."""
     r, c = config.resolution, config.in_channels
     generator = torch.Generator().manual_seed(0)

@@ -1,8 +1,10 @@
 """ONNX export of PromptSegNet as two self-contained graphs (see graphs.py for their contract).
 
-    export_onnx(model, DIR) -> {"prompt_encoder": DIR/prompt_encoder.onnx, "query_decoder": DIR/query_decoder.onnx}
+    export_onnx(model, DIR) -> {"prompt_encoder": DIR/prompt_encoder.onnx, "query_decoder":
+    DIR/query_decoder.onnx}
 
-    prompt_encoder.onnx  prompt_images (1, K, C, R, R), prompt_maps (1, K, R, R), prompt_types (1, K) int64
+    prompt_encoder.onnx  prompt_images (1, K, C, R, R), prompt_maps (1, K, R, R), prompt_types (1,
+    K) int64
                          -> keys_s{i}_{e}, values_s{i}_{e}: (1, H, K * n_i, D)
     query_decoder.onnx   queries (B, C, R, R) + those tensors -> logits (B, R, R)
 
@@ -24,6 +26,7 @@ and it lies within the opsets TensorRT 10's ONNX parser reads. Opset 23 also exp
 ONNX Runtime 1.32 (fused Attention and GroupNormalization nodes), but only the newest runtimes
 read it, so it is opt-in (opset=23).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,7 +46,6 @@ from torch.export import Dim
 
 import promptseg
 from promptseg.errors import InputError
-from promptseg.files import refuse_existing
 from promptseg.export.graphs import (
     GRAPH_ROLES,
     LOGITS_NAME,
@@ -58,6 +60,7 @@ from promptseg.export.graphs import (
     graph_paths,
     stage_widths,
 )
+from promptseg.files import refuse_existing
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.weights import weights_sha256
 
@@ -65,7 +68,14 @@ DEFAULT_OPSET = 20
 EXPORT_DTYPES = (torch.float32, torch.float16)
 GRAPH_TENSORS_KEY = "graph_tensors_sha256"
 REQUIRED_METADATA = (
-    "promptseg_version", "graph_role", "resolution", "in_channels", "model_config", "weights_sha256", "dtype", "encoding_names",
+    "promptseg_version",
+    "graph_role",
+    "resolution",
+    "in_channels",
+    "model_config",
+    "weights_sha256",
+    "dtype",
+    "encoding_names",
 )
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes; a larger model would need external data files
 
@@ -94,14 +104,19 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     protos = export_protos(model, opset, dtype)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.export-") as staging:
-        staged = {role: save_checked(protos[role], Path(staging) / path.name) for role, path in targets.items()}
+        staged = {
+            role: save_checked(protos[role], Path(staging) / path.name)
+            for role, path in targets.items()
+        }
         out.mkdir(exist_ok=True)
         for role, path in targets.items():
             os.replace(staged[role], path)
     return targets
 
 
-def export_protos(model: PromptSegNet, opset: int, dtype: torch.dtype) -> dict[str, onnx.ModelProto]:
+def export_protos(
+    model: PromptSegNet, opset: int, dtype: torch.dtype
+) -> dict[str, onnx.ModelProto]:
     """Both graphs as in-memory ModelProtos with metadata, traced on a CPU copy of `model`."""
     config = model.config
     traced = copy.deepcopy(model).to("cpu", dtype).eval().set_attention_kernel("sdpa")
@@ -114,12 +129,20 @@ def export_protos(model: PromptSegNet, opset: int, dtype: torch.dtype) -> dict[s
     tokens = [Dim(f"tokens_s{stage}", min=1) for stage in range(len(stage_widths(config)))]
     token_axes = tuple({2: tokens[stage]} for stage in encoding_stages(config))
     encoder = trace(
-        PromptEncoderGraph(traced).eval(), prompts, list(PROMPT_INPUT_NAMES), names,
-        dynamic_shapes={name: {1: shots} for name in PROMPT_INPUT_NAMES}, opset=opset,
+        PromptEncoderGraph(traced).eval(),
+        prompts,
+        list(PROMPT_INPUT_NAMES),
+        names,
+        dynamic_shapes={name: {1: shots} for name in PROMPT_INPUT_NAMES},
+        opset=opset,
     )
     decoder = trace(
-        QueryDecoderGraph(traced).eval(), (queries.to(dtype), *encoding), [QUERY_INPUT_NAME, *names], [LOGITS_NAME],
-        dynamic_shapes=({0: Dim("batch", min=1)}, token_axes), opset=opset,
+        QueryDecoderGraph(traced).eval(),
+        (queries.to(dtype), *encoding),
+        [QUERY_INPUT_NAME, *names],
+        [LOGITS_NAME],
+        dynamic_shapes=({0: Dim("batch", min=1)}, token_axes),
+        opset=opset,
     )
     require_dynamic(encoder, {name: 1 for name in PROMPT_INPUT_NAMES})
     require_dynamic(decoder, {QUERY_INPUT_NAME: 0, **{name: 2 for name in names}})
@@ -136,11 +159,16 @@ def graph_tensors_sha256(proto: onnx.ModelProto) -> str:
     """SHA-256 over the tensors a graph computes with: its initializers and Constant nodes (names,
     dtypes, shapes and bytes, in name order). Written into the metadata at export, recomputed when
     a runtime loads the file (`check_graph_tensors`), so a file whose weights were changed after
-    export is refused even when its metadata (weights_sha256 included) was copied from a genuine one."""
+    export is refused even when its metadata (weights_sha256 included) was copied from a genuine
+    one."""
     tensors = [(t.name, t) for t in proto.graph.initializer]
     for node in proto.graph.node:
         if node.op_type == "Constant":
-            tensors += [(f"{node.output[0]}:{a.name}", a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+            tensors += [
+                (f"{node.output[0]}:{a.name}", a.t)
+                for a in node.attribute
+                if a.type == onnx.AttributeProto.TENSOR
+            ]
     digest = hashlib.sha256()
     for name, tensor in sorted(tensors, key=lambda item: item[0]):
         array = onnx.numpy_helper.to_array(tensor)
@@ -154,12 +182,20 @@ def check_graph_tensors(path: str | os.PathLike, metadata: Mapping[str, str]) ->
     graph_tensors_sha256 (missing in exports of older versions: export again)."""
     recorded = metadata.get(GRAPH_TENSORS_KEY)
     if recorded is None:
-        raise InputError(path, f"its metadata records no {GRAPH_TENSORS_KEY} (an older export); export it again")
+        raise InputError(
+            path, f"its metadata records no {GRAPH_TENSORS_KEY} (an older export); export it again"
+        )
     if graph_tensors_sha256(onnx.load_model(path)) != recorded:
-        raise InputError(path, "its weights do not match the digest recorded at export (the file was changed); export it again")
+        raise InputError(
+            path,
+            "its weights do not match the digest recorded at export (the file was changed); export "
+            "it again",
+        )
 
 
-def graph_metadata(model: PromptSegNet, role: str, dtype: torch.dtype, weights_digest: str | None = None) -> dict[str, str]:
+def graph_metadata(
+    model: PromptSegNet, role: str, dtype: torch.dtype, weights_digest: str | None = None
+) -> dict[str, str]:
     """The metadata_props written into the `role` graph of `model` (all values are strings).
 
     weights_digest: weights_sha256(model) when the caller has it already (computed here otherwise).
@@ -178,7 +214,11 @@ def graph_metadata(model: PromptSegNet, role: str, dtype: torch.dtype, weights_d
 
 
 def check_graph_metadata(
-    metadata: Mapping[str, str], path: str | os.PathLike, role: str, config: ModelConfig, weights_digest: str
+    metadata: Mapping[str, str],
+    path: str | os.PathLike,
+    role: str,
+    config: ModelConfig,
+    weights_digest: str,
 ) -> None:
     """InputError naming `path` unless its metadata describes the `role` graph of the model with
     `config` and weights_sha256 `weights_digest`."""
@@ -186,14 +226,20 @@ def check_graph_metadata(
         raise InputError(path, f"holds the {metadata.get('graph_role')} graph, expected the {role}")
     for key, expected in (("resolution", config.resolution), ("in_channels", config.in_channels)):
         if metadata.get(key) != str(expected):
-            raise InputError(path, f"was exported for {key} {metadata.get(key)}, but the model has {key} {expected}")
+            raise InputError(
+                path,
+                f"was exported for {key} {metadata.get(key)}, but the model has {key} {expected}",
+            )
     try:
         exported, current = json.loads(metadata["model_config"]), json.loads(config.to_json())
     except (KeyError, ValueError):
         raise InputError(path, "has no readable model_config in its metadata") from None
     differing = config_differences(exported, current)
     if differing:
-        raise InputError(path, f"was exported for another model configuration (differs in {', '.join(differing)})")
+        raise InputError(
+            path,
+            f"was exported for another model configuration (differs in {', '.join(differing)})",
+        )
     if metadata.get("weights_sha256") != weights_digest:
         raise InputError(path, "was exported from other weights than this model's; export it again")
 
@@ -221,11 +267,22 @@ def trace(
     registry.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():  # notes for torch's own developers, not for users
-            warnings.filterwarnings("ignore", message=".*axis name.*shares the same shape constraints")  # keys/values
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*axis name.*shares the same shape constraints"
+            )  # keys/values
+            warnings.filterwarnings(
+                "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
+            )
             program = torch.onnx.export(
-                module, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
-                opset_version=opset, dynamo=True, external_data=False, verbose=False,
+                module,
+                args,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
             )
         proto = program.model_proto
         for node in proto.graph.node:  # the traces name source files of the exporting machine
@@ -248,14 +305,17 @@ def require_dynamic(proto: onnx.ModelProto, axes: Mapping[str, int]) -> None:
             dim = value.type.tensor_type.shape.dim[axes[value.name]]
             if not dim.dim_param:
                 raise RuntimeError(
-                    f"ONNX export fixed axis {axes[value.name]} of {value.name} to {dim.dim_value}; it must stay dynamic"
+                    f"ONNX export fixed axis {axes[value.name]} of {value.name} to "
+                    f"{dim.dim_value}; it must stay dynamic"
                 )
 
 
 def save_checked(proto: onnx.ModelProto, path: Path) -> Path:
     """Save `proto` as one self-contained file (weights inside) and run onnx.checker on it."""
     if proto.ByteSize() > _PROTOBUF_LIMIT:
-        raise RuntimeError(f"{path.name}: the graph exceeds protobuf's 2 GiB limit and cannot be self-contained")
+        raise RuntimeError(
+            f"{path.name}: the graph exceeds protobuf's 2 GiB limit and cannot be self-contained"
+        )
     onnx.save_model(proto, path, save_as_external_data=False)
     onnx.checker.check_model(path, full_check=True)
     return path
@@ -264,7 +324,8 @@ def save_checked(proto: onnx.ModelProto, path: Path) -> Path:
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     """metadata_props of a promptseg ONNX file as {key: value} (strings; model_config is JSON).
 
-    InputError (one line, naming the file) when it is missing, not ONNX, or lacks promptseg metadata.
+    InputError (one line, naming the file) when it is missing, not ONNX, or lacks promptseg
+    metadata.
     """
     path = Path(path)
     if not path.is_file():

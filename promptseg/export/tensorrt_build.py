@@ -18,6 +18,7 @@ Plans are tied to the GPU model and the TensorRT version that built them; the si
 both with the model config, so a loader can refuse a mismatch with a clear message.
 `tensorrt` is imported only inside the functions that need it.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,19 +28,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from promptseg.files import atomic_write, refuse_existing
-from promptseg.errors import InputError, PromptSegError
-from promptseg.export.graphs import (
-    GRAPH_ROLES,
-    LOGITS_NAME,
-    PROMPT_INPUT_NAMES,
-    QUERY_INPUT_NAME,
-    encoding_names,
-    encoding_stages,
-    graph_paths,
-    stage_widths,
-    tokens_per_prompt,
-)
 from promptseg.engine.backends.tensorrt_runtime import (
     PRECISIONS,
     SIDECAR_FORMAT,
@@ -52,6 +40,19 @@ from promptseg.engine.backends.tensorrt_runtime import (
     strongly_typed,
     tensorrt_logger,
 )
+from promptseg.errors import InputError, PromptSegError
+from promptseg.export.graphs import (
+    GRAPH_ROLES,
+    LOGITS_NAME,
+    PROMPT_INPUT_NAMES,
+    QUERY_INPUT_NAME,
+    encoding_names,
+    encoding_stages,
+    graph_paths,
+    stage_widths,
+    tokens_per_prompt,
+)
+from promptseg.files import atomic_write, refuse_existing
 from promptseg.model import ModelConfig
 
 ONNX_CONFIG_KEY = "model_config"
@@ -83,7 +84,8 @@ class SizeRange(NamedTuple):
 
 def encoding_tokens(config: ModelConfig, stage_index: int, prompts: int) -> int:
     """Prompt tokens at attention stage config.attention_stages[stage_index] for K = `prompts`:
-    K * n_i (graphs.tokens_per_prompt), or bottleneck_tokens for a model with a prompt bottleneck."""
+    K * n_i (graphs.tokens_per_prompt), or bottleneck_tokens for a model with a prompt
+    bottleneck."""
     per_prompt = tokens_per_prompt(config)[stage_index]
     return config.bottleneck_tokens if per_prompt is None else prompts * per_prompt
 
@@ -91,18 +93,25 @@ def encoding_tokens(config: ModelConfig, stage_index: int, prompts: int) -> int:
 def encoding_shape(config: ModelConfig, stage_index: int, prompts: int) -> Shape:
     """(1, H, T, D) of every keys/values tensor of stage `stage_index`: H heads of head_dim D."""
     width = stage_widths(config)[stage_index]
-    return 1, width // config.head_dim, encoding_tokens(config, stage_index, prompts), config.head_dim
+    return (
+        1,
+        width // config.head_dim,
+        encoding_tokens(config, stage_index, prompts),
+        config.head_dim,
+    )
 
 
 def encoder_input_shapes(config: ModelConfig, prompts: int) -> dict[str, Shape]:
-    """Prompt-encoder inputs for K = `prompts`: images (1, K, C, R, R), maps (1, K, R, R), types (1, K)."""
+    """Prompt-encoder inputs for K = `prompts`: images (1, K, C, R, R), maps (1, K, R, R), types (1,
+    K)."""
     r, c = config.resolution, config.in_channels
     images, maps, types = PROMPT_INPUT_NAMES
     return {images: (1, prompts, c, r, r), maps: (1, prompts, r, r), types: (1, prompts)}
 
 
 def decoder_input_shapes(config: ModelConfig, batch: int, prompts: int) -> dict[str, Shape]:
-    """Query-decoder inputs: queries (B, C, R, R) and each encoding tensor (1, H, T, D) for K = `prompts`."""
+    """Query-decoder inputs: queries (B, C, R, R) and each encoding tensor (1, H, T, D) for K =
+    `prompts`."""
     r, c = config.resolution, config.in_channels
     shapes: dict[str, Shape] = {QUERY_INPUT_NAME: (batch, c, r, r)}
     for name, stage in zip(encoding_names(config), encoding_stages(config)):
@@ -110,14 +119,17 @@ def decoder_input_shapes(config: ModelConfig, batch: int, prompts: int) -> dict[
     return shapes
 
 
-def profile_shapes(config: ModelConfig, batch: Sequence[int], prompts: Sequence[int]) -> dict[str, ShapeRange]:
+def profile_shapes(
+    config: ModelConfig, batch: Sequence[int], prompts: Sequence[int]
+) -> dict[str, ShapeRange]:
     """min/opt/max shapes of every input of both graphs, by input name.
 
     batch and prompts are (min, opt, max) query batch sizes B and prompt counts K.
     """
     batch, prompts = SizeRange(*batch), SizeRange(*prompts)
     per_level = [
-        {**encoder_input_shapes(config, k), **decoder_input_shapes(config, b, k)} for b, k in zip(batch, prompts)
+        {**encoder_input_shapes(config, k), **decoder_input_shapes(config, b, k)}
+        for b, k in zip(batch, prompts)
     ]
     return {name: ShapeRange(*(level[name] for level in per_level)) for name in per_level[0]}
 
@@ -136,10 +148,12 @@ def size_range(name: str, maximum: int, optimum: int | None, default_opt: int) -
 
 
 def onnx_dtype_for(precision: str, trt: ModuleType) -> str:
-    """The float dtype ("float32" or "float16") of the ONNX export that a `precision` engine is built from.
+    """The float dtype ("float32" or "float16") of the ONNX export that a `precision` engine is
+    built from.
 
     TensorRT 10 lowers a float32 graph itself (builder flags). TensorRT 11 keeps the graph's types,
-    so fp16 needs a float16 export; bf16 raises PromptSegError (one line): export_onnx has no bfloat16.
+    so fp16 needs a float16 export; bf16 raises PromptSegError (one line): export_onnx has no
+    bfloat16.
     """
     if precision not in PRECISIONS:
         raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -147,7 +161,8 @@ def onnx_dtype_for(precision: str, trt: ModuleType) -> str:
         return "float32"
     if precision == "bf16":
         raise PromptSegError(
-            f"bf16 engines need TensorRT 10: TensorRT {trt.__version__} builds strongly typed networks only, "
+            f"bf16 engines need TensorRT 10: TensorRT {trt.__version__} builds strongly typed "
+            "networks only, "
             "and the ONNX export has no bfloat16; use precision fp16 or fp32"
         )
     return "float16"
@@ -155,7 +170,9 @@ def onnx_dtype_for(precision: str, trt: ModuleType) -> str:
 
 def _parser_error(error: Any) -> str:
     """One IParserError as 'description (node N name: Operator)'."""
-    where = " ".join(part for part in (str(error.node_name() or ""), str(error.node_operator() or "")) if part)
+    where = " ".join(
+        part for part in (str(error.node_name() or ""), str(error.node_operator() or "")) if part
+    )
     return f"{_one_line(error.desc())} (node {error.node()}{': ' + where if where else ''})"
 
 
@@ -164,7 +181,9 @@ def _parse_onnx(trt: ModuleType, builder: Any, path: Path) -> tuple[Any, Any]:
 
     InputError naming the file, with every parser error on one line, when the graph does not parse.
     """
-    network = builder.create_network(0)  # always explicit-batch; TensorRT 11 makes every network strongly typed
+    network = builder.create_network(
+        0
+    )  # always explicit-batch; TensorRT 11 makes every network strongly typed
     parser = trt.OnnxParser(network, tensorrt_logger())
     if not parser.parse_from_file(str(path)):
         details = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
@@ -174,24 +193,40 @@ def _parse_onnx(trt: ModuleType, builder: Any, path: Path) -> tuple[Any, Any]:
 
 def _network_inputs(network: Any) -> dict[str, Shape]:
     """name -> shape (-1 for dynamic dimensions) of every network input."""
-    return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    return {
+        network.get_input(i).name: tuple(network.get_input(i).shape)
+        for i in range(network.num_inputs)
+    }
 
 
-def _network_profile(path: Path, inputs: dict[str, Shape], shapes: dict[str, ShapeRange]) -> dict[str, ShapeRange]:
-    """The profile entries of a network's inputs, checked against the ONNX graph's static dimensions."""
+def _network_profile(
+    path: Path, inputs: dict[str, Shape], shapes: dict[str, ShapeRange]
+) -> dict[str, ShapeRange]:
+    """The profile entries of a network's inputs, checked against the ONNX graph's static
+    dimensions."""
     profile = {}
     for name, declared in inputs.items():
         if name not in shapes:
-            raise InputError(path, f"unexpected graph input {name!r}; expected some of {', '.join(shapes)}")
+            raise InputError(
+                path, f"unexpected graph input {name!r}; expected some of {', '.join(shapes)}"
+            )
         for level in shapes[name]:
-            if len(level) != len(declared) or any(d not in (-1, w) for d, w in zip(declared, level)):
-                raise InputError(path, f"input {name!r} has shape {declared} but the model config implies {level}")
+            if len(level) != len(declared) or any(
+                d not in (-1, w) for d, w in zip(declared, level)
+            ):
+                raise InputError(
+                    path,
+                    f"input {name!r} has shape {declared} but the model config implies {level}",
+                )
         profile[name] = shapes[name]
     return profile
 
 
-def _builder_config(trt: ModuleType, builder: Any, precision: str, workspace_gib: float, cache: bytes) -> Any:
-    """IBuilderConfig with the precision flags, the workspace limit and a timing cache loaded from `cache`.
+def _builder_config(
+    trt: ModuleType, builder: Any, precision: str, workspace_gib: float, cache: bytes
+) -> Any:
+    """IBuilderConfig with the precision flags, the workspace limit and a timing cache loaded from
+    `cache`.
 
     TensorRT 10: fp16 / bf16 set the FP16 / BF16 flag. TensorRT 11 has no such flags (the graph's
     types decide; build_engines checks them). fp32 also turns TF32 off, so an fp32 engine matches
@@ -207,12 +242,19 @@ def _builder_config(trt: ModuleType, builder: Any, precision: str, workspace_gib
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
     timing_cache = config.create_timing_cache(cache)
     if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
-        raise PromptSegError("TensorRT rejected the timing cache (built by another TensorRT version or GPU?)")
+        raise PromptSegError(
+            "TensorRT rejected the timing cache (built by another TensorRT version or GPU?)"
+        )
     return config
 
 
 def _build_plan(
-    trt: ModuleType, path: Path, shapes: dict[str, ShapeRange], precision: str, workspace_gib: float, cache: bytes
+    trt: ModuleType,
+    path: Path,
+    shapes: dict[str, ShapeRange],
+    precision: str,
+    workspace_gib: float,
+    cache: bytes,
 ) -> tuple[bytes, bytes, dict[str, ShapeRange]]:
     """One ONNX graph -> (serialized engine, updated timing cache, the profile used)."""
     builder = trt.Builder(tensorrt_logger())
@@ -229,16 +271,23 @@ def _build_plan(
     serialized = builder.build_serialized_network(network, config)
     del parser  # kept alive until here: the network refers to weights the parser owns
     if serialized is None:
-        reason = "; ".join(_one_line(m) for m in tensorrt_logger().last_errors) or "no error message"
+        reason = (
+            "; ".join(_one_line(m) for m in tensorrt_logger().last_errors) or "no error message"
+        )
         raise PromptSegError(f"{path}: TensorRT could not build an engine: {reason}")
-    return bytes(memoryview(serialized)), bytes(memoryview(config.get_timing_cache().serialize())), profile_entries
+    return (
+        bytes(memoryview(serialized)),
+        bytes(memoryview(config.get_timing_cache().serialize())),
+        profile_entries,
+    )
 
 
 # --- files ------------------------------------------------------------------------------------
 
 
 def bytes_writer(data: bytes) -> Callable[[str], None]:
-    """A writer for promptseg.files.atomic_write that stores `data` in the temporary file it is given."""
+    """A writer for promptseg.files.atomic_write that stores `data` in the temporary file it is
+    given."""
 
     def write(temporary: str) -> None:
         Path(temporary).write_bytes(data)
@@ -256,23 +305,35 @@ def read_graph_metadata(sources: dict[str, Path]) -> tuple[ModelConfig, dict[str
     try:
         from promptseg.export.onnx_export import check_graph_tensors, read_onnx_metadata
     except ImportError as exc:
-        raise PromptSegError(f"reading the ONNX graphs' metadata needs the onnx package: {exc}") from None
+        raise PromptSegError(
+            f"reading the ONNX graphs' metadata needs the onnx package: {exc}"
+        ) from None
     found = {}
     for role, path in sources.items():
         found[role] = read_onnx_metadata(path)
         if found[role]["graph_role"] != role:
-            raise InputError(path, f"holds the {found[role]['graph_role']} graph, expected the {role}")
+            raise InputError(
+                path, f"holds the {found[role]['graph_role']} graph, expected the {role}"
+            )
         check_graph_tensors(path, found[role])
     encoder, decoder = found["prompt_encoder"], found["query_decoder"]
     for key in ONNX_SHARED_KEYS:
         if encoder[key] != decoder[key]:
-            raise InputError(sources["query_decoder"], f"differs from the prompt encoder's export in {key}")
+            raise InputError(
+                sources["query_decoder"], f"differs from the prompt encoder's export in {key}"
+            )
     return ModelConfig.from_json(encoder[ONNX_CONFIG_KEY]), encoder
 
 
 def _sidecar(
-    config: ModelConfig, metadata: dict[str, str], precision: str, version: str,
-    profiles: dict[str, dict[str, ShapeRange]], batch: SizeRange, prompts: SizeRange, cache_loaded: int,
+    config: ModelConfig,
+    metadata: dict[str, str],
+    precision: str,
+    version: str,
+    profiles: dict[str, dict[str, ShapeRange]],
+    batch: SizeRange,
+    prompts: SizeRange,
+    cache_loaded: int,
 ) -> dict[str, Any]:
     """Everything a loader checks before using the plans (JSON-ready)."""
     return {
@@ -289,7 +350,10 @@ def _sidecar(
         "batch": batch._asdict(),
         "prompts": prompts._asdict(),
         "profiles": {
-            role: {name: {k: list(v) for k, v in shape._asdict().items()} for name, shape in entries.items()}
+            role: {
+                name: {k: list(v) for k, v in shape._asdict().items()}
+                for name, shape in entries.items()
+            }
             for role, entries in profiles.items()
         },
         "engines": {role: plan_path("", role).name for role in GRAPH_ROLES},
@@ -322,19 +386,25 @@ def build_engines(
     naming the graph otherwise. timing_cache: a file read when present and rewritten after the
     builds, which makes rebuilds on the same GPU and TensorRT version much faster.
     The model config and weights digest come from the graphs' metadata (needs the onnx package).
-    Returns {"prompt_encoder": plan, "query_decoder": plan, "sidecar": json[, "timing_cache": file]}.
+    Returns {"prompt_encoder": plan, "query_decoder": plan, "sidecar": json[, "timing_cache":
+    file]}.
     """
     if precision not in PRECISIONS:
         raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     sources = graph_paths(onnx_dir)
     for path in sources.values():
         if not path.is_file():
-            raise InputError(path, "ONNX graph not found; export it first (promptseg export --format onnx)")
+            raise InputError(
+                path, "ONNX graph not found; export it first (promptseg export --format onnx)"
+            )
     config, metadata = read_graph_metadata(sources)
     batch = size_range("batch", max_batch, opt_batch, max_batch)
     prompts = size_range("prompts", max_prompts, opt_prompts, DEFAULT_OPT_PROMPTS)
     if prompts.max > config.max_prompts:
-        raise InputError("max_prompts", f"{prompts.max} exceeds the model's limit of {config.max_prompts} prompts")
+        raise InputError(
+            "max_prompts",
+            f"{prompts.max} exceeds the model's limit of {config.max_prompts} prompts",
+        )
     out = Path(out_dir)
     written = {role: plan_path(out, role) for role in GRAPH_ROLES} | {"sidecar": out / SIDECAR_NAME}
     refuse_existing(list(written.values()), overwrite)
@@ -347,29 +417,48 @@ def build_engines(
     shapes = profile_shapes(config, batch, prompts)
     plans, profiles = {}, {}
     for role, source in sources.items():
-        plans[role], cache, profiles[role] = _build_plan(trt, source, shapes, precision, workspace_gib, cache)
+        plans[role], cache, profiles[role] = _build_plan(
+            trt, source, shapes, precision, workspace_gib, cache
+        )
     for role, plan in plans.items():
         atomic_write(written[role], bytes_writer(plan), overwrite)
-    sidecar = _sidecar(config, metadata, precision, trt.__version__, profiles, batch, prompts, cache_loaded)
+    sidecar = _sidecar(
+        config, metadata, precision, trt.__version__, profiles, batch, prompts, cache_loaded
+    )
     sidecar_text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
     atomic_write(written["sidecar"], bytes_writer(sidecar_text.encode()), overwrite)
     if cache_path is not None:
-        atomic_write(cache_path, bytes_writer(cache), overwrite=True)  # rewritten after every build by design
+        atomic_write(
+            cache_path, bytes_writer(cache), overwrite=True
+        )  # rewritten after every build by design
         written["timing_cache"] = cache_path
     return written
 
 
 def check_onnx_dtype(trt: ModuleType, precision: str, found: str | None, path: Path) -> None:
-    """InputError naming the graph when a strongly typed TensorRT (11) cannot build a `precision` engine
-    from graphs of dtype `found`; PromptSegError for bf16 there. TensorRT 10 takes any export."""
+    """InputError naming the graph when a strongly typed TensorRT (11) cannot build a `precision`
+    engine from graphs of dtype `found`; PromptSegError for bf16 there. TensorRT 10 takes any
+    export."""
     expected = onnx_dtype_for(precision, trt)
     if strongly_typed(trt) and found != expected:
         raise InputError(
-            path, f"is a {found} graph, but TensorRT {trt.__version__} builds strongly typed engines whose "
-            f"precision comes from the graph: a {precision} engine needs a {expected} ONNX export"
+            path,
+            f"is a {found} graph, but TensorRT {trt.__version__} builds strongly typed engines "
+            "whose "
+            f"precision comes from the graph: a {precision} engine needs a {expected} ONNX export",
         )
 
 
 __all__: list[str] = [
-    "ShapeRange", "SizeRange", "build_engines", "check_onnx_dtype", "decoder_input_shapes", "encoder_input_shapes", "encoding_shape", "encoding_tokens", "onnx_dtype_for", "profile_shapes", "read_graph_metadata",
+    "ShapeRange",
+    "SizeRange",
+    "build_engines",
+    "check_onnx_dtype",
+    "decoder_input_shapes",
+    "encoder_input_shapes",
+    "encoding_shape",
+    "encoding_tokens",
+    "onnx_dtype_for",
+    "profile_shapes",
+    "read_graph_metadata",
 ]

@@ -11,6 +11,7 @@ softmax as its group's keys (a query that attends to the prompts and to itself, 
 over the concatenated prompt and query tokens); bias is not combined with them.
 Returns (B, H, Nq, D) in q's dtype, differentiable in q, k, v (and own_k, own_v).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,8 @@ ATTENTION_KERNELS = ("reference", "sdpa", "triton")
 
 
 def triton_available(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether the Triton kernels can run here (on `device` when given), and if not, why (one line)."""
+    """Whether the Triton kernels can run here (on `device` when given), and if not, why (one
+    line)."""
     try:
         from promptseg.kernels import triton_attention
     except Exception as exc:  # noqa: BLE001  # pragma: no cover - depends on the installation
@@ -42,7 +44,9 @@ def check_kernel_device(kernel: str, device: torch.device | str) -> None:
     if kernel == "triton":
         ok, why = triton_available(device)
         if not ok:
-            raise PromptSegError(f"attention kernel 'triton' cannot run on {torch.device(device)}: {why}")
+            raise PromptSegError(
+                f"attention kernel 'triton' cannot run on {torch.device(device)}: {why}"
+            )
 
 
 def default_kernel(device: torch.device | str) -> str:
@@ -62,7 +66,9 @@ def check_shapes(
 ) -> None:
     """Raise ValueError when the tensors break the attention contract."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"expected 4-D q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected 4-D q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
@@ -70,14 +76,24 @@ def check_shapes(
     if q.shape[0] % k.shape[0] != 0:
         raise ValueError(f"batch {q.shape[0]} is not a multiple of key groups {k.shape[0]}")
     if key_lengths is not None and tuple(key_lengths.shape) != (k.shape[0],):
-        raise ValueError(f"key_lengths must have shape ({k.shape[0]},), got {tuple(key_lengths.shape)}")
+        raise ValueError(
+            f"key_lengths must have shape ({k.shape[0]},), got {tuple(key_lengths.shape)}"
+        )
     if (own_k is None) != (own_v is None):
         raise ValueError("own_k and own_v must be given together")
     if own_k is not None and own_v is not None:
         if own_k.dim() != 4 or own_k.shape != own_v.shape:
-            raise ValueError(f"own_k {tuple(own_k.shape)} and own_v {tuple(own_v.shape)} must be one 4-D shape")
-        if own_k.shape[0] != q.shape[0] or own_k.shape[1] != q.shape[1] or own_k.shape[3] != q.shape[3]:
-            raise ValueError(f"own_k {tuple(own_k.shape)} must be (B, H, Ns, D) for q {tuple(q.shape)}")
+            raise ValueError(
+                f"own_k {tuple(own_k.shape)} and own_v {tuple(own_v.shape)} must be one 4-D shape"
+            )
+        if (
+            own_k.shape[0] != q.shape[0]
+            or own_k.shape[1] != q.shape[1]
+            or own_k.shape[3] != q.shape[3]
+        ):
+            raise ValueError(
+                f"own_k {tuple(own_k.shape)} must be (B, H, Ns, D) for q {tuple(q.shape)}"
+            )
 
 
 def cross_attention(
@@ -110,4 +126,6 @@ def cross_attention(
         if own_k is not None and own_v is not None:
             return triton_joint_attention(q, k, v, key_lengths, own_k, own_v)
         return triton_cross_attention(q, k, v, key_lengths, bias)
-    raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+    raise ValueError(
+        f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}"
+    )

@@ -1,4 +1,6 @@
-"""Plain PyTorch reference of query-to-prompt cross-attention (the contract of docs/design.md section 3)."""
+"""Plain PyTorch reference of query-to-prompt cross-attention (the contract of docs/design.md
+section 3)."""
+
 from __future__ import annotations
 
 import torch
@@ -64,14 +66,18 @@ def reference_cross_attention(
     if compute_dtype is None:
         compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q.to(compute_dtype), expand_groups(k.to(compute_dtype), batch).transpose(-1, -2))
+    scores = torch.matmul(
+        q.to(compute_dtype), expand_groups(k.to(compute_dtype), batch).transpose(-1, -2)
+    )
     scores = scores * scale
     total_bias = key_padding_bias(key_lengths, bias, groups, k.shape[2], compute_dtype, q.device)
     if total_bias is not None:
         scores = scores + expand_groups(total_bias, batch)
     values = expand_groups(v.to(compute_dtype), batch)
     if own_k is not None and own_v is not None:
-        own_scores = torch.matmul(q.to(compute_dtype), own_k.to(compute_dtype).transpose(-1, -2)) * scale
+        own_scores = (
+            torch.matmul(q.to(compute_dtype), own_k.to(compute_dtype).transpose(-1, -2)) * scale
+        )
         scores = torch.cat([scores, own_scores], dim=-1)
         values = torch.cat([values, own_v.to(compute_dtype)], dim=2)
     # Rows with no valid key give zeros (and zero gradients) instead of a softmax over only -inf.

@@ -1,4 +1,5 @@
 """Cross-attention through torch.nn.functional.scaled_dot_product_attention."""
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,9 @@ def sdpa_cross_attention(
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         own = (None, None) if own_k is None or own_v is None else (own_k.float(), own_v.float())
         with torch.autocast("cpu", enabled=False):
-            out = sdpa_cross_attention(q.float(), k.float(), v.float(), key_lengths, bias, scale, *own)
+            out = sdpa_cross_attention(
+                q.float(), k.float(), v.float(), key_lengths, bias, scale, *own
+            )
         return out.to(q.dtype)
     batch, groups = q.shape[0], k.shape[0]
     total_bias = key_padding_bias(key_lengths, bias, groups, k.shape[2], q.dtype, q.device)
@@ -39,15 +42,19 @@ def sdpa_cross_attention(
         k_b, v_b = expand_groups(k, batch), expand_groups(v, batch)
     mask = None if total_bias is None else expand_groups(total_bias, batch)
     if own_k is not None and own_v is not None:
-        k_b, v_b = torch.cat([k_b, own_k.to(k_b.dtype)], dim=2), torch.cat([v_b, own_v.to(v_b.dtype)], dim=2)
+        k_b, v_b = (
+            torch.cat([k_b, own_k.to(k_b.dtype)], dim=2),
+            torch.cat([v_b, own_v.to(v_b.dtype)], dim=2),
+        )
         if mask is not None:
             mask = F.pad(mask, (0, own_k.shape[2]))
         # Every row has at least its own keys, so none is empty.
         return F.scaled_dot_product_attention(q, k_b, v_b, attn_mask=mask, scale=scale)
     out = F.scaled_dot_product_attention(q, k_b, v_b, attn_mask=mask, scale=scale)
     if key_lengths is not None:
-        # Rows of a group with no valid key: softmax over only -inf gives NaN; the contract says zeros.
-        empty = (key_lengths.to(q.device) == 0)
+        # Rows of a group with no valid key: softmax over only -inf gives NaN; the contract says
+        # zeros.
+        empty = key_lengths.to(q.device) == 0
         if bool(empty.any()):
             out = out.masked_fill(expand_groups(empty, batch)[:, None, None, None], 0.0)
     return out

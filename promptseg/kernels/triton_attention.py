@@ -1,14 +1,16 @@
-"""Triton backend of `promptseg.kernels.cross_attention` (FlashAttention-2 style, shared key groups).
+"""Triton backend of `promptseg.kernels.cross_attention` (FlashAttention-2 style, shared key
+groups).
 
 q (B, H, Nq, D); k, v (G, H, Nk, D) with B % G == 0: query b reads key group b // (B // G) in place.
-key_lengths (G,) int or None: keys at index >= key_lengths[g] are ignored (length 0 gives zero rows).
-bias additive, broadcastable to (G, H, Nq, Nk), or None (it gets no gradient). D <= 128; fp16, bf16
-or fp32. The forward kernel is `triton_forward`, the backward kernels `triton_backward`; this module
-registers them as the `torch.library` custom ops below (with autograd, traceable by torch.compile and
-torch.export) and holds the entry points the dispatcher calls:
+key_lengths (G,) int or None: keys at index >= key_lengths[g] are ignored (length 0 gives zero
+rows). bias additive, broadcastable to (G, H, Nq, Nk), or None (it gets no gradient). D <= 128;
+fp16, bf16 or fp32. The forward kernel is `triton_forward`, the backward kernels `triton_backward`;
+this module registers them as the `torch.library` custom ops below (with autograd, traceable by
+torch.compile and torch.export) and holds the entry points the dispatcher calls:
 
 promptseg::cross_attention_fwd(q, k, v, key_lengths?, bias?, deterministic) -> (out, lse)
-promptseg::cross_attention_bwd(grad_out, q, k, v, out, lse, key_lengths?, bias?, deterministic) -> (dq, dk, dv)
+promptseg::cross_attention_bwd(grad_out, q, k, v, out, lse, key_lengths?, bias?, deterministic) ->
+(dq, dk, dv)
 
 Shapes: q, out, grad_out, dq (B, H, Nq, D); k, v, dk, dv (G, H, Nk, D); lse (B, H, Nq) float32;
 key_lengths (G,) int; bias broadcastable to (G, H, Nq, Nk). Outputs are contiguous. `deterministic`
@@ -20,6 +22,7 @@ Parity: tests/test_triton_attention.py (every kernel against the float64 referen
 promptseg.kernels.reference, forward and backward, on fresh random inputs, under the interpreter in
 CI). Speed: benchmarks/kernels/bench_attention.py (against SDPA and the reference).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,30 +38,44 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def is_available(device: torch.device | str | None = None) -> tuple[bool, str]:
     """(True, "") when the kernels can run here, else (False, one-line reason).
 
-    Without `device`: whether they run anywhere in this process (a CUDA GPU, or the Triton interpreter).
-    With `device`: whether they run on tensors of that device: CPU devices under the interpreter
-    (TRITON_INTERPRET=1 set before promptseg imports triton), CUDA devices otherwise.
+    Without `device`: whether they run anywhere in this process (a CUDA GPU, or the Triton
+    interpreter). With `device`: whether they run on tensors of that device: CPU devices under the
+    interpreter (TRITON_INTERPRET=1 set before promptseg imports triton), CUDA devices otherwise.
     """
     if device is None:
         if INTERPRET or torch.cuda.is_available():
             return True, ""
-        return False, "triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 set before promptseg imports triton)"
+        return (
+            False,
+            "triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 set before promptseg imports "
+            "triton)",
+        )
     kind = torch.device(device).type
     if INTERPRET:
         if kind == "cpu":
             return True, ""
         return False, f"triton backend runs on the CPU only under TRITON_INTERPRET=1, not on {kind}"
     if kind != "cuda":
-        return False, f"triton backend runs on CUDA devices, not {kind} (TRITON_INTERPRET=1 runs it on the CPU)"
+        return (
+            False,
+            f"triton backend runs on CUDA devices, not {kind} (TRITON_INTERPRET=1 runs it on the "
+            "CPU)",
+        )
     if not torch.cuda.is_available():
         return False, "triton backend needs a CUDA GPU, and PyTorch sees none"
     return True, ""
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Raise ValueError / RuntimeError for inputs the kernels do not handle (shapes are checked by the dispatcher)."""
+def check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Raise ValueError / RuntimeError for inputs the kernels do not handle (shapes are checked by
+    the dispatcher)."""
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q, k, v must share one dtype of {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share one dtype of {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}"
+        )
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"head dim {q.shape[-1]} exceeds the kernels' maximum {MAX_HEAD_DIM}")
     if not (q.device == k.device == v.device):
@@ -67,14 +84,18 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
         if q.device.type != "cpu":
             raise RuntimeError("TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors only")
         if q.dtype == torch.bfloat16:
-            raise RuntimeError("the Triton interpreter does not support bfloat16; use float16 or float32")
+            raise RuntimeError(
+                "the Triton interpreter does not support bfloat16; use float16 or float32"
+            )
     elif q.device.type != "cuda":
         raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device}")
     if bias is not None:
         groups, heads, num_queries, num_keys = k.shape[0], q.shape[1], q.shape[2], k.shape[2]
         target = (groups, heads, num_queries, num_keys)
         if bias.dim() > 4 or not all(s in (1, t) for s, t in zip(bias.shape[::-1], target[::-1])):
-            raise ValueError(f"bias {tuple(bias.shape)} does not broadcast to (G, H, Nq, Nk) = {target}")
+            raise ValueError(
+                f"bias {tuple(bias.shape)} does not broadcast to (G, H, Nq, Nk) = {target}"
+            )
 
 
 @torch.library.custom_op("promptseg::cross_attention_fwd", mutates_args=())
@@ -133,7 +154,9 @@ def _cross_attention_bwd_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+def _setup_context(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     q, k, v, key_lengths, bias, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_lengths, bias)
@@ -141,9 +164,13 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+def _backward(
+    ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
     q, k, v, out, lse, key_lengths, bias = ctx.saved_tensors
-    dq, dk, dv = cross_attention_bwd(grad_out, q, k, v, out, lse, key_lengths, bias, ctx.deterministic)
+    dq, dk, dv = cross_attention_bwd(
+        grad_out, q, k, v, out, lse, key_lengths, bias, ctx.deterministic
+    )
     return dq, dk, dv, None, None, None
 
 
@@ -169,14 +196,21 @@ def triton_cross_attention(
 
 
 def merge_partial_attention(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, dtype: torch.dtype
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over two disjoint key sets merged into one softmax: out_a, out_b (B, H, Nq, D) with
     their natural-log lse_a, lse_b (B, H, Nq) float32 (+inf or -inf for a set with no valid key)
     -> (out (B, H, Nq, D) in `dtype`, lse (B, H, Nq) float32). lse_b must be finite."""
     lse_a = torch.where(torch.isinf(lse_a), torch.full_like(lse_a, float("-inf")), lse_a)
     lse = torch.logaddexp(lse_a, lse_b)
-    out = torch.exp(lse_a - lse)[..., None] * out_a.float() + torch.exp(lse_b - lse)[..., None] * out_b.float()
+    out = (
+        torch.exp(lse_a - lse)[..., None] * out_a.float()
+        + torch.exp(lse_b - lse)[..., None] * out_b.float()
+    )
     return out.to(dtype).contiguous(), lse
 
 
@@ -213,8 +247,12 @@ class JointAttention(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, own_k, own_v, out, lse, key_lengths = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        dq_a, dk, dv = cross_attention_bwd(grad_out, q, k, v, out, lse, key_lengths, None, ctx.deterministic)
-        dq_b, own_dk, own_dv = cross_attention_bwd(grad_out, q, own_k, own_v, out, lse, None, None, ctx.deterministic)
+        dq_a, dk, dv = cross_attention_bwd(
+            grad_out, q, k, v, out, lse, key_lengths, None, ctx.deterministic
+        )
+        dq_b, own_dk, own_dv = cross_attention_bwd(
+            grad_out, q, own_k, own_v, out, lse, None, None, ctx.deterministic
+        )
         return dq_a + dq_b, dk, dv, None, own_dk, own_dv, None
 
 

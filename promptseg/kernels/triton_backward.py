@@ -14,6 +14,7 @@ each split stores fp32 partial sums in its own slice of a workspace, summed afte
 deterministic reduction (a single split stores dk, dv directly). Atomic mode: the splits add into
 fp32 buffers with atomics; no workspace, but the summation order varies run to run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,11 +56,22 @@ DKDV_CONFIGS = tile_configs(
 
 @triton.jit
 def _delta_kernel(
-    Out, dOut, Delta,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    num_heads, N_Q, HEAD_DIM,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Out,
+    dOut,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    num_heads,
+    N_Q,
+    HEAD_DIM,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, m] = Σ_d dO[b, h, m, d] · O[b, h, m, d] in fp32; Delta is contiguous (B, H, Nq).
 
@@ -71,31 +83,84 @@ def _delta_kernel(
     h = pid_bh % num_heads
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(dOut + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + offs_m[:, None] * stride_gm
-                 + offs_d[None, :] * stride_gd, mask=mask, other=0.0)
+    o = tl.load(
+        Out
+        + b.to(tl.int64) * stride_ob
+        + h.to(tl.int64) * stride_oh
+        + offs_m[:, None] * stride_om
+        + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        dOut
+        + b.to(tl.int64) * stride_gb
+        + h.to(tl.int64) * stride_gh
+        + offs_m[:, None] * stride_gm
+        + offs_d[None, :] * stride_gd,
+        mask=mask,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Bias, Lengths, dOut, Lse, Delta, dQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kg, stride_kh, stride_kn, stride_kd,
-    stride_vg, stride_vh, stride_vn, stride_vd,
-    stride_bg, stride_bh, stride_bm, stride_bn,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    num_heads, queries_per_group, qk_scale, sm_scale,
-    N_Q, N_K, HEAD_DIM, N_Q_BUCKET, N_K_BUCKET,
-    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    Lengths,
+    dOut,
+    Lse,
+    Delta,
+    dQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bg,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    num_heads,
+    queries_per_group,
+    qk_scale,
+    sm_scale,
+    N_Q,
+    N_K,
+    HEAD_DIM,
+    N_Q_BUCKET,
+    N_K_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """One program: dq of BLOCK_M query rows of one (b, h), looping over the valid keys of its group.
+    """One program: dq of BLOCK_M query rows of one (b, h), looping over the valid keys of its
+    group.
 
-    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H). N_Q_BUCKET, N_K_BUCKET only key the autotuning.
+    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H). N_Q_BUCKET, N_K_BUCKET only key the
+    autotuning.
     """
     pid_bh, start_m = flat_program(N_Q, BLOCK_M)
     b = pid_bh // num_heads
@@ -107,15 +172,38 @@ def _dq_kernel(
     row_ok = offs_m < N_Q
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
-    do = tl.load(dOut + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + offs_m[:, None] * stride_gm
-                 + offs_d[None, :] * stride_gd, mask=tile_ok, other=0.0)
-    lse2 = tl.load(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    q = tl.load(
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + offs_m[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=tile_ok,
+        other=0.0,
+    )
+    do = tl.load(
+        dOut
+        + b.to(tl.int64) * stride_gb
+        + h.to(tl.int64) * stride_gh
+        + offs_m[:, None] * stride_gm
+        + offs_d[None, :] * stride_gd,
+        mask=tile_ok,
+        other=0.0,
+    )
+    lse2 = (
+        tl.load(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
+        * 1.4426950408889634
+    )
     delta = tl.load(Delta + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + g.to(tl.int64) * stride_kg + h.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
-    vt_ptrs = V + g.to(tl.int64) * stride_vg + h.to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd
-    bias_ptrs = Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + offs_m[:, None] * stride_bm
+    k_ptrs = (
+        K + g.to(tl.int64) * stride_kg + h.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
+    )
+    vt_ptrs = (
+        V + g.to(tl.int64) * stride_vg + h.to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd
+    )
+    bias_ptrs = (
+        Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + offs_m[:, None] * stride_bm
+    )
     n_end = valid_key_count(Lengths, g, N_K, HAS_LENGTHS)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -125,38 +213,100 @@ def _dq_kernel(
         kv_mask = key_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
         kt = tl.load(k_ptrs + cols[None, :] * stride_kn, mask=kv_mask, other=0.0)
         vt = tl.load(vt_ptrs + cols[None, :] * stride_vn, mask=kv_mask, other=0.0)
-        s = block_scores(q, kt, bias_ptrs, offs_m, cols, key_ok, N_Q, qk_scale, stride_bn, HAS_BIAS, DOT_PRECISION)
+        s = block_scores(
+            q,
+            kt,
+            bias_ptrs,
+            offs_m,
+            cols,
+            key_ok,
+            N_Q,
+            qk_scale,
+            stride_bn,
+            HAS_BIAS,
+            DOT_PRECISION,
+        )
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
-    tl.store(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(dQ.dtype.element_ty), mask=tile_ok)
+    tl.store(
+        dQ
+        + b.to(tl.int64) * stride_dqb
+        + h.to(tl.int64) * stride_dqh
+        + offs_m[:, None] * stride_dqm
+        + offs_d[None, :] * stride_dqd,
+        (dq * sm_scale).to(dQ.dtype.element_ty),
+        mask=tile_ok,
+    )
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, Bias, Lengths, dOut, Lse, Delta, dK, dV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kg, stride_kh, stride_kn, stride_kd,
-    stride_vg, stride_vh, stride_vn, stride_vd,
-    stride_bg, stride_bh, stride_bm, stride_bn,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dks, stride_dkg, stride_dkh, stride_dkn, stride_dkd,
-    num_heads, queries_per_group, queries_per_split, qk_scale, sm_scale,
-    N_Q, N_K, HEAD_DIM, N_Q_BUCKET, N_K_BUCKET,
-    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    Lengths,
+    dOut,
+    Lse,
+    Delta,
+    dK,
+    dV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bg,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_dks,
+    stride_dkg,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    num_heads,
+    queries_per_group,
+    queries_per_split,
+    qk_scale,
+    sm_scale,
+    N_Q,
+    N_K,
+    HEAD_DIM,
+    N_Q_BUCKET,
+    N_K_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """One program: the dk, dv contributions to BLOCK_N keys of one (g, h) from one split of its queries.
+    """One program: the dk, dv contributions to BLOCK_N keys of one (g, h) from one split of its
+    queries.
 
     Launched on flat_grid(cdiv(N_K, BLOCK_N), G · H) extended by the splits on axis 1.
     Split s = program_id(1) covers queries g · QPG + s · queries_per_split onwards (QPG = B / G, the
     last split may be shorter). ATOMIC False: stores into slice s of dK / dV (stride_dks apart; a
     single split passes the (G, H, Nk, D) gradients themselves). ATOMIC True: atomically adds into
     fp32 (G, H, Nk, D) buffers. dK and dV share the strides stride_dk*. Key tiles at or past
-    key_lengths[g] skip the query loop (and store zeros). N_Q_BUCKET, N_K_BUCKET only key the autotuning.
+    key_lengths[g] skip the query loop (and store zeros). N_Q_BUCKET, N_K_BUCKET only key the
+    autotuning.
     """
     pid_gh, start_n = flat_program(N_K, BLOCK_N)
     g = pid_gh // num_heads
@@ -169,10 +319,24 @@ def _dkdv_kernel(
     key_ok = offs_n < n_end
     kv_mask = key_ok[:, None] & d_ok[None, :]
 
-    k = tl.load(K + g.to(tl.int64) * stride_kg + h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + g.to(tl.int64) * stride_vg + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = tl.load(
+        K
+        + g.to(tl.int64) * stride_kg
+        + h.to(tl.int64) * stride_kh
+        + offs_n[:, None] * stride_kn
+        + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V
+        + g.to(tl.int64) * stride_vg
+        + h.to(tl.int64) * stride_vh
+        + offs_n[:, None] * stride_vn
+        + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
     kt = tl.trans(k)
     vt = tl.trans(v)
     bias_base = Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh
@@ -182,9 +346,21 @@ def _dkdv_kernel(
     # No query work at all for a key tile that lies entirely past the group's length.
     m_end = tl.where(start_n < n_end, N_Q, 0)
 
-    q_base = Q + first_query.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd
-    do_base = dOut + first_query.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + offs_d[None, :] * stride_gd
-    row_base = (first_query.to(tl.int64) * num_heads + h) * N_Q  # offset of query row 0 in Lse / Delta
+    q_base = (
+        Q
+        + first_query.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + offs_d[None, :] * stride_qd
+    )
+    do_base = (
+        dOut
+        + first_query.to(tl.int64) * stride_gb
+        + h.to(tl.int64) * stride_gh
+        + offs_d[None, :] * stride_gd
+    )
+    row_base = (
+        first_query.to(tl.int64) * num_heads + h
+    ) * N_Q  # offset of query row 0 in Lse / Delta
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for _ in range(num_queries):
@@ -194,10 +370,23 @@ def _dkdv_kernel(
             tile_ok = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + rows[:, None] * stride_qm, mask=tile_ok, other=0.0)
             do = tl.load(do_base + rows[:, None] * stride_gm, mask=tile_ok, other=0.0)
-            lse2 = tl.load(Lse + row_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse2 = (
+                tl.load(Lse + row_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            )
             delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
-            s = block_scores(q, kt, bias_base + rows[:, None] * stride_bm, rows, offs_n, key_ok, N_Q, qk_scale,
-                             stride_bn, HAS_BIAS, DOT_PRECISION)
+            s = block_scores(
+                q,
+                kt,
+                bias_base + rows[:, None] * stride_bm,
+                rows,
+                offs_n,
+                key_ok,
+                N_Q,
+                qk_scale,
+                stride_bn,
+                HAS_BIAS,
+                DOT_PRECISION,
+            )
             p = tl.exp2(s - lse2[:, None])
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
@@ -207,8 +396,13 @@ def _dkdv_kernel(
         do_base += stride_gb
         row_base += num_heads * N_Q
 
-    out_offs = (split.to(tl.int64) * stride_dks + g.to(tl.int64) * stride_dkg + h.to(tl.int64) * stride_dkh
-                + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
+    out_offs = (
+        split.to(tl.int64) * stride_dks
+        + g.to(tl.int64) * stride_dkg
+        + h.to(tl.int64) * stride_dkh
+        + offs_n[:, None] * stride_dkn
+        + offs_d[None, :] * stride_dkd
+    )
     out_mask = (offs_n[:, None] < N_K) & d_ok[None, :]
     if ATOMIC:
         tl.atomic_add(dK + out_offs, dk * sm_scale, mask=out_mask)
@@ -219,16 +413,24 @@ def _dkdv_kernel(
 
 
 DQ_KERNEL = tiled_kernel(_dq_kernel, DQ_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"])
-DKDV_KERNEL = tiled_kernel(_dkdv_kernel, DKDV_CONFIGS,
-                           key=["HEAD_DIM", "queries_per_split", "HAS_BIAS", "HAS_LENGTHS", "ATOMIC"],
-                           reset_to_zero=["dK", "dV"])
+DKDV_KERNEL = tiled_kernel(
+    _dkdv_kernel,
+    DKDV_CONFIGS,
+    key=["HEAD_DIM", "queries_per_split", "HAS_BIAS", "HAS_LENGTHS", "ATOMIC"],
+    reset_to_zero=["dK", "dV"],
+)
 # Programs the deterministic dk/dv launch aims for, whatever the GPU: its split count, and so the
-# grouping of its partial sums, must not depend on the device's SM count (about two waves of an H100).
+# grouping of its partial sums, must not depend on the device's SM count (about two waves of an
+# H100).
 DETERMINISTIC_SPLIT_TARGET = 256
 
 
 def query_splits(
-    num_keys: int, groups_heads: int, queries_per_group: int, device: torch.device, deterministic: bool = True
+    num_keys: int,
+    groups_heads: int,
+    queries_per_group: int,
+    device: torch.device,
+    deterministic: bool = True,
 ) -> int:
     """How many splits to cut the B / G queries of a group into for the dk/dv kernel.
 
@@ -275,10 +477,12 @@ def attention_backward(
     full_bias, bias_strides = bias_view(bias, groups, heads, num_queries, num_keys)
     lengths = lengths_view(key_lengths, q.device)
     block_d = head_block(head_dim)
-    sm_scale = head_dim ** -0.5
+    sm_scale = head_dim**-0.5
     common = dict(
-        HAS_BIAS=full_bias is not None, HAS_LENGTHS=lengths is not None,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
+        HAS_BIAS=full_bias is not None,
+        HAS_LENGTHS=lengths is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=block_d,
     )
     bias_arg = q if full_bias is None else full_bias
     lengths_arg = lse if lengths is None else lengths
@@ -310,22 +514,78 @@ def attention_backward(
 
     with on_device(q):
         _delta_kernel[flat_grid(triton.cdiv(num_queries, DELTA_BLOCK_M), batch * heads)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(),
-            heads, num_queries, head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M,
+            out,
+            grad_out,
+            delta,
+            *out.stride(),
+            *grad_out.stride(),
+            heads,
+            num_queries,
+            head_dim,
+            BLOCK_D=block_d,
+            BLOCK_M=DELTA_BLOCK_M,
         )
         DQ_KERNEL.launch(
-            dq_grid, num_queries, num_keys,
-            q, k, v, bias_arg, lengths_arg, grad_out, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dq.stride(),
-            heads, queries_per_group, sm_scale * LOG2E, sm_scale,
-            num_queries, num_keys, head_dim, *buckets(num_queries, num_keys), **common,
+            dq_grid,
+            num_queries,
+            num_keys,
+            q,
+            k,
+            v,
+            bias_arg,
+            lengths_arg,
+            grad_out,
+            lse,
+            delta,
+            dq,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *bias_strides,
+            *grad_out.stride(),
+            *dq.stride(),
+            heads,
+            queries_per_group,
+            sm_scale * LOG2E,
+            sm_scale,
+            num_queries,
+            num_keys,
+            head_dim,
+            *buckets(num_queries, num_keys),
+            **common,
         )
         DKDV_KERNEL.launch(
-            dkdv_grid, num_queries, num_keys,
-            q, k, v, bias_arg, lengths_arg, grad_out, lse, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), split_stride, *grad_strides,
-            heads, queries_per_group, queries_per_split, sm_scale * LOG2E, sm_scale,
-            num_queries, num_keys, head_dim, *buckets(num_queries, num_keys), ATOMIC=atomic, **common,
+            dkdv_grid,
+            num_queries,
+            num_keys,
+            q,
+            k,
+            v,
+            bias_arg,
+            lengths_arg,
+            grad_out,
+            lse,
+            delta,
+            dk,
+            dv,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *bias_strides,
+            *grad_out.stride(),
+            split_stride,
+            *grad_strides,
+            heads,
+            queries_per_group,
+            queries_per_split,
+            sm_scale * LOG2E,
+            sm_scale,
+            num_queries,
+            num_keys,
+            head_dim,
+            *buckets(num_queries, num_keys),
+            ATOMIC=atomic,
+            **common,
         )
     if dk.dim() == 5:  # per-split partials; torch's reduction over dim 0 is deterministic
         dk, dv = dk.sum(0), dv.sum(0)

@@ -7,6 +7,7 @@ key_lengths (G,) int or None; bias additive and broadcastable to (G, H, Nq, Nk) 
 The forward returns out (B, H, Nq, D) in q's dtype and the natural-log log-sum-exp of each
 score row, lse (B, H, Nq) float32, which is +inf for a row that has no valid key.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-# triton.knobs (read below) first shipped in Triton 3.4 (it replaced the environment-variable reads of 3.3).
+# triton.knobs (read below) first shipped in Triton 3.4 (it replaced the environment-variable reads
+# of 3.3).
 MIN_TRITON_VERSION = (3, 4)
 # CUDA's limit on grid axis 0; axes 1 and 2 stop at 65,535, so every launch here puts its large
 # product of tiles and (batch, head) rows on axis 0 (see flat_grid).
@@ -30,21 +32,27 @@ MAX_GRID_AXIS12 = 65_535
 
 
 def check_triton_version(module: object) -> None:
-    """ImportError (one line) unless `module` (triton) is release MIN_TRITON_VERSION or newer and has triton.knobs."""
+    """ImportError (one line) unless `module` (triton) is release MIN_TRITON_VERSION or newer and
+    has triton.knobs."""
     version = str(getattr(module, "__version__", "unknown"))
     parts = re.match(r"(\d+)\.(\d+)", version)
     found = (int(parts[1]), int(parts[2])) if parts else (0, 0)
     if found < MIN_TRITON_VERSION or not hasattr(module, "knobs"):
         need = ".".join(map(str, MIN_TRITON_VERSION))
-        raise ImportError(f"promptseg's Triton kernels need triton>={need} (for triton.knobs), found triton {version}")
+        raise ImportError(
+            f"promptseg's Triton kernels need triton>={need} (for triton.knobs), found triton "
+            f"{version}"
+        )
 
 
 check_triton_version(triton)
-# True when this module's kernels were built for the CPU interpreter (decided by triton.jit at import).
+# True when this module's kernels were built for the CPU interpreter (decided by triton.jit at
+# import).
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 LOG2E: float = math.log2(math.e)
 MAX_HEAD_DIM = 128
-# The one tile (BLOCK_M = BLOCK_N) used under the interpreter: larger tiles mean fewer emulated programs.
+# The one tile (BLOCK_M = BLOCK_N) used under the interpreter: larger tiles mean fewer emulated
+# programs.
 INTERPRET_TILE = 32
 
 
@@ -63,18 +71,27 @@ def tile_configs(gpu_tiles: list[Tile], hopper_tiles: list[Tile]) -> list[triton
     the (slow, numpy-emulated) launches; test shapes of a few dozen rows still cross block tails.
     """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": INTERPRET_TILE, "BLOCK_N": INTERPRET_TILE}, num_warps=1, num_stages=1)]
+        return [
+            triton.Config(
+                {"BLOCK_M": INTERPRET_TILE, "BLOCK_N": INTERPRET_TILE}, num_warps=1, num_stages=1
+            )
+        ]
     tiles = gpu_tiles + (hopper_tiles if is_hopper() else [])
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in tiles
+    ]
 
 
-# PROMPTSEG_TRITON_AUTOTUNE=0: every launch takes the fixed heuristic tile (`fixed_config`) instead of
+# PROMPTSEG_TRITON_AUTOTUNE=0: every launch takes the fixed heuristic tile (`fixed_config`) instead
+# of
 # benchmarking the tiles on first use: no tuning latency, and the same tiles in every process.
 AUTOTUNE_ENV = "PROMPTSEG_TRITON_AUTOTUNE"
 
 
 def autotuning_enabled() -> bool:
-    """Whether launches autotune their tiles (unset or anything but "0" in PROMPTSEG_TRITON_AUTOTUNE)."""
+    """Whether launches autotune their tiles (unset or anything but "0" in
+    PROMPTSEG_TRITON_AUTOTUNE)."""
     return os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
 
 
@@ -84,17 +101,25 @@ def shape_bucket(length: int) -> int:
     return triton.next_power_of_2(max(int(length), 1))
 
 
-def prune_tiles(configs: list[triton.Config], named_args: dict[str, Any], **_: Any) -> list[triton.Config]:
+def prune_tiles(
+    configs: list[triton.Config], named_args: dict[str, Any], **_: Any
+) -> list[triton.Config]:
     """Autotuner early_config_prune: the tiles no larger than the bucketed query count (BLOCK_M)
-    and key count (BLOCK_N) need (16 at least), in their listed order; the smallest tile when none fits."""
+    and key count (BLOCK_N) need (16 at least), in their listed order; the smallest tile when none
+    fits."""
     rows, cols = max(16, named_args["N_Q_BUCKET"]), max(16, named_args["N_K_BUCKET"])
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= cols]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
+    return kept or [
+        min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))
+    ]
 
 
 def fixed_config(configs: list[triton.Config], num_queries: int, num_keys: int) -> triton.Config:
-    """The heuristic tile used without autotuning: the first listed tile that `prune_tiles` keeps."""
-    return prune_tiles(configs, {"N_Q_BUCKET": shape_bucket(num_queries), "N_K_BUCKET": shape_bucket(num_keys)})[0]
+    """The heuristic tile used without autotuning: the first listed tile that `prune_tiles`
+    keeps."""
+    return prune_tiles(
+        configs, {"N_Q_BUCKET": shape_bucket(num_queries), "N_K_BUCKET": shape_bucket(num_keys)}
+    )[0]
 
 
 @dataclass(frozen=True)
@@ -106,22 +131,40 @@ class TiledKernel:
     tuned: Any  # triton.runtime.Autotuner over `raw`
     configs: list[triton.Config]
 
-    def launch(self, grid: Callable[[dict], tuple[int, ...]], num_queries: int, num_keys: int,
-               *args: Any, **kwargs: Any) -> None:
+    def launch(
+        self,
+        grid: Callable[[dict], tuple[int, ...]],
+        num_queries: int,
+        num_keys: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         """Run on `grid` with positional `args` ending in N_Q_BUCKET, N_K_BUCKET (callers append
         `buckets(num_queries, num_keys)`) and constexpr `kwargs`."""
         if autotuning_enabled():
             self.tuned[grid](*args, **kwargs)
             return
         config = fixed_config(self.configs, num_queries, num_keys)
-        self.raw[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        self.raw[grid](
+            *args,
+            **kwargs,
+            **config.kwargs,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
 
 
-def tiled_kernel(raw: Any, configs: list[triton.Config], key: list[str], **autotune: Any) -> TiledKernel:
+def tiled_kernel(
+    raw: Any, configs: list[triton.Config], key: list[str], **autotune: Any
+) -> TiledKernel:
     """TiledKernel of jitted `raw` over `configs`; `key` names its other autotuning arguments
     (N_Q_BUCKET and N_K_BUCKET are always part of the key)."""
-    tuned = triton.autotune(configs=configs, key=["N_Q_BUCKET", "N_K_BUCKET", *key],
-                            prune_configs_by={"early_config_prune": prune_tiles}, **autotune)(raw)
+    tuned = triton.autotune(
+        configs=configs,
+        key=["N_Q_BUCKET", "N_K_BUCKET", *key],
+        prune_configs_by={"early_config_prune": prune_tiles},
+        **autotune,
+    )(raw)
     return TiledKernel(raw, tuned, configs)
 
 
@@ -136,7 +179,8 @@ def head_block(head_dim: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products for fp32 inputs (parity with PyTorch), default otherwise."""
+    """tl.dot input precision: exact fp32 products for fp32 inputs (parity with PyTorch), default
+    otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -153,10 +197,13 @@ def on_device(tensor: torch.Tensor) -> Iterator[None]:
 def bias_view(
     bias: torch.Tensor | None, groups: int, heads: int, num_queries: int, num_keys: int
 ) -> tuple[torch.Tensor | None, tuple[int, int, int, int]]:
-    """The bias as a (G, H, Nq, Nk) view (stride 0 on broadcast dims) and its strides; (None, zeros) without bias."""
+    """The bias as a (G, H, Nq, Nk) view (stride 0 on broadcast dims) and its strides; (None, zeros)
+    without bias."""
     if bias is None:
         return None, (0, 0, 0, 0)
-    full = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(groups, heads, num_queries, num_keys)
+    full = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(
+        groups, heads, num_queries, num_keys
+    )
     return full, tuple(full.stride())
 
 
@@ -168,15 +215,19 @@ def lengths_view(key_lengths: torch.Tensor | None, device: torch.device) -> torc
 
 
 def flat_grid(tiles: int, rows: int) -> tuple[int]:
-    """A 1-D launch grid of `tiles` programs for each of `rows` rows (B·H or G·H), tile index fastest.
+    """A 1-D launch grid of `tiles` programs for each of `rows` rows (B·H or G·H), tile index
+    fastest.
 
-    Everything sits on axis 0 (up to 2**31 - 1 programs) rather than rows on axis 1, where CUDA stops
-    at 65,535; the order of programs is that of a (tiles, rows) grid, so neighbouring programs still
-    share one (b, h) and its keys. ValueError when even axis 0 cannot hold them.
+    Everything sits on axis 0 (up to 2**31 - 1 programs) rather than rows on axis 1, where CUDA
+    stops at 65,535; the order of programs is that of a (tiles, rows) grid, so neighbouring programs
+    still share one (b, h) and its keys. ValueError when even axis 0 cannot hold them.
     """
     programs = tiles * rows
     if programs > MAX_GRID_AXIS0:
-        raise ValueError(f"{tiles} tiles x {rows} (batch, head) rows = {programs} programs exceed CUDA's grid limit")
+        raise ValueError(
+            f"{tiles} tiles x {rows} (batch, head) rows = {programs} programs exceed CUDA's grid "
+            "limit"
+        )
     return (programs,)
 
 
@@ -189,9 +240,21 @@ def flat_program(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def block_scores(q, kt, bias_ptrs, rows, cols, key_ok, N_Q, qk_scale,
-                 stride_bn, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scores of a query tile q (BLOCK_M, BLOCK_D) against a transposed key tile kt (BLOCK_D, BLOCK_N).
+def block_scores(
+    q,
+    kt,
+    bias_ptrs,
+    rows,
+    cols,
+    key_ok,
+    N_Q,
+    qk_scale,
+    stride_bn,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Scores of a query tile q (BLOCK_M, BLOCK_D) against a transposed key tile kt (BLOCK_D,
+    BLOCK_N).
 
     Returns (BLOCK_M, BLOCK_N) fp32 (q kᵀ · scale + bias) · log2(e), i.e. in the log2 domain
     (qk_scale = scale · log2(e)), with -inf where key_ok is False. bias_ptrs (BLOCK_M, 1) point at
@@ -199,7 +262,11 @@ def block_scores(q, kt, bias_ptrs, rows, cols, key_ok, N_Q, qk_scale,
     """
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
-        b = tl.load(bias_ptrs + cols[None, :] * stride_bn, mask=(rows[:, None] < N_Q) & key_ok[None, :], other=0.0)
+        b = tl.load(
+            bias_ptrs + cols[None, :] * stride_bn,
+            mask=(rows[:, None] < N_Q) & key_ok[None, :],
+            other=0.0,
+        )
         s += b.to(tl.float32) * 1.4426950408889634
     return tl.where(key_ok[None, :], s, float("-inf"))
 
@@ -221,20 +288,53 @@ FORWARD_CONFIGS = tile_configs(
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, Bias, Lengths, Out, Lse,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kg, stride_kh, stride_kn, stride_kd,
-    stride_vg, stride_vh, stride_vn, stride_vd,
-    stride_bg, stride_bh, stride_bm, stride_bn,
-    stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, queries_per_group, qk_scale,
-    N_Q, N_K, HEAD_DIM, N_Q_BUCKET, N_K_BUCKET,
-    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    Lengths,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bg,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    num_heads,
+    queries_per_group,
+    qk_scale,
+    N_Q,
+    N_K,
+    HEAD_DIM,
+    N_Q_BUCKET,
+    N_K_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (b, h); online softmax over the valid keys of group b // QPG.
+    """One program: BLOCK_M query rows of one (b, h); online softmax over the valid keys of group b
+    // QPG.
 
-    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H). N_Q_BUCKET, N_K_BUCKET only key the autotuning.
+    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H). N_Q_BUCKET, N_K_BUCKET only key the
+    autotuning.
     """
     pid_bh, start_m = flat_program(N_Q, BLOCK_M)
     b = pid_bh // num_heads
@@ -246,12 +346,23 @@ def _forward_kernel(
     row_ok = offs_m < N_Q
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q_ptrs = (
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + offs_m[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_ptrs = K + g.to(tl.int64) * stride_kg + h.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
-    v_ptrs = V + g.to(tl.int64) * stride_vg + h.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
-    bias_ptrs = Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + offs_m[:, None] * stride_bm
+    k_ptrs = (
+        K + g.to(tl.int64) * stride_kg + h.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
+    )
+    v_ptrs = (
+        V + g.to(tl.int64) * stride_vg + h.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    )
+    bias_ptrs = (
+        Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + offs_m[:, None] * stride_bm
+    )
     n_end = valid_key_count(Lengths, g, N_K, HAS_LENGTHS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -260,28 +371,54 @@ def _forward_kernel(
     for start_n in range(0, n_end, BLOCK_N):
         cols = start_n + offs_n
         key_ok = cols < n_end
-        kt = tl.load(k_ptrs + cols[None, :] * stride_kn, mask=key_ok[None, :] & d_ok[:, None], other=0.0)
-        s = block_scores(q, kt, bias_ptrs, offs_m, cols, key_ok, N_Q, qk_scale, stride_bn, HAS_BIAS, DOT_PRECISION)
+        kt = tl.load(
+            k_ptrs + cols[None, :] * stride_kn, mask=key_ok[None, :] & d_ok[:, None], other=0.0
+        )
+        s = block_scores(
+            q,
+            kt,
+            bias_ptrs,
+            offs_m,
+            cols,
+            key_ok,
+            N_Q,
+            qk_scale,
+            stride_bn,
+            HAS_BIAS,
+            DOT_PRECISION,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row whose scores so far are all -inf (bias -inf) keeps a finite reference so exp2 gives 0, not NaN.
+        # A row whose scores so far are all -inf (bias -inf) keeps a finite reference so exp2 gives
+        # 0, not NaN.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
-        v = tl.load(v_ptrs + cols[:, None] * stride_vn, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(
+            v_ptrs + cols[:, None] * stride_vn, mask=key_ok[:, None] & d_ok[None, :], other=0.0
+        )
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+    lse = tl.where(
+        empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    )
+    o_ptrs = (
+        Out
+        + b.to(tl.int64) * stride_ob
+        + h.to(tl.int64) * stride_oh
+        + offs_m[:, None] * stride_om
+        + offs_d[None, :] * stride_od
+    )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
 
 
-FORWARD_KERNEL = tiled_kernel(_forward_kernel, FORWARD_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"])
+FORWARD_KERNEL = tiled_kernel(
+    _forward_kernel, FORWARD_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"]
+)
 
 
 def attention_forward(
@@ -291,10 +428,12 @@ def attention_forward(
     key_lengths: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel (absent bias / key_lengths are passed as never-read placeholder pointers).
+    """Launch the forward kernel (absent bias / key_lengths are passed as never-read placeholder
+    pointers).
 
-    q (B, H, Nq, D); k, v (G, H, Nk, D); key_lengths (G,) or None; bias broadcastable to (G, H, Nq, Nk) or None.
-    Returns out (B, H, Nq, D) contiguous in q's dtype and lse (B, H, Nq) float32 (+inf on rows without valid keys).
+    q (B, H, Nq, D); k, v (G, H, Nk, D); key_lengths (G,) or None; bias broadcastable to (G, H, Nq,
+    Nk) or None. Returns out (B, H, Nq, D) contiguous in q's dtype and lse (B, H, Nq) float32 (+inf
+    on rows without valid keys).
     """
     batch, heads, num_queries, head_dim = q.shape
     groups, _, num_keys, _ = k.shape
@@ -308,12 +447,31 @@ def attention_forward(
 
     with on_device(q):
         FORWARD_KERNEL.launch(
-            grid, num_queries, num_keys,
-            q, k, v, q if full_bias is None else full_bias, lse if lengths is None else lengths, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
-            heads, batch // groups, head_dim ** -0.5 * LOG2E,
-            num_queries, num_keys, head_dim, *buckets(num_queries, num_keys),
-            HAS_BIAS=full_bias is not None, HAS_LENGTHS=lengths is not None,
-            DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=head_block(head_dim),
+            grid,
+            num_queries,
+            num_keys,
+            q,
+            k,
+            v,
+            q if full_bias is None else full_bias,
+            lse if lengths is None else lengths,
+            out,
+            lse,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *bias_strides,
+            *out.stride(),
+            heads,
+            batch // groups,
+            head_dim**-0.5 * LOG2E,
+            num_queries,
+            num_keys,
+            head_dim,
+            *buckets(num_queries, num_keys),
+            HAS_BIAS=full_bias is not None,
+            HAS_LENGTHS=lengths is not None,
+            DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_D=head_block(head_dim),
         )
     return out, lse

@@ -3,6 +3,7 @@
 Every attention call goes through `promptseg.kernels.cross_attention`, so the kernel (reference,
 SDPA, Triton) is one setting and nothing else changes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,9 +44,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def project_keys(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_keys(
+        self, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values (G, Nk, C) -> k, v (G, H, Nk, D)."""
-        return split_heads(self.k_proj(keys), self.head_dim), split_heads(self.v_proj(values), self.head_dim)
+        return split_heads(self.k_proj(keys), self.head_dim), split_heads(
+            self.v_proj(values), self.head_dim
+        )
 
     def forward(
         self,
@@ -57,7 +62,9 @@ class Attention(nn.Module):
         own_v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q = split_heads(self.q_proj(x), self.head_dim)
-        out = cross_attention(q, k, v, key_lengths=key_lengths, kernel=self.kernel, own_k=own_k, own_v=own_v)
+        out = cross_attention(
+            q, k, v, key_lengths=key_lengths, kernel=self.kernel, own_k=own_k, own_v=own_v
+        )
         return self.out_proj(merge_heads(out))
 
 
@@ -85,8 +92,11 @@ class QueryPromptBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio)
 
-    def prompt_keys(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt tokens (G, Nk, C) -> this block's k, v (G, H, Nk, D); depends only on the prompts."""
+    def prompt_keys(
+        self, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt tokens (G, Nk, C) -> this block's k, v (G, H, Nk, D); depends only on the
+        prompts."""
         return self.cross_attention.project_keys(keys, values)
 
     def forward(
@@ -108,7 +118,8 @@ class QueryPromptBlock(nn.Module):
 class PromptBottleneck(nn.Module):
     """Information bottleneck: M learned latents attend to the prompt tokens of each group.
 
-    keys, values (G, Nk, C) with key_lengths (G,) -> latent tokens (G, M, C), used as keys and values.
+    keys, values (G, Nk, C) with key_lengths (G,) -> latent tokens (G, M, C), used as keys and
+    values.
     """
 
     def __init__(self, dim: int, head_dim: int, tokens: int, mlp_ratio: float) -> None:
@@ -118,7 +129,9 @@ class PromptBottleneck(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio)
 
-    def forward(self, keys: torch.Tensor, values: torch.Tensor, key_lengths: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, keys: torch.Tensor, values: torch.Tensor, key_lengths: torch.Tensor | None
+    ) -> torch.Tensor:
         groups = keys.shape[0]
         latents = self.latents.unsqueeze(0).expand(groups, -1, -1)
         k, v = self.attention.project_keys(keys, values)

@@ -1,4 +1,5 @@
 """Model configuration, serialised as JSON beside every checkpoint."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,9 @@ def _check_int(name: str, value: Any, low: int, high: int) -> None:
 def _check_ints(name: str, values: Any, low: int, high: int, max_count: int) -> None:
     """ValueError unless `values` is a tuple of 1..max_count ints in low..high."""
     if not isinstance(values, tuple) or not 1 <= len(values) <= max_count:
-        raise ValueError(f"{name} must be a list of 1 to {max_count} integers, got {values!r}"[:200])
+        raise ValueError(
+            f"{name} must be a list of 1 to {max_count} integers, got {values!r}"[:200]
+        )
     for value in values:
         _check_int(f"{name} entry", value, low, high)
 
@@ -48,13 +51,13 @@ class ModelConfig:
     at each attention stage, a label-propagation prior (promptseg.model.propagation) that feeds the
     decoder and, from the first attention stage, the output logits.
 
-    `architecture` "conv" is that design; "vit" is the PromptSeg paper's (promptseg.model.vit): a ViT
-    image encoder (patch_size, encoder_depth, encoder_width) and a transformer of attention_depth
-    layers of decoder_width over prompt-pair and query tokens, with resolution, in_channels,
-    head_dim, mlp_ratio, bottleneck_tokens, max_prompts and num_prompt_types as above; widths,
-    blocks_per_stage and attention_stages are unused and label_propagation must be false. The
-    architecture fields are left out of `to_dict` at their defaults, so configs of the conv design
-    serialise as before.
+    `architecture` "conv" is that design; "vit" is the PromptSeg paper's (promptseg.model.vit): a
+    ViT image encoder (patch_size, encoder_depth, encoder_width) and a transformer of
+    attention_depth layers of decoder_width over prompt-pair and query tokens, with resolution,
+    in_channels, head_dim, mlp_ratio, bottleneck_tokens, max_prompts and num_prompt_types as above;
+    widths, blocks_per_stage and attention_stages are unused and label_propagation must be false.
+    The architecture fields are left out of `to_dict` at their defaults, so configs of the conv
+    design serialise as before.
 
     `sparse_unknown` (conv design with label propagation): the prior treats the prompt tokens a
     click or scribble does not touch as unknown (label 0.5) instead of background (label 0); it
@@ -83,8 +86,12 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        """Check every field's type and range (TypeError or ValueError naming the field) before anything is built."""
-        for name in ("widths", "attention_stages"):  # lists (from JSON or a caller) are kept as tuples
+        """Check every field's type and range (TypeError or ValueError naming the field) before
+        anything is built."""
+        for name in (
+            "widths",
+            "attention_stages",
+        ):  # lists (from JSON or a caller) are kept as tuples
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, (low, high) in INT_RANGES.items():
@@ -92,12 +99,21 @@ class ModelConfig:
         _check_ints("widths", self.widths, *WIDTH_RANGE, MAX_STAGES)
         _check_ints("attention_stages", self.attention_stages, 0, MAX_STAGES - 1, MAX_STAGES)
         if len(set(self.attention_stages)) != len(self.attention_stages):
-            raise ValueError(f"attention_stages must not repeat a stage, got {list(self.attention_stages)}")
+            raise ValueError(
+                f"attention_stages must not repeat a stage, got {list(self.attention_stages)}"
+            )
         ratio = self.mlp_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or not math.isfinite(ratio)
+        ):
             raise ValueError(f"mlp_ratio must be a finite number, got {ratio!r}"[:200])
         if not MLP_RATIO_RANGE[0] < ratio <= MLP_RATIO_RANGE[1]:
-            raise ValueError(f"mlp_ratio must lie in ({MLP_RATIO_RANGE[0]:g}, {MLP_RATIO_RANGE[1]:g}], got {ratio:g}")
+            raise ValueError(
+                f"mlp_ratio must lie in ({MLP_RATIO_RANGE[0]:g}, {MLP_RATIO_RANGE[1]:g}], got "
+                f"{ratio:g}"
+            )
         for name in ("label_propagation", "sparse_unknown"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}"[:200])
@@ -107,22 +123,34 @@ class ModelConfig:
             check_vit_config(self)
             return
         if self.resolution % (2 ** len(self.widths)) != 0:
-            raise ValueError(f"resolution {self.resolution} must be a multiple of {2 ** len(self.widths)}")
+            raise ValueError(
+                f"resolution {self.resolution} must be a multiple of {2 ** len(self.widths)}"
+            )
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.label_propagation and self.bottleneck_tokens > 0:
-            raise ValueError("label_propagation needs every prompt token; set label_propagation to false to use bottleneck_tokens")
+            raise ValueError(
+                "label_propagation needs every prompt token; set label_propagation to false to use "
+                "bottleneck_tokens"
+            )
         for stage in self.attention_stages:
             if not 0 <= stage < len(self.widths):
-                raise ValueError(f"attention_stages: stage {stage} outside 0..{len(self.widths) - 1}")
+                raise ValueError(
+                    f"attention_stages: stage {stage} outside 0..{len(self.widths) - 1}"
+                )
             if self.widths[stage] % self.head_dim != 0:
-                raise ValueError(f"width {self.widths[stage]} is not a multiple of head_dim {self.head_dim}")
+                raise ValueError(
+                    f"width {self.widths[stage]} is not a multiple of head_dim {self.head_dim}"
+                )
             if int(self.widths[stage] * ratio) < 1:
-                raise ValueError(f"mlp_ratio {ratio:g} leaves no hidden units at width {self.widths[stage]}")
+                raise ValueError(
+                    f"mlp_ratio {ratio:g} leaves no hidden units at width {self.widths[stage]}"
+                )
 
     @property
     def encoding_entries(self) -> tuple[str, ...]:
-        """Names of the cached (k, v) pairs of one attention stage: its blocks, then the propagation."""
+        """Names of the cached (k, v) pairs of one attention stage: its blocks, then the
+        propagation."""
         blocks = tuple(f"b{block}" for block in range(self.attention_depth))
         return blocks + (("propagation",) if self.label_propagation else ())
 
@@ -156,7 +184,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
-        """A config from JSON text; ValueError on invalid JSON (also nesting too deep to parse) or values."""
+        """A config from JSON text; ValueError on invalid JSON (also nesting too deep to parse) or
+        values."""
         try:
             data = json.loads(text)
         except RecursionError:
@@ -167,10 +196,18 @@ class ModelConfig:
 # Fields of the second architecture with their defaults (left out of ModelConfig.to_dict at these
 # values) and the ranges of its integer fields.
 ARCHITECTURE_FIELDS: dict[str, Any] = {
-    "sparse_unknown": False, "architecture": "conv", "patch_size": 16, "encoder_depth": 12, "encoder_width": 768, "decoder_width": 768,
+    "sparse_unknown": False,
+    "architecture": "conv",
+    "patch_size": 16,
+    "encoder_depth": 12,
+    "encoder_width": 768,
+    "decoder_width": 768,
 }
 VIT_INT_RANGES: dict[str, tuple[int, int]] = {
-    "patch_size": (1, 256), "encoder_depth": (0, 64), "encoder_width": (1, 4096), "decoder_width": (1, 4096),
+    "patch_size": (1, 256),
+    "encoder_depth": (0, 64),
+    "encoder_width": (1, 4096),
+    "decoder_width": (1, 4096),
 }
 
 
@@ -187,12 +224,18 @@ def check_vit_config(config: ModelConfig) -> None:
     if config.in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {config.in_channels}")
     if config.resolution % config.patch_size != 0:
-        raise ValueError(f"resolution {config.resolution} must be a multiple of patch_size {config.patch_size}")
+        raise ValueError(
+            f"resolution {config.resolution} must be a multiple of patch_size {config.patch_size}"
+        )
     if config.label_propagation:
-        raise ValueError("architecture vit has no label propagation; set label_propagation to false")
+        raise ValueError(
+            "architecture vit has no label propagation; set label_propagation to false"
+        )
     for name in ("encoder_width", "decoder_width"):
         width = getattr(config, name)
         if width % config.head_dim != 0:
             raise ValueError(f"{name} {width} is not a multiple of head_dim {config.head_dim}")
         if int(width * config.mlp_ratio) < 1:
-            raise ValueError(f"mlp_ratio {config.mlp_ratio:g} leaves no hidden units at {name} {width}")
+            raise ValueError(
+                f"mlp_ratio {config.mlp_ratio:g} leaves no hidden units at {name} {width}"
+            )

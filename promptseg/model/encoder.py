@@ -1,4 +1,6 @@
-"""The shared image encoder: (image, prompt map, prompt type) -> features at strides 2, 4, 8, 16, ..."""
+"""The shared image encoder: (image, prompt map, prompt type) -> features at strides 2, 4, 8, 16,
+..."""
+
 from __future__ import annotations
 
 import torch
@@ -23,12 +25,16 @@ class SharedEncoder(nn.Module):
         nn.init.normal_(self.type_embedding.weight, std=0.02)
         stages = []
         for index, width in enumerate(widths):
-            layers: list[nn.Module] = [] if index == 0 else [ConvNormAct(widths[index - 1], width, stride=2)]
+            layers: list[nn.Module] = (
+                [] if index == 0 else [ConvNormAct(widths[index - 1], width, stride=2)]
+            )
             layers += [ResidualBlock(width) for _ in range(config.blocks_per_stage)]
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor
+    ) -> list[torch.Tensor]:
         x = torch.cat([images * 2.0 - 1.0, maps.unsqueeze(1) * 2.0 - 1.0], dim=1)
         x = self.stem(x) + self.type_embedding(types)[:, :, None, None]
         features = []

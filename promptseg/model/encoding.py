@@ -1,4 +1,6 @@
-"""PromptEncoding: what the query side needs from encoded prompt sets, the unit the engine caches."""
+"""PromptEncoding: what the query side needs from encoded prompt sets, the unit the engine
+caches."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,6 @@
-"""Building blocks of the convolutional model: residual and upsampling blocks, prompt tokenizer, 2D positions."""
+"""Building blocks of the convolutional model: residual and upsampling blocks, prompt tokenizer, 2D
+positions."""
+
 from __future__ import annotations
 
 import math
@@ -15,7 +17,8 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResidualBlock(nn.Module):
-    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x)))))). (N, C, H, W) -> same."""
+    """Pre-activation residual block: x + conv(act(norm(conv(act(norm(x)))))). (N, C, H, W) ->
+    same."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -43,13 +46,18 @@ class ConvNormAct(nn.Sequential):
         )
 
 
-def sincos_position_encoding(height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def sincos_position_encoding(
+    height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Fixed 2D sine-cosine encoding of a grid in normalised coordinates. Returns (H * W, dim).
 
     Coordinates are pixel centres in [0, 1], so the encoding does not depend on the resolution.
     """
     quarter = dim // 4
-    freqs = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(1000.0) / max(quarter, 1)))
+    freqs = torch.exp(
+        torch.arange(quarter, device=device, dtype=torch.float32)
+        * (-math.log(1000.0) / max(quarter, 1))
+    )
     freqs = freqs * (2 * math.pi)
     ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
     xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
@@ -63,7 +71,8 @@ def sincos_position_encoding(height: int, width: int, dim: int, device: torch.de
 
 
 class UpBlock(nn.Module):
-    """Upsample x2, concatenate the skip, fuse: (N, C_in, h, w) + (N, C_skip, 2h, 2w) -> (N, C_out, 2h, 2w)."""
+    """Upsample x2, concatenate the skip, fuse: (N, C_in, h, w) + (N, C_skip, 2h, 2w) -> (N, C_out,
+    2h, 2w)."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()

@@ -1,4 +1,6 @@
-"""Segmentation loss of the model: binary cross-entropy plus soft Dice (training and test-time adaptation)."""
+"""Segmentation loss of the model: binary cross-entropy plus soft Dice (training and test-time
+adaptation)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,16 +15,20 @@ def soft_dice(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> t
     return (2 * intersection + eps) / (total + eps)
 
 
-def segmentation_losses(logits: torch.Tensor, targets: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
-    """Per-image BCE (mean over pixels) + dice_weight * (1 - soft Dice) of logits, targets (B, H, W).
-    Returns (B,) float32."""
+def segmentation_losses(
+    logits: torch.Tensor, targets: torch.Tensor, dice_weight: float = 1.0
+) -> torch.Tensor:
+    """Per-image BCE (mean over pixels) + dice_weight * (1 - soft Dice) of logits, targets (B, H,
+    W). Returns (B,) float32."""
     logits = logits.float()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(1)
     dice = soft_dice(torch.sigmoid(logits), targets)
     return bce + dice_weight * (1.0 - dice)
 
 
-def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, dice_weight: float = 1.0
+) -> torch.Tensor:
     """Mean BCE + dice_weight * (1 - soft Dice) over logits, targets (B, H, W) (the mean of
     `segmentation_losses`; images share one size, so the pixel mean of BCE is the image mean)."""
     return segmentation_losses(logits, targets, dice_weight).mean()

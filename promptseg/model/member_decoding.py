@@ -88,7 +88,8 @@ def decode_feature_mean(
     """One decode of the members' mean: `model.query_features(queries)` and queries (B, C, R, R)
     attend to every group of every encoding in `groups` (M groups in all); the attended features
     of each attention stage and the label-propagation priors are averaged over the M members, and
-    the upsampling path runs once -> logits (B, R, R). With one member this is model.decode_features.
+    the upsampling path runs once -> logits (B, R, R). With one member this is
+    model.decode_features.
     """
     count = queries.shape[0]
     members = sum(p.groups for p in groups)
@@ -109,7 +110,9 @@ def decode_feature_mean(
     x = averaged[-1]
     for up, skip in zip(model.query_decoder.ups, reversed(averaged[:-1])):
         x = up(x, skip)
-    logits = model.query_decoder.head(model.query_decoder.full_resolution(x, queries * 2.0 - 1.0)).squeeze(1)
+    logits = model.query_decoder.head(
+        model.query_decoder.full_resolution(x, queries * 2.0 - 1.0)
+    ).squeeze(1)
     if prior_sum is not None:
         prior = F.interpolate(
             prior_sum / members, size=logits.shape[-2:], mode="bilinear", align_corners=False

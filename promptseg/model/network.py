@@ -13,6 +13,7 @@ One forward pass, read top to bottom in this file (docs/design.md section 1):
 The blocks are primitives beside this file (layers.py, attention.py, propagation.py, encoder.py).
 The paper's ViT design (vit.py) is the same interface, chosen by `ModelConfig.architecture`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,11 +37,19 @@ class PromptTokenizers(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.tokenizers = nn.ModuleList(PromptTokenizer(config.widths[s]) for s in config.attention_stages)
-        self.bottlenecks = nn.ModuleList(
-            PromptBottleneck(config.widths[s], config.head_dim, config.bottleneck_tokens, config.mlp_ratio)
-            for s in config.attention_stages
-        ) if config.bottleneck_tokens > 0 else None
+        self.tokenizers = nn.ModuleList(
+            PromptTokenizer(config.widths[s]) for s in config.attention_stages
+        )
+        self.bottlenecks = (
+            nn.ModuleList(
+                PromptBottleneck(
+                    config.widths[s], config.head_dim, config.bottleneck_tokens, config.mlp_ratio
+                )
+                for s in config.attention_stages
+            )
+            if config.bottleneck_tokens > 0
+            else None
+        )
 
 
 class UpsamplingDecoder(nn.Module):
@@ -101,9 +110,13 @@ class PromptSegNet(nn.Module):
             )
             for s in config.attention_stages
         )
-        self.propagations = nn.ModuleList(
-            LabelPropagation(config.widths[s], config.head_dim) for s in config.attention_stages
-        ) if config.label_propagation else None
+        self.propagations = (
+            nn.ModuleList(
+                LabelPropagation(config.widths[s], config.head_dim) for s in config.attention_stages
+            )
+            if config.label_propagation
+            else None
+        )
         self.prompt_encoder = PromptTokenizers(config)
         self.query_decoder = UpsamplingDecoder(config)
         self.set_attention_kernel("sdpa")
@@ -121,7 +134,9 @@ class PromptSegNet(nn.Module):
         the model to its device first.
         """
         if kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+            raise ValueError(
+                f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}"
+            )
         check_kernel_device(kernel, next(self.parameters()).device)
         self._attention_kernel = kernel
         for module in self.modules():
@@ -133,12 +148,18 @@ class PromptSegNet(nn.Module):
         """Raise ValueError unless images (G, K, C, R, R), maps (G, K, R, R), types (G, K) agree."""
         if images.dim() != 5 or images.shape[2] != self.config.in_channels:
             raise ValueError(
-                f"prompt images must be (G, K, {self.config.in_channels}, R, R), got {tuple(images.shape)}"
+                f"prompt images must be (G, K, {self.config.in_channels}, R, R), got "
+                f"{tuple(images.shape)}"
             )
         if maps.shape != images.shape[:2] + images.shape[3:] or types.shape != images.shape[:2]:
-            raise ValueError(f"prompt maps {tuple(maps.shape)} / types {tuple(types.shape)} do not match images")
+            raise ValueError(
+                f"prompt maps {tuple(maps.shape)} / types {tuple(types.shape)} do not match images"
+            )
         if not 1 <= images.shape[1] <= self.config.max_prompts:
-            raise ValueError(f"between 1 and {self.config.max_prompts} prompts are supported, got {images.shape[1]}")
+            raise ValueError(
+                f"between 1 and {self.config.max_prompts} prompts are supported, got "
+                f"{images.shape[1]}"
+            )
 
     def encode_prompts(
         self,
@@ -182,17 +203,22 @@ class PromptSegNet(nn.Module):
             key_features, value_features = both[stage][:count], both[stage][count:]
             _, c, h, w = key_features.shape
             pos = sincos_position_encoding(h, w, c, key_features.device, key_features.dtype)
-            keys, values = tokens_side.tokenizers[index](key_features, value_features, flat_maps, pos, groups)
+            keys, values = tokens_side.tokenizers[index](
+                key_features, value_features, flat_maps, pos, groups
+            )
             tokens_per_prompt = keys.shape[1] // shots
-            lengths = None if num_prompts is None else num_prompts.to(keys.device) * tokens_per_prompt
+            lengths = (
+                None if num_prompts is None else num_prompts.to(keys.device) * tokens_per_prompt
+            )
             if tokens_side.bottlenecks is not None:
                 keys = values = tokens_side.bottlenecks[index](keys, values, lengths)
                 lengths = None
             pairs = [block.prompt_keys(keys, values) for block in self.blocks[index]]
             if self.propagations is not None:
                 tokens = key_features.flatten(2).transpose(1, 2)
-                labels = propagation_labels(flat_maps.to(tokens.dtype), types.flatten(), (h, w),
-                                            self.config.sparse_unknown)
+                labels = propagation_labels(
+                    flat_maps.to(tokens.dtype), types.flatten(), (h, w), self.config.sparse_unknown
+                )
                 pairs.append(self.propagations[index].prompt_keys(tokens, pos, labels, groups))
             all_keys.append([k for k, _ in pairs])
             all_values.append([v for _, v in pairs])
@@ -200,26 +226,37 @@ class PromptSegNet(nn.Module):
         return PromptEncoding(all_keys, all_values, all_lengths)
 
     def decode(self, queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
-        """queries (B, C, R, R) with B a multiple of G -> logits (B, R, R); query b uses group b // (B // G)."""
+        """queries (B, C, R, R) with B a multiple of G -> logits (B, R, R); query b uses group b //
+        (B // G)."""
         if queries.shape[0] % prompts.groups != 0:
-            raise ValueError(f"{queries.shape[0]} queries cannot be split over {prompts.groups} prompt sets")
+            raise ValueError(
+                f"{queries.shape[0]} queries cannot be split over {prompts.groups} prompt sets"
+            )
         return self.decode_features(self.query_features(queries), queries, prompts)
 
     def query_features(self, queries: torch.Tensor) -> list[torch.Tensor]:
-        """queries (B, C, R, R) -> the shared encoder's features of every stage, (B, widths[i], h_i, w_i).
+        """queries (B, C, R, R) -> the shared encoder's features of every stage, (B, widths[i], h_i,
+        w_i).
 
-        They do not depend on the prompts, so several prompt sets can decode one computation of them."""
+        They do not depend on the prompts, so several prompt sets can decode one computation of
+        them."""
         empty = torch.zeros_like(queries[:, 0])
-        types = torch.full((queries.shape[0],), PROMPT_TYPES["query"], dtype=torch.long, device=queries.device)
+        types = torch.full(
+            (queries.shape[0],), PROMPT_TYPES["query"], dtype=torch.long, device=queries.device
+        )
         return self.encoder(queries, empty, types)
 
-    def decode_features(self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
-        """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits (B, R, R).
+    def decode_features(
+        self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding
+    ) -> torch.Tensor:
+        """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits
+        (B, R, R).
 
         With label propagation, each attention stage first propagates the prompt labels to the query
         tokens (H maps per stage, embedded into the stage features by a 1x1 convolution), and the
-        head-averaged map of the first attention stage, upsampled to R, is added in logit space to the
-        output with a learned gain: the network starts from label transfer and learns to refine it.
+        head-averaged map of the first attention stage, upsampled to R, is added in logit space to
+        the output with a learned gain: the network starts from label transfer and learns to refine
+        it.
         """
         features = list(features)
         priors = []
@@ -228,8 +265,12 @@ class PromptSegNet(nn.Module):
             priors.append(prior)
         logits = self.query_decoder(features, queries)
         if self.propagations is not None:
-            prior = F.interpolate(priors[0].mean(dim=1, keepdim=True), size=logits.shape[-2:], mode="bilinear",
-                                  align_corners=False)
+            prior = F.interpolate(
+                priors[0].mean(dim=1, keepdim=True),
+                size=logits.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )
             logits = logits + self.query_decoder.prior_gain * probability_logit(prior.squeeze(1))
         return logits
 
@@ -257,7 +298,10 @@ class PromptSegNet(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, h, w), prior
 
     def decode_members(
-        self, queries: torch.Tensor, prompts: PromptEncoding, features: list[torch.Tensor] | None = None
+        self,
+        queries: torch.Tensor,
+        prompts: PromptEncoding,
+        features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Every query against every one of the G prompt groups (ensemble members), in one batch:
         queries (B, C, R, R) -> logits (G, B, R, R). The query encoder runs once for the B queries

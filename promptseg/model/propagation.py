@@ -18,6 +18,7 @@ The prompt side (k, v) depends only on the prompts and is cached with the rest o
 PromptEncoding; the value tensor carries the label fraction in channel 0 and zeros elsewhere so
 that it has the shape of the attention contract (docs/design.md section 3).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,14 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.kernels import cross_attention
 from promptseg.model.attention import split_heads
+from promptseg.model.prompt_types import PROMPT_TYPES
 
 
-def float32_under_autocast(function: Callable[..., Any], *tensors: torch.Tensor, **rest: Any) -> Any:
-    """function(*tensors, **rest); while autocast is on for the tensors' device (bf16 training), with
-    autocast switched off and the tensors in float32, so the prior keeps its precision."""
+def float32_under_autocast(
+    function: Callable[..., Any], *tensors: torch.Tensor, **rest: Any
+) -> Any:
+    """function(*tensors, **rest); while autocast is on for the tensors' device (bf16 training),
+    with autocast switched off and the tensors in float32, so the prior keeps its precision."""
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return function(*tensors, **rest)
@@ -49,8 +52,8 @@ PARTIAL_LABEL_TYPES: tuple[str, ...] = ("click", "scribble")
 def propagation_labels(
     maps: torch.Tensor, types: torch.Tensor, size: tuple[int, int], sparse_unknown: bool = True
 ) -> torch.Tensor:
-    """Prompt maps (N, R, R) in [0, 1], prompt types (N,) long -> per-token labels (N, h*w) in [0, 1]
-    on the (h, w) = `size` token grid (R a multiple of h and w).
+    """Prompt maps (N, R, R) in [0, 1], prompt types (N,) long -> per-token labels (N, h*w) in [0,
+    1] on the (h, w) = `size` token grid (R a multiple of h and w).
 
     Mask and box prompts: the fraction of the token's pixels inside the map. Clicks and scribbles
     (PARTIAL_LABEL_TYPES) with `sparse_unknown`: 1 where the map touches the token, 0.5 (unknown)
@@ -72,7 +75,8 @@ class LabelPropagation(nn.Module):
     """Attention of query tokens to prompt tokens whose values are the prompt label fractions.
 
     dim C tokens, H = C / head_dim heads of width D = head_dim. Under autocast (bf16 training) the
-    layer runs in float32: its logits reach +-150, where bf16 keeps less than one unit of resolution.
+    layer runs in float32: its logits reach +-150, where bf16 keeps less than one unit of
+    resolution.
     """
 
     def __init__(self, dim: int, head_dim: int, temperature: float = 150.0) -> None:
@@ -85,8 +89,9 @@ class LabelPropagation(nn.Module):
 
     def embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tokens (N, T, C), pos (T, C) -> unit vectors (N, H, T, D)."""
-        return F.normalize(split_heads(self.projection(self.norm(tokens) + pos), self.head_dim), dim=-1)
-
+        return F.normalize(
+            split_heads(self.projection(self.norm(tokens) + pos), self.head_dim), dim=-1
+        )
 
     def prompt_keys(
         self, tokens: torch.Tensor, pos: torch.Tensor, token_labels: torch.Tensor, groups: int
@@ -101,7 +106,11 @@ class LabelPropagation(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.embed(tokens, pos)
         n, heads, t, d = k.shape
-        k = k.reshape(groups, n // groups, heads, t, d).transpose(1, 2).reshape(groups, heads, -1, d)
+        k = (
+            k.reshape(groups, n // groups, heads, t, d)
+            .transpose(1, 2)
+            .reshape(groups, heads, -1, d)
+        )
         labels = token_labels.to(k.dtype).reshape(groups, 1, -1, 1).expand(-1, heads, -1, 1)
         v = F.pad(labels, (0, d - 1))
         return k, v
@@ -116,7 +125,9 @@ class LabelPropagation(nn.Module):
     ) -> torch.Tensor:
         """Query tokens (B, T, C), pos (T, C), cached k, v (G, H, Nk, D) -> probabilities (B, H, T)
         (float32 under autocast)."""
-        return float32_under_autocast(self._forward, tokens, pos, prompt_k, prompt_v, key_lengths=key_lengths)
+        return float32_under_autocast(
+            self._forward, tokens, pos, prompt_k, prompt_v, key_lengths=key_lengths
+        )
 
     def _forward(
         self,

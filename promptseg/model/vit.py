@@ -1,4 +1,5 @@
-"""The PromptSeg paper's architecture (ModelConfig.architecture "vit") on the engine's kernels and cache.
+"""The PromptSeg paper's architecture (ModelConfig.architecture "vit") on the engine's kernels and
+cache.
 
 A ViT image encoder turns every image (prompt or query) of R x R pixels into n = (R / p) ** 2 patch
 tokens; a prompt pair adds its image tokens and n tokens of its prompt map (patch embedding plus the
@@ -6,16 +7,19 @@ prompt type), so a group of K prompts is a sequence of K * 2n prompt tokens, pro
 GPT-2-style pre-norm transformer (attention_depth layers of decoder_width) runs over the prompt
 tokens followed by the query's n tokens, under a mask in which prompt tokens attend only to prompt
 tokens and query tokens attend to every prompt token and to their own query's tokens. Prompt keys
-and values of every layer therefore depend on the prompts alone: `PromptSegViT.prompt_encoding` computes them
-once into a PromptEncoding (one stage; entry b{l} per layer l, (G, H, K * 2n, D)), and
-`PromptSegViT.decode_features` runs only the query tokens, each layer through `promptseg.kernels.cross_attention`
-with the prompt keys as the shared group and the query's own tokens as own_k / own_v.
+and values of every layer therefore depend on the prompts alone: `PromptSegViT.prompt_encoding`
+computes them once into a PromptEncoding (one stage; entry b{l} per layer l, (G, H, K * 2n, D)), and
+`PromptSegViT.decode_features` runs only the query tokens, each layer through
+`promptseg.kernels.cross_attention` with the prompt keys as the shared group and the query's own
+tokens as own_k / own_v.
 
 With bottleneck_tokens M > 0 (the Entropy paper's information bottleneck), M learned latent tokens
 sit between the two: latents attend to the prompt tokens and to themselves, query tokens attend to
-the latents and to themselves only, and the encoding holds the latents' keys and values (G, H, M, D).
-`promptseg.model.vit_reference` writes out the same model as one masked full-sequence transformer.
+the latents and to themselves only, and the encoding holds the latents' keys and values (G, H, M,
+D). `promptseg.model.vit_reference` writes out the same model as one masked full-sequence
+transformer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +27,8 @@ from torch import nn
 
 from promptseg.model.attention import MLP, Attention
 from promptseg.model.config import ModelConfig
-from promptseg.model.layers import sincos_position_encoding
 from promptseg.model.encoding import PromptEncoding
+from promptseg.model.layers import sincos_position_encoding
 from promptseg.model.network import PromptSegNet
 
 # Rows of TokenEmbedding.roles.
@@ -51,7 +55,9 @@ class TransformerBlock(nn.Module):
         k, v = self.attention.project_keys(h, h)
         return h, k, v
 
-    def self_step(self, x: torch.Tensor, key_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def self_step(
+        self, x: torch.Tensor, key_lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Tokens attend among themselves: x (N, T, C), key_lengths (N,) valid tokens or None
         -> (new x (N, T, C), this layer's k, v (N, H, T, D))."""
         h, k, v = self.project(x)
@@ -80,7 +86,8 @@ class ViTEncoder(nn.Module):
         width, patch = config.encoder_width, config.patch_size
         self.patch_embedding = nn.Conv2d(config.in_channels, width, patch, stride=patch)
         self.blocks = nn.ModuleList(
-            TransformerBlock(width, config.head_dim, config.mlp_ratio) for _ in range(config.encoder_depth)
+            TransformerBlock(width, config.head_dim, config.mlp_ratio)
+            for _ in range(config.encoder_depth)
         )
         self.norm = nn.LayerNorm(width)
 
@@ -128,7 +135,9 @@ class TokenEmbedding(nn.Module):
         tokens = x.flatten(2).transpose(1, 2) + self.type_embedding(types)[:, None, :]
         return tokens + self.position(h, w, tokens) + self.roles.weight[ROLE_PROMPT_MAP]
 
-    def prompts(self, encoder: ViTEncoder, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+    def prompts(
+        self, encoder: ViTEncoder, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor
+    ) -> torch.Tensor:
         """images (G, K, C, R, R), maps (G, K, R, R), types (G, K) -> prompt tokens (G, K * 2n, C),
         prompt-major: prompt k's n image tokens, then its n map tokens."""
         groups = images.shape[0]
@@ -146,7 +155,9 @@ class ViTLatents(nn.Module):
         super().__init__()
         self.latents = None
         if config.bottleneck_tokens > 0:
-            self.latents = nn.Parameter(torch.randn(config.bottleneck_tokens, config.decoder_width) * 0.02)
+            self.latents = nn.Parameter(
+                torch.randn(config.bottleneck_tokens, config.decoder_width) * 0.02
+            )
 
 
 class PatchHead(nn.Module):
@@ -160,7 +171,7 @@ class PatchHead(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.norm = nn.LayerNorm(config.decoder_width)
-        self.head = nn.Linear(config.decoder_width, config.patch_size ** 2)
+        self.head = nn.Linear(config.decoder_width, config.patch_size**2)
 
     def forward(self, tokens: torch.Tensor, resolution: int) -> torch.Tensor:
         p = self.patch_size
@@ -223,8 +234,11 @@ class PromptSegViT(PromptSegNet):
         depend on the prompts, so several prompt sets can decode one computation of them."""
         return [self.encoder(queries)]
 
-    def decode_features(self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
-        """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits (B, R, R).
+    def decode_features(
+        self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding
+    ) -> torch.Tensor:
+        """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits
+        (B, R, R).
 
         Each query's n tokens run through every layer against that layer's cached prompt (or latent)
         keys and values plus their own."""
@@ -235,7 +249,10 @@ class PromptSegViT(PromptSegNet):
         return self.query_decoder(x, queries.shape[-1])
 
     def decode_members(
-        self, queries: torch.Tensor, prompts: PromptEncoding, features: list[torch.Tensor] | None = None
+        self,
+        queries: torch.Tensor,
+        prompts: PromptEncoding,
+        features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Every query against every one of the G prompt groups: queries (B, C, R, R) -> logits
         (G, B, R, R), the query's ViT encoding computed once (or taken from `features`)."""

@@ -11,6 +11,7 @@ This is what the paper's model computes for every query, with nothing cached; th
 promptseg.model.vit must give the same logits (tests/test_vit.py), and benchmarks/model/vit_cache.py
 times the two against each other.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,9 @@ from promptseg.model.vit import ROLE_QUERY
 def full_sequence_mask(
     prompt_tokens: int, valid: torch.Tensor, latents: int, query_tokens: int
 ) -> torch.Tensor:
-    """Allowed (row attends to column) mask (B, T, T) bool, T = prompt_tokens + latents + query_tokens;
-    valid (B,) long: the valid prompt tokens of each sequence (the rest is padding)."""
+    """Allowed (row attends to column) mask (B, T, T) bool, T = prompt_tokens + latents +
+    query_tokens; valid (B,) long: the valid prompt tokens of each sequence (the rest is
+    padding)."""
     total = prompt_tokens + latents + query_tokens
     index = torch.arange(total, device=valid.device)
     valid_prompt = index[None, :] < valid[:, None]  # (B, T) as keys
@@ -35,8 +37,8 @@ def full_sequence_mask(
     latent_rows = valid_prompt | is_latent
     query_rows = ((is_latent if latents > 0 else valid_prompt) | is_query).expand_as(valid_prompt)
     row_kind = torch.zeros(total, dtype=torch.long, device=valid.device)
-    row_kind[prompt_tokens:prompt_tokens + latents] = 1
-    row_kind[prompt_tokens + latents:] = 2
+    row_kind[prompt_tokens : prompt_tokens + latents] = 1
+    row_kind[prompt_tokens + latents :] = 2
     choices = torch.stack([prompt_rows, latent_rows, query_rows], dim=1)  # (B, 3, T)
     return choices[:, row_kind, :]
 
@@ -59,7 +61,9 @@ def full_sequence_logits(
     """
     config = model.config
     if config.architecture != "vit":
-        raise ValueError(f"full_sequence_logits needs a vit model, not architecture {config.architecture!r}")
+        raise ValueError(
+            f"full_sequence_logits needs a vit model, not architecture {config.architecture!r}"
+        )
     embedding, encoder = model.embedding, model.encoder
     prompts = embedding.prompts(encoder, images, maps, types)  # (G, P, C)
     query_tokens = embedding.images(encoder(queries), ROLE_QUERY)  # (B, n, C)
@@ -92,16 +96,23 @@ def full_sequence_decode(
         per_query = torch.full((batch,), prompt_tokens, dtype=torch.long, device=x.device)
     else:
         per_query = valid.to(x.device).repeat_interleave(per_group)
-    allowed = full_sequence_mask(prompt_tokens, per_query, config.bottleneck_tokens, query_tokens.shape[1])[:, None]
+    allowed = full_sequence_mask(
+        prompt_tokens, per_query, config.bottleneck_tokens, query_tokens.shape[1]
+    )[:, None]
     for block in model.blocks:
         attention = block.attention
         h = block.norm_attention(x)
-        q, k, v = (split_heads(proj(h), config.head_dim) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+        q, k, v = (
+            split_heads(proj(h), config.head_dim)
+            for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+        )
         if explicit:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * config.head_dim ** -0.5
-            out = torch.matmul(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), v)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * config.head_dim**-0.5
+            out = torch.matmul(
+                torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), v
+            )
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         x = x + attention.out_proj(merge_heads(out))
         x = x + block.mlp(block.norm_mlp(x))
-    return model.query_decoder(x[:, -query_tokens.shape[1]:], resolution)
+    return model.query_decoder(x[:, -query_tokens.shape[1] :], resolution)

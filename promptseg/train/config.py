@@ -1,4 +1,5 @@
 """Training recipe: one YAML or JSON file reproduces a run (`promptseg train --config FILE`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,8 @@ from promptseg.errors import InputError
 from promptseg.kernels import ATTENTION_KERNELS
 from promptseg.model import ModelConfig
 
-# Integer fields and their ranges (inclusive); `shots` and `val_shots` are bounded by the model's max_prompts.
+# Integer fields and their ranges (inclusive); `shots` and `val_shots` are bounded by the model's
+# max_prompts.
 INT_RANGES: dict[str, tuple[int, int]] = {
     "steps": (1, 10**9),
     "episodes_per_step": (1, 4096),
@@ -27,7 +29,14 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "axis": (0, 2),
     "seed": (0, 2**32 - 1),
 }
-FRACTIONS = ("synthetic_fraction", "volume_fraction", "sparse_fraction", "self_query_fraction", "hardness_mix", "min_lr_ratio")
+FRACTIONS = (
+    "synthetic_fraction",
+    "volume_fraction",
+    "sparse_fraction",
+    "self_query_fraction",
+    "hardness_mix",
+    "min_lr_ratio",
+)
 NON_NEGATIVE = ("weight_decay", "grad_clip", "dice_weight")
 FLAGS = ("task_augment", "image_augment", "mixed_precision")
 
@@ -44,7 +53,8 @@ def _shown(value: Any) -> str:
     return repr(value)[:60]
 
 
-# Keys renamed since runs were first written: train_config.json and checkpoints of older runs still load.
+# Keys renamed since runs were first written: train_config.json and checkpoints of older runs still
+# load.
 RENAMED_KEYS = {"attention_backend": "attention_kernel"}
 
 
@@ -60,7 +70,9 @@ class TrainConfig:
     synthetic_fraction: float = 0.3
     volume_fraction: float = 0.0  # share of synthetic tasks built from phantom-volume slices
     sparse_fraction: float = 0.15
-    self_query_fraction: float = 0.0  # share of sparse episodes whose first query is the prompted image
+    self_query_fraction: float = (
+        0.0  # share of sparse episodes whose first query is the prompted image
+    )
     task_augment: bool = True
     image_augment: bool = True
     lr: float = 1e-3
@@ -69,9 +81,15 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     dice_weight: float = 1.0
-    mixed_precision: bool = True  # bf16 autocast on CUDA with bf16 and on CPUs with AVX512-BF16 or AMX
-    loader_workers: int = 0  # processes preparing episode batches ahead of the model (0: in the training process)
-    hardness_mix: float = 0.5  # share of task draws weighted by running loss (promptseg.train.task_balance)
+    mixed_precision: bool = (
+        True  # bf16 autocast on CUDA with bf16 and on CPUs with AVX512-BF16 or AMX
+    )
+    loader_workers: int = (
+        0  # processes preparing episode batches ahead of the model (0: in the training process)
+    )
+    hardness_mix: float = (
+        0.5  # share of task draws weighted by running loss (promptseg.train.task_balance)
+    )
     checkpoint_every: int = 200
     val_every: int = 200
     val_episodes: int = 4
@@ -105,20 +123,35 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 found.append(f"{name}: must be true or false, got {_shown(getattr(self, name))}")
         if self.attention_kernel is not None and self.attention_kernel not in ATTENTION_KERNELS:
-            found.append(f"attention_kernel: must be one of {', '.join(ATTENTION_KERNELS)} (or absent), got {_shown(self.attention_kernel)}")
+            found.append(
+                f"attention_kernel: must be one of {', '.join(ATTENTION_KERNELS)} (or absent), got "
+                f"{_shown(self.attention_kernel)}"
+            )
         if not isinstance(self.model, dict):
-            return [*found, f"model: must be a mapping of model config keys, got {_shown(self.model)}"]
+            return [
+                *found,
+                f"model: must be a mapping of model config keys, got {_shown(self.model)}",
+            ]
         try:
             max_prompts = self.model_config().max_prompts
         except (TypeError, ValueError) as exc:
             return [*found, f"model: {exc}"]
         shots = self.shots
-        if not (isinstance(shots, tuple) and len(shots) == 2 and all(_is_int(n) for n in shots)
-                and 1 <= shots[0] <= shots[1] <= max_prompts):
-            found.append(f"shots: must be two integers 1 <= low <= high <= {max_prompts} (the model's max_prompts), "
-                         f"got {_shown(shots)}")
+        if not (
+            isinstance(shots, tuple)
+            and len(shots) == 2
+            and all(_is_int(n) for n in shots)
+            and 1 <= shots[0] <= shots[1] <= max_prompts
+        ):
+            found.append(
+                f"shots: must be two integers 1 <= low <= high <= {max_prompts} (the model's "
+                "max_prompts), "
+                f"got {_shown(shots)}"
+            )
         if not _is_int(self.val_shots) or not 1 <= self.val_shots <= max_prompts:
-            found.append(f"val_shots: must be an integer in 1..{max_prompts}, got {_shown(self.val_shots)}")
+            found.append(
+                f"val_shots: must be an integer in 1..{max_prompts}, got {_shown(self.val_shots)}"
+            )
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,8 +170,11 @@ class TrainConfig:
         config = cls(**values)
         problems = config.problems()
         if problems:
-            raise InputError(source, f"invalid training config: {problems[0]}"
-                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+            raise InputError(
+                source,
+                f"invalid training config: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+            )
         return config
 
     @classmethod

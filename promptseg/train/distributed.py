@@ -1,4 +1,5 @@
 """torchrun / DistributedDataParallel set-up: one process per device, gloo on CPU, NCCL on CUDA."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@
 of steps [start, stop) ahead of the model and the run stays exactly reproducible. Workers are
 forked: the task arrays (memory-mapped pack files or in-memory arrays) are shared, not copied.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,9 @@ from promptseg.data.episodes import EpisodeBatch, EpisodeSampler
 class StepBatches(Dataset):
     """Item `step` is the EpisodeBatch of that training step for this rank."""
 
-    def __init__(self, sampler: EpisodeSampler, episodes: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, sampler: EpisodeSampler, episodes: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.sampler = sampler
         self.episodes = episodes
         self.rank = rank
@@ -33,7 +36,9 @@ def _one_thread(_: int) -> None:
     os.nice(10)
 
 
-def step_batches(batches: StepBatches, start: int, stop: int, workers: int, prefetch: int = 4) -> Iterator[EpisodeBatch]:
+def step_batches(
+    batches: StepBatches, start: int, stop: int, workers: int, prefetch: int = 4
+) -> Iterator[EpisodeBatch]:
     """The batches of steps start..stop-1 in order; built in `workers` processes (one torch thread
     each, `prefetch` batches ahead per worker), or in this process when workers == 0."""
     steps = range(start, stop)

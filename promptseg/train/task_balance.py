@@ -8,6 +8,7 @@ checkpoint, so that a resumed run draws the same episodes) the sampler's task pr
 where base_t is the dataset-then-label balanced probability (episodes.base_task_weights) and
 loss_t the running mean loss of task t (tasks not seen yet count as the mean of those seen).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,7 +31,11 @@ class TaskHardness:
             if not np.isfinite(loss):
                 continue
             previous = self.losses.get(task)
-            self.losses[task] = float(loss) if previous is None else self.decay * previous + (1 - self.decay) * float(loss)
+            self.losses[task] = (
+                float(loss)
+                if previous is None
+                else self.decay * previous + (1 - self.decay) * float(loss)
+            )
 
     def weights(self, names: Sequence[str], base: np.ndarray, mix: float) -> np.ndarray:
         """Task probabilities (len(names),) mixing `base` with its hardness-weighted version."""

@@ -1,4 +1,5 @@
 """The training loop: episodic CE + Dice training, single process or torchrun/DDP."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,13 +20,15 @@ from promptseg.data.episodes import (
     base_task_weights,
     fixed_episodes,
 )
-from promptseg.files import sweep_stale_temporaries, write_text
 from promptseg.data.tasks import ArrayTask
 from promptseg.errors import CheckpointError, InputError
+from promptseg.files import sweep_stale_temporaries, write_text
 from promptseg.kernels import default_kernel
+from promptseg.metrics import hard_dice
 from promptseg.model import PromptSegNet
-from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from promptseg.model.loss import segmentation_losses
 from promptseg.model.weights import load_state, read_training_record, read_weights, save_weights
+from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 from promptseg.train.config import TrainConfig
 from promptseg.train.distributed import (
     DistributedContext,
@@ -34,8 +37,6 @@ from promptseg.train.distributed import (
     init_distributed,
     shutdown,
 )
-from promptseg.model.loss import segmentation_losses
-from promptseg.metrics import hard_dice
 from promptseg.train.prefetch import StepBatches, step_batches
 from promptseg.train.schedule import learning_rate
 from promptseg.train.task_balance import TaskHardness
@@ -55,15 +56,16 @@ def bf16_autocast_available(device: torch.device) -> bool:
 
 
 def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast where `bf16_autocast_available`; full precision elsewhere (or when not enabled).
-    The label-propagation prior always runs in float32 (its logits reach +-150)."""
+    """bf16 autocast where `bf16_autocast_available`; full precision elsewhere (or when not
+    enabled). The label-propagation prior always runs in float32 (its logits reach +-150)."""
     if enabled and bf16_autocast_available(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def batch_to(batch: EpisodeBatch, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """EpisodeBatch -> (prompt images, maps, types, queries (E*Q, C, R, R), targets (E*Q, R, R)) on device."""
+    """EpisodeBatch -> (prompt images, maps, types, queries (E*Q, C, R, R), targets (E*Q, R, R)) on
+    device."""
     return (
         batch.prompt_images.to(device),
         batch.prompt_maps.to(device),
@@ -74,15 +76,18 @@ def batch_to(batch: EpisodeBatch, device: torch.device) -> tuple[torch.Tensor, .
 
 
 @torch.no_grad()
-def validation_dice(model: PromptSegNet, tasks: Sequence[ArrayTask], shots: int, episodes: int, device: torch.device) -> dict[str, float]:
+def validation_dice(
+    model: PromptSegNet, tasks: Sequence[ArrayTask], shots: int, episodes: int, device: torch.device
+) -> dict[str, float]:
     """Mean Dice (0-100) of thresholded predictions over fixed episodes of each task."""
     was_training = model.training
     model.eval()
     scores = {}
     for task in tasks:
         values = []
-        for episode in fixed_episodes(task, shots=shots, queries=4, count=episodes, seed=0,
-                                      channels=model.config.in_channels):
+        for episode in fixed_episodes(
+            task, shots=shots, queries=4, count=episodes, seed=0, channels=model.config.in_channels
+        ):
             logits = model(
                 episode.prompt_images[None].to(device),
                 episode.prompt_maps[None].to(device),
@@ -96,8 +101,8 @@ def validation_dice(model: PromptSegNet, tasks: Sequence[ArrayTask], shots: int,
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay on matrices and kernels only, none on biases, norm scales and
-    scalars such as the propagation temperature and the prior gain."""
+    """AdamW parameter groups: weight decay on matrices and kernels only, none on biases, norm
+    scales and scalars such as the propagation temperature and the prior gain."""
     params = list(model.parameters())
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -147,14 +152,19 @@ class Trainer:
         self.progress = progress and self.context.is_main
         torch.manual_seed(config.seed)
         self.model = PromptSegNet(config.model_config()).to(self.context.device)
-        self.model.set_attention_kernel(config.attention_kernel or default_kernel(self.context.device))
+        self.model.set_attention_kernel(
+            config.attention_kernel or default_kernel(self.context.device)
+        )
         self.model.train()
-        # Compute behind the weights: what the --init weights carried, plus this run (resume keeps it).
+        # Compute behind the weights: what the --init weights carried, plus this run (resume keeps
+        # it).
         self.prior_compute = {"episodes": 0, "core_hours": 0.0, "runs": []}
         if init is not None:
             self.warm_start(init)
         self.run_compute = {"episodes": 0, "core_hours": 0.0, "device": self.device_name()}
-        self.optimizer = torch.optim.AdamW(decay_groups(self.model, config.weight_decay), lr=config.lr)
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.model, config.weight_decay), lr=config.lr
+        )
         self.network: torch.nn.Module = self.model
         if self.context.world_size > 1:
             ids = [self.context.device.index] if self.context.device.type == "cuda" else None
@@ -187,9 +197,15 @@ class Trainer:
     def warm_start(self, path: str | Path) -> None:
         """Start from the weights file `path` (same model config; the optimizer starts afresh)."""
         config, tensors = read_weights(path)
-        # sparse_unknown changes how the prior reads sparse prompts, not the tensors: a run may switch it.
-        if dataclasses.replace(config, sparse_unknown=self.model.config.sparse_unknown) != self.model.config:
-            raise CheckpointError(f"{path}: --init weights have another model config than the recipe ({config})")
+        # sparse_unknown changes how the prior reads sparse prompts, not the tensors: a run may
+        # switch it.
+        if (
+            dataclasses.replace(config, sparse_unknown=self.model.config.sparse_unknown)
+            != self.model.config
+        ):
+            raise CheckpointError(
+                f"{path}: --init weights have another model config than the recipe ({config})"
+            )
         load_state(self.model, tensors, path)
         record = read_training_record(path)
         if record:
@@ -222,12 +238,16 @@ class Trainer:
         return True
 
     def trim_log(self, step: int) -> None:
-        """Drop log.jsonl records after `step` (steps a crashed run did past its last checkpoint, and a
-        line cut off part-way), so the resumed run continues one consistent log."""
+        """Drop log.jsonl records after `step` (steps a crashed run did past its last checkpoint,
+        and a line cut off part-way), so the resumed run continues one consistent log."""
         path = self.out_dir / "log.jsonl"
         if not path.is_file():
             return
-        kept = [r for r in read_log_records(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        kept = [
+            r
+            for r in read_log_records(path)
+            if isinstance(r.get("step"), int) and r["step"] <= step
+        ]
         write_text(path, "".join(json.dumps(r) + "\n" for r in kept), overwrite=True)
 
     def train_step(self, step: int, batch: EpisodeBatch | None = None) -> float:
@@ -235,9 +255,13 @@ class Trainer:
         rank and the task weights; sampled here when not given)."""
         config, context = self.config, self.context
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(step, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio)
+            group["lr"] = learning_rate(
+                step, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio
+            )
         if batch is None:
-            batch = StepBatches(self.sampler, config.episodes_per_step, context.rank, context.world_size)[step]
+            batch = StepBatches(
+                self.sampler, config.episodes_per_step, context.rank, context.world_size
+            )[step]
         images, maps, types, queries, targets = batch_to(batch, context.device)
         with autocast_for(context.device, config.mixed_precision):
             logits = self.network(images, maps, types, queries)
@@ -254,9 +278,12 @@ class Trainer:
 
     def refresh_task_weights(self) -> None:
         """Task probabilities from the running losses (promptseg.train.task_balance); called at
-        checkpoint boundaries only, so the episodes of a step depend on the last checkpoint alone."""
+        checkpoint boundaries only, so the episodes of a step depend on the last checkpoint
+        alone."""
         if self.task_names and self.config.hardness_mix > 0:
-            self.sampler.set_task_weights(self.hardness.weights(self.task_names, self.base_weights, self.config.hardness_mix))
+            self.sampler.set_task_weights(
+                self.hardness.weights(self.task_names, self.base_weights, self.config.hardness_mix)
+            )
 
     def save(self) -> None:
         if self.context.is_main:
@@ -278,16 +305,29 @@ class Trainer:
         config = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.context.is_main:
-            sweep_stale_temporaries(self.out_dir)  # checkpoint temporaries of a run killed while writing
+            sweep_stale_temporaries(
+                self.out_dir
+            )  # checkpoint temporaries of a run killed while writing
             (self.out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        bar = tqdm(
+            total=config.steps,
+            initial=self.step,
+            disable=not self.progress,
+            desc="train",
+            unit="step",
+        )
         episodes_done, started, last_loss = 0, time.perf_counter(), float("nan")
         cores = (torch.get_num_threads() + config.loader_workers) * self.context.world_size
-        batches = StepBatches(self.sampler, config.episodes_per_step, self.context.rank, self.context.world_size)
+        batches = StepBatches(
+            self.sampler, config.episodes_per_step, self.context.rank, self.context.world_size
+        )
         while self.step < config.steps:
             if self.step % config.checkpoint_every == 0 or episodes_done == 0:
                 self.refresh_task_weights()
-                segment_end = min(config.steps, (self.step // config.checkpoint_every + 1) * config.checkpoint_every)
+                segment_end = min(
+                    config.steps,
+                    (self.step // config.checkpoint_every + 1) * config.checkpoint_every,
+                )
                 segment = step_batches(batches, self.step, segment_end, config.loader_workers)
             step_started = time.perf_counter()
             last_loss = self.train_step(self.step, next(segment))
@@ -298,9 +338,20 @@ class Trainer:
             rate = episodes_done / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", eps=f"{rate:.1f}")
-            record = {"step": self.step, "loss": last_loss, "lr": self.optimizer.param_groups[0]["lr"], "episodes_per_s": rate}
+            record = {
+                "step": self.step,
+                "loss": last_loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "episodes_per_s": rate,
+            }
             if self.val_tasks and (self.step % config.val_every == 0 or self.step == config.steps):
-                scores = validation_dice(self.model, self.val_tasks, config.val_shots, config.val_episodes, self.context.device)
+                scores = validation_dice(
+                    self.model,
+                    self.val_tasks,
+                    config.val_shots,
+                    config.val_episodes,
+                    self.context.device,
+                )
                 record["val_dice"] = scores
                 record["val_dice_mean"] = float(np.mean(list(scores.values())))
                 bar.write(f"step {self.step}: validation Dice {record['val_dice_mean']:.1f}")
@@ -309,7 +360,9 @@ class Trainer:
                 self.save()
         bar.close()
         if self.context.is_main:
-            save_weights(self.model, self.out_dir / "final.safetensors", training=self.training_record())
+            save_weights(
+                self.model, self.out_dir / "final.safetensors", training=self.training_record()
+            )
         return {"step": self.step, "loss": last_loss}
 
 

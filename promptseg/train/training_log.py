@@ -1,4 +1,5 @@
 """A training run's log.jsonl: one JSON object per step, appended as the run goes."""
+
 from __future__ import annotations
 
 import json

@@ -1,17 +1,18 @@
 """An `promptseg export --format aoti` folder loaded for Python: both AOTInductor packages and their
-metadata (the layout is promptseg.export.aoti_export's; examples/cpp loads the same packages in C++)."""
+metadata (the layout is promptseg.export.aoti_export's; examples/cpp loads the same packages in
+C++)."""
+
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-import os
 
 import torch
 
 from promptseg.errors import InputError
-
 
 ENCODER_FILE = "prompt_encoder.pt2"
 
@@ -42,7 +43,9 @@ class AOTIRunner:
     def device(self) -> torch.device:
         return torch.device(self.metadata["device"])
 
-    def encode(self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(
+        self, images: torch.Tensor, maps: torch.Tensor, types: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         r, c = self.metadata["resolution"], self.metadata["in_channels"]
         k = images.shape[1] if images.dim() == 5 else -1
         low, high = self.metadata["dynamic"]["prompts"]
@@ -50,9 +53,13 @@ class AOTIRunner:
             expected = f"(1, K, {c}, {r}, {r}) with K in {low}..{high}"
             raise ValueError(f"prompt images must be {expected}, got {tuple(images.shape)}")
         if tuple(maps.shape) != (1, k, r, r) or tuple(types.shape) != (1, k):
-            raise ValueError(f"prompt maps {tuple(maps.shape)} / types {tuple(types.shape)} do not match K = {k}")
+            raise ValueError(
+                f"prompt maps {tuple(maps.shape)} / types {tuple(types.shape)} do not match K = {k}"
+            )
         outputs = self.encoder(
-            images.to(self.device, torch.float32), maps.to(self.device, torch.float32), types.to(self.device, torch.long)
+            images.to(self.device, torch.float32),
+            maps.to(self.device, torch.float32),
+            types.to(self.device, torch.long),
         )
         return tuple(outputs)
 
@@ -61,9 +68,11 @@ class AOTIRunner:
         if queries.dim() != 4 or tuple(queries.shape[1:]) != (c, r, r) or queries.shape[0] < 1:
             raise ValueError(f"queries must be (B, {c}, {r}, {r}), got {tuple(queries.shape)}")
         if len(encoding) != len(self.metadata["encoding_names"]):
-            raise ValueError(f"expected {len(self.metadata['encoding_names'])} encoding tensors, got {len(encoding)}")
+            raise ValueError(
+                f"expected {len(self.metadata['encoding_names'])} encoding tensors, got "
+                f"{len(encoding)}"
+            )
         return self.decoder(queries.to(self.device, torch.float32), *encoding)
-
 
 
 def load_aoti(out_dir: str | os.PathLike) -> AOTIRunner:
@@ -77,11 +86,12 @@ def load_aoti(out_dir: str | os.PathLike) -> AOTIRunner:
     )
 
 
-
 def read_metadata(path: Path) -> dict[str, Any]:
     """promptseg_aoti.json as a dict; InputError when missing, unparsable or of another format."""
     if not path.is_file():
-        raise InputError(path, "not found; create it with `promptseg export --format aoti --out DIR`")
+        raise InputError(
+            path, "not found; create it with `promptseg export --format aoti --out DIR`"
+        )
     try:
         metadata = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -89,9 +99,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != "promptseg-aoti":
         raise InputError(path, "not a promptseg AOTInductor metadata file")
     if metadata.get("version") != FORMAT_VERSION:
-        raise InputError(path, f"metadata version {metadata.get('version')} is not supported (expected {FORMAT_VERSION})")
+        raise InputError(
+            path,
+            f"metadata version {metadata.get('version')} is not supported (expected "
+            f"{FORMAT_VERSION})",
+        )
     return metadata
-
 
 
 def load_package(path: Path) -> Any:

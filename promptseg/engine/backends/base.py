@@ -9,6 +9,7 @@ backend only runs the two graphs:
 
 Inputs arrive as float32 / int64 CPU tensors; the backend moves them where it runs.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -29,7 +30,8 @@ class PromptState(Protocol):
 
 @dataclass
 class FlatPromptState:
-    """A prompt encoding as the flat tensors of promptseg.export.graphs.encoding_names (any array type)."""
+    """A prompt encoding as the flat tensors of promptseg.export.graphs.encoding_names (any array
+    type)."""
 
     tensors: tuple[Any, ...]
 
@@ -46,8 +48,12 @@ class InferenceBackend(ABC):
     """Runs a PromptSegNet's prompt encoder and query decoder on one device."""
 
     name: str = ""
-    export_dir_option: str | None = None  # constructor keyword taking a `promptseg export` folder, if any
-    max_batch: int | None = None  # the largest query batch decode() accepts (a TensorRT profile's); None: any
+    export_dir_option: str | None = (
+        None  # constructor keyword taking a `promptseg export` folder, if any
+    )
+    max_batch: int | None = (
+        None  # the largest query batch decode() accepts (a TensorRT profile's); None: any
+    )
 
     def __init__(self, model: PromptSegNet, device: torch.device) -> None:
         self.model = model
@@ -67,20 +73,26 @@ class InferenceBackend(ABC):
     def decode(self, queries: torch.Tensor, state: PromptState) -> torch.Tensor:
         """(B, C, R, R) float32 -> (B, R, R) float32 CPU logits."""
 
-    def select_prompts(self, state: PromptState, keep: Sequence[int], num_prompts: int) -> PromptState | None:
-        """The state of the prompts `keep` (indices into the `num_prompts` encoded) cut from `state`,
-        or None when this backend cannot (then the subset is encoded on its own)."""
+    def select_prompts(
+        self, state: PromptState, keep: Sequence[int], num_prompts: int
+    ) -> PromptState | None:
+        """The state of the prompts `keep` (indices into the `num_prompts` encoded) cut from
+        `state`, or None when this backend cannot (then the subset is encoded on its own)."""
         return None
 
     def decode_members(self, queries: torch.Tensor, states: Sequence[PromptState]) -> torch.Tensor:
-        """The same queries (B, C, R, R) against each of M states -> (M, B, R, R) float32 CPU logits."""
+        """The same queries (B, C, R, R) against each of M states -> (M, B, R, R) float32 CPU
+        logits."""
         return torch.stack([self.decode(queries, state) for state in states])
 
     def decodes_means(self) -> bool:
-        """Whether decode_mean works here (else the ensemble averages the members' probabilities)."""
+        """Whether decode_mean works here (else the ensemble averages the members'
+        probabilities)."""
         return False
 
-    def decode_mean(self, queries: torch.Tensor, states: Sequence[PromptState]) -> torch.Tensor | None:
+    def decode_mean(
+        self, queries: torch.Tensor, states: Sequence[PromptState]
+    ) -> torch.Tensor | None:
         """The same queries (B, C, R, R) decoded once from the mean of their M members' attended
         features -> (B, R, R) float32 CPU logits, or None where this backend cannot
         (`decodes_means`)."""
