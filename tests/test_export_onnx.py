@@ -386,7 +386,7 @@ def test_the_tensorrt_builder_refuses_graphs_changed_after_export(
 ) -> None:
     """The builder reads the graphs' metadata through the same tensor digest check as the runtime
     (no TensorRT needed for this step)."""
-    from promptseg.export.tensorrt_build import read_graph_metadata
+    from promptseg.export.tensorrt_build import check_graphs_unchanged
 
     altered = tmp_path / "altered"
     shutil.copytree(onnx_dir, altered)
@@ -397,12 +397,12 @@ def test_the_tensorrt_builder_refuses_graphs_changed_after_export(
         onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(biggest) * 0, biggest.name)
     )
     onnx.save(proto, path)
-    read_graph_metadata(graph_paths(onnx_dir))
+    check_graphs_unchanged(graph_paths(onnx_dir))
     with pytest.raises(
         InputError,
         match=r"prompt_encoder\.onnx: its weights do not match the digest recorded at export",
     ):
-        read_graph_metadata(graph_paths(altered))
+        check_graphs_unchanged(graph_paths(altered))
 
 
 def test_backend_names_the_missing_file(model: PromptSegNet, tmp_path: Path) -> None:

@@ -27,5 +27,10 @@ class PlanePrompts:
         return tuple(sorted(self.per_axis))
 
     @property
+    def shift(self) -> float:
+        """No ensemble threshold shift: planes are not combined with --ensemble."""
+        return 0.0
+
+    @property
     def num_prompts(self) -> int:
         return min(p.num_prompts for p in self.per_axis.values())

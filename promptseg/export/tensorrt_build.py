@@ -298,12 +298,11 @@ def bytes_writer(data: bytes) -> Callable[[str], None]:
 def read_graph_metadata(sources: dict[str, Path]) -> tuple[ModelConfig, dict[str, str]]:
     """(model config, metadata) that export_onnx wrote into both graphs (needs the onnx package).
 
-    InputError naming the file when a graph holds another role, its tensors do not match the digest
-    recorded at export (the file was changed since), or the two graphs come from different model
-    configurations or weights.
+    InputError naming the file when a graph holds another role, or the two graphs come from
+    different model configurations or weights.
     """
     try:
-        from promptseg.export.onnx_export import check_graph_tensors, read_onnx_metadata
+        from promptseg.export.onnx_export import read_onnx_metadata
     except ImportError as exc:
         raise PromptSegError(
             f"reading the ONNX graphs' metadata needs the onnx package: {exc}"
@@ -315,7 +314,6 @@ def read_graph_metadata(sources: dict[str, Path]) -> tuple[ModelConfig, dict[str
             raise InputError(
                 path, f"holds the {found[role]['graph_role']} graph, expected the {role}"
             )
-        check_graph_tensors(path, found[role])
     encoder, decoder = found["prompt_encoder"], found["query_decoder"]
     for key in ONNX_SHARED_KEYS:
         if encoder[key] != decoder[key]:
@@ -323,6 +321,15 @@ def read_graph_metadata(sources: dict[str, Path]) -> tuple[ModelConfig, dict[str
                 sources["query_decoder"], f"differs from the prompt encoder's export in {key}"
             )
     return ModelConfig.from_json(encoder[ONNX_CONFIG_KEY]), encoder
+
+
+def check_graphs_unchanged(sources: dict[str, Path]) -> None:
+    """InputError naming a graph whose tensors no longer hash to the digest recorded at export (the
+    file was changed since; onnx_export.check_graph_tensors), checked before TensorRT parses it."""
+    from promptseg.export.onnx_export import check_graph_tensors, read_onnx_metadata
+
+    for path in sources.values():
+        check_graph_tensors(path, read_onnx_metadata(path))
 
 
 def _sidecar(
@@ -410,6 +417,7 @@ def build_engines(
     refuse_existing(list(written.values()), overwrite)
     trt = require_tensorrt_gpu()
     check_onnx_dtype(trt, precision, metadata.get("dtype"), sources["prompt_encoder"])
+    check_graphs_unchanged(sources)
 
     cache_path = None if timing_cache is None else Path(timing_cache)
     cache = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
@@ -453,6 +461,7 @@ __all__: list[str] = [
     "ShapeRange",
     "SizeRange",
     "build_engines",
+    "check_graphs_unchanged",
     "check_onnx_dtype",
     "decoder_input_shapes",
     "encoder_input_shapes",
