@@ -156,6 +156,33 @@ def test_prompt_sets_encoded_once(data: Path, checkpoint: Path, tmp_path: Path) 
     assert segmenter.cache.misses == 2  # two prompt sets, each encoded once for its four queries
 
 
+def test_each_query_is_prepared_once(
+    data: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation checks a 2D query without preparing it; segmentation prepares (resizes) it once:
+    here two prompt images and three queries, five resizes."""
+    import promptseg.data.preprocess as preprocess
+
+    resized: list[tuple[int, ...]] = []
+    resize_image = preprocess.resize_image
+
+    def counting_resize(image: torch.Tensor, size: object) -> torch.Tensor:
+        resized.append(tuple(image.shape))
+        return resize_image(image, size)
+
+    monkeypatch.setattr(preprocess, "resize_image", counting_resize)
+    jobs = write_jobs(
+        data / "once.jsonl", [{"query": f"q{n}.png", "prompts": PROMPTS_A} for n in range(3)]
+    )
+    segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu", max_batch=4)
+    parsed = read_jobs(str(jobs), str(tmp_path / "out"), Options())
+    results = run_batch(
+        parsed, str(tmp_path / "out"), Options(), 3, local_executor(segmenter, Options())
+    )
+    assert [r.status for r in results] == ["done"] * 3
+    assert len(resized) == len(PROMPTS_A) + 3
+
+
 def test_bad_jobs_file_is_one_line(
     data: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -44,7 +44,7 @@ from promptseg.data.dicom import (
 )
 from promptseg.data.io import ImageData, read_label, write_nifti_like, write_png
 from promptseg.data.layouts import nearby_label_names
-from promptseg.data.preprocess import all_finite, prepare_image
+from promptseg.data.preprocess import all_finite, check_image
 from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
@@ -511,14 +511,11 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
     for job in unit.jobs:
         try:
             data = read_input(job.query, job.series)
-            if (
-                job.volume and not data.is_volume
-            ):  # the rule of promptseg.data.volumes, as in the API
+            # the rule of promptseg.data.volumes, as in the API
+            if job.volume and not data.is_volume:
                 raise InputError(job.query, f"expected a 3D volume, got shape {data.array.shape}")
-            if not job.volume:
-                prepare_image(
-                    data.array, segmenter.resolution, segmenter.channels, source=data.path
-                )
+            if not job.volume:  # a bad image fails its own job; it is prepared once, when segmented
+                check_image(data.array, segmenter.channels, source=data.path)
             loaded.append((job, data))
         except (PromptSegError, MemoryError) as exc:
             results[job.name] = JobResult(job.name, "failed", 0.0, None, _reason(exc))
