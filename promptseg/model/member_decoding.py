@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from promptseg.model.encoding import PromptEncoding
 from promptseg.model.layers import UpBlock
-from promptseg.model.propagation import probability_logit
 
 if TYPE_CHECKING:  # network.py imports this module
     from promptseg.model.network import PromptSegNet
@@ -69,13 +68,7 @@ def decode_member_groups(
     x = shared_skip_up(model.query_decoder.full_resolution, x, queries * 2.0 - 1.0, groups)
     logits = model.query_decoder.head(x).squeeze(1)
     if model.propagations is not None:
-        prior = F.interpolate(
-            priors[0].mean(dim=1, keepdim=True),
-            size=logits.shape[-2:],
-            mode="bilinear",
-            align_corners=False,
-        )
-        logits = logits + model.query_decoder.prior_gain * probability_logit(prior.squeeze(1))
+        logits = model.add_prior(logits, priors[0].mean(dim=1, keepdim=True))
     return logits.reshape(groups, count, *logits.shape[1:])
 
 
@@ -107,15 +100,7 @@ def decode_feature_mean(
     averaged = list(features)
     for stage, total in sums.items():
         averaged[stage] = total / members
-    x = averaged[-1]
-    for up, skip in zip(model.query_decoder.ups, reversed(averaged[:-1])):
-        x = up(x, skip)
-    logits = model.query_decoder.head(
-        model.query_decoder.full_resolution(x, queries * 2.0 - 1.0)
-    ).squeeze(1)
+    logits = model.query_decoder(averaged, queries)
     if prior_sum is not None:
-        prior = F.interpolate(
-            prior_sum / members, size=logits.shape[-2:], mode="bilinear", align_corners=False
-        )
-        logits = logits + model.query_decoder.prior_gain * probability_logit(prior.squeeze(1))
+        logits = model.add_prior(logits, prior_sum / members)
     return logits

@@ -265,14 +265,15 @@ class PromptSegNet(nn.Module):
             priors.append(prior)
         logits = self.query_decoder(features, queries)
         if self.propagations is not None:
-            prior = F.interpolate(
-                priors[0].mean(dim=1, keepdim=True),
-                size=logits.shape[-2:],
-                mode="bilinear",
-                align_corners=False,
-            )
-            logits = logits + self.query_decoder.prior_gain * probability_logit(prior.squeeze(1))
+            logits = self.add_prior(logits, priors[0].mean(dim=1, keepdim=True))
         return logits
+
+    def add_prior(self, logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """logits (B, R, R) plus the learned gain times the logit of `prior` (B, 1, h, w), the
+        head-averaged label probabilities propagated at the first attention stage, upsampled to
+        R."""
+        prior = F.interpolate(prior, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        return logits + self.query_decoder.prior_gain * probability_logit(prior.squeeze(1))
 
     def attend(
         self, features: torch.Tensor, stage_index: int, prompts: PromptEncoding
