@@ -5,7 +5,7 @@ mantissa) instead of exact "ieee" fp32 dots. "auto" (default): on CUDA in infere
 needs a gradient), so training keeps exact dots; "1": also in training (forward and backward);
 "0": never. Half-precision inputs always use tensor cores and are unaffected. The bound TF32 keeps
 (TF32_RELATIVE_BOUND) is checked against the float64 reference on the GPU by
-tests/test_triton_attention.py::test_tf32_forward_stays_within_its_bound.
+tests/test_triton_attention.py::test_tf32_dots_stay_within_their_bound (in the GPU-session tests).
 
 PROMPTSEG_TRITON_PACK_QUERIES (`queries_per_set`): "1" (default) packs the B / G queries that
 share a key group into the M axis of the forward and dq kernels (their B / G · Nq rows are tiled as
@@ -24,10 +24,12 @@ import torch
 TF32_ENV = "PROMPTSEG_TRITON_TF32"
 PACK_ENV = "PROMPTSEG_TRITON_PACK_QUERIES"
 TF32_MODES = ("auto", "0", "1")
-# max|triton - float64 reference| / max|reference| of the TF32 forward on N(0, 1) inputs (D <= 128,
-# a few thousand keys). Emulating TF32 rounding of q, k, v and P on the CPU gives about 1e-3 (see
-# the report of issue 16); the bound leaves a factor of four.
-TF32_RELATIVE_BOUND = 4e-3
+# Bound on max|error| / max|float64 reference| of the output and of dq, dk, dv with TF32 dots, on
+# N(0, 1) inputs. Tensor cores read the top 10 mantissa bits of fp32 operands (truncation; the PTX
+# has no cvt.rna.tf32); emulating that on the CPU (benchmarks/kernels/tf32_error.py) gives at most
+# 3.0e-3 for the output and 5.2e-3 for dq, dk, dv (D 32-128, Nk 37 and 2053, q scaled by 1 and 3),
+# so the bound leaves a factor of about two. Exact fp32 dots stay within 1e-5.
+TF32_RELATIVE_BOUND = 1e-2
 
 
 def tf32_mode() -> str:
