@@ -8,9 +8,10 @@ Run from the repository root, without TRITON_INTERPRET (the kernels must be real
 `triton.compile` with an explicit GPUTarget lowers each kernel to PTX and a cubin (Triton's bundled
 ptxas) without a driver, so code that only the GPU path reaches (constexpr branches, tf32 dots,
 layouts the interpreter never checks) is type-checked and compiled here. Each line reports the
-compile time and the tensor-core instructions in the PTX (mma.sync on sm_80, wgmma on sm_90): fp16
-and TF32 dots must use them, exact fp32 ("ieee") dots must not. Exit status 1 when a variant fails
-to compile or breaks that rule. It proves compilation, not speed or results on a GPU.
+compile time (near zero when Triton's cache already holds the variant) and the tensor-core
+instructions in the PTX (mma.sync on sm_80, wgmma on sm_90): fp16 and TF32 dots must use them,
+exact fp32 ("ieee") dots must not. Exit status 1 when a variant fails to compile or breaks that
+rule. It proves compilation, not speed or results on a GPU.
 """
 
 from __future__ import annotations
