@@ -43,10 +43,12 @@ class Variant:
     precision: str = "tf32"
     bias: bool = False
     atomic: bool = False
+    packed: bool = True  # dk/dv only: the split's queries tiled as one M axis
 
     def label(self) -> str:
         extra = " bias+lengths" if self.bias else ""
         extra += " atomic" if self.atomic else ""
+        extra += " unpacked" if self.kernel == "dkdv" and not self.packed else ""
         return (
             f"{self.kernel} sm_{self.arch} {self.dtype} {self.precision} D={self.head_dim}{extra}"
         )
@@ -77,7 +79,7 @@ def constexprs(variant: Variant) -> dict[str, Any]:
         BLOCK_N=128 if variant.kernel == "dkdv" and variant.arch == 90 else 64,
     )
     if variant.kernel == "dkdv":
-        values["ATOMIC"] = variant.atomic
+        values.update(ATOMIC=variant.atomic, PACKED=variant.packed)
     return values
 
 
@@ -130,6 +132,7 @@ def variants(quick: bool) -> list[Variant]:
                 Variant(kernel, arch, "fp32", 64, "tf32"),
                 Variant(kernel, arch, "fp32", 40, "ieee", bias=True),
             ]
+        found.append(Variant("dkdv", arch, "fp16", 64, packed=False))
     return found
 
 

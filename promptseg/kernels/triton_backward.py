@@ -337,22 +337,30 @@ def dkdv_step(
     dv,
     k,
     v,
-    qt_base,
-    do_base,
+    Q,
+    dOut,
     Lse,
     Delta,
-    row_base,
     bias_base,
-    start_m,
-    offs_m,
+    b,
+    m,
+    row_ok,
+    h,
     offs_n,
     offs_d,
     key_in_range,
     qk_scale,
+    stride_qb,
+    stride_qh,
     stride_qm,
+    stride_qd,
+    stride_gb,
+    stride_gh,
     stride_gm,
+    stride_gd,
     stride_bm,
     stride_bn,
+    num_heads,
     N_Q,
     HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -360,34 +368,36 @@ def dkdv_step(
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dk, dv (BLOCK_N, BLOCK_D) fp32 plus the contributions of query rows start_m onwards of one
-    query, computed transposed: Pᵀ = exp2(k qᵀ · qk_scale - lse), dv += Pᵀ dO,
-    dSᵀ = Pᵀ (v dOᵀ - delta), dk += dSᵀ q, so no P or dS tile is transposed. MASK_ROWS only on the
-    tile holding N_Q. Rows of keys past the group's length are not masked here (the caller zeroes
-    them); key_in_range (BLOCK_N,) keeps bias loads in bounds."""
-    rows = start_m + offs_m
-    row_ok = rows < N_Q
+    """dk, dv (BLOCK_N, BLOCK_D) fp32 plus the contributions of one tile of query rows (query b,
+    int64 scalar or (BLOCK_M,), token m (BLOCK_M,); row_ok (BLOCK_M,) read only when MASK_ROWS, the
+    boundary tile), computed transposed: Pᵀ = exp2(k qᵀ · qk_scale - lse), dv += Pᵀ dO,
+    dSᵀ = Pᵀ (v dOᵀ - delta), dk += dSᵀ q, so no P or dS tile is transposed. Rows of keys past the
+    group's length are not masked here (the caller zeroes them); key_in_range (BLOCK_N,) keeps bias
+    loads in bounds."""
     d_ok = offs_d < HEAD_DIM
+    q_rows = b * stride_qb + m * stride_qm
     qt = load_masked(
-        qt_base + rows[None, :] * stride_qm,
+        Q + h.to(tl.int64) * stride_qh + q_rows[None, :] + offs_d[:, None] * stride_qd,
         row_ok[None, :],
         d_ok[:, None],
         MASK_ROWS,
         HEAD_DIM != BLOCK_D,
     )
+    do_rows = b * stride_gb + m * stride_gm
     do = load_masked(
-        do_base + rows[:, None] * stride_gm,
+        dOut + h.to(tl.int64) * stride_gh + do_rows[:, None] + offs_d[None, :] * stride_gd,
         row_ok[:, None],
         d_ok[None, :],
         MASK_ROWS,
         HEAD_DIM != BLOCK_D,
     )
+    row_index = (b * num_heads + h) * N_Q + m  # of each row in Lse / Delta (B, H, Nq)
     if MASK_ROWS:
-        lse = tl.load(Lse + row_base + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
+        lse = tl.load(Lse + row_index, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + row_index, mask=row_ok, other=0.0)
     else:
-        lse = tl.load(Lse + row_base + rows)
-        delta = tl.load(Delta + row_base + rows)
+        lse = tl.load(Lse + row_index)
+        delta = tl.load(Delta + row_index)
     lse2 = lse * 1.4426950408889634
     qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
     if HAS_BIAS:
@@ -395,7 +405,7 @@ def dkdv_step(
         if MASK_ROWS:
             bias_ok = bias_ok & row_ok[None, :]
         bt = tl.load(
-            bias_base + rows[None, :] * stride_bm + offs_n[:, None] * stride_bn,
+            bias_base + m[None, :] * stride_bm + offs_n[:, None] * stride_bn,
             mask=bias_ok,
             other=0.0,
         )
@@ -460,13 +470,15 @@ def _dkdv_kernel(
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One program: the dk, dv contributions to BLOCK_N keys of one (g, h) from one split of its
-    queries, looping over the queries of the split one at a time (the layout is not packed: each
-    query's rows are tiled on their own, the tail tile of each masked).
+    queries. PACKED: the split's queries · N_Q rows are tiled as one M axis (as in the forward),
+    only its last tile masked; else each query's rows are tiled on their own, each query's last tile
+    masked.
 
     Launched on flat_grid(cdiv(N_K, BLOCK_N), G · H) extended by the splits on axis 1.
     Split s = program_id(1) covers queries g · QPG + s · queries_per_split onwards (QPG = B / G, the
@@ -485,6 +497,7 @@ def _dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     n_end = valid_key_count(Lengths, g, N_K, HAS_LENGTHS)
     key_ok = offs_n < n_end
+    key_in_range = offs_n < N_K
 
     k = load_masked(
         K
@@ -510,52 +523,46 @@ def _dkdv_kernel(
     )
     bias_base = Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh
     split = tl.program_id(1)
-    first_query = g * queries_per_group + split * queries_per_split
+    first_query = (g * queries_per_group + split * queries_per_split).to(tl.int64)
     num_queries = tl.minimum(queries_per_split, queries_per_group - split * queries_per_split)
     # No query work at all for a key tile that lies entirely past the group's length.
-    m_end = tl.where(start_n < n_end, N_Q, 0)
-    m_full = (m_end // BLOCK_M) * BLOCK_M
-
-    qt_base = (
-        Q
-        + first_query.to(tl.int64) * stride_qb
-        + h.to(tl.int64) * stride_qh
-        + offs_d[:, None] * stride_qd
-    )
-    do_base = (
-        dOut
-        + first_query.to(tl.int64) * stride_gb
-        + h.to(tl.int64) * stride_gh
-        + offs_d[None, :] * stride_gd
-    )
-    row_base = (
-        first_query.to(tl.int64) * num_heads + h
-    ) * N_Q  # offset of query row 0 in Lse / Delta
+    has_work = start_n < n_end
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for _ in range(num_queries):
-        for start_m in range(0, m_full, BLOCK_M):
+    if PACKED:
+        r_end = tl.where(has_work, num_queries * N_Q, 0)
+        r_full = (r_end // BLOCK_M) * BLOCK_M
+        for start in range(0, r_full, BLOCK_M):
+            rows = start + offs_m
             dk, dv = dkdv_step(
                 dk,
                 dv,
                 k,
                 v,
-                qt_base,
-                do_base,
+                Q,
+                dOut,
                 Lse,
                 Delta,
-                row_base,
                 bias_base,
-                start_m,
-                offs_m,
+                first_query + rows // N_Q,
+                rows % N_Q,
+                rows < r_end,
+                h,
                 offs_n,
                 offs_d,
-                offs_n < N_K,
+                key_in_range,
                 qk_scale,
+                stride_qb,
+                stride_qh,
                 stride_qm,
+                stride_qd,
+                stride_gb,
+                stride_gh,
                 stride_gm,
+                stride_gd,
                 stride_bm,
                 stride_bn,
+                num_heads,
                 N_Q,
                 HEAD_DIM,
                 HAS_BIAS,
@@ -563,28 +570,37 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_D,
             )
-        if m_full < m_end:
+        if r_full < r_end:
+            rows = r_full + offs_m
             dk, dv = dkdv_step(
                 dk,
                 dv,
                 k,
                 v,
-                qt_base,
-                do_base,
+                Q,
+                dOut,
                 Lse,
                 Delta,
-                row_base,
                 bias_base,
-                m_full,
-                offs_m,
+                first_query + rows // N_Q,
+                rows % N_Q,
+                rows < r_end,
+                h,
                 offs_n,
                 offs_d,
-                offs_n < N_K,
+                key_in_range,
                 qk_scale,
+                stride_qb,
+                stride_qh,
                 stride_qm,
+                stride_qd,
+                stride_gb,
+                stride_gh,
                 stride_gm,
+                stride_gd,
                 stride_bm,
                 stride_bn,
+                num_heads,
                 N_Q,
                 HEAD_DIM,
                 HAS_BIAS,
@@ -592,9 +608,87 @@ def _dkdv_kernel(
                 DOT_PRECISION,
                 BLOCK_D,
             )
-        qt_base += stride_qb
-        do_base += stride_gb
-        row_base += num_heads * N_Q
+    else:
+        m_end = tl.where(has_work, N_Q, 0)
+        m_full = (m_end // BLOCK_M) * BLOCK_M
+        for index in range(num_queries):
+            b = first_query + index
+            for start_m in range(0, m_full, BLOCK_M):
+                rows = start_m + offs_m
+                dk, dv = dkdv_step(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q,
+                    dOut,
+                    Lse,
+                    Delta,
+                    bias_base,
+                    b,
+                    rows,
+                    rows < N_Q,
+                    h,
+                    offs_n,
+                    offs_d,
+                    key_in_range,
+                    qk_scale,
+                    stride_qb,
+                    stride_qh,
+                    stride_qm,
+                    stride_qd,
+                    stride_gb,
+                    stride_gh,
+                    stride_gm,
+                    stride_gd,
+                    stride_bm,
+                    stride_bn,
+                    num_heads,
+                    N_Q,
+                    HEAD_DIM,
+                    HAS_BIAS,
+                    False,
+                    DOT_PRECISION,
+                    BLOCK_D,
+                )
+            if m_full < m_end:
+                rows = m_full + offs_m
+                dk, dv = dkdv_step(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q,
+                    dOut,
+                    Lse,
+                    Delta,
+                    bias_base,
+                    b,
+                    rows,
+                    rows < N_Q,
+                    h,
+                    offs_n,
+                    offs_d,
+                    key_in_range,
+                    qk_scale,
+                    stride_qb,
+                    stride_qh,
+                    stride_qm,
+                    stride_qd,
+                    stride_gb,
+                    stride_gh,
+                    stride_gm,
+                    stride_gd,
+                    stride_bm,
+                    stride_bn,
+                    num_heads,
+                    N_Q,
+                    HEAD_DIM,
+                    HAS_BIAS,
+                    True,
+                    DOT_PRECISION,
+                    BLOCK_D,
+                )
 
     # Keys past the group's length met the queries as zero rows of k, v: their rows of dk, dv are
     # not gradients (and may be non-finite), so they are replaced by zeros.
@@ -622,7 +716,15 @@ DQ_KERNEL = tiled_kernel(
 DKDV_KERNEL = tiled_kernel(
     _dkdv_kernel,
     DKDV_CONFIGS,
-    key=["HEAD_DIM", "queries_per_split", "HAS_BIAS", "HAS_LENGTHS", "DOT_PRECISION", "ATOMIC"],
+    key=[
+        "HEAD_DIM",
+        "queries_per_split",
+        "HAS_BIAS",
+        "HAS_LENGTHS",
+        "DOT_PRECISION",
+        "ATOMIC",
+        "PACKED",
+    ],
     reset_to_zero=["dK", "dV"],
 )
 # Programs the deterministic dk/dv launch aims for, whatever the GPU: its split count, and so the
@@ -673,8 +775,8 @@ def attention_backward(
     dk and dv (G, H, Nk, D) in the dtypes of q, k, v. `deterministic=False` adds the query splits'
     dk / dv with atomics instead of storing per-split partials that a deterministic reduction sums.
     `tf32`: TF32 dots for fp32 inputs (promptseg.kernels.triton_options). The dq kernel packs the
-    B / G queries of a group into one M axis as the forward does (unless
-    PROMPTSEG_TRITON_PACK_QUERIES=0); the dk/dv kernel loops over them one query at a time.
+    B / G queries of a group into one M axis as the forward does, and the dk/dv kernel the queries
+    of its split (unless PROMPTSEG_TRITON_PACK_QUERIES=0: one query at a time).
 
     Deterministic results are bit-identical for the same inputs, tiles and Triton build. The split
     count does not depend on the GPU; the tiles come from autotuning (timing-based, so they may
@@ -719,6 +821,8 @@ def attention_backward(
 
     per_set = queries_per_set(queries_per_group)
     set_rows = per_set * num_queries
+    packed = per_set > 1  # the dk/dv kernel packs its split's queries like the forward
+    split_rows = queries_per_split * num_queries if packed else num_queries
 
     def dq_grid(meta: dict) -> tuple[int]:
         return flat_grid(triton.cdiv(set_rows, meta["BLOCK_M"]), batch // per_set * heads)
@@ -770,7 +874,7 @@ def attention_backward(
         )
         DKDV_KERNEL.launch(
             dkdv_grid,
-            num_queries,
+            split_rows,
             num_keys,
             q,
             k,
@@ -796,8 +900,9 @@ def attention_backward(
             sm_scale,
             num_queries,
             num_keys,
-            *buckets(num_queries, num_keys),
+            *buckets(split_rows, num_keys),
             ATOMIC=atomic,
+            PACKED=packed,
             **common,
         )
     if dk.dim() == 5:  # per-split partials; torch's reduction over dim 0 is deterministic
