@@ -9,8 +9,9 @@ tests/test_triton_attention.py::test_tf32_dots_stay_within_their_bound (in the G
 
 PROMPTSEG_TRITON_PACK_QUERIES (`queries_per_set`): "1" (default) packs the B / G queries that
 share a key group into the M axis of the forward and dq kernels (their B / G · Nq rows are tiled as
-one, and neighbouring programs read one group's keys); "0" keeps one query per row set, the layout
-before packing (for before/after measurements).
+one, and neighbouring programs read one group's keys) and the queries of each split into the M axis
+of the dk/dv kernel; "0" keeps one query at a time, the layout before packing (for before/after
+measurements).
 
 Neither module-level state nor triton is needed here, so the policy is testable anywhere.
 """
