@@ -9,8 +9,8 @@ Run from the repository root. On a GPU machine, with the packs made here first
 
 The parts run in order, each within its share of --budget-s; what one leaves over goes to training:
 1. tests (18%): pytest of the CUDA branch of the suite -> tests.xml, and a one-line summary;
-2. kernels (16%): `benchmarks.kernels.bench_attention`'s quick grid, one process per K ->
-kernels.json;
+2. kernels (16%): `benchmarks.kernels.bench_attention --before-after` (issue 16), then its quick
+   grid, one process per K -> kernels.json;
    engine (22%): `benchmarks.engine.bench_engine` per CUDA backend, 256-slice volumes at K = 8 ->
    engine.json;
 3. train (the rest, less 10% kept for the evaluation): `promptseg train` of configs/release_cpu.yaml

@@ -179,7 +179,10 @@ def test_gpu_plan_commands_parse() -> None:
     assert all((REPO / test).is_file() for test in gpu.tests)
     assert all((REPO / test.split("::")[0]).is_file() for test in plan.DRY_TESTS)
     quick = bench_attention.parse_args(["--quick"])
-    runs = [bench_attention.parse_args(flags) for flags in gpu.kernel_runs]
+    before_after, *runs = [bench_attention.parse_args(flags) for flags in gpu.kernel_runs]
+    assert before_after.before_after and before_after.fixed_tiles
+    assert before_after.providers == bench_attention.BEFORE_AFTER_PROVIDERS
+    assert "fp32" in before_after.dtypes and bench_attention.shape_grid(before_after)
     assert sorted(k for run in runs for k in run.prompts) == sorted(quick.prompts)
     assert all(
         (run.nq, run.dims, run.dtypes, run.ratios)
@@ -265,5 +268,9 @@ def test_kernel_runs_merge_into_one_file_and_table(
         and result.note == f"{len(gpu.kernel_runs)} of {len(gpu.kernel_runs)} runs -> kernels.json"
     )
     merged = json.loads((tmp_path / "out" / "kernels.json").read_text())
-    assert len(merged["results"]) == len(gpu.kernel_runs) * len(bench_attention.PROVIDERS)
+    assert len(merged["results"]) == (len(gpu.kernel_runs) - 1) * len(
+        bench_attention.DEFAULT_PROVIDERS
+    ) + len(bench_attention.BEFORE_AFTER_PROVIDERS)
     assert "Fake GPU" in result.markdown and "1.000 ms (2)" in result.markdown
+    # One table over every run's providers; a shape a provider did not run shows "-".
+    assert "| triton_baseline |" in result.markdown and "| - |" in result.markdown

@@ -536,3 +536,146 @@ def test_triton_version_check(version: str, knobs: bool, ok: bool) -> None:
     ) as caught:
         check_triton_version(stand_in)
     assert "\n" not in str(caught.value)
+
+
+def test_tf32_dots_stay_within_their_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 inputs with TF32 dots (the default in inference on CUDA; PROMPTSEG_TRITON_TF32=1 in
+    training): output and dq, dk, dv within TF32_RELATIVE_BOUND of max|float64 reference|, the
+    exact dots (PROMPTSEG_TRITON_TF32=0) within RELATIVE[float32]. On a GPU the default inference
+    forward must differ from the exact one (TF32 engaged); on the CPU every mode runs exact dots."""
+    from promptseg.kernels.triton_options import TF32_ENV, TF32_RELATIVE_BOUND
+
+    dtype = torch.float32
+    q, k, v, grad = make_inputs(13, 6, 2, 2, NQ, NK, 64, dtype)
+    lengths = torch.tensor([NK, NK - 40], device=DEVICE)
+    expected = reference_grads(q, k, v, grad, lengths, None)
+
+    def error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+        return float((actual.double() - reference).abs().max() / reference.abs().max())
+
+    monkeypatch.setenv(TF32_ENV, "1")
+    trained = triton_grads(q, k, v, grad, lengths, None)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), trained, expected):
+        assert error(a, e) <= TF32_RELATIVE_BOUND, f"{name}: {error(a, e):.2e} with TF32"
+    outputs = {}
+    for mode in ("auto", "0"):
+        monkeypatch.setenv(TF32_ENV, mode)
+        with torch.no_grad():
+            outputs[mode] = triton_attention.triton_cross_attention(q, k, v, lengths)
+    assert error(outputs["auto"], expected[0]) <= TF32_RELATIVE_BOUND
+    assert error(outputs["0"], expected[0]) <= RELATIVE[torch.float32]
+    if CUDA:
+        assert not torch.equal(outputs["auto"], outputs["0"])
+
+
+class PrecisionRecorder:
+    """Wraps a TiledKernel: records the DOT_PRECISION of each launch, then launches it."""
+
+    def __init__(self, name: str, real: object, seen: list[tuple[str, str]]) -> None:
+        self.name, self.real, self.seen = name, real, seen
+
+    def launch(self, *args: object, **kwargs: object) -> None:
+        self.seen.append((self.name, str(kwargs["DOT_PRECISION"])))
+        self.real.launch(*args, **kwargs)
+
+
+def test_tf32_choice_reaches_every_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy (here answering as it would for CUDA tensors) sets DOT_PRECISION of the forward,
+    dq and dk/dv launches, also through the joint (own keys) path: TF32 in inference by default,
+    exact in training unless PROMPTSEG_TRITON_TF32=1, exact everywhere with 0. The TF32 path
+    runs under the interpreter (which computes its dots exactly) with unchanged parity."""
+    from promptseg.kernels import triton_backward, triton_forward, triton_options
+
+    seen: list[tuple[str, str]] = []
+    for module, attr in (
+        (triton_forward, "FORWARD_KERNEL"),
+        (triton_backward, "DQ_KERNEL"),
+        (triton_backward, "DKDV_KERNEL"),
+    ):
+        monkeypatch.setattr(module, attr, PrecisionRecorder(attr, getattr(module, attr), seen))
+    as_on_cuda = triton_options.tf32_enabled
+    monkeypatch.setattr(
+        triton_attention,
+        "tf32_enabled",
+        lambda dtype, device, training: as_on_cuda(dtype, "cuda", training),
+    )
+    q, k, v, grad = make_inputs(14, 4, 2, 1, 19, 37, 32, torch.float32)
+    lengths = torch.tensor([37, 20], device=DEVICE)
+
+    def run(mode: str, train: bool, joint: bool = False) -> set[tuple[str, str]]:
+        monkeypatch.setenv(triton_options.TF32_ENV, mode)
+        seen.clear()
+        if train:
+            assert_parity(torch.float32, q, k, v, grad, key_lengths=lengths)
+        elif joint:
+            with torch.no_grad():
+                cross_attention(q, k, v, lengths, kernel="triton", own_k=q, own_v=q)
+        else:
+            with torch.no_grad():
+                triton_attention.triton_cross_attention(q, k, v, lengths)
+        return set(seen)
+
+    all_three = ("FORWARD_KERNEL", "DQ_KERNEL", "DKDV_KERNEL")
+    assert run("auto", train=False) == {("FORWARD_KERNEL", "tf32")}
+    assert run("auto", train=False, joint=True) == {("FORWARD_KERNEL", "tf32")}
+    assert run("0", train=False) == {("FORWARD_KERNEL", "ieee")}
+    assert run("auto", train=True) == {(name, "ieee") for name in all_three}
+    assert run("1", train=True) == {(name, "tf32") for name in all_three}
+    monkeypatch.setenv(triton_options.TF32_ENV, "0")
+    seen.clear()
+    with torch.no_grad():
+        triton_attention.triton_cross_attention(q.half(), k.half(), v.half(), lengths)
+    assert seen == [("FORWARD_KERNEL", "tf32")]  # half inputs: the precision has no effect
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_and_unpacked_row_sets_agree(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """The queries of a group packed into one M axis (default) and one query per row set
+    (PROMPTSEG_TRITON_PACK_QUERIES=0) both match the reference, with tiles straddling queries
+    (Nq = 19, 3 queries per group), a query-dependent bias and ragged lengths; the packed forward
+    and dq launch fewer programs (G · H · cdiv(3 · Nq, tile) instead of B · H · cdiv(Nq, tile))."""
+    from promptseg.kernels import triton_backward, triton_forward
+    from promptseg.kernels.triton_options import PACK_ENV
+
+    groups, heads, per_group, num_queries, num_keys = 2, 2, 3, 19, 45
+    q, k, v, grad = make_inputs(
+        15, groups * per_group, groups, heads, num_queries, num_keys, 40, dtype
+    )
+    bias = torch.randn(1, heads, num_queries, num_keys, generator=torch.Generator().manual_seed(16))
+    bias = bias.to(DEVICE)
+    lengths = torch.tensor([num_keys - 3, 33], device=DEVICE)
+    results = {}
+    for packed in ("1", "0"):
+        monkeypatch.setenv(PACK_ENV, packed)
+        assert_parity(dtype, q, k, v, grad, key_lengths=lengths, bias=bias)
+        results[packed] = triton_grads(q, k, v, grad, lengths, bias)
+        recorder = RecordingLaunch()
+        monkeypatch.setattr(
+            triton_forward,
+            "FORWARD_KERNEL",
+            triton_forward.TiledKernel(recorder, recorder, triton_forward.FORWARD_CONFIGS),
+        )
+        monkeypatch.setattr(
+            triton_backward,
+            "DQ_KERNEL",
+            triton_forward.TiledKernel(recorder, recorder, triton_backward.DQ_CONFIGS),
+        )
+        others = RecordingLaunch()  # the delta and dk/dv launches do not depend on packing
+        monkeypatch.setattr(triton_backward, "_delta_kernel", others)
+        monkeypatch.setattr(
+            triton_backward,
+            "DKDV_KERNEL",
+            triton_forward.TiledKernel(others, others, triton_backward.DKDV_CONFIGS),
+        )
+        out, lse = triton_forward.attention_forward(q, k, v, lengths, bias)
+        triton_backward.attention_backward(out, q, k, v, out, lse, lengths, bias)
+        monkeypatch.undo()
+        rows = groups * heads * -(-per_group * num_queries // 16) if packed == "1" else None
+        expected = rows or groups * per_group * heads * -(-num_queries // 16)
+        assert [grid[0] for grid in recorder.grids] == [expected, expected]
+    for packed_result, unpacked_result in zip(results["1"], results["0"]):
+        torch.testing.assert_close(
+            packed_result, unpacked_result, atol=ATOL[dtype], rtol=RTOL[dtype]
+        )

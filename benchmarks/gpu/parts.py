@@ -147,11 +147,14 @@ def run_kernels(session: Session) -> PartResult:
     header = (
         f"## Cross-attention kernels on {first['gpu']} (sm {first['capability']}, torch "
         f"{first['torch']}, "
-        f"triton {first['triton']})\n\nbench_attention's quick grid, one process per K; "
+        f"triton {first['triton']})\n\nbench_attention's --before-after run (issue 16: "
+        "triton_baseline = the kernels before items 12-14, triton_unpacked = packing off, "
+        "triton_ieee = TF32 off; fixed tiles), then its quick grid, one process per K; "
         f"H={first['settings']['heads']}, G={first['settings']['groups']}, Nk = K·Nq, B = G·(B/G); "
         "TFLOP/s count valid keys only; n/a = not supported, skip = over --max-gib."
     )
-    table = bench_attention.markdown(merged["results"], first["settings"]["providers"], header)
+    providers = list(dict.fromkeys(p for r in results for p in r["settings"]["providers"]))
+    table = bench_attention.markdown(merged["results"], providers, header)
     complete = len(results) == len(session.plan.kernel_runs)
     status = (
         "ok" if complete else "stopped" if outcome is not None and outcome.stopped else "failed"

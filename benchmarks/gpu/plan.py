@@ -131,8 +131,9 @@ def recipe(path: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def quick_kernel_runs() -> list[list[str]]:
-    """bench_attention's --quick grid as one process per K, the largest K first (shared and ragged
-    prompt keys matter most), so that a run stopped by the budget keeps the K that finished."""
+    """bench_attention's --before-after run, then its --quick grid as one process per K, the
+    largest K first (shared and ragged prompt keys matter most), so that a run stopped by the
+    budget keeps the K that finished."""
     quick = bench_attention.parse_args(["--quick"])
     common = [
         "--nq",
@@ -144,7 +145,9 @@ def quick_kernel_runs() -> list[list[str]]:
         "--ratios",
         *map(str, quick.ratios),
     ]
-    return [[*common, "--prompts", str(k)] for k in sorted(quick.prompts, reverse=True)]
+    quick_runs = [[*common, "--prompts", str(k)] for k in sorted(quick.prompts, reverse=True)]
+    # First, the before/after of issue 16 items 12-14 (fixed tiles, so no autotuning time).
+    return [["--before-after"], *quick_runs]
 
 
 def gpu_plan(packs: Path, train_steps: int | None) -> Plan:

@@ -6,6 +6,8 @@ Run from the repository root on a CUDA machine:
     python -m benchmarks.kernels.bench_attention --quick    # a handful of shapes
     python -m benchmarks.kernels.bench_attention --promptseg-reference   # the PromptSeg paper's
     shapes
+    python -m benchmarks.kernels.bench_attention --before-after   # issue 16 items 12-14: the
+    kernels before them against now, and each change switched off on its own
 
 --promptseg-reference times the shapes of the paper's model (issue 20,
 configs/promptseg_vit_base.yaml): 12 heads of dim 64, Nq = 256 query tokens, 512 prompt tokens per
@@ -20,24 +22,34 @@ gets the padded keys plus an additive mask, which its flash backend does not acc
 
 Providers: the Triton kernels (deterministic backward, and the atomic backward when B > G), SDPA
 through `promptseg.kernels.sdpa` under each explicit `sdpa_kernel` backend, and the plain PyTorch
-reference. Times are medians of `triton.testing.do_bench`; TFLOP/s count useful work only:
+reference. Also, not in the default list: `triton_baseline` (the kernels before issue 16 items
+12-14, frozen in benchmarks/kernels/baseline), `triton_ieee` (exact fp32 dots,
+PROMPTSEG_TRITON_TF32=0; fp32 only) and `triton_unpacked` (one query per row set,
+PROMPTSEG_TRITON_PACK_QUERIES=0; B > G only). --before-after times those against `triton` with
+fixed tiles (PROMPTSEG_TRITON_AUTOTUNE=0, so every provider runs the same tile and no autotuning
+time is spent) on Nq 80 (unpacked, each query's second 64-row tile holds 16 rows; packed, the 8
+queries' 640 rows fill ten tiles) and 1024, K 16, D 64, fp16 and fp32, B/G 8. fp32 `triton`
+inference uses TF32 dots (the default), its backward exact ones.
+Times are medians of `triton.testing.do_bench`; TFLOP/s count useful work only:
 forward 4 · H · Nq · D · Σ_b valid_keys(b) (= 4·B·H·Nq·Nk·D without ragged lengths), backward 2.5x.
 Shapes whose forward exceeds --max-tflop are left out; a provider whose estimated memory exceeds
 --max-gib is recorded as "skip". Results go to
-benchmarks/results/kernels-<gpu-name>[-promptseg-reference].json and .md.
+benchmarks/results/kernels-<gpu-name>[-promptseg-reference][-before-after].json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import itertools
 import json
+import os
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -80,7 +92,7 @@ class Shape:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
 
     def key_lengths(self) -> list[int]:
         """Valid keys per group: all of them, or ragged (the first ends one key short of a tile)."""
@@ -150,6 +162,12 @@ def reference_provider(
     return reference_cross_attention(q, k, v, lengths)
 
 
+def baseline_provider() -> AttentionFn:
+    from benchmarks.kernels.baseline import baseline_cross_attention
+
+    return baseline_cross_attention
+
+
 PROVIDERS: dict[str, Callable[[], AttentionFn]] = {
     "triton": lambda: triton_provider(deterministic=True),
     "triton_atomic": lambda: triton_provider(deterministic=False),
@@ -158,7 +176,32 @@ PROVIDERS: dict[str, Callable[[], AttentionFn]] = {
     "sdpa_cudnn": lambda: sdpa_provider(SDPBackend.CUDNN_ATTENTION),
     "sdpa_math": lambda: sdpa_provider(SDPBackend.MATH),
     "reference": lambda: reference_provider,
+    "triton_baseline": baseline_provider,
+    "triton_ieee": lambda: triton_provider(deterministic=True),
+    "triton_unpacked": lambda: triton_provider(deterministic=True),
 }
+DEFAULT_PROVIDERS = list(PROVIDERS)[:7]
+BEFORE_AFTER_PROVIDERS = ["triton", "triton_baseline", "triton_unpacked", "triton_ieee"]
+# Environment each provider runs under (forward and backward): one change of issue 16 switched off.
+PROVIDER_ENV = {
+    "triton_ieee": {"PROMPTSEG_TRITON_TF32": "0"},
+    "triton_unpacked": {"PROMPTSEG_TRITON_PACK_QUERIES": "0"},
+}
+
+
+@contextlib.contextmanager
+def provider_environment(provider: str) -> Iterator[None]:
+    """Set the provider's PROVIDER_ENV variables while it runs, then restore them."""
+    saved = {name: os.environ.get(name) for name in PROVIDER_ENV.get(provider, {})}
+    os.environ.update(PROVIDER_ENV.get(provider, {}))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def make_inputs(
@@ -222,8 +265,11 @@ def measure(provider: str, shape: Shape, max_gib: float) -> dict:
         "status": "ok",
         "detail": "",
     }
-    if provider == "triton_atomic" and shape.ratio == 1:
+    if provider in ("triton_atomic", "triton_unpacked") and shape.ratio == 1:
         row.update(status="n/a", detail="same as triton when B == G")
+        return row
+    if provider == "triton_ieee" and shape.dtype != "fp32":
+        row.update(status="n/a", detail="same as triton for half inputs")
         return row
     if estimated_gib(provider, shape) > max_gib:
         row.update(
@@ -235,7 +281,10 @@ def measure(provider: str, shape: Shape, max_gib: float) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SDPA warns about each backend it rejects
-            fwd_ms, bwd_ms = time_forward_backward(PROVIDERS[provider](), q, k, v, grad, lengths)
+            with provider_environment(provider):
+                fwd_ms, bwd_ms = time_forward_backward(
+                    PROVIDERS[provider](), q, k, v, grad, lengths
+                )
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom")
         return row
@@ -306,14 +355,16 @@ def markdown(rows: list[dict], providers: list[str], header: str) -> str:
     lines = [header, ""]
     for phase, title in (("fwd", "Forward"), ("bwd", "Backward (2.5x forward FLOPs)")):
         lines += [
-            f"## {title}: median time (TFLOP/s)",
+            f"## {title}: median time (TFLOP/s); - = not run for this shape",
             "",
             "| shape | " + " | ".join(providers) + " |",
             "|---" * (len(providers) + 1) + "|",
         ]
         for label, cells in by_shape.items():
             lines.append(
-                f"| {label} | " + " | ".join(format_cell(cells[p], phase) for p in providers) + " |"
+                f"| {label} | "
+                + " | ".join(format_cell(cells[p], phase) if p in cells else "-" for p in providers)
+                + " |"
             )
         lines.append("")
     lines += [
@@ -340,7 +391,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prompts", type=int, nargs="+", default=[1, 4, 16, 64], help="K; Nk = K * Nq"
     )
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--dtypes", nargs="+", choices=["fp16", "bf16"], default=["fp16", "bf16"])
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "bf16"]
+    )
     parser.add_argument("--ratios", type=int, nargs="+", default=[1, 8, 32], help="B / G")
     parser.add_argument("--ragged", choices=["yes", "no", "both"], default="both")
     parser.add_argument("--groups", type=int, default=GROUPS, help="G, key groups (prompt sets)")
@@ -348,7 +401,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tokens-per-prompt", type=int, default=0, help="n, Nk = K * n (0: n = Nq)"
     )
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument(
+        "--providers", nargs="+", choices=list(PROVIDERS), default=DEFAULT_PROVIDERS
+    )
+    parser.add_argument(
+        "--fixed-tiles",
+        action="store_true",
+        help="no autotuning: every Triton provider runs its fixed heuristic tile",
+    )
+    parser.add_argument(
+        "--before-after",
+        action="store_true",
+        help="issue 16: triton against the kernels before it and each change off, fixed tiles",
+    )
     parser.add_argument(
         "--max-gib", type=float, default=40.0, help="skip a provider whose estimate exceeds this"
     )
@@ -373,6 +438,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ["fp16"],
             [1, 8],
         )
+    if args.before_after:
+        args.nq, args.prompts, args.dims, args.dtypes = [80, 1024], [16], [64], ["fp16", "fp32"]
+        args.ratios, args.ragged, args.providers = [8], "no", BEFORE_AFTER_PROVIDERS
+        args.fixed_tiles = True
     if args.promptseg_reference:
         args.nq, args.prompts, args.dims, args.dtypes = [256], [1, 4, 8, 16], [64], ["fp16", "bf16"]
         args.tokens_per_prompt, args.heads, args.groups, args.ratios = 512, 12, 1, [1, 4, 16, 64]
@@ -389,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(
             "bench_attention: TRITON_INTERPRET is set; unset it to benchmark the compiled kernels."
         )
+    if args.fixed_tiles:
+        os.environ["PROMPTSEG_TRITON_AUTOTUNE"] = "0"
     gpu = torch.cuda.get_device_name()
     shapes = shape_grid(args)
     print(f"{gpu}: {len(shapes)} shapes x {len(args.providers)} providers", file=sys.stderr)
@@ -426,10 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, args.providers, header)
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = (
-        args.out_dir
-        / f"kernels-{gpu_slug(gpu)}{'-promptseg-reference' if args.promptseg_reference else ''}"
-    )
+    preset = "-promptseg-reference" if args.promptseg_reference else ""
+    preset += "-before-after" if args.before_after else ""
+    stem = args.out_dir / f"kernels-{gpu_slug(gpu)}{preset}"
     stem.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2))
     stem.with_suffix(".md").write_text(table)
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)

@@ -8,13 +8,17 @@ fp16, bf16 or fp32. The forward kernel is `triton_forward`, the backward kernels
 this module registers them as the `torch.library` custom ops below (with autograd, traceable by
 torch.compile and torch.export) and holds the entry points the dispatcher calls:
 
-promptseg::cross_attention_fwd(q, k, v, key_lengths?, bias?, deterministic) -> (out, lse)
-promptseg::cross_attention_bwd(grad_out, q, k, v, out, lse, key_lengths?, bias?, deterministic) ->
-(dq, dk, dv)
+promptseg::cross_attention_fwd(q, k, v, key_lengths?, bias?, deterministic, tf32=False) ->
+(out, lse)
+promptseg::cross_attention_bwd(grad_out, q, k, v, out, lse, key_lengths?, bias?, deterministic,
+tf32=False) -> (dq, dk, dv)
 
 Shapes: q, out, grad_out, dq (B, H, Nq, D); k, v, dk, dv (G, H, Nk, D); lse (B, H, Nq) float32;
 key_lengths (G,) int; bias broadcastable to (G, H, Nq, Nk). Outputs are contiguous. `deterministic`
-only selects the dk/dv accumulation of the backward; the forward ignores it. Gradients flow to
+only selects the dk/dv accumulation of the backward; the forward ignores it. `tf32` gives fp32
+inputs TF32 tensor-core dots (the forward's choice is reused by its backward); the entry points
+below choose it with `promptseg.kernels.triton_options.tf32_enabled` (PROMPTSEG_TRITON_TF32: by
+default on CUDA in inference only). Gradients flow to
 q, k and v; key_lengths and bias get none. Kernels run on CUDA, or on the CPU when
 TRITON_INTERPRET=1 was set before import.
 
@@ -31,6 +35,7 @@ import torch
 
 from promptseg.kernels.triton_backward import attention_backward
 from promptseg.kernels.triton_forward import INTERPRET, MAX_HEAD_DIM, attention_forward
+from promptseg.kernels.triton_options import needs_grad, tf32_enabled
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -106,9 +111,10 @@ def cross_attention_fwd(
     key_lengths: torch.Tensor | None,
     bias: torch.Tensor | None,
     deterministic: bool,
+    tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel: out (B, H, Nq, D) in q's dtype and lse (B, H, Nq) float32."""
-    return attention_forward(q, k, v, key_lengths, bias)
+    return attention_forward(q, k, v, key_lengths, bias, tf32)
 
 
 @cross_attention_fwd.register_fake
@@ -119,6 +125,7 @@ def _cross_attention_fwd_fake(
     key_lengths: torch.Tensor | None,
     bias: torch.Tensor | None,
     deterministic: bool,
+    tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -134,9 +141,10 @@ def cross_attention_bwd(
     key_lengths: torch.Tensor | None,
     bias: torch.Tensor | None,
     deterministic: bool,
+    tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernels: dq (B, H, Nq, D), dk and dv (G, H, Nk, D)."""
-    return attention_backward(grad_out, q, k, v, out, lse, key_lengths, bias, deterministic)
+    return attention_backward(grad_out, q, k, v, out, lse, key_lengths, bias, deterministic, tf32)
 
 
 @cross_attention_bwd.register_fake
@@ -150,6 +158,7 @@ def _cross_attention_bwd_fake(
     key_lengths: torch.Tensor | None,
     bias: torch.Tensor | None,
     deterministic: bool,
+    tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -157,10 +166,11 @@ def _cross_attention_bwd_fake(
 def _setup_context(
     ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
-    q, k, v, key_lengths, bias, deterministic = inputs
+    q, k, v, key_lengths, bias, deterministic, tf32 = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_lengths, bias)
     ctx.deterministic = deterministic
+    ctx.tf32 = tf32
     ctx.mark_non_differentiable(lse)
 
 
@@ -169,9 +179,9 @@ def _backward(
 ) -> tuple[torch.Tensor | None, ...]:
     q, k, v, out, lse, key_lengths, bias = ctx.saved_tensors
     dq, dk, dv = cross_attention_bwd(
-        grad_out, q, k, v, out, lse, key_lengths, bias, ctx.deterministic
+        grad_out, q, k, v, out, lse, key_lengths, bias, ctx.deterministic, ctx.tf32
     )
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -189,9 +199,12 @@ def triton_cross_attention(
 
     Returns (B, H, Nq, D) in q's dtype, differentiable in q, k, v. `deterministic=False` lets the
     backward add dk / dv of the B / G queries sharing a group with atomics (faster, not bit-stable).
+    fp32 inputs take TF32 dots where `tf32_enabled` says so (by default on CUDA when no input needs
+    a gradient; PROMPTSEG_TRITON_TF32=0 turns them off, =1 on in training too).
     """
     check_inputs(q, k, v, bias)
-    out, _ = cross_attention_fwd(q, k, v, key_lengths, bias, deterministic)
+    tf32 = tf32_enabled(q.dtype, q.device, needs_grad(q, k, v))
+    out, _ = cross_attention_fwd(q, k, v, key_lengths, bias, deterministic, tf32)
     return out
 
 
@@ -233,12 +246,14 @@ class JointAttention(torch.autograd.Function):
         own_k: torch.Tensor,
         own_v: torch.Tensor,
         deterministic: bool,
+        tf32: bool,
     ) -> torch.Tensor:
-        out_a, lse_a = cross_attention_fwd(q, k, v, key_lengths, None, deterministic)
-        out_b, lse_b = cross_attention_fwd(q, own_k, own_v, None, None, deterministic)
+        out_a, lse_a = cross_attention_fwd(q, k, v, key_lengths, None, deterministic, tf32)
+        out_b, lse_b = cross_attention_fwd(q, own_k, own_v, None, None, deterministic, tf32)
         out, lse = merge_partial_attention(out_a, lse_a, out_b, lse_b, q.dtype)
         ctx.save_for_backward(q, k, v, own_k, own_v, out, lse, key_lengths)
         ctx.deterministic = deterministic
+        ctx.tf32 = tf32
         return out
 
     @staticmethod
@@ -248,12 +263,12 @@ class JointAttention(torch.autograd.Function):
         q, k, v, own_k, own_v, out, lse, key_lengths = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         dq_a, dk, dv = cross_attention_bwd(
-            grad_out, q, k, v, out, lse, key_lengths, None, ctx.deterministic
+            grad_out, q, k, v, out, lse, key_lengths, None, ctx.deterministic, ctx.tf32
         )
         dq_b, own_dk, own_dv = cross_attention_bwd(
-            grad_out, q, own_k, own_v, out, lse, None, None, ctx.deterministic
+            grad_out, q, own_k, own_v, out, lse, None, None, ctx.deterministic, ctx.tf32
         )
-        return dq_a + dq_b, dk, dv, None, own_dk, own_dv, None
+        return dq_a + dq_b, dk, dv, None, own_dk, own_dv, None, None
 
 
 def triton_joint_attention(
@@ -270,4 +285,5 @@ def triton_joint_attention(
     differentiable in q, k, v, own_k, own_v."""
     check_inputs(q, k, v, None)
     check_inputs(q, own_k, own_v, None)
-    return JointAttention.apply(q, k, v, key_lengths, own_k, own_v, deterministic)
+    tf32 = tf32_enabled(q.dtype, q.device, needs_grad(q, k, v, own_k, own_v))
+    return JointAttention.apply(q, k, v, key_lengths, own_k, own_v, deterministic, tf32)

@@ -26,18 +26,21 @@ from promptseg.kernels.triton_forward import (
     LOG2E,
     MAX_GRID_AXIS12,
     bias_view,
-    block_scores,
+    biased_scores,
     buckets,
     dot_precision,
     flat_grid,
     flat_program,
     head_block,
     lengths_view,
+    load_masked,
     on_device,
+    row_set_program,
     tile_configs,
     tiled_kernel,
     valid_key_count,
 )
+from promptseg.kernels.triton_options import queries_per_set
 
 DELTA_BLOCK_M = 32 if INTERPRET else 64
 # Key tile size assumed when sizing the query splits (the tuned BLOCK_N may differ; this only steers
@@ -69,7 +72,7 @@ def _delta_kernel(
     stride_gd,
     num_heads,
     N_Q,
-    HEAD_DIM,
+    HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -82,27 +85,88 @@ def _delta_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(
+    row_ok = (offs_m < N_Q)[:, None]
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    o = load_masked(
         Out
         + b.to(tl.int64) * stride_ob
         + h.to(tl.int64) * stride_oh
         + offs_m[:, None] * stride_om
         + offs_d[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
+        row_ok,
+        d_ok,
+        True,
+        HEAD_DIM != BLOCK_D,
     )
-    do = tl.load(
+    do = load_masked(
         dOut
         + b.to(tl.int64) * stride_gb
         + h.to(tl.int64) * stride_gh
         + offs_m[:, None] * stride_gm
         + offs_d[None, :] * stride_gd,
-        mask=mask,
-        other=0.0,
+        row_ok,
+        d_ok,
+        True,
+        HEAD_DIM != BLOCK_D,
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def dq_step(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_ptrs,
+    vt_ptrs,
+    bias_ptrs,
+    start_n,
+    n_end,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    stride_bn,
+    offs_n,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dq (BLOCK_M, BLOCK_D) fp32 plus the contribution of the key tile starting at start_n
+    (unscaled by D^-0.5); MASK_KEYS only on the tile holding n_end."""
+    cols = start_n + offs_n
+    key_ok = cols < n_end
+    d_ok = offs_d < HEAD_DIM
+    kt = load_masked(
+        k_ptrs + cols[None, :] * stride_kn,
+        key_ok[None, :],
+        d_ok[:, None],
+        MASK_KEYS,
+        HEAD_DIM != BLOCK_D,
+    )
+    vt = load_masked(
+        vt_ptrs + cols[None, :] * stride_vn,
+        key_ok[None, :],
+        d_ok[:, None],
+        MASK_KEYS,
+        HEAD_DIM != BLOCK_D,
+    )
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if HAS_BIAS or MASK_KEYS:
+        s = biased_scores(
+            qk, bias_ptrs, cols[None, :], key_ok[None, :], qk_scale, stride_bn, HAS_BIAS, MASK_KEYS
+        )
+        p = tl.exp2(s - lse2[:, None])
+    else:
+        p = tl.exp2(qk * qk_scale - lse2[:, None])
+    dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -142,13 +206,14 @@ def _dq_kernel(
     stride_dqd,
     num_heads,
     queries_per_group,
+    queries_per_set,
     qk_scale,
     sm_scale,
     N_Q,
     N_K,
-    HEAD_DIM,
     N_Q_BUCKET,
     N_K_BUCKET,
+    HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -156,45 +221,44 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program: dq of BLOCK_M query rows of one (b, h), looping over the valid keys of its
-    group.
+    """One program: dq of BLOCK_M rows of one row set (as in the forward: queries_per_set queries of
+    group g, one head), looping over the valid keys of g with only the boundary key tile masked.
 
-    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H). N_Q_BUCKET, N_K_BUCKET only key the
-    autotuning.
+    Launched on flat_grid(cdiv(queries_per_set · N_Q, BLOCK_M), B / queries_per_set · H).
+    N_Q_BUCKET, N_K_BUCKET only key the autotuning.
     """
-    pid_bh, start_m = flat_program(N_Q, BLOCK_M)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    g = b // queries_per_group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_set, h, first, rows = row_set_program(N_Q, queries_per_set, num_heads, BLOCK_M)
+    g = first // queries_per_group
+    b = (first + rows // N_Q).to(tl.int64)
+    m = rows % N_Q
+    row_ok = rows < queries_per_set * N_Q
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N_Q
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(
+    q = load_masked(
         Q
-        + b.to(tl.int64) * stride_qb
         + h.to(tl.int64) * stride_qh
-        + offs_m[:, None] * stride_qm
+        + (b * stride_qb + m * stride_qm)[:, None]
         + offs_d[None, :] * stride_qd,
-        mask=tile_ok,
-        other=0.0,
+        row_ok[:, None],
+        d_ok[None, :],
+        True,
+        HEAD_DIM != BLOCK_D,
     )
-    do = tl.load(
+    do = load_masked(
         dOut
-        + b.to(tl.int64) * stride_gb
         + h.to(tl.int64) * stride_gh
-        + offs_m[:, None] * stride_gm
+        + (b * stride_gb + m * stride_gm)[:, None]
         + offs_d[None, :] * stride_gd,
-        mask=tile_ok,
-        other=0.0,
+        row_ok[:, None],
+        d_ok[None, :],
+        True,
+        HEAD_DIM != BLOCK_D,
     )
-    lse2 = (
-        tl.load(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
-        * 1.4426950408889634
-    )
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    row_index = (b * num_heads + h) * N_Q + m  # of each row in Lse / Delta (B, H, Nq)
+    lse2 = tl.load(Lse + row_index, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + row_index, mask=row_ok, other=0.0)
     k_ptrs = (
         K + g.to(tl.int64) * stride_kg + h.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
     )
@@ -202,44 +266,157 @@ def _dq_kernel(
         V + g.to(tl.int64) * stride_vg + h.to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd
     )
     bias_ptrs = (
-        Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + offs_m[:, None] * stride_bm
+        Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + m[:, None] * stride_bm
     )
     n_end = valid_key_count(Lengths, g, N_K, HAS_LENGTHS)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
-        cols = start_n + offs_n
-        key_ok = cols < n_end
-        kv_mask = key_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
-        kt = tl.load(k_ptrs + cols[None, :] * stride_kn, mask=kv_mask, other=0.0)
-        vt = tl.load(vt_ptrs + cols[None, :] * stride_vn, mask=kv_mask, other=0.0)
-        s = block_scores(
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = dq_step(
+            dq,
             q,
-            kt,
+            do,
+            lse2,
+            delta,
+            k_ptrs,
+            vt_ptrs,
             bias_ptrs,
-            offs_m,
-            cols,
-            key_ok,
-            N_Q,
+            start_n,
+            n_end,
             qk_scale,
+            stride_kn,
+            stride_vn,
             stride_bn,
+            offs_n,
+            offs_d,
+            HEAD_DIM,
             HAS_BIAS,
+            False,
             DOT_PRECISION,
+            BLOCK_D,
         )
-        p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    if n_full < n_end:
+        dq = dq_step(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_ptrs,
+            vt_ptrs,
+            bias_ptrs,
+            n_full,
+            n_end,
+            qk_scale,
+            stride_kn,
+            stride_vn,
+            stride_bn,
+            offs_n,
+            offs_d,
+            HEAD_DIM,
+            HAS_BIAS,
+            True,
+            DOT_PRECISION,
+            BLOCK_D,
+        )
 
     tl.store(
         dQ
-        + b.to(tl.int64) * stride_dqb
         + h.to(tl.int64) * stride_dqh
-        + offs_m[:, None] * stride_dqm
+        + (b * stride_dqb + m * stride_dqm)[:, None]
         + offs_d[None, :] * stride_dqd,
         (dq * sm_scale).to(dQ.dtype.element_ty),
-        mask=tile_ok,
+        mask=row_ok[:, None] & d_ok[None, :],
     )
+
+
+@triton.jit
+def dkdv_step(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    dOut,
+    Lse,
+    Delta,
+    bias_base,
+    b,
+    m,
+    row_ok,
+    h,
+    offs_n,
+    offs_d,
+    key_in_range,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_bm,
+    stride_bn,
+    num_heads,
+    N_Q,
+    HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dk, dv (BLOCK_N, BLOCK_D) fp32 plus the contributions of one tile of query rows (query b,
+    int64 scalar or (BLOCK_M,), token m (BLOCK_M,); row_ok (BLOCK_M,) read only when MASK_ROWS, the
+    boundary tile), computed transposed: Pᵀ = exp2(k qᵀ · qk_scale - lse), dv += Pᵀ dO,
+    dSᵀ = Pᵀ (v dOᵀ - delta), dk += dSᵀ q, so no P or dS tile is transposed. Rows of keys past the
+    group's length are not masked here (the caller zeroes them); key_in_range (BLOCK_N,) keeps bias
+    loads in bounds."""
+    d_ok = offs_d < HEAD_DIM
+    q_rows = b * stride_qb + m * stride_qm
+    qt = load_masked(
+        Q + h.to(tl.int64) * stride_qh + q_rows[None, :] + offs_d[:, None] * stride_qd,
+        row_ok[None, :],
+        d_ok[:, None],
+        MASK_ROWS,
+        HEAD_DIM != BLOCK_D,
+    )
+    do_rows = b * stride_gb + m * stride_gm
+    do = load_masked(
+        dOut + h.to(tl.int64) * stride_gh + do_rows[:, None] + offs_d[None, :] * stride_gd,
+        row_ok[:, None],
+        d_ok[None, :],
+        MASK_ROWS,
+        HEAD_DIM != BLOCK_D,
+    )
+    row_index = (b * num_heads + h) * N_Q + m  # of each row in Lse / Delta (B, H, Nq)
+    if MASK_ROWS:
+        lse = tl.load(Lse + row_index, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + row_index, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(Lse + row_index)
+        delta = tl.load(Delta + row_index)
+    lse2 = lse * 1.4426950408889634
+    qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    if HAS_BIAS:
+        bias_ok = key_in_range[:, None]
+        if MASK_ROWS:
+            bias_ok = bias_ok & row_ok[None, :]
+        bt = tl.load(
+            bias_base + m[None, :] * stride_bm + offs_n[:, None] * stride_bn,
+            mask=bias_ok,
+            other=0.0,
+        )
+        pt = tl.exp2(qkt * qk_scale + bt.to(tl.float32) * 1.4426950408889634 - lse2[None, :])
+    else:
+        pt = tl.exp2(qkt * qk_scale - lse2[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -286,27 +463,30 @@ def _dkdv_kernel(
     sm_scale,
     N_Q,
     N_K,
-    HEAD_DIM,
     N_Q_BUCKET,
     N_K_BUCKET,
+    HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One program: the dk, dv contributions to BLOCK_N keys of one (g, h) from one split of its
-    queries.
+    queries. PACKED: the split's queries · N_Q rows are tiled as one M axis (as in the forward),
+    only its last tile masked; else each query's rows are tiled on their own, each query's last tile
+    masked.
 
     Launched on flat_grid(cdiv(N_K, BLOCK_N), G · H) extended by the splits on axis 1.
     Split s = program_id(1) covers queries g · QPG + s · queries_per_split onwards (QPG = B / G, the
     last split may be shorter). ATOMIC False: stores into slice s of dK / dV (stride_dks apart; a
     single split passes the (G, H, Nk, D) gradients themselves). ATOMIC True: atomically adds into
     fp32 (G, H, Nk, D) buffers. dK and dV share the strides stride_dk*. Key tiles at or past
-    key_lengths[g] skip the query loop (and store zeros). N_Q_BUCKET, N_K_BUCKET only key the
-    autotuning.
+    key_lengths[g] skip the query loop, and keys at or past it get zero rows. N_Q_BUCKET,
+    N_K_BUCKET only key the autotuning.
     """
     pid_gh, start_n = flat_program(N_K, BLOCK_N)
     g = pid_gh // num_heads
@@ -317,85 +497,203 @@ def _dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     n_end = valid_key_count(Lengths, g, N_K, HAS_LENGTHS)
     key_ok = offs_n < n_end
-    kv_mask = key_ok[:, None] & d_ok[None, :]
+    key_in_range = offs_n < N_K
 
-    k = tl.load(
+    k = load_masked(
         K
         + g.to(tl.int64) * stride_kg
         + h.to(tl.int64) * stride_kh
         + offs_n[:, None] * stride_kn
         + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
+        key_ok[:, None],
+        d_ok[None, :],
+        True,
+        HEAD_DIM != BLOCK_D,
     )
-    v = tl.load(
+    v = load_masked(
         V
         + g.to(tl.int64) * stride_vg
         + h.to(tl.int64) * stride_vh
         + offs_n[:, None] * stride_vn
         + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
+        key_ok[:, None],
+        d_ok[None, :],
+        True,
+        HEAD_DIM != BLOCK_D,
     )
-    kt = tl.trans(k)
-    vt = tl.trans(v)
     bias_base = Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh
     split = tl.program_id(1)
-    first_query = g * queries_per_group + split * queries_per_split
+    first_query = (g * queries_per_group + split * queries_per_split).to(tl.int64)
     num_queries = tl.minimum(queries_per_split, queries_per_group - split * queries_per_split)
     # No query work at all for a key tile that lies entirely past the group's length.
-    m_end = tl.where(start_n < n_end, N_Q, 0)
-
-    q_base = (
-        Q
-        + first_query.to(tl.int64) * stride_qb
-        + h.to(tl.int64) * stride_qh
-        + offs_d[None, :] * stride_qd
-    )
-    do_base = (
-        dOut
-        + first_query.to(tl.int64) * stride_gb
-        + h.to(tl.int64) * stride_gh
-        + offs_d[None, :] * stride_gd
-    )
-    row_base = (
-        first_query.to(tl.int64) * num_heads + h
-    ) * N_Q  # offset of query row 0 in Lse / Delta
+    has_work = start_n < n_end
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for _ in range(num_queries):
-        for start_m in range(0, m_end, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < N_Q
-            tile_ok = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qm, mask=tile_ok, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_gm, mask=tile_ok, other=0.0)
-            lse2 = (
-                tl.load(Lse + row_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            )
-            delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
-            s = block_scores(
-                q,
-                kt,
-                bias_base + rows[:, None] * stride_bm,
-                rows,
+    if PACKED:
+        r_end = tl.where(has_work, num_queries * N_Q, 0)
+        r_full = (r_end // BLOCK_M) * BLOCK_M
+        for start in range(0, r_full, BLOCK_M):
+            rows = start + offs_m
+            dk, dv = dkdv_step(
+                dk,
+                dv,
+                k,
+                v,
+                Q,
+                dOut,
+                Lse,
+                Delta,
+                bias_base,
+                first_query + rows // N_Q,
+                rows % N_Q,
+                rows < r_end,
+                h,
                 offs_n,
-                key_ok,
-                N_Q,
+                offs_d,
+                key_in_range,
                 qk_scale,
+                stride_qb,
+                stride_qh,
+                stride_qm,
+                stride_qd,
+                stride_gb,
+                stride_gh,
+                stride_gm,
+                stride_gd,
+                stride_bm,
                 stride_bn,
+                num_heads,
+                N_Q,
+                HEAD_DIM,
                 HAS_BIAS,
+                False,
                 DOT_PRECISION,
+                BLOCK_D,
             )
-            p = tl.exp2(s - lse2[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-        q_base += stride_qb
-        do_base += stride_gb
-        row_base += num_heads * N_Q
+        if r_full < r_end:
+            rows = r_full + offs_m
+            dk, dv = dkdv_step(
+                dk,
+                dv,
+                k,
+                v,
+                Q,
+                dOut,
+                Lse,
+                Delta,
+                bias_base,
+                first_query + rows // N_Q,
+                rows % N_Q,
+                rows < r_end,
+                h,
+                offs_n,
+                offs_d,
+                key_in_range,
+                qk_scale,
+                stride_qb,
+                stride_qh,
+                stride_qm,
+                stride_qd,
+                stride_gb,
+                stride_gh,
+                stride_gm,
+                stride_gd,
+                stride_bm,
+                stride_bn,
+                num_heads,
+                N_Q,
+                HEAD_DIM,
+                HAS_BIAS,
+                True,
+                DOT_PRECISION,
+                BLOCK_D,
+            )
+    else:
+        m_end = tl.where(has_work, N_Q, 0)
+        m_full = (m_end // BLOCK_M) * BLOCK_M
+        for index in range(num_queries):
+            b = first_query + index
+            for start_m in range(0, m_full, BLOCK_M):
+                rows = start_m + offs_m
+                dk, dv = dkdv_step(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q,
+                    dOut,
+                    Lse,
+                    Delta,
+                    bias_base,
+                    b,
+                    rows,
+                    rows < N_Q,
+                    h,
+                    offs_n,
+                    offs_d,
+                    key_in_range,
+                    qk_scale,
+                    stride_qb,
+                    stride_qh,
+                    stride_qm,
+                    stride_qd,
+                    stride_gb,
+                    stride_gh,
+                    stride_gm,
+                    stride_gd,
+                    stride_bm,
+                    stride_bn,
+                    num_heads,
+                    N_Q,
+                    HEAD_DIM,
+                    HAS_BIAS,
+                    False,
+                    DOT_PRECISION,
+                    BLOCK_D,
+                )
+            if m_full < m_end:
+                rows = m_full + offs_m
+                dk, dv = dkdv_step(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q,
+                    dOut,
+                    Lse,
+                    Delta,
+                    bias_base,
+                    b,
+                    rows,
+                    rows < N_Q,
+                    h,
+                    offs_n,
+                    offs_d,
+                    key_in_range,
+                    qk_scale,
+                    stride_qb,
+                    stride_qh,
+                    stride_qm,
+                    stride_qd,
+                    stride_gb,
+                    stride_gh,
+                    stride_gm,
+                    stride_gd,
+                    stride_bm,
+                    stride_bn,
+                    num_heads,
+                    N_Q,
+                    HEAD_DIM,
+                    HAS_BIAS,
+                    True,
+                    DOT_PRECISION,
+                    BLOCK_D,
+                )
 
+    # Keys past the group's length met the queries as zero rows of k, v: their rows of dk, dv are
+    # not gradients (and may be non-finite), so they are replaced by zeros.
+    dk = tl.where(key_ok[:, None], dk, 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
     out_offs = (
         split.to(tl.int64) * stride_dks
         + g.to(tl.int64) * stride_dkg
@@ -412,11 +710,21 @@ def _dkdv_kernel(
         tl.store(dV + out_offs, dv.to(dV.dtype.element_ty), mask=out_mask)
 
 
-DQ_KERNEL = tiled_kernel(_dq_kernel, DQ_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"])
+DQ_KERNEL = tiled_kernel(
+    _dq_kernel, DQ_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS", "DOT_PRECISION"]
+)
 DKDV_KERNEL = tiled_kernel(
     _dkdv_kernel,
     DKDV_CONFIGS,
-    key=["HEAD_DIM", "queries_per_split", "HAS_BIAS", "HAS_LENGTHS", "ATOMIC"],
+    key=[
+        "HEAD_DIM",
+        "queries_per_split",
+        "HAS_BIAS",
+        "HAS_LENGTHS",
+        "DOT_PRECISION",
+        "ATOMIC",
+        "PACKED",
+    ],
     reset_to_zero=["dK", "dV"],
 )
 # Programs the deterministic dk/dv launch aims for, whatever the GPU: its split count, and so the
@@ -458,6 +766,7 @@ def attention_backward(
     key_lengths: torch.Tensor | None,
     bias: torch.Tensor | None,
     deterministic: bool = True,
+    tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the forward w.r.t. q, k, v.
 
@@ -465,6 +774,9 @@ def attention_backward(
     `attention_forward`; key_lengths, bias as in the forward. Returns contiguous dq (B, H, Nq, D),
     dk and dv (G, H, Nk, D) in the dtypes of q, k, v. `deterministic=False` adds the query splits'
     dk / dv with atomics instead of storing per-split partials that a deterministic reduction sums.
+    `tf32`: TF32 dots for fp32 inputs (promptseg.kernels.triton_options). The dq kernel packs the
+    B / G queries of a group into one M axis as the forward does, and the dk/dv kernel the queries
+    of its split (unless PROMPTSEG_TRITON_PACK_QUERIES=0: one query at a time).
 
     Deterministic results are bit-identical for the same inputs, tiles and Triton build. The split
     count does not depend on the GPU; the tiles come from autotuning (timing-based, so they may
@@ -481,7 +793,8 @@ def attention_backward(
     common = dict(
         HAS_BIAS=full_bias is not None,
         HAS_LENGTHS=lengths is not None,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype, tf32),
+        HEAD_DIM=head_dim,
         BLOCK_D=block_d,
     )
     bias_arg = q if full_bias is None else full_bias
@@ -506,8 +819,13 @@ def attention_backward(
     split_stride = dk.stride(0) if dk.dim() == 5 else 0
     grad_strides = dk.stride()[-4:]
 
+    per_set = queries_per_set(queries_per_group)
+    set_rows = per_set * num_queries
+    packed = per_set > 1  # the dk/dv kernel packs its split's queries like the forward
+    split_rows = queries_per_split * num_queries if packed else num_queries
+
     def dq_grid(meta: dict) -> tuple[int]:
-        return flat_grid(triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads)
+        return flat_grid(triton.cdiv(set_rows, meta["BLOCK_M"]), batch // per_set * heads)
 
     def dkdv_grid(meta: dict) -> tuple[int, int]:
         return flat_grid(triton.cdiv(num_keys, meta["BLOCK_N"]), groups * heads) + (splits,)
@@ -521,13 +839,13 @@ def attention_backward(
             *grad_out.stride(),
             heads,
             num_queries,
-            head_dim,
+            HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_M=DELTA_BLOCK_M,
         )
         DQ_KERNEL.launch(
             dq_grid,
-            num_queries,
+            set_rows,
             num_keys,
             q,
             k,
@@ -546,17 +864,17 @@ def attention_backward(
             *dq.stride(),
             heads,
             queries_per_group,
+            per_set,
             sm_scale * LOG2E,
             sm_scale,
             num_queries,
             num_keys,
-            head_dim,
-            *buckets(num_queries, num_keys),
+            *buckets(set_rows, num_keys),
             **common,
         )
         DKDV_KERNEL.launch(
             dkdv_grid,
-            num_queries,
+            split_rows,
             num_keys,
             q,
             k,
@@ -582,9 +900,9 @@ def attention_backward(
             sm_scale,
             num_queries,
             num_keys,
-            head_dim,
-            *buckets(num_queries, num_keys),
+            *buckets(split_rows, num_keys),
             ATOMIC=atomic,
+            PACKED=packed,
             **common,
         )
     if dk.dim() == 5:  # per-split partials; torch's reduction over dim 0 is deterministic

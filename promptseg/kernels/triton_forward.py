@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from promptseg.kernels.triton_options import queries_per_set
+
 # triton.knobs (read below) first shipped in Triton 3.4 (it replaced the environment-variable reads
 # of 3.3).
 MIN_TRITON_VERSION = (3, 4)
@@ -178,10 +180,10 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products for fp32 inputs (parity with PyTorch), default
-    otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, tf32: bool = False) -> str:
+    """tl.dot input precision: exact "ieee" fp32 products for fp32 inputs unless `tf32` (tensor
+    cores, 10-bit mantissa; see promptseg.kernels.triton_options); half inputs ignore it."""
+    return "tf32" if tf32 or dtype != torch.float32 else "ieee"
 
 
 @contextlib.contextmanager
@@ -240,35 +242,62 @@ def flat_program(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def block_scores(
-    q,
-    kt,
+def row_set_program(N_Q, queries_per_set, num_heads, BLOCK_M: tl.constexpr):
+    """This program's place in a flat_grid of query tiles over row sets (forward and dq kernels).
+
+    A row set is `queries_per_set` consecutive queries b of one head h, their rows flattened into
+    one M axis of queries_per_set · N_Q rows (row r is token r % N_Q of query first + r // N_Q), so
+    a tile may hold rows of several queries sharing a key group. Returns (set index, h, first
+    query, rows (BLOCK_M,) of this tile).
+    """
+    pid_set, start = flat_program(queries_per_set * N_Q, BLOCK_M)
+    return (
+        pid_set,
+        pid_set % num_heads,
+        (pid_set // num_heads) * queries_per_set,
+        start + tl.arange(0, BLOCK_M),
+    )
+
+
+@triton.jit
+def load_masked(ptrs, mask_a, mask_b, USE_A: tl.constexpr, USE_B: tl.constexpr):
+    """tl.load of `ptrs` with zeros outside mask_a & mask_b, each applied only when its constexpr
+    flag is set (interior tiles load without masks)."""
+    if USE_A:
+        if USE_B:
+            tile = tl.load(ptrs, mask=mask_a & mask_b, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=mask_a, other=0.0)
+    else:
+        if USE_B:
+            tile = tl.load(ptrs, mask=mask_b, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def biased_scores(
+    qk,
     bias_ptrs,
-    rows,
     cols,
     key_ok,
-    N_Q,
     qk_scale,
     stride_bn,
     HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
 ):
-    """Scores of a query tile q (BLOCK_M, BLOCK_D) against a transposed key tile kt (BLOCK_D,
-    BLOCK_N).
-
-    Returns (BLOCK_M, BLOCK_N) fp32 (q kᵀ · scale + bias) · log2(e), i.e. in the log2 domain
-    (qk_scale = scale · log2(e)), with -inf where key_ok is False. bias_ptrs (BLOCK_M, 1) point at
-    key 0 of each query row's bias; rows / cols are the absolute query / key indices of the tile.
-    """
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    """Scores in the log2 domain, qk · qk_scale (+ bias · log2(e)), of a (BLOCK_M, BLOCK_N) tile of
+    raw products qk (qk_scale = D^-0.5 · log2(e)); -inf where key_ok (1, BLOCK_N) is False when
+    MASK_KEYS. bias_ptrs (BLOCK_M, 1) point at key 0 of each row's bias (always in bounds: rows of a
+    row set take their token index modulo N_Q); cols (1, BLOCK_N) are absolute key indices."""
+    s = qk * qk_scale
     if HAS_BIAS:
-        b = tl.load(
-            bias_ptrs + cols[None, :] * stride_bn,
-            mask=(rows[:, None] < N_Q) & key_ok[None, :],
-            other=0.0,
-        )
+        b = load_masked(bias_ptrs + cols * stride_bn, key_ok, key_ok, MASK_KEYS, False)
         s += b.to(tl.float32) * 1.4426950408889634
-    return tl.where(key_ok[None, :], s, float("-inf"))
+    if MASK_KEYS:
+        s = tl.where(key_ok, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -278,6 +307,74 @@ def valid_key_count(Lengths, g, N_K, HAS_LENGTHS: tl.constexpr):
     if HAS_LENGTHS:
         n_end = tl.minimum(tl.maximum(tl.load(Lengths + g), 0), N_K)
     return n_end
+
+
+@triton.jit
+def forward_step(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    bias_ptrs,
+    start_n,
+    n_end,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    stride_bn,
+    offs_n,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One key tile of the online softmax: (acc, l_i, m_i) updated with keys start_n onwards.
+
+    MASK_KEYS only on the tile holding n_end (the boundary); interior tiles without bias take the
+    tutorial's form: the row maximum of the raw products, then one FMA and exp2 per score.
+    """
+    cols = start_n + offs_n
+    key_ok = cols < n_end
+    d_ok = offs_d < HEAD_DIM
+    kt = load_masked(
+        k_ptrs + cols[None, :] * stride_kn,
+        key_ok[None, :],
+        d_ok[:, None],
+        MASK_KEYS,
+        HEAD_DIM != BLOCK_D,
+    )
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if HAS_BIAS or MASK_KEYS:
+        s = biased_scores(
+            qk, bias_ptrs, cols[None, :], key_ok[None, :], qk_scale, stride_bn, HAS_BIAS, MASK_KEYS
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
+        if HAS_BIAS:
+            # A row whose scores so far are all -inf (bias -inf) keeps a finite reference so exp2
+            # gives 0, not NaN. Without bias the boundary tile's first key is valid, so m_new is
+            # finite.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_ref = m_new
+        p = tl.exp2(qk * qk_scale - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    v = load_masked(
+        v_ptrs + cols[:, None] * stride_vn,
+        key_ok[:, None],
+        d_ok[None, :],
+        MASK_KEYS,
+        HEAD_DIM != BLOCK_D,
+    )
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 FORWARD_CONFIGS = tile_configs(
@@ -317,12 +414,13 @@ def _forward_kernel(
     stride_od,
     num_heads,
     queries_per_group,
+    queries_per_set,
     qk_scale,
     N_Q,
     N_K,
-    HEAD_DIM,
     N_Q_BUCKET,
     N_K_BUCKET,
+    HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -330,30 +428,29 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (b, h); online softmax over the valid keys of group b
-    // QPG.
+    """One program: BLOCK_M rows of one row set (queries_per_set queries of group g, one head h;
+    see row_set_program); online softmax over the valid keys of g, interior key tiles unmasked.
 
-    Launched on flat_grid(cdiv(N_Q, BLOCK_M), B · H). N_Q_BUCKET, N_K_BUCKET only key the
-    autotuning.
+    Launched on flat_grid(cdiv(queries_per_set · N_Q, BLOCK_M), B / queries_per_set · H), so
+    neighbouring programs read the keys of one (g, h). queries_per_set divides B / G.
+    N_Q_BUCKET, N_K_BUCKET only key the autotuning.
     """
-    pid_bh, start_m = flat_program(N_Q, BLOCK_M)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    g = b // queries_per_group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_set, h, first, rows = row_set_program(N_Q, queries_per_set, num_heads, BLOCK_M)
+    g = first // queries_per_group
+    b = (first + rows // N_Q).to(tl.int64)
+    m = rows % N_Q
+    row_ok = rows < queries_per_set * N_Q
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N_Q
     d_ok = offs_d < HEAD_DIM
 
     q_ptrs = (
         Q
-        + b.to(tl.int64) * stride_qb
         + h.to(tl.int64) * stride_qh
-        + offs_m[:, None] * stride_qm
+        + (b * stride_qb + m * stride_qm)[:, None]
         + offs_d[None, :] * stride_qd
     )
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = load_masked(q_ptrs, row_ok[:, None], d_ok[None, :], True, HEAD_DIM != BLOCK_D)
     k_ptrs = (
         K + g.to(tl.int64) * stride_kg + h.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
     )
@@ -361,44 +458,60 @@ def _forward_kernel(
         V + g.to(tl.int64) * stride_vg + h.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
     )
     bias_ptrs = (
-        Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + offs_m[:, None] * stride_bm
+        Bias + g.to(tl.int64) * stride_bg + h.to(tl.int64) * stride_bh + m[:, None] * stride_bm
     )
     n_end = valid_key_count(Lengths, g, N_K, HAS_LENGTHS)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
-        cols = start_n + offs_n
-        key_ok = cols < n_end
-        kt = tl.load(
-            k_ptrs + cols[None, :] * stride_kn, mask=key_ok[None, :] & d_ok[:, None], other=0.0
-        )
-        s = block_scores(
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = forward_step(
+            acc,
+            l_i,
+            m_i,
             q,
-            kt,
+            k_ptrs,
+            v_ptrs,
             bias_ptrs,
-            offs_m,
-            cols,
-            key_ok,
-            N_Q,
+            start_n,
+            n_end,
             qk_scale,
+            stride_kn,
+            stride_vn,
             stride_bn,
+            offs_n,
+            offs_d,
+            HEAD_DIM,
             HAS_BIAS,
+            False,
             DOT_PRECISION,
+            BLOCK_D,
         )
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row whose scores so far are all -inf (bias -inf) keeps a finite reference so exp2 gives
-        # 0, not NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        v = tl.load(
-            v_ptrs + cols[:, None] * stride_vn, mask=key_ok[:, None] & d_ok[None, :], other=0.0
+    if n_full < n_end:
+        acc, l_i, m_i = forward_step(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            bias_ptrs,
+            n_full,
+            n_end,
+            qk_scale,
+            stride_kn,
+            stride_vn,
+            stride_bn,
+            offs_n,
+            offs_d,
+            HEAD_DIM,
+            HAS_BIAS,
+            True,
+            DOT_PRECISION,
+            BLOCK_D,
         )
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -407,17 +520,16 @@ def _forward_kernel(
     )
     o_ptrs = (
         Out
-        + b.to(tl.int64) * stride_ob
         + h.to(tl.int64) * stride_oh
-        + offs_m[:, None] * stride_om
+        + (b * stride_ob + m * stride_om)[:, None]
         + offs_d[None, :] * stride_od
     )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+    tl.store(Lse + (b * num_heads + h) * N_Q + m, lse, mask=row_ok)
 
 
 FORWARD_KERNEL = tiled_kernel(
-    _forward_kernel, FORWARD_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS"]
+    _forward_kernel, FORWARD_CONFIGS, key=["HEAD_DIM", "HAS_BIAS", "HAS_LENGTHS", "DOT_PRECISION"]
 )
 
 
@@ -427,13 +539,16 @@ def attention_forward(
     v: torch.Tensor,
     key_lengths: torch.Tensor | None,
     bias: torch.Tensor | None,
+    tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel (absent bias / key_lengths are passed as never-read placeholder
     pointers).
 
     q (B, H, Nq, D); k, v (G, H, Nk, D); key_lengths (G,) or None; bias broadcastable to (G, H, Nq,
-    Nk) or None. Returns out (B, H, Nq, D) contiguous in q's dtype and lse (B, H, Nq) float32 (+inf
-    on rows without valid keys).
+    Nk) or None; `tf32`: TF32 dots for fp32 inputs (promptseg.kernels.triton_options). The B / G
+    queries of a group are packed into one M axis unless PROMPTSEG_TRITON_PACK_QUERIES=0. Returns
+    out (B, H, Nq, D) contiguous in q's dtype and lse (B, H, Nq) float32 (+inf on rows without
+    valid keys).
     """
     batch, heads, num_queries, head_dim = q.shape
     groups, _, num_keys, _ = k.shape
@@ -441,14 +556,16 @@ def attention_forward(
     lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
     full_bias, bias_strides = bias_view(bias, groups, heads, num_queries, num_keys)
     lengths = lengths_view(key_lengths, q.device)
+    per_set = queries_per_set(batch // groups)
+    set_rows = per_set * num_queries
 
     def grid(meta: dict) -> tuple[int]:
-        return flat_grid(triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads)
+        return flat_grid(triton.cdiv(set_rows, meta["BLOCK_M"]), batch // per_set * heads)
 
     with on_device(q):
         FORWARD_KERNEL.launch(
             grid,
-            num_queries,
+            set_rows,
             num_keys,
             q,
             k,
@@ -464,14 +581,15 @@ def attention_forward(
             *out.stride(),
             heads,
             batch // groups,
+            per_set,
             head_dim**-0.5 * LOG2E,
             num_queries,
             num_keys,
-            head_dim,
-            *buckets(num_queries, num_keys),
+            *buckets(set_rows, num_keys),
+            HEAD_DIM=head_dim,
             HAS_BIAS=full_bias is not None,
             HAS_LENGTHS=lengths is not None,
-            DOT_PRECISION=dot_precision(q.dtype),
+            DOT_PRECISION=dot_precision(q.dtype, tf32),
             BLOCK_D=head_block(head_dim),
         )
     return out, lse
