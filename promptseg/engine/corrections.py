@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from promptseg.data.io import read_label
 from promptseg.errors import InputError
 
 INSIDE = 0.99  # probability given to voxels a positive correction adds
@@ -193,6 +194,40 @@ def parse_click(values: Sequence[str]) -> Click:
     if not np.all(np.isfinite(coordinates)):
         raise InputError("--correct", f"coordinates must be finite, got '{shown}'")
     return (*coordinates, values[-1] == "+")
+
+
+def parse_scribble(values: Sequence[str]) -> tuple[str, bool]:
+    """`--correct-scribble MASKFILE +|-` values -> (path, positive); InputError naming the flag."""
+    path, polarity = values
+    if polarity not in ("+", "-"):
+        raise InputError(
+            "--correct-scribble", f"expects MASKFILE then + or -, got '{' '.join(values)}'"
+        )
+    return path, polarity == "+"
+
+
+def read_scribble(
+    path: str, shape: tuple[int, ...], affine: np.ndarray | None = None
+) -> np.ndarray:
+    """The strokes (bool, `shape`) of a scribble mask file (any non-zero value is a stroke) drawn
+    on a query of `shape`: (H, W) for a 2D image, (X, Y, Z) stored voxels for a volume. affine:
+    the query's voxel-to-world affine, which a NIfTI scribble's must match (None: not checked).
+    InputError naming the file for an unreadable file, another shape or grid, or no stroke."""
+    data = read_label(path)
+    strokes = data.array
+    if strokes.shape != tuple(shape):
+        raise InputError(
+            path, f"scribble of shape {strokes.shape} does not match the query's {tuple(shape)}"
+        )
+    if affine is not None and data.affine is not None:
+        scale = float(np.abs(affine[:3]).max()) or 1.0
+        if not np.allclose(data.affine, affine, atol=1e-3 * scale):
+            raise InputError(
+                path, "scribble's affine differs from the query's: draw it on the query's own grid"
+            )
+    if not strokes.any():
+        raise InputError(path, "scribble holds no stroke (all voxels are 0)")
+    return strokes > 0
 
 
 def voxel_spacing(affine: np.ndarray | None) -> np.ndarray | None:
