@@ -30,6 +30,7 @@ from scipy import ndimage
 from promptseg.data.io import read_label
 from promptseg.errors import InputError
 
+LOGIT_LIMIT = 8.0  # logits are clipped to +-this
 INSIDE = 0.99  # probability given to voxels a positive correction adds
 OUTSIDE = 0.01  # and to those a negative one removes
 SPREAD_FLOOR = 0.1  # the intensity spread is at least this fraction of the image's range
@@ -47,6 +48,9 @@ class CorrectionSettings:
     tolerance: float = 1.0
     max_radius: float = 0.4
     scribble_width: float = 2.0
+    model_weight: float = 0.0
+    shift: float = 0.0
+    max_shift: float = 2.0
 
 
 DEFAULT_SETTINGS = CorrectionSettings()
@@ -76,16 +80,22 @@ def click_index(click: Sequence, ndim: int, shape: tuple[int, ...]) -> tuple[tup
 
 
 def _similar_region(
-    image: np.ndarray | None, seed: np.ndarray, near: np.ndarray, tolerance: float
+    image: np.ndarray | None,
+    seed: np.ndarray,
+    near: np.ndarray,
+    tolerance: float,
+    support: np.ndarray | None = None,
 ) -> np.ndarray:
     """The voxels of `near` (bool) connected to `seed` (bool) through voxels of similar intensity:
-    within `tolerance` standard deviations (of the image within `near`) of the seed's median."""
+    within `tolerance` standard deviations (of the image within `near`) of the seed's median, the
+    tolerance raised by `support` (same shape, in tolerance units; None: 0) voxel by voxel."""
     allowed = near.copy()
     if image is not None and tolerance > 0:
         values = image[near]
         spread = max(float(values.std()) if values.size else 0.0, SPREAD_FLOOR * _range(image))
         centre = float(np.median(image[seed]))
-        allowed &= np.abs(image - centre) <= tolerance * spread + 1e-6
+        limit = tolerance if support is None else np.maximum(tolerance + support, 0.0)
+        allowed &= np.abs(image - centre) <= limit * spread + 1e-6
     allowed |= seed
     labelled, _ = ndimage.label(allowed)
     hit = np.unique(labelled[seed])
@@ -130,7 +140,31 @@ def _click_region(
     seed = np.zeros_like(mask)
     seed[index] = True
     near = _ball(mask.shape, index, radius, spacing)
-    return _similar_region(image, seed, near, settings.tolerance)
+    support = None
+    if settings.model_weight:  # voxels the model finds likelier than the click's side join sooner
+        logits = _logits(probabilities)
+        support = settings.model_weight * (logits - logits[index]) * (1 if positive else -1)
+    return _similar_region(image, seed, near, settings.tolerance, support)
+
+
+def _logits(probabilities: np.ndarray) -> np.ndarray:
+    """Logits of probabilities, clipped to +-LOGIT_LIMIT."""
+    p = np.clip(probabilities, 1e-4, 1 - 1e-4)
+    return np.clip(np.log(p / (1 - p)), -LOGIT_LIMIT, LOGIT_LIMIT)
+
+
+def _shifted(
+    probabilities: np.ndarray, index: tuple[int, ...], positive: bool, settings: CorrectionSettings
+) -> np.ndarray:
+    """All probabilities moved in logit by `shift` times the clicked voxel's distance (in logit)
+    to the click's side of the threshold, at most max_shift: a positive click where the model
+    says 0.2 means it is too strict everywhere, a negative one at 0.8 too lax."""
+    logits = _logits(probabilities)
+    wrong = -logits[index] if positive else logits[index]
+    if wrong <= 0:
+        return probabilities
+    amount = min(settings.shift * float(wrong), settings.max_shift) * (1 if positive else -1)
+    return (1.0 / (1.0 + np.exp(-(logits + amount)))).astype(np.float32)
 
 
 def refine_probabilities(
@@ -159,6 +193,8 @@ def refine_probabilities(
     for click in clicks:
         index, positive = click_index(click, ndim, result.shape)
         region = _click_region(result, image, index, positive, sizes, settings)
+        if settings.shift:
+            result = _shifted(result, index, positive, settings)
         _set(result, region, positive)
     for strokes, positive in scribbles:
         strokes = np.asarray(strokes) > 0
