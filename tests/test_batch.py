@@ -193,7 +193,7 @@ def test_bad_jobs_file_is_one_line(
     assert main(batch_args(jobs, tmp_path / "out", checkpoint)) == 2
     assert capsys.readouterr().err == (
         f"promptseg: error: {jobs}:2: unknown key mask (known: query, series, "
-        "prompts, prompt_volume, prompt_series, label, out, truth)\n"
+        "prompts, prompt_volume, prompt_series, label, out, truth, planes, slice_consistency)\n"
     )
     assert not (tmp_path / "out").exists()
 

@@ -4,6 +4,7 @@
 # ruff: noqa: F811 (the tiny_checkpoint fixture is imported from helpers)
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from helpers import disk_example, tiny_checkpoint, write_nifti, write_png  # noq
 from PIL import Image
 
 from promptseg.cli import main
-from promptseg.engine.corrections import parse_click, refine_probabilities
+from promptseg.engine.corrections import CorrectionSettings, parse_click, refine_probabilities
 from promptseg.engine.segmenter import Segmenter
 from promptseg.errors import InputError
 from promptseg.eval.interactive import (
@@ -23,6 +24,8 @@ from promptseg.eval.interactive import (
     dice_percent,
     next_click,
 )
+
+NO_SHIFT = CorrectionSettings(shift=0.0, model_weight=0.0)
 
 
 def two_disks(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -222,3 +225,39 @@ def test_eval_interactive_reports_dice_per_round(
     assert task["dice_per_round"][2] >= task["dice_per_round"][0]
     assert "clicks to 90" in capsys.readouterr().out
     assert main(["eval", "--data", str(root), "--interactive", "21", "--no-progress"]) == 2
+
+
+def test_the_model_widens_a_click_toward_what_it_finds_likely() -> None:
+    # columns: 0-9 the mask (200), 10-19 sure background (105), 20-29 the clicked miss (100),
+    # 30-39 a brighter part the model nearly found (140), 40+ background (200)
+    image = np.full((64, 64), 200.0, dtype=np.float32)
+    image[:, 10:20], image[:, 20:30], image[:, 30:40] = 105.0, 100.0, 140.0
+    probabilities = np.full((64, 64), 0.01, dtype=np.float32)
+    probabilities[:, :10], probabilities[:, 20:30], probabilities[:, 30:40] = 0.9, 0.1, 0.49
+    click = [(25, 32, True)]
+    plain = CorrectionSettings(tolerance=0.5, model_weight=0.0, shift=0.0)
+    blind = refine_probabilities(probabilities, image, click, settings=plain) > 0.5
+    assert blind[32, 15] and blind[32, 25] and not blind[32, 35]
+    aware = dataclasses.replace(plain, model_weight=1.0)
+    seen = refine_probabilities(probabilities, image, click, settings=aware) > 0.5
+    assert not seen[32, 15] and seen[32, 25] and seen[32, 35] and not seen[32, 45]
+
+
+def test_a_click_where_the_model_was_wrong_shifts_every_logit() -> None:
+    probabilities = np.full((40, 40), 0.3, dtype=np.float32)
+    probabilities[:10, :10] = 0.9
+    settings = CorrectionSettings(shift=2.0, max_shift=2.0, model_weight=0.0)
+    raised = refine_probabilities(probabilities, None, [(20, 20, True)], settings=settings)
+    assert raised.dtype == np.float32 and raised[39, 39] > 0.5 and raised[0, 0] > 0.9
+    kept = refine_probabilities(probabilities, None, [(20, 20, True)], settings=NO_SHIFT)
+    assert kept[39, 39] == pytest.approx(0.3)
+    lowered = refine_probabilities(1 - probabilities, None, [(20, 20, False)], settings=settings)
+    assert lowered[39, 39] < 0.5
+    capped = dataclasses.replace(settings, shift=10.0, max_shift=0.5)  # logit -0.85 + 0.5 < 0
+    capped_result = refine_probabilities(probabilities, None, [(20, 20, True)], settings=capped)
+    assert capped_result[39, 39] < 0.5
+    # a click on the side the model already gives moves nothing
+    assert np.array_equal(
+        refine_probabilities(probabilities, None, [(2, 2, True)], settings=settings)[20:, 20:],
+        probabilities[20:, 20:],
+    )

@@ -37,7 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "'prompts' "
         "([[image, mask], ...]) or 'prompt_volume' ([image, labels], 'prompt_series' as 'series'), "
         "optional 'label' "
-        "(N or [N, ...]), 'out' (output name) and 'truth' (a label file to score). Relative paths "
+        "(N or [N, ...]), 'out' (output name), 'truth' (a label file to score), and for volume "
+        "queries 'planes' (with a 'prompt_volume') and 'slice_consistency' (true or false, as "
+        "segment's flags). Relative paths "
         "are taken from "
         f"the jobs file's folder. DIR gets each job's files, {LOG_NAME} (a rerun skips the jobs "
         "done) and "
@@ -95,6 +97,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="slices taken from a 'prompt_volume' as prompts, evenly among those holding the label "
         "(default 8)",
     )
+    parser.add_argument(
+        "--planes",
+        action="store_true",
+        help="segment every volume job with a 'prompt_volume' along all three axes and average "
+        '(as segment --planes), unless its line sets "planes": false',
+    )
+    parser.add_argument(
+        "--slice-consistency",
+        action="store_true",
+        help="make the slices of every volume job agree (as segment --slice-consistency), unless "
+        'its line sets "slice_consistency": false',
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_model_arguments(parser)
     parser.add_argument(
@@ -141,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         parse_label_names(args.label_names),
         args.overwrite,
         args.prompt_slices,
+        planes=args.planes,
+        slice_consistency=args.slice_consistency,
     )
     jobs = read_jobs(args.jobs, args.out, options)
     make_segmenter = functools.partial(

@@ -55,6 +55,8 @@ from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.batch import label_masks
 from promptseg.engine.corrections import (
     parse_click,
+    parse_scribble,
+    read_scribble,
     refine_probabilities,
     voxel_spacing,
 )
@@ -236,6 +238,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(X the column), X Y Z voxel indices on a volume, then + (target here) "
         "or - (not target); repeatable, applied in order "
         "(promptseg.engine.corrections)",
+    )
+    parser.add_argument(
+        "--correct-scribble",
+        action="append",
+        nargs=2,
+        default=[],
+        metavar=("MASKFILE", "+|-"),
+        help="a correction scribble on the query (one --query): a mask file of the query's own "
+        "grid (2D image or volume; non-zero = stroke), then + (target there) or - (not "
+        "target); repeatable, applied in order after the --correct clicks",
     )
     parser.add_argument(
         "--planes",
@@ -642,8 +654,9 @@ def segment_query(
             {"consistency": True} if args.slice_consistency else {}
         )  # predict's own call otherwise
         result = predict(data, segmenter, encoded, args.axis, args.threshold, **extra)
-        if args.correct:
-            result = corrected(result, data, parse_corrections(args.correct))
+        if args.correct or args.correct_scribble:
+            scribbles = read_scribbles(args.correct_scribble, data)
+            result = corrected(result, data, parse_corrections(args.correct), scribbles)
         writers = render_outputs(job, data, result, args)
     write_all(job, writers, args.overwrite)
 
@@ -729,7 +742,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.threshold < 1.0:
         raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
     check_ensemble_options(args.ensemble, args.candidates)
-    check_corrections(args.correct, args.query, args.label)
+    check_corrections(args.correct, args.query, args.label, args.correct_scribble)
     jobs = plan_outputs(
         args.query,
         args.out,
@@ -807,23 +820,52 @@ def parse_corrections(values: Sequence[Sequence[str]]) -> list[tuple]:
 
 
 def check_corrections(
-    values: Sequence[Sequence[str]], queries: Sequence[str], labels: Sequence[int] | None
+    values: Sequence[Sequence[str]],
+    queries: Sequence[str],
+    labels: Sequence[int] | None,
+    scribbles: Sequence[Sequence[str]] = (),
 ) -> None:
-    """InputError naming --correct unless its clicks parse and apply to one query and one label."""
-    if not values:
-        return
-    parse_corrections(values)
-    if len(queries) != 1:
-        raise InputError("--correct", f"corrects one query, got {len(queries)} --query paths")
-    if labels is not None and len(labels) > 1:
-        raise InputError("--correct", "corrects one label at a time, not several --label values")
+    """InputError naming --correct (or --correct-scribble) unless its clicks (scribbles) parse and
+    apply to one query and one label; a scribble file must exist (its shape is checked against the
+    query's once the query is read)."""
+    for flag, given in (("--correct", values), ("--correct-scribble", scribbles)):
+        if not given:
+            continue
+        for value in given:
+            parse_click(value) if flag == "--correct" else parse_scribble(value)
+        if len(queries) != 1:
+            raise InputError(flag, f"corrects one query, got {len(queries)} --query paths")
+        if labels is not None and len(labels) > 1:
+            raise InputError(flag, "corrects one label at a time, not several --label values")
+    for path, _ in map(parse_scribble, scribbles):
+        if os.path.isdir(path):
+            raise InputError(path, "scribble is a folder, expected a mask file")
+        if not os.path.isfile(path):
+            raise InputError(path, "scribble file not found")
 
 
-def corrected(result: LabelResult, data: ImageData, clicks: Sequence[tuple]) -> LabelResult:
-    """A one-label result with the clicks applied (corrections.refine_probabilities); a click of the
-    wrong dimension for the query or outside it is an InputError naming --correct."""
+def read_scribbles(values: Sequence[Sequence[str]], data: ImageData) -> list[tuple]:
+    """The --correct-scribble options -> (strokes, positive) on the query's grid: (H, W) for a 2D
+    image, its stored (X, Y, Z) for a volume; InputError naming a file of another shape or grid."""
+    shape = data.array.shape if is_volume(data) else data.array.shape[:2]
+    nifti = file_extension(data.path) in NIFTI_EXTENSIONS
+    affine = data.affine if is_volume(data) and nifti else None
+    return [
+        (read_scribble(path, shape, affine), positive)
+        for path, positive in map(parse_scribble, values)
+    ]
+
+
+def corrected(
+    result: LabelResult, data: ImageData, clicks: Sequence[tuple], scribbles: Sequence[tuple] = ()
+) -> LabelResult:
+    """A one-label result with the clicks, then the scribbles (strokes, positive), applied
+    (corrections.refine_probabilities); a click of the wrong dimension for the query or outside it
+    is an InputError naming --correct."""
     spacing = voxel_spacing(data.affine) if is_volume(data) else None
-    refined = refine_probabilities(result.probabilities[0], data.array, clicks, spacing=spacing)
+    refined = refine_probabilities(
+        result.probabilities[0], data.array, clicks, scribbles, spacing=spacing
+    )
     return LabelResult(
         result.labels, refined[None], result.threshold, result.variance, result.candidates
     )

@@ -10,7 +10,10 @@ A job is one JSON object a line:
     2]} {"query": "study/", "series": "1.2.840.1.7", "prompts": [["p0.png", "p0_mask.png"]]}
 
 ("series" picks one series of a DICOM folder holding several; "prompt_series" the same for a DICOM
-prompt volume.)
+prompt volume; "planes": true segments a volume query along its three axes from a prompt volume cut
+along each, "slice_consistency": true makes a volume's slices agree (promptseg.engine.planes and
+slice_context, as `segment --planes` and `--slice-consistency`). Options.planes and
+Options.slice_consistency are the defaults of the jobs that can use them.)
 
 Relative paths are taken from the jobs file's folder. The work is cut into units (run_unit): the 2D
 queries of one prompt set in fixed groups of max_batch (fixed by the jobs file, not by what is left
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -46,6 +50,7 @@ from promptseg.data.io import ImageData, read_label, write_nifti_like, write_png
 from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, check_image
 from promptseg.data.volumes import has_volume_outputs
+from promptseg.engine.planes import ALL_AXES, PlanePrompts
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.engine.volume_prompts import empty_masks_expected, volume_slices
@@ -55,14 +60,26 @@ from promptseg.metrics import dice_percent
 
 LOG_NAME = "batch_log.jsonl"
 SUMMARY_NAME = "summary.csv"
-JOB_KEYS = ("query", "series", "prompts", "prompt_volume", "prompt_series", "label", "out", "truth")
+JOB_KEYS = (
+    "query",
+    "series",
+    "prompts",
+    "prompt_volume",
+    "prompt_series",
+    "label",
+    "out",
+    "truth",
+    "planes",
+    "slice_consistency",
+)
 
 
 @dataclass(frozen=True)
 class PromptSpec:
     """A prompt set as the jobs file names it: (image, mask or label map) pairs, or a prompt volume
     with its label volume from which `slices` slices holding the labels are taken along `axis`
-    (series: the SeriesInstanceUID to read from a DICOM prompt volume folder of several series)."""
+    (series: the SeriesInstanceUID to read from a DICOM prompt volume folder of several series;
+    planes: the prompt volume cut along each of the three axes, for three-plane segmentation)."""
 
     pairs: tuple[tuple[str, str], ...] = ()
     volume: tuple[str, str] | None = None
@@ -70,12 +87,14 @@ class PromptSpec:
     axis: int = 2
     slices: int = 8
     series: str | None = None
+    planes: bool = False
 
 
 @dataclass(frozen=True)
 class Job:
     """One line of the jobs file. outputs: kind -> path (mask, prob or prob_labelN, seg, prob_seg);
-    series: the SeriesInstanceUID to read from a DICOM query folder of several series."""
+    series: the SeriesInstanceUID to read from a DICOM query folder of several series; consistency:
+    make the volume's slices agree (slice_context)."""
 
     name: str
     line: int
@@ -85,6 +104,7 @@ class Job:
     digest: str  # of the job's specification and the options that change its outputs
     outputs: tuple[tuple[str, str], ...]
     series: str | None = None
+    consistency: bool = False
 
     @property
     def volume(self) -> bool:
@@ -95,7 +115,8 @@ class Job:
 @dataclass(frozen=True)
 class Options:
     """Options every job shares: threshold, slicing axis, probability files, label names,
-    overwrite."""
+    overwrite; planes and slice_consistency: the defaults of the jobs that can use them (volume
+    queries; planes also needs a prompt volume) and that do not set them."""
 
     threshold: float = 0.5
     axis: int = 2
@@ -103,6 +124,8 @@ class Options:
     label_names: tuple[tuple[int, str], ...] = ()
     overwrite: bool = False
     prompt_slices: int = 8
+    planes: bool = False
+    slice_consistency: bool = False
 
 
 @dataclass
@@ -204,6 +227,32 @@ def _prompt_spec(
     )
 
 
+def _volume_flags(
+    entry: Mapping[str, Any], query: str, where: str, options: Options
+) -> tuple[bool, bool]:
+    """The job's (planes, slice_consistency): its own JSON booleans, else the options' defaults
+    where they apply. InputError naming `where` for a value that is not a boolean, 'planes' without
+    a 'prompt_volume' or either on a 2D query."""
+    volume = _kind_of(query) != "2d"
+    chosen = []
+    for key, default in (
+        ("planes", options.planes),
+        ("slice_consistency", options.slice_consistency),
+    ):
+        value = entry.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise InputError(where, f"'{key}' must be true or false, got {json.dumps(value)}")
+        if value and not volume:
+            raise InputError(where, f"'{key}' applies to volume queries, {query} is 2D")
+        if value and key == "planes" and "prompt_volume" not in entry:
+            raise InputError(
+                where, "'planes' needs a 'prompt_volume' (prompt images have one plane)"
+            )
+        usable = volume and (key != "planes" or "prompt_volume" in entry)
+        chosen.append(bool(default and usable) if value is None else value)
+    return chosen[0], chosen[1]
+
+
 def _series(entry: Mapping[str, Any], key: str, path: str, where: str) -> str | None:
     """The SeriesInstanceUID under `key` of a job, for the DICOM input `path`; InputError naming
     `where` when it is not a UID or `path` is not a DICOM input."""
@@ -278,7 +327,10 @@ def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
             raise InputError(where, "needs a 'query'")
         query = _path(entry["query"], base, where, "query")
         labels = _labels(entry.get("label"), where)
+        planes, consistency = _volume_flags(entry, query, where, options)
         prompts = _prompt_spec(entry, base, where, labels, options)
+        if planes:
+            prompts = dataclasses.replace(prompts, planes=True)
         name = entry.get("out", strip_extension(os.path.basename(query.rstrip(os.sep))))
         if not isinstance(name, str) or not name or os.sep in name or name.startswith("."):
             raise InputError(where, f"'out' must be a plain file name, got {json.dumps(name)}")
@@ -290,12 +342,15 @@ def read_jobs(path: str, out_dir: str, options: Options) -> list[Job]:
             )
         owners[name] = number
         truth = None if entry.get("truth") is None else _path(entry["truth"], base, where, "truth")
-        digest = hashlib.sha256(json.dumps([entry, shared], sort_keys=True).encode()).hexdigest()[
-            :16
-        ]
+        chosen = (
+            [{"planes": planes, "slice_consistency": consistency}] if planes or consistency else []
+        )
+        digest = hashlib.sha256(
+            json.dumps([entry, shared, *chosen], sort_keys=True).encode()
+        ).hexdigest()[:16]
         outputs = output_paths(name, _kind_of(query), labels, out_dir, options.probabilities)
         series = _series(entry, "series", query, where)
-        jobs.append(Job(name, number, query, prompts, truth, digest, outputs, series))
+        jobs.append(Job(name, number, query, prompts, truth, digest, outputs, series, consistency))
     if not jobs:
         raise InputError(path, "holds no jobs")
     return jobs
@@ -389,9 +444,19 @@ def _prompt_volume_pairs(spec: PromptSpec) -> tuple[list[np.ndarray], list[np.nd
     return list(cut.images), list(cut.labels)
 
 
-def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts]:
-    """Encode a prompt set: one EncodedPrompts per label (key 1 without labels: any non-zero value).
-    The Segmenter's prompt cache keys the encodings by content, so a prompt set is encoded once."""
+def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts | PlanePrompts]:
+    """Encode a prompt set: one EncodedPrompts per label (key 1 without labels: any non-zero value),
+    with spec.planes one PlanePrompts per label (the prompt volume cut along each axis). The
+    Segmenter's prompt cache keys the encodings by content, so a prompt set is encoded once."""
+    if spec.planes:
+        per_axis = {
+            axis: encode(segmenter, dataclasses.replace(spec, axis=axis, planes=False))
+            for axis in ALL_AXES
+        }
+        return {
+            label: PlanePrompts({axis: per_axis[axis][label] for axis in ALL_AXES})
+            for label in per_axis[ALL_AXES[0]]
+        }
     if spec.volume is not None:
         images, maps = _prompt_volume_pairs(spec)
     else:
@@ -524,7 +589,11 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
             if unit.jobs[0].volume:
                 predictions = [
                     segmenter.segment_volume_labels(
-                        loaded[0][1], encoded, options.axis, options.threshold
+                        loaded[0][1],
+                        encoded,
+                        options.axis,
+                        options.threshold,
+                        consistency=loaded[0][0].consistency,
                     )
                 ]
             else:

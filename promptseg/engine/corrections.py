@@ -11,6 +11,13 @@ probabilities, not another pass of the model (the prompts' encodings stay cached
   image's smallest side;
 - a negative click inside the mask removes the same kind of region, R being `reach` times the
   click's depth in the mask (the half-width of the wrong part it sits in);
+- the model's own probabilities widen or narrow a click's region: a voxel's intensity tolerance
+  grows by `model_weight` times how much likelier (in logit) than the clicked voxel the model finds
+  it on the click's side (target for a positive click, background for a negative one), and shrinks
+  by as much where the model finds it less likely;
+- a click where the model was wrong also moves every logit toward the click's side, by `shift`
+  times the clicked voxel's logit (at most `max_shift`): a positive click where the model says 0.2
+  means it is too strict on this query, a negative one at 0.8 too lax;
 - a scribble (a mask of strokes) and its polarity sets its strokes, widened by `scribble_width`
   voxels, and the similar voxels connected to them within that width.
 
@@ -27,8 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from promptseg.data.io import read_label
 from promptseg.errors import InputError
 
+LOGIT_LIMIT = 8.0  # logits are clipped to +-this
 INSIDE = 0.99  # probability given to voxels a positive correction adds
 OUTSIDE = 0.01  # and to those a negative one removes
 SPREAD_FLOOR = 0.1  # the intensity spread is at least this fraction of the image's range
@@ -40,12 +49,17 @@ Scribble = tuple  # (mask of the strokes, positive)
 
 @dataclass(frozen=True)
 class CorrectionSettings:
-    """How far a correction reaches (see the module docstring)."""
+    """How far a correction reaches (see the module docstring). The defaults were chosen on the
+    training datasets' held cases (benchmarks/model/correction_tuning.py), never on the held-out
+    datasets."""
 
     reach: float = 2.0
     tolerance: float = 1.0
     max_radius: float = 0.4
     scribble_width: float = 2.0
+    model_weight: float = 1.0
+    shift: float = 0.25
+    max_shift: float = 2.0
 
 
 DEFAULT_SETTINGS = CorrectionSettings()
@@ -75,16 +89,22 @@ def click_index(click: Sequence, ndim: int, shape: tuple[int, ...]) -> tuple[tup
 
 
 def _similar_region(
-    image: np.ndarray | None, seed: np.ndarray, near: np.ndarray, tolerance: float
+    image: np.ndarray | None,
+    seed: np.ndarray,
+    near: np.ndarray,
+    tolerance: float,
+    support: np.ndarray | None = None,
 ) -> np.ndarray:
     """The voxels of `near` (bool) connected to `seed` (bool) through voxels of similar intensity:
-    within `tolerance` standard deviations (of the image within `near`) of the seed's median."""
+    within `tolerance` standard deviations (of the image within `near`) of the seed's median, the
+    tolerance raised by `support` (same shape, in tolerance units; None: 0) voxel by voxel."""
     allowed = near.copy()
     if image is not None and tolerance > 0:
         values = image[near]
         spread = max(float(values.std()) if values.size else 0.0, SPREAD_FLOOR * _range(image))
         centre = float(np.median(image[seed]))
-        allowed &= np.abs(image - centre) <= tolerance * spread + 1e-6
+        limit = tolerance if support is None else np.maximum(tolerance + support, 0.0)
+        allowed &= np.abs(image - centre) <= limit * spread + 1e-6
     allowed |= seed
     labelled, _ = ndimage.label(allowed)
     hit = np.unique(labelled[seed])
@@ -129,7 +149,31 @@ def _click_region(
     seed = np.zeros_like(mask)
     seed[index] = True
     near = _ball(mask.shape, index, radius, spacing)
-    return _similar_region(image, seed, near, settings.tolerance)
+    support = None
+    if settings.model_weight:  # voxels the model finds likelier than the click's side join sooner
+        logits = _logits(probabilities)
+        support = settings.model_weight * (logits - logits[index]) * (1 if positive else -1)
+    return _similar_region(image, seed, near, settings.tolerance, support)
+
+
+def _logits(probabilities: np.ndarray) -> np.ndarray:
+    """Logits of probabilities, clipped to +-LOGIT_LIMIT."""
+    p = np.clip(probabilities, 1e-4, 1 - 1e-4)
+    return np.clip(np.log(p / (1 - p)), -LOGIT_LIMIT, LOGIT_LIMIT)
+
+
+def _shifted(
+    probabilities: np.ndarray, index: tuple[int, ...], positive: bool, settings: CorrectionSettings
+) -> np.ndarray:
+    """All probabilities moved in logit by `shift` times the clicked voxel's distance (in logit)
+    to the click's side of the threshold, at most max_shift: a positive click where the model
+    says 0.2 means it is too strict everywhere, a negative one at 0.8 too lax."""
+    logits = _logits(probabilities)
+    wrong = -logits[index] if positive else logits[index]
+    if wrong <= 0:
+        return probabilities
+    amount = min(settings.shift * float(wrong), settings.max_shift) * (1 if positive else -1)
+    return (1.0 / (1.0 + np.exp(-(logits + amount)))).astype(np.float32)
 
 
 def refine_probabilities(
@@ -158,6 +202,8 @@ def refine_probabilities(
     for click in clicks:
         index, positive = click_index(click, ndim, result.shape)
         region = _click_region(result, image, index, positive, sizes, settings)
+        if settings.shift:
+            result = _shifted(result, index, positive, settings)
         _set(result, region, positive)
     for strokes, positive in scribbles:
         strokes = np.asarray(strokes) > 0
@@ -193,6 +239,40 @@ def parse_click(values: Sequence[str]) -> Click:
     if not np.all(np.isfinite(coordinates)):
         raise InputError("--correct", f"coordinates must be finite, got '{shown}'")
     return (*coordinates, values[-1] == "+")
+
+
+def parse_scribble(values: Sequence[str]) -> tuple[str, bool]:
+    """`--correct-scribble MASKFILE +|-` values -> (path, positive); InputError naming the flag."""
+    path, polarity = values
+    if polarity not in ("+", "-"):
+        raise InputError(
+            "--correct-scribble", f"expects MASKFILE then + or -, got '{' '.join(values)}'"
+        )
+    return path, polarity == "+"
+
+
+def read_scribble(
+    path: str, shape: tuple[int, ...], affine: np.ndarray | None = None
+) -> np.ndarray:
+    """The strokes (bool, `shape`) of a scribble mask file (any non-zero value is a stroke) drawn
+    on a query of `shape`: (H, W) for a 2D image, (X, Y, Z) stored voxels for a volume. affine:
+    the query's voxel-to-world affine, which a NIfTI scribble's must match (None: not checked).
+    InputError naming the file for an unreadable file, another shape or grid, or no stroke."""
+    data = read_label(path)
+    strokes = data.array
+    if strokes.shape != tuple(shape):
+        raise InputError(
+            path, f"scribble of shape {strokes.shape} does not match the query's {tuple(shape)}"
+        )
+    if affine is not None and data.affine is not None:
+        scale = float(np.abs(affine[:3]).max()) or 1.0
+        if not np.allclose(data.affine, affine, atol=1e-3 * scale):
+            raise InputError(
+                path, "scribble's affine differs from the query's: draw it on the query's own grid"
+            )
+    if not strokes.any():
+        raise InputError(path, "scribble holds no stroke (all voxels are 0)")
+    return strokes > 0
 
 
 def voxel_spacing(affine: np.ndarray | None) -> np.ndarray | None:
