@@ -1128,3 +1128,84 @@ def test_onnx_export_prints_no_torchvision_lines() -> None:
     done = run_python(EXPORT_A_LINEAR)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torchvision" not in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Third round (issue 15's remaining gaps): torch's allocator failing, queries read once, two real
+# concurrent --overwrite runs, and the causes the fuzzing harness (benchmarks/hostile) found.
+
+
+def allocate_too_much(*args: object, **kwargs: object) -> None:
+    """A real failure of torch's CPU allocator (a RuntimeError, not a MemoryError)."""
+    torch.empty(2**50, dtype=torch.uint8)
+
+
+def test_torch_cpu_allocator_failure_segmenting_is_one_line_naming_the_query(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """DefaultCPUAllocator's "can't allocate memory" RuntimeError used to escape as a traceback."""
+    from promptseg.engine.segmenter import Segmenter
+
+    monkeypatch.setattr(Segmenter, "segment_labels", allocate_too_much)
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [query], out, tiny_checkpoint)) == 2
+    line = one_error_line(capsys, str(query))
+    assert "not enough memory to segment it" in line
+    assert files_in(out) == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)",
+        "[enforce fail at CPUAllocator.cpp:50] ((ptr) != nullptr). DefaultCPUAllocator: not enough "
+        "memory: you tried to allocate 4294967296 bytes.",
+    ],
+)
+def test_torch_allocator_failure_encoding_prompts_is_the_out_of_memory_line(
+    message: str,
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Outside a query (here encoding the prompts) it is the command's out-of-memory line, as for
+    MemoryError."""
+    from promptseg.engine.segmenter import Segmenter
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(Segmenter, "encode_prompts", fail)
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [query], out, tiny_checkpoint)) == 2
+    assert one_error_line(capsys) == (
+        "promptseg: error: segment: out of memory; use smaller or fewer inputs"
+    )
+    assert files_in(out) == []
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guard: a RuntimeError that is not an allocation failure is a bug, and stays visible."""
+    from promptseg.engine.segmenter import Segmenter
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("shapes cannot be multiplied")
+
+    monkeypatch.setattr(Segmenter, "segment_labels", fail)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(segment_argv(prompt_args, [query], tmp_path / "out", tiny_checkpoint))

@@ -69,7 +69,7 @@ from promptseg.engine.volume_prompts import (
     volume_prompts,
     with_label_resolved,
 )
-from promptseg.errors import InputError, PromptSegError
+from promptseg.errors import InputError, PromptSegError, is_out_of_memory
 from promptseg.files import (
     Writer,
     atomic_write_group,
@@ -620,10 +620,13 @@ def write_all(job: QueryJob, writers: dict[str, Writer], overwrite: bool) -> Non
 
 @contextlib.contextmanager
 def out_of_memory_names(path: str) -> Iterator[None]:
-    """Turn running out of memory within the block into an InputError naming the query `path`."""
+    """Turn running out of memory within the block (MemoryError, or torch's allocator failing:
+    errors.is_out_of_memory) into an InputError naming the query `path`."""
     try:
         yield
-    except MemoryError:
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
         raise InputError(path, "not enough memory to segment it") from None
 
 

@@ -22,7 +22,7 @@ from nibabel.spatialimages import HeaderDataError
 from PIL import Image
 
 from promptseg.data.volumes import CHANNEL_COUNTS, is_volume_shape
-from promptseg.errors import InputError, short_reason
+from promptseg.errors import InputError, is_out_of_memory, short_reason
 from promptseg.files import Writer, atomic_write, file_extension
 
 MAX_PIXELS_VARIABLE = "PROMPTSEG_MAX_PIXELS"
@@ -145,6 +145,8 @@ def _read(path: str, label: bool) -> ImageData:
     except MemoryError:
         raise InputError(path, "not enough memory to read this image") from None
     except Exception as exc:  # noqa: BLE001 (any library failure on a corrupt or truncated file becomes one line)
+        if is_out_of_memory(exc):
+            raise InputError(path, "not enough memory to read this image") from None
         raise InputError(path, f"unreadable or corrupt image ({short_reason(exc)})") from None
     array = check_image_array(array, path)
     is_volume = is_volume_shape(array.shape, has_geometry=affine is not None)
