@@ -23,6 +23,7 @@ import time
 import zlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -188,6 +189,7 @@ def test_pixel_limit_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 OUT_OF_MEMORY = """
 import resource, sys
+import nibabel as nib
 import numpy as np
 from PIL import Image
 from promptseg.cli import main
@@ -627,6 +629,7 @@ def test_stale_checkpoint_temporaries_are_swept_on_resume(
 
 SIGNAL_WHILE_WRITING = """
 import os, signal, sys
+import nibabel as nib
 import numpy as np
 import promptseg.data.io as io
 save = np.save
@@ -1209,3 +1212,76 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(
     monkeypatch.setattr(Segmenter, "segment_labels", fail)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         main(segment_argv(prompt_args, [query], tmp_path / "out", tiny_checkpoint))
+
+
+@pytest.mark.parametrize("kept_bytes", [0, 3000, 256 * 2**20])
+def test_segment_reads_each_query_once_whatever_it_may_keep(
+    kept_bytes: int,
+    prompt_args: list[str],
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Queries beyond KEPT_QUERY_BYTES used to be read twice (validation, then segmentation), and a
+    NIfTI header repair was logged on each read. Now each is read once (its header checked up
+    front), whatever the budget, and nibabel's repair is one warning."""
+    import promptseg.cli.segment as segment_command
+
+    queries = []
+    for n in range(3):
+        image = disk_example(np.random.default_rng(n), (40, 40))[0]
+        queries.append(str(write_png(tmp_path / f"q{n}.png", image)))
+    image = nib.Nifti1Image(np.random.default_rng(5).random((12, 10, 4)).astype(np.float32), None)
+    image.header["qform_code"] = 7  # nibabel repairs it on every read ("qform_code 7 not valid")
+    volume = tmp_path / "v.nii"
+    nib.save(image, volume)
+    raw = bytearray(volume.read_bytes())
+    raw[252:254] = struct.pack("<h", 7)
+    volume.write_bytes(bytes(raw))
+    queries.append(str(volume))
+    reads: list[str] = []
+    read_input = segment_command.read_input
+
+    def counting_read(path: str, series: str | None = None) -> object:
+        reads.append(str(path))
+        return read_input(path, series)
+
+    monkeypatch.setattr(segment_command, "read_input", counting_read)
+    monkeypatch.setattr(segment_command, "KEPT_QUERY_BYTES", kept_bytes)
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [Path(q) for q in queries], out, tiny_checkpoint)) == 0
+    assert sorted(reads) == sorted(queries)
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "damaged header field" in line] == [
+        f"promptseg: warning: {volume}: damaged header field repaired on reading "
+        "(qform_code 7 not valid; setting to 0)"
+    ], err
+    assert len(files_in(out)) == 4
+
+
+def test_a_query_read_when_segmented_is_still_validated(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A query beyond the kept bytes is checked by its header before anything is written, and its
+    data when it is segmented: a volume of NaNs is one line naming it, after the earlier query's
+    complete outputs, and nothing of its own."""
+    import promptseg.cli.segment as segment_command
+
+    monkeypatch.setattr(segment_command, "KEPT_QUERY_BYTES", 0)
+    bad = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 3), np.nan, np.float32), np.eye(4)), bad)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_bytes(90000, 90000, b"\x00" * 10))
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [query, huge], out, tiny_checkpoint)) == 2
+    one_error_line(capsys, f"{huge}: too large")
+    assert files_in(out) == []  # the header problem is found before anything is written
+    assert main(segment_argv(prompt_args, [query, bad], out, tiny_checkpoint)) == 2
+    one_error_line(capsys, f"{bad}: volume contains non-finite intensities")
+    assert files_in(out) == ["q_mask.png"]
