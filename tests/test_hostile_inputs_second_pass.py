@@ -1285,3 +1285,73 @@ def test_a_query_read_when_segmented_is_still_validated(
     assert main(segment_argv(prompt_args, [query, bad], out, tiny_checkpoint)) == 2
     one_error_line(capsys, f"{bad}: volume contains non-finite intensities")
     assert files_in(out) == ["q_mask.png"]
+
+
+def test_two_concurrent_overwrite_runs_never_mix_one_querys_files(
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two real `promptseg segment --overwrite` processes, started together on the same queries
+    into one folder, from prompts giving opposite masks: whichever run wrote a query last, its mask
+    and its probabilities come from that one run (mask == probabilities above 0.5, and the
+    probabilities are one run's own, as it gives them alone)."""
+    image, mask = disk_example(np.random.default_rng(21), (40, 40))
+    prompt_image = write_png(tmp_path / "p.png", image)
+    prompts = {
+        "inside": write_png(tmp_path / "inside.png", mask * 255),
+        "outside": write_png(tmp_path / "outside.png", (1 - mask) * 255),
+    }
+    queries = [
+        str(write_png(tmp_path / f"q{n}.png", disk_example(np.random.default_rng(n), (40, 40))[0]))
+        for n in range(12)
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def argv(run: str, out: Path) -> list[str]:
+        return [sys.executable, "-m", "promptseg", "segment", "--prompt", str(prompt_image)] + [
+            str(prompts[run]),
+            "--query",
+            *queries,
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--save-probabilities",
+            "--overwrite",
+        ]
+
+    def start(run: str, out: Path) -> subprocess.Popen:
+        return subprocess.Popen(argv(run, out), env=env, cwd=REPO, stderr=subprocess.PIPE)
+
+    alone = {run: start(run, tmp_path / run) for run in prompts}  # each run's own outputs
+    for process in alone.values():
+        assert process.wait(timeout=120) == 0, process.stderr.read().decode()[-2000:]
+    shared = tmp_path / "shared"
+    together = [start(run, shared) for run in prompts]
+    for process in together:
+        assert process.wait(timeout=120) == 0, process.stderr.read().decode()[-2000:]
+    assert not [name for name in files_in(shared) if name.startswith(".")]
+    for query in queries:
+        stem = Path(query).stem
+        written_mask = np.asarray(Image.open(shared / f"{stem}_mask.png"))
+        written_prob = np.load(shared / f"{stem}_prob.npy")
+        own = [
+            run
+            for run in prompts
+            if np.array_equal(np.load(tmp_path / run / f"{stem}_prob.npy"), written_prob)
+            and np.array_equal(
+                np.asarray(Image.open(tmp_path / run / f"{stem}_mask.png")), written_mask
+            )
+        ]
+        assert len(own) == 1, f"{stem}: mask and probabilities from different runs"
+    runs_differ = [
+        not np.array_equal(
+            np.load(tmp_path / "inside" / f"{Path(q).stem}_prob.npy"),
+            np.load(tmp_path / "outside" / f"{Path(q).stem}_prob.npy"),
+        )
+        for q in queries
+    ]
+    assert all(runs_differ)  # so that a mix would be seen
