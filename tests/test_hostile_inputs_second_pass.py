@@ -1355,3 +1355,82 @@ def test_two_concurrent_overwrite_runs_never_mix_one_querys_files(
         for q in queries
     ]
     assert all(runs_differ)  # so that a mix would be seen
+
+
+def write_volume_dataset(root: Path, flip: bool) -> Path:
+    """A 3D dataset of one case, (X, Y, Z) = (14, 12, 10), stored RAS, or the same scan stored LPS
+    (x and y flipped in the grid and in the affine: identical world geometry)."""
+    rng = np.random.default_rng(31)
+    image = rng.integers(0, 200, (14, 12, 10)).astype(np.int16)
+    labels = np.zeros((14, 12, 10), np.uint8)
+    labels[2:7, 3:11, 2:6] = 1  # off-centre, so that a flip shows
+    affine = np.diag([0.9, 0.8, 2.0, 1.0])
+    if flip:
+        image, labels = image[::-1, ::-1].copy(), labels[::-1, ::-1].copy()
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+        lps[:2, 3] = [0.9 * 13, 0.8 * 11]  # voxel (13, 11, 0) is where (0, 0, 0) was
+        affine = affine @ lps
+    for folder, array in (("images", image), ("labels", labels)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, affine), root / folder / "case1.nii.gz")
+    (root / "dataset.json").write_text(
+        json.dumps({"name": root.name, "dims": 3, "labels": {"background": 0, "target": 1}})
+    )
+    return root
+
+
+def test_training_slices_of_a_volume_stored_lps_or_ras_are_the_same(tmp_path: Path) -> None:
+    """Training and eval data (data.index) used to cut volumes in stored order, so the same scan
+    stored LPS gave other (flipped) examples than stored RAS, and than the engine, which cuts
+    queries in their closest RAS orientation. Now all three agree."""
+    from promptseg.data.index import load_examples
+    from promptseg.data.io import canonical_view, read_image, slice_volume
+    from promptseg.data.layouts import open_dataset
+
+    examples = {
+        flip: load_examples(open_dataset(write_volume_dataset(tmp_path / f"d{flip}", flip)), 16)
+        for flip in (False, True)
+    }
+    ras, lps = examples[False], examples[True]
+    assert ras[0].shape == lps[0].shape and len(ras[0]) == 4
+    np.testing.assert_array_equal(ras[0], lps[0])
+    np.testing.assert_array_equal(ras[1], lps[1])
+    query = read_image(tmp_path / "dTrue" / "labels" / "case1.nii.gz")  # as the engine cuts it
+    engine_slices = slice_volume(canonical_view(query.array, query.affine), 2)
+    filled = engine_slices.reshape(len(engine_slices), -1).any(axis=1)
+    assert filled.sum() == len(lps[1])
+    assert engine_slices[filled][:, 2:7].any() and not engine_slices[filled][:, 7:].any()
+
+
+def test_packs_of_reoriented_volumes_are_marked_and_stale_without_the_mark(
+    tmp_path: Path,
+) -> None:
+    """A dataset whose volumes are cut in another order than stored gets "slices" in packed.json,
+    so that a pack written before (stored-order slices) is rebuilt; a dataset stored RAS keeps the
+    meta it had, so its existing packs stay valid."""
+    from promptseg.data.index import build_tasks
+    from promptseg.data.layouts import open_dataset
+    from promptseg.data.packed import (
+        ORIENTED_SLICES,
+        _expected_meta,
+        pack_folder,
+        reoriented_when_sliced,
+    )
+
+    lps = open_dataset(write_volume_dataset(tmp_path / "lps", flip=True))
+    ras = open_dataset(write_volume_dataset(tmp_path / "ras", flip=False))
+    assert reoriented_when_sliced(lps) and not reoriented_when_sliced(ras)
+    assert _expected_meta(lps, 16, 2, 3)["slices"] == ORIENTED_SLICES
+    assert "slices" not in _expected_meta(ras, 16, 2, 3)
+    cache = tmp_path / "cache"
+    build_tasks([tmp_path / "lps"], 16, cache_dir=cache, min_examples=1)
+    folder = pack_folder(cache, lps, 16, 2, 3)
+    meta = json.loads((folder / "packed.json").read_text())
+    assert meta["slices"] == ORIENTED_SLICES
+    del meta["slices"]  # a pack of the stored-order era
+    (folder / "packed.json").write_text(json.dumps(meta))
+    stale = folder / "labels.npy"
+    before = stale.stat().st_mtime_ns
+    build_tasks([tmp_path / "lps"], 16, cache_dir=cache, min_examples=1)
+    assert json.loads((folder / "packed.json").read_text())["slices"] == ORIENTED_SLICES
+    assert (folder / "labels.npy").stat().st_mtime_ns != before

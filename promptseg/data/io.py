@@ -555,13 +555,27 @@ def canonical_view(array: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
     (LPS, RAS, axes swapped) gives the same view, and writing into the view writes the stored grid.
 
     `array` itself when `affine` is None or gives no orientation (non-finite or singular)."""
-    if affine is None or array.ndim != 3 or not np.all(np.isfinite(affine)):
-        return array
-    with np.errstate(all="ignore"):
-        orientation = nib.orientations.io_orientation(affine)
-    if np.isnan(orientation).any():
+    orientation = _closest_ras(affine) if array.ndim == 3 else None
+    if orientation is None:
         return array
     return nib.orientations.apply_orientation(array, orientation)
+
+
+def is_stored_canonical(affine: np.ndarray | None) -> bool:
+    """Whether canonical_view leaves a volume of voxel-to-world `affine` in its stored order (its
+    closest RAS orientation is the stored one, or it has none)."""
+    orientation = _closest_ras(affine)
+    return orientation is None or bool(np.array_equal(orientation, [[0, 1], [1, 1], [2, 1]]))
+
+
+def _closest_ras(affine: np.ndarray | None) -> np.ndarray | None:
+    """nibabel's io_orientation of `affine` (3, 2), or None when it gives none (no affine,
+    non-finite or singular)."""
+    if affine is None or not np.all(np.isfinite(affine)):
+        return None
+    with np.errstate(all="ignore"):
+        orientation = nib.orientations.io_orientation(affine)
+    return None if np.isnan(orientation).any() else orientation
 
 
 def _check_axis(axis: int) -> None:
