@@ -1434,3 +1434,30 @@ def test_packs_of_reoriented_volumes_are_marked_and_stale_without_the_mark(
     build_tasks([tmp_path / "lps"], 16, cache_dir=cache, min_examples=1)
     assert json.loads((folder / "packed.json").read_text())["slices"] == ORIENTED_SLICES
     assert (folder / "labels.npy").stat().st_mtime_ns != before
+
+
+def test_a_slice_of_the_fuzzing_harness_keeps_the_promise(
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """30 of the harness's fuzzed files (benchmarks/hostile, evenly spread over its categories) as
+    queries and prompt images, through the CLI in-process and the API: each run is complete valid
+    outputs or one error line and nothing left (the full harness: python -m
+    benchmarks.hostile.run)."""
+    from benchmarks.hostile.fuzz import fuzz_cases
+    from benchmarks.hostile.run import Harness
+
+    cases = fuzz_cases()
+    chosen = [cases[int(i)] for i in np.linspace(0, len(cases) - 1, 30)]
+    image, mask = disk_example(np.random.default_rng(41), (48, 40))
+    prompt = (write_png(tmp_path / "p.png", image), write_png(tmp_path / "p_mask.png", mask))
+    query = write_png(tmp_path / "q.png", disk_example(np.random.default_rng(42), (44, 36))[0])
+    work = tmp_path / "work"
+    work.mkdir()
+    harness = Harness(prompt, query, work, tiny_checkpoint)
+    routes = ("cli-query", "cli-prompt-image", "api-query")
+    outcomes = [o for case in chosen for o in harness.run_case(case, routes)]
+    failed = [f"{o.case.filename} {o.route}: {o.cause}" for o in outcomes if not o.passed]
+    assert failed == []
+    assert len(outcomes) == 90 and any(o.refused for o in outcomes)
+    assert any(o.passed and not o.refused for o in outcomes)
