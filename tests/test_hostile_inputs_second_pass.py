@@ -13,6 +13,7 @@ input and the problem, with no traceback and no partial or orphaned file.
 from __future__ import annotations
 
 import fcntl
+import gzip
 import json
 import os
 import struct
@@ -1461,3 +1462,84 @@ def test_a_slice_of_the_fuzzing_harness_keeps_the_promise(
     assert failed == []
     assert len(outcomes) == 90 and any(o.refused for o in outcomes)
     assert any(o.passed and not o.refused for o in outcomes)
+
+
+def stored_gzip(data: bytes) -> bytes:
+    """`data` gzipped without compression (stored deflate blocks: a changed byte stays a valid
+    stream, only the CRC tells)."""
+    return gzip.compress(data, compresslevel=0, mtime=0)
+
+
+@pytest.mark.parametrize("damage", ["cut-trailer", "cut-last-byte", "voxel-changed", "crc"])
+def test_nifti_gz_cut_after_its_voxels_or_changed_in_place_is_refused(
+    damage: str,
+    prompt_args: list[str],
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """nibabel reads only the bytes the voxels need, so a .nii.gz cut after them (its gzip trailer
+    gone) or with voxel bytes changed in place (a stored block: still a valid stream) was segmented
+    with exit 0, the CRC never checked. Now the gzip stream must reach its end and checksum."""
+    volume = np.random.default_rng(51).integers(0, 200, (12, 10, 4)).astype(np.int16)
+    raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    packed = bytearray(stored_gzip(raw))
+    if damage == "cut-trailer":
+        packed = packed[:-8]
+    elif damage == "cut-last-byte":
+        packed = packed[:-1]
+    elif damage == "voxel-changed":
+        packed[len(packed) // 2] ^= 0x55
+    else:
+        packed[-8] ^= 0x01
+    path = tmp_path / f"{damage}.nii.gz"
+    path.write_bytes(bytes(packed))
+    with pytest.raises(InputError, match="unreadable or corrupt image"):
+        read_image(path)
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [path], out, tiny_checkpoint)) == 2
+    one_error_line(capsys, f"{path}: unreadable or corrupt image")
+    assert files_in(out) == []
+
+
+def test_complete_nifti_gz_of_several_members_or_padded_still_reads(tmp_path: Path) -> None:
+    """Guard: gzip files of two members (as pigz or bgzip may write) or with trailing zeros (tape
+    padding, which gzip ignores) keep reading."""
+    volume = np.random.default_rng(52).integers(0, 200, (12, 10, 4)).astype(np.int16)
+    raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    half = len(raw) // 2
+    for name, data in (
+        ("members.nii.gz", gzip.compress(raw[:half]) + gzip.compress(raw[half:])),
+        ("padded.nii.gz", gzip.compress(raw) + bytes(512)),
+    ):
+        (tmp_path / name).write_bytes(data)
+        np.testing.assert_array_equal(read_image(tmp_path / name).array, volume)
+
+
+def test_png_whose_compressed_data_stops_after_the_last_row_is_refused(tmp_path: Path) -> None:
+    """A PNG whose zlib stream is cut after the bytes of its last row (its end and checksum gone),
+    or whose checksum is wrong, was decoded as complete: Pillow stops at the last row and never
+    checks the stream. Now the stream must reach its end, checksum verified."""
+    raw = b"".join(b"\x00" + bytes([y * 7 % 256]) * 30 for y in range(20))
+    whole = zlib.compress(raw, 9)
+    for name, stream in (("cut.png", whole[:-4]), ("checksum.png", whole[:-1] + b"\x00")):
+        path = tmp_path / name
+        path.write_bytes(png_bytes_with_stream(30, 20, stream))
+        with pytest.raises(InputError, match="unreadable or corrupt image"):
+            read_image(path)
+    path = tmp_path / "whole.png"
+    path.write_bytes(png_bytes_with_stream(30, 20, whole))
+    assert read_image(path).array.shape == (20, 30)
+
+
+def png_bytes_with_stream(width: int, height: int, stream: bytes) -> bytes:
+    """An 8-bit grey PNG whose IDAT is `stream` as given (compressed data, cut or damaged)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    )

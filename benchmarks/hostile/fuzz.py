@@ -28,13 +28,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @dataclass(frozen=True)
 class Case:
     """One fuzzed file: `data` stored as `<name><ext>`; category: the mutation family; base_shape:
-    the (H, W) or (X, Y, Z) of the valid file it was derived from (for a matching mask)."""
+    the (H, W) or (X, Y, Z) of the valid file it was derived from (for a matching mask);
+    must_refuse: the file is damaged beyond doubt (pixel or voxel data missing, a size its data
+    cannot fill, NaN/Inf intensities), so that segmenting it at all would be silent garbage."""
 
     name: str
     category: str
     ext: str
     data: bytes
     base_shape: tuple[int, ...]
+    must_refuse: bool = False
 
     @property
     def filename(self) -> str:
@@ -177,8 +180,8 @@ def png_cases(rng: np.random.Generator) -> Iterator[Case]:
     """Fuzzed PNGs, about 1,000, by category."""
     bases = png_bases(rng)
 
-    def case(category: str, base: PngBase, tag: str, data: bytes) -> Case:
-        return Case(f"{category}-{base.name}-{tag}", category, ".png", data, base.shape)
+    def case(category: str, base: PngBase, tag: str, data: bytes, refuse: bool = False) -> Case:
+        return Case(f"{category}-{base.name}-{tag}", category, ".png", data, base.shape, refuse)
 
     for base in bases:
         yield case("png-valid", base, "plain", base.encode())
@@ -211,11 +214,17 @@ def png_cases(rng: np.random.Generator) -> Iterator[Case]:
             (16384, 16384),
         ):
             ihdr = base.ihdr(width=width, height=height)
-            yield case("png-size-claim", base, f"{width}x{height}", base.encode(ihdr=ihdr))
+            yield case(
+                "png-size-claim", base, f"{width}x{height}", base.encode(ihdr=ihdr), refuse=True
+            )
             row = b"\x00" * (1 + (width * base.depth + 7) // 8)
             tiny = zlib.compress(row * min(height, 4), 9)
             yield case(
-                "png-size-claim", base, f"{width}x{height}-rows", base.encode(ihdr=ihdr, idat=tiny)
+                "png-size-claim",
+                base,
+                f"{width}x{height}-rows",
+                base.encode(ihdr=ihdr, idat=tiny),
+                refuse=True,
             )
         # a zlib bomb: the header's size, honestly compressed (deflate 1032:1), under the pixel cap
         big = 4096 if base.depth >= 8 else 8192
@@ -238,16 +247,21 @@ def png_cases(rng: np.random.Generator) -> Iterator[Case]:
         )
         cuts += [int(c) for c in rng.integers(33, len(data), 14)]
         for cut in sorted(set(c for c in cuts if 0 <= c < len(data))):
-            yield case("png-truncated", base, f"at{cut}", data[:cut])
+            # IEND, the CRC, the zlib checksum and a margin of deflate data: rows are missing
+            missing_rows = cut < len(data) - 12 - 4 - 4 - 24
+            yield case("png-truncated", base, f"at{cut}", data[:cut], refuse=missing_rows)
         compressed = zlib.compress(base.raw, 9)
         for fraction in (0.1, 0.5, 0.9):
             half = zlib.compress(base.raw[: int(len(base.raw) * fraction)], 9)
-            yield case("png-truncated", base, f"clean-stream{fraction}", base.encode(idat=half))
+            yield case(
+                "png-truncated", base, f"clean-stream{fraction}", base.encode(idat=half), True
+            )
             yield case(
                 "png-truncated",
                 base,
                 f"cut-stream{fraction}",
                 base.encode(idat=compressed[: int(len(compressed) * fraction)]),
+                True,
             )
     # byte flips: anywhere (CRC usually wrong) and inside the compressed data with CRCs fixed
     for base in bases:
@@ -495,10 +509,14 @@ def nifti_cases(rng: np.random.Generator) -> Iterator[Case]:
     spacing = np.diag([0.8, 0.8, 2.5, 1.0])
 
     def both(
-        category: str, tag: str, data: bytes, base_shape: tuple[int, ...] = shape
+        category: str,
+        tag: str,
+        data: bytes,
+        base_shape: tuple[int, ...] = shape,
+        refuse: bool = False,
     ) -> Iterator[Case]:
-        yield Case(f"{category}-{tag}", category, ".nii", data, base_shape)
-        yield Case(f"{category}-{tag}-gz", category, ".nii.gz", gz(data), base_shape)
+        yield Case(f"{category}-{tag}", category, ".nii", data, base_shape, refuse)
+        yield Case(f"{category}-{tag}-gz", category, ".nii.gz", gz(data), base_shape, refuse)
 
     # valid controls and odd data types
     dtypes: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [
@@ -550,6 +568,7 @@ def nifti_cases(rng: np.random.Generator) -> Iterator[Case]:
                 "nii-nonfinite",
                 f"{tag}-{np.dtype(dtype).name}",
                 nifti_bytes(values.astype(dtype), spacing),
+                refuse=True,
             )
     ints = nifti_bytes(np.round(base * 255).astype(np.int16), spacing)
     for field in ("scl_slope", "scl_inter"):
@@ -633,12 +652,12 @@ def nifti_cases(rng: np.random.Generator) -> Iterator[Case]:
         claimed = little
         for n, value in enumerate(dims):
             claimed = patched(claimed, 42 + 2 * n, "h", value)
-        yield from both("nii-size-claim", "x".join(map(str, dims)), claimed)
+        yield from both("nii-size-claim", "x".join(map(str, dims)), claimed, refuse=True)
     for dims in ((2**31, 2**31, 1), (10**6, 10**6, 10**6), (2**62, 1, 1)):
         v2 = bytearray(nifti_bytes(data, spacing, version=2))
         for n, value in enumerate(dims):
             v2[16 + 8 * (n + 1) : 24 + 8 * (n + 1)] = struct.pack("<q", value)
-        yield from both("nii-size-claim", "v2-" + "x".join(map(str, dims)), bytes(v2))
+        yield from both("nii-size-claim", "v2-" + "x".join(map(str, dims)), bytes(v2), refuse=True)
     # odd dimensions (valid files)
     odd_shapes = {
         "2d": (20, 18),
@@ -674,7 +693,7 @@ def nifti_cases(rng: np.random.Generator) -> Iterator[Case]:
             *rng.integers(352, len(little), 8).tolist(),
         }
     ):
-        yield Case(f"nii-truncated-at{cut}", "nii-truncated", ".nii", little[:cut], shape)
+        yield Case(f"nii-truncated-at{cut}", "nii-truncated", ".nii", little[:cut], shape, True)
     compressed = gz(little)
     for cut in sorted(
         {
@@ -689,7 +708,9 @@ def nifti_cases(rng: np.random.Generator) -> Iterator[Case]:
             *rng.integers(10, len(compressed), 8).tolist(),
         }
     ):
-        yield Case(f"nii-truncated-gz-at{cut}", "nii-truncated", ".nii.gz", compressed[:cut], shape)
+        yield Case(
+            f"nii-truncated-gz-at{cut}", "nii-truncated", ".nii.gz", compressed[:cut], shape, True
+        )
     # byte flips: header, data, and the gzip stream
     for trial in range(40):
         flipped = bytearray(little)
@@ -726,7 +747,8 @@ def nifti_cases(rng: np.random.Generator) -> Iterator[Case]:
         ),
     }
     for tag, variant in gz_variants.items():
-        yield Case(f"nii-gzip-{tag}", "nii-gzip", ".nii.gz", variant, shape)
+        damaged = tag in ("crc-wrong", "isize-wrong")  # the voxels cannot be trusted
+        yield Case(f"nii-gzip-{tag}", "nii-gzip", ".nii.gz", variant, shape, damaged)
     for tag, variant in {
         "gz-named-nii": compressed,
         "empty": b"",

@@ -9,7 +9,9 @@ run must keep the promise:
   probabilities finite in [0, 1], no other file), or a non-zero exit whose stderr is optional
   `promptseg: warning:` lines and then exactly one `promptseg: error:` line, no traceback, and no
   file (hidden temporaries included) left in the output folder;
-- API: valid finite probabilities of the query's shape, or a PromptSegError (nothing else).
+- API: valid finite probabilities of the query's shape, or a PromptSegError (nothing else);
+- and a file damaged beyond doubt (fuzz.Case.must_refuse: data missing, a size its data cannot
+  fill, NaN/Inf intensities) must be refused, in every role.
 
 The prompt is a JSRT chest X-ray and its lung labels (label 1) from the shared data, as in the
 issue's reproducer; the model is a tiny random-initialised one by default (the promise does not
@@ -357,6 +359,8 @@ class Harness:
             finally:
                 if self.case_seconds:
                     signal.alarm(0)
+            if passed and not refused and case.must_refuse:
+                passed, cause = False, "a damaged file was accepted (silent garbage)"
             outcomes.append(Outcome(case, route, passed, cause, refused))
         subprocess.run(["rm", "-rf", str(folder)], check=False)
         return outcomes
@@ -377,6 +381,8 @@ class Harness:
                 timeout=CASE_SECONDS,
             )
             passed, cause, refused = judge_cli(done.returncode, done.stderr, out)
+            if passed and not refused and case.must_refuse:
+                passed, cause = False, "a damaged file was accepted (silent garbage)"
         except subprocess.TimeoutExpired:
             passed, cause, refused = False, f"took over {CASE_SECONDS} s", False
         subprocess.run(["rm", "-rf", str(folder)], check=False)
