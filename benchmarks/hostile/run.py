@@ -312,6 +312,8 @@ class Harness:
         return check_probabilities(probabilities, read_image(path).array.shape[:2])
 
     def api_prompt(self, case: Case, path: Path) -> str:
+        from promptseg.data.io import read_image
+
         nifti = case.ext != ".png"
         image, mask = self.bases.pair(case.base_shape, nifti)
         refusals = 0
@@ -320,7 +322,8 @@ class Harness:
                 if nifti:
                     encoded = self.segmenter.encode_volume_prompts(images, masks, slices=2)
                     result = self.segmenter.segment_volume(str(image), encoded)
-                    problem = check_probabilities(result.probabilities, case.base_shape)
+                    shape = read_image(image).array.shape
+                    problem = check_probabilities(result.probabilities, shape)
                 else:
                     encoded = self.segmenter.encode_prompts([images], [masks])
                     probabilities = self.segmenter.segment_each([self.query], encoded)[0]
