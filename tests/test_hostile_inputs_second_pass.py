@@ -1543,3 +1543,42 @@ def png_bytes_with_stream(width: int, height: int, stream: bytes) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
     )
+
+
+def test_prompt_volume_with_nan_outside_the_chosen_slices_is_refused(
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A prompt volume was checked only on the slices chosen as prompts, so NaN elsewhere in it was
+    accepted (exit 0) while the same volume as a query is refused. Now it is refused as a prompt
+    too, whichever slices are chosen."""
+    volume = np.random.default_rng(61).random((14, 12, 10)).astype(np.float32)
+    labels = np.zeros((14, 12, 10), np.uint8)
+    labels[3:10, 3:9, 4:6] = 1
+    volume[0, 0, 9] = np.nan  # slice 9: no label, far from the labelled extent
+    image, label_path, query = tmp_path / "v.nii.gz", tmp_path / "l.nii.gz", tmp_path / "q.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), image)
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), label_path)
+    nib.save(nib.Nifti1Image(np.nan_to_num(volume), np.eye(4)), query)
+    out = tmp_path / "out"
+    argv = [
+        "segment",
+        "--prompt-volume",
+        str(image),
+        str(label_path),
+        "--prompt-slices",
+        "2",
+        "--label",
+        "1",
+        "--query",
+        str(query),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--no-progress",
+    ]
+    assert main(argv) == 2
+    one_error_line(capsys, f"{image}: volume contains non-finite intensities")
+    assert files_in(out) == []
