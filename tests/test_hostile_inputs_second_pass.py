@@ -1295,16 +1295,18 @@ def test_two_concurrent_overwrite_runs_never_mix_one_querys_files(
     """Two real `promptseg segment --overwrite` processes, started together on the same queries
     into one folder, from prompts giving different results: each query's mask and probabilities
     come from one run (the run whose own result, computed alone in-process, each is closest to).
-    On the code before the folder lock, 1 of 4 trials mixed a query's files."""
+    On the code before the folder lock (709bf18), 2 of 4 trials mixed a query's files."""
     image, mask = disk_example(np.random.default_rng(21), (40, 40))
     prompt_image = write_png(tmp_path / "p.png", image)
     prompts = {
         "inside": write_png(tmp_path / "inside.png", mask * 255),
         "outside": write_png(tmp_path / "outside.png", (1 - mask) * 255),
     }
-    queries = [
-        str(write_png(tmp_path / f"q{n}.png", disk_example(np.random.default_rng(n), (40, 40))[0]))
-        for n in range(12)
+    queries = [  # large enough that writing a query's files takes a while (a wide race window)
+        str(
+            write_png(tmp_path / f"q{n}.png", disk_example(np.random.default_rng(n), (256, 256))[0])
+        )
+        for n in range(16)
     ]
 
     def argv(run: str, out: Path) -> list[str]:
@@ -1318,6 +1320,7 @@ def test_two_concurrent_overwrite_runs_never_mix_one_querys_files(
             "cpu",
             "--no-progress",
             "--save-probabilities",
+            "--overlay",
             "--overwrite",
         ]
 
@@ -1340,7 +1343,7 @@ def test_two_concurrent_overwrite_runs_never_mix_one_querys_files(
 
     def closest(kind: str, stem: str, written: np.ndarray) -> set[str]:
         """The runs whose own `kind` output of query `stem` is nearest to `written`."""
-        ext = "npy" if kind == "prob" else "png"
+        ext = "npy" if kind == "prob" else "png"  # mask, overlay
         own = {}
         for run in prompts:
             path = tmp_path / run / f"{stem}_{kind}.{ext}"
@@ -1353,8 +1356,9 @@ def test_two_concurrent_overwrite_runs_never_mix_one_querys_files(
         written_prob = np.load(shared / f"{stem}_prob.npy")
         by_prob = closest("prob", stem, written_prob)
         assert len(by_prob) == 1  # the two runs' probabilities differ, so a mix would show
-        by_mask = closest("mask", stem, np.asarray(Image.open(shared / f"{stem}_mask.png")))
-        assert by_prob <= by_mask, f"{stem}: mask and probabilities from different runs"
+        for kind in ("mask", "overlay"):
+            written = np.asarray(Image.open(shared / f"{stem}_{kind}.png"))
+            assert by_prob <= closest(kind, stem, written), f"{stem}: {kind} of the other run"
 
 
 def write_volume_dataset(root: Path, flip: bool) -> Path:

@@ -199,6 +199,8 @@ def run_cli(argv: list[str], out: Path) -> tuple[bool, str, bool]:
         raise
     except BaseException as exc:  # noqa: BLE001 (anything escaping main is a failure)
         return False, failure_cause(exc), False
+    if code in (128 + signal.SIGTERM, 128 + signal.SIGHUP):  # main took the harness's own stop
+        raise SystemExit(code)
     return judge_cli(code, err.getvalue(), out)
 
 
