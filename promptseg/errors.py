@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 
 class PromptSegError(Exception):
@@ -65,3 +67,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(message in text for message in _ALLOCATOR_MESSAGES)
+
+
+@contextlib.contextmanager
+def allocation_failures_as_memory_errors() -> Iterator[None]:
+    """Within the block, torch's allocator failing (a RuntimeError for which is_out_of_memory
+    holds) raises MemoryError instead, for callers that handle running out of memory as such."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        raise MemoryError(str(error)) from None

@@ -1585,3 +1585,43 @@ def test_prompt_volume_with_nan_outside_the_chosen_slices_is_refused(
     assert main(argv) == 2
     one_error_line(capsys, f"{image}: volume contains non-finite intensities")
     assert files_in(out) == []
+
+
+def test_torch_allocator_failure_in_a_batch_job_fails_that_job_only(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In `promptseg batch`, a MemoryError fails its job and the run goes on; torch's allocator
+    failing (a RuntimeError) used to end the whole run. Now it fails its prompt set's jobs too."""
+    from promptseg.engine.segmenter import Segmenter
+
+    real = Segmenter.segment_labels
+    calls: list[int] = []
+
+    def first_fails(self: Segmenter, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            allocate_too_much()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "segment_labels", first_fails)
+    image, mask = prompt_args[1], prompt_args[2]
+    other = write_png(tmp_path / "other_mask.png", (1 - np.asarray(Image.open(mask)) // 255) * 255)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        json.dumps({"query": str(query), "prompts": [[image, mask]], "out": "first"})
+        + "\n"
+        + json.dumps({"query": str(query), "prompts": [[image, str(other)]], "out": "second"})
+        + "\n"
+    )
+    out = tmp_path / "out"
+    argv = ["batch", str(jobs), "--out", str(out), "--checkpoint", str(tiny_checkpoint)]
+    assert main([*argv, "--device", "cpu", "--no-progress"]) == 1
+    rows = (out / "summary.csv").read_text()
+    assert "first,failed" in rows and "second,done" in rows, rows
+    assert "DefaultCPUAllocator: can't allocate memory" in rows
+    assert "promptseg: job first failed:" in capsys.readouterr().err

@@ -49,7 +49,12 @@ from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.engine.volume_prompts import empty_masks_expected, volume_slices
-from promptseg.errors import InputError, PromptSegError, short_reason
+from promptseg.errors import (
+    InputError,
+    PromptSegError,
+    allocation_failures_as_memory_errors,
+    short_reason,
+)
 from promptseg.files import atomic_write, strip_extension, write_text
 from promptseg.metrics import dice_percent
 
@@ -499,7 +504,8 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
     start = time.perf_counter()
     results: dict[str, JobResult] = {}
     try:
-        encoded = encode(segmenter, unit.prompts)
+        with allocation_failures_as_memory_errors():
+            encoded = encode(segmenter, unit.prompts)
     except (PromptSegError, MemoryError) as exc:
         reason = f"prompts: {_reason(exc)}"
         return [
@@ -521,16 +527,17 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
             results[job.name] = JobResult(job.name, "failed", 0.0, None, _reason(exc))
     if loaded:
         try:
-            if unit.jobs[0].volume:
-                predictions = [
-                    segmenter.segment_volume_labels(
-                        loaded[0][1], encoded, options.axis, options.threshold
+            with allocation_failures_as_memory_errors():
+                if unit.jobs[0].volume:
+                    predictions = [
+                        segmenter.segment_volume_labels(
+                            loaded[0][1], encoded, options.axis, options.threshold
+                        )
+                    ]
+                else:
+                    predictions = segmenter.segment_labels(
+                        [d.array for _, d in loaded], encoded, options.threshold
                     )
-                ]
-            else:
-                predictions = segmenter.segment_labels(
-                    [d.array for _, d in loaded], encoded, options.threshold
-                )
         except (PromptSegError, MemoryError) as exc:
             predictions = None
             for job, _ in loaded:
