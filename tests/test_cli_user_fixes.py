@@ -527,7 +527,7 @@ def test_segment_reads_and_prepares_each_query_once(
     assert sorted(reads) == sorted(queries) and len(resized) == 3
     monkeypatch.setattr(
         segment_command, "KEPT_QUERY_BYTES", 0
-    )  # nothing kept: read again, prepared once
+    )  # nothing kept: headers checked first, each query read once, when segmented
     reads.clear(), resized.clear()
     assert main(argv + ["--overwrite"]) == 0
-    assert sorted(reads) == sorted(queries * 2) and len(resized) == 3
+    assert sorted(reads) == sorted(queries) and len(resized) == 3

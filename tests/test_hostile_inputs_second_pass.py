@@ -13,6 +13,7 @@ input and the problem, with no traceback and no partial or orphaned file.
 from __future__ import annotations
 
 import fcntl
+import gzip
 import json
 import os
 import struct
@@ -23,6 +24,7 @@ import time
 import zlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -188,6 +190,7 @@ def test_pixel_limit_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 OUT_OF_MEMORY = """
 import resource, sys
+import nibabel as nib
 import numpy as np
 from PIL import Image
 from promptseg.cli import main
@@ -627,6 +630,7 @@ def test_stale_checkpoint_temporaries_are_swept_on_resume(
 
 SIGNAL_WHILE_WRITING = """
 import os, signal, sys
+import nibabel as nib
 import numpy as np
 import promptseg.data.io as io
 save = np.save
@@ -1128,3 +1132,496 @@ def test_onnx_export_prints_no_torchvision_lines() -> None:
     done = run_python(EXPORT_A_LINEAR)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torchvision" not in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Third round (issue 15's remaining gaps): torch's allocator failing, queries read once, two real
+# concurrent --overwrite runs, and the causes the fuzzing harness (benchmarks/hostile) found.
+
+
+def allocate_too_much(*args: object, **kwargs: object) -> None:
+    """A real failure of torch's CPU allocator (a RuntimeError, not a MemoryError)."""
+    torch.empty(2**50, dtype=torch.uint8)
+
+
+def test_torch_cpu_allocator_failure_segmenting_is_one_line_naming_the_query(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """DefaultCPUAllocator's "can't allocate memory" RuntimeError used to escape as a traceback."""
+    from promptseg.engine.segmenter import Segmenter
+
+    monkeypatch.setattr(Segmenter, "segment_labels", allocate_too_much)
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [query], out, tiny_checkpoint)) == 2
+    line = one_error_line(capsys, str(query))
+    assert "not enough memory to segment it" in line
+    assert files_in(out) == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)",
+        "[enforce fail at CPUAllocator.cpp:50] ((ptr) != nullptr). DefaultCPUAllocator: not enough "
+        "memory: you tried to allocate 4294967296 bytes.",
+    ],
+)
+def test_torch_allocator_failure_encoding_prompts_is_the_out_of_memory_line(
+    message: str,
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Outside a query (here encoding the prompts) it is the command's out-of-memory line, as for
+    MemoryError."""
+    from promptseg.engine.segmenter import Segmenter
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(Segmenter, "encode_prompts", fail)
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [query], out, tiny_checkpoint)) == 2
+    assert one_error_line(capsys) == (
+        "promptseg: error: segment: out of memory; use smaller or fewer inputs"
+    )
+    assert files_in(out) == []
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guard: a RuntimeError that is not an allocation failure is a bug, and stays visible."""
+    from promptseg.engine.segmenter import Segmenter
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("shapes cannot be multiplied")
+
+    monkeypatch.setattr(Segmenter, "segment_labels", fail)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(segment_argv(prompt_args, [query], tmp_path / "out", tiny_checkpoint))
+
+
+@pytest.mark.parametrize("kept_bytes", [0, 3000, 256 * 2**20])
+def test_segment_reads_each_query_once_whatever_it_may_keep(
+    kept_bytes: int,
+    prompt_args: list[str],
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Queries beyond KEPT_QUERY_BYTES used to be read twice (validation, then segmentation), and a
+    NIfTI header repair was logged on each read. Now each is read once (its header checked up
+    front), whatever the budget, and nibabel's repair is one warning."""
+    import promptseg.cli.segment as segment_command
+
+    queries = []
+    for n in range(3):
+        image = disk_example(np.random.default_rng(n), (40, 40))[0]
+        queries.append(str(write_png(tmp_path / f"q{n}.png", image)))
+    image = nib.Nifti1Image(np.random.default_rng(5).random((12, 10, 4)).astype(np.float32), None)
+    image.header["qform_code"] = 7  # nibabel repairs it on every read ("qform_code 7 not valid")
+    volume = tmp_path / "v.nii"
+    nib.save(image, volume)
+    raw = bytearray(volume.read_bytes())
+    raw[252:254] = struct.pack("<h", 7)
+    volume.write_bytes(bytes(raw))
+    queries.append(str(volume))
+    reads: list[str] = []
+    read_input = segment_command.read_input
+
+    def counting_read(path: str, series: str | None = None) -> object:
+        reads.append(str(path))
+        return read_input(path, series)
+
+    monkeypatch.setattr(segment_command, "read_input", counting_read)
+    monkeypatch.setattr(segment_command, "KEPT_QUERY_BYTES", kept_bytes)
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [Path(q) for q in queries], out, tiny_checkpoint)) == 0
+    assert sorted(reads) == sorted(queries)
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "damaged header field" in line] == [
+        f"promptseg: warning: {volume}: damaged header field repaired on reading "
+        "(qform_code 7 not valid; setting to 0)"
+    ], err
+    assert len(files_in(out)) == 4
+
+
+def test_a_query_read_when_segmented_is_still_validated(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A query beyond the kept bytes is checked by its header before anything is written, and its
+    data when it is segmented: a volume of NaNs is one line naming it, after the earlier query's
+    complete outputs, and nothing of its own."""
+    import promptseg.cli.segment as segment_command
+
+    monkeypatch.setattr(segment_command, "KEPT_QUERY_BYTES", 0)
+    bad = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 3), np.nan, np.float32), np.eye(4)), bad)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_bytes(90000, 90000, b"\x00" * 10))
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [query, huge], out, tiny_checkpoint)) == 2
+    one_error_line(capsys, f"{huge}: too large")
+    assert files_in(out) == []  # the header problem is found before anything is written
+    assert main(segment_argv(prompt_args, [query, bad], out, tiny_checkpoint)) == 2
+    one_error_line(capsys, f"{bad}: volume contains non-finite intensities")
+    assert files_in(out) == ["q_mask.png"]
+
+
+def test_two_concurrent_overwrite_runs_never_mix_one_querys_files(
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two real `promptseg segment --overwrite` processes, started together on the same queries
+    into one folder, from prompts giving different results: each query's mask and probabilities
+    come from one run (the run whose own result, computed alone in-process, each is closest to).
+    On the code before the folder lock (709bf18), 2 of 4 trials mixed a query's files."""
+    image, mask = disk_example(np.random.default_rng(21), (40, 40))
+    prompt_image = write_png(tmp_path / "p.png", image)
+    prompts = {
+        "inside": write_png(tmp_path / "inside.png", mask * 255),
+        "outside": write_png(tmp_path / "outside.png", (1 - mask) * 255),
+    }
+    queries = [  # large enough that writing a query's files takes a while (a wide race window)
+        str(
+            write_png(tmp_path / f"q{n}.png", disk_example(np.random.default_rng(n), (256, 256))[0])
+        )
+        for n in range(16)
+    ]
+
+    def argv(run: str, out: Path) -> list[str]:
+        return ["segment", "--prompt", str(prompt_image), str(prompts[run]), "--query"] + [
+            *queries,
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--save-probabilities",
+            "--overlay",
+            "--overwrite",
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    shared = tmp_path / "shared"
+    together = [
+        subprocess.Popen(
+            [sys.executable, "-m", "promptseg", *argv(run, shared)],
+            env=env,
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+        )
+        for run in prompts
+    ]
+    for run in prompts:  # each run's own result, alone, while the two processes start
+        assert main(argv(run, tmp_path / run)) == 0
+    for process in together:
+        assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-2000:]
+    assert not [name for name in files_in(shared) if name.startswith(".")]
+
+    def closest(kind: str, stem: str, written: np.ndarray) -> set[str]:
+        """The runs whose own `kind` output of query `stem` is nearest to `written`."""
+        ext = "npy" if kind == "prob" else "png"  # mask, overlay
+        own = {}
+        for run in prompts:
+            path = tmp_path / run / f"{stem}_{kind}.{ext}"
+            own[run] = np.load(path) if kind == "prob" else np.asarray(Image.open(path))
+        gaps = {run: np.abs(own[run].astype(np.float64) - written).sum() for run in prompts}
+        return {run for run, gap in gaps.items() if gap == min(gaps.values())}
+
+    for query in queries:
+        stem = Path(query).stem
+        written_prob = np.load(shared / f"{stem}_prob.npy")
+        by_prob = closest("prob", stem, written_prob)
+        assert len(by_prob) == 1  # the two runs' probabilities differ, so a mix would show
+        for kind in ("mask", "overlay"):
+            written = np.asarray(Image.open(shared / f"{stem}_{kind}.png"))
+            assert by_prob <= closest(kind, stem, written), f"{stem}: {kind} of the other run"
+
+
+def write_volume_dataset(root: Path, flip: bool) -> Path:
+    """A 3D dataset of one case, (X, Y, Z) = (14, 12, 10), stored RAS, or the same scan stored LPS
+    (x and y flipped in the grid and in the affine: identical world geometry)."""
+    rng = np.random.default_rng(31)
+    image = rng.integers(0, 200, (14, 12, 10)).astype(np.int16)
+    labels = np.zeros((14, 12, 10), np.uint8)
+    labels[2:7, 3:11, 2:6] = 1  # off-centre, so that a flip shows
+    affine = np.diag([0.9, 0.8, 2.0, 1.0])
+    if flip:
+        image, labels = image[::-1, ::-1].copy(), labels[::-1, ::-1].copy()
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+        lps[:2, 3] = [0.9 * 13, 0.8 * 11]  # voxel (13, 11, 0) is where (0, 0, 0) was
+        affine = affine @ lps
+    for folder, array in (("images", image), ("labels", labels)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, affine), root / folder / "case1.nii.gz")
+    (root / "dataset.json").write_text(
+        json.dumps({"name": root.name, "dims": 3, "labels": {"background": 0, "target": 1}})
+    )
+    return root
+
+
+def test_training_slices_of_a_volume_stored_lps_or_ras_are_the_same(tmp_path: Path) -> None:
+    """Training and eval data (data.index) used to cut volumes in stored order, so the same scan
+    stored LPS gave other (flipped) examples than stored RAS, and than the engine, which cuts
+    queries in their closest RAS orientation. Now all three agree."""
+    from promptseg.data.index import load_examples
+    from promptseg.data.io import canonical_view, read_image, slice_volume
+    from promptseg.data.layouts import open_dataset
+
+    examples = {
+        flip: load_examples(open_dataset(write_volume_dataset(tmp_path / f"d{flip}", flip)), 16)
+        for flip in (False, True)
+    }
+    ras, lps = examples[False], examples[True]
+    assert ras[0].shape == lps[0].shape and len(ras[0]) == 4
+    np.testing.assert_array_equal(ras[0], lps[0])
+    np.testing.assert_array_equal(ras[1], lps[1])
+    query = read_image(tmp_path / "dTrue" / "labels" / "case1.nii.gz")  # as the engine cuts it
+    engine_slices = slice_volume(canonical_view(query.array, query.affine), 2)
+    filled = engine_slices.reshape(len(engine_slices), -1).any(axis=1)
+    assert filled.sum() == len(lps[1])
+    assert engine_slices[filled][:, 2:7].any() and not engine_slices[filled][:, 7:].any()
+
+
+def test_packs_of_reoriented_volumes_are_marked_and_stale_without_the_mark(
+    tmp_path: Path,
+) -> None:
+    """A dataset whose volumes are cut in another order than stored gets "slices" in packed.json,
+    so that a pack written before (stored-order slices) is rebuilt; a dataset stored RAS keeps the
+    meta it had, so its existing packs stay valid."""
+    from promptseg.data.index import build_tasks
+    from promptseg.data.layouts import open_dataset
+    from promptseg.data.packed import (
+        ORIENTED_SLICES,
+        _expected_meta,
+        pack_folder,
+        reoriented_when_sliced,
+    )
+
+    lps = open_dataset(write_volume_dataset(tmp_path / "lps", flip=True))
+    ras = open_dataset(write_volume_dataset(tmp_path / "ras", flip=False))
+    assert reoriented_when_sliced(lps) and not reoriented_when_sliced(ras)
+    assert _expected_meta(lps, 16, 2, 3)["slices"] == ORIENTED_SLICES
+    assert "slices" not in _expected_meta(ras, 16, 2, 3)
+    cache = tmp_path / "cache"
+    build_tasks([tmp_path / "lps"], 16, cache_dir=cache, min_examples=1)
+    folder = pack_folder(cache, lps, 16, 2, 3)
+    meta = json.loads((folder / "packed.json").read_text())
+    assert meta["slices"] == ORIENTED_SLICES
+    del meta["slices"]  # a pack of the stored-order era
+    (folder / "packed.json").write_text(json.dumps(meta))
+    stale = folder / "labels.npy"
+    before = stale.stat().st_mtime_ns
+    build_tasks([tmp_path / "lps"], 16, cache_dir=cache, min_examples=1)
+    assert json.loads((folder / "packed.json").read_text())["slices"] == ORIENTED_SLICES
+    assert (folder / "labels.npy").stat().st_mtime_ns != before
+
+
+def test_a_slice_of_the_fuzzing_harness_keeps_the_promise(
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """30 of the harness's fuzzed files (benchmarks/hostile, evenly spread over its categories) as
+    queries and prompt images, through the CLI in-process and the API: each run is complete valid
+    outputs or one error line and nothing left (the full harness: python -m
+    benchmarks.hostile.run)."""
+    from benchmarks.hostile.fuzz import fuzz_cases
+    from benchmarks.hostile.run import Harness
+
+    cases = fuzz_cases()
+    chosen = [cases[int(i)] for i in np.linspace(0, len(cases) - 1, 30)]
+    image, mask = disk_example(np.random.default_rng(41), (48, 40))
+    prompt = (write_png(tmp_path / "p.png", image), write_png(tmp_path / "p_mask.png", mask))
+    query = write_png(tmp_path / "q.png", disk_example(np.random.default_rng(42), (44, 36))[0])
+    work = tmp_path / "work"
+    work.mkdir()
+    harness = Harness(prompt, query, work, tiny_checkpoint)
+    routes = ("cli-query", "cli-prompt-image", "api-query")
+    outcomes = [o for case in chosen for o in harness.run_case(case, routes)]
+    failed = [f"{o.case.filename} {o.route}: {o.cause}" for o in outcomes if not o.passed]
+    assert failed == []
+    assert len(outcomes) == 90 and any(o.refused for o in outcomes)
+    assert any(o.passed and not o.refused for o in outcomes)
+
+
+def stored_gzip(data: bytes) -> bytes:
+    """`data` gzipped without compression (stored deflate blocks: a changed byte stays a valid
+    stream, only the CRC tells)."""
+    return gzip.compress(data, compresslevel=0, mtime=0)
+
+
+@pytest.mark.parametrize("damage", ["cut-trailer", "cut-last-byte", "voxel-changed", "crc"])
+def test_nifti_gz_cut_after_its_voxels_or_changed_in_place_is_refused(
+    damage: str,
+    prompt_args: list[str],
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """nibabel reads only the bytes the voxels need, so a .nii.gz cut after them (its gzip trailer
+    gone) or with voxel bytes changed in place (a stored block: still a valid stream) was segmented
+    with exit 0, the CRC never checked. Now the gzip stream must reach its end and checksum."""
+    volume = np.random.default_rng(51).integers(0, 200, (12, 10, 4)).astype(np.int16)
+    raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    packed = bytearray(stored_gzip(raw))
+    if damage == "cut-trailer":
+        packed = packed[:-8]
+    elif damage == "cut-last-byte":
+        packed = packed[:-1]
+    elif damage == "voxel-changed":
+        packed[len(packed) // 2] ^= 0x55
+    else:
+        packed[-8] ^= 0x01
+    path = tmp_path / f"{damage}.nii.gz"
+    path.write_bytes(bytes(packed))
+    with pytest.raises(InputError, match="unreadable or corrupt image"):
+        read_image(path)
+    out = tmp_path / "out"
+    assert main(segment_argv(prompt_args, [path], out, tiny_checkpoint)) == 2
+    one_error_line(capsys, f"{path}: unreadable or corrupt image")
+    assert files_in(out) == []
+
+
+def test_complete_nifti_gz_of_several_members_or_padded_still_reads(tmp_path: Path) -> None:
+    """Guard: gzip files of two members (as pigz or bgzip may write) or with trailing zeros (tape
+    padding, which gzip ignores) keep reading."""
+    volume = np.random.default_rng(52).integers(0, 200, (12, 10, 4)).astype(np.int16)
+    raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    half = len(raw) // 2
+    for name, data in (
+        ("members.nii.gz", gzip.compress(raw[:half]) + gzip.compress(raw[half:])),
+        ("padded.nii.gz", gzip.compress(raw) + bytes(512)),
+    ):
+        (tmp_path / name).write_bytes(data)
+        np.testing.assert_array_equal(read_image(tmp_path / name).array, volume)
+
+
+def test_png_whose_compressed_data_stops_after_the_last_row_is_refused(tmp_path: Path) -> None:
+    """A PNG whose zlib stream is cut after the bytes of its last row (its end and checksum gone),
+    or whose checksum is wrong, was decoded as complete: Pillow stops at the last row and never
+    checks the stream. Now the stream must reach its end, checksum verified."""
+    raw = b"".join(b"\x00" + bytes([y * 7 % 256]) * 30 for y in range(20))
+    whole = zlib.compress(raw, 9)
+    for name, stream in (("cut.png", whole[:-4]), ("checksum.png", whole[:-1] + b"\x00")):
+        path = tmp_path / name
+        path.write_bytes(png_bytes_with_stream(30, 20, stream))
+        with pytest.raises(InputError, match="unreadable or corrupt image"):
+            read_image(path)
+    path = tmp_path / "whole.png"
+    path.write_bytes(png_bytes_with_stream(30, 20, whole))
+    assert read_image(path).array.shape == (20, 30)
+
+
+def png_bytes_with_stream(width: int, height: int, stream: bytes) -> bytes:
+    """An 8-bit grey PNG whose IDAT is `stream` as given (compressed data, cut or damaged)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    )
+
+
+def test_prompt_volume_with_nan_outside_the_chosen_slices_is_refused(
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A prompt volume was checked only on the slices chosen as prompts, so NaN elsewhere in it was
+    accepted (exit 0) while the same volume as a query is refused. Now it is refused as a prompt
+    too, whichever slices are chosen."""
+    volume = np.random.default_rng(61).random((14, 12, 10)).astype(np.float32)
+    labels = np.zeros((14, 12, 10), np.uint8)
+    labels[3:10, 3:9, 4:6] = 1
+    volume[0, 0, 9] = np.nan  # slice 9: no label, far from the labelled extent
+    image, label_path, query = tmp_path / "v.nii.gz", tmp_path / "l.nii.gz", tmp_path / "q.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), image)
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), label_path)
+    nib.save(nib.Nifti1Image(np.nan_to_num(volume), np.eye(4)), query)
+    out = tmp_path / "out"
+    argv = [
+        "segment",
+        "--prompt-volume",
+        str(image),
+        str(label_path),
+        "--prompt-slices",
+        "2",
+        "--label",
+        "1",
+        "--query",
+        str(query),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--no-progress",
+    ]
+    assert main(argv) == 2
+    one_error_line(capsys, f"{image}: volume contains non-finite intensities")
+    assert files_in(out) == []
+
+
+def test_torch_allocator_failure_in_a_batch_job_fails_that_job_only(
+    prompt_args: list[str],
+    query: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In `promptseg batch`, a MemoryError fails its job and the run goes on; torch's allocator
+    failing (a RuntimeError) used to end the whole run. Now it fails its prompt set's jobs too."""
+    from promptseg.engine.segmenter import Segmenter
+
+    real = Segmenter.segment_labels
+    calls: list[int] = []
+
+    def first_fails(self: Segmenter, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            allocate_too_much()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "segment_labels", first_fails)
+    image, mask = prompt_args[1], prompt_args[2]
+    other = write_png(tmp_path / "other_mask.png", (1 - np.asarray(Image.open(mask)) // 255) * 255)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        json.dumps({"query": str(query), "prompts": [[image, mask]], "out": "first"})
+        + "\n"
+        + json.dumps({"query": str(query), "prompts": [[image, str(other)]], "out": "second"})
+        + "\n"
+    )
+    out = tmp_path / "out"
+    argv = ["batch", str(jobs), "--out", str(out), "--checkpoint", str(tiny_checkpoint)]
+    assert main([*argv, "--device", "cpu", "--no-progress"]) == 1
+    rows = (out / "summary.csv").read_text()
+    assert "first,failed" in rows and "second,done" in rows, rows
+    assert "DefaultCPUAllocator: can't allocate memory" in rows
+    assert "promptseg: job first failed:" in capsys.readouterr().err

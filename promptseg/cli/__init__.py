@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from promptseg.cli.commands import COMMANDS
-from promptseg.errors import PromptSegError
+from promptseg.errors import PromptSegError, is_out_of_memory
 from promptseg.version import __version__
 
 
@@ -145,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PromptSegError as error:
             print(f"promptseg: error: {_one_line(error)}", file=sys.stderr)
             return 2
-        except MemoryError:
+        except (MemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):  # torch's allocator raises RuntimeError
+                raise
             print(
                 f"promptseg: error: {args.command}: out of memory; use smaller or fewer inputs",
                 file=sys.stderr,

@@ -1,15 +1,17 @@
 """`promptseg segment`: segment 2D images and 3D NIfTI volumes from prompt images with masks or
 sparse prompts.
 
-Everything is validated before any output is written: the prompts, every query and every output
-path. Each query then gets `<name>_mask.png` (2D) or `<name>_mask.nii.gz` (NIfTI, same affine and
-header), optionally `_prob.npy` / `_prob.nii.gz`, `_overlay.png`, `_uncertainty` and `_variance`
-maps (--uncertainty) and `_candidate<i>` masks (--candidates), and for a DICOM query (a series
-folder, --series choosing one of several, or a multi-frame file) `_seg.dcm` and, with
---save-probabilities, `_prob_seg.dcm` (DICOM-SEG, data.dicom.segmentation_writers); a query's
-files are written as one unit (files.atomic_write_group: all of them or none, under a lock of the
-output folder), and temporary files that a killed earlier run left in the output folder are
-removed first.
+Before any output is written, the prompts, every output path and every query are validated, each
+query read once: by its header, and in full while the queries read so far fit in
+KEPT_QUERY_BYTES (256 MiB); a query beyond is read, and its data checked, when it is segmented (an
+error then leaves the earlier queries' outputs complete and none of its own). Each query then
+gets `<name>_mask.png` (2D) or `<name>_mask.nii.gz` (NIfTI, same affine and header), optionally
+`_prob.npy` / `_prob.nii.gz`, `_overlay.png`, `_uncertainty` and `_variance` maps (--uncertainty)
+and `_candidate<i>` masks (--candidates), and for a DICOM query (a series folder, --series choosing
+one of several, or a multi-frame file) `_seg.dcm` and, with --save-probabilities, `_prob_seg.dcm`
+(DICOM-SEG, data.dicom.segmentation_writers); a query's files are written as one unit
+(files.atomic_write_group: all of them or none, under a lock of the output folder), and temporary
+files that a killed earlier run left in the output folder are removed first.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from promptseg.data.io import (
 )
 from promptseg.data.layouts import nearby_label_names
 from promptseg.data.preprocess import all_finite, check_image
+from promptseg.data.probe import decoded_bytes
 from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.batch import label_masks
 from promptseg.engine.corrections import (
@@ -71,7 +74,7 @@ from promptseg.engine.volume_prompts import (
     volume_prompts,
     with_label_resolved,
 )
-from promptseg.errors import InputError, PromptSegError
+from promptseg.errors import InputError, PromptSegError, is_out_of_memory
 from promptseg.files import (
     Writer,
     atomic_write_group,
@@ -82,8 +85,9 @@ from promptseg.files import (
 )
 
 SPARSE_DEST = "sparse_prompts"
-# Query arrays kept in memory from validation for segmentation, in all; queries beyond are read
-# again.
+# Query arrays read and validated before anything is written and kept for segmentation, in all;
+# queries beyond (by their headers' sizes) are checked by their headers first and read when
+# segmented, so that each query is read once.
 KEPT_QUERY_BYTES = 256 * 2**20
 
 
@@ -496,17 +500,19 @@ def validate_query(data: ImageData, segmenter: Segmenter) -> None:
 def read_and_validate(
     jobs: Sequence[QueryJob], segmenter: Segmenter, keep_bytes: int
 ) -> dict[str, ImageData]:
-    """Read and validate every query before anything is written; returns those read (path -> data)
-    that fit in `keep_bytes` together, in job order, so that segmentation does not read them
-    again."""
+    """Check every query before anything is written, reading each at most once: its header always
+    (probe.decoded_bytes), and in full, validated, when it fits in `keep_bytes` with those kept
+    before it (in job order). Returns the queries read (path -> data); segment_query reads and
+    validates the others when it comes to them."""
     kept: dict[str, ImageData] = {}
     for job in jobs:
         with out_of_memory_names(job.path):
+            if decoded_bytes(job.path, job.series) > keep_bytes:
+                continue
             data = read_input(job.path, job.series)
             validate_query(data, segmenter)
-        if data.array.nbytes <= keep_bytes:
-            kept[job.path] = data
-            keep_bytes -= data.array.nbytes
+        kept[job.path] = data
+        keep_bytes -= min(data.array.nbytes, keep_bytes)
     return kept
 
 
@@ -632,10 +638,13 @@ def write_all(job: QueryJob, writers: dict[str, Writer], overwrite: bool) -> Non
 
 @contextlib.contextmanager
 def out_of_memory_names(path: str) -> Iterator[None]:
-    """Turn running out of memory within the block into an InputError naming the query `path`."""
+    """Turn running out of memory within the block (MemoryError, or torch's allocator failing:
+    errors.is_out_of_memory) into an InputError naming the query `path`."""
     try:
         yield
-    except MemoryError:
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
         raise InputError(path, "not enough memory to segment it") from None
 
 
@@ -646,10 +655,12 @@ def segment_query(
     args: argparse.Namespace,
     data: ImageData | None = None,
 ) -> None:
-    """Segment and write one query (read first unless `data` is given); running out of memory is an
-    InputError naming the query."""
+    """Segment and write one query (read and validated first unless `data` is given); running out of
+    memory is an InputError naming the query."""
     with out_of_memory_names(job.path):
-        data = read_input(job.path, job.series) if data is None else data
+        if data is None:
+            data = read_input(job.path, job.series)
+            validate_query(data, segmenter)
         extra = (
             {"consistency": True} if args.slice_consistency else {}
         )  # predict's own call otherwise

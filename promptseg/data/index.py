@@ -1,7 +1,8 @@
 """The task index: dataset folders -> in-memory ArrayTasks at the model resolution (docs/design.md
 section 4).
 
-Each non-zero label value of a dataset is one task; 3D cases contribute their slices along one axis.
+Each non-zero label value of a dataset is one task; 3D cases contribute their slices along one axis
+of their closest RAS orientation (as the engine slices volumes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from promptseg.data.io import read_image, read_label, slice_volume
+from promptseg.data.io import ImageData, canonical_view, read_image, read_label, slice_volume
 from promptseg.data.layouts import Case, DatasetInfo, find_datasets, open_dataset
 from promptseg.data.packed import PackedExamples, cached_examples, find_packs, read_pack
 from promptseg.data.preprocess import normalize_intensity, resize_image, to_channels_first
@@ -97,9 +98,10 @@ def _case_examples(
             case.label_path, f"label values above 255 are not supported (found {label.array.max()})"
         )
     if label.is_volume:
-        label_slices = slice_volume(label.array, axis)
+        volumes, label_volume = oriented_case(image_data, label)
+        label_slices = slice_volume(label_volume, axis)
         keep = _slices_to_keep(label_slices, max_empty_fraction)
-        planes = np.stack([slice_volume(data.array, axis)[keep] for data in image_data], axis=1)
+        planes = np.stack([slice_volume(volume, axis)[keep] for volume in volumes], axis=1)
         label_slices = label_slices[keep]
     else:
         planes = (
@@ -111,6 +113,30 @@ def _case_examples(
     return _prepare_images(planes, resolution, channels, paths[0]), _resize_labels(
         label_slices, resolution
     )
+
+
+def oriented_case(
+    image_data: Sequence[ImageData], label: ImageData
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """A 3D case's image volumes and label volume as (X, Y, Z) views in their closest RAS
+    orientation (io.canonical_view, each through its own affine, a label without one through the
+    first image's), as the engine cuts queries and prompt volumes: `axis` means the same RAS axis
+    in training, evaluation and inference. InputError naming the label file when the oriented
+    shapes differ."""
+    label_affine = label.affine if label.affine is not None else image_data[0].affine
+    label_volume = canonical_view(label.array, label_affine)
+    volumes = [
+        canonical_view(data.array, data.affine if data.affine is not None else label_affine)
+        for data in image_data
+    ]
+    for data, volume in zip(image_data, volumes):
+        if volume.shape[:3] != label_volume.shape:
+            raise InputError(
+                label.path,
+                f"label volume in RAS orientation {label_volume.shape} does not match the image "
+                f"{data.path} in RAS orientation {volume.shape[:3]} (their affines disagree)",
+            )
+    return volumes, label_volume
 
 
 def _slices_to_keep(label_slices: np.ndarray, max_empty_fraction: float) -> np.ndarray:

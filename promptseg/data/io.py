@@ -22,7 +22,7 @@ from nibabel.spatialimages import HeaderDataError
 from PIL import Image
 
 from promptseg.data.volumes import CHANNEL_COUNTS, is_volume_shape
-from promptseg.errors import InputError, short_reason
+from promptseg.errors import InputError, is_out_of_memory, short_reason
 from promptseg.files import Writer, atomic_write, file_extension
 
 MAX_PIXELS_VARIABLE = "PROMPTSEG_MAX_PIXELS"
@@ -145,6 +145,8 @@ def _read(path: str, label: bool) -> ImageData:
     except MemoryError:
         raise InputError(path, "not enough memory to read this image") from None
     except Exception as exc:  # noqa: BLE001 (any library failure on a corrupt or truncated file becomes one line)
+        if is_out_of_memory(exc):
+            raise InputError(path, "not enough memory to read this image") from None
         raise InputError(path, f"unreadable or corrupt image ({short_reason(exc)})") from None
     array = check_image_array(array, path)
     is_volume = is_volume_shape(array.shape, has_geometry=affine is not None)
@@ -270,8 +272,39 @@ def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, Any]:
     check_claimed_size(
         path, tuple(image.shape), image.get_data_dtype().itemsize, capacity, what="voxels"
     )
+    if path.lower().endswith(".gz"):
+        check_gzip_stream(path)
     array = np.asarray(image.dataobj)
     return array, np.asarray(image.affine, dtype=np.float64), image.header.copy()
+
+
+def check_gzip_stream(path: str, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse a gzip file whose stream is cut off or corrupt: each member must reach its end, where
+    zlib checks its CRC-32 and length (nibabel reads only the bytes the voxels need, so a file cut
+    after them, or data changed in place, would pass silently). Bytes after the last member that
+    do not start another (trailing zeros or garbage) are ignored, as gzip does.
+
+    The file is inflated a block at a time and the output dropped: memory stays small."""
+    with open(path, "rb") as handle:
+        data = handle.read(chunk_bytes)
+        while data[:2] == b"\x1f\x8b":
+            inflater = zlib.decompressobj(wbits=31)
+            while not inflater.eof:
+                if not data:
+                    raise InputError(
+                        path,
+                        "unreadable or corrupt image (truncated: the gzip stream stops before "
+                        "its end and checksum)",
+                    )
+                try:
+                    _inflated_size(inflater, data, 1 << 62, chunk_bytes)
+                except zlib.error as exc:
+                    raise InputError(
+                        path, f"unreadable or corrupt image (gzip stream: {short_reason(exc)})"
+                    ) from None
+                data = inflater.unused_data if inflater.eof else handle.read(chunk_bytes)
+            if len(data) < 2:
+                data += handle.read(chunk_bytes)
 
 
 def _load_pillow(path: str, label: bool) -> np.ndarray:
@@ -354,10 +387,12 @@ def _png_data_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bo
 def check_png_data(path: str, chunk_bytes: int = 1 << 20) -> None:
     """Refuse a PNG whose image data decompresses to fewer bytes than its header's rows need (a file
     cut off, or a compressed stream that ends cleanly half-way: Pillow fills the missing rows with
-    zeros).
+    zeros), or whose compressed stream does not reach its end and checksum (cut off after the last
+    row, or corrupt: Pillow stops at the last row and never checks it). A checksum that does not
+    match, or data that is not deflate, raises zlib.error.
 
     The data is inflated a block at a time and only counted, so memory stays small whatever it
-    claims."""
+    claims; beyond _PNG_EXTRA_BYTES more than the rows need, the end is not looked for."""
     with open(path, "rb") as handle:
         if handle.read(8) != _PNG_SIGNATURE:
             return  # not a PNG after all: Pillow reports it
@@ -368,8 +403,9 @@ def check_png_data(path: str, chunk_bytes: int = 1 << 20) -> None:
         expected = _png_data_bytes(
             width, height, depth * _PNG_CHANNELS.get(colour, 1), interlace == 1
         )
+        limit = expected + _PNG_EXTRA_BYTES
         inflater, produced = zlib.decompressobj(), 0
-        while produced < expected and not inflater.eof:
+        while produced < limit and not inflater.eof:
             head = handle.read(8)
             if len(head) < 8:
                 break
@@ -380,12 +416,12 @@ def check_png_data(path: str, chunk_bytes: int = 1 << 20) -> None:
                 handle.seek(length + 4, os.SEEK_CUR)
                 continue
             remaining = length
-            while remaining and produced < expected and not inflater.eof:
+            while remaining and produced < limit and not inflater.eof:
                 data = handle.read(min(remaining, chunk_bytes))
                 if not data:
                     break
                 remaining -= len(data)
-                produced += _inflated_size(inflater, data, expected - produced, chunk_bytes)
+                produced += _inflated_size(inflater, data, limit - produced, chunk_bytes)
             handle.seek(remaining + 4, os.SEEK_CUR)
     if produced < expected:
         raise InputError(
@@ -393,15 +429,29 @@ def check_png_data(path: str, chunk_bytes: int = 1 << 20) -> None:
             f"unreadable or corrupt image (truncated: the pixel data holds {produced} of the "
             f"{expected} bytes its {width}x{height} header needs)",
         )
+    if not inflater.eof and produced < limit:
+        raise InputError(
+            path,
+            "unreadable or corrupt image (truncated: the compressed pixel data stops before its "
+            "end and checksum)",
+        )
+
+
+# Decompressed bytes beyond what a PNG's rows need that check_png_data inflates to find the
+# stream's end (Pillow ignores them).
+_PNG_EXTRA_BYTES = 64 * 2**20
 
 
 def _inflated_size(inflater: zlib._Decompress, data: bytes, wanted: int, chunk_bytes: int) -> int:
     """Feed `data` to `inflater` and count what it gives, up to `wanted` bytes, `chunk_bytes` at a
     time."""
     produced = 0
-    while data and produced < wanted:
-        produced += len(inflater.decompress(data, min(chunk_bytes, wanted - produced)))
+    while produced < wanted:
+        out = inflater.decompress(data, min(chunk_bytes, wanted - produced))
+        produced += len(out)
         data = inflater.unconsumed_tail
+        if not data and (not out or inflater.eof):  # input used up and no output left pending
+            break
     return produced
 
 
@@ -553,13 +603,27 @@ def canonical_view(array: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
     (LPS, RAS, axes swapped) gives the same view, and writing into the view writes the stored grid.
 
     `array` itself when `affine` is None or gives no orientation (non-finite or singular)."""
-    if affine is None or array.ndim != 3 or not np.all(np.isfinite(affine)):
-        return array
-    with np.errstate(all="ignore"):
-        orientation = nib.orientations.io_orientation(affine)
-    if np.isnan(orientation).any():
+    orientation = _closest_ras(affine) if array.ndim == 3 else None
+    if orientation is None:
         return array
     return nib.orientations.apply_orientation(array, orientation)
+
+
+def is_stored_canonical(affine: np.ndarray | None) -> bool:
+    """Whether canonical_view leaves a volume of voxel-to-world `affine` in its stored order (its
+    closest RAS orientation is the stored one, or it has none)."""
+    orientation = _closest_ras(affine)
+    return orientation is None or bool(np.array_equal(orientation, [[0, 1], [1, 1], [2, 1]]))
+
+
+def _closest_ras(affine: np.ndarray | None) -> np.ndarray | None:
+    """nibabel's io_orientation of `affine` (3, 2), or None when it gives none (no affine,
+    non-finite or singular)."""
+    if affine is None or not np.all(np.isfinite(affine)):
+        return None
+    with np.errstate(all="ignore"):
+        orientation = nib.orientations.io_orientation(affine)
+    return None if np.isnan(orientation).any() else orientation
 
 
 def _check_axis(axis: int) -> None:

@@ -9,7 +9,7 @@ normalisation, resizing) and writes DIR/<dataset>-r<R>-a<axis>-c<C>/ with
     labels.npy    (N, R, R) uint8 label values
     case_ids.npy  (N,) case names
     packed.json   dataset name, label names, the build parameters and a signature of the source
-    files
+    files (and "slices": "closest-ras" when some volume is cut in another order than stored)
 
 Later runs memory-map the arrays (no decoding, pages shared between processes) as long as the
 signature (every case file's name, size and modification time) still matches; a changed source
@@ -26,11 +26,22 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
+from promptseg.data.io import (
+    NIFTI_EXTENSIONS,
+    NUMPY_EXTENSIONS,
+    PILLOW_EXTENSIONS,
+    is_stored_canonical,
+)
 from promptseg.data.layouts import DatasetInfo
+from promptseg.files import file_extension
 
 FORMAT = "promptseg-packed-v1"
+# packed.json's "slices" for datasets with volumes cut in their closest RAS orientation rather than
+# in stored order (reoriented_when_sliced); absent where the two are the same.
+ORIENTED_SLICES = "closest-ras"
 
 
 @dataclass
@@ -65,7 +76,7 @@ def pack_folder(
 
 
 def _expected_meta(dataset: DatasetInfo, resolution: int, axis: int, channels: int) -> dict:
-    return {
+    meta = {
         "format": FORMAT,
         "name": dataset.name,
         "labels": {str(value): name for value, name in dataset.labels.items()},
@@ -74,6 +85,33 @@ def _expected_meta(dataset: DatasetInfo, resolution: int, axis: int, channels: i
         "channels": channels,
         "signature": source_signature(dataset),
     }
+    if reoriented_when_sliced(dataset):
+        meta["slices"] = ORIENTED_SLICES
+    return meta
+
+
+def reoriented_when_sliced(dataset: DatasetInfo) -> bool:
+    """Whether some volume of `dataset` is cut in another order than stored (its closest RAS
+    orientation, index.oriented_case, is not its stored one; DICOM volumes are counted as such
+    without reading them), from the NIfTI headers alone.
+
+    Packs of datasets where it is False hold the same slices as before volumes were reoriented, so
+    they stay valid; the others carry "slices" in packed.json, and older packs of them are stale."""
+    for case in dataset.cases:
+        if case.label_path is None:
+            continue
+        for path in [*case.image_paths, case.label_path]:
+            ext = file_extension(path)
+            if ext in NIFTI_EXTENSIONS:
+                try:
+                    affine = nib.load(path).affine
+                except Exception:  # noqa: BLE001 (unreadable: the build reports it, one line)
+                    return True
+                if not is_stored_canonical(affine):
+                    return True
+            elif ext not in PILLOW_EXTENSIONS + NUMPY_EXTENSIONS:
+                return True  # DICOM and anything else with a geometry
+    return False
 
 
 def is_pack(folder: str | os.PathLike) -> bool:

@@ -54,7 +54,12 @@ from promptseg.engine.planes import ALL_AXES, PlanePrompts
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
 from promptseg.engine.volume_prompts import empty_masks_expected, volume_slices
-from promptseg.errors import InputError, PromptSegError, short_reason
+from promptseg.errors import (
+    InputError,
+    PromptSegError,
+    allocation_failures_as_memory_errors,
+    short_reason,
+)
 from promptseg.files import atomic_write, strip_extension, write_text
 from promptseg.metrics import dice_percent
 
@@ -564,7 +569,8 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
     start = time.perf_counter()
     results: dict[str, JobResult] = {}
     try:
-        encoded = encode(segmenter, unit.prompts)
+        with allocation_failures_as_memory_errors():
+            encoded = encode(segmenter, unit.prompts)
     except (PromptSegError, MemoryError) as exc:
         reason = f"prompts: {_reason(exc)}"
         return [
@@ -586,20 +592,21 @@ def run_unit(segmenter: Segmenter, unit: Unit, options: Options) -> list[JobResu
             results[job.name] = JobResult(job.name, "failed", 0.0, None, _reason(exc))
     if loaded:
         try:
-            if unit.jobs[0].volume:
-                predictions = [
-                    segmenter.segment_volume_labels(
-                        loaded[0][1],
-                        encoded,
-                        options.axis,
-                        options.threshold,
-                        consistency=loaded[0][0].consistency,
+            with allocation_failures_as_memory_errors():
+                if unit.jobs[0].volume:
+                    predictions = [
+                        segmenter.segment_volume_labels(
+                            loaded[0][1],
+                            encoded,
+                            options.axis,
+                            options.threshold,
+                            consistency=loaded[0][0].consistency,
+                        )
+                    ]
+                else:
+                    predictions = segmenter.segment_labels(
+                        [d.array for _, d in loaded], encoded, options.threshold
                     )
-                ]
-            else:
-                predictions = segmenter.segment_labels(
-                    [d.array for _, d in loaded], encoded, options.threshold
-                )
         except (PromptSegError, MemoryError) as exc:
             predictions = None
             for job, _ in loaded:

@@ -28,6 +28,7 @@ from promptseg.data.io import (
     read_label,
     slice_volume,
 )
+from promptseg.data.preprocess import all_finite
 from promptseg.engine.prompts_input import Prompt, load_2d, select_label
 from promptseg.errors import InputError
 
@@ -74,7 +75,8 @@ def read_volumes(
 def oriented_pair(image: VolumeInput, labels: VolumeInput) -> tuple[np.ndarray, np.ndarray, str]:
     """A prompt volume and its labels -> (image, labels) (X, Y, Z) views in their closest RAS
     orientation (each through its own affine; labels without one take the image's) and the labels'
-    name. InputError naming the file when either is not 3D or their oriented shapes differ."""
+    name. InputError naming the file when either is not 3D, the image holds NaN or Inf anywhere, or
+    their oriented shapes differ."""
     data = _as_data(image, False, "prompt volume")
     label_data = _as_data(labels, True, "prompt volume labels")
     if data.array.ndim != 3:
@@ -87,6 +89,8 @@ def oriented_pair(image: VolumeInput, labels: VolumeInput) -> tuple[np.ndarray, 
         raise InputError(
             label_data.path, f"prompt labels must hold integers, got {label_data.array.dtype}"
         )
+    if not all_finite(data.array):  # as for queries, whichever slices are chosen
+        raise InputError(data.path, "volume contains non-finite intensities (NaN or Inf)")
     oriented = canonical_view(data.array, data.affine)
     label_affine = label_data.affine if label_data.affine is not None else data.affine
     oriented_labels = canonical_view(label_data.array, label_affine)
