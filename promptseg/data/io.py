@@ -13,6 +13,8 @@ import threading
 import warnings
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,13 +309,10 @@ def check_gzip_stream(path: str, chunk_bytes: int = 1 << 20) -> None:
                 data += handle.read(chunk_bytes)
 
 
-def _load_pillow(path: str, label: bool) -> np.ndarray:
-    """Decode a 2D image with Pillow: (H, W) for L/I;16/I/F/1 modes, (H, W, 3|4) for colour.
-
-    Palette (P) images give their palette indices for label maps and their colours for images. The
-    size in the header is checked (check_claimed_size) before decoding, and PNG pixel data that ends
-    before the last row (which Pillow would fill with zeros) is refused (check_png_data).
-    """
+@contextmanager
+def opened_pillow_image(path: str) -> Iterator[Image.Image]:
+    """Pillow's lazily decoded image of `path`, its header's size checked (check_claimed_size)
+    before any pixel is decoded; Pillow's decompression-bomb error is one InputError."""
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", Image.DecompressionBombWarning
@@ -332,6 +331,17 @@ def _load_pillow(path: str, label: bool) -> np.ndarray:
         check_claimed_size(
             path, (height, width, bands), 1, os.path.getsize(path) * _IMAGE_MAX_RATIO
         )
+        yield image
+
+
+def _load_pillow(path: str, label: bool) -> np.ndarray:
+    """Decode a 2D image with Pillow: (H, W) for L/I;16/I/F/1 modes, (H, W, 3|4) for colour.
+
+    Palette (P) images give their palette indices for label maps and their colours for images. The
+    size in the header is checked (check_claimed_size) before decoding, and PNG pixel data that ends
+    before the last row (which Pillow would fill with zeros) is refused (check_png_data).
+    """
+    with opened_pillow_image(path) as image:
         if image.format == "PNG":
             check_png_data(path)
         image.load()

@@ -8,22 +8,19 @@ too), else when it is segmented. Probing decodes no pixel or voxel data.
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
-from PIL import Image
 
 from promptseg.data.dicom import is_dicom_input
 from promptseg.data.io import (
     _DEFLATE_MAX_RATIO,
-    _IMAGE_MAX_RATIO,
-    MAX_PIXELS_VARIABLE,
     NIFTI_EXTENSIONS,
     NUMPY_EXTENSIONS,
     PILLOW_EXTENSIONS,
     SUPPORTED_EXTENSIONS,
     _load_nibabel,
     check_claimed_size,
+    opened_pillow_image,
     stored_array_shape,
 )
 from promptseg.errors import InputError, is_out_of_memory, short_reason
@@ -84,22 +81,9 @@ def _nifti_bytes(path: str) -> int:
 def _pillow_bytes(path: str) -> int:
     """The decoded image's bytes (width x height x bands x bytes per sample), the claimed size
     checked."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            opened = Image.open(path)
-        except Image.DecompressionBombError:
-            raise InputError(
-                path,
-                f"too large: more pixels than Pillow decodes (set {MAX_PIXELS_VARIABLE} "
-                "and PIL.Image.MAX_IMAGE_PIXELS to raise the limits)",
-            ) from None
-    with opened as image:
+    with opened_pillow_image(path) as image:
         width, height = image.size
         bands = len(image.getbands())
-        check_claimed_size(
-            path, (height, width, bands), 1, os.path.getsize(path) * _IMAGE_MAX_RATIO
-        )
         sample = 1 if image.mode in ("1", "L", "P", "LA", "PA", "RGB", "RGBA") else 4
     return width * height * max(bands, 1) * sample or _DEFAULT_ITEMSIZE
 
