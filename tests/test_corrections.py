@@ -261,3 +261,31 @@ def test_a_click_where_the_model_was_wrong_shifts_every_logit() -> None:
         refine_probabilities(probabilities, None, [(2, 2, True)], settings=settings)[20:, 20:],
         probabilities[20:, 20:],
     )
+
+
+def test_refine_takes_correction_settings_and_checks_them(tiny_checkpoint: Path) -> None:
+    """Segmenter.refine passes its settings on (no shift and no model term give another result
+    than the defaults for a click where the model was wrong); bad settings are a ValueError."""
+    rng = np.random.default_rng(2)
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", backend="torch")
+    image, mask = disk_example(rng, (32, 32))
+    prompts = segmenter.encode_prompts([image], [mask])
+    query, _ = disk_example(rng, (32, 32))
+    probabilities = segmenter.segment([query], prompts)[0]
+    low = np.unravel_index(np.argmin(probabilities), probabilities.shape)
+    click = [(int(low[1]), int(low[0]), True)]
+    default = segmenter.refine(probabilities, clicks=click, image=query)
+    plain = segmenter.refine(
+        probabilities,
+        clicks=click,
+        image=query,
+        settings=CorrectionSettings(model_weight=0.0, shift=0.0),
+    )
+    assert default.shape == plain.shape and not np.allclose(default, plain)
+    expected = refine_probabilities(
+        probabilities, query, click, settings=CorrectionSettings(model_weight=0.0, shift=0.0)
+    )
+    np.testing.assert_array_equal(plain, expected)
+    for bad in ({"reach": -1.0}, {"shift": float("nan")}, {"max_radius": 2.0}, {"tolerance": "1"}):
+        with pytest.raises(ValueError, match="CorrectionSettings"):
+            CorrectionSettings(**bad)

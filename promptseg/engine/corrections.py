@@ -61,6 +61,24 @@ class CorrectionSettings:
     shift: float = 0.25
     max_shift: float = 2.0
 
+    def __post_init__(self) -> None:
+        """ValueError for a field that is not a finite number >= 0, or max_radius above 1."""
+        for name, value in vars(self).items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not np.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(
+                    f"CorrectionSettings.{name} must be a finite number >= 0, got {value!r}"
+                )
+        if self.max_radius > 1:
+            raise ValueError(
+                f"CorrectionSettings.max_radius is a fraction of the smallest side (at most 1), "
+                f"got {self.max_radius}"
+            )
+
 
 DEFAULT_SETTINGS = CorrectionSettings()
 

@@ -30,7 +30,12 @@ from promptseg.data.io import (
 from promptseg.data.preprocess import all_finite, prepare_image
 from promptseg.engine.adaptation import Adaptation, adapt_to_prompts
 from promptseg.engine.backends import InferenceBackend, PromptState, create_backend
-from promptseg.engine.corrections import refine_probabilities, voxel_spacing
+from promptseg.engine.corrections import (
+    DEFAULT_SETTINGS,
+    CorrectionSettings,
+    refine_probabilities,
+    voxel_spacing,
+)
 from promptseg.engine.ensemble import (
     MAX_ENSEMBLE,
     Ensemble,
@@ -764,23 +769,25 @@ class Segmenter:
         clicks: Sequence[tuple] = (),
         scribbles: Sequence[tuple[np.ndarray, bool]] = (),
         image: ArrayOrPath | None = None,
+        settings: CorrectionSettings = DEFAULT_SETTINGS,
     ) -> VolumeResult | np.ndarray:
         """Correct a result with clicks and scribbles on the query itself
         (promptseg.engine.corrections): a VolumeResult (clicks (x, y, z, positive) on voxel
         array[x, y, z] of its grid) or (H, W) probabilities of a 2D query (clicks (x, y, positive),
         x the column; pass the query `image` for the intensity term). scribbles: (mask of the
-        strokes, positive) on the same grid. A local edit of the probabilities: the model is not
+        strokes, positive) on the same grid. settings: how far a correction reaches (the defaults
+        were chosen on training datasets). A local edit of the probabilities: the model is not
         run again and the prompts' cache is kept."""
         if isinstance(result, VolumeResult):
             spacing = voxel_spacing(result.source.affine)
             refined = refine_probabilities(
-                result.probabilities, result.source.array, clicks, scribbles, spacing
+                result.probabilities, result.source.array, clicks, scribbles, spacing, settings
             )
             return VolumeResult(
                 refined, result.source, result.axis, result.variance, result.candidates
             )
         query = None if image is None else load_2d(image, is_label=False, what="query")[0]
-        return refine_probabilities(np.asarray(result), query, clicks, scribbles)
+        return refine_probabilities(np.asarray(result), query, clicks, scribbles, settings=settings)
 
     def encode_labels(
         self,
