@@ -113,3 +113,31 @@ def test_batch_planes_and_consistency_give_the_api_masks(
     np.testing.assert_array_equal(written > 0, expected.probabilities > 0.5)
     summary = (files / "out" / "summary.csv").read_text().splitlines()
     assert len(summary) == 3 and all(",done," in line for line in summary[1:])
+
+
+def test_batch_planes_read_the_prompt_volume_once(
+    files: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The three axes' prompt sets are cut from one reading of the prompt volume and its labels
+    (they were read once per axis)."""
+    import promptseg.engine.batch as batch_module
+    import promptseg.engine.volume_prompts as volume_prompts_module
+
+    reads: list[str] = []
+    read_input, read_label = batch_module.read_input, volume_prompts_module.read_label
+
+    def counted_input(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return read_input(path, *args, **kwargs)
+
+    def counted_label(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return read_label(path, *args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "read_input", counted_input)
+    monkeypatch.setattr(volume_prompts_module, "read_label", counted_label)
+    path = jobs_file(files, {**VOLUME_JOB, "planes": True})
+    args = ["batch", path, "--out", files / "out", "--checkpoint", tiny_checkpoint]
+    args += ["--device", "cpu", "--prompt-slices", "4", "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    assert reads.count("atlas.nii.gz") == 1 and reads.count("atlas_labels.nii.gz") == 1

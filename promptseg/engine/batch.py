@@ -53,7 +53,7 @@ from promptseg.data.volumes import has_volume_outputs
 from promptseg.engine.planes import ALL_AXES, PlanePrompts
 from promptseg.engine.prompts_input import Prompt
 from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
-from promptseg.engine.volume_prompts import empty_masks_expected, volume_slices
+from promptseg.engine.volume_prompts import empty_masks_expected, read_volumes, volume_slices
 from promptseg.errors import (
     InputError,
     PromptSegError,
@@ -439,23 +439,37 @@ class JobLog:
         self._handle.close()
 
 
-def _prompt_volume_pairs(spec: PromptSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _read_prompt_volume(spec: PromptSpec) -> tuple[ImageData, ImageData]:
+    """The prompt volume of spec.volume and its label volume, read once."""
+    image_path, labels = spec.volume  # type: ignore[misc]
+    image, label_data = read_volumes(read_input(image_path, spec.series), labels)
+    return image, label_data  # type: ignore[return-value]
+
+
+def _prompt_volume_pairs(
+    spec: PromptSpec, volumes: tuple[ImageData, ImageData] | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """spec.slices (H, W) image and label slices of the prompt volume along spec.axis of its
     closest RAS orientation, chosen by promptseg.engine.volume_prompts (over the labelled extent,
-    a few just outside it)."""
-    image_path, labels = spec.volume  # type: ignore[misc]
-    image = read_input(image_path, spec.series)
+    a few just outside it). volumes: the prompt and label volumes already read (else read now)."""
+    image, labels = volumes if volumes is not None else _read_prompt_volume(spec)
     cut = volume_slices(image, labels, label=spec.labels, slices=spec.slices, axis=spec.axis)
     return list(cut.images), list(cut.labels)
 
 
-def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts | PlanePrompts]:
+def encode(
+    segmenter: Segmenter,
+    spec: PromptSpec,
+    volumes: tuple[ImageData, ImageData] | None = None,
+) -> dict[int, EncodedPrompts | PlanePrompts]:
     """Encode a prompt set: one EncodedPrompts per label (key 1 without labels: any non-zero value),
-    with spec.planes one PlanePrompts per label (the prompt volume cut along each axis). The
-    Segmenter's prompt cache keys the encodings by content, so a prompt set is encoded once."""
+    with spec.planes one PlanePrompts per label (the prompt volume, read once, cut along each
+    axis). volumes: spec.volume's prompt and label volumes already read. The Segmenter's prompt
+    cache keys the encodings by content, so a prompt set is encoded once."""
     if spec.planes:
+        volumes = _read_prompt_volume(spec)
         per_axis = {
-            axis: encode(segmenter, dataclasses.replace(spec, axis=axis, planes=False))
+            axis: encode(segmenter, dataclasses.replace(spec, axis=axis, planes=False), volumes)
             for axis in ALL_AXES
         }
         return {
@@ -463,7 +477,7 @@ def encode(segmenter: Segmenter, spec: PromptSpec) -> dict[int, EncodedPrompts |
             for label in per_axis[ALL_AXES[0]]
         }
     if spec.volume is not None:
-        images, maps = _prompt_volume_pairs(spec)
+        images, maps = _prompt_volume_pairs(spec, volumes)
     else:
         images, maps = [i for i, _ in spec.pairs], [m for _, m in spec.pairs]
     label = spec.labels[0] if spec.labels else None
