@@ -21,9 +21,9 @@ from promptseg.eval.interactive import (
     CAP,
     click_curve,
     clicks_to_target,
-    dice_percent,
     next_click,
 )
+from promptseg.metrics import dice_percent
 
 NO_SHIFT = CorrectionSettings(shift=0.0, model_weight=0.0)
 

@@ -24,12 +24,7 @@ from promptseg.data.io import canonical_view, read_image, read_label, slice_volu
 from promptseg.engine.corrections import voxel_spacing
 from promptseg.engine.segmenter import Segmenter
 from promptseg.eval.interactive import next_click
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice (percent) of two boolean volumes taken as one region; 100 when both are empty."""
-    total = int(prediction.sum()) + int(truth.sum())
-    return 100.0 if total == 0 else 200.0 * int((prediction & truth).sum()) / total
+from promptseg.metrics import dice_percent
 
 
 def free_slice_false_positives(prediction: np.ndarray, truth: np.ndarray, affine, axis: int) -> int:
@@ -48,7 +43,7 @@ def click_curve_3d(segmenter: Segmenter, result, truth: np.ndarray, clicks: int)
         click = next_click(result.mask, truth, spacing)
         if click is not None:
             result = segmenter.refine(result, clicks=[click])
-        curve.append(round(dice(result.mask, truth), 1))
+        curve.append(round(dice_percent(result.mask, truth), 1))
     return curve
 
 
@@ -106,7 +101,7 @@ def main() -> None:
                 result = segmenter.segment_volume(query, prompts, axis=args.axis, **extra)
                 mask = result.mask
                 seconds = time.perf_counter() - start
-                score = dice(mask, truth)
+                score = dice_percent(mask, truth)
                 fp = free_slice_false_positives(mask, truth, query.affine, args.axis)
                 curve = click_curve_3d(segmenter, result, truth, args.clicks)
                 rows.setdefault((empty, plane, consistent), []).append((score, fp, curve))

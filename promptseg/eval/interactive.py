@@ -30,15 +30,10 @@ from promptseg.engine.corrections import (
 )
 from promptseg.eval.baselines import Predictor
 from promptseg.files import write_text
+from promptseg.metrics import dice_percent
 
 CAP = 20  # clicks at most, for clicks-to-90
 TARGET = 90.0
-
-
-def dice_percent(mask: np.ndarray, truth: np.ndarray) -> float:
-    """Dice (0-100) of two boolean arrays; 100 when both are empty."""
-    total = int(mask.sum()) + int(truth.sum())
-    return 100.0 if total == 0 else 200.0 * int((mask & truth).sum()) / total
 
 
 def next_click(
