@@ -13,7 +13,9 @@ from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import (
     add_backend_argument,
     add_model_arguments,
+    add_threshold_argument,
     backend_options,
+    check_threshold,
     load_segmenter,
 )
 from promptseg.engine.batch import (
@@ -69,13 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--axis", type=int, default=2, choices=(0, 1, 2), help="slicing axis of volumes (default 2)"
     )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=0.5,
-        metavar="P",
-        help="probability above which a pixel is foreground",
-    )
+    add_threshold_argument(parser)
     parser.add_argument(
         "--save-probabilities",
         action="store_true",
@@ -138,8 +134,7 @@ def parse_label_names(items: list[str]) -> tuple[tuple[int, str], ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0.0 < args.threshold < 1.0:
-        raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
+    check_threshold(args.threshold)
     if args.prompt_slices < 1:
         raise InputError("--prompt-slices", f"must be at least 1, got {args.prompt_slices}")
     if args.engine == "local" and args.workers not in (None, 1):

@@ -31,6 +31,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threshold_argument(parser: argparse.ArgumentParser) -> None:
+    """--threshold P, the probability above which a pixel is foreground (checked by
+    check_threshold)."""
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="probability above which a pixel is foreground",
+    )
+
+
+def check_threshold(threshold: float) -> None:
+    """InputError naming --threshold unless 0 < threshold < 1 (NaN included)."""
+    if not 0.0 < threshold < 1.0:
+        raise InputError("--threshold", f"must lie strictly between 0 and 1, got {threshold}")
+
+
 def resolve_device(name: str | None) -> torch.device:
     """The torch device for --device (None: cuda when present); InputError for unknown or absent
     devices."""

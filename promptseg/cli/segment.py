@@ -32,7 +32,9 @@ from promptseg.cli.commands import COMMANDS
 from promptseg.cli.common import (
     add_backend_argument,
     add_model_arguments,
+    add_threshold_argument,
     backend_options,
+    check_threshold,
     load_segmenter,
 )
 from promptseg.data.dicom import (
@@ -266,13 +268,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="make volume slices agree through the plane: logits smoothed over "
         "neighbouring slices, small 3D components apart from the target dropped",
     )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=0.5,
-        metavar="P",
-        help="probability above which a pixel is foreground",
-    )
+    add_threshold_argument(parser)
     parser.add_argument(
         "--save-probabilities",
         action="store_true",
@@ -750,8 +746,7 @@ def encode_all(
 def run(args: argparse.Namespace) -> int:
     check_planes(args)
     prompts = gather_prompts(args)
-    if not 0.0 < args.threshold < 1.0:
-        raise InputError("--threshold", f"must lie strictly between 0 and 1, got {args.threshold}")
+    check_threshold(args.threshold)
     check_ensemble_options(args.ensemble, args.candidates)
     check_corrections(args.correct, args.query, args.label, args.correct_scribble)
     jobs = plan_outputs(
