@@ -3,7 +3,10 @@
 Encodes four 128 x 128 prompts once with the shipped weights, segments a 128 x 128 query, then times
 Segmenter.refine with one click at the centre of the largest error region (as `eval --interactive`
 clicks; back to the model's prediction once no error is left) for --rounds rounds, and prints the
-median and the 95th percentile in milliseconds, beside the cached decode of the query.
+median and the 95th percentile in milliseconds, beside the cached decode of the query. With weights
+that read corrections (--checkpoint of a query-corrections model), a round is what
+`segment --correct` does with them: the model segments the query again with every click so far,
+then the local edit (`Segmenter.refine(..., prompts=...)`).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/engine/correction_round.py --rounds 50
 """
@@ -24,10 +27,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--checkpoint", default=None, help="weights (default: the shipped ones)")
     args = parser.parse_args()
     volume, labels = phantom_volume(np.random.default_rng(0), (24, args.size, args.size))
     truth = labels > 0
-    segmenter = Segmenter.from_pretrained(device="cpu", backend="torch")
+    segmenter = (
+        Segmenter.from_checkpoint(args.checkpoint, device="cpu", backend="torch")
+        if args.checkpoint
+        else Segmenter.from_pretrained(device="cpu", backend="torch")
+    )
+    with_model = segmenter.corrects_with_model
     prompts = segmenter.encode_prompts(
         volume[[6, 9, 14, 17]], truth[[6, 9, 14, 17]].astype(np.uint8)
     )
@@ -38,17 +47,23 @@ def main() -> None:
         probabilities = segmenter.segment([query], prompts)[0]
         decode.append(time.perf_counter() - start)
     refine = []
-    current = probabilities
+    current, clicks = probabilities, []
     for _ in range(args.rounds):
         click = next_click(current > 0.5, truth[12])
         if click is None:  # all fixed: start again from the model's prediction
-            current, click = probabilities, next_click(probabilities > 0.5, truth[12])
+            current, clicks = probabilities, []
+            click = next_click(probabilities > 0.5, truth[12])
+        clicks.append(click)
         start = time.perf_counter()
-        current = segmenter.refine(current, clicks=[click], image=query)
+        if with_model:
+            current = segmenter.refine(probabilities, clicks=clicks, image=query, prompts=prompts)
+        else:
+            current = segmenter.refine(current, clicks=[click], image=query)
         refine.append(time.perf_counter() - start)
     ms = np.asarray(refine) * 1000
     print(
-        f"{args.size} px query, 4 cached prompts, {args.rounds} rounds: "
+        f"{args.size} px query, 4 cached prompts, {args.rounds} rounds"
+        f"{' (the model reads the clicks)' if with_model else ''}: "
         f"refine median {np.median(ms):.1f} ms, "
         f"p95 {np.percentile(ms, 95):.1f} ms; cached decode of the query median "
         f"{np.median(decode) * 1000:.1f} ms"

@@ -6,7 +6,8 @@ means. --empty sets how many of the K prompt slices lie outside the labelled ext
 K // 4);
 --consistency also runs segment_volume's through-plane consistency step and --planes the mean of the
 three axes (prompt slices along each), and every combination is reported; --clicks N then applies N
-simulated 3D corrective clicks (Segmenter.refine) and reports Dice after each.
+simulated 3D corrective clicks (Segmenter.refine) and reports Dice after each; with --checkpoint
+weights that read corrections, the model reads the clicks of the prompts of one axis (not --planes).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/model/volume_prompt.py \
         --data /work/shared/data/la_mri --pairs 4 --slices 4
@@ -35,15 +36,24 @@ def free_slice_false_positives(prediction: np.ndarray, truth: np.ndarray, affine
     return int(predicted[free].sum())
 
 
-def click_curve_3d(segmenter: Segmenter, result, truth: np.ndarray, clicks: int) -> list[float]:
-    """Dice (rounded to 0.1) after each of `clicks` simulated clicks in 3D on `result`."""
-    curve = []
+def click_curve_3d(
+    segmenter: Segmenter, result, truth: np.ndarray, clicks: int, prompts=None
+) -> list[float]:
+    """Dice (rounded to 0.1) after each of `clicks` simulated clicks in 3D on `result`: local edits
+    one click at a time or, with the `prompts` of one axis (a model that reads corrections), every
+    click so far read by the model on its slices, then the local edits (Segmenter.refine)."""
+    curve, made = [], []
     spacing = voxel_spacing(result.source.affine)
+    current = result
     for _ in range(clicks):
-        click = next_click(result.mask, truth, spacing)
+        click = next_click(current.mask, truth, spacing)
         if click is not None:
-            result = segmenter.refine(result, clicks=[click])
-        curve.append(round(dice_percent(result.mask, truth), 1))
+            made.append(click)
+            if prompts is None:
+                current = segmenter.refine(current, clicks=[click])
+            else:
+                current = segmenter.refine(result, clicks=made, prompts=prompts)
+        curve.append(round(dice_percent(current.mask, truth), 1))
     return curve
 
 
@@ -75,8 +85,13 @@ def main() -> None:
         help="then simulate this many 3D corrective clicks (eval --interactive's "
         "user, in 3D) and print Dice after each",
     )
+    parser.add_argument("--checkpoint", default=None, help="weights (default: the shipped ones)")
     args = parser.parse_args()
-    segmenter = Segmenter.from_pretrained(device="cpu", backend="torch")
+    segmenter = (
+        Segmenter.from_checkpoint(args.checkpoint, device="cpu", backend="torch")
+        if args.checkpoint
+        else Segmenter.from_pretrained(device="cpu", backend="torch")
+    )
     listed = cases(args.data)
     variants = [False, True] if args.consistency else [False]
     planes = [False, True] if args.planes else [False]
@@ -103,7 +118,10 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 score = dice_percent(mask, truth)
                 fp = free_slice_false_positives(mask, truth, query.affine, args.axis)
-                curve = click_curve_3d(segmenter, result, truth, args.clicks)
+                reads = segmenter.corrects_with_model and not plane
+                curve = click_curve_3d(
+                    segmenter, result, truth, args.clicks, prompts if reads else None
+                )
                 rows.setdefault((empty, plane, consistent), []).append((score, fp, curve))
                 print(
                     f"{os.path.basename(prompt_image)} -> {os.path.basename(query_image)} "

@@ -18,7 +18,7 @@ from promptseg.eval.baselines import (
     NearestPromptBaseline,
 )
 from promptseg.eval.evaluate import EvalReport, evaluate
-from promptseg.eval.interactive import CAP, run_interactive
+from promptseg.eval.interactive import CAP, CORRECTION_MODES, run_interactive
 from promptseg.eval.plot import plot_dice_against_k, require_matplotlib
 from promptseg.files import refuse_existing, write_text
 from promptseg.model.weights import load_model, packaged_weights_path
@@ -112,6 +112,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "each at the centre of the largest error region; reports Dice per round "
         "and clicks to 90%% Dice (capped at 20) for the model at the first --shots "
         "K (promptseg.eval.interactive)",
+    )
+    parser.add_argument(
+        "--interactive-corrections",
+        choices=CORRECTION_MODES,
+        default=None,
+        help="with --interactive, how a click corrects: edit (a local edit of the probabilities), "
+        "model (the query segmented again with every click so far as input: a model trained with "
+        "query corrections), both (model, then the local edit); default: both for such a model, "
+        "else edit",
     )
     parser.add_argument(
         "--ensemble-shift",
@@ -213,6 +222,13 @@ def run(args: argparse.Namespace) -> int:
     if not tasks:
         raise InputError(" ".join(args.data), "no task with enough annotated examples")
     if args.interactive:
+        if args.interactive_corrections is None:
+            args.interactive_corrections = "both" if model.config.query_corrections else "edit"
+        if args.interactive_corrections != "edit" and not model.config.query_corrections:
+            raise InputError(
+                "--interactive-corrections",
+                f"{args.interactive_corrections} needs a model trained with query corrections",
+            )
         return run_interactive(args, ModelPredictor(model, device), tasks)
     earlier = [(path, EvalReport.load(path)) for path in args.merge]
     adaptation = Adaptation(args.adapt, seed=args.seed) if args.adapt else None

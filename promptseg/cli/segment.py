@@ -70,7 +70,7 @@ from promptseg.engine.legend import with_legend
 from promptseg.engine.overlay import LABEL_COLOURS, montage, montage_indices, overlay
 from promptseg.engine.planes import ALL_AXES, PlanePrompts
 from promptseg.engine.prompts_input import Prompt
-from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter
+from promptseg.engine.segmenter import EncodedPrompts, LabelResult, Segmenter, VolumeResult
 from promptseg.engine.volume_prompts import (
     empty_masks_expected,
     volume_prompts,
@@ -663,7 +663,15 @@ def segment_query(
         result = predict(data, segmenter, encoded, args.axis, args.threshold, **extra)
         if args.correct or args.correct_scribble:
             scribbles = read_scribbles(args.correct_scribble, data)
-            result = corrected(result, data, parse_corrections(args.correct), scribbles)
+            result = corrected(
+                result,
+                data,
+                parse_corrections(args.correct),
+                scribbles,
+                segmenter,
+                next(iter(encoded.values())),
+                args.axis,
+            )
         writers = render_outputs(job, data, result, args)
     write_all(job, writers, args.overwrite)
 
@@ -863,15 +871,44 @@ def read_scribbles(values: Sequence[Sequence[str]], data: ImageData) -> list[tup
 
 
 def corrected(
-    result: LabelResult, data: ImageData, clicks: Sequence[tuple], scribbles: Sequence[tuple] = ()
+    result: LabelResult,
+    data: ImageData,
+    clicks: Sequence[tuple],
+    scribbles: Sequence[tuple] = (),
+    segmenter: Segmenter | None = None,
+    prompts: EncodedPrompts | None = None,
+    axis: int = 2,
 ) -> LabelResult:
-    """A one-label result with the clicks, then the scribbles (strokes, positive), applied
-    (corrections.refine_probabilities); a click of the wrong dimension for the query or outside it
-    is an InputError naming --correct."""
+    """A one-label result with the clicks, then the scribbles (strokes, positive), applied.
+
+    With a `segmenter` whose model reads corrections (Segmenter.corrects_with_model) and the
+    label's `prompts` from one axis without an ensemble, the model first segments the query again
+    with them as input (a volume's corrected slices along `axis`); then the corrections edit the
+    probabilities locally (corrections.refine_probabilities). A click of the wrong dimension for
+    the query or outside it is an InputError naming --correct."""
     spacing = voxel_spacing(data.affine) if is_volume(data) else None
-    refined = refine_probabilities(
-        result.probabilities[0], data.array, clicks, scribbles, spacing=spacing
-    )
+    probabilities = result.probabilities[0]
+    if (
+        segmenter is not None
+        and segmenter.corrects_with_model
+        and isinstance(prompts, EncodedPrompts)
+        and prompts.ensemble is None
+    ):
+        if is_volume(data):
+            volume = VolumeResult(probabilities, data, axis)
+            probabilities = segmenter.refine(
+                volume, clicks, scribbles, prompts=prompts, local_edit=False
+            ).probabilities
+        else:
+            probabilities = segmenter.refine(
+                probabilities,
+                clicks,
+                scribbles,
+                image=data.array,
+                prompts=prompts,
+                local_edit=False,
+            )
+    refined = refine_probabilities(probabilities, data.array, clicks, scribbles, spacing=spacing)
     return LabelResult(
         result.labels, refined[None], result.threshold, result.variance, result.candidates
     )

@@ -47,6 +47,7 @@ from promptseg.engine.ensemble import (
     member_probabilities,
     plan_members,
 )
+from promptseg.engine.model_corrections import correction_input, mark_arrays
 from promptseg.engine.planes import PlanePrompts
 from promptseg.engine.prompt_cache import PromptCache, content_key
 from promptseg.engine.prompts_input import (
@@ -468,11 +469,13 @@ class Segmenter:
         )
 
     def _predict(
-        self, batch: torch.Tensor, prompts: EncodedPrompts
+        self, batch: torch.Tensor, prompts: EncodedPrompts, corrections: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C, R, R) prepared queries -> (N, R, R) float32 logits (an ensemble's: the logit of
         `mean_probabilities`) and, for an ensemble with member_maps, the members' (unshifted)
-        probabilities (M, N, R, R) (else None). InputError for prompts another Segmenter encoded."""
+        probabilities (M, N, R, R) (else None). corrections (N, 2, R, R): the queries' own clicks
+        and scribbles (`corrects_with_model` only, no ensemble). InputError for prompts another
+        Segmenter encoded."""
         if prompts.owner is not self.token:
             raise InputError(
                 "prompts",
@@ -480,6 +483,8 @@ class Segmenter:
                 "encode them with this Segmenter's encode_prompts",
             )
         backend = prompts.backend or self.backend
+        if corrections is not None:
+            return self._decode_corrected(batch, prompts, backend, corrections), None
         if prompts.ensemble is None:
             return self._decode(
                 batch, lambda chunk: backend.decode(chunk, prompts.encoding), backend.name, 1
@@ -504,6 +509,40 @@ class Segmenter:
         if not self.member_maps or members == 1:
             return mean, None
         return mean, member_probabilities(prompts.ensemble, batch, decode_members)
+
+    def _decode_corrected(
+        self,
+        batch: torch.Tensor,
+        prompts: EncodedPrompts,
+        backend: InferenceBackend,
+        corrections: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N, C, R, R) prepared queries with their corrections (N, 2, R, R) -> (N, R, R) logits;
+        InputError unless `corrects_with_model` and the prompts are no ensemble."""
+        if not self.corrects_with_model:
+            raise InputError(
+                "prompts",
+                f"this model ({'with' if self.model.config.query_corrections else 'without'} "
+                f"query corrections) on the {backend.name} backend does not read corrections; "
+                "refine without prompts for a local edit",
+            )
+        if prompts.ensemble is not None:
+            raise InputError("--ensemble", "corrections read by the model need --ensemble 1")
+        channels = batch.shape[1]
+        return self._decode(
+            torch.cat([batch, corrections.to(batch.dtype)], dim=1),
+            lambda chunk: backend.decode_corrected(
+                chunk[:, :channels], prompts.encoding, chunk[:, channels:]
+            ),
+            backend.name,
+            1,
+        )
+
+    @property
+    def corrects_with_model(self) -> bool:
+        """Whether `refine(..., prompts=...)` segments again with the corrections as model input:
+        a query-corrections model (promptseg.model.query_corrections) on a PyTorch backend."""
+        return self.backend.decodes_corrections()
 
     def _decode(
         self,
@@ -770,24 +809,83 @@ class Segmenter:
         scribbles: Sequence[tuple[np.ndarray, bool]] = (),
         image: ArrayOrPath | None = None,
         settings: CorrectionSettings = DEFAULT_SETTINGS,
+        prompts: EncodedPrompts | None = None,
+        local_edit: bool = True,
     ) -> VolumeResult | np.ndarray:
-        """Correct a result with clicks and scribbles on the query itself
-        (promptseg.engine.corrections): a VolumeResult (clicks (x, y, z, positive) on voxel
-        array[x, y, z] of its grid) or (H, W) probabilities of a 2D query (clicks (x, y, positive),
-        x the column; pass the query `image` for the intensity term). scribbles: (mask of the
-        strokes, positive) on the same grid. settings: how far a correction reaches (the defaults
-        were chosen on training datasets). A local edit of the probabilities: the model is not
-        run again and the prompts' cache is kept."""
+        """Correct a result with clicks and scribbles on the query itself: a VolumeResult (clicks
+        (x, y, z, positive) on voxel array[x, y, z] of its grid) or (H, W) probabilities of a 2D
+        query (clicks (x, y, positive), x the column; pass the query `image`). scribbles: (mask of
+        the strokes, positive) on the same grid. The prompts' cache is kept either way.
+
+        prompts (the EncodedPrompts the result came from; `corrects_with_model` only): the model
+        segments the query again with the corrections as input (promptseg.engine.
+        model_corrections), a volume's slices that hold a correction only; pass every correction
+        made so far, the model sees them together. Then, with `local_edit`, the corrections edit
+        the probabilities locally (promptseg.engine.corrections; settings: how far they reach,
+        chosen on training datasets); without prompts that edit is the whole correction."""
         if isinstance(result, VolumeResult):
-            spacing = voxel_spacing(result.source.affine)
-            refined = refine_probabilities(
-                result.probabilities, result.source.array, clicks, scribbles, spacing, settings
-            )
+            probabilities = result.probabilities
+            if prompts is not None:
+                probabilities = self._corrected_volume(result, prompts, clicks, scribbles)
+            if local_edit or prompts is None:
+                spacing = voxel_spacing(result.source.affine)
+                probabilities = refine_probabilities(
+                    probabilities, result.source.array, clicks, scribbles, spacing, settings
+                )
             return VolumeResult(
-                refined, result.source, result.axis, result.variance, result.candidates
+                probabilities, result.source, result.axis, result.variance, result.candidates
             )
+        probabilities = np.asarray(result)
         query = None if image is None else load_2d(image, is_label=False, what="query")[0]
-        return refine_probabilities(np.asarray(result), query, clicks, scribbles, settings=settings)
+        if prompts is not None:
+            if query is None:
+                raise InputError("image", "refining a 2D result with the model needs its query")
+            if query.shape[:2] != probabilities.shape:
+                raise InputError(
+                    "image",
+                    f"query of shape {query.shape[:2]} differs from the result's "
+                    f"{probabilities.shape}",
+                )
+            marks = mark_arrays(probabilities.shape, clicks, scribbles)
+            prepared = prepare_image(query, self.resolution, self.channels, source="query")
+            logits, _ = self._predict(
+                prepared[None], prompts, correction_input(*marks, self.resolution)[None]
+            )
+            probabilities = self._to_probabilities(logits, probabilities.shape)[0]
+        if not (local_edit or prompts is None):
+            return probabilities
+        return refine_probabilities(probabilities, query, clicks, scribbles, settings=settings)
+
+    def _corrected_volume(
+        self,
+        result: VolumeResult,
+        prompts: EncodedPrompts,
+        clicks: Sequence[tuple],
+        scribbles: Sequence[tuple[np.ndarray, bool]],
+    ) -> np.ndarray:
+        """(X, Y, Z) probabilities of `result` with the slices (along result.axis, in the closest
+        RAS view it was segmented in) that hold a correction segmented again with them."""
+        if isinstance(prompts, PlanePrompts):
+            raise InputError(
+                "prompts",
+                "corrections read by the model take the prompts of one axis, not --planes",
+            )
+        data = result.source
+        marks = [
+            slice_volume(canonical_view(m, data.affine), result.axis)
+            for m in mark_arrays(data.array.shape, clicks, scribbles)
+        ]
+        probabilities = np.array(result.probabilities, dtype=np.float32, copy=True)
+        views = slice_volume(canonical_view(probabilities, data.affine), result.axis)
+        slices = slice_volume(canonical_view(data.array, data.affine), result.axis)
+        for index in np.flatnonzero(marks[0].any(axis=(1, 2)) | marks[1].any(axis=(1, 2))):
+            prepared = prepare_image(
+                slices[index], self.resolution, self.channels, source=data.path
+            )
+            corrections = correction_input(marks[0][index], marks[1][index], self.resolution)
+            logits, _ = self._predict(prepared[None], prompts, corrections[None])
+            views[index] = self._to_probabilities(logits, slices.shape[1:])[0]
+        return probabilities
 
     def encode_labels(
         self,

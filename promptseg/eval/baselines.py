@@ -12,6 +12,7 @@ The baselines treat the prompt map as the label, so they are meant for mask prom
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -28,6 +29,8 @@ from promptseg.engine.ensemble import (
     mean_probabilities,
     plan_members,
 )
+from promptseg.engine.model_corrections import correction_input, mark_arrays
+from promptseg.errors import InputError
 from promptseg.eval.prediction import Prediction
 from promptseg.model import PromptSegNet
 from promptseg.model.loss import segmentation_loss
@@ -271,6 +274,36 @@ class ModelPredictor:
         return Prediction(
             _resize(probs.float().cpu()[:, None], size)[:, 0].clamp(0.0, 1.0), threshold
         )
+
+    def corrector(self, episode: Episode) -> Callable[[int, Sequence[tuple]], torch.Tensor]:
+        """For a query-corrections model: encode the episode's prompts once and return
+        decode(query index, clicks (x, y, positive) on the (R, R) query) -> (R, R) probabilities
+        of that query segmented again with the clicks as input (promptseg.engine.
+        model_corrections)."""
+        if not self.model.config.query_corrections:
+            raise InputError("--interactive-corrections", "this model reads no query corrections")
+        work = self.model.config.resolution
+        images = _resize(_tensor(episode.prompt_images), work)
+        maps = (_resize(_tensor(episode.prompt_maps)[:, None], work)[:, 0] > 0.5).float()
+        queries = _resize(_tensor(episode.query_images), work).to(self.device)
+        size = episode.query_images.shape[-1]
+        with torch.inference_mode():
+            encoding = self.model.encode_prompts(
+                images[None].to(self.device),
+                maps[None].to(self.device),
+                episode.prompt_types.long()[None].to(self.device),
+            )
+
+        def decode(index: int, clicks: Sequence[tuple]) -> torch.Tensor:
+            corrections = correction_input(*mark_arrays((size, size), clicks), work)
+            with torch.inference_mode():
+                logits = self.model.decode(
+                    queries[index : index + 1], encoding, corrections[None].to(self.device)
+                )
+            probabilities = torch.sigmoid(logits.float()).cpu()[:, None]
+            return _resize(probabilities, size)[0, 0].clamp(0.0, 1.0)
+
+        return decode
 
 
 def ensemble_probabilities(

@@ -4,8 +4,11 @@ For each query of fixed episodes (`fixed_episodes`, as `promptseg eval`), after 
 the K prompts, each round adds one click at the centre of the largest error region (the connected
 component of prediction XOR truth with most pixels; its centre is the pixel farthest from the
 component's border, by a Euclidean distance transform; of several, the one nearest the component's
-centroid), positive on a missed region and negative on
-a false one, and applies it with `corrections.refine_probabilities`. Reported per task: Dice
+centroid), positive on a missed region and negative on a false one. `--interactive-corrections`
+says how a click corrects: "edit", a local edit of the probabilities
+(`corrections.refine_probabilities`); "model", the query segmented again by a query-corrections
+model with every click so far as input; "both", that and then the local edit (the default for such
+a model, as `Segmenter.refine` with prompts). Reported per task: Dice
 (0-100) with no click and after each of ROUNDS rounds, and the mean number of clicks to reach 90%
 Dice (0 when the prediction already does; CAP when 20 clicks do not).
 """
@@ -13,7 +16,7 @@ Dice (0 when the prediction already does; CAP when 20 clicks do not).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,7 @@ from promptseg.metrics import dice_percent
 
 CAP = 20  # clicks at most, for clicks-to-90
 TARGET = 90.0
+CORRECTION_MODES = ("edit", "model", "both")
 
 
 def next_click(
@@ -63,14 +67,28 @@ def click_curve(
     truth: np.ndarray,
     rounds: int,
     settings: CorrectionSettings = DEFAULT_SETTINGS,
+    decode: Callable[[list[tuple]], np.ndarray] | None = None,
+    mode: str = "edit",
 ) -> list[float]:
-    """Dice after 0..rounds simulated clicks on one (H, W) query (a list of rounds + 1 values)."""
+    """Dice after 0..rounds simulated clicks on one (H, W) query (a list of rounds + 1 values).
+
+    mode (CORRECTION_MODES): "edit" applies each click as a local edit of the current
+    probabilities; "model" segments the query again with every click so far as input
+    (decode(clicks) -> (H, W) probabilities, a query-corrections model); "both" does that, then
+    the local edit of every click so far, as `Segmenter.refine(..., prompts=...)` does."""
     current = probabilities
+    clicks: list[tuple] = []
     curve = [dice_percent(current > 0.5, truth)]
     for _ in range(rounds):
         click = next_click(current > 0.5, truth)
         if click is not None:
-            current = refine_probabilities(current, image, clicks=[click], settings=settings)
+            clicks.append(click)
+            if mode == "edit":
+                current = refine_probabilities(current, image, clicks=[click], settings=settings)
+            else:
+                current = decode(clicks)
+                if mode == "both":
+                    current = refine_probabilities(current, image, clicks, settings=settings)
         curve.append(dice_percent(current > 0.5, truth))
     return curve
 
@@ -104,9 +122,12 @@ def evaluate_interactive(
     seed: int = 0,
     progress: bool = True,
     settings: CorrectionSettings = DEFAULT_SETTINGS,
+    mode: str = "edit",
 ) -> dict[str, InteractiveScore]:
     """task name -> InteractiveScore over `episodes` fixed episodes of K = `shots` prompts; every
-    query is clicked max(rounds, CAP) times so that clicks-to-90 is capped at CAP."""
+    query is clicked max(rounds, CAP) times so that clicks-to-90 is capped at CAP. mode: how a
+    click corrects (`click_curve`); "model" and "both" need a predictor with `corrector(episode)`
+    (ModelPredictor of a query-corrections model)."""
     scores: dict[str, InteractiveScore] = {}
     runnable = [t for t in tasks if len(t.nonempty()) >= shots + 1]
     bar = tqdm(
@@ -120,8 +141,14 @@ def evaluate_interactive(
             probabilities = predictor.predict(episode).float().cpu().numpy()
             images = episode.query_images.float().cpu().numpy().mean(axis=1)
             truths = episode.query_masks.cpu().numpy() > 0.5
-            for p, image, truth in zip(probabilities, images, truths):
-                curve = click_curve(p, image, truth, max(rounds, CAP), settings)
+            corrector = None if mode == "edit" else predictor.corrector(episode)
+            for index, (p, image, truth) in enumerate(zip(probabilities, images, truths)):
+                decode = (
+                    None
+                    if corrector is None
+                    else lambda clicks, i=index: corrector(i, clicks).numpy()
+                )
+                curve = click_curve(p, image, truth, max(rounds, CAP), settings, decode, mode)
                 score.curves.append(curve[: rounds + 1])
                 score.clicks.append(clicks_to_target(curve))
             bar.update(1)
@@ -166,6 +193,7 @@ def run_interactive(args: Any, predictor: Predictor, tasks: Sequence[ArrayTask])
         args.queries,
         args.seed,
         not args.no_progress,
+        mode=args.interactive_corrections,
     )
     table = to_markdown(scores, args.interactive, shots)
     print(table)
@@ -177,6 +205,7 @@ def run_interactive(args: Any, predictor: Predictor, tasks: Sequence[ArrayTask])
             "queries": args.queries,
             "seed": args.seed,
             "cap": CAP,
+            "corrections": args.interactive_corrections,
             "tasks": {
                 name: {
                     "dice_per_round": s.mean_curve(),

@@ -63,6 +63,11 @@ class ModelConfig:
     click or scribble does not touch as unknown (label 0.5) instead of background (label 0); it
     changes no tensor, so weights warm-start across it. False, the default, is what the shipped
     weights were trained with; like the architecture fields it is left out of `to_dict` when false.
+
+    `query_corrections` (conv design): each query may come with correction maps, the user's clicks
+    and scribbles on the query itself (promptseg.model.query_corrections), read by a convolution
+    beside the encoder's stem that starts at zero, so weights without it warm-start into it. Left
+    out of `to_dict` when false.
     """
 
     resolution: int = 128
@@ -78,6 +83,7 @@ class ModelConfig:
     max_prompts: int = 64
     num_prompt_types: int = 5
     sparse_unknown: bool = False
+    query_corrections: bool = False
     architecture: str = "conv"
     patch_size: int = 16
     encoder_depth: int = 12
@@ -114,7 +120,7 @@ class ModelConfig:
                 f"mlp_ratio must lie in ({MLP_RATIO_RANGE[0]:g}, {MLP_RATIO_RANGE[1]:g}], got "
                 f"{ratio:g}"
             )
-        for name in ("label_propagation", "sparse_unknown"):
+        for name in ("label_propagation", "sparse_unknown", "query_corrections"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}"[:200])
         if not isinstance(self.extra, dict):
@@ -197,6 +203,7 @@ class ModelConfig:
 # values) and the ranges of its integer fields.
 ARCHITECTURE_FIELDS: dict[str, Any] = {
     "sparse_unknown": False,
+    "query_corrections": False,
     "architecture": "conv",
     "patch_size": 16,
     "encoder_depth": 12,
@@ -231,6 +238,8 @@ def check_vit_config(config: ModelConfig) -> None:
         raise ValueError(
             "architecture vit has no label propagation; set label_propagation to false"
         )
+    if config.query_corrections:
+        raise ValueError("architecture vit takes no query corrections; set query_corrections false")
     for name in ("encoder_width", "decoder_width"):
         width = getattr(config, name)
         if width % config.head_dim != 0:

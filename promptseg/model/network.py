@@ -225,18 +225,26 @@ class PromptSegNet(nn.Module):
             all_lengths.append(lengths)
         return PromptEncoding(all_keys, all_values, all_lengths)
 
-    def decode(self, queries: torch.Tensor, prompts: PromptEncoding) -> torch.Tensor:
+    def decode(
+        self,
+        queries: torch.Tensor,
+        prompts: PromptEncoding,
+        corrections: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """queries (B, C, R, R) with B a multiple of G -> logits (B, R, R); query b uses group b //
-        (B // G)."""
+        (B // G). corrections (B, 2, R, R): the clicks and scribbles on each query
+        (promptseg.model.query_corrections; a query_corrections model only)."""
         if queries.shape[0] % prompts.groups != 0:
             raise ValueError(
                 f"{queries.shape[0]} queries cannot be split over {prompts.groups} prompt sets"
             )
-        return self.decode_features(self.query_features(queries), queries, prompts)
+        return self.decode_features(self.query_features(queries, corrections), queries, prompts)
 
-    def query_features(self, queries: torch.Tensor) -> list[torch.Tensor]:
-        """queries (B, C, R, R) -> the shared encoder's features of every stage, (B, widths[i], h_i,
-        w_i).
+    def query_features(
+        self, queries: torch.Tensor, corrections: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """queries (B, C, R, R) and optional corrections (B, 2, R, R) -> the shared encoder's
+        features of every stage, (B, widths[i], h_i, w_i).
 
         They do not depend on the prompts, so several prompt sets can decode one computation of
         them."""
@@ -244,7 +252,16 @@ class PromptSegNet(nn.Module):
         types = torch.full(
             (queries.shape[0],), PROMPT_TYPES["query"], dtype=torch.long, device=queries.device
         )
-        return self.encoder(queries, empty, types)
+        if corrections is not None and corrections.shape != (
+            queries.shape[0],
+            2,
+            *queries.shape[2:],
+        ):
+            raise ValueError(
+                f"corrections must be (B, 2, R, R) for queries {tuple(queries.shape)}, got "
+                f"{tuple(corrections.shape)}"
+            )
+        return self.encoder(queries, empty, types, corrections)
 
     def decode_features(
         self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding
@@ -318,9 +335,13 @@ class PromptSegNet(nn.Module):
         types: torch.Tensor,
         queries: torch.Tensor,
         num_prompts: torch.Tensor | None = None,
+        corrections: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prompt sets (G, K, ...) and queries (B, C, R, R) -> logits (B, R, R)."""
-        return self.decode(queries, self.encode_prompts(images, maps, types, num_prompts))
+        """Prompt sets (G, K, ...) and queries (B, C, R, R), with optional corrections (B, 2, R, R)
+        -> logits (B, R, R)."""
+        return self.decode(
+            queries, self.encode_prompts(images, maps, types, num_prompts), corrections
+        )
 
 
 def count_parameters(model: nn.Module) -> int:

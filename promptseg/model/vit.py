@@ -229,9 +229,14 @@ class PromptSegViT(PromptSegNet):
             [[k for k, _ in keys]], [[v for _, v in keys]], [lengths if latents is None else None]
         )
 
-    def query_features(self, queries: torch.Tensor) -> list[torch.Tensor]:
+    def query_features(
+        self, queries: torch.Tensor, corrections: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """queries (B, C, R, R) -> [encoder features (B, encoder_width, R / p, R / p)]; they do not
-        depend on the prompts, so several prompt sets can decode one computation of them."""
+        depend on the prompts, so several prompt sets can decode one computation of them. This
+        design takes no corrections (ValueError when given)."""
+        if corrections is not None:
+            raise ValueError("the vit architecture takes no correction maps")
         return [self.encoder(queries)]
 
     def decode_features(

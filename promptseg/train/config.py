@@ -28,6 +28,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "val_episodes": (1, 10**6),
     "axis": (0, 2),
     "seed": (0, 2**32 - 1),
+    "max_corrections": (1, 64),
 }
 FRACTIONS = (
     "synthetic_fraction",
@@ -36,8 +37,9 @@ FRACTIONS = (
     "self_query_fraction",
     "hardness_mix",
     "min_lr_ratio",
+    "correction_fraction",
 )
-NON_NEGATIVE = ("weight_decay", "grad_clip", "dice_weight")
+NON_NEGATIVE = ("weight_decay", "grad_clip", "dice_weight", "correction_lr_scale")
 FLAGS = ("task_augment", "image_augment", "mixed_precision")
 
 
@@ -97,6 +99,11 @@ class TrainConfig:
     axis: int = 2
     seed: int = 0
     attention_kernel: str | None = None  # None: Triton on CUDA when available, else SDPA
+    # share of queries given simulated clicks on themselves (a model with query_corrections only;
+    # promptseg.train.simulated_corrections), and the most clicks one query gets
+    correction_fraction: float = 0.0
+    max_corrections: int = 5
+    correction_lr_scale: float = 10.0  # the new correction stem learns this much faster
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
@@ -136,6 +143,11 @@ class TrainConfig:
             max_prompts = self.model_config().max_prompts
         except (TypeError, ValueError) as exc:
             return [*found, f"model: {exc}"]
+        if self.correction_fraction > 0 and not self.model_config().query_corrections:
+            found.append(
+                "correction_fraction: simulated corrections need a model with query_corrections: "
+                "true"
+            )
         shots = self.shots
         if not (
             isinstance(shots, tuple)

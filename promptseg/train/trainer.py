@@ -27,6 +27,7 @@ from promptseg.kernels import default_kernel
 from promptseg.metrics import hard_dice
 from promptseg.model import PromptSegNet
 from promptseg.model.loss import segmentation_losses
+from promptseg.model.query_corrections import STEM_PREFIX
 from promptseg.model.weights import load_state, read_training_record, read_weights, save_weights
 from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 from promptseg.train.config import TrainConfig
@@ -39,6 +40,12 @@ from promptseg.train.distributed import (
 )
 from promptseg.train.prefetch import StepBatches, step_batches
 from promptseg.train.schedule import learning_rate
+from promptseg.train.simulated_corrections import (
+    correction_counts,
+    error_clicks,
+    maps_of,
+    round_counts,
+)
 from promptseg.train.task_balance import TaskHardness
 from promptseg.train.training_log import read_log_records
 
@@ -100,14 +107,29 @@ def validation_dice(
     return scores
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def decay_groups(
+    model: torch.nn.Module, weight_decay: float, correction_lr_scale: float = 1.0
+) -> list[dict]:
     """AdamW parameter groups: weight decay on matrices and kernels only, none on biases, norm
-    scales and scalars such as the propagation temperature and the prior gain."""
-    params = list(model.parameters())
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    scales and scalars such as the propagation temperature and the prior gain. A query-corrections
+    model's correction stem (new, zero at the start) has a group of its own whose learning rate is
+    `correction_lr_scale` times the schedule's ("lr_scale" of every group)."""
+    named = list(model.named_parameters())
+    stem = [p for n, p in named if n.startswith(STEM_PREFIX)]
+    rest = [p for n, p in named if not n.startswith(STEM_PREFIX)]
+    groups = [
+        {
+            "params": [p for p in rest if p.dim() >= 2],
+            "weight_decay": weight_decay,
+            "lr_scale": 1.0,
+        },
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
+    if stem:
+        groups.append(
+            {"params": stem, "weight_decay": weight_decay, "lr_scale": correction_lr_scale}
+        )
+    return groups
 
 
 def compute_record(prior: dict, run: dict, steps: int) -> dict:
@@ -163,7 +185,8 @@ class Trainer:
             self.warm_start(init)
         self.run_compute = {"episodes": 0, "core_hours": 0.0, "device": self.device_name()}
         self.optimizer = torch.optim.AdamW(
-            decay_groups(self.model, config.weight_decay), lr=config.lr
+            decay_groups(self.model, config.weight_decay, config.correction_lr_scale),
+            lr=config.lr,
         )
         self.network: torch.nn.Module = self.model
         if self.context.world_size > 1:
@@ -198,14 +221,24 @@ class Trainer:
         """Start from the weights file `path` (same model config; the optimizer starts afresh)."""
         config, tensors = read_weights(path)
         # sparse_unknown changes how the prior reads sparse prompts, not the tensors: a run may
-        # switch it.
+        # switch it. Weights without query corrections warm-start a model with them: its
+        # correction stem starts at zero, so the model starts as the weights.
+        own = self.model.config
+        adds_corrections = own.query_corrections and not config.query_corrections
         if (
-            dataclasses.replace(config, sparse_unknown=self.model.config.sparse_unknown)
-            != self.model.config
+            dataclasses.replace(
+                config,
+                sparse_unknown=own.sparse_unknown,
+                query_corrections=config.query_corrections or adds_corrections,
+            )
+            != own
         ):
             raise CheckpointError(
                 f"{path}: --init weights have another model config than the recipe ({config})"
             )
+        if adds_corrections:
+            stem = {n: t for n, t in self.model.state_dict().items() if n.startswith(STEM_PREFIX)}
+            tensors = {**stem, **tensors}
         load_state(self.model, tensors, path)
         record = read_training_record(path)
         if record:
@@ -254,17 +287,19 @@ class Trainer:
         """One optimisation step on `batch`, the episodes of `step` (a pure function of seed, step,
         rank and the task weights; sampled here when not given)."""
         config, context = self.config, self.context
+        rate = learning_rate(
+            step, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio
+        )
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(
-                step, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio
-            )
+            group["lr"] = rate * group.get("lr_scale", 1.0)  # groups of older checkpoints: 1
         if batch is None:
             batch = StepBatches(
                 self.sampler, config.episodes_per_step, context.rank, context.world_size
             )[step]
         images, maps, types, queries, targets = batch_to(batch, context.device)
+        corrections = self.simulated_corrections(step, images, maps, types, queries, targets)
         with autocast_for(context.device, config.mixed_precision):
-            logits = self.network(images, maps, types, queries)
+            logits = self.network(images, maps, types, queries, corrections=corrections)
         losses = segmentation_losses(logits, targets, config.dice_weight)
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -275,6 +310,48 @@ class Trainer:
         episode_losses = losses.detach().reshape(len(batch.tasks), -1).mean(1).tolist()
         self.hardness.update(batch.tasks, episode_losses)
         return float(all_reduce_mean(loss.detach(), context))
+
+    @torch.no_grad()
+    def simulated_corrections(
+        self,
+        step: int,
+        images: torch.Tensor,
+        maps: torch.Tensor,
+        types: torch.Tensor,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """(E*Q, 2, R, R) correction maps of simulated clicks for a query-corrections model (None
+        for any other model, or with correction_fraction 0).
+
+        config.correction_fraction of the queries get 1..max_corrections clicks
+        (promptseg.train.simulated_corrections), over one round or, in half of the steps, two: the
+        second round's clicks go where the prediction that saw the first round's is still wrong.
+        The draws are a function of seed, step and rank; the predictions run without gradient."""
+        config = self.config
+        if not self.model.config.query_corrections or config.correction_fraction == 0:
+            return None
+        rng = np.random.default_rng([config.seed, step, self.context.rank, 18])
+        counts = correction_counts(
+            queries.shape[0], config.correction_fraction, config.max_corrections, rng
+        )
+        clicks: list[list] = [[] for _ in counts]
+        truths = targets.cpu().numpy() > 0.5
+        size = queries.shape[-1]
+        if counts.any():
+            rounds = 2 if rng.random() < 0.5 else 1
+            with autocast_for(self.context.device, config.mixed_precision):
+                encoding = self.model.encode_prompts(images, maps, types)
+                for share in round_counts(counts, rounds):
+                    if not share.any():
+                        continue
+                    seen = maps_of(clicks, size, queries.device) if any(clicks) else None
+                    predictions = (self.model.decode(queries, encoding, seen) > 0).cpu().numpy()
+                    for index in np.flatnonzero(share):
+                        clicks[index] += error_clicks(
+                            predictions[index], truths[index], int(share[index]), rng
+                        )
+        return maps_of(clicks, size, queries.device)
 
     def refresh_task_weights(self) -> None:
         """Task probabilities from the running losses (promptseg.train.task_balance); called at

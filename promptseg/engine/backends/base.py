@@ -73,6 +73,18 @@ class InferenceBackend(ABC):
     def decode(self, queries: torch.Tensor, state: PromptState) -> torch.Tensor:
         """(B, C, R, R) float32 -> (B, R, R) float32 CPU logits."""
 
+    def decodes_corrections(self) -> bool:
+        """Whether `decode_corrected` runs: a PyTorch backend of a query-corrections model
+        (promptseg.model.query_corrections); the exported graphs take no corrections."""
+        return False
+
+    def decode_corrected(
+        self, queries: torch.Tensor, state: PromptState, corrections: torch.Tensor
+    ) -> torch.Tensor:
+        """`decode` with corrections (B, 2, R, R) on the queries; only where
+        `decodes_corrections`."""
+        raise NotImplementedError(f"the {self.name} backend decodes no query corrections")
+
     def select_prompts(
         self, state: PromptState, keep: Sequence[int], num_prompts: int
     ) -> PromptState | None:

@@ -39,6 +39,16 @@ class TorchBackend(InferenceBackend):
         with torch.inference_mode():
             return self.model.decode(queries.to(self.device), state).float().cpu()
 
+    def decodes_corrections(self) -> bool:
+        return self.model.config.query_corrections
+
+    def decode_corrected(
+        self, queries: torch.Tensor, state: PromptEncoding, corrections: torch.Tensor
+    ) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = self.model.decode(queries.to(self.device), state, corrections.to(self.device))
+            return logits.float().cpu()
+
     def select_prompts(
         self, state: PromptEncoding, keep: Sequence[int], num_prompts: int
     ) -> PromptEncoding | None:

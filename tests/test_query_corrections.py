@@ -1,0 +1,237 @@
+"""Corrections read by the model (issue 18 item 3): the correction maps, a query-corrections model,
+its training with simulated clicks, `Segmenter.refine(..., prompts=...)` and `eval --interactive`
+with the model's corrections."""
+
+# ruff: noqa: F811 (the tiny_checkpoint fixture is imported from helpers)
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_CONFIG, disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
+
+from promptseg.cli import main
+from promptseg.engine.model_corrections import correction_input, mark_arrays, marks_at_resolution
+from promptseg.engine.segmenter import Segmenter
+from promptseg.errors import InputError
+from promptseg.model import ModelConfig, PromptSegNet
+from promptseg.model.query_corrections import CLICK_SIGMA, click_maps
+from promptseg.model.weights import load_model, save_weights
+from promptseg.train.config import TrainConfig
+from promptseg.train.simulated_corrections import correction_counts, error_clicks, round_counts
+from promptseg.train.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+CORRECTING = dataclasses.replace(TINY_CONFIG, query_corrections=True)
+
+
+def random_prompts(generator: torch.Generator, size: int = 32) -> tuple[torch.Tensor, ...]:
+    images = torch.rand(1, 3, 3, size, size, generator=generator)
+    maps = (torch.rand(1, 3, size, size, generator=generator) > 0.6).float()
+    return images, maps, torch.ones(1, 3, dtype=torch.long)
+
+
+def correcting_model(seed: int = 0) -> PromptSegNet:
+    """A tiny query-corrections model whose correction stem is not zero (as after training)."""
+    torch.manual_seed(seed)
+    model = PromptSegNet(CORRECTING).eval()
+    torch.nn.init.normal_(model.encoder.correction_stem.weight, std=0.5)
+    return model
+
+
+def test_click_maps_are_gaussian_bumps_by_polarity() -> None:
+    maps = click_maps([(5, 9, True), (20, 3, False), (21, 3, False)], 32)
+    assert maps.shape == (2, 32, 32) and maps[0, 9, 5] == 1.0 and maps[1, 3, 20] == 1.0
+    assert maps[0, 3, 20] < 1e-6 and maps[1, 9, 5] < 1e-6
+    expected = np.exp(-(3.0**2 + 4.0**2) / (2 * CLICK_SIGMA**2))
+    assert maps[0, 12, 9].item() == pytest.approx(expected, rel=1e-5)
+    assert not click_maps([], 16).any()
+
+
+def test_zero_corrections_leave_the_model_unchanged_and_marks_change_it() -> None:
+    generator = torch.Generator().manual_seed(1)
+    model = correcting_model()
+    images, maps, types = random_prompts(generator)
+    queries = torch.rand(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        plain = model(images, maps, types, queries)
+        zeros = model(images, maps, types, queries, corrections=torch.zeros(2, 2, 32, 32))
+        clicked = model(
+            images,
+            maps,
+            types,
+            queries,
+            corrections=torch.stack([click_maps([(8, 8, True)], 32)] * 2),
+        )
+    torch.testing.assert_close(zeros, plain, rtol=0, atol=0)
+    assert (clicked - plain).abs().max() > 1e-3
+    fresh = PromptSegNet(CORRECTING).eval()  # zero stem at initialisation: no effect at all
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh(images, maps, types, queries, corrections=torch.rand(2, 2, 32, 32)),
+            fresh(images, maps, types, queries),
+            rtol=0,
+            atol=0,
+        )
+    with pytest.raises(ValueError, match="corrections must be"):
+        model(images, maps, types, queries, corrections=torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="without query_corrections"):
+        PromptSegNet(TINY_CONFIG)(
+            images, maps, types, queries, corrections=torch.zeros(2, 2, 32, 32)
+        )
+
+
+def test_config_keeps_old_files_and_refuses_what_cannot_be() -> None:
+    assert "query_corrections" not in TINY_CONFIG.to_dict()
+    assert ModelConfig.from_dict(CORRECTING.to_dict()) == CORRECTING
+    with pytest.raises(ValueError, match="vit takes no query corrections"):
+        ModelConfig(architecture="vit", label_propagation=False, query_corrections=True)
+    config = TrainConfig.load(REPO / "configs" / "tiny_test.yaml")
+    assert any(
+        "correction_fraction" in p
+        for p in dataclasses.replace(config, correction_fraction=0.5).problems()
+    )
+
+
+def test_simulated_clicks_fall_in_the_largest_error_regions() -> None:
+    truth = np.zeros((40, 40), bool)
+    truth[5:25, 5:25] = True
+    prediction = truth.copy()
+    prediction[5:25, 5:12] = False  # a missed band, 140 pixels
+    prediction[30:35, 30:35] = True  # a false blob, 25 pixels
+    prediction[0, 39] = True  # a one-pixel false positive
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        (x1, y1, p1), (x2, y2, p2) = error_clicks(prediction, truth, 2, rng)
+        assert p1 and 5 <= y1 < 25 and 5 <= x1 < 12
+        assert not p2 and 30 <= y2 < 35 and 30 <= x2 < 35
+    assert len(error_clicks(prediction, truth, 5, rng)) == 3
+    assert error_clicks(truth, truth, 3, rng) == []
+    counts = correction_counts(1000, 0.5, 5, rng)
+    assert 400 < (counts > 0).sum() < 600 and counts.max() == 5
+    shares = round_counts(counts, 2)
+    assert np.array_equal(shares[0] + shares[1], counts) and (shares[0][counts > 0] >= 1).all()
+
+
+def test_training_with_simulated_corrections_warm_starts_and_learns_the_stem(
+    tmp_path: Path,
+) -> None:
+    tiny = TrainConfig.load(REPO / "configs" / "tiny_test.yaml")
+    plain = tmp_path / "plain.safetensors"
+    torch.manual_seed(0)
+    save_weights(PromptSegNet(tiny.model_config()), plain)
+    config = dataclasses.replace(
+        tiny,
+        model={**tiny.model, "query_corrections": True},
+        correction_fraction=1.0,
+        steps=4,
+        checkpoint_every=2,
+    )
+    trainer = Trainer(config, [], tmp_path / "run", progress=False, init=plain)
+    start = load_model(plain)
+    assert not trainer.model.encoder.correction_stem.weight.any()
+    for name, tensor in start.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], tensor)
+    stem_group = trainer.optimizer.param_groups[-1]
+    assert stem_group["lr_scale"] == config.correction_lr_scale
+    assert stem_group["params"][0] is trainer.model.encoder.correction_stem.weight
+    trainer.run()
+    model = load_model(tmp_path / "run" / "final.safetensors")
+    assert model.config.query_corrections and model.encoder.correction_stem.weight.abs().sum() > 0
+    # the simulated clicks are a function of seed and step: a second run takes the same path
+    train(config, [], tmp_path / "again", device="cpu", progress=False, init=plain)
+    again = load_model(tmp_path / "again" / "final.safetensors")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], tensor)
+
+
+def test_marks_reach_the_model_input_where_they_lie() -> None:
+    marks = np.zeros((100, 50), bool)
+    marks[0, 0] = marks[99, 49] = marks[50, 25] = True
+    small = marks_at_resolution(marks, 32)
+    assert small[0, 0] and small[31, 31] and small[16, 16] and small.sum() == 3
+    positive, negative = mark_arrays((100, 50), clicks=[(25, 50, True), (3, 4, False)])
+    assert positive[50, 25] and negative[4, 3] and positive.sum() == negative.sum() == 1
+    inputs = correction_input(positive, negative, 32)
+    assert inputs.shape == (2, 32, 32) and inputs[0, 16, 16] == 1.0 and inputs[1, 1, 2] == 1.0
+    with pytest.raises(InputError, match="--correct"):
+        mark_arrays((10, 10), clicks=[(30, 3, True)])
+
+
+def test_refine_with_prompts_segments_again_with_the_corrections() -> None:
+    rng = np.random.default_rng(0)
+    segmenter = Segmenter(correcting_model(), device="cpu", backend="torch")
+    assert segmenter.corrects_with_model
+    image, mask = disk_example(rng, (32, 32))
+    prompts = segmenter.encode_prompts([image], [mask])
+    query, _ = disk_example(rng, (40, 36))
+    probabilities = segmenter.segment([query], prompts)[0]
+    same = segmenter.refine(probabilities, image=query, prompts=prompts, local_edit=False)
+    np.testing.assert_allclose(same, probabilities, atol=1e-6)  # no correction: the same
+    clicked = segmenter.refine(
+        probabilities, clicks=[(10, 12, True)], image=query, prompts=prompts, local_edit=False
+    )
+    assert clicked.shape == (40, 36) and np.abs(clicked - probabilities).max() > 1e-3
+    edited = segmenter.refine(probabilities, clicks=[(10, 12, True)], image=query, prompts=prompts)
+    assert edited[12, 10] > 0.5  # the local edit follows the model's pass
+    with pytest.raises(InputError, match="needs its query"):
+        segmenter.refine(probabilities, clicks=[(1, 1, True)], prompts=prompts)
+
+    volume = np.stack([disk_example(rng, (24, 20))[0] for _ in range(5)], axis=-1)
+    result = segmenter.segment_volume(volume.astype(np.float32), prompts, axis=2)
+    refined = segmenter.refine(result, clicks=[(5, 6, 3, False)], prompts=prompts, local_edit=False)
+    changed = np.abs(refined.probabilities - result.probabilities).max(axis=(0, 1))
+    assert changed[3] > 1e-3 and not np.delete(changed, 3).any()  # only the clicked slice
+
+
+def test_refine_with_prompts_needs_a_model_that_reads_corrections(tiny_checkpoint: Path) -> None:
+    rng = np.random.default_rng(0)
+    image, mask = disk_example(rng, (32, 32))
+    plain = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu", backend="torch")
+    assert not plain.corrects_with_model
+    prompts = plain.encode_prompts([image], [mask])
+    probabilities = plain.segment([image], prompts)[0]
+    with pytest.raises(InputError, match="does not read corrections"):
+        plain.refine(probabilities, clicks=[(3, 3, True)], image=image, prompts=prompts)
+    ensemble = Segmenter(correcting_model(), device="cpu", backend="torch", ensemble=2)
+    members = ensemble.encode_prompts([image, image], [mask, mask])
+    with pytest.raises(InputError, match="--ensemble 1"):
+        ensemble.refine(probabilities, clicks=[(3, 3, True)], image=image, prompts=members)
+
+
+def test_eval_interactive_with_the_models_corrections(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "disks"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        image, mask = disk_example(rng, (32, 32))
+        write_png(root / "images" / f"case{index}.png", image)
+        write_png(root / "labels" / f"case{index}.png", mask)
+    (root / "dataset.json").write_text(json.dumps({"name": "disks", "labels": {"disk": 1}}))
+    weights = tmp_path / "correcting.safetensors"
+    save_weights(correcting_model(), weights)
+    common = ["eval", "--data", str(root), "--shots", "1", "--episodes", "1", "--queries", "2"]
+    common += ["--interactive", "2", "--checkpoint", str(weights), "--no-progress"]
+    reports = {}
+    for mode in ("edit", "model", "both"):
+        out = tmp_path / f"{mode}.json"
+        assert main([*common, "--interactive-corrections", mode, "--out", str(out)]) == 0
+        reports[mode] = json.loads(out.read_text())
+        assert reports[mode]["corrections"] == mode
+    curves = {m: r["tasks"]["disks/disk"]["dice_per_round"] for m, r in reports.items()}
+    assert curves["edit"][0] == curves["model"][0] == curves["both"][0]
+    assert curves["model"][1:] != curves["edit"][1:]
+    default = tmp_path / "default.json"
+    assert main([*common, "--out", str(default)]) == 0
+    assert json.loads(default.read_text())["corrections"] == "both"
+    capsys.readouterr()
+    plain = tmp_path / "plain.safetensors"
+    save_weights(PromptSegNet(TINY_CONFIG), plain)
+    args = [*common[:-3], "--checkpoint", str(plain), "--interactive-corrections", "model"]
+    assert main([*args, "--no-progress"]) == 2
+    assert "--interactive-corrections" in capsys.readouterr().err
