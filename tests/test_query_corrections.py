@@ -18,6 +18,7 @@ from promptseg.cli import main
 from promptseg.engine.model_corrections import correction_input, mark_arrays, marks_at_resolution
 from promptseg.engine.segmenter import Segmenter
 from promptseg.errors import InputError
+from promptseg.eval.interactive import click_curve, next_scribble
 from promptseg.model import ModelConfig, PromptSegNet
 from promptseg.model.query_corrections import CLICK_SIGMA, click_maps
 from promptseg.model.weights import load_model, save_weights
@@ -226,6 +227,9 @@ def test_eval_interactive_with_the_models_corrections(tmp_path: Path, capsys) ->
     curves = {m: r["tasks"]["disks/disk"]["dice_per_round"] for m, r in reports.items()}
     assert curves["edit"][0] == curves["model"][0] == curves["both"][0]
     assert curves["model"][1:] != curves["edit"][1:]
+    scribbled = tmp_path / "scribble.json"
+    assert main([*common, "--interactive-user", "scribble", "--out", str(scribbled)]) == 0
+    assert json.loads(scribbled.read_text())["user"] == "scribble"
     default = tmp_path / "default.json"
     assert main([*common, "--out", str(default)]) == 0
     assert json.loads(default.read_text())["corrections"] == "both"
@@ -235,3 +239,18 @@ def test_eval_interactive_with_the_models_corrections(tmp_path: Path, capsys) ->
     args = [*common[:-3], "--checkpoint", str(plain), "--interactive-corrections", "model"]
     assert main([*args, "--no-progress"]) == 2
     assert "--interactive-corrections" in capsys.readouterr().err
+
+
+def test_the_simulated_scribble_runs_along_the_largest_error_region() -> None:
+    truth = np.zeros((40, 40), bool)
+    truth[10:16, 4:36] = True  # a long band, all missed
+    prediction = np.zeros_like(truth)
+    prediction[30:33, 30:33] = True  # a small false blob
+    strokes, positive = next_scribble(prediction, truth)
+    assert positive and strokes.sum() > 20 and (strokes <= truth).all()
+    rows = np.nonzero(strokes)[0]
+    assert rows.min() == rows.max() == 12 or rows.min() == rows.max() == 13  # along the band
+    assert next_scribble(truth, truth) is None
+    image = truth.astype(np.float32)
+    curve = click_curve(prediction.astype(np.float32), image, truth, 2, user="scribble")
+    assert len(curve) == 3 and curve[1] > curve[0]

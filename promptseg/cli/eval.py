@@ -18,7 +18,7 @@ from promptseg.eval.baselines import (
     NearestPromptBaseline,
 )
 from promptseg.eval.evaluate import EvalReport, evaluate
-from promptseg.eval.interactive import CAP, CORRECTION_MODES, run_interactive
+from promptseg.eval.interactive import CAP, CORRECTION_MODES, USERS, run_interactive
 from promptseg.eval.plot import plot_dice_against_k, require_matplotlib
 from promptseg.files import refuse_existing, write_text
 from promptseg.model.weights import load_model, packaged_weights_path
@@ -121,6 +121,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "model (the query segmented again with every click so far as input: a model trained with "
         "query corrections), both (model, then the local edit); default: both for such a model, "
         "else edit",
+    )
+    parser.add_argument(
+        "--interactive-user",
+        choices=USERS,
+        default="click",
+        help="with --interactive, what the simulated user adds each round: a click at the centre "
+        "of the largest error region (default) or a scribble, a straight stroke through it along "
+        "its long axis over its core",
     )
     parser.add_argument(
         "--ensemble-shift",

@@ -275,11 +275,13 @@ class ModelPredictor:
             _resize(probs.float().cpu()[:, None], size)[:, 0].clamp(0.0, 1.0), threshold
         )
 
-    def corrector(self, episode: Episode) -> Callable[[int, Sequence[tuple]], torch.Tensor]:
+    def corrector(
+        self, episode: Episode
+    ) -> Callable[[int, Sequence[tuple], Sequence[tuple]], torch.Tensor]:
         """For a query-corrections model: encode the episode's prompts once and return
-        decode(query index, clicks (x, y, positive) on the (R, R) query) -> (R, R) probabilities
-        of that query segmented again with the clicks as input (promptseg.engine.
-        model_corrections)."""
+        decode(query index, clicks (x, y, positive), scribbles (strokes (R, R), positive) on the
+        (R, R) query) -> (R, R) probabilities of that query segmented again with them as input
+        (promptseg.engine.model_corrections)."""
         if not self.model.config.query_corrections:
             raise InputError("--interactive-corrections", "this model reads no query corrections")
         work = self.model.config.resolution
@@ -294,8 +296,11 @@ class ModelPredictor:
                 episode.prompt_types.long()[None].to(self.device),
             )
 
-        def decode(index: int, clicks: Sequence[tuple]) -> torch.Tensor:
-            corrections = correction_input(*mark_arrays((size, size), clicks), work)
+        def decode(
+            index: int, clicks: Sequence[tuple], scribbles: Sequence[tuple] = ()
+        ) -> torch.Tensor:
+            marks = mark_arrays((size, size), clicks, scribbles)
+            corrections = correction_input(*marks, work)
             with torch.inference_mode():
                 logits = self.model.decode(
                     queries[index : index + 1], encoding, corrections[None].to(self.device)

@@ -38,6 +38,26 @@ from promptseg.metrics import dice_percent
 CAP = 20  # clicks at most, for clicks-to-90
 TARGET = 90.0
 CORRECTION_MODES = ("edit", "model", "both")
+USERS = ("click", "scribble")
+
+
+def largest_error(
+    mask: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None:
+    """The largest error region of a prediction (the component of mask XOR truth with most
+    pixels; bool of the mask's shape), each pixel's depth in it (distance to its border, in
+    `spacing` units) and its centre (the deepest pixel; of several, the one nearest the region's
+    centroid); None when there is no error."""
+    labelled, count = ndimage.label(mask ^ truth)
+    if count == 0:
+        return None
+    region = labelled == 1 + int(np.argmax(np.bincount(labelled.ravel())[1:]))
+    inner = tuple(slice(1, -1) for _ in region.shape)
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)[inner]
+    deepest = np.argwhere(depth == depth.max())
+    centroid = np.argwhere(region).mean(axis=0)
+    index = tuple(int(v) for v in deepest[int(np.argmin(((deepest - centroid) ** 2).sum(axis=1)))])
+    return region, depth, index
 
 
 def next_click(
@@ -46,19 +66,40 @@ def next_click(
     """The simulated user's click at the centre of the largest error region of a prediction, None
     when there is no error: (x, y, positive) on an (H, W) mask (x the column), (x, y, z, positive)
     = array[x, y, z] on a volume. spacing: voxel sizes for the distance transform (default 1)."""
-    error = mask ^ truth
-    labelled, count = ndimage.label(error)
-    if count == 0:
+    found = largest_error(mask, truth, spacing)
+    if found is None:
         return None
-    largest = 1 + int(np.argmax(np.bincount(labelled.ravel())[1:]))
-    region = labelled == largest
-    inner = tuple(slice(1, -1) for _ in region.shape)
-    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)[inner]
-    deepest = np.argwhere(depth == depth.max())  # ties: the one nearest the region's centroid
-    centroid = np.argwhere(region).mean(axis=0)
-    index = tuple(int(v) for v in deepest[int(np.argmin(((deepest - centroid) ** 2).sum(axis=1)))])
+    index = found[2]
     point = (index[1], index[0]) if mask.ndim == 2 else index
     return (*(float(v) for v in point), bool(truth[index]))
+
+
+def next_scribble(mask: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """The simulated user's scribble on an (H, W) prediction, None when there is no error: a
+    straight stroke through the centre of the largest error region along the region's long axis
+    (its coordinates' first principal direction), over the pixels of the region at least half as
+    deep as the centre (the region's core), as (strokes (H, W) bool, positive)."""
+    found = largest_error(mask, truth)
+    if found is None:
+        return None
+    region, depth, index = found
+    points = np.argwhere(region).astype(np.float64)
+    direction = np.array([1.0, 0.0])
+    if len(points) > 1:
+        direction = np.linalg.eigh(np.cov(points.T))[1][:, -1]
+    core = depth >= 0.5 * depth[index]
+    strokes = np.zeros(mask.shape, bool)
+    strokes[index] = True
+    for sign in (1.0, -1.0):
+        for step in np.arange(0.5, float(max(mask.shape)), 0.5):
+            row, column = np.round(np.asarray(index) + sign * step * direction).astype(int)
+            if (
+                not (0 <= row < mask.shape[0] and 0 <= column < mask.shape[1])
+                or not core[row, column]
+            ):
+                break
+            strokes[row, column] = True
+    return strokes, bool(truth[index])
 
 
 def click_curve(
@@ -67,28 +108,39 @@ def click_curve(
     truth: np.ndarray,
     rounds: int,
     settings: CorrectionSettings = DEFAULT_SETTINGS,
-    decode: Callable[[list[tuple]], np.ndarray] | None = None,
+    decode: Callable[[list[tuple], list[tuple]], np.ndarray] | None = None,
     mode: str = "edit",
+    user: str = "click",
 ) -> list[float]:
-    """Dice after 0..rounds simulated clicks on one (H, W) query (a list of rounds + 1 values).
+    """Dice after 0..rounds simulated corrections on one (H, W) query (a list of rounds + 1
+    values); user (USERS): each round adds a click (`next_click`) or a scribble (`next_scribble`).
 
-    mode (CORRECTION_MODES): "edit" applies each click as a local edit of the current
-    probabilities; "model" segments the query again with every click so far as input
-    (decode(clicks) -> (H, W) probabilities, a query-corrections model); "both" does that, then
-    the local edit of every click so far, as `Segmenter.refine(..., prompts=...)` does."""
+    mode (CORRECTION_MODES): "edit" applies each correction as a local edit of the current
+    probabilities; "model" segments the query again with every correction so far as input
+    (decode(clicks, scribbles) -> (H, W) probabilities, a query-corrections model); "both" does
+    that, then the local edit of every correction so far, as `Segmenter.refine(..., prompts=...)`
+    does."""
     current = probabilities
     clicks: list[tuple] = []
+    scribbles: list[tuple] = []
     curve = [dice_percent(current > 0.5, truth)]
     for _ in range(rounds):
-        click = next_click(current > 0.5, truth)
-        if click is not None:
-            clicks.append(click)
+        mask = current > 0.5
+        made = next_click(mask, truth) if user == "click" else next_scribble(mask, truth)
+        if made is not None:
+            new_clicks, new_scribbles = ([made], []) if user == "click" else ([], [made])
+            clicks += new_clicks
+            scribbles += new_scribbles
             if mode == "edit":
-                current = refine_probabilities(current, image, clicks=[click], settings=settings)
+                current = refine_probabilities(
+                    current, image, new_clicks, new_scribbles, settings=settings
+                )
             else:
-                current = decode(clicks)
+                current = decode(clicks, scribbles)
                 if mode == "both":
-                    current = refine_probabilities(current, image, clicks, settings=settings)
+                    current = refine_probabilities(
+                        current, image, clicks, scribbles, settings=settings
+                    )
         curve.append(dice_percent(current > 0.5, truth))
     return curve
 
@@ -123,11 +175,12 @@ def evaluate_interactive(
     progress: bool = True,
     settings: CorrectionSettings = DEFAULT_SETTINGS,
     mode: str = "edit",
+    user: str = "click",
 ) -> dict[str, InteractiveScore]:
     """task name -> InteractiveScore over `episodes` fixed episodes of K = `shots` prompts; every
     query is clicked max(rounds, CAP) times so that clicks-to-90 is capped at CAP. mode: how a
     click corrects (`click_curve`); "model" and "both" need a predictor with `corrector(episode)`
-    (ModelPredictor of a query-corrections model)."""
+    (ModelPredictor of a query-corrections model); user: clicks or scribbles (`click_curve`)."""
     scores: dict[str, InteractiveScore] = {}
     runnable = [t for t in tasks if len(t.nonempty()) >= shots + 1]
     bar = tqdm(
@@ -146,9 +199,9 @@ def evaluate_interactive(
                 decode = (
                     None
                     if corrector is None
-                    else lambda clicks, i=index: corrector(i, clicks).numpy()
+                    else lambda clicks, scribbles, i=index: corrector(i, clicks, scribbles).numpy()
                 )
-                curve = click_curve(p, image, truth, max(rounds, CAP), settings, decode, mode)
+                curve = click_curve(p, image, truth, max(rounds, CAP), settings, decode, mode, user)
                 score.curves.append(curve[: rounds + 1])
                 score.clicks.append(clicks_to_target(curve))
             bar.update(1)
@@ -156,16 +209,19 @@ def evaluate_interactive(
     return scores
 
 
-def to_markdown(scores: dict[str, InteractiveScore], rounds: int, shots: int) -> str:
-    """A table: per task, Dice with 0..rounds clicks and mean clicks to 90% Dice, then the mean."""
-    header = " | ".join(f"{n} click{'s' if n != 1 else ''}" for n in range(rounds + 1))
+def to_markdown(
+    scores: dict[str, InteractiveScore], rounds: int, shots: int, user: str = "click"
+) -> str:
+    """A table: per task, Dice with 0..rounds corrections (clicks or scribbles) and the mean number
+    of them to 90% Dice, then the mean over tasks."""
+    header = " | ".join(f"{n} {user}{'s' if n != 1 else ''}" for n in range(rounds + 1))
     lines = [
         (
-            f"interactive, K={shots}: Dice after each simulated click; "
-            f"clicks to {TARGET:g}% Dice (cap {CAP})"
+            f"interactive, K={shots}: Dice after each simulated {user}; "
+            f"{user}s to {TARGET:g}% Dice (cap {CAP})"
         ),
         "",
-        f"| task | queries | {header} | clicks to {TARGET:g} |",
+        f"| task | queries | {header} | {user}s to {TARGET:g} |",
         "|" + "---|" * (rounds + 4),
     ]
     for name, score in scores.items():
@@ -194,8 +250,9 @@ def run_interactive(args: Any, predictor: Predictor, tasks: Sequence[ArrayTask])
         args.seed,
         not args.no_progress,
         mode=args.interactive_corrections,
+        user=args.interactive_user,
     )
-    table = to_markdown(scores, args.interactive, shots)
+    table = to_markdown(scores, args.interactive, shots, args.interactive_user)
     print(table)
     if args.out:
         report = {
@@ -206,6 +263,7 @@ def run_interactive(args: Any, predictor: Predictor, tasks: Sequence[ArrayTask])
             "seed": args.seed,
             "cap": CAP,
             "corrections": args.interactive_corrections,
+            "user": args.interactive_user,
             "tasks": {
                 name: {
                     "dice_per_round": s.mean_curve(),
