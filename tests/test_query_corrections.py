@@ -41,6 +41,7 @@ def correcting_model(seed: int = 0) -> PromptSegNet:
     torch.manual_seed(seed)
     model = PromptSegNet(CORRECTING).eval()
     torch.nn.init.normal_(model.encoder.correction_stem.weight, std=0.5)
+    torch.nn.init.normal_(model.query_decoder.correction_fuse.weight, std=0.5)
     return model
 
 
@@ -135,11 +136,17 @@ def test_training_with_simulated_corrections_warm_starts_and_learns_the_stem(
     trainer = Trainer(config, [], tmp_path / "run", progress=False, init=plain)
     start = load_model(plain)
     assert not trainer.model.encoder.correction_stem.weight.any()
+    assert not trainer.model.query_decoder.correction_fuse.weight.any()
     for name, tensor in start.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[name], tensor)
     stem_group = trainer.optimizer.param_groups[-1]
     assert stem_group["lr_scale"] == config.correction_lr_scale
-    assert stem_group["params"][0] is trainer.model.encoder.correction_stem.weight
+    expected = [
+        trainer.model.encoder.correction_stem.weight,
+        trainer.model.query_decoder.correction_fuse.weight,
+    ]
+    assert len(stem_group["params"]) == 2
+    assert all(a is b for a, b in zip(stem_group["params"], expected))
     trainer.run()
     model = load_model(tmp_path / "run" / "final.safetensors")
     assert model.config.query_corrections and model.encoder.correction_stem.weight.abs().sum() > 0

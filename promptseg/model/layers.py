@@ -79,9 +79,19 @@ class UpBlock(nn.Module):
         self.fuse = ConvNormAct(in_channels + skip_channels, out_channels)
         self.refine = ResidualBlock(out_channels)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """extra (N, C_out, 2h, 2w), optional: added to the fusing convolution's output before its
+        normalisation."""
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.refine(self.fuse(torch.cat([x, skip], dim=1)))
+        if extra is None:
+            return self.refine(self.fuse(torch.cat([x, skip], dim=1)))
+        conv, *rest = self.fuse
+        fused = conv(torch.cat([x, skip], dim=1)) + extra
+        for layer in rest:
+            fused = layer(fused)
+        return self.refine(fused)
 
 
 class PromptTokenizer(nn.Module):

@@ -29,6 +29,7 @@ from promptseg.model.layers import PromptTokenizer, UpBlock, sincos_position_enc
 from promptseg.model.member_decoding import decode_member_groups
 from promptseg.model.prompt_types import PROMPT_TYPES
 from promptseg.model.propagation import LabelPropagation, probability_logit, propagation_labels
+from promptseg.model.query_corrections import CHANNELS as CORRECTION_CHANNELS
 
 
 class PromptTokenizers(nn.Module):
@@ -54,10 +55,14 @@ class PromptTokenizers(nn.Module):
 
 class UpsamplingDecoder(nn.Module):
     """The query side's own parameters: the upsampling path, the 1x1 output head and, with label
-    propagation, the prior embeddings (one 1x1 convolution per stage) and the prior's logit gain.
+    propagation, the prior embeddings (one 1x1 convolution per stage) and the prior's logit gain;
+    with query corrections, `correction_fuse`, a bias-free 3x3 convolution of the correction maps
+    that starts at zero, added to the full-resolution block's fused features (the corrections'
+    short path to the output, beside the encoder's correction stem).
 
-    forward: encoder features of every stage [(B, widths[i], h_i, w_i)] after attention and the
-    queries (B, C, R, R) -> logits (B, R, R) before the prior is added.
+    forward: encoder features of every stage [(B, widths[i], h_i, w_i)] after attention, the
+    queries (B, C, R, R) and optional corrections (B, 2, R, R) -> logits (B, R, R) before the prior
+    is added.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -69,6 +74,12 @@ class UpsamplingDecoder(nn.Module):
         full_width = max(widths[0] // 2, 8)
         self.full_resolution = UpBlock(widths[0], config.in_channels, full_width)
         self.head = nn.Conv2d(full_width, 1, 1)
+        self.correction_fuse = None
+        if config.query_corrections:
+            self.correction_fuse = nn.Conv2d(
+                CORRECTION_CHANNELS, full_width, 3, padding=1, bias=False
+            )
+            nn.init.zeros_(self.correction_fuse.weight)
         if config.label_propagation:
             heads = [config.widths[s] // config.head_dim for s in config.attention_stages]
             self.prior_embeddings = nn.ModuleList(
@@ -76,11 +87,21 @@ class UpsamplingDecoder(nn.Module):
             )
             self.prior_gain = nn.Parameter(torch.tensor(1.0))
 
-    def forward(self, features: list[torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        features: list[torch.Tensor],
+        queries: torch.Tensor,
+        corrections: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = features[-1]
         for up, skip in zip(self.ups, reversed(features[:-1])):
             x = up(x, skip)
-        x = self.full_resolution(x, queries * 2.0 - 1.0)
+        if corrections is None:
+            x = self.full_resolution(x, queries * 2.0 - 1.0)
+        else:
+            x = self.full_resolution(
+                x, queries * 2.0 - 1.0, self.correction_fuse(corrections.to(x.dtype))
+            )
         return self.head(x).squeeze(1)
 
 
@@ -238,7 +259,9 @@ class PromptSegNet(nn.Module):
             raise ValueError(
                 f"{queries.shape[0]} queries cannot be split over {prompts.groups} prompt sets"
             )
-        return self.decode_features(self.query_features(queries, corrections), queries, prompts)
+        return self.decode_features(
+            self.query_features(queries, corrections), queries, prompts, corrections
+        )
 
     def query_features(
         self, queries: torch.Tensor, corrections: torch.Tensor | None = None
@@ -264,10 +287,15 @@ class PromptSegNet(nn.Module):
         return self.encoder(queries, empty, types, corrections)
 
     def decode_features(
-        self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding
+        self,
+        features: list[torch.Tensor],
+        queries: torch.Tensor,
+        prompts: PromptEncoding,
+        corrections: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits
-        (B, R, R).
+        (B, R, R); corrections (B, 2, R, R), those the features were computed with, also reach the
+        decoder's full-resolution block.
 
         With label propagation, each attention stage first propagates the prompt labels to the query
         tokens (H maps per stage, embedded into the stage features by a 1x1 convolution), and the
@@ -280,7 +308,7 @@ class PromptSegNet(nn.Module):
         for index, stage in enumerate(self.config.attention_stages):
             features[stage], prior = self.attend(features[stage], index, prompts)
             priors.append(prior)
-        logits = self.query_decoder(features, queries)
+        logits = self.query_decoder(features, queries, corrections)
         if self.propagations is not None:
             logits = self.add_prior(logits, priors[0].mean(dim=1, keepdim=True))
         return logits

@@ -20,7 +20,8 @@ from scipy import ndimage
 
 CHANNELS = 2  # positive, negative
 CLICK_SIGMA = 2.0  # pixels at the model's resolution
-STEM_PREFIX = "encoder.correction_stem."  # the parameters a query-corrections model adds
+# the parameters a query-corrections model adds: the encoder's stem and the decoder's fuse
+CORRECTION_PREFIXES = ("encoder.correction_stem.", "query_decoder.correction_fuse.")
 
 
 def spread(marks: np.ndarray, sigma: float = CLICK_SIGMA) -> np.ndarray:

@@ -240,13 +240,18 @@ class PromptSegViT(PromptSegNet):
         return [self.encoder(queries)]
 
     def decode_features(
-        self, features: list[torch.Tensor], queries: torch.Tensor, prompts: PromptEncoding
+        self,
+        features: list[torch.Tensor],
+        queries: torch.Tensor,
+        prompts: PromptEncoding,
+        corrections: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`query_features` of queries (B, C, R, R), B a multiple of the G prompt groups -> logits
         (B, R, R).
 
         Each query's n tokens run through every layer against that layer's cached prompt (or latent)
-        keys and values plus their own."""
+        keys and values plus their own. This design takes no corrections (`query_features` refuses
+        them)."""
         x = self.embedding.images(features[-1], ROLE_QUERY)
         lengths = prompts.key_lengths[0]
         for block, k, v in zip(self.blocks, prompts.keys[0], prompts.values[0]):

@@ -27,7 +27,7 @@ from promptseg.kernels import default_kernel
 from promptseg.metrics import hard_dice
 from promptseg.model import PromptSegNet
 from promptseg.model.loss import segmentation_losses
-from promptseg.model.query_corrections import STEM_PREFIX
+from promptseg.model.query_corrections import CORRECTION_PREFIXES
 from promptseg.model.weights import load_state, read_training_record, read_weights, save_weights
 from promptseg.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 from promptseg.train.config import TrainConfig
@@ -112,11 +112,12 @@ def decay_groups(
 ) -> list[dict]:
     """AdamW parameter groups: weight decay on matrices and kernels only, none on biases, norm
     scales and scalars such as the propagation temperature and the prior gain. A query-corrections
-    model's correction stem (new, zero at the start) has a group of its own whose learning rate is
-    `correction_lr_scale` times the schedule's ("lr_scale" of every group)."""
+    model's correction layers (the encoder's stem and the decoder's fuse, zero at the start) have a
+    group of their own whose learning rate is `correction_lr_scale` times the schedule's
+    ("lr_scale" of every group)."""
     named = list(model.named_parameters())
-    stem = [p for n, p in named if n.startswith(STEM_PREFIX)]
-    rest = [p for n, p in named if not n.startswith(STEM_PREFIX)]
+    corrections = [p for n, p in named if n.startswith(CORRECTION_PREFIXES)]
+    rest = [p for n, p in named if not n.startswith(CORRECTION_PREFIXES)]
     groups = [
         {
             "params": [p for p in rest if p.dim() >= 2],
@@ -125,9 +126,9 @@ def decay_groups(
         },
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    if stem:
+    if corrections:
         groups.append(
-            {"params": stem, "weight_decay": weight_decay, "lr_scale": correction_lr_scale}
+            {"params": corrections, "weight_decay": weight_decay, "lr_scale": correction_lr_scale}
         )
     return groups
 
@@ -222,7 +223,7 @@ class Trainer:
         config, tensors = read_weights(path)
         # sparse_unknown changes how the prior reads sparse prompts, not the tensors: a run may
         # switch it. Weights without query corrections warm-start a model with them: its
-        # correction stem starts at zero, so the model starts as the weights.
+        # correction layers start at zero, so the model starts as the weights.
         own = self.model.config
         adds_corrections = own.query_corrections and not config.query_corrections
         if (
@@ -237,7 +238,11 @@ class Trainer:
                 f"{path}: --init weights have another model config than the recipe ({config})"
             )
         if adds_corrections:
-            stem = {n: t for n, t in self.model.state_dict().items() if n.startswith(STEM_PREFIX)}
+            stem = {
+                n: t
+                for n, t in self.model.state_dict().items()
+                if n.startswith(CORRECTION_PREFIXES)
+            }
             tensors = {**stem, **tensors}
         load_state(self.model, tensors, path)
         record = read_training_record(path)
