@@ -119,8 +119,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="with --interactive, how a click corrects: edit (a local edit of the probabilities), "
         "model (the query segmented again with every click so far as input: a model trained with "
-        "query corrections), both (model, then the local edit); default: both for such a model, "
-        "else edit",
+        "query corrections), both (the two joined in logit space, as segment --correct does "
+        "with such a model); default: both for such a model, else edit",
     )
     parser.add_argument(
         "--interactive-user",

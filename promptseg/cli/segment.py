@@ -879,36 +879,34 @@ def corrected(
     prompts: EncodedPrompts | None = None,
     axis: int = 2,
 ) -> LabelResult:
-    """A one-label result with the clicks, then the scribbles (strokes, positive), applied.
+    """A one-label result with the clicks, then the scribbles (strokes, positive), applied as
+    local edits (corrections.refine_probabilities).
 
     With a `segmenter` whose model reads corrections (Segmenter.corrects_with_model) and the
-    label's `prompts` from one axis without an ensemble, the model first segments the query again
-    with them as input (a volume's corrected slices along `axis`); then the corrections edit the
-    probabilities locally (corrections.refine_probabilities). A click of the wrong dimension for
-    the query or outside it is an InputError naming --correct."""
-    spacing = voxel_spacing(data.affine) if is_volume(data) else None
+    label's `prompts` from one axis without an ensemble, the model also segments the query again
+    with them as input (a volume's corrected slices along `axis`), combined with the edits
+    (Segmenter.refine with prompts). A click of the wrong dimension for the query or outside it
+    is an InputError naming --correct."""
     probabilities = result.probabilities[0]
-    if (
+    with_model = (
         segmenter is not None
         and segmenter.corrects_with_model
         and isinstance(prompts, EncodedPrompts)
         and prompts.ensemble is None
-    ):
-        if is_volume(data):
-            volume = VolumeResult(probabilities, data, axis)
-            probabilities = segmenter.refine(
-                volume, clicks, scribbles, prompts=prompts, local_edit=False
-            ).probabilities
-        else:
-            probabilities = segmenter.refine(
-                probabilities,
-                clicks,
-                scribbles,
-                image=data.array,
-                prompts=prompts,
-                local_edit=False,
-            )
-    refined = refine_probabilities(probabilities, data.array, clicks, scribbles, spacing=spacing)
+    )
+    if with_model and is_volume(data):
+        refined = segmenter.refine(
+            VolumeResult(probabilities, data, axis), clicks, scribbles, prompts=prompts
+        ).probabilities
+    elif with_model:
+        refined = segmenter.refine(
+            probabilities, clicks, scribbles, image=data.array, prompts=prompts
+        )
+    else:
+        spacing = voxel_spacing(data.affine) if is_volume(data) else None
+        refined = refine_probabilities(
+            probabilities, data.array, clicks, scribbles, spacing=spacing
+        )
     return LabelResult(
         result.labels, refined[None], result.threshold, result.variance, result.candidates
     )

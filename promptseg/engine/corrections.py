@@ -169,12 +169,12 @@ def _click_region(
     near = _ball(mask.shape, index, radius, spacing)
     support = None
     if settings.model_weight:  # voxels the model finds likelier than the click's side join sooner
-        logits = _logits(probabilities)
+        logits = clipped_logits(probabilities)
         support = settings.model_weight * (logits - logits[index]) * (1 if positive else -1)
     return _similar_region(image, seed, near, settings.tolerance, support)
 
 
-def _logits(probabilities: np.ndarray) -> np.ndarray:
+def clipped_logits(probabilities: np.ndarray) -> np.ndarray:
     """Logits of probabilities, clipped to +-LOGIT_LIMIT."""
     p = np.clip(probabilities, 1e-4, 1 - 1e-4)
     return np.clip(np.log(p / (1 - p)), -LOGIT_LIMIT, LOGIT_LIMIT)
@@ -186,7 +186,7 @@ def _shifted(
     """All probabilities moved in logit by `shift` times the clicked voxel's distance (in logit)
     to the click's side of the threshold, at most max_shift: a positive click where the model
     says 0.2 means it is too strict everywhere, a negative one at 0.8 too lax."""
-    logits = _logits(probabilities)
+    logits = clipped_logits(probabilities)
     wrong = -logits[index] if positive else logits[index]
     if wrong <= 0:
         return probabilities

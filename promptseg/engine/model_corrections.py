@@ -7,6 +7,11 @@ encodings untouched. Marks live on the query's stored grid: an (H, W) image's pi
 array per polarity on that grid (`mark_arrays`), which a volume then slices exactly as its image
 (its closest RAS view, along the segmentation axis), and each marked pixel goes to the pixel of the
 (R, R) model input that covers it (`marks_at_resolution`).
+
+The model's pass and the local edits (promptseg.engine.corrections) combine in logit space
+(`combined`): the edits of the prediction, plus what the corrections changed in the model's
+output. The model alone learns first to flip the pixels around a click; the local edit fills the
+region a click points at; their sum keeps both.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from promptseg.engine.corrections import click_index
+from promptseg.engine.corrections import LOGIT_LIMIT, click_index, clipped_logits
 from promptseg.errors import InputError
 from promptseg.model.query_corrections import correction_maps
 
@@ -58,3 +63,12 @@ def correction_input(positive: np.ndarray, negative: np.ndarray, resolution: int
     return correction_maps(
         marks_at_resolution(positive, resolution), marks_at_resolution(negative, resolution)
     )
+
+
+def combined(original: np.ndarray, edited: np.ndarray, corrected: np.ndarray) -> np.ndarray:
+    """Probabilities of one shape: the prediction without corrections (`original`), its local
+    edits (`edited`) and the model's output with the corrections as input (`corrected`) ->
+    float32 sigmoid(logit(edited) + logit(corrected) - logit(original)), logits clipped to
+    +-LOGIT_LIMIT."""
+    logits = clipped_logits(edited) + clipped_logits(corrected) - clipped_logits(original)
+    return (1.0 / (1.0 + np.exp(-np.clip(logits, -LOGIT_LIMIT, LOGIT_LIMIT)))).astype(np.float32)

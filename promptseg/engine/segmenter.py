@@ -47,7 +47,7 @@ from promptseg.engine.ensemble import (
     member_probabilities,
     plan_members,
 )
-from promptseg.engine.model_corrections import correction_input, mark_arrays
+from promptseg.engine.model_corrections import combined, correction_input, mark_arrays
 from promptseg.engine.planes import PlanePrompts
 from promptseg.engine.prompt_cache import PromptCache, content_key
 from promptseg.engine.prompts_input import (
@@ -817,44 +817,69 @@ class Segmenter:
         query (clicks (x, y, positive), x the column; pass the query `image`). scribbles: (mask of
         the strokes, positive) on the same grid. The prompts' cache is kept either way.
 
-        prompts (the EncodedPrompts the result came from; `corrects_with_model` only): the model
-        segments the query again with the corrections as input (promptseg.engine.
-        model_corrections), a volume's slices that hold a correction only; pass every correction
-        made so far, the model sees them together. Then, with `local_edit`, the corrections edit
-        the probabilities locally (promptseg.engine.corrections; settings: how far they reach,
-        chosen on training datasets); without prompts that edit is the whole correction."""
+        Without prompts, the corrections edit the probabilities locally
+        (promptseg.engine.corrections; settings: how far they reach, chosen on training
+        datasets). With the EncodedPrompts the result came from (`corrects_with_model` only), the
+        model also segments the query again with the corrections as input (a volume's slices that
+        hold one) and, with `local_edit`, the two combine (model_corrections.combined); without
+        it the model's output is the result. Pass the uncorrected result and every correction made
+        so far: the model reads them together."""
         if isinstance(result, VolumeResult):
-            probabilities = result.probabilities
-            if prompts is not None:
-                probabilities = self._corrected_volume(result, prompts, clicks, scribbles)
-            if local_edit or prompts is None:
-                spacing = voxel_spacing(result.source.affine)
-                probabilities = refine_probabilities(
-                    probabilities, result.source.array, clicks, scribbles, spacing, settings
+            original, source = result.probabilities, result.source
+            corrected = (
+                None
+                if prompts is None
+                else self._corrected_volume(result, prompts, clicks, scribbles)
+            )
+            spacing = voxel_spacing(source.affine)
+
+            def edit() -> np.ndarray:
+                return refine_probabilities(
+                    original, source.array, clicks, scribbles, spacing, settings
                 )
+
+            probabilities = self._joined(original, corrected, edit, local_edit)
             return VolumeResult(
                 probabilities, result.source, result.axis, result.variance, result.candidates
             )
-        probabilities = np.asarray(result)
+        original = np.asarray(result)
         query = None if image is None else load_2d(image, is_label=False, what="query")[0]
+        corrected = None
         if prompts is not None:
             if query is None:
                 raise InputError("image", "refining a 2D result with the model needs its query")
-            if query.shape[:2] != probabilities.shape:
+            if query.shape[:2] != original.shape:
                 raise InputError(
                     "image",
-                    f"query of shape {query.shape[:2]} differs from the result's "
-                    f"{probabilities.shape}",
+                    f"query of shape {query.shape[:2]} differs from the result's {original.shape}",
                 )
-            marks = mark_arrays(probabilities.shape, clicks, scribbles)
+            marks = mark_arrays(original.shape, clicks, scribbles)
             prepared = prepare_image(query, self.resolution, self.channels, source="query")
             logits, _ = self._predict(
                 prepared[None], prompts, correction_input(*marks, self.resolution)[None]
             )
-            probabilities = self._to_probabilities(logits, probabilities.shape)[0]
-        if not (local_edit or prompts is None):
-            return probabilities
-        return refine_probabilities(probabilities, query, clicks, scribbles, settings=settings)
+            corrected = self._to_probabilities(logits, original.shape)[0]
+        return self._joined(
+            original,
+            corrected,
+            lambda: refine_probabilities(original, query, clicks, scribbles, settings=settings),
+            local_edit,
+        )
+
+    @staticmethod
+    def _joined(
+        original: np.ndarray,
+        corrected: np.ndarray | None,
+        edit: Callable[[], np.ndarray],
+        local_edit: bool,
+    ) -> np.ndarray:
+        """The refined probabilities: the local edit alone without the model's pass (`corrected`
+        None), the model's output alone without `local_edit`, else the two combined."""
+        if corrected is None:
+            return edit()
+        if not local_edit:
+            return corrected
+        return combined(original, edit(), corrected)
 
     def _corrected_volume(
         self,

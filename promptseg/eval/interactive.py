@@ -7,8 +7,9 @@ component's border, by a Euclidean distance transform; of several, the one neare
 centroid), positive on a missed region and negative on a false one. `--interactive-corrections`
 says how a click corrects: "edit", a local edit of the probabilities
 (`corrections.refine_probabilities`); "model", the query segmented again by a query-corrections
-model with every click so far as input; "both", that and then the local edit (the default for such
-a model, as `Segmenter.refine` with prompts). Reported per task: Dice
+model with every click so far as input; "both", the two joined in logit space (the default for
+such a model, as `Segmenter.refine` with prompts). `--interactive-user scribble` draws a stroke
+instead of a click each round. Reported per task: Dice
 (0-100) with no click and after each of ROUNDS rounds, and the mean number of clicks to reach 90%
 Dice (0 when the prediction already does; CAP when 20 clicks do not).
 """
@@ -31,6 +32,7 @@ from promptseg.engine.corrections import (
     CorrectionSettings,
     refine_probabilities,
 )
+from promptseg.engine.model_corrections import combined
 from promptseg.eval.baselines import Predictor
 from promptseg.files import write_text
 from promptseg.metrics import dice_percent
@@ -115,12 +117,11 @@ def click_curve(
     """Dice after 0..rounds simulated corrections on one (H, W) query (a list of rounds + 1
     values); user (USERS): each round adds a click (`next_click`) or a scribble (`next_scribble`).
 
-    mode (CORRECTION_MODES): "edit" applies each correction as a local edit of the current
-    probabilities; "model" segments the query again with every correction so far as input
-    (decode(clicks, scribbles) -> (H, W) probabilities, a query-corrections model); "both" does
-    that, then the local edit of every correction so far, as `Segmenter.refine(..., prompts=...)`
-    does."""
-    current = probabilities
+    mode (CORRECTION_MODES): "edit" applies each correction as a local edit of the
+    probabilities so far; "model" segments the query again with every correction so far as input
+    (decode(clicks, scribbles) -> (H, W) probabilities, a query-corrections model); "both" joins
+    the two as `Segmenter.refine(..., prompts=...)` does (model_corrections.combined)."""
+    current = edited = probabilities
     clicks: list[tuple] = []
     scribbles: list[tuple] = []
     curve = [dice_percent(current > 0.5, truth)]
@@ -131,16 +132,16 @@ def click_curve(
             new_clicks, new_scribbles = ([made], []) if user == "click" else ([], [made])
             clicks += new_clicks
             scribbles += new_scribbles
-            if mode == "edit":
-                current = refine_probabilities(
-                    current, image, new_clicks, new_scribbles, settings=settings
+            if mode != "model":
+                edited = refine_probabilities(
+                    edited, image, new_clicks, new_scribbles, settings=settings
                 )
-            else:
+            if mode == "edit":
+                current = edited
+            elif mode == "model":
                 current = decode(clicks, scribbles)
-                if mode == "both":
-                    current = refine_probabilities(
-                        current, image, clicks, scribbles, settings=settings
-                    )
+            else:
+                current = combined(probabilities, edited, decode(clicks, scribbles))
         curve.append(dice_percent(current > 0.5, truth))
     return curve
 
