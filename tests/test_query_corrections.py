@@ -15,7 +15,13 @@ import torch
 from helpers import TINY_CONFIG, disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
 
 from promptseg.cli import main
-from promptseg.engine.model_corrections import correction_input, mark_arrays, marks_at_resolution
+from promptseg.engine.corrections import refine_probabilities
+from promptseg.engine.model_corrections import (
+    combined,
+    correction_input,
+    mark_arrays,
+    marks_at_resolution,
+)
 from promptseg.engine.segmenter import Segmenter
 from promptseg.errors import InputError
 from promptseg.eval.interactive import click_curve, next_scribble
@@ -185,7 +191,8 @@ def test_refine_with_prompts_segments_again_with_the_corrections() -> None:
     )
     assert clicked.shape == (40, 36) and np.abs(clicked - probabilities).max() > 1e-3
     edited = segmenter.refine(probabilities, clicks=[(10, 12, True)], image=query, prompts=prompts)
-    assert edited[12, 10] > 0.5  # the local edit follows the model's pass
+    local = refine_probabilities(probabilities, query, [(10, 12, True)])
+    np.testing.assert_allclose(edited, combined(probabilities, local, clicked), atol=1e-6)
     with pytest.raises(InputError, match="needs its query"):
         segmenter.refine(probabilities, clicks=[(1, 1, True)], prompts=prompts)
 
@@ -261,3 +268,13 @@ def test_the_simulated_scribble_runs_along_the_largest_error_region() -> None:
     image = truth.astype(np.float32)
     curve = click_curve(prediction.astype(np.float32), image, truth, 2, user="scribble")
     assert len(curve) == 3 and curve[1] > curve[0]
+
+
+def test_model_and_local_corrections_join_in_logit_space() -> None:
+    original = np.array([0.2, 0.5, 0.9], np.float32)
+    edited = np.array([0.8, 0.5, 0.9], np.float32)
+    np.testing.assert_allclose(combined(original, edited, original), edited, atol=1e-6)
+    np.testing.assert_allclose(combined(original, original, edited), edited, atol=1e-6)
+    both = combined(original, edited, edited)  # both push the first pixel up: further up
+    assert both[0] > edited[0] and both[1] == pytest.approx(0.5) and both[2] == pytest.approx(0.9)
+    assert np.all(combined(np.full(2, 1e-9), np.ones(2), np.ones(2)) <= 1.0)
