@@ -26,10 +26,16 @@ from promptseg.engine.segmenter import Segmenter
 from promptseg.errors import InputError
 from promptseg.eval.interactive import click_curve, next_scribble
 from promptseg.model import ModelConfig, PromptSegNet
+from promptseg.model.loss import segmentation_losses
 from promptseg.model.query_corrections import CLICK_SIGMA, click_maps
 from promptseg.model.weights import load_model, save_weights
 from promptseg.train.config import TrainConfig
-from promptseg.train.simulated_corrections import correction_counts, error_clicks, round_counts
+from promptseg.train.simulated_corrections import (
+    clicked_regions,
+    correction_counts,
+    error_clicks,
+    round_counts,
+)
 from promptseg.train.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +125,17 @@ def test_simulated_clicks_fall_in_the_largest_error_regions() -> None:
         assert not p2 and 30 <= y2 < 35 and 30 <= x2 < 35
     assert len(error_clicks(prediction, truth, 5, rng)) == 3
     assert error_clicks(truth, truth, 3, rng) == []
+    regions = clicked_regions(prediction, truth, [(8.0, 10.0, True)])
+    assert regions.sum() == 140 and regions[10, 8] and not regions[31, 31]
+    logits, targets = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+    weights = torch.ones(1, 4, 4)
+    weights[0, 0] = 3.0  # a quarter of the pixels weigh 3: BCE x 1.5
+    plain, weighted = (
+        segmentation_losses(logits, targets),
+        segmentation_losses(logits, targets, 1.0, weights),
+    )
+    bce = float(np.log(2.0))
+    assert weighted.item() - plain.item() == pytest.approx(0.5 * bce, rel=1e-5)
     counts = correction_counts(1000, 0.5, 5, rng)
     assert 400 < (counts > 0).sum() < 600 and counts.max() == 5
     shares = round_counts(counts, 2)
@@ -136,6 +153,7 @@ def test_training_with_simulated_corrections_warm_starts_and_learns_the_stem(
         tiny,
         model={**tiny.model, "query_corrections": True},
         correction_fraction=1.0,
+        correction_region_weight=4.0,
         steps=4,
         checkpoint_every=2,
     )

@@ -16,12 +16,18 @@ def soft_dice(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> t
 
 
 def segmentation_losses(
-    logits: torch.Tensor, targets: torch.Tensor, dice_weight: float = 1.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    dice_weight: float = 1.0,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-image BCE (mean over pixels) + dice_weight * (1 - soft Dice) of logits, targets (B, H,
-    W). Returns (B,) float32."""
+    """Per-image BCE (mean over pixels, each weighted by `pixel_weights` (B, H, W) when given) +
+    dice_weight * (1 - soft Dice) of logits, targets (B, H, W). Returns (B,) float32."""
     logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(1)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if pixel_weights is not None:
+        bce = bce * pixel_weights.to(bce.dtype)
+    bce = bce.flatten(1).mean(1)
     dice = soft_dice(torch.sigmoid(logits), targets)
     return bce + dice_weight * (1.0 - dice)
 

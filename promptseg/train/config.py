@@ -39,7 +39,13 @@ FRACTIONS = (
     "min_lr_ratio",
     "correction_fraction",
 )
-NON_NEGATIVE = ("weight_decay", "grad_clip", "dice_weight", "correction_lr_scale")
+NON_NEGATIVE = (
+    "weight_decay",
+    "grad_clip",
+    "dice_weight",
+    "correction_lr_scale",
+    "correction_region_weight",
+)
 FLAGS = ("task_augment", "image_augment", "mixed_precision")
 
 
@@ -103,7 +109,9 @@ class TrainConfig:
     # promptseg.train.simulated_corrections), and the most clicks one query gets
     correction_fraction: float = 0.0
     max_corrections: int = 5
-    correction_lr_scale: float = 10.0  # the new correction stem learns this much faster
+    correction_lr_scale: float = 10.0  # the new correction layers learn this much faster
+    # extra BCE weight on the error regions the simulated clicks point at (0: none)
+    correction_region_weight: float = 0.0
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)

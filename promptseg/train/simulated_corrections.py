@@ -6,7 +6,9 @@ largest first, at a pixel drawn with probability growing with its depth in the r
 distance to the region's border, squared), so clicks fall well inside a region, as a user's do,
 without always at its very centre. Positive where the target was missed, negative on a false
 region. The trainer runs the rounds (promptseg.train.trainer): the prediction of round r sees the
-clicks of the rounds before it.
+clicks of the rounds before it. `clicked_regions` marks the error regions the clicks point at, where
+the loss may weigh more (TrainConfig.correction_region_weight): a click says the whole region
+around it is wrong, not only its own pixels.
 """
 
 from __future__ import annotations
@@ -63,3 +65,13 @@ def round_counts(counts: np.ndarray, rounds: int) -> list[np.ndarray]:
 def maps_of(clicks: Sequence[Sequence[Click]], size: int, device: torch.device) -> torch.Tensor:
     """Clicks of each of B queries -> (B, 2, size, size) correction maps on `device`."""
     return torch.stack([click_maps(list(c), size) for c in clicks]).to(device)
+
+
+def clicked_regions(
+    prediction: np.ndarray, truth: np.ndarray, clicks: Sequence[Click]
+) -> np.ndarray:
+    """(H, W) bool: the error regions of the (H, W) bool prediction (components of prediction XOR
+    truth) that hold one of the clicks."""
+    labelled, _ = ndimage.label(prediction ^ truth)
+    hit = {int(labelled[round(y), round(x)]) for x, y, _ in clicks} - {0}
+    return np.isin(labelled, sorted(hit))

@@ -41,6 +41,7 @@ from promptseg.train.distributed import (
 from promptseg.train.prefetch import StepBatches, step_batches
 from promptseg.train.schedule import learning_rate
 from promptseg.train.simulated_corrections import (
+    clicked_regions,
     correction_counts,
     error_clicks,
     maps_of,
@@ -302,10 +303,12 @@ class Trainer:
                 self.sampler, config.episodes_per_step, context.rank, context.world_size
             )[step]
         images, maps, types, queries, targets = batch_to(batch, context.device)
-        corrections = self.simulated_corrections(step, images, maps, types, queries, targets)
+        corrections, weights = self.simulated_corrections(
+            step, images, maps, types, queries, targets
+        )
         with autocast_for(context.device, config.mixed_precision):
             logits = self.network(images, maps, types, queries, corrections=corrections)
-        losses = segmentation_losses(logits, targets, config.dice_weight)
+        losses = segmentation_losses(logits, targets, config.dice_weight, weights)
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -325,9 +328,11 @@ class Trainer:
         types: torch.Tensor,
         queries: torch.Tensor,
         targets: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """(E*Q, 2, R, R) correction maps of simulated clicks for a query-corrections model (None
-        for any other model, or with correction_fraction 0).
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(E*Q, 2, R, R) correction maps of simulated clicks for a query-corrections model and
+        (E*Q, R, R) loss weights of the pixels (None: all 1): 1 + correction_region_weight on the
+        error regions of the first prediction that the clicks point at (both None for any other
+        model, or with correction_fraction 0).
 
         config.correction_fraction of the queries get 1..max_corrections clicks
         (promptseg.train.simulated_corrections), over one round or, in half of the steps, two: the
@@ -335,7 +340,7 @@ class Trainer:
         The draws are a function of seed, step and rank; the predictions run without gradient."""
         config = self.config
         if not self.model.config.query_corrections or config.correction_fraction == 0:
-            return None
+            return None, None
         rng = np.random.default_rng([config.seed, step, self.context.rank, 18])
         counts = correction_counts(
             queries.shape[0], config.correction_fraction, config.max_corrections, rng
@@ -343,6 +348,7 @@ class Trainer:
         clicks: list[list] = [[] for _ in counts]
         truths = targets.cpu().numpy() > 0.5
         size = queries.shape[-1]
+        first = None
         if counts.any():
             rounds = 2 if rng.random() < 0.5 else 1
             with autocast_for(self.context.device, config.mixed_precision):
@@ -352,11 +358,17 @@ class Trainer:
                         continue
                     seen = maps_of(clicks, size, queries.device) if any(clicks) else None
                     predictions = (self.model.decode(queries, encoding, seen) > 0).cpu().numpy()
+                    first = predictions if first is None else first
                     for index in np.flatnonzero(share):
                         clicks[index] += error_clicks(
                             predictions[index], truths[index], int(share[index]), rng
                         )
-        return maps_of(clicks, size, queries.device)
+        weights = None
+        if config.correction_region_weight > 0 and first is not None:
+            regions = np.stack([clicked_regions(p, t, c) for p, t, c in zip(first, truths, clicks)])
+            weights = 1.0 + config.correction_region_weight * torch.from_numpy(regions).float()
+            weights = weights.to(queries.device)
+        return maps_of(clicks, size, queries.device), weights
 
     def refresh_task_weights(self) -> None:
         """Task probabilities from the running losses (promptseg.train.task_balance); called at
