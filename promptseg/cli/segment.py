@@ -242,8 +242,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="X Y [Z] +|-",
         help="a correction click on the query (one --query): X Y on a 2D image "
         "(X the column), X Y Z voxel indices on a volume, then + (target here) "
-        "or - (not target); repeatable, applied in order "
-        "(promptseg.engine.corrections)",
+        "or - (not target); repeatable, applied in order as local edits "
+        "(promptseg.engine.corrections); with weights that read corrections (the shipped "
+        "ones), the torch backend, --ensemble 1 and no --planes, the model also segments the "
+        "query (a volume's clicked slices) again with all of them as input",
     )
     parser.add_argument(
         "--correct-scribble",
