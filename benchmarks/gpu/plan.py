@@ -25,7 +25,7 @@ from promptseg.model import PromptSegNet
 from promptseg.model.weights import packaged_weights_path, save_weights
 from promptseg.train.config import TrainConfig
 
-RECIPE = REPO / "configs" / "release_cpu.yaml"
+RECIPE = REPO / "configs" / "corrections_cpu.yaml"  # continues the shipped weights
 TINY_RECIPE = REPO / "configs" / "tiny_test.yaml"
 HELD_OUT = (
     "la_mri",
