@@ -296,3 +296,29 @@ def test_model_and_local_corrections_join_in_logit_space() -> None:
     both = combined(original, edited, edited)  # both push the first pixel up: further up
     assert both[0] > edited[0] and both[1] == pytest.approx(0.5) and both[2] == pytest.approx(0.9)
     assert np.all(combined(np.full(2, 1e-9), np.ones(2), np.ones(2)) <= 1.0)
+
+
+def test_segment_cli_correct_lets_a_correcting_model_read_the_clicks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    image, mask = disk_example(rng, (40, 48))
+    query, _ = disk_example(rng, (40, 48))
+    write_png(tmp_path / "p.png", image)
+    write_png(tmp_path / "p_mask.png", mask * 255)
+    write_png(tmp_path / "q.png", query)
+    weights = tmp_path / "correcting.safetensors"
+    model = correcting_model()
+    save_weights(model, weights)
+    clicks = ["--correct", "30", "8", "+", "--correct", "24", "20", "-"]
+    command = ["segment", "--prompt", tmp_path / "p.png", tmp_path / "p_mask.png"]
+    command += ["--query", tmp_path / "q.png", "--checkpoint", weights, "--device", "cpu"]
+    command += ["--no-progress", "--save-probabilities", "--out", tmp_path / "out", *clicks]
+    assert main([str(a) for a in command]) == 0
+    written = np.load(tmp_path / "out" / "q_prob.npy")
+    segmenter = Segmenter(load_model(weights), device="cpu", backend="torch")
+    prompts = segmenter.encode_prompts([image], [mask])
+    first = segmenter.segment([query], prompts)[0]
+    parsed = [(30, 8, True), (24, 20, False)]
+    expected = segmenter.refine(first, parsed, image=query, prompts=prompts)
+    local = segmenter.refine(first, parsed, image=query)
+    np.testing.assert_allclose(written, expected, atol=1e-5)
+    assert np.abs(expected - local).max() > 1e-2  # the model's pass changed what is written
