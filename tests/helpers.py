@@ -3,6 +3,7 @@ volumes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -48,6 +49,23 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     """Save a uint8 array as PNG and return the path."""
     Image.fromarray(array).save(path)
     return path
+
+
+def write_disk_dataset(
+    root: Path, count: int, size: tuple[int, int] = (40, 48), labels: dict | None = None
+) -> Path:
+    """A simple-layout dataset at `root` (images/, labels/) of `count` disk_example PNGs of `size`
+    (seed 0), with a dataset.json naming `labels` when given; returns root."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        image, mask = disk_example(rng, size)
+        write_png(root / "images" / f"case{index}.png", image)
+        write_png(root / "labels" / f"case{index}.png", mask)
+    if labels is not None:
+        (root / "dataset.json").write_text(json.dumps({"name": root.name, "labels": labels}))
+    return root
 
 
 def write_nifti(

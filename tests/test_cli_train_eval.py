@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401  (pytest fixture)
+from helpers import tiny_checkpoint, write_disk_dataset  # noqa: F401  (pytest fixture)
 
 from promptseg.cli import main
 
@@ -17,18 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def disk_dataset(tmp_path: Path) -> Path:
     """A simple-layout dataset of 8 noisy disks with dataset.json naming label 1."""
-    root = tmp_path / "disks"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(8):
-        image, mask = disk_example(rng, (40, 48))
-        write_png(root / "images" / f"case{index}.png", image)
-        write_png(root / "labels" / f"case{index}.png", mask)
-    (root / "dataset.json").write_text(
-        json.dumps({"name": "disks", "labels": {"background": 0, "disk": 1}})
-    )
-    return root
+    return write_disk_dataset(tmp_path / "disks", 8, labels={"background": 0, "disk": 1})
 
 
 def test_train_on_a_dataset_folder_then_resume(tmp_path: Path, disk_dataset: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
+from helpers import disk_example, tiny_checkpoint, write_disk_dataset, write_png  # noqa: F401 (fixture)
 from PIL import Image
 
 from promptseg.cli import build_parser, main
@@ -309,15 +309,7 @@ def test_eval_plot_without_matplotlib_fails_before_scoring(
 @pytest.fixture
 def disk_folder(tmp_path: Path) -> Path:
     """A simple-layout dataset of 6 grey disk images."""
-    root = tmp_path / "disks"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(6):
-        image, mask = disk_example(rng, (40, 48))
-        write_png(root / "images" / f"case{index}.png", image)
-        write_png(root / "labels" / f"case{index}.png", mask)
-    return root
+    return write_disk_dataset(tmp_path / "disks", 6)
 
 
 def test_a_one_channel_model_trains_and_evaluates_on_one_channel_episodes(

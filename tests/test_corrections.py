@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import disk_example, tiny_checkpoint, write_nifti, write_png  # noqa: F401 (fixture)
+from helpers import disk_example, tiny_checkpoint, write_disk_dataset, write_nifti, write_png  # noqa: F401 (fixture)
 from PIL import Image
 
 from promptseg.cli import main
@@ -184,17 +184,7 @@ def test_the_simulated_user_clicks_the_centre_of_the_largest_error() -> None:
 def test_eval_interactive_reports_dice_per_round(
     tmp_path: Path, tiny_checkpoint: Path, capsys
 ) -> None:
-    root = tmp_path / "disks"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        image, mask = disk_example(rng, (40, 48))
-        write_png(root / "images" / f"case{index}.png", image)
-        write_png(root / "labels" / f"case{index}.png", mask)
-    (root / "dataset.json").write_text(
-        json.dumps({"name": "disks", "labels": {"background": 0, "disk": 1}})
-    )
+    root = write_disk_dataset(tmp_path / "disks", 4, labels={"background": 0, "disk": 1})
     out = tmp_path / "interactive.json"
     assert (
         main(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CONFIG, disk_example, tiny_checkpoint, write_png  # noqa: F401 (fixture)
+from helpers import TINY_CONFIG, disk_example, tiny_checkpoint, write_disk_dataset, write_png  # noqa: F401 (fixture)
 
 from promptseg.cli import main
 from promptseg.engine.corrections import refine_probabilities
@@ -237,15 +237,7 @@ def test_refine_with_prompts_needs_a_model_that_reads_corrections(tiny_checkpoin
 
 
 def test_eval_interactive_with_the_models_corrections(tmp_path: Path, capsys) -> None:
-    root = tmp_path / "disks"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(3):
-        image, mask = disk_example(rng, (32, 32))
-        write_png(root / "images" / f"case{index}.png", image)
-        write_png(root / "labels" / f"case{index}.png", mask)
-    (root / "dataset.json").write_text(json.dumps({"name": "disks", "labels": {"disk": 1}}))
+    root = write_disk_dataset(tmp_path / "disks", 3, (32, 32), {"disk": 1})
     weights = tmp_path / "correcting.safetensors"
     save_weights(correcting_model(), weights)
     common = ["eval", "--data", str(root), "--shots", "1", "--episodes", "1", "--queries", "2"]

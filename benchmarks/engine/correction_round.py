@@ -21,6 +21,7 @@ import numpy as np
 from promptseg.data.synthetic import phantom_volume
 from promptseg.engine.segmenter import Segmenter
 from promptseg.eval.interactive import next_click
+from promptseg.model.weights import packaged_weights_path
 
 
 def main() -> None:
@@ -31,11 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     volume, labels = phantom_volume(np.random.default_rng(0), (24, args.size, args.size))
     truth = labels > 0
-    segmenter = (
-        Segmenter.from_checkpoint(args.checkpoint, device="cpu", backend="torch")
-        if args.checkpoint
-        else Segmenter.from_pretrained(device="cpu", backend="torch")
-    )
+    weights = args.checkpoint or packaged_weights_path()
+    segmenter = Segmenter.from_checkpoint(weights, device="cpu", backend="torch")
     with_model = segmenter.corrects_with_model
     prompts = segmenter.encode_prompts(
         volume[[6, 9, 14, 17]], truth[[6, 9, 14, 17]].astype(np.uint8)

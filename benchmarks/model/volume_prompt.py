@@ -26,6 +26,7 @@ from promptseg.engine.corrections import voxel_spacing
 from promptseg.engine.segmenter import Segmenter
 from promptseg.eval.interactive import next_click
 from promptseg.metrics import dice_percent
+from promptseg.model.weights import packaged_weights_path
 
 
 def free_slice_false_positives(prediction: np.ndarray, truth: np.ndarray, affine, axis: int) -> int:
@@ -87,11 +88,8 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", default=None, help="weights (default: the shipped ones)")
     args = parser.parse_args()
-    segmenter = (
-        Segmenter.from_checkpoint(args.checkpoint, device="cpu", backend="torch")
-        if args.checkpoint
-        else Segmenter.from_pretrained(device="cpu", backend="torch")
-    )
+    weights = args.checkpoint or packaged_weights_path()
+    segmenter = Segmenter.from_checkpoint(weights, device="cpu", backend="torch")
     listed = cases(args.data)
     variants = [False, True] if args.consistency else [False]
     planes = [False, True] if args.planes else [False]

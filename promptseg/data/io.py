@@ -132,9 +132,7 @@ def _read(path: str, label: bool) -> ImageData:
         ):  # a series folder, a .dcm file or a file with the DICOM magic bytes
             return dicom.read_dicom(path)
         raise InputError(path, f"unsupported file type '{ext or os.path.basename(path)}'")
-    if not os.path.isfile(path):
-        problem = "is a folder, expected a file" if os.path.isdir(path) else "file not found"
-        raise InputError(path, problem)
+    check_is_file(path)
     try:
         if ext in NIFTI_EXTENSIONS:
             array, affine, header = _load_nifti(path)
@@ -153,6 +151,13 @@ def _read(path: str, label: bool) -> ImageData:
     array = check_image_array(array, path)
     is_volume = is_volume_shape(array.shape, has_geometry=affine is not None)
     return ImageData(array=array, is_volume=is_volume, affine=affine, header=header, path=path)
+
+
+def check_is_file(path: str) -> None:
+    """InputError naming `path` unless it is an existing file (a folder, or nothing there)."""
+    if not os.path.isfile(path):
+        problem = "is a folder, expected a file" if os.path.isdir(path) else "file not found"
+        raise InputError(path, problem)
 
 
 def check_image_array(array: np.ndarray, source: str | None) -> np.ndarray:

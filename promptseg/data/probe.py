@@ -20,6 +20,7 @@ from promptseg.data.io import (
     SUPPORTED_EXTENSIONS,
     _load_nibabel,
     check_claimed_size,
+    check_is_file,
     opened_pillow_image,
     stored_array_shape,
 )
@@ -43,9 +44,7 @@ def decoded_bytes(path: str | os.PathLike, series: str | None = None) -> int:
         return _files_bytes(path)
     if ext not in SUPPORTED_EXTENSIONS:
         raise InputError(path, f"unsupported file type '{ext or os.path.basename(path)}'")
-    if not os.path.isfile(path):
-        problem = "is a folder, expected a file" if os.path.isdir(path) else "file not found"
-        raise InputError(path, problem)
+    check_is_file(path)
     try:
         if ext in NIFTI_EXTENSIONS:
             return _nifti_bytes(path)

@@ -57,6 +57,14 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
+def prompts_at(episode: Episode, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An episode's prompt images (K, C, size, size) and prompt maps (K, size, size), resized to
+    `size` and the maps re-binarised at 0.5, as float32 CPU tensors."""
+    images = _resize(_tensor(episode.prompt_images), size)
+    maps = (_resize(_tensor(episode.prompt_maps)[:, None], size)[:, 0] > 0.5).float()
+    return images, maps
+
+
 class NearestPromptBaseline:
     """Label transfer from the most similar prompt.
 
@@ -243,8 +251,7 @@ class ModelPredictor:
         shifts it)."""
         queries = _tensor(episode.query_images)
         size, work = queries.shape[-1], self.model.config.resolution
-        images = _resize(_tensor(episode.prompt_images), work)
-        maps = (_resize(_tensor(episode.prompt_maps)[:, None], work)[:, 0] > 0.5).float()
+        images, maps = prompts_at(episode, work)
         types = episode.prompt_types.long()
         model = self.model
         if self.adaptation is not None and self.adaptation.steps > 0:
@@ -285,8 +292,7 @@ class ModelPredictor:
         if not self.model.config.query_corrections:
             raise InputError("--interactive-corrections", "this model reads no query corrections")
         work = self.model.config.resolution
-        images = _resize(_tensor(episode.prompt_images), work)
-        maps = (_resize(_tensor(episode.prompt_maps)[:, None], work)[:, 0] > 0.5).float()
+        images, maps = prompts_at(episode, work)
         queries = _resize(_tensor(episode.query_images), work).to(self.device)
         size = episode.query_images.shape[-1]
         with torch.inference_mode():
